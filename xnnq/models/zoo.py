@@ -1,0 +1,58 @@
+"""Registry of xnnq's small re-parameterizable CIFAR-10 networks and their committed checkpoints.
+
+``get_model(name)`` builds a network in its training form; ``load_pretrained(name)`` also loads the
+state dict committed in ``xnnq/models/checkpoints/<name>.pt`` (read with ``weights_only=True``), whose
+accuracy, epochs and training time are in ``<name>.json`` (``checkpoint_info(name)``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch.nn as nn
+
+from .cifar_resnet import load_state_dict_file
+from .mobilenetv1 import mobilenetv1_cifar
+from .mobileone import mobileone_cifar
+from .qarepvgg import qarepvgg_cifar
+from .repvgg import repvgg_cifar
+
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "repvgg": repvgg_cifar,
+    "qarepvgg": qarepvgg_cifar,
+    "mobileone": mobileone_cifar,
+    "mobilenetv1": mobilenetv1_cifar,
+}
+
+
+def get_model(name: str) -> nn.Module:
+    """A freshly initialised network ``name`` (one of :data:`MODELS`) in training form."""
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}: choose one of {sorted(MODELS)}")
+    return MODELS[name]()
+
+
+def checkpoint_path(name: str) -> Path:
+    """Where the committed state dict of ``name`` lives."""
+    return CHECKPOINTS / f"{name}.pt"
+
+
+def checkpoint_info(name: str) -> dict:
+    """The JSON record (test accuracy, epochs, seconds, ...) saved next to the checkpoint of ``name``."""
+    path = CHECKPOINTS / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint record {path}: train it with scripts/train_cifar.py --model {name}")
+    return json.loads(path.read_text())
+
+
+def load_pretrained(name: str) -> nn.Module:
+    """Network ``name`` with its committed CIFAR-10 weights (training form, eval mode)."""
+    path = checkpoint_path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint {path}: train it with scripts/train_cifar.py --model {name} --save")
+    model = get_model(name)
+    model.load_state_dict(load_state_dict_file(path))
+    return model.eval()
