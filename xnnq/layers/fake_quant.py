@@ -1,0 +1,128 @@
+"""Fake-quantization primitives: the one function that computes ``q(x)`` for every consumer.
+
+Numerics (TIDL's): symmetric, zero-point 0.
+
+* signed:   ``q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1) * s``
+* unsigned: ``q = clamp(round(x / s), 0, 2^b - 1) * s``
+* ``round`` is round-half-to-even (``torch.round``, the same as ``torch.fake_quantize_*`` and ONNX
+  ``QuantizeLinear``), so the simulation, onnxruntime and the exported grid agree bit for bit.
+* Power-of-2 range: a range ``r`` is rounded *up* to ``R = 2^ceil(log2 r)``; the scale is
+  ``R / 2^(b-1)`` signed or ``R / 2^b`` unsigned, so the largest code is ``R - s``.
+* Gradient: straight-through estimator, masked to the codes that did not saturate (the gradient of
+  ``clamp``), for ``x`` only; scales are not learned.
+
+On CUDA with integer bounds the fused ``torch.fake_quantize_per_{tensor,channel}_affine`` kernels are
+used; they have the same semantics. On CPU that kernel is ~6x slower than four vectorized element-wise
+ops (measured 13 ms vs 2 ms on a 2M-element tensor), so the CPU path is :class:`_FakeQuantSTE`.
+Bounds may be tensors (for a signedness decided from data without a host sync).
+"""
+from __future__ import annotations
+
+import torch
+
+Bound = int | torch.Tensor
+
+MIN_RANGE = 2.0 ** -24  # a range below this (an all-zero tensor) is treated as this
+
+
+def quant_bounds(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer code range for ``bits`` (8 or 16): signed ``[-2^(b-1), 2^(b-1)-1]``, unsigned ``[0, 2^b-1]``."""
+    check_bits(bits)
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def check_bits(bits: int, where: str = "") -> None:
+    if bits not in (8, 16):
+        raise ValueError(f"{where + ': ' if where else ''}bitwidth {bits} is not supported; TIDL quantizes to 8 or 16 bits")
+
+
+def pow2_ceil(r: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two ``>= r`` (element-wise; ``r`` below ``MIN_RANGE`` gives ``MIN_RANGE``)."""
+    return torch.exp2(torch.ceil(torch.log2(r.clamp(min=MIN_RANGE))))
+
+
+def activation_scale(range_: torch.Tensor, bits: int, signed: bool | torch.Tensor, power2: bool = True) -> torch.Tensor:
+    """Scale for a symmetric activation range ``[−R, R]`` (signed) or ``[0, R]`` (unsigned).
+
+    With ``power2`` the range is first rounded up to a power of two; without it the largest code maps
+    to ``range_`` exactly.
+    """
+    r = range_.clamp(min=MIN_RANGE)
+    if power2:
+        r = pow2_ceil(r)
+        levels_s, levels_u = float(1 << (bits - 1)), float(1 << bits)
+    else:
+        levels_s, levels_u = float((1 << (bits - 1)) - 1), float((1 << bits) - 1)
+    if isinstance(signed, torch.Tensor):
+        return r / torch.where(signed, levels_s, levels_u)
+    return r / (levels_s if signed else levels_u)
+
+
+def weight_scale(w: torch.Tensor, bits: int, axis: int | None = None, power2: bool = True) -> torch.Tensor:
+    """Symmetric weight scale (per tensor, or per channel along ``axis``).
+
+    Power-of-2 rule, chosen so that re-quantizing the quantized weights with the same rule changes
+    nothing (what TIDL does with exported weights): ``k = ceil(log2 max|w|)``; if the largest weight
+    rounds to exactly ``2^(k-1)`` on that grid, the grid of ``k-1`` is used instead (its largest code
+    then saturates by at most half a step).
+    """
+    if axis is None:
+        m = w.detach().abs().amax()
+    else:
+        dims = [d for d in range(w.dim()) if d != axis]
+        m = w.detach().abs().amax(dim=dims) if dims else w.detach().abs()
+    half = float(1 << (bits - 1))
+    if not power2:
+        return m.clamp(min=MIN_RANGE) / (half - 1)
+    s = pow2_ceil(m) / half
+    top = torch.clamp(torch.round(m / s), max=half - 1) * s  # largest |code| after quantization
+    return pow2_ceil(top) / half
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Four element-wise passes; the gradient mask is stored in ``x``'s dtype (a float multiply in backward
+    is 3x cheaper than a bool one on CPU) in the buffer of the rounded codes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: Bound, qmax: Bound) -> torch.Tensor:
+        codes = torch.mul(x, 1.0 / scale)
+        codes.round_()
+        out = codes.clamp(qmin, qmax) if isinstance(qmin, int) else codes.clamp_min(qmin).clamp_max_(qmax)
+        mask = torch.eq(out, codes, out=codes)  # 1.0 where the code did not saturate
+        ctx.save_for_backward(mask)
+        return torch.mul(out, scale, out=out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None
+
+
+def _as_bound(b: Bound, like: torch.Tensor) -> Bound:
+    return b if isinstance(b, int) else b.to(like.dtype)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: Bound, qmax: Bound, axis: int | None = None) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with zero-point 0 and a straight-through gradient.
+
+    ``scale`` is a 0-d tensor (per tensor) or a 1-d tensor along ``axis`` (per channel). ``qmin``/``qmax``
+    are integer codes, Python ints or tensors broadcastable to ``x``.
+    """
+    ints = isinstance(qmin, int) and isinstance(qmax, int)
+    if x.is_cuda and ints and x.dtype == torch.float32:
+        if axis is None:
+            zp = torch.zeros((), dtype=torch.int32, device=x.device)
+            return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()).float(), zp, qmin, qmax)
+        zp = torch.zeros(scale.numel(), dtype=torch.int32, device=x.device)
+        return torch.fake_quantize_per_channel_affine(x, scale.float(), zp, axis, qmin, qmax)
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    return _FakeQuantSTE.apply(x, scale, _as_bound(qmin, x), _as_bound(qmax, x))
+
+
+def quantize_bias(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Bias on the accumulator grid ``scale = s_in * s_w`` (int32 codes), straight-through gradient."""
+    q = torch.round(b / scale).clamp(-(2.0 ** 31), 2.0 ** 31 - 1) * scale
+    return b + (q - b).detach()

@@ -1,0 +1,32 @@
+"""Explicit freezing of activation ranges (``train()``/``eval()`` never change it)."""
+from __future__ import annotations
+
+from torch import nn
+
+from .pact2 import PACT2
+
+
+def _set(model: nn.Module, frozen: bool) -> int:
+    n = 0
+    for m in model.modules():
+        if isinstance(m, PACT2):
+            m.frozen = frozen
+            n += 1
+    return n
+
+
+def freeze_quant_range(model: nn.Module) -> int:
+    """Stop updating every activation range in ``model``; returns how many quantizers were frozen."""
+    return _set(model, True)
+
+
+def unfreeze_quant_range(model: nn.Module) -> int:
+    """Resume range tracking (in training mode) for every activation quantizer in ``model``."""
+    return _set(model, False)
+
+
+def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch fake quantization of activations and weights on or off (off: the float model's function)."""
+    for m in model.modules():
+        if hasattr(m, "quant_enabled"):
+            m.quant_enabled = enabled

@@ -1,0 +1,129 @@
+"""PACT2: the activation quantizer that replaces ReLU/ReLU6 and follows every range-changing op."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .fake_quant import activation_scale, check_bits, fake_quantize, quant_bounds
+from .range_tracker import RangeTracker
+
+
+class PACT2(nn.Module):
+    """Clip and fake-quantize an activation to a (power-of-2) range tracked from the data.
+
+    Args:
+        bits: 8 or 16.
+        signed: ``False`` for a non-negative tensor (after ReLU: codes ``[0, 2^b-1]``, negatives clip to
+            0, so this *is* the ReLU); ``True`` for codes ``[-2^(b-1), 2^(b-1)-1]``; ``None`` decides
+            from the data: signed when the first observed batch has a (tail-trimmed) minimum below 0 —
+            the only host sync PACT2 ever makes, once.
+        clip_range: a fixed range; skips estimation.
+        cap: an upper clip that stays in force under any range (6 where a ReLU6 was).
+        power2: round the range up to a power of two (TIDL); otherwise use it as is.
+        tail, ema_alpha: see :class:`RangeTracker`.
+        name: the module's path in the model, used in error messages.
+
+    The range is tracked in training mode unless frozen (:func:`freeze_quant_range`); ``train()`` and
+    ``eval()`` never change the frozen state. State: the tracker's buffers, and ``frozen``, ``observed``,
+    ``quant_enabled`` and ``data_signed`` (saved in the state dict as extra state).
+    """
+
+    def __init__(self, bits: int = 8, signed: bool | None = None, clip_range: float | None = None,
+                 cap: float | None = None, power2: bool = True, tail: float = 1e-4, ema_alpha: float = 0.01,
+                 name: str = ""):
+        super().__init__()
+        check_bits(bits, name)
+        if clip_range is not None and clip_range <= 0:
+            raise ValueError(f"{name or 'PACT2'}: clip_range must be > 0, got {clip_range}")
+        self.bits, self.signed, self.clip_range, self.cap, self.power2 = bits, signed, clip_range, cap, power2
+        self.name = name
+        self.tracker = RangeTracker(tail=tail, ema_alpha=ema_alpha, track_min=signed is not False)
+        self.frozen = False
+        self.observed = clip_range is not None
+        self.quant_enabled = True
+        self.data_signed: bool | None = None
+
+    # ----------------------------------------------------------------------------------------- state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"frozen": self.frozen, "observed": self.observed, "quant_enabled": self.quant_enabled,
+                "data_signed": self.data_signed}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.frozen = bool(state["frozen"])
+        self.observed = bool(state["observed"])
+        self.quant_enabled = bool(state["quant_enabled"])
+        self.data_signed = state.get("data_signed")
+
+    # ------------------------------------------------------------------------------------ numerics
+    def range_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (min, max) the quantizer works from: the fixed clip range or the tracked one."""
+        if self.clip_range is not None:
+            r = self.tracker.max_val.new_tensor(float(self.clip_range))
+            return (-r if self.signed is not False else r.new_zeros(())), r
+        return self.tracker.min_val, self.tracker.max_val
+
+    def resolved_signed(self) -> bool:
+        """Signedness in force: as given, else as decided from the first observed batch (signed if unknown)."""
+        if self.signed is not None:
+            return self.signed
+        return True if self.data_signed is None else self.data_signed
+
+    def qparams(self) -> tuple[torch.Tensor, int, int]:
+        """``(scale, qmin, qmax)``: a 0-d scale tensor on the module's device and integer code bounds."""
+        lo, hi = self.range_tensors()
+        r = torch.maximum(-lo, hi)
+        if self.cap is not None:
+            r = r.clamp(max=self.cap)
+        signed = self.resolved_signed()
+        qmin, qmax = quant_bounds(self.bits, signed)
+        return activation_scale(r, self.bits, signed, self.power2), qmin, qmax
+
+    def scale(self) -> torch.Tensor:
+        return self.qparams()[0]
+
+    def clip_values(self) -> tuple[float, float]:
+        """The float clip interval this quantizer implements (for export): ``(-R, R)``, ``(0, R)`` or ``(0, cap)``."""
+        scale, qmin, qmax = self.qparams()
+        levels = -qmin if qmin < 0 else qmax + 1
+        r = float(scale) * (levels if self.power2 else levels - 1)
+        lo = -r if qmin < 0 else 0.0
+        hi = r if self.cap is None else min(r, float(self.cap))
+        return lo, hi
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """What this module computes with quantization switched off: the op it replaced."""
+        if self.signed is False:
+            return x.clamp(min=0.0, max=self.cap) if self.cap is not None else torch.relu(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self.frozen and self.clip_range is None:
+            self.tracker(x)
+            if self.signed is None and self.data_signed is None:
+                self.data_signed = bool(self.tracker.min_val < 0)  # one host sync, on the first batch only
+            self.observed = True
+            if not x.is_cuda and bool(self.tracker.nonfinite_batches):
+                self.tracker.nonfinite_batches.zero_()
+                raise FloatingPointError(
+                    f"{self.name or 'PACT2'}: the activation holds NaN or Inf; the range was not updated. "
+                    "Check the input data and the learning rate (lower it, or clip gradients).")
+        if not self.quant_enabled:
+            return self.float_forward(x)
+        if not self.observed:
+            raise RuntimeError(
+                f"{self.name or 'PACT2'}: no activation range has been observed yet. Run forward passes in "
+                "training mode (QAT or calibration) before evaluating or exporting, or load a state dict.")
+        scale, qmin, qmax = self.qparams()
+        if self.cap is not None:
+            x = x.clamp(max=self.cap)  # the cap (6 for ReLU6) is on the grid of every power-of-2 range >= it
+        return fake_quantize(x, scale, qmin, qmax)
+
+    def extra_repr(self) -> str:
+        s = f"bits={self.bits}, signed={self.signed}, power2={self.power2}"
+        if self.clip_range is not None:
+            s += f", clip_range={self.clip_range}"
+        if self.cap is not None:
+            s += f", cap={self.cap}"
+        return s + (", frozen" if self.frozen else "")

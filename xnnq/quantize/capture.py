@@ -1,0 +1,116 @@
+"""Capture: trace the float model with torch.fx and record every node's value on ``dummy_input``."""
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+_SKIP_FRAMES = (str(Path(torch.__file__).parent), str(Path(__file__).resolve().parents[1]))
+
+
+class CaptureError(RuntimeError):
+    """The model could not be traced or run on ``dummy_input``; the message says where and what to do."""
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that remembers which submodule it is in (for error messages) and honours ``leaf_modules``."""
+
+    def __init__(self, leaf_names: set[str], leaf_types: tuple[type, ...]):
+        super().__init__()
+        self.leaf_names, self.leaf_types = leaf_names, leaf_types
+        self.path: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.path.append(self.path_of_module(m))
+        out = super().call_module(m, forward, args, kwargs)
+        self.path.pop()
+        return out
+
+
+def _user_frame(exc: BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_SKIP_FRAMES)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} `{(f.line or '').strip()}`"
+
+
+def check_dummy_input(dummy_input: Any) -> tuple[torch.Tensor, ...]:
+    """``dummy_input`` as a tuple of tensors, or a clear error."""
+    args = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise TypeError(f"dummy_input must be a tensor (or a tuple of tensors) shaped like one real input batch, "
+                        f"got {type(dummy_input).__name__}. Example: torch.randn(1, 3, 32, 32).")
+    for a in args:
+        if not a.is_floating_point():
+            raise TypeError(f"dummy_input has dtype {a.dtype}; pass a float tensor shaped like a normalized input batch.")
+    return args
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[str | type] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model``; an untraceable model gives a :class:`CaptureError` naming the module and line."""
+    names = {m for m in leaf_modules if isinstance(m, str)}
+    types = tuple(m for m in leaf_modules if isinstance(m, type))
+    known = dict(model.named_modules())
+    missing = sorted(n for n in names if n not in known)
+    if missing:
+        raise ValueError(f"leaf_modules names {missing} that are not submodules of the model.")
+    tracer = _Tracer(names, types)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises TraceError, TypeError, RuntimeError... on dynamic code
+        where = tracer.path[-1] if tracer.path else ""
+        mod = f"module `{where}` ({type(known[where]).__name__})" if where in known else "the model's top-level forward"
+        line = _user_frame(e)
+        raise CaptureError(
+            f"xnnq could not trace {mod}{' at ' + line if line else ''}: {type(e).__name__}: {e}\n"
+            f"torch.fx cannot follow data-dependent control flow or Python on tensor values. Fix: pass "
+            f"leaf_modules=[{where!r}] to keep that submodule opaque (it then runs in float, unquantized inside), "
+            f"or rewrite the code without branching on tensor values."
+        ) from e
+    return fx.GraphModule(model, graph, model.__class__.__name__)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            out = super().run_node(n)
+        except Exception as e:
+            src = n.meta.get("nn_module_stack", {})
+            owner = list(src.keys())[-1] if src else ""
+            raise CaptureError(
+                f"running the model on dummy_input failed at graph node `{n.name}` ({n.op} {n.target}"
+                f"{', in module ' + repr(owner) if owner else ''}): {type(e).__name__}: {e}\n"
+                f"Fix: dummy_input must have the shape and dtype of one real input batch (e.g. torch.randn(1, 3, H, W))."
+            ) from e
+        self.values[n] = out
+        return out
+
+
+@torch.no_grad()
+def record_values(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> dict[fx.Node, Any]:
+    """Run ``gm`` once in eval mode (BatchNorm statistics untouched) and keep every node's value."""
+    was_training = gm.training
+    gm.eval()
+    try:
+        rec = _Recorder(gm)
+        n_in = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+        if n_in != len(args):
+            raise CaptureError(f"the model's forward takes {n_in} input(s) but dummy_input gives {len(args)}.")
+        rec.run(*args)
+        return rec.values
+    finally:
+        gm.train(was_training)

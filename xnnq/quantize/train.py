@@ -1,0 +1,21 @@
+"""QuantTrainModule: quantization-aware training."""
+from __future__ import annotations
+
+from .wrapper import QuantBaseModule
+
+
+class QuantTrainModule(QuantBaseModule):
+    """Wrap a float model for quantization-aware training (QAT) for TIDL.
+
+    ``qmodel = QuantTrainModule(model, dummy_input)``; train as usual (ranges are tracked in training mode,
+    weights trained through the straight-through estimator); part-way through call
+    ``xnnq.utils.freeze_bn(qmodel)`` and ``xnnq.layers.freeze_quant_range(qmodel)``; ``qmodel.eval()`` then
+    computes what TIDL computes.
+
+    Keyword args: ``bitwidth_weights``/``bitwidth_activations`` (8 or 16), ``per_channel_q`` (False,
+    "depthwise" or "all"), ``power2_weight_range``/``power2_activation_range`` (default True: TIDL),
+    ``constrain_weights`` (clip weight outliers, default True), ``bitwidth_overrides``
+    (``{"layer or glob": 16}``, ``"first"``/``"last"``), ``leaf_modules`` (submodules kept opaque),
+    ``histogram_tail`` (fraction trimmed each side, 1e-4), ``ema_alpha``, ``clip_ranges``
+    (``{quantizer name: fixed range}``), ``verbose`` (print the surgery report).
+    """
