@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""PTQ / QAT of re-parameterized CIFAR-10 networks: deploy form vs BN restore + CLE, and QARepVGG.
+
+For each committed checkpoint (``xnnq/models/checkpoints``):
+
+* FP32: the training form and its deploy form (``reparameterize``) on the 10k JPEG test set;
+* PTQ deploy: ``QuantCalibrateModule(deploy, method="mse")`` (8-bit, power-of-2 per-tensor, the engine's
+  defaults), calibrated on ``--calib-images`` training images in train mode;
+* PTQ BN restore + CLE: ``model_restore_bn`` (same calibration images) + ``cross_layer_equalize`` on the
+  deploy form, then the same PTQ;
+* QAT: ``QuantTrainModule`` on the restored + equalized deploy form, ``--qat-images`` training images
+  (50k = 1 epoch), SGD lr ``--qat-lr`` cosine to 0, BatchNorm frozen.
+
+Prints JSON and appends a table to benchmarks/RESULTS.md. The QARepVGG row answers "QARepVGG PTQ
+without CLE" (its "PTQ deploy" column).
+
+    nice -n 10 python benchmarks/bench_reparam.py [--models repvgg mobileone] [--qat-images 10000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import xnnq  # noqa: E402
+from xnnq.data import batches, cifar10, cifar10_available, evaluate  # noqa: E402
+from xnnq.models.reparam import reparameterize  # noqa: E402
+from xnnq.models.zoo import MODELS, checkpoint_info, load_pretrained  # noqa: E402
+from xnnq.utils.bn_restore import model_restore_bn  # noqa: E402
+from xnnq.utils.cle import cross_layer_equalize  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+DUMMY = torch.zeros(1, 3, 32, 32)
+
+
+def calibration_batches(n: int, batch_size: int = 100) -> list[torch.Tensor]:
+    """The first ``n`` training images (all classes, no augmentation), normalized, in batches."""
+    x, y = cifar10("train")
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:n]
+    return [xb for xb, _ in batches(x[idx], y[idx], batch_size)]
+
+
+def run_all(model: nn.Module, data: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for xb in data:
+            model(xb)
+
+
+def restore_and_equalize(deploy: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
+    """The deploy form with measured BatchNorms after each conv, then cross-layer equalized (+ HBA)."""
+    model_restore_bn(deploy, lambda m: run_all(m, calib))
+    return cross_layer_equalize(deploy, calib[0])
+
+
+def ptq(model: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
+    """Calibrated (PTQ) wrapper: forward passes in train mode, then eval."""
+    qm = xnnq.QuantCalibrateModule(model, DUMMY, method="mse")
+    qm.train()
+    run_all(qm, calib)
+    return qm.eval()
+
+
+def qat(model: nn.Module, images: int, lr: float, batch_size: int = 128) -> nn.Module:
+    """``images`` training images of QAT (SGD nesterov, cosine lr, BatchNorm frozen), then eval."""
+    from xnnq.utils.bn import freeze_bn
+
+    qm = xnnq.QuantTrainModule(model, DUMMY)
+    qm.train()
+    freeze_bn(qm)
+    x, y = cifar10("train")
+    opt = torch.optim.SGD(qm.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    steps = math.ceil(images / batch_size)
+    gen = torch.Generator().manual_seed(0)
+    for i, (xb, yb) in enumerate(batches(x, y, batch_size, shuffle=True, train_augment=True, generator=gen)):
+        if i >= steps:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / steps))
+        loss = F.cross_entropy(qm(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return qm.eval()
+
+
+def bench_model(name: str, args, x_test, y_test, calib) -> dict:
+    t0 = time.time()
+    row: dict = {"model": name, "trained": checkpoint_info(name)}
+    model = load_pretrained(name)
+    acc = lambda m: round(evaluate(m.eval(), x_test, y_test), 2)  # noqa: E731
+    row["fp32"] = acc(model)
+    deploy = reparameterize(model)
+    row["fp32_deploy"] = acc(deploy)
+    equalized = restore_and_equalize(reparameterize(model), calib)
+    row["fp32_restore_cle"] = acc(equalized)
+    if not hasattr(xnnq, "QuantCalibrateModule"):
+        row["error"] = "xnnq.QuantCalibrateModule is not available yet: PTQ/QAT columns not run"
+        return row
+    row["ptq_deploy"] = acc(ptq(deploy, calib))
+    row["ptq_restore_cle"] = acc(ptq(equalized, calib))
+    if args.qat_images > 0:
+        row["qat"] = acc(qat(equalized, args.qat_images, args.qat_lr))
+        row["qat_images"] = args.qat_images
+    row["seconds"] = round(time.time() - t0)
+    return row
+
+
+def fmt(row: dict, key: str) -> str:
+    v = row.get(key)
+    if v is None:
+        return "–"
+    return f"{v:.2f} ({v - row['fp32']:+.2f})" if key != "fp32" else f"{v:.2f}"
+
+
+def append_results(rows: list[dict], args) -> None:
+    if not RESULTS.exists():
+        RESULTS.write_text("# xnnq benchmark results\n")
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"\n## Re-parameterized models: PTQ / CLE / QAT on CIFAR-10 (bench_reparam.py, {stamp})\n",
+             f"10k JPEG test set, top-1 %. 8-bit power-of-2 per-tensor (engine defaults), PTQ method mse on "
+             f"{args.calib_images} train images; QAT on {args.qat_images} train images (lr {args.qat_lr}, BN frozen) "
+             "of the restored + equalized deploy form. In brackets: change vs FP32.\n",
+             "| model | FP32 | PTQ deploy form | PTQ after BN restore + CLE | QAT | FP32 after restore + CLE |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['model']} (trained {r['trained']['epochs']} ep) | {fmt(r, 'fp32')} | {fmt(r, 'ptq_deploy')} | "
+                     f"{fmt(r, 'ptq_restore_cle')} | {fmt(r, 'qat')} | {fmt(r, 'fp32_restore_cle')} |")
+    notes = [r["error"] for r in rows if "error" in r]
+    if notes:
+        lines.append(f"\nNot run: {notes[0]}")
+    lines.append("\nThe qarepvgg row's \"PTQ deploy form\" column is QARepVGG PTQ without CLE.\n")
+    with RESULTS.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["repvgg", "mobileone", "mobilenetv1", "qarepvgg"],
+                    choices=sorted(MODELS))
+    ap.add_argument("--calib-images", type=int, default=1000)
+    ap.add_argument("--qat-images", type=int, default=50000, help="0 skips QAT; 50000 = one epoch")
+    ap.add_argument("--qat-lr", type=float, default=0.002)
+    ap.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    args = ap.parse_args(argv)
+    if not cifar10_available():
+        sys.exit("needs the shared CIFAR-10 data (../shared/data or $XNNQ_DATA)")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x_test, y_test = cifar10("test")
+    if args.eval_limit:
+        x_test, y_test = x_test[:args.eval_limit], y_test[:args.eval_limit]
+    calib = calibration_batches(args.calib_images)
+    rows = []
+    for name in args.models:
+        row = bench_model(name, args, x_test, y_test, calib)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if not args.no_write and not args.eval_limit:
+        append_results(rows, args)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
