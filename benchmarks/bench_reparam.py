@@ -32,15 +32,16 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import xnnq  # noqa: E402
-from xnnq.data import batches, cifar10, cifar10_available, evaluate  # noqa: E402
-from xnnq.models.reparam import reparameterize  # noqa: E402
-from xnnq.models.zoo import MODELS, checkpoint_info, load_pretrained  # noqa: E402
-from xnnq.utils.bn_restore import model_restore_bn  # noqa: E402
-from xnnq.utils.cle import cross_layer_equalize  # noqa: E402
+import xnnq
+from xnnq.data import batches, cifar10, cifar10_available, evaluate
+from xnnq.models.reparam import reparameterize
+from xnnq.models.zoo import MODELS, checkpoint_info, load_pretrained
+from xnnq.utils.bn_restore import model_restore_bn
+from xnnq.utils.cle import cross_layer_equalize
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 DUMMY = torch.zeros(1, 3, 32, 32)
+GOALS = {"repvgg": ("ptq_restore_cle", 0.30), "mobileone": ("ptq_restore_cle", 0.50), "qarepvgg": ("ptq_deploy", 0.30)}
 
 
 def calibration_batches(n: int, batch_size: int = 100) -> list[torch.Tensor]:
@@ -97,7 +98,7 @@ def bench_model(name: str, args, x_test, y_test, calib) -> dict:
     t0 = time.time()
     row: dict = {"model": name, "trained": checkpoint_info(name)}
     model = load_pretrained(name)
-    acc = lambda m: round(evaluate(m.eval(), x_test, y_test), 2)  # noqa: E731
+    acc = lambda m: round(evaluate(m.eval(), x_test, y_test), 2)
     row["fp32"] = acc(model)
     deploy = reparameterize(model)
     row["fp32_deploy"] = acc(deploy)
@@ -127,14 +128,20 @@ def append_results(rows: list[dict], args) -> None:
         RESULTS.write_text("# xnnq benchmark results\n")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"\n## Re-parameterized models: PTQ / CLE / QAT on CIFAR-10 (bench_reparam.py, {stamp})\n",
-             f"10k JPEG test set, top-1 %. 8-bit power-of-2 per-tensor (engine defaults), PTQ method mse on "
-             f"{args.calib_images} train images; QAT on {args.qat_images} train images (lr {args.qat_lr}, BN frozen) "
-             "of the restored + equalized deploy form. In brackets: change vs FP32.\n",
+             (f"10k JPEG test set, top-1 %. 8-bit power-of-2 per-tensor (engine defaults), PTQ method mse on "
+              f"{args.calib_images} train images; QAT on {args.qat_images} train images (lr {args.qat_lr}, BN frozen) "
+              "of the restored + equalized deploy form. In brackets: change vs FP32.\n"),
              "| model | FP32 | PTQ deploy form | PTQ after BN restore + CLE | QAT | FP32 after restore + CLE |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['model']} (trained {r['trained']['epochs']} ep) | {fmt(r, 'fp32')} | {fmt(r, 'ptq_deploy')} | "
                      f"{fmt(r, 'ptq_restore_cle')} | {fmt(r, 'qat')} | {fmt(r, 'fp32_restore_cle')} |")
+    for r in rows:
+        goal = GOALS.get(r["model"])
+        if goal and r.get(goal[0]) is not None:
+            drop = r["fp32"] - r[goal[0]]
+            lines.append(f"\nGoal {r['model']}: {goal[0]} drop {drop:.2f} pp (goal <= {goal[1]:.2f}): "
+                         f"{'met' if drop <= goal[1] else 'NOT met'}.")
     notes = [r["error"] for r in rows if "error" in r]
     if notes:
         lines.append(f"\nNot run: {notes[0]}")

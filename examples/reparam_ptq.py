@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import xnnq  # noqa: E402
-from xnnq.data import batches, cifar10, evaluate  # noqa: E402
-from xnnq.models.reparam import reparameterize  # noqa: E402
-from xnnq.models.zoo import MODELS, load_pretrained  # noqa: E402
-from xnnq.utils.bn_restore import model_restore_bn  # noqa: E402
-from xnnq.utils.cle import cross_layer_equalize  # noqa: E402
+import xnnq
+from xnnq.data import batches, cifar10, evaluate
+from xnnq.models.reparam import reparameterize
+from xnnq.models.zoo import MODELS, load_pretrained
+from xnnq.utils.bn_restore import model_restore_bn
+from xnnq.utils.cle import cross_layer_equalize
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from xnnq.data import batches, cifar10, evaluate  # noqa: E402
-from xnnq.models.zoo import CHECKPOINTS, MODELS, get_model  # noqa: E402
+from xnnq.data import batches, cifar10, evaluate
+from xnnq.models.zoo import CHECKPOINTS, MODELS, get_model
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float = 0.15) -> float:

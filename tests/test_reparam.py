@@ -13,7 +13,7 @@ from xnnq.models.reparam import identity_kernel, pad_kernel, reparameterize
 from xnnq.models.repvgg import RepVGGBlock, repvgg_cifar
 from xnnq.models.zoo import MODELS, checkpoint_path, get_model, load_pretrained
 
-SMALL = dict(widths=(8, 16, 24), depths=(1, 2, 1))
+SMALL = {"widths": (8, 16, 24), "depths": (1, 2, 1)}
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -11,7 +11,7 @@ to a larger odd size and the kernel of an identity branch.
 from __future__ import annotations
 
 import copy
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn

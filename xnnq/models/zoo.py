@@ -7,8 +7,8 @@ accuracy, epochs and training time are in ``<name>.json`` (``checkpoint_info(nam
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch.nn as nn
 

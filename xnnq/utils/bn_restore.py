@@ -7,7 +7,7 @@ which is what cross-layer equalization's high-bias absorption and BN-aware QAT n
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn

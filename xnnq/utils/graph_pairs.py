@@ -44,9 +44,7 @@ def _act_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
         m = modules[node.target]
         if isinstance(m, HOMOGENEOUS_MODULES):
             return {nn.ReLU: "relu", nn.PReLU: "prelu", nn.Identity: "identity"}[type(m)]
-    elif node.op == "call_function" and node.target in HOMOGENEOUS_FUNCTIONS:
-        return "relu"
-    elif node.op == "call_method" and node.target == "relu":
+    elif node.op == "call_function" and node.target in HOMOGENEOUS_FUNCTIONS or node.op == "call_method" and node.target == "relu":
         return "relu"
     return None
 
