@@ -64,7 +64,10 @@ class RangeTracker(nn.Module):
         lo, hi = self.batch_extremes(x)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # every rank must quantize with the same range: reduce the batch extremes (no host sync)
-            lo, hi = lo.clone(), hi.clone()
+            # a NaN does not survive MIN/MAX (gloo keeps the other rank's value): send it as -inf/+inf so
+            # that every rank sees the non-finite batch and stops with the same error
+            lo = torch.where(torch.isnan(lo), float("-inf"), lo)
+            hi = torch.where(torch.isnan(hi), float("inf"), hi)
             dist.all_reduce(lo, op=dist.ReduceOp.MIN)
             dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         finite = torch.isfinite(lo) & torch.isfinite(hi)
