@@ -1,0 +1,136 @@
+"""QAT on the CIFAR-10 ResNet-20 (issue 2 acceptance 3): accuracy after 1 epoch, range-only accuracy, step time.
+
+    python benchmarks/bench_qat.py [--epochs 1] [--lr 1e-4] [--threads N] [--save runs/qat_resnet20.pt]
+
+Prints JSON and appends a row to benchmarks/RESULTS.md. Needs the shared data ($XNNQ_DATA).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import xnnq  # noqa: E402
+from common import emit  # noqa: E402
+from xnnq import data  # noqa: E402
+from xnnq.models.cifar_resnet import resnet20_cifar10  # noqa: E402
+
+
+def step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer) -> float:
+    t = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--freeze-bn-at", type=float, default=0.0, help="fraction of training when BN is frozen")
+    ap.add_argument("--freeze-range-at", type=float, default=0.5, help="fraction of training when ranges freeze")
+    ap.add_argument("--timing-steps", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--save", default="runs/qat_resnet20.pt")
+    ap.add_argument("--skip-timing", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not data.cifar10_available():
+        sys.exit(f"shared data not found under {data.data_root()} (set XNNQ_DATA)")
+    weights = data.data_root() / "weights" / "resnet20_cifar10jpg.pt"
+    Xtr, Ytr = data.cifar10("train")
+    Xte, Yte = data.cifar10("test")
+    dummy = torch.randn(1, 3, 32, 32)
+    res: dict = {"recipe": {k: v for k, v in vars(args).items() if k not in ("save",)}}
+
+    fp = resnet20_cifar10(weights).eval()
+    res["fp32_top1"] = data.evaluate(fp, Xte, Yte)
+
+    # ---- range only: 1000 train images, BN frozen, no optimizer
+    torch.manual_seed(0)
+    idx = torch.randperm(len(Ytr))[:1000]
+    t0 = time.perf_counter()
+    q = xnnq.QuantTrainModule(fp, dummy).train()
+    xnnq.utils.freeze_bn(q)
+    with torch.no_grad():
+        for xb, _ in data.batches(Xtr[idx], Ytr[idx], 100):
+            q(xb)
+    res["range_only_seconds"] = round(time.perf_counter() - t0, 2)
+    q.eval()
+    res["range_only_top1"] = data.evaluate(q, Xte, Yte)
+
+    # ---- QAT
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    q = xnnq.QuantTrainModule(resnet20_cifar10(weights), dummy).train()
+    opt = torch.optim.SGD(q.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps_per_epoch = (len(Ytr) + args.batch_size - 1) // args.batch_size
+    total = int(round(args.epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    step, t0 = 0, time.perf_counter()
+    bar = tqdm(total=total, desc="QAT", mininterval=10)
+    while step < total:
+        for xb, yb in data.batches(Xtr, Ytr, args.batch_size, shuffle=True, train_augment=True, generator=gen):
+            if step == int(args.freeze_bn_at * total):
+                xnnq.utils.freeze_bn(q)
+            if step == int(args.freeze_range_at * total):
+                xnnq.layers.freeze_quant_range(q)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(q(xb), yb).backward()
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update()
+            if step >= total:
+                break
+    bar.close()
+    res["qat_seconds"] = round(time.perf_counter() - t0, 1)
+    q.eval()
+    res["qat_top1"] = data.evaluate(q, Xte, Yte)
+    Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(q.state_dict(), args.save)
+    # the state dict round-trips into an eval-only wrapper of the same float model
+    qt = xnnq.QuantTestModule(resnet20_cifar10(), dummy)
+    qt.load_state_dict(torch.load(args.save, weights_only=True))
+    res["qat_top1_reloaded_in_QuantTestModule"] = data.evaluate(qt, Xte, Yte)
+    res["qat_drop_pp"] = round(res["fp32_top1"] - res["qat_top1"], 2)
+    res["range_only_drop_pp"] = round(res["fp32_top1"] - res["range_only_top1"], 2)
+
+    # ---- step time: float vs QAT train step, batch 128, interleaved, median
+    if not args.skip_timing:
+        x, y = next(data.batches(Xtr, Ytr, args.batch_size, train_augment=True, generator=gen))
+        fm = resnet20_cifar10(weights).train()
+        qm = xnnq.QuantTrainModule(resnet20_cifar10(weights), dummy).train()
+        of = torch.optim.SGD(fm.parameters(), lr=1e-4, momentum=0.9)
+        oq = torch.optim.SGD(qm.parameters(), lr=1e-4, momentum=0.9)
+        for _ in range(3):
+            step_time(fm, x, y, of), step_time(qm, x, y, oq)
+        tf, tq = [], []
+        for _ in range(args.timing_steps):
+            tf.append(step_time(fm, x, y, of))
+            tq.append(step_time(qm, x, y, oq))
+        res["float_step_ms"] = round(statistics.median(tf) * 1e3, 1)
+        res["qat_step_ms"] = round(statistics.median(tq) * 1e3, 1)
+        res["qat_over_float_step"] = round(statistics.median(tq) / statistics.median(tf), 3)
+
+    md = ("| FP32 top-1 | range-only top-1 (drop) | QAT 1 epoch top-1 (drop) | QAT/float step time |\n|---|---|---|---|\n"
+          f"| {res['fp32_top1']:.2f} | {res['range_only_top1']:.2f} ({res['range_only_drop_pp']:+.2f} pp) | "
+          f"{res['qat_top1']:.2f} ({res['qat_drop_pp']:+.2f} pp) | "
+          f"{res.get('qat_over_float_step', 'n/a')}× ({res.get('qat_step_ms', '-')} / {res.get('float_step_ms', '-')} ms) |\n"
+          f"\nRecipe: {res['recipe']}; drops are FP32 − quantized (negative = gain). 10k CIFAR-10 JPEG test images.")
+    emit("QAT ResNet-20 CIFAR-10", res, md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from xnnq.layers.fake_quant import activation_scale, fake_quantize, pow2_ceil, quant_bounds, weight_scale
+
+
+def is_pow2(t: torch.Tensor) -> bool:
+    m, e = torch.frexp(t)
+    return bool((m == 0.5).all())
+
+
+def test_quant_bounds():
+    assert quant_bounds(8, True) == (-128, 127)
+    assert quant_bounds(8, False) == (0, 255)
+    assert quant_bounds(16, True) == (-32768, 32767)
+    assert quant_bounds(16, False) == (0, 65535)
+    with pytest.raises(ValueError, match="8 or 16"):
+        quant_bounds(4, True)
+
+
+@pytest.mark.parametrize("r,expect", [(3.0, 4.0), (4.0, 4.0), (4.01, 8.0), (0.3, 0.5), (1e-30, 2.0 ** -24)])
+def test_pow2_ceil(r, expect):
+    assert pow2_ceil(torch.tensor(r)).item() == expect
+
+
+def test_activation_scale_power_of_two():
+    r = torch.tensor([0.1, 1.0, 3.7, 100.0])
+    s_signed = activation_scale(r, 8, True)
+    s_unsigned = activation_scale(r, 8, False)
+    assert is_pow2(s_signed) and is_pow2(s_unsigned)
+    assert torch.equal(s_signed * 128, pow2_ceil(r))  # range rounded up to 2^k, 2^(b-1) steps
+    assert torch.equal(s_unsigned * 256, pow2_ceil(r))
+
+
+@pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (16, True), (16, False)])
+def test_error_bound_and_saturation(bits, signed):
+    scale = torch.tensor(2.0 ** -5)
+    qmin, qmax = quant_bounds(bits, signed)
+    x = torch.linspace(qmin * scale.item() * 1.5 - 1, qmax * scale.item() * 1.5 + 1, 20001)
+    y = fake_quantize(x, scale, qmin, qmax)
+    inside = (x >= qmin * scale) & (x <= qmax * scale)
+    assert ((x - y).abs()[inside] <= scale / 2 + 1e-12).all()
+    assert torch.equal(y[x < qmin * scale - scale], torch.full_like(y[x < qmin * scale - scale], qmin * scale.item()))
+    assert torch.equal(y[x > qmax * scale + scale], torch.full_like(y[x > qmax * scale + scale], qmax * scale.item()))
+    codes = y / scale
+    assert torch.equal(codes, codes.round())  # on the grid
+    assert torch.equal(fake_quantize(y, scale, qmin, qmax), y)  # idempotent
+
+
+def test_matches_torch_kernel_and_ste_mask():
+    x = (torch.randn(4000) * 10).requires_grad_()
+    s = torch.tensor(0.0625)
+    zp = torch.tensor(0, dtype=torch.int32)
+    for qmin, qmax in [(-128, 127), (0, 255)]:
+        y = fake_quantize(x, s, qmin, qmax)
+        ref = torch.fake_quantize_per_tensor_affine(x, s, zp, qmin, qmax)
+        assert torch.equal(y, ref)
+        g, = torch.autograd.grad(y.sum(), x)
+        g_ref, = torch.autograd.grad(ref.sum(), x)
+        assert torch.equal(g, g_ref)
+        codes = torch.round(x.detach() / s)
+        assert torch.equal(g, ((codes >= qmin) & (codes <= qmax)).float())
+
+
+def test_round_half_to_even():
+    s = torch.tensor(1.0)
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5])
+    assert fake_quantize(x, s, -128, 127).tolist() == [0.0, 2.0, 2.0, -0.0, -2.0]
+
+
+def test_per_channel_equals_per_tensor_per_channel():
+    w = torch.randn(4, 3, 3, 3) * torch.tensor([0.1, 1.0, 5.0, 0.01]).view(4, 1, 1, 1)
+    s = weight_scale(w, 8, axis=0)
+    y = fake_quantize(w, s, -128, 127, axis=0)
+    for c in range(4):
+        assert torch.equal(y[c], fake_quantize(w[c], s[c], -128, 127))
+    zp = torch.zeros(4, dtype=torch.int32)
+    assert torch.equal(y, torch.fake_quantize_per_channel_affine(w, s, zp, 0, -128, 127))
+
+
+def test_weight_scale_requantization_is_identity():
+    torch.manual_seed(1)
+    for _ in range(200):
+        w = torch.randn(64) * torch.rand(1) * 3
+        s = weight_scale(w, 8)
+        assert is_pow2(s)
+        wq = fake_quantize(w, s, -128, 127)
+        assert torch.equal(weight_scale(wq, 8), s)
+        assert torch.equal(fake_quantize(wq, weight_scale(wq, 8), -128, 127), wq)
+
+
+def test_weight_scale_edge_case_half_range():
+    # max |w| just above 2^(k-1): it rounds to exactly 2^(k-1) on the 2^k grid; the rule then picks 2^(k-1)
+    s_k = 1.0 / 128  # k = 0: range 1
+    w = torch.tensor([0.5 + 0.4 * s_k, -0.1, 0.2])
+    s = weight_scale(w, 8)
+    assert s.item() == 0.5 / 128
+    wq = fake_quantize(w, s, -128, 127)
+    assert torch.equal(weight_scale(wq, 8), s)
