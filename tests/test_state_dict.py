@@ -53,3 +53,13 @@ def test_freeze_bn_plain_model():
     assert not any(m.training for m in fm.modules() if isinstance(m, torch.nn.BatchNorm2d))
     xnnq.utils.unfreeze_bn(fm)
     assert all(m.training for m in fm.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_freeze_schedule_by_epoch():
+    q = xnnq.QuantTrainModule(resnet20(), torch.randn(1, 3, 32, 32)).train()
+    states = [xnnq.utils.apply_freeze_schedule(q, e, freeze_bn_epoch=2, freeze_range_epoch=3) for e in range(4)]
+    assert [s["bn_frozen"] for s in states] == [False, False, True, True]
+    assert [s["range_frozen"] for s in states] == [False, False, False, True]
+    assert q.bn_frozen and all(p.frozen for p in q.quantizers().values())
+    xnnq.utils.apply_freeze_schedule(q, 0, freeze_bn_epoch=2, freeze_range_epoch=3)  # resumed earlier
+    assert not q.bn_frozen and not any(p.frozen for p in q.quantizers().values())

@@ -146,3 +146,34 @@ def test_torchvision_models(name):
 def test_verbose_prints_report(capsys):
     xnnq.QuantTrainModule(Shared(), torch.randn(1, 3, 8, 8), verbose=True)
     assert "PACT2" in capsys.readouterr().out
+
+
+class Ops(nn.Module):
+    """Tensor operators written as functionals: each must become a module with its own quantizer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        s = torch.add(a, b)
+        m = a * torch.sigmoid(b)
+        c = torch.cat([s, m], 1)
+        c = F.max_pool2d(c, 2)
+        c = F.avg_pool2d(c, 2)
+        c = F.adaptive_avg_pool2d(c, 1)
+        return self.fc(torch.flatten(c, 1))
+
+
+def test_operators_become_modules_with_quantizers():
+    q = xnnq.QuantTrainModule(Ops(), torch.randn(1, 3, 16, 16))
+    mods = dict(q.module.named_modules())
+    kinds = {type(m).__name__ for m in mods.values()}
+    assert {"AddBlock", "MultBlock", "CatBlock", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Flatten", "Sigmoid"} <= kinds
+    reasons = {a.reason for a in q.plan.acts}
+    assert {"input", "AddBlock", "MultBlock", "CatBlock", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Linear"} <= reasons
+    assert not [n for n in q.module.graph.nodes if n.op == "call_function"]
+    q.train()
+    assert q(torch.randn(2, 3, 16, 16)).shape == (2, 5)
