@@ -104,7 +104,7 @@ class PACT2(nn.Module):
             if self.signed is None and self.data_signed is None:
                 self.data_signed = bool(self.tracker.min_val < 0)  # one host sync, on the first batch only
             self.observed = True
-            if not x.is_cuda and bool(self.tracker.nonfinite_batches):
+            if x.device.type == "cpu" and bool(self.tracker.nonfinite_batches):  # free on CPU; elsewhere counted only
                 self.tracker.nonfinite_batches.zero_()
                 raise FloatingPointError(
                     f"{self.name or 'PACT2'}: the activation holds NaN or Inf; the range was not updated. "
