@@ -1,0 +1,6 @@
+"""Export to ONNX for TIDL (float graph with Clips, or QDQ), TIDL emulation and export checks."""
+from .allowlist import TIDL_ONNX_OPS, unsupported_nodes
+from .api import ExportResult, export_module, export_onnx
+from .qdq import to_qdq
+
+__all__ = ["export_onnx", "export_module", "ExportResult", "to_qdq", "TIDL_ONNX_OPS", "unsupported_nodes"]

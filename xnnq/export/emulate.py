@@ -1,0 +1,60 @@
+"""TIDL emulation of a float ("tidl") export: quantize the float ONNX the way TIDL does, then run it.
+
+TIDL, compiling a QAT model with ``accuracy_level`` 0 and power-of-2 scales, takes every ``Clip`` as the
+range of that activation (PACT) and quantizes the float weights itself. The emulation does the same from
+the ``.onnx`` and its options JSON alone: power-of-2 weight scales from the (folded) float weights,
+activation scales from the Clip bounds, 16-bit where the options' 16-bit lists say so, and writes the
+result as an ONNX QDQ model that onnxruntime runs. If the export is right, the re-quantized weights are
+the exported ones bit for bit and the emulation computes what the PyTorch simulation computed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import onnx
+import torch
+
+from .check import onnx_accuracy
+from .onnx_graph import consumers
+from .options import FEATURE_16BIT_OPTION, PARAMS_16BIT_OPTION, read_options, split_names
+from .qdq import ActQuant, WeightQuant, to_qdq
+
+
+def tidl_emulation(path: str | Path, per_channel: bool | Iterable[str] | None = None) -> onnx.ModelProto:
+    """The QDQ model TIDL would run for the float export at ``path``.
+
+    ``per_channel``: weight initializers quantized per output channel (True: all); by default the
+    ones the export JSON marks per-channel.
+    """
+    model = onnx.load(str(path))
+    opts = read_options(path)
+    if opts.get("format") != "tidl":
+        raise ValueError(f"{path}: TIDL emulation takes a format='tidl' export, this one is {opts.get('format')!r}")
+    ro = opts["runtime_options"]
+    bits = int(ro.get("tensor_bits", 8))
+    feature_16 = set(split_names(ro.get(FEATURE_16BIT_OPTION)))
+    params_16 = set(split_names(ro.get(PARAMS_16BIT_OPTION)))
+    if per_channel is None:
+        per_channel = {w for w, spec in opts.get("weights", {}).items() if spec.get("per_channel")}
+    graph = model.graph
+    users = consumers(graph)
+    acts = {n.output[0]: ActQuant(16 if n.output[0] in feature_16 else bits)
+            for n in graph.node if n.op_type == "Clip"}
+    init_names = {t.name for t in graph.initializer}
+    weights = {}
+    for n in graph.node:
+        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 2 or n.input[1] not in init_names:
+            continue
+        out = n.output[0]
+        nxt = users.get(out, [])
+        names = {out} | ({nxt[0].output[0]} if len(nxt) == 1 and nxt[0].op_type == "Clip" else set())
+        wbits = 16 if (names & params_16 or bits == 16) else 8
+        pc = per_channel is True or (not isinstance(per_channel, bool) and n.input[1] in set(per_channel))
+        weights[n.input[1]] = WeightQuant(wbits, pc)
+    return to_qdq(model, acts, weights)
+
+
+def emulate_tidl_accuracy(path: str | Path, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Top-1 accuracy (percent) of the TIDL emulation of the float export at ``path``."""
+    return onnx_accuracy(tidl_emulation(path), batches)

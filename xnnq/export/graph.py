@@ -1,0 +1,147 @@
+"""The export graph: the quantized model as a plain float network that computes what eval computes.
+
+Built from ``qmodel.module`` (a ``torch.fx.GraphModule``) by graph transformation, never by editing the
+quantized model:
+
+* every :class:`QuantConv2d` / :class:`QuantLinear` node becomes a plain ``nn.Conv2d`` / ``nn.Linear``
+  holding ``quantized_weight_bias(bn, input_quant)`` — BatchNorm folded, weights and bias already on
+  their quantization grid; the BatchNorm / quantizer ``get_attr`` arguments are dropped;
+* every :class:`PACT2` node becomes a :class:`Clip` with the quantizer's float interval
+  (``clip_values()``), or the op it replaced when its quantization is switched off;
+* ``Dropout`` / ``Identity`` nodes are removed (eval mode: they pass their input through).
+
+The result is a ``GraphModule`` in eval mode with no parameters that require grad, plus the list of
+:class:`ClipInfo` (one per quantized activation) that the range table and the QDQ conversion read.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..layers.pact2 import PACT2
+from ..layers.quant_weight import QuantConv2d, QuantLinear
+
+DROPPED = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+
+
+class Clip(nn.Module):
+    """``clamp(x, lo, hi)`` with constant float bounds: one ONNX ``Clip`` carrying a quantizer's range."""
+
+    def __init__(self, lo: float, hi: float):
+        super().__init__()
+        self.lo, self.hi = float(lo), float(hi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, self.lo, self.hi)
+
+    def extra_repr(self) -> str:
+        return f"lo={self.lo}, hi={self.hi}"
+
+
+@dataclass
+class ClipInfo:
+    """One quantized activation of the export graph."""
+
+    name: str        # PACT2 module path (also the ONNX tensor name given to its output)
+    lo: float
+    hi: float
+    bits: int
+    signed: bool
+    power2: bool
+    scale: float     # the quantizer's scale (power of 2 when power2)
+
+
+@dataclass
+class LayerInfo:
+    """One weight layer of the export graph."""
+
+    name: str                 # module path of the conv/linear
+    bits: int
+    per_channel: bool
+    power2: bool
+    input_quant: str | None   # PACT2 name of its input quantizer
+
+
+def _pact_of(gm: fx.GraphModule, a) -> PACT2 | None:
+    if isinstance(a, fx.Node) and a.op == "get_attr":
+        m = gm.get_submodule(a.target)
+        return m if isinstance(m, PACT2) else None
+    return None
+
+
+def _check_ready(name: str, q: PACT2) -> None:
+    if q.quant_enabled and not q.observed:
+        raise RuntimeError(f"{name}: no activation range has been observed yet; run forward passes in training mode "
+                           "(QAT or calibration) or load a trained state_dict before exporting.")
+
+
+@torch.no_grad()
+def build_export_module(qmodule: fx.GraphModule) -> tuple[fx.GraphModule, list[ClipInfo], list[LayerInfo]]:
+    """The float export graph of an xnnq ``GraphModule`` (see the module docstring)."""
+    src = qmodule
+    graph = copy.deepcopy(src.graph)
+    mods: dict[str, nn.Module] = {}
+    clips: list[ClipInfo] = []
+    layers: list[LayerInfo] = []
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        mod = src.get_submodule(node.target)
+        if isinstance(mod, (QuantConv2d, QuantLinear)):
+            bn = src.get_submodule(node.args[1].target) if len(node.args) > 1 and node.args[1] is not None else None
+            in_q = _pact_of(src, node.args[2]) if len(node.args) > 2 else None
+            if bn is not None and bn.training:
+                raise RuntimeError(f"{node.target}: its BatchNorm is in training mode; call qmodel.eval() before export.")
+            w, b = mod.quantized_weight_bias(bn, in_q)
+            plain = _plain_layer(mod, w, b)
+            mods[node.target] = plain
+            node.args = (node.args[0],)
+            layers.append(LayerInfo(node.target, mod.weight_bits, bool(mod.per_channel), bool(mod.power2),
+                                    in_q.name if in_q is not None and in_q.quant_enabled else None))
+        elif isinstance(mod, PACT2):
+            _check_ready(node.target, mod)
+            if mod.quant_enabled:
+                lo, hi = mod.clip_values()
+                scale, qmin, _ = mod.qparams()
+                mods[node.target] = Clip(lo, hi)
+                clips.append(ClipInfo(node.target, lo, hi, mod.bits, qmin < 0, bool(mod.power2), float(scale)))
+            elif mod.signed is False:
+                mods[node.target] = (nn.ReLU6() if mod.cap == 6.0 else
+                                 (Clip(0.0, float(mod.cap)) if mod.cap is not None else nn.ReLU()))
+            else:
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+        elif isinstance(mod, DROPPED):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        else:
+            mods[node.target] = copy.deepcopy(mod)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            raise RuntimeError(f"export: graph node `{node.name}` reads attribute `{node.target}` of the model; "
+                               "only module calls can be exported. Wrap that code in a module.")
+    gm = fx.GraphModule(mods, graph, "ExportGraph")
+    gm.graph.lint()
+    gm.eval()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    return gm, clips, layers
+
+
+def _plain_layer(mod: QuantConv2d | QuantLinear, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
+    if isinstance(mod, QuantConv2d):
+        out = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                        mod.groups, b is not None, mod.padding_mode, device=w.device, dtype=w.dtype)
+    else:
+        out = nn.Linear(mod.in_features, mod.out_features, b is not None, device=w.device, dtype=w.dtype)
+    out.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+    if b is not None:
+        out.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+    return out

@@ -1,0 +1,103 @@
+"""The float ("tidl") ONNX: the export graph written with torch.onnx, simplified, named and checked.
+
+Steps: ``torch.onnx.export`` of the export graph (static shapes from the dummy input, eval mode) →
+each quantizer's ``Clip`` output tensor renamed to the quantizer's name (so the range table, the 16-bit
+lists and Netron all speak the model's module paths) → onnxsim (constant folding: no
+Shape/Gather/Concat arithmetic is left, e.g. around ``Resize``) → shape inference → ``onnx.checker``.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Sequence
+
+import onnx
+import torch
+
+from .graph import Clip, ClipInfo
+from .onnx_graph import clip_bounds, constants_to_initializers, drop_unused_initializers, rename_tensor
+
+DEFAULT_OPSET = 18
+EXPORTERS = ("torchscript", "dynamo")
+
+
+def torch_to_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], opset: int, exporter: str = "torchscript",
+                  input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None) -> onnx.ModelProto:
+    """Export ``module`` (eval mode) with static shapes; ``exporter`` is "torchscript" (fast) or "dynamo"."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=input_names,
+                                     output_names=output_names, verbose=False)
+            return prog.model_proto
+        torch.onnx.export(module, args, buf, dynamo=False, opset_version=opset, input_names=input_names,
+                          output_names=output_names, do_constant_folding=True)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def clip_order(gm: torch.fx.GraphModule) -> list[tuple[str, float, float]]:
+    """Every :class:`Clip` module call of the export graph in execution order: (name, lo, hi)."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            if isinstance(m, Clip):
+                out.append((n.target, m.lo, m.hi))
+    return out
+
+
+def name_clips(model: onnx.ModelProto, order: list[tuple[str, float, float]], clips: list[ClipInfo]) -> dict[str, str]:
+    """Rename each quantizer's ``Clip`` output to the quantizer's name; returns {quantizer: tensor name}.
+
+    The ONNX ``Clip`` nodes come in the export graph's execution order; each is matched to the next
+    expected quantizer with the same bounds (a ``Clip`` of the model's own, e.g. a Hardtanh, is skipped).
+    A graph output keeps its name.
+    """
+    graph = model.graph
+    quantized = {c.name for c in clips}
+    outputs = {o.name for o in graph.output}
+    mapping: dict[str, str] = {}
+    i = 0
+    for node in list(graph.node):
+        if node.op_type != "Clip" or i >= len(order):
+            continue
+        name, lo, hi = order[i]
+        b_lo, b_hi = clip_bounds(graph, node)
+        if abs(b_lo - lo) > 1e-12 * max(1.0, abs(lo)) or abs(b_hi - hi) > 1e-12 * max(1.0, abs(hi)):
+            continue
+        i += 1
+        if name not in quantized:
+            continue
+        out = node.output[0]
+        if out not in outputs and out != name:
+            rename_tensor(graph, out, name)
+            out = name
+        node.name = name
+        mapping[name] = out
+    missing = [c.name for c in clips if c.name not in mapping]
+    if missing:
+        raise RuntimeError(f"export: the ONNX graph has no Clip for the quantizer(s) {missing[:5]}; the exporter "
+                           "changed the graph in a way xnnq does not follow. Please report it with the model.")
+    return mapping
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxsim with static shapes; raises if the simplified graph differs from the original."""
+    import onnxsim
+    out, ok = onnxsim.simplify(model)
+    if not ok:
+        raise RuntimeError("onnxsim could not validate the simplified model against the original")
+    return out
+
+
+def finalize(model: onnx.ModelProto, check: bool = True) -> onnx.ModelProto:
+    """Constants as initializers, shape inference (strict) and ``onnx.checker``."""
+    constants_to_initializers(model)
+    drop_unused_initializers(model)
+    model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    if check:
+        onnx.checker.check_model(model, full_check=True)
+    return model
