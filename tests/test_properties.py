@@ -1,0 +1,285 @@
+"""Property tests (hypothesis) of the quantization numerics: fake_quantize, weight_scale, activation_scale,
+quantize_bias, RangeTracker and PACT2.
+
+Properties: idempotence; |x - q(x)| <= scale/2 inside the range; saturation outside; round half to even;
+power-of-2 scales that cover the range; per-channel equals per-tensor on one channel; the STE gradient
+mask; the trimmed extremes of RangeTracker; a non-finite batch never reaches a range.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from xnnq.layers import PACT2, RangeTracker, activation_scale, fake_quantize, quant_bounds, quantize_bias, weight_scale
+from xnnq.layers.fake_quant import MIN_RANGE
+
+SETTINGS = settings(deadline=None, max_examples=60)
+
+bits_st = st.sampled_from([8, 16])
+exp_st = st.integers(-12, 4)  # power-of-2 scales 2^-12 .. 2^4
+any_scale_st = st.floats(0.0009765625, 10.0, allow_nan=False, allow_infinity=False, width=32, exclude_max=True)
+vec_st = arrays(np.float32, st.integers(1, 64), elements=st.floats(-1e3, 1e3, width=32))
+
+
+def t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def is_pow2(v: torch.Tensor) -> bool:
+    m, _ = torch.frexp(v)
+    return bool((m == 0.5).all())
+
+
+# -------------------------------------------------------------------------------------- fake_quantize
+@SETTINGS
+@given(vec_st, bits_st, st.booleans(), exp_st, any_scale_st, st.booleans())
+def test_fake_quantize_is_idempotent(x, bits, signed, e, s_any, pow2):
+    s = torch.tensor(2.0 ** e if pow2 else s_any)
+    qmin, qmax = quant_bounds(bits, signed)
+    q = fake_quantize(t(x), s, qmin, qmax)
+    assert torch.equal(fake_quantize(q, s, qmin, qmax), q)
+
+
+@SETTINGS
+@given(arrays(np.float32, st.integers(1, 64), elements=st.floats(0.0, 1.0, width=32)), bits_st, st.booleans(),
+       exp_st, any_scale_st, st.booleans())
+def test_error_at_most_half_a_step_inside_the_range(u, bits, signed, e, s_any, pow2):
+    s = 2.0 ** e if pow2 else float(s_any)
+    qmin, qmax = quant_bounds(bits, signed)
+    x = (qmin * s + t(u).double() * (qmax - qmin) * s).float().clamp(qmin * s, qmax * s)
+    q = fake_quantize(x, torch.tensor(s), qmin, qmax)
+    err = (x.double() - q.double()).abs().max().item()
+    # power-of-2 scales: every step is exact in float32; otherwise allow the float32 rounding of x/s and q
+    assert err <= s / 2 if pow2 else err <= s / 2 * (1 + 1e-4) + 1e-6 * abs(qmax * s)
+    codes = q.double() / s
+    assert torch.allclose(codes, codes.round(), atol=1e-3)  # on the grid
+
+
+@SETTINGS
+@given(st.data(), bits_st, st.booleans(), exp_st)
+def test_saturation_outside_the_range(data, bits, signed, e):
+    s = 2.0 ** e
+    qmin, qmax = quant_bounds(bits, signed)
+    over = data.draw(arrays(np.float32, st.integers(1, 32), elements=st.floats(1.0, 1e3, width=32)))
+    x_hi = qmax * s + t(over) * s
+    x_lo = qmin * s - t(over) * s
+    assert torch.equal(fake_quantize(x_hi, torch.tensor(s), qmin, qmax), torch.full_like(x_hi, qmax * s))
+    assert torch.equal(fake_quantize(x_lo, torch.tensor(s), qmin, qmax), torch.full_like(x_lo, qmin * s))
+
+
+@SETTINGS
+@given(st.lists(st.integers(-100, 99), min_size=1, max_size=32), exp_st)
+def test_round_half_to_even(ks, e):
+    """Ties go to the even code, as torch.fake_quantize_* and ONNX QuantizeLinear do."""
+    s = 2.0 ** e
+    k = torch.tensor(ks, dtype=torch.float32)
+    q = fake_quantize((k + 0.5) * s, torch.tensor(s), -128, 127)
+    expected = torch.where(k % 2 == 0, k, k + 1) * s
+    assert torch.equal(q, expected)
+
+
+@SETTINGS
+@given(vec_st, bits_st, st.booleans(), exp_st)
+def test_ste_gradient_mask(x, bits, signed, e):
+    """The gradient passes unchanged where the rounded code is inside [qmin, qmax] and is 0 where it saturates."""
+    s = 2.0 ** e
+    qmin, qmax = quant_bounds(bits, signed)
+    x = t(x).requires_grad_(True)
+    g = torch.randn_like(x)
+    fake_quantize(x, torch.tensor(s), qmin, qmax).backward(g)
+    codes = torch.round(x.detach() / s)
+    inside = (codes >= qmin) & (codes <= qmax)
+    assert torch.equal(x.grad, torch.where(inside, g, torch.zeros_like(g)))
+
+
+@SETTINGS
+@given(arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 16)), elements=st.floats(-50, 50, width=32)),
+       st.lists(exp_st, min_size=6, max_size=6), bits_st)
+def test_per_channel_equals_per_tensor_channel_by_channel(x, exps, bits):
+    """Per-channel fake quantization of C channels == per-tensor on each channel alone (C = 1 included)."""
+    x = t(x)
+    c = x.shape[0]
+    scales = torch.tensor([2.0 ** e for e in exps[:c]])
+    qmin, qmax = quant_bounds(bits, True)
+    per_ch = fake_quantize(x, scales, qmin, qmax, axis=0)
+    for i in range(c):
+        assert torch.equal(per_ch[i], fake_quantize(x[i], scales[i], qmin, qmax))
+
+
+@SETTINGS
+@given(arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)),
+              elements=st.floats(-10, 10, width=32)), bits_st, st.booleans())
+def test_weight_scale_per_channel_equals_per_tensor_on_one_channel(w, bits, power2):
+    w = t(w)
+    for i in range(w.shape[0]):
+        one = w[i:i + 1]
+        assert torch.equal(weight_scale(one, bits, axis=0, power2=power2).reshape(()),
+                           weight_scale(one, bits, axis=None, power2=power2))
+
+
+# --------------------------------------------------------------------------------------- scales
+@SETTINGS
+@given(st.floats(1e-6, 1e4), bits_st, st.booleans())
+def test_activation_scale_is_a_covering_power_of_2(r, bits, signed):
+    s = activation_scale(torch.tensor(r), bits, signed, power2=True)
+    assert is_pow2(s)
+    levels = (1 << (bits - 1)) if signed else (1 << bits)
+    top = s.item() * levels  # the power-of-2 range R; the largest code is R - s
+    assert r <= top * (1 + 1e-6) and top < 2 * r * (1 + 1e-6)
+
+
+@SETTINGS
+@given(st.floats(1e-6, 1e4), bits_st, st.booleans())
+def test_activation_scale_without_power2_maps_the_range_to_the_largest_code(r, bits, signed):
+    s = activation_scale(torch.tensor(r), bits, signed, power2=False)
+    qmax = quant_bounds(bits, signed)[1]
+    assert math.isclose(s.item() * qmax, r, rel_tol=1e-6)
+
+
+@SETTINGS
+@given(arrays(np.float32, st.tuples(st.integers(1, 8), st.integers(1, 9)), elements=st.floats(-20, 20, width=32)),
+       bits_st, st.sampled_from([None, 0]))
+def test_weight_scale_power2_covers_weights_and_is_stable_under_requantization(w, bits, axis):
+    w = t(w)
+    assume(w.abs().max() > 1e-3)
+    s = weight_scale(w, bits, axis=axis, power2=True)
+    assert is_pow2(s)
+    qmin, qmax = quant_bounds(bits, True)
+    wq = fake_quantize(w, s, qmin, qmax, axis)
+    sb = s if axis is None else s.view(-1, 1)
+    # the largest weight saturates by at most half a step: every weight is within s/2
+    assert ((w - wq).abs() <= sb / 2).all()
+    # TIDL re-quantizes the exported weights with the same rule: nothing changes
+    s2 = weight_scale(wq, bits, axis=axis, power2=True)
+    keep = wq.abs().amax(dim=None if axis is None else 1) > 0  # an all-zero channel has no scale to keep
+    assert torch.equal(s2[keep] if axis is not None else s2, s[keep] if axis is not None else s)
+    assert torch.equal(fake_quantize(wq, s2, qmin, qmax, axis), wq)
+
+
+@SETTINGS
+@given(arrays(np.float32, st.integers(1, 32), elements=st.floats(-1e3, 1e3, width=32)), st.integers(-20, 4))
+def test_quantize_bias_on_the_accumulator_grid(b, e):
+    """Inside the int32 accumulator range (|b| <= 1e3 < 2^31 * 2^-20)."""
+    s = torch.tensor(2.0 ** e)
+    b = t(b).requires_grad_(True)
+    q = quantize_bias(b, s)
+    assert ((q - b).abs() <= s / 2).all()
+    assert torch.equal(q / s, torch.round(q / s))
+    q.sum().backward()
+    assert torch.equal(b.grad, torch.ones_like(b))  # straight-through
+
+
+@SETTINGS
+@given(st.floats(1.0, 1e3), st.booleans())
+def test_quantize_bias_saturates_at_int32(mag, neg):
+    s = torch.tensor(2.0 ** -30)
+    b = torch.tensor([-mag if neg else mag])  # |b| / s >= 2^30 * 1 ... up to 1e3 * 2^30 > 2^31
+    q = quantize_bias(b, s)
+    assert (q / s).abs().item() <= 2.0 ** 31
+    if mag >= 2.0:
+        assert (q / s).abs().item() >= 2.0 ** 31 - 1
+
+
+# ----------------------------------------------------------------------------------- RangeTracker
+@SETTINGS
+@given(arrays(np.float32, st.integers(2, 4000), elements=st.floats(-1e3, 1e3, width=32)),
+       st.sampled_from([0.0, 1e-3, 1e-2, 0.1]))
+def test_tracker_trims_exactly_the_tail(x, tail):
+    """The trimmed max leaves fewer than k = max(1, tail*n) values above it and at least k at or above it
+    (likewise for the min): an order statistic, not an estimate."""
+    x = t(x)
+    rt = RangeTracker(tail=tail)
+    lo, hi = rt.batch_extremes(x)
+    k = max(1, int(tail * x.numel()))
+    assert int((x > hi).sum()) < k <= int((x >= hi).sum())
+    assert int((x < lo).sum()) < k <= int((x <= lo).sum())
+    assert lo <= hi
+
+
+@SETTINGS
+@given(st.lists(arrays(np.float32, st.integers(1, 64), elements=st.floats(-1e3, 1e3, width=32)),
+                min_size=1, max_size=8), st.sampled_from([0.01, 0.25, 0.5]))
+def test_tracker_cumulative_then_ema(batches, alpha):
+    """tail 0: the range is the mean of the batch extremes for the first 1/alpha batches, then an EMA."""
+    rt = RangeTracker(tail=0.0, ema_alpha=alpha)
+    lo_ref = hi_ref = 0.0
+    for i, b in enumerate(batches):
+        rt(t(b))
+        a = max(1.0 / (i + 1), alpha)
+        lo_ref += a * (float(b.min()) - lo_ref)
+        hi_ref += a * (float(b.max()) - hi_ref)
+    assert math.isclose(rt.min_val.item(), lo_ref, rel_tol=1e-5, abs_tol=1e-3)
+    assert math.isclose(rt.max_val.item(), hi_ref, rel_tol=1e-5, abs_tol=1e-3)
+    assert int(rt.num_batches) == len(batches)
+
+
+@SETTINGS
+@given(vec_st, vec_st, st.sampled_from([float("nan"), float("inf"), float("-inf")]), st.integers(0, 63))
+def test_tracker_skips_a_nonfinite_batch(good, bad, value, pos):
+    rt = RangeTracker(tail=0.0)
+    rt(t(good))
+    state = {k: v.clone() for k, v in rt.state_dict().items()}
+    bad = t(bad).clone()
+    bad[pos % bad.numel()] = value
+    rt(bad)
+    assert torch.equal(rt.min_val, state["min_val"]) and torch.equal(rt.max_val, state["max_val"])
+    assert torch.equal(rt.num_batches, state["num_batches"])
+    assert int(rt.nonfinite_batches) == 1
+
+
+# ------------------------------------------------------------------------------------------ PACT2
+@SETTINGS
+@given(arrays(np.float32, st.integers(2, 256), elements=st.floats(-100, 100, width=32)), bits_st,
+       st.sampled_from([False, True, None]), st.sampled_from([None, 6.0]))
+def test_pact2_output_on_a_power2_grid_within_the_clip_and_idempotent(x, bits, signed, cap):
+    assume(not (cap is not None and signed is not False))
+    x = t(x)
+    assume(x.abs().max() > 1e-3)
+    p = PACT2(bits=bits, signed=signed, cap=cap, tail=0.0, name="p")
+    p.train()
+    p(x)
+    p.eval()
+    scale, qmin, qmax = p.qparams()
+    assert is_pow2(scale)
+    y = p(x)
+    lo, hi = p.clip_values()
+    assert (y >= lo).all() and (y <= hi).all()
+    assert torch.equal(y / scale, torch.round(y / scale))  # codes
+    assert torch.equal(p(y), y)  # idempotent
+    # the covering range holds the observed extreme (unless a cap clips it)
+    r = max(-float(x.min()) if p.resolved_signed() else 0.0, float(x.max()))
+    if cap is None:
+        assert (qmax + 1) * float(scale) >= r * (1 - 1e-6)
+    if signed is False:  # it *is* the ReLU: negatives give 0
+        assert (y[x <= 0] == 0).all()
+
+
+@SETTINGS
+@given(arrays(np.float32, st.integers(2, 64), elements=st.floats(-100, 100, width=32)), bits_st)
+def test_pact2_frozen_or_eval_never_moves_the_range(x, bits):
+    p = PACT2(bits=bits, tail=0.0, name="p")
+    p.train()
+    p(t(x))
+    before = (p.tracker.min_val.clone(), p.tracker.max_val.clone())
+    p.frozen = True
+    p(t(x) * 10)
+    p.frozen = False
+    p.eval()
+    p(t(x) * 10)
+    assert torch.equal(p.tracker.min_val, before[0]) and torch.equal(p.tracker.max_val, before[1])
+
+
+def test_zero_range_gives_the_smallest_scale_not_nan():
+    p = PACT2(bits=8, signed=False, name="p")
+    p.train()
+    p(torch.zeros(16))
+    p.eval()
+    y = p(torch.tensor([0.0, 1.0]))
+    assert torch.isfinite(y).all()
+    assert float(p.scale()) == pytest.approx(MIN_RANGE / 256)
