@@ -6,9 +6,14 @@ from torch import nn
 _BN = nn.modules.batchnorm._BatchNorm
 
 
-def _wrapper(model: nn.Module):
+def _set_frozen(model: nn.Module, frozen: bool) -> int:
     from ..quantize.wrapper import QuantBaseModule
-    return model if isinstance(model, QuantBaseModule) else None
+    if isinstance(model, QuantBaseModule):
+        model.bn_frozen = frozen
+    bns = [m for m in model.modules() if isinstance(m, _BN)]
+    for m in bns:
+        m.train(False if frozen else model.training)
+    return len(bns)
 
 
 def freeze_bn(model: nn.Module) -> int:
@@ -17,25 +22,9 @@ def freeze_bn(model: nn.Module) -> int:
     On an xnnq wrapper the freeze survives later ``train()`` calls (it is saved in the state dict). On a
     plain model it lasts until the next ``model.train()``.
     """
-    w = _wrapper(model)
-    if w is not None:
-        w.bn_frozen = True
-    n = 0
-    for m in model.modules():
-        if isinstance(m, _BN):
-            m.train(False)
-            n += 1
-    return n
+    return _set_frozen(model, True)
 
 
 def unfreeze_bn(model: nn.Module) -> int:
     """Undo :func:`freeze_bn`: BatchNorm follows the model's mode again (batch statistics in training)."""
-    w = _wrapper(model)
-    if w is not None:
-        w.bn_frozen = False
-    n = 0
-    for m in model.modules():
-        if isinstance(m, _BN):
-            m.train(model.training)
-            n += 1
-    return n
+    return _set_frozen(model, False)
