@@ -101,14 +101,17 @@ class PACT2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not self.frozen and self.clip_range is None:
             self.tracker(x)
-            if self.signed is None and self.data_signed is None:
-                self.data_signed = bool(self.tracker.min_val < 0)  # one host sync, on the first batch only
-            self.observed = True
             if x.device.type == "cpu" and bool(self.tracker.nonfinite_batches):  # free on CPU; elsewhere counted only
                 self.tracker.nonfinite_batches.zero_()
                 raise FloatingPointError(
                     f"{self.name or 'PACT2'}: the activation holds NaN or Inf; the range was not updated. "
                     "Check the input data and the learning rate (lower it, or clip gradients).")
+            if self.signed is None and self.data_signed is None:
+                # one host sync, on the first batch only (until a finite batch has been seen: a skipped
+                # non-finite batch decides nothing)
+                seen, negative = torch.stack([self.tracker.num_batches > 0, self.tracker.min_val < 0]).tolist()
+                self.data_signed = negative if seen else None
+            self.observed = True
         if not self.quant_enabled:
             return self.float_forward(x)
         if not self.observed:
