@@ -368,3 +368,47 @@ def test_export_path_that_cannot_be_written(tmp_path):
             export_onnx(q, DUMMY, blocker / "sub" / "m.onnx")
     assert "a_file" in str(e.value)  # names the offending path
     assert_unmodified(q, before)
+
+
+# ------------------------------------------------------------------------------------- calibration
+def _calibrate_module():
+    cls = getattr(xnnq, "QuantCalibrateModule", None)
+    if cls is None:
+        calib = pytest.importorskip("xnnq.calibrate", reason="xnnq.calibrate is not built yet")
+        cls = getattr(calib, "QuantCalibrateModule", None)
+    if cls is None:
+        pytest.skip("xnnq.QuantCalibrateModule is not built yet")
+    return cls
+
+
+def test_calibrating_with_zero_batches(tmp_path):
+    """train() then eval() with no batch in between: the first use names the quantizer and says what to do
+    (an error at eval() itself would be as good); nothing is exported and the float model is untouched."""
+    cls = _calibrate_module()
+    m = net()
+    before = snapshot(m)
+    q = cls(m, DUMMY)
+    q.train()
+    with pytest.raises(RuntimeError) as e:
+        q.eval()  # zero calibration batches
+        q(DUMMY)
+    msg = str(e.value)
+    assert "input_q" in msg and ("no activation range" in msg or "no calibration data" in msg)
+    assert "calibration" in msg
+    assert all(not p.observed for p in q.quantizers().values())
+    if hasattr(xnnq, "export_onnx") or getattr(pytest.importorskip("xnnq.export"), "export_onnx", None):
+        with pytest.raises(RuntimeError, match="input_q: no activation range"):
+            _export_onnx()(q, DUMMY, tmp_path / "m.onnx")
+        assert not (tmp_path / "m.onnx").exists()
+    assert_unmodified(m, before)
+
+
+def test_calibrating_with_nonfinite_data_names_the_quantizer():
+    cls = _calibrate_module()
+    q = cls(net(), DUMMY)
+    q.train()
+    x = torch.randn(2, 3, 8, 8)
+    x[0, 0, 0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"^input_q: the calibration tensor holds NaN or Inf"):
+        with torch.no_grad():
+            q(x)
