@@ -123,7 +123,8 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
 
     if format == "qdq":
         acts = {tensors[c.name]: ActQuant(c.bits, c.power2, c.scale) for c in clips}
-        wq = {w: WeightQuant(layer.bits, layer.per_channel, layer.power2) for w, layer in weights.items()}
+        wq = {w: WeightQuant(layer.bits, layer.per_channel, layer.power2, layer.scale.numpy())
+              for w, layer in weights.items() if layer.scale is not None}
         model = finalize(to_qdq(model, acts, wq), check)
 
     bad = warn_unsupported(model, f"export_onnx({Path(path).name})")

@@ -12,11 +12,12 @@ import torch
 from .options import options_path, read_options
 
 
-def ort_session(model: str | Path | onnx.ModelProto, optimize: bool = True):
+def ort_session(model: str | Path | onnx.ModelProto, optimize: bool = True, threads: int = 0):
     """An onnxruntime CPU session; ``optimize=False`` runs every node as written (no QDQ fusion)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.intra_op_num_threads = threads
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
@@ -27,8 +28,8 @@ class OnnxRunner:
     """Call an ONNX model like a module on torch tensors of any batch size (split to the graph's static
     batch, the last chunk padded)."""
 
-    def __init__(self, model: str | Path | onnx.ModelProto, optimize: bool = True):
-        self.session = ort_session(model, optimize)
+    def __init__(self, model: str | Path | onnx.ModelProto, optimize: bool = True, threads: int = 0):
+        self.session = ort_session(model, optimize, threads)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
@@ -79,18 +80,21 @@ def output_lsb(path: str | Path) -> float | None:
 
 
 @torch.no_grad()
-def onnx_check(path: str | Path, reference: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
-               batches: Iterable[Any], *, optimize: bool = True, lsb: float | None = None) -> CheckResult:
+def onnx_check(path: str | Path | onnx.ModelProto, reference: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
+               batches: Iterable[Any], *, optimize: bool = True, lsb: float | None = None,
+               threads: int = 0) -> CheckResult:
     """Run the ONNX at ``path`` in onnxruntime and ``reference`` on the same ``batches`` and compare.
 
     ``batches`` yields input tensors or ``(input, label)`` pairs. ``lsb`` defaults to the output
     quantizer's step from the export JSON. Returns max |diff|, the diff in output LSBs, the fraction of
     elements within 1 LSB, and the top-1 agreement.
     """
-    runner = OnnxRunner(path, optimize)
+    runner = OnnxRunner(path, optimize, threads)
+    was_training = isinstance(reference, torch.nn.Module) and reference.training
     if isinstance(reference, torch.nn.Module):
         reference.eval()
-    lsb = lsb if lsb is not None else output_lsb(path)
+    if lsb is None and not isinstance(path, onnx.ModelProto):
+        lsb = output_lsb(path)
     n = 0
     max_diff = 0.0
     within = exact = elems = agree = 0
@@ -110,6 +114,8 @@ def onnx_check(path: str | Path, reference: torch.nn.Module | Callable[[torch.Te
         if y.dim() == 2:
             agree += int((y.argmax(1) == ref.argmax(1)).sum())
         n += x.shape[0]
+    if was_training:
+        reference.train()
     if n == 0:
         raise ValueError("onnx_check: `batches` yielded nothing")
     two_d = y.dim() == 2
@@ -120,9 +126,9 @@ def onnx_check(path: str | Path, reference: torch.nn.Module | Callable[[torch.Te
 
 @torch.no_grad()
 def onnx_accuracy(model: str | Path | onnx.ModelProto, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                  optimize: bool = True) -> float:
+                  optimize: bool = True, threads: int = 0) -> float:
     """Top-1 accuracy in percent of an ONNX classifier on ``(input, label)`` batches."""
-    runner = OnnxRunner(model, optimize)
+    runner = OnnxRunner(model, optimize, threads)
     correct = total = 0
     for x, y in batches:
         correct += int((runner(x).argmax(1) == y.cpu()).sum())

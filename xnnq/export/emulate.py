@@ -14,11 +14,12 @@ from typing import Iterable
 
 import onnx
 import torch
+from onnx import numpy_helper
 
 from .check import onnx_accuracy
 from .onnx_graph import consumers
 from .options import FEATURE_16BIT_OPTION, PARAMS_16BIT_OPTION, read_options, split_names
-from .qdq import ActQuant, WeightQuant, to_qdq
+from .qdq import ActQuant, WeightQuant, grid_error, to_qdq
 
 
 def tidl_emulation(path: str | Path, per_channel: bool | Iterable[str] | None = None) -> onnx.ModelProto:
@@ -53,6 +54,21 @@ def tidl_emulation(path: str | Path, per_channel: bool | Iterable[str] | None = 
         pc = per_channel is True or (not isinstance(per_channel, bool) and n.input[1] in set(per_channel))
         weights[n.input[1]] = WeightQuant(wbits, pc)
     return to_qdq(model, acts, weights)
+
+
+def requantization_error(path: str | Path) -> dict[str, float]:
+    """Per Conv/Gemm weight of the float export at ``path``: max |w − requantized(w)| under the emulation's
+    rule (0.0 when the exported weight is already on its grid, as TIDL needs)."""
+    model = tidl_emulation(path)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    out = {}
+    for t in onnx.load(str(path)).graph.initializer:
+        dq = next((n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == t.name), None)
+        if dq is None:
+            continue
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        out[t.name] = grid_error(numpy_helper.to_array(t), inits[dq.input[0]], inits[dq.input[1]], axis)
+    return out
 
 
 def emulate_tidl_accuracy(path: str | Path, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:

@@ -64,6 +64,7 @@ class LayerInfo:
     per_channel: bool
     power2: bool
     input_quant: str | None   # PACT2 name of its input quantizer
+    scale: torch.Tensor | None = None  # its weight scale (0-d or per output channel); None: not quantized
 
 
 def _pact_of(gm: fx.GraphModule, a) -> PACT2 | None:
@@ -97,11 +98,11 @@ def build_export_module(qmodule: fx.GraphModule) -> tuple[fx.GraphModule, list[C
             if bn is not None and bn.training:
                 raise RuntimeError(f"{node.target}: its BatchNorm is in training mode; call qmodel.eval() before export.")
             w, b = mod.quantized_weight_bias(bn, in_q)
-            plain = _plain_layer(mod, w, b)
-            mods[node.target] = plain
+            scale = mod.quantize_weight(mod.folded_weight_bias(bn)[0])[1].detach().cpu() if mod.quant_enabled else None
+            mods[node.target] = _plain_layer(mod, w, b)
             node.args = (node.args[0],)
             layers.append(LayerInfo(node.target, mod.weight_bits, bool(mod.per_channel), bool(mod.power2),
-                                    in_q.name if in_q is not None and in_q.quant_enabled else None))
+                                    in_q.name if in_q is not None and in_q.quant_enabled else None, scale))
         elif isinstance(mod, PACT2):
             _check_ready(node.target, mod)
             if mod.quant_enabled:

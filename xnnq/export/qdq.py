@@ -48,6 +48,7 @@ class WeightQuant:
     bits: int = 8
     per_channel: bool = False
     power2: bool = True
+    scale: np.ndarray | None = None  # the layer's own scale; None: xnnq's rule on the float weight
 
 
 def act_qparams(lo: float, hi: float, q: ActQuant) -> tuple[float, int, int, bool]:
@@ -62,13 +63,24 @@ def act_qparams(lo: float, hi: float, q: ActQuant) -> tuple[float, int, int, boo
 def quantize_weight_array(w: np.ndarray, q: WeightQuant, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """(integer codes, scale) of a float weight with xnnq's rule (``scale`` 0-d or 1-d along ``axis``)."""
     t = torch.from_numpy(np.array(w, dtype=np.float32))
-    s = weight_scale(t, q.bits, axis if q.per_channel else None, q.power2)
+    if q.scale is not None:
+        s = torch.as_tensor(np.asarray(q.scale, dtype=np.float32)).reshape(-1 if q.per_channel else ())
+    else:
+        s = weight_scale(t, q.bits, axis if q.per_channel else None, q.power2)
     shape = [1] * t.dim()
     if q.per_channel:
         shape[axis] = -1
     qmin, qmax = quant_bounds(q.bits, True)
     codes = torch.clamp(torch.round(t / s.reshape(shape)), qmin, qmax)
     return codes.numpy().astype(_NP_TYPES[(q.bits, True)]), s.numpy().astype(np.float32)
+
+
+def grid_error(w: np.ndarray, codes: np.ndarray, scale: np.ndarray, axis: int) -> float:
+    """max |codes · scale − w|: 0.0 when ``w`` was already on the grid."""
+    shape = [1] * w.ndim
+    if scale.ndim == 1:
+        shape[axis] = -1
+    return float(np.abs(codes.astype(np.float64) * scale.astype(np.float64).reshape(shape) - w).max())
 
 
 class _Builder:
@@ -132,6 +144,9 @@ def to_qdq(model: onnx.ModelProto, acts: dict[str, ActQuant], weights: dict[str,
             axis = 0 if trans_b else 1
         w = numpy_helper.to_array(b.inits[wname])
         codes, s = quantize_weight_array(w, q, axis)
+        if q.scale is not None and grid_error(w, codes, s, axis) > 0:
+            raise RuntimeError(f"to_qdq: weight {wname!r} is not on the grid of its layer's scale (max error "
+                               f"{grid_error(w, codes, s, axis):.3g}); the export graph and the layer disagree.")
         codes_name = b.const(wname + "_quantized", codes)
         scale_name = b.const(wname + "_scale", s)
         zp_name = b.const(wname + "_zero_point", np.zeros(s.shape, dtype=codes.dtype))

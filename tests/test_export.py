@@ -1,0 +1,266 @@
+"""xnnq.export_onnx: the "tidl" float graph and the QDQ graph, TIDL emulation and onnx_check.
+
+Random-init models with ranges set by a few training-mode forward passes; small inputs. Each test
+asserts the graph structure (node-type counts: one Clip or one Q/DQ pair per quantized activation, no
+shape arithmetic) and the numbers (onnxruntime vs PyTorch).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+from torch import nn
+
+import xnnq
+from xnnq.export import TIDL_ONNX_OPS, export_onnx
+from xnnq.export.check import OnnxRunner, onnx_check
+from xnnq.export.emulate import requantization_error, tidl_emulation
+from xnnq.models.cifar_resnet import resnet20
+
+torchvision = pytest.importorskip("torchvision")
+
+SHAPE_OPS = {"Shape", "Gather", "Concat", "ConstantOfShape", "Cast", "Constant", "Identity", "Dropout",
+             "BatchNormalization", "Unsqueeze", "Range"}
+
+
+def observed(qmodel, shape, passes: int = 2, batch: int = 2):
+    """Set ranges with a few training-mode passes (BN frozen so the folded weights are the eval ones)."""
+    torch.manual_seed(0)
+    qmodel.train()
+    xnnq.utils.freeze_bn(qmodel)
+    with torch.no_grad():
+        for _ in range(passes):
+            qmodel(torch.randn(batch, *shape[1:]))
+    return qmodel.eval()
+
+
+def quant_clips(qmodel):
+    """(name, lo, hi, scale, qmin, qmax) of every enabled quantizer."""
+    out = []
+    for name, m in qmodel.quantizers().items():
+        if m.quant_enabled:
+            s, qmin, qmax = m.qparams()
+            out.append((name, *m.clip_values(), float(s), qmin, qmax))
+    return out
+
+
+def counts(model: onnx.ModelProto) -> dict[str, int]:
+    c: dict[str, int] = {}
+    for n in model.graph.node:
+        c[n.op_type] = c.get(n.op_type, 0) + 1
+    return c
+
+
+def is_pow2(v: np.ndarray) -> bool:
+    m, _ = np.frexp(np.asarray(v, dtype=np.float64))
+    return bool(np.all(np.abs(m) == 0.5))
+
+
+def check_tidl(res, qmodel, x: torch.Tensor, *, weight_layers: int):
+    model = onnx.load(str(res.path))
+    onnx.checker.check_model(model, full_check=True)
+    c = counts(model)
+    assert c.get("Clip", 0) == len(quant_clips(qmodel)), c  # exactly one Clip per quantized activation
+    assert c.get("Conv", 0) + c.get("Gemm", 0) == weight_layers
+    assert not SHAPE_OPS & set(c), c
+    assert not {n.op_type for n in model.graph.node} - TIDL_ONNX_OPS
+    for v in list(model.graph.input) + list(model.graph.output):  # static shapes
+        assert all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)
+    opts = json.loads(res.options_path.read_text())
+    ro = opts["runtime_options"]
+    assert ro["accuracy_level"] == 0 and ro["advanced_options:quantization_scale_type"] == 1
+    assert ro["tensor_bits"] == 8 and "advanced_options:prequantized_model" not in ro
+    ranges = {(lo, hi) for _, lo, hi, *_ in quant_clips(qmodel)}
+    assert {tuple(v) for v in opts["activation_ranges"].values()} == ranges
+    for tensor, (lo, hi) in opts["activation_ranges"].items():  # every range is a power of 2 (or ReLU6's 6)
+        assert is_pow2(np.array([max(-lo, hi)])) or hi == 6.0, (tensor, lo, hi)
+    # weights already on their grid: TIDL's re-quantization changes nothing, bit for bit
+    err = requantization_error(res.path)
+    assert len(err) == weight_layers and max(err.values()) == 0.0
+    # onnxruntime computes what the PyTorch export graph (eval, Clips) computes
+    r = onnx_check(res.path, res.module, [x])
+    assert r.max_abs_diff <= 1e-4, r
+    return model
+
+
+def check_qdq(res, qmodel, x: torch.Tensor, *, weight_layers: int, exact: bool = True):
+    model = onnx.load(str(res.path))
+    onnx.checker.check_model(model, full_check=True)
+    c = counts(model)
+    clips = quant_clips(qmodel)
+    inner = sum(1 for _, lo, hi, s, qmin, qmax in clips if hi < qmax * s or lo > qmin * s)  # ReLU6 cap inside the grid
+    assert c.get("QuantizeLinear", 0) == len(clips), c          # one Q/DQ pair per quantized activation
+    assert c.get("Clip", 0) == inner, c                          # a Clip only where it cuts inside the grid
+    inits = {t.name: t for t in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    w_dq = [n for n in dq if n.input[0] in inits and inits[n.input[0]].data_type in (TensorProto.INT8, TensorProto.INT16)]
+    b_dq = [n for n in dq if n.input[0] in inits and inits[n.input[0]].data_type == TensorProto.INT32]
+    assert len(w_dq) == weight_layers and len(b_dq) <= weight_layers
+    assert len(dq) == len(clips) + len(w_dq) + len(b_dq)
+    assert not SHAPE_OPS & set(c), c
+    for n in dq + [n for n in model.graph.node if n.op_type == "QuantizeLinear"]:
+        assert is_pow2(numpy_helper.to_array(inits[n.input[1]])), n.name
+        if len(n.input) > 2:
+            assert not numpy_helper.to_array(inits[n.input[2]]).any(), n.name
+    # uint8 after ReLU (Clip min 0), int8 otherwise
+    opts = json.loads(res.options_path.read_text())
+    quantizer_of = {t: q for q, t in opts["quantizers"].items()}
+    spot = {name: (lo, qmin) for name, lo, _, _, qmin, _ in clips}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear":
+            lo, qmin = spot[quantizer_of[n.name[:-len("_QuantizeLinear")]]]
+            bits = 16 if abs(qmin) > 128 or opts["activation_bits"][n.name[:-len("_QuantizeLinear")]] == 16 else 8
+            want = {(8, True): TensorProto.UINT8, (8, False): TensorProto.INT8,
+                    (16, True): TensorProto.UINT16, (16, False): TensorProto.INT16}[(bits, lo == 0)]
+            assert inits[n.input[2]].data_type == want, n.name
+    assert opts["runtime_options"]["advanced_options:prequantized_model"] == 1
+    r = onnx_check(res.path, qmodel, [x])
+    if exact:
+        assert r.max_abs_diff == 0.0, r
+    return model, r
+
+
+# ---------------------------------------------------------------------------------------- ResNet-20
+@pytest.fixture(scope="module")
+def r20():
+    return observed(xnnq.QuantTrainModule(resnet20(), torch.randn(1, 3, 32, 32)), (1, 3, 32, 32), passes=3, batch=8)
+
+
+def test_resnet20_tidl(r20, tmp_path):
+    res = export_onnx(r20, torch.randn(1, 3, 32, 32), tmp_path / "r20.onnx")
+    assert res.options_path.name == "r20.tidl.json"
+    model = check_tidl(res, r20, torch.randn(4, 3, 32, 32), weight_layers=20)
+    c = counts(model)
+    assert c == {"Clip": 31, "Conv": 19, "Add": 9, "Slice": 2, "Pad": 2, "AveragePool": 1, "Reshape": 1, "Gemm": 1}
+    # every Clip output is named after its quantizer; the network input is clipped first
+    names = {n.output[0] for n in model.graph.node if n.op_type == "Clip"}
+    assert "input_q" in names and "layer1.0.relu" in names
+    assert model.graph.node[0].op_type == "Clip" and model.graph.node[0].input[0] == "input"
+
+
+def test_resnet20_qdq_matches_simulation_bit_for_bit(r20, tmp_path):
+    res = export_onnx(r20, torch.randn(1, 3, 32, 32), tmp_path / "r20_qdq.onnx", format="qdq")
+    x = torch.randn(16, 3, 32, 32)
+    _, r = check_qdq(res, r20, x, weight_layers=20)
+    assert r.top1_agreement == 1.0 and r.frac_within_1_lsb == 1.0 and r.max_lsb_diff == 0.0
+    # the same without onnxruntime's QDQ fusion (every node as written)
+    assert onnx_check(res.path, r20, [x], optimize=False).max_abs_diff == 0.0
+
+
+def test_tidl_emulation_computes_the_simulation(r20, tmp_path):
+    res = export_onnx(r20, torch.randn(2, 3, 32, 32), tmp_path / "r20.onnx")
+    emu = tidl_emulation(res.path)
+    x = torch.randn(6, 3, 32, 32)  # 3 runs of the static batch of 2
+    assert torch.equal(OnnxRunner(emu)(x), r20(x))
+
+
+def test_mixed_16bit_lists_and_int16_qdq(tmp_path):
+    q = observed(xnnq.QuantTrainModule(resnet20(), torch.randn(1, 3, 32, 32),
+                                       bitwidth_overrides={"first": 16, "last": 16}), (1, 3, 32, 32))
+    res = export_onnx(q, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx")
+    opts = json.loads(res.options_path.read_text())
+    ro = opts["runtime_options"]
+    feat = ro["advanced_options:output_feature_16bit_names_list"].split(",")
+    params = ro["advanced_options:params_16bit_names_list"].split(",")
+    sixteen = {opts["quantizers"][n] for n, m in q.quantizers().items() if m.bits == 16}
+    assert set(feat) == sixteen == {"relu", "output"}  # conv1's ReLU; linear_q produces the graph output
+    assert params == ["relu", "output"]  # conv1 → its ReLU Clip; linear → the graph output
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(OnnxRunner(tidl_emulation(res.path))(x), q(x))
+    qres = export_onnx(q, torch.randn(1, 3, 32, 32), tmp_path / "m_qdq.onnx", format="qdq")
+    model, _ = check_qdq(qres, q, x, weight_layers=20)
+    assert model.opset_import[0].version >= 21
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    assert types["conv1.weight_quantized"] == TensorProto.INT16 and types["relu_zero_point"] == TensorProto.UINT16
+
+
+def test_per_channel_weights(tmp_path):
+    q = observed(xnnq.QuantTrainModule(resnet20(), torch.randn(1, 3, 32, 32), per_channel_q="all"), (1, 3, 32, 32))
+    res = export_onnx(q, torch.randn(1, 3, 32, 32), tmp_path / "pc.onnx", format="qdq")
+    model, _ = check_qdq(res, q, torch.randn(4, 3, 32, 32), weight_layers=20)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert inits["layer1.0.conv1.weight_scale"].shape == (16,)
+    tres = export_onnx(q, torch.randn(1, 3, 32, 32), tmp_path / "pc_tidl.onnx")
+    assert max(requantization_error(tres.path).values()) == 0.0
+
+
+def test_calibrated_and_test_module_export(r20, tmp_path):
+    from xnnq.calibrate import QuantCalibrateModule
+    torch.manual_seed(0)
+    cal = QuantCalibrateModule(resnet20().eval(), torch.randn(1, 3, 32, 32), weight_clipping="mse").train()
+    with torch.no_grad():
+        cal(torch.randn(8, 3, 32, 32))
+    cal.eval()
+    res = export_onnx(cal, torch.randn(1, 3, 32, 32), tmp_path / "cal.onnx")
+    assert max(requantization_error(res.path).values()) == 0.0  # clipped weight ranges stay on their grid
+    check_qdq(export_onnx(cal, torch.randn(1, 3, 32, 32), tmp_path / "cal_qdq.onnx", format="qdq"), cal,
+              torch.randn(4, 3, 32, 32), weight_layers=20)
+    qt = xnnq.QuantTestModule(resnet20(), torch.randn(1, 3, 32, 32))
+    qt.load_state_dict(r20.state_dict())
+    check_qdq(export_onnx(qt, torch.randn(1, 3, 32, 32), tmp_path / "qt.onnx", format="qdq"), r20,
+              torch.randn(4, 3, 32, 32), weight_layers=20)
+
+
+# ------------------------------------------------------------------------------ torchvision models
+TV = {
+    "resnet18": (lambda: torchvision.models.resnet18(), 21),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(), 53),
+    "lraspp": (lambda: torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None), 66),
+}
+
+
+@pytest.mark.parametrize("name", list(TV))
+def test_torchvision_both_formats(name, tmp_path):
+    make, layers = TV[name]
+    torch.manual_seed(0)
+    shape = (1, 3, 64, 64)
+    q = observed(xnnq.QuantTrainModule(make().eval(), torch.randn(shape)), shape)
+    x = torch.randn(2, 3, 64, 64)
+    tidl = check_tidl(export_onnx(q, torch.randn(shape), tmp_path / f"{name}.onnx"), q, x, weight_layers=layers)
+    model, r = check_qdq(export_onnx(q, torch.randn(shape), tmp_path / f"{name}_qdq.onnx", format="qdq"), q, x,
+                         weight_layers=layers)
+    if name == "lraspp":  # interpolate: Resize with constant scales, no size arithmetic around it
+        inits = {t.name for t in tidl.graph.initializer}
+        resizes = [n for n in tidl.graph.node if n.op_type == "Resize"]
+        assert len(resizes) == 2
+        for n in resizes:
+            assert len(n.input) == 3 and n.input[2] in inits  # (X, roi '', constant scales), no sizes
+        assert [o.name for o in model.graph.output] == ["out"]
+    else:
+        assert r.top1_agreement == 1.0
+
+
+# ----------------------------------------------------------------------------------------- errors
+def test_warns_on_ops_outside_tidl_allow_list(tmp_path):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softplus(), nn.Conv2d(4, 4, 1))
+    q = observed(xnnq.QuantTrainModule(m, torch.randn(1, 3, 8, 8)), (1, 3, 8, 8))
+    with pytest.warns(UserWarning, match=r"1 node\(s\) use ops TIDL does not accelerate.*Softplus"):
+        res = export_onnx(q, torch.randn(1, 3, 8, 8), tmp_path / "sp.onnx")
+    assert [op for _, op in res.unsupported] == ["Softplus"]
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(TypeError, match="xnnq wrapper"):
+        export_onnx(resnet20(), torch.randn(1, 3, 32, 32), tmp_path / "x.onnx")
+    fresh = xnnq.QuantTrainModule(resnet20(), torch.randn(1, 3, 32, 32)).eval()
+    with pytest.raises(RuntimeError, match="input_q: no activation range"):
+        export_onnx(fresh, torch.randn(1, 3, 32, 32), tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="format"):
+        export_onnx(fresh, torch.randn(1, 3, 32, 32), tmp_path / "x.onnx", format="tflite")
+
+
+def test_export_leaves_the_model_unchanged(r20, tmp_path):
+    r20.train()
+    before = {k: v.clone() for k, v in r20.state_dict().items() if isinstance(v, torch.Tensor)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no allow-list warning for ResNet-20
+        export_onnx(r20, torch.randn(1, 3, 32, 32), tmp_path / "u.onnx")
+    assert r20.training
+    after = r20.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    r20.eval()
