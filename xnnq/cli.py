@@ -29,8 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser, data_required: bool = False) -> 
                    "(or val). Default: $XNNQ_DATA/cifar10 (XNNQ_DATA defaults to ../shared/data)")
     g.add_argument("--input-size", type=int, metavar="PX", help="square input size; images are resized and "
                    "center-cropped to it (default: 32 for resnet20, 224 for torchvision, else the images' size)")
-    g.add_argument("--limit-train", type=int, metavar="N", help="use at most N training images (round-robin over classes)")
-    g.add_argument("--limit-test", type=int, metavar="N", help="use at most N test images")
+    g.add_argument("--limit-train", type=int, metavar="N", help="use at most N training images, classes in turn (default: all; PTQ: --calib-images)")
+    g.add_argument("--limit-test", type=int, metavar="N", help="use at most N test images (default: all; analyze: --analysis-images)")
     g.add_argument("--batch-size", type=int, default=64, metavar="B", help="batch size (default 64)")
 
 
@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 class _Setup:
     """The model, dummy input and data shared by quantize / eval / analyze."""
 
-    def __init__(self, args: argparse.Namespace, need_train: bool, config: dict[str, Any] | None = None):
+    def __init__(self, args: argparse.Namespace, need_train: bool, config: dict[str, Any] | None = None,
+                 train_limit: int | None = None, test_limit: int | None = None):
         cfg = config or {}
         if config and args.model != cfg["model"]:
             raise CliError(f"--model {args.model} differs from the quantized model's ({cfg['model']}) in --quant-dir")
@@ -129,17 +130,18 @@ class _Setup:
             if v is not None and v <= 0:
                 raise CliError(f"{n} must be positive, got {v}")
         self.size = args.input_size or cfg.get("input_size") or default_input_size(args.model, train_dir)
-        self.x_te, self.y_te, n_classes = load_split(test_dir, self.size, args.limit_test)
+        self.x_te, self.y_te, n_classes = load_split(test_dir, self.size, args.limit_test or test_limit)
         self.x_tr = self.y_tr = None
         if need_train:
-            self.x_tr, self.y_tr, _ = load_split(train_dir, self.size, args.limit_train)
+            self.x_tr, self.y_tr, _ = load_split(train_dir, self.size, args.limit_train or train_limit)
         self.weights = args.weights or cfg.get("weights") or default_weights(args.model)
         self.num_classes = args.num_classes or cfg.get("num_classes") or (None if self.weights else n_classes)
         self.model = load_model(args.model, self.weights, self.num_classes)
         self.dummy = torch.randn(1, 3, self.size, self.size)
 
     def config(self, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-        return {"model": args.model, "weights": self.weights, "num_classes": self.num_classes,
+        weights = str(Path(self.weights).resolve()) if self.weights else None
+        return {"model": args.model, "weights": weights, "num_classes": self.num_classes,
                 "input_size": self.size, **extra}
 
 
@@ -160,15 +162,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .cli_steps import calibrate_ptq, check_onnx, export_both, save_quant, train_qat, wrapper_kwargs, write_analysis
+    from .cli_steps import (
+        calibrate_ptq,
+        check_onnx,
+        export_both,
+        save_quant,
+        train_qat,
+        wrapper_kwargs,
+        write_analysis,
+    )
     if args.mode == "qat" and args.epochs <= 0:
         raise CliError(f"--epochs must be > 0 for --mode qat, got {args.epochs}")
     t0 = time.perf_counter()
-    st = _Setup(args, need_train=True)
+    st = _Setup(args, need_train=True, train_limit=args.calib_images if args.mode == "ptq" else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     kw = wrapper_kwargs(args.bits, args.per_channel, args.sixteen_bit)
+    if st.weights is None:  # random init: keep it, so that eval/analyze --quant-dir rebuild the same float model
+        st.weights = str((out / "float_weights.pt").resolve())
+        torch.save(st.model.state_dict(), st.weights)
     float_acc = data.evaluate(st.model, st.x_te, st.y_te, progress=progress)
     if args.mode == "ptq":
         n = min(args.calib_images, len(st.y_tr))
@@ -179,7 +192,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                       kwargs=kw, progress=progress)
     quant_acc = data.evaluate(q, st.x_te, st.y_te, progress=progress)
     save_quant(q, out, st.config(args, mode=args.mode, method=args.method, kwargs=kw))
-    paths = export_both(q, st.dummy, out)
+    paths = export_both(q, st.dummy, out, progress=progress)
     onnx = check_onnx(paths, q, st.x_te, st.y_te, batch_size=args.batch_size)
     summary: dict[str, Any] = {"model": args.model, "mode": args.mode, "float_accuracy": float_acc,
                                "quant_accuracy": quant_acc, "test_images": len(st.y_te), "onnx": onnx}
@@ -191,7 +204,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"{args.model} {args.mode.upper()}: float {float_acc:.2f} % -> quantized {quant_acc:.2f} % "
           f"on {len(st.y_te)} test images")
-    for fmt, r in onnx.items():
+    for r in onnx.values():
         print(f"  {r['path']}: onnxruntime {r['accuracy']:.2f} %, top-1 agreement {r['top1_agreement_pct']:.2f} %")
     if "analysis" in summary:
         print(f"  analysis: {summary['analysis']['report']}")
@@ -226,7 +239,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.analysis_images <= 0 or args.sensitivity_batches <= 0:
         raise CliError("--analysis-images and --sensitivity-batches must be positive")
     cfg = read_config(args.quant_dir) if args.quant_dir else None
-    st = _Setup(args, need_train=cfg is None, config=cfg)
+    st = _Setup(args, need_train=cfg is None, config=cfg, train_limit=args.calib_images,
+                test_limit=args.analysis_images)
     progress = not args.no_progress
     if cfg is not None:
         q = load_quant(st.model, st.dummy, args.quant_dir)

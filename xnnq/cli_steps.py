@@ -50,7 +50,7 @@ def train_qat(model: nn.Module, dummy: torch.Tensor, images: torch.Tensor, label
     freeze_bn(q)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(q.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    total = max(1, int(round(epochs * ((len(labels) + batch_size - 1) // batch_size))))
+    total = max(1, round(epochs * ((len(labels) + batch_size - 1) // batch_size)))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
     step = 0
     with tqdm(total=total, desc=desc, disable=not progress) as bar:
@@ -102,11 +102,12 @@ def load_quant(model: nn.Module, dummy: torch.Tensor, quant_dir: str | Path) -> 
     return q.eval()
 
 
-def export_both(q: nn.Module, dummy: torch.Tensor, out: Path, stem: str = "model") -> dict[str, Path]:
+def export_both(q: nn.Module, dummy: torch.Tensor, out: Path, stem: str = "model",
+                progress: bool = True) -> dict[str, Path]:
     """``<stem>_tidl.onnx`` and ``<stem>_qdq.onnx`` (each with its ``.tidl.json`` options) in ``out``."""
     from .export import export_onnx
     paths = {}
-    for fmt in tqdm(("tidl", "qdq"), desc="export", leave=False):
+    for fmt in tqdm(("tidl", "qdq"), desc="export", leave=False, disable=not progress):
         paths[fmt] = export_onnx(q, dummy, out / f"{stem}_{fmt}.onnx", format=fmt).path
     return paths
 
