@@ -312,14 +312,18 @@ def test_every_torch_load_uses_weights_only():
 
 
 # ------------------------------------------------------------------------------------------ export
-def _export_onnx():
-    fn = getattr(xnnq, "export_onnx", None)
+def _api(name: str, package: str):
+    """``xnnq.<name>``, else ``<package>.<name>``; skips, saying why, while it is not built yet."""
+    fn = getattr(xnnq, name, None)
     if fn is None:
-        export = pytest.importorskip("xnnq.export", reason="xnnq.export is not built yet")
-        fn = getattr(export, "export_onnx", None)
+        fn = getattr(pytest.importorskip(package, reason=f"{package} is not built yet"), name, None)
     if fn is None:
-        pytest.skip("xnnq.export_onnx is not built yet")
+        pytest.skip(f"xnnq.{name} is not built yet")
     return fn
+
+
+def _export_onnx():
+    return _api("export_onnx", "xnnq.export")
 
 
 @pytest.mark.parametrize("fmt", ["tidl", "qdq"])
@@ -372,13 +376,7 @@ def test_export_path_that_cannot_be_written(tmp_path):
 
 # ------------------------------------------------------------------------------------- calibration
 def _calibrate_module():
-    cls = getattr(xnnq, "QuantCalibrateModule", None)
-    if cls is None:
-        calib = pytest.importorskip("xnnq.calibrate", reason="xnnq.calibrate is not built yet")
-        cls = getattr(calib, "QuantCalibrateModule", None)
-    if cls is None:
-        pytest.skip("xnnq.QuantCalibrateModule is not built yet")
-    return cls
+    return _api("QuantCalibrateModule", "xnnq.calibrate")
 
 
 def test_calibrating_with_zero_batches(tmp_path):
@@ -396,10 +394,9 @@ def test_calibrating_with_zero_batches(tmp_path):
     assert "input_q" in msg and ("no activation range" in msg or "no calibration data" in msg)
     assert "calibration" in msg
     assert all(not p.observed for p in q.quantizers().values())
-    if hasattr(xnnq, "export_onnx") or getattr(pytest.importorskip("xnnq.export"), "export_onnx", None):
-        with pytest.raises(RuntimeError, match="input_q: no activation range"):
-            _export_onnx()(q, DUMMY, tmp_path / "m.onnx")
-        assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(RuntimeError, match="input_q: no activation range"):
+        _export_onnx()(q, DUMMY, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
     assert_unmodified(m, before)
 
 

@@ -63,8 +63,10 @@ def weight_scale(w: torch.Tensor, bits: int, axis: int | None = None, power2: bo
 
     Power-of-2 rule, chosen so that re-quantizing the quantized weights with the same rule changes
     nothing (what TIDL does with exported weights): ``k = ceil(log2 max|w|)``; if the largest weight
-    rounds to exactly ``2^(k-1)`` on that grid, the grid of ``k-1`` is used instead (its largest code
-    then saturates by at most half a step).
+    rounds to exactly ``2^(k-1)`` on that grid, the grid of ``k-1`` is used instead. Every weight whose
+    code does not saturate is within half a step; a positive weight at or just below a power of two
+    saturates to the largest code by less than two steps of the returned scale (one step of the
+    coarser grid; tested in tests/test_properties.py).
     """
     if axis is None:
         m = w.detach().abs().amax()
