@@ -1,5 +1,25 @@
-"""Utilities: BatchNorm freezing, export, checking, analysis."""
+"""Utilities: BatchNorm freezing and restore, cross-layer equalization, export checks, analysis."""
+from importlib import import_module
+from typing import Any
+
 from .bn import freeze_bn, unfreeze_bn
 from .schedule import apply_freeze_schedule
 
-__all__ = ["freeze_bn", "unfreeze_bn", "apply_freeze_schedule"]
+# imported on first use (they pull in onnxruntime, matplotlib or torch.fx passes)
+_LAZY = {
+    "onnx_check": ("xnnq.export.check", "onnx_check"),
+    "analyze": ("xnnq.analysis", "analyze"),
+    "suggest_16bit": ("xnnq.analysis", "suggest_16bit"),
+    "model_restore_bn": ("xnnq.utils.bn_restore", "model_restore_bn"),
+    "cross_layer_equalize": ("xnnq.utils.cle", "cross_layer_equalize"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(import_module(module), attr)
+    raise AttributeError(f"module 'xnnq.utils' has no attribute {name!r}")
+
+
+__all__ = ["freeze_bn", "unfreeze_bn", "apply_freeze_schedule", *_LAZY]
