@@ -95,6 +95,21 @@ SCENARIOS = {  # name: (BN frozen, DDP forward_sync_buffers (formerly broadcast_
 }
 
 
+def calibrate(data) -> dict[str, dict[str, torch.Tensor]] | None:
+    """Post-training calibration of the tiny net on ``data``: its ranges and state (None without xnnq.calibrate)."""
+    try:
+        from xnnq.calibrate import QuantCalibrateModule
+    except ImportError:
+        return None
+    q = QuantCalibrateModule(tiny_net(), torch.randn(1, 3, 8, 8), method="mse")
+    q.train()
+    with torch.no_grad():
+        for x, _ in data:
+            q(x)
+    q.eval()
+    return {"ranges": ranges(q), "state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)}}
+
+
 def _worker(rank: int, port: int, outdir: str) -> None:
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
@@ -128,6 +143,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         except FloatingPointError as e:
             err = str(e)
         result["nan"] = {"error": err, "before": before, "after": ranges(q)}
+        result["calibration"] = calibrate(data)
         torch.save(result, Path(outdir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -220,3 +236,21 @@ def test_nan_on_one_rank_stops_every_rank_with_the_layer_name(ranks):
         for k in nan["before"]:
             assert torch.equal(nan["before"][k], nan["after"][k]), f"rank {r}: range of {k} changed"
             assert torch.isfinite(nan["after"][k]).all()
+
+
+@pytest.mark.xfail(strict=True, reason="GAP (issue 7, not done): xnnq.calibrate's histograms are per rank, not "
+                   "all-reduced, so data-parallel calibration gives each rank its own ranges. Strict: remove this "
+                   "marker when the calibration statistics are synchronized.")
+def test_calibration_ranges_are_identical_across_ranks(ranks):
+    """Data-parallel calibration: every rank ends with the ranges (and bias corrections) one process gets
+    from all the data."""
+    r0, r1 = ranks[0]["calibration"], ranks[1]["calibration"]
+    if r0 is None:
+        pytest.skip("xnnq.calibrate is not available in this tree")
+    ref = calibrate(global_batches())
+    for k in ref["ranges"]:
+        assert torch.equal(r0["ranges"][k], r1["ranges"][k]), f"calibrated range of {k} differs between ranks"
+        assert torch.equal(r0["ranges"][k], ref["ranges"][k]), f"calibrated range of {k} differs from one process"
+    for k, v in ref["state"].items():
+        assert torch.equal(r0["state"][k], r1["state"][k]), f"calibrated {k} differs between ranks"
+        torch.testing.assert_close(r0["state"][k], v, rtol=1e-5, atol=1e-7, msg=f"calibrated {k} vs one process")
