@@ -46,6 +46,15 @@ class _FoldedWeightMixin:
         self.weight_bits, self.per_channel, self.power2 = bits, per_channel, power2
         self.constrain_weights, self.outlier_ratio, self.name = constrain_weights, outlier_ratio, name
         self.quant_enabled = True
+        # set by calibration (xnnq.calibrate); zeros leave the layer unchanged
+        out, dev = self.weight.shape[0], self.weight.device
+        self.register_buffer("bias_correction", torch.zeros(out, dtype=self.weight.dtype, device=dev))
+        self.register_buffer("weight_range_shift", torch.zeros((out,) if per_channel else (), dtype=torch.long, device=dev))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for k in ("bias_correction", "weight_range_shift"):  # absent from state dicts saved before they existed
+            state_dict.setdefault(prefix + k, getattr(self, k))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"quant_enabled": self.quant_enabled}
@@ -63,13 +72,17 @@ class _FoldedWeightMixin:
         return bn.weight * inv_std if bn.affine else inv_std
 
     def folded_weight_bias(self, bn: nn.modules.batchnorm._BatchNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Float weight and bias with ``bn`` (running statistics) folded in."""
+        """Float weight and bias with ``bn`` (running statistics) folded in, minus ``bias_correction``.
+
+        ``bias_correction`` (calibration's estimate of the output-mean shift caused by weight quantization)
+        applies to layers that have a bias after folding; a layer with neither bias nor BN keeps none.
+        """
         if bn is None:
-            return self.weight, self.bias
+            return self.weight, (self.bias - self.bias_correction if self.bias is not None else None)
         c = self.bn_factor(bn)
         b = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
         shift = bn.bias if bn.affine else torch.zeros_like(c)
-        return self.weight * self._channel_view(c), shift + (b - bn.running_mean) * c
+        return self.weight * self._channel_view(c), shift + (b - bn.running_mean) * c - self.bias_correction
 
     # ------------------------------------------------------------------------------- quantization
     def weight_axis(self) -> int | None:
@@ -82,7 +95,9 @@ class _FoldedWeightMixin:
         return torch.clamp(w, -t, t)
 
     def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
-        return weight_scale(w, self.weight_bits, self.weight_axis(), self.power2)
+        """The rule's scale divided by ``2^weight_range_shift`` (a shift > 0 clips the largest weights)."""
+        s = weight_scale(w, self.weight_bits, self.weight_axis(), self.power2)
+        return s * torch.exp2(-self.weight_range_shift.to(s.dtype))
 
     def quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(quantized weight, its scale) from a folded float weight."""

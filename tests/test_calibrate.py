@@ -1,0 +1,261 @@
+"""Post-training calibration: histogram range methods vs brute force, bias correction, 16-bit overrides."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import xnnq
+from xnnq.calibrate import CalibPACT2, Histogram, QuantCalibrateModule
+from xnnq.calibrate.methods import code_bounds, levels
+
+
+# ------------------------------------------------------------------------------------------ data
+def gaussian_outliers(n=200_000):
+    x = torch.randn(n)
+    x[torch.randint(0, n, (n // 10_000,))] = torch.randn(n // 10_000) * 20  # a few wild values
+    return x
+
+
+def uniform(n=200_000):
+    return torch.rand(n) * 6 - 3
+
+
+def half_normal_pre_relu(n=200_000):
+    return torch.randn(n) * 1.7  # fed to a ReLU quantizer: the positive half is what it represents
+
+
+CASES = [("gauss+outliers", gaussian_outliers, None), ("uniform", uniform, True), ("relu", half_normal_pre_relu, False)]
+
+
+def calibrated(x: torch.Tensor, method: str, signed, power2=True, bits=8, **kw) -> CalibPACT2:
+    q = CalibPACT2(method=method, bits=bits, signed=signed, power2=power2, sample_size=0, **kw).train()
+    for chunk in x.chunk(4):  # several batches: the span grows as the outliers arrive
+        q(chunk)
+    q.finalize()
+    return q.eval()
+
+
+# --------------------------------------------------------------------------- brute-force objectives
+def pow2_grid(x: torch.Tensor, below: int = 12) -> list[float]:
+    top = math.ceil(math.log2(float(x.abs().max())))
+    return [2.0 ** k for k in range(top, top - below, -1)]
+
+
+def represented(x: torch.Tensor, signed) -> np.ndarray:
+    """The values the quantizer must represent (a ReLU quantizer's negatives are exact zeros)."""
+    return x[x > 0].numpy() if signed is False else x.numpy()
+
+
+def brute_mse(q: CalibPACT2, x: torch.Tensor, r: float) -> float:
+    """Exact squared error of the real quantizer with range ``r`` on the raw samples."""
+    q.tracker.max_val.fill_(r)
+    q.tracker.min_val.fill_(-r if q.resolved_signed() else 0.0)
+    with torch.no_grad():
+        return float(((q(x).double() - q.float_forward(x).double()) ** 2).sum())
+
+
+def brute_kl(a: np.ndarray, r: float, width: float, nlev: int) -> float:
+    """TensorRT's KL(P||Q) computed from raw values with numpy."""
+    i = round(r / width)
+    h, _ = np.histogram(a, bins=i, range=(0.0, r))
+    h = h.astype(np.float64)
+    p = h.copy()
+    p[-1] += (a > r).sum()
+    groups = np.arange(i) * nlev // i
+    q = np.zeros(i)
+    for g in np.unique(groups):
+        sel = (groups == g) & (h > 0)
+        if sel.any():
+            q[sel] = h[groups == g].sum() / sel.sum()
+    p, q = p / p.sum(), q / q.sum()
+    k = p > 0
+    return math.inf if (q[k] == 0).any() else float((p[k] * np.log(p[k] / q[k])).sum())
+
+
+@pytest.mark.parametrize("name,make,signed", CASES)
+def test_pow2_max_and_percentile_equal_brute_force(name, make, signed):
+    x = make()
+    a = np.abs(represented(x, signed))
+    q = calibrated(x, "max", signed)
+    assert q.tracker.max_val.item() == min(r for r in pow2_grid(x) if r >= a.max())
+    for p in (99.0, 99.99):
+        q = calibrated(x, "percentile", signed, percentile=p)
+        want = min(r for r in pow2_grid(x) if (a <= r).mean() >= p / 100)
+        assert q.tracker.max_val.item() == want, (name, p)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("name,make,signed", CASES)
+def test_pow2_mse_equals_brute_force(name, make, signed, bits):
+    x = make()
+    q = calibrated(x, "mse", signed, bits=bits)
+    chosen = q.tracker.max_val.item()
+    errs = {r: brute_mse(q, x, r) for r in pow2_grid(x)}
+    assert chosen == min(errs, key=errs.get), (name, chosen, errs)
+
+
+@pytest.mark.parametrize("name,make,signed", CASES)
+def test_pow2_entropy_equals_brute_force(name, make, signed):
+    x = make()
+    q = calibrated(x, "entropy", signed)
+    sgn = q.resolved_signed()
+    a = np.abs(represented(x, signed))
+    w, nlev = q.histogram.width, levels(8, sgn)
+    kl = {r: brute_kl(a, r, w, nlev) for r in pow2_grid(x) if round(r / w) >= nlev}
+    assert q.tracker.max_val.item() == min(kl, key=kl.get), (name, kl)
+
+
+def test_signedness_from_data():
+    assert calibrated(gaussian_outliers(), "mse", None).resolved_signed() is True
+    assert calibrated(torch.rand(10_000), "mse", None).resolved_signed() is False
+
+
+@pytest.mark.parametrize("name,make,signed", CASES)
+def test_free_scale_mse_and_percentile_near_brute_force(name, make, signed):
+    x = make(40_000)
+    q = calibrated(x, "mse", signed, power2=False)
+    chosen = q.tracker.max_val.item()
+    top = float(x.abs().max())
+    grid = np.linspace(top / 100, top, 200)
+    best = min(brute_mse(q, x, float(r)) for r in grid)
+    assert brute_mse(q, x, chosen) <= best * 1.02
+    q = calibrated(x, "percentile", signed, power2=False, percentile=99.9)
+    a = np.abs(represented(x, signed))  # the tail is sparse: within the neighbouring order statistics
+    lo, hi = np.percentile(a, 99.9 - 0.02) - q.histogram.width, np.percentile(a, 99.9 + 0.02) + q.histogram.width
+    assert lo <= q.tracker.max_val.item() <= hi
+
+
+def test_histogram_growth_keeps_counts_and_merges():
+    h = Histogram(bins=2048, max_bins=4096, sample_size=0)
+    h(torch.full((10,), 0.3))
+    assert h.span == 0.5 and h.counts.numel() == 2048
+    h(torch.tensor([3.1]))          # span 0.5 -> 4: 2048 -> 4096 bins, then pairs merged twice
+    assert h.span == 4.0 and h.counts.numel() == 4096 and h.width == 8.0 / 4096
+    assert float(h.counts.sum()) == 11
+    c = h.centers()
+    assert float(h.counts[(c - 0.3).abs().argmin()]) == 10 and float(h.counts[(c - 3.1).abs().argmin()]) == 1
+
+
+def test_nonfinite_calibration_data_is_named():
+    q = CalibPACT2(method="mse", name="blk.relu").train()
+    with pytest.raises(FloatingPointError, match="blk.relu"):
+        q(torch.tensor([1.0, float("nan")]))
+
+
+# --------------------------------------------------------------------------------- whole models
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.body1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.body2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(self.bn1(self.body1(x))) + x
+        x = self.body2(x)
+        return self.head(x.mean((2, 3)))
+
+
+def toy() -> Toy:
+    m = Toy()
+    with torch.no_grad():
+        for bn in (m.bn, m.bn1):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2)
+            bn.bias.uniform_(-0.5, 0.5)
+    return m.eval()
+
+
+def calibrate(q, batches):
+    q.train()
+    with torch.no_grad():
+        for x in batches:
+            q(x)
+    return q.eval()
+
+
+def test_overrides_reach_exactly_the_named_layers():
+    q = QuantCalibrateModule(toy(), torch.randn(1, 3, 8, 8), bitwidth_overrides={"body1": 16, "last": 16})
+    weights = {n: m.weight_bits for n, m in q.module.named_modules() if isinstance(m, xnnq.layers.QuantConv2d | xnnq.layers.QuantLinear)}
+    assert weights == {"stem": 8, "body1": 16, "body2": 8, "head": 16}
+    acts = {n: m.bits for n, m in q.quantizers().items()}
+    layer_of = {a.name: a.layer for a in q.plan.acts}
+    assert {n for n, b in acts.items() if b == 16} == {n for n in acts if layer_of[n] in ("body1", "head")} != set()
+    assert all(isinstance(m, CalibPACT2) for m in q.quantizers().values())
+    assert q.plan.sixteen_bit_layers() == ["body1", "head"]
+    with pytest.raises(ValueError, match="nope"):
+        QuantCalibrateModule(toy(), torch.randn(1, 3, 8, 8), bitwidth_overrides={"nope": 16})
+
+
+def channel_mean_error(q, m, x):
+    with torch.no_grad():
+        return (q(x) - m(x)).mean((0, 2, 3)).abs()
+
+
+def test_bias_correction_removes_each_channels_own_mean_error():
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.BatchNorm2d(16)).eval()
+    with torch.no_grad():
+        m[0].weight[8:] *= 0.03            # small channels: coarse on the per-tensor power-of-2 grid
+        m[1].running_var.uniform_(0.5, 2)
+    data = [torch.randn(32, 4, 12, 12) + 0.8 for _ in range(4)]
+    plain = calibrate(QuantCalibrateModule(m, data[0][:1], bias_correction=False), data)
+    fixed = calibrate(QuantCalibrateModule(m, data[0][:1], bias_correction=True), data)
+    x = torch.cat(data)
+    before, after = channel_mean_error(plain, m, x), channel_mean_error(fixed, m, x)
+    assert (after < before).all(), (before, after)
+    assert after.mean() < 0.2 * before.mean()
+    # the correction is exactly the layer's weight-quantization mean error on the calibration data
+    layer, bn = fixed.module.get_submodule("0"), fixed.module.get_submodule("1")
+    with torch.no_grad():
+        w, _ = layer.folded_weight_bias(bn)
+        wq = layer.quantize_weight(w)[0]
+        measured = (nn.functional.conv2d(x, wq, padding=1) - nn.functional.conv2d(x, w, padding=1)).mean((0, 2, 3))
+    assert torch.allclose(layer.bias_correction, measured, atol=1e-5)
+
+
+def test_calibrated_state_dict_round_trips_into_test_module():
+    m, dummy = toy(), torch.randn(1, 3, 8, 8)
+    data = [torch.randn(16, 3, 8, 8) for _ in range(3)]
+    q = calibrate(QuantCalibrateModule(m, dummy, method="entropy", weight_clipping="mse"), data)
+    assert any(float(layer.bias_correction.abs().max()) > 0 for layer in q.module.modules() if hasattr(layer, "bias_correction"))
+    t = xnnq.QuantTestModule(m, dummy)
+    t.load_state_dict(q.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(t(x), q(x))
+
+
+def test_no_call_counting_and_explicit_errors():
+    m, dummy = toy(), torch.randn(1, 3, 8, 8)
+    q = QuantCalibrateModule(m, dummy).eval()              # never calibrated
+    with pytest.raises(RuntimeError, match="no activation range"):
+        q(dummy)
+    one = calibrate(QuantCalibrateModule(m, dummy, method="max"), [torch.randn(8, 3, 8, 8)])
+    assert not one.calibrating and one(dummy).shape == (1, 5)
+    big = torch.randn(8, 3, 8, 8) * 10                      # more data later: the same histograms continue
+    r0 = one.quantizers()["input_q"].tracker.max_val.item()
+    calibrate(one, [big])
+    assert one.quantizers()["input_q"].tracker.max_val.item() > r0
+    with pytest.raises(ValueError, match="method"):
+        QuantCalibrateModule(m, dummy, method="kl")
+
+
+def test_calibration_forward_is_the_float_model():
+    m, dummy = toy(), torch.randn(1, 3, 8, 8)
+    q = QuantCalibrateModule(m, dummy).train()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(q(x), m(x), atol=1e-5)
+        assert all(not bn.training for bn in q.modules() if isinstance(bn, nn.BatchNorm2d))
+
+
+def test_code_bounds_match_core():
+    for bits in (8, 16):
+        for signed in (True, False):
+            assert code_bounds(bits, signed) == xnnq.layers.quant_bounds(bits, signed)

@@ -1,0 +1,130 @@
+"""A histogram of one tensor's values on its device, over a symmetric power-of-2 span that grows with the data.
+
+The span is ``[-R, R]`` with ``R = 2^k`` the smallest power of two holding every value seen, split into
+``bins`` (>= 2048) bins of width ``w = 2R / bins``, itself a power of two. Every power-of-2 range
+``2^j >= w`` therefore falls on a bin edge, and so do the rounding boundaries of every power-of-2 grid
+whose step is ``>= 2w``: for those grids each bin maps to a single code and the histogram evaluates a
+quantizer's error without any binning approximation beyond the spread of values inside a bin.
+
+When a batch exceeds the span, the span doubles (as often as needed): the bin width is kept and the
+number of bins doubles, up to ``max_bins``; past that, adjacent bins are merged in pairs. Both are tensor
+ops (pad, reshape-sum), so the counts stay on the device.
+
+Host sync: one per batch (the batch's absolute maximum, to decide the span). Calibration is not the QAT
+hot path and the sync buys a histogram whose shape is always known on the host.
+
+Cost: the exact minimum and maximum are taken over the whole tensor; the counts over a fixed-stride sample
+of at most ``sample_size`` elements per batch (an odd stride, so no spatial position is favoured).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..layers.fake_quant import MIN_RANGE
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+class Histogram(nn.Module):
+    """Counts of the values seen, on ``bins`` equal bins over ``[-2^k, 2^k]`` (state is not saved in the state dict).
+
+    Args:
+        bins: initial number of bins (a power of two >= 2048).
+        max_bins: the number of bins may grow to this (a power of two) before bins are merged.
+        sample_size: at most this many elements per batch are counted (0: all).
+        name: the owner's path, for error messages.
+    """
+
+    def __init__(self, bins: int = 2048, max_bins: int = 1 << 16, sample_size: int = 1 << 16, name: str = ""):
+        super().__init__()
+        if not _is_pow2(bins) or bins < 2048:
+            raise ValueError(f"{name or 'Histogram'}: bins must be a power of two >= 2048, got {bins}")
+        if not _is_pow2(max_bins) or max_bins < bins:
+            raise ValueError(f"{name or 'Histogram'}: max_bins must be a power of two >= bins ({bins}), got {max_bins}")
+        self.bins, self.max_bins, self.sample_size, self.name = bins, max_bins, sample_size, name
+        self.exponent: int | None = None  # span R = 2^exponent; None until the first batch
+        self.register_buffer("counts", torch.zeros(0, dtype=torch.float64), persistent=False)
+        self.register_buffer("min_val", torch.zeros(()), persistent=False)
+        self.register_buffer("max_val", torch.zeros(()), persistent=False)
+
+    # ------------------------------------------------------------------------------------ geometry
+    @property
+    def empty(self) -> bool:
+        return self.exponent is None
+
+    @property
+    def span(self) -> float:
+        """``R``: the histogram covers ``[-R, R]``."""
+        return math.ldexp(1.0, self.exponent)
+
+    @property
+    def width(self) -> float:
+        return 2.0 * self.span / self.counts.numel()
+
+    def centers(self) -> torch.Tensor:
+        """Bin centers (float64, on the counts' device)."""
+        n = self.counts.numel()
+        return (torch.arange(n, dtype=torch.float64, device=self.counts.device) - n // 2 + 0.5) * self.width
+
+    def abs_counts(self, signed: bool = True) -> torch.Tensor:
+        """Counts over ``[0, R]`` in the same bin width: of ``|x|`` (``signed``), or of ``max(x, 0)``."""
+        half = self.counts.numel() // 2
+        pos, neg = self.counts[half:], self.counts[:half]
+        if signed:
+            return pos + neg.flip(0)
+        out = pos.clone()
+        out[0] += neg.sum()
+        return out
+
+    def positive_part(self) -> Histogram:
+        """A copy without the values below zero (for a ReLU quantizer they are represented exactly, as 0)."""
+        h = Histogram(self.bins, self.max_bins, self.sample_size, self.name)
+        h.exponent = self.exponent
+        h.counts = self.counts.clone()
+        h.counts[: h.counts.numel() // 2] = 0
+        h.min_val, h.max_val = self.min_val.clamp(min=0), self.max_val.clamp(min=0)
+        return h
+
+    # ------------------------------------------------------------------------------------ updates
+    def _double(self) -> None:
+        n = self.counts.numel()
+        grown = torch.nn.functional.pad(self.counts, (n // 2, n // 2))
+        if grown.numel() > self.max_bins:
+            grown = grown.view(-1, 2).sum(1)
+        self.counts = grown
+        self.exponent += 1
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Count ``x`` in; returns ``x`` unchanged."""
+        flat = x.detach().reshape(-1)
+        if flat.numel() == 0:
+            return x
+        lo, hi = torch.aminmax(flat)
+        amax = max(-float(lo), float(hi))  # the one host sync per batch
+        if not math.isfinite(amax):
+            raise FloatingPointError(f"{self.name or 'Histogram'}: the calibration tensor holds NaN or Inf. "
+                                     "Check the calibration data and the model (run it in float first).")
+        k = math.ceil(math.log2(max(amax, MIN_RANGE)))
+        if self.exponent is None:
+            self.exponent = k
+            self.counts = torch.zeros(self.bins, dtype=torch.float64, device=flat.device)
+            self.min_val, self.max_val = lo.float().clone(), hi.float().clone()
+        else:
+            while self.exponent < k:
+                self._double()
+            torch.minimum(self.min_val, lo.float(), out=self.min_val)
+            torch.maximum(self.max_val, hi.float(), out=self.max_val)
+        stride = max(1, flat.numel() // self.sample_size) | 1 if self.sample_size else 1
+        sample = flat[::stride].float()
+        r = self.span
+        self.counts += torch.histc(sample, bins=self.counts.numel(), min=-r, max=r).double()
+        return x
+
+    def extra_repr(self) -> str:
+        return f"bins={self.bins}, max_bins={self.max_bins}, sample_size={self.sample_size}"

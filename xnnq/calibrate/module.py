@@ -1,0 +1,133 @@
+"""QuantCalibrateModule: post-training calibration (PTQ) on the graph machinery of QuantTrainModule."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..quantize.plan import ActSpot
+from ..quantize.wrapper import QuantBaseModule
+from .bias_correction import InputMean, weight_error_mean
+from .calib_quant import CalibPACT2
+from .methods import METHODS
+from .weight_clip import mse_weight_shift
+
+WEIGHT_CLIPPING = (None, "mse")
+
+
+class QuantCalibrateModule(QuantBaseModule):
+    """Calibrate a float model for TIDL from unlabeled batches: no training, no state machine.
+
+    Usage::
+
+        q = QuantCalibrateModule(model, dummy_input, method="entropy")
+        q.train()                      # calibration mode: the model computes in float, histograms count
+        with torch.no_grad():
+            for x in calibration_batches:
+                q(x)
+        q.eval()                       # ranges chosen, weights clipped, biases corrected: TIDL's numerics
+
+    ``eval()`` (``train(False)``) after calibration batches calls :meth:`finalize`; there is no counting of
+    forward calls. Calling ``train()`` again and feeding more batches continues the same histograms.
+    BatchNorm is never updated (it is folded with its running statistics).
+
+    Args:
+        method: activation ranges by ``"max"``, ``"percentile"``, ``"mse"`` or ``"entropy"`` (KL, TensorRT);
+            see :mod:`xnnq.calibrate.methods`. With power-of-2 ranges (default) the method chooses among
+            powers of two by its objective.
+        percentile: for ``method="percentile"``, in percent.
+        bias_correction: subtract each layer's own weight-quantization error of the per-channel output
+            mean (see :mod:`xnnq.calibrate.bias_correction`).
+        weight_clipping: ``None`` (max rule) or ``"mse"``: halve a layer's power-of-2 weight range up to
+            twice when that lowers the weights' squared error (per channel for per-channel layers).
+        bitwidth_overrides: ``{"layer name or glob": 16, "first": 16, "last": 16}``: weights and the
+            activation after the layer (activation quantizers can also be named directly); these are the
+            layers the export lists for TIDL's 16-bit options.
+        bins, max_bins, sample_size: histogram resolution and per-batch sample (see
+            :class:`~xnnq.calibrate.histogram.Histogram`).
+        **kwargs: as :class:`~xnnq.quantize.wrapper.QuantBaseModule` (``bitwidth_weights``,
+            ``bitwidth_activations``, ``per_channel_q`` — e.g. ``"depthwise"`` —, ``power2_weight_range``,
+            ``power2_activation_range``, ``constrain_weights``, ``leaf_modules``, ``histogram_tail`` (the
+            negative fraction above which a ``signed=None`` activation is signed), ``clip_ranges``, ``verbose``).
+    """
+
+    def __init__(self, model: nn.Module, dummy_input: Any, *, method: str = "mse", percentile: float = 99.99,
+                 bias_correction: bool = True, weight_clipping: str | None = None,
+                 bitwidth_overrides: dict[str, int] | None = None, bins: int = 2048, max_bins: int = 1 << 16,
+                 sample_size: int = 1 << 16, **kwargs: Any):
+        if method not in METHODS:
+            raise ValueError(f"QuantCalibrateModule: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if weight_clipping not in WEIGHT_CLIPPING:
+            raise ValueError(f"QuantCalibrateModule: weight_clipping must be None or 'mse', got {weight_clipping!r}")
+        if "act_factory" in kwargs:
+            raise TypeError("QuantCalibrateModule builds its own activation quantizers; do not pass act_factory")
+        power2 = kwargs.get("power2_activation_range", True)
+        tail = kwargs.get("histogram_tail", 1e-4)
+        clip_ranges = kwargs.get("clip_ranges") or {}
+
+        def make(spot: ActSpot) -> CalibPACT2:
+            return CalibPACT2(method=method, percentile=percentile, bins=bins, max_bins=max_bins,
+                              sample_size=sample_size, bits=spot.bits, signed=spot.signed, cap=spot.cap,
+                              power2=power2, tail=tail, clip_range=clip_ranges.get(spot.name), name=spot.name)
+
+        super().__init__(model, dummy_input, bitwidth_overrides=bitwidth_overrides, act_factory=make, **kwargs)
+        self.method, self.percentile = method, percentile
+        self.use_bias_correction, self.weight_clipping = bias_correction, weight_clipping
+        self.bn_frozen = True
+        self.input_means = nn.ModuleDict()
+        for spot in self.plan.weights:
+            rec = InputMean()
+            self.input_means[spot.name.replace(".", "/")] = rec
+            self.module.get_submodule(spot.name).register_forward_pre_hook(rec.hook)
+        self._weight_quant_saved: dict[str, bool] | None = None
+        self.train(model.training)
+
+    # ------------------------------------------------------------------------------------ modes
+    def _layers(self):
+        for spot in self.plan.weights:
+            yield spot, self.module.get_submodule(spot.name), (self.module.get_submodule(spot.bn) if spot.bn else None)
+
+    @property
+    def calibrating(self) -> bool:
+        """True between ``train()`` and the next ``eval()``/``finalize()``."""
+        return self._weight_quant_saved is not None
+
+    def train(self, mode: bool = True):
+        """``train()``: calibration mode (float forward, histograms count). ``eval()``: :meth:`finalize`, then TIDL's numerics."""
+        super().train(mode)
+        if "input_means" not in self._modules:  # still inside QuantBaseModule.__init__
+            return self
+        if mode and not self.calibrating:
+            self._weight_quant_saved = {}
+            for spot, layer, _ in self._layers():
+                self._weight_quant_saved[spot.name] = layer.quant_enabled
+                layer.quant_enabled = False
+        elif not mode and self.calibrating:
+            self.finalize()
+        return self
+
+    # -------------------------------------------------------------------------------- finalize
+    @torch.no_grad()
+    def finalize(self) -> dict[str, Any]:
+        """Choose every activation range, then weight clipping and bias correction; returns what was set.
+
+        Quantizers that saw no data are left unobserved (their forward raises a clear error).
+        """
+        saved = self._weight_quant_saved or {}
+        self._weight_quant_saved = None
+        ranges = {n: q.finalize() for n, q in self.quantizers().items() if isinstance(q, CalibPACT2)}
+        shifts, corrections = {}, {}
+        for spot, layer, bn in self._layers():
+            layer.quant_enabled = saved.get(spot.name, layer.quant_enabled)
+            if self.weight_clipping == "mse":
+                layer.weight_range_shift.copy_(mse_weight_shift(layer, bn))
+                shifts[spot.name] = layer.weight_range_shift.tolist()
+            if self.use_bias_correction:
+                mean = self.input_means[spot.name.replace(".", "/")].mean()
+                corr = weight_error_mean(layer, mean, bn) if mean is not None else None
+                layer.bias_correction.copy_(corr if corr is not None else torch.zeros_like(layer.bias_correction))
+                corrections[spot.name] = None if corr is None else float(corr.abs().max())
+        self.calibration_report = {"ranges": ranges, "weight_range_shift": shifts,
+                                   "bias_correction_max_abs": corrections}
+        return self.calibration_report
