@@ -90,6 +90,25 @@ def ranges(q) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {n: (p.tracker.min_val.clone(), p.tracker.max_val.clone()) for n, p in q.quantizers().items()}
 
 
+def test_wrapping_and_training_never_touch_the_float_model():
+    """The wrapper works on a deep copy: QAT steps, freezing and eval leave the user's model as it was."""
+    m = net()
+    m.train()
+    before = snapshot(m)
+    q = xnnq.QuantTrainModule(m, DUMMY)
+    opt = torch.optim.SGD(q.parameters(), lr=0.1)
+    for i in range(2):
+        opt.zero_grad()
+        q(torch.randn(4, 3, 8, 8)).sum().backward()
+        opt.step()
+    xnnq.utils.freeze_bn(q)
+    freeze_quant_range(q)
+    q.eval()
+    q(DUMMY)
+    assert_unmodified(m, before)
+    assert not any(p is qp for p in m.parameters() for qp in q.parameters())
+
+
 # ------------------------------------------------------------------------------------- dummy_input
 @pytest.mark.parametrize("dummy", [None, [1, 2, 3], 3.0, torch.randint(0, 255, (1, 3, 8, 8)), (), "x"],
                          ids=["None", "list", "float", "int-tensor", "empty", "str"])

@@ -16,7 +16,10 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from xnnq.layers import PACT2, RangeTracker, activation_scale, fake_quantize, quant_bounds, quantize_bias, weight_scale
+from torch import nn
+
+from xnnq.layers import (PACT2, QuantConv2d, RangeTracker, activation_scale, fake_quantize, quant_bounds, quantize_bias,
+                         weight_scale)
 from xnnq.layers.fake_quant import MIN_RANGE
 
 SETTINGS = settings(deadline=None, max_examples=60)
@@ -196,6 +199,36 @@ def test_quantize_bias_saturates_at_int32(mag, neg):
     assert (q / s).abs().item() <= 2.0 ** 31
     if mag >= 2.0:
         assert (q / s).abs().item() >= 2.0 ** 31 - 1
+
+
+# --------------------------------------------------------------------------- weight quantizers (layers)
+conv_w_st = arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 3), st.just(3), st.just(3)),
+                   elements=st.floats(-5, 5, width=32))
+
+
+def qconv(w: torch.Tensor, bits: int, per_channel: bool) -> QuantConv2d:
+    conv = nn.Conv2d(w.shape[1], w.shape[0], 3, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+    return QuantConv2d.from_float(conv, bits=bits, per_channel=per_channel, constrain_weights=False, name="c")
+
+
+@SETTINGS
+@given(conv_w_st, bits_st, st.booleans())
+def test_conv_weight_quantizer_is_idempotent_and_per_channel_is_per_tensor_per_channel(w, bits, per_channel):
+    w = t(w)
+    layer = qconv(w, bits, per_channel)
+    wq, scale = layer.quantize_weight(layer.weight)
+    assert torch.equal(layer.quantize_weight(wq)[0], wq)  # the rule is stable under re-quantization
+    assert is_pow2(scale[scale > 0]) if scale.dim() else is_pow2(scale)
+    if per_channel:
+        for i in range(w.shape[0]):
+            one = qconv(w[i:i + 1], bits, per_channel=False)
+            assert torch.equal(one.quantize_weight(one.weight)[0][0], wq[i])
+    else:
+        one = qconv(w, bits, per_channel=True) if w.shape[0] == 1 else None
+        if one is not None:  # one output channel: per-channel == per-tensor
+            assert torch.equal(one.quantize_weight(one.weight)[0], wq)
 
 
 # ----------------------------------------------------------------------------------- RangeTracker
@@ -396,3 +429,26 @@ def test_calib_pact2_output_is_idempotent_on_its_grid(x, method, bits, signed):
     xin = p.float_forward(x)
     inside = (xin >= qmin * scale) & (xin <= qmax * scale)
     assert ((y - xin).abs()[inside] <= scale / 2).all()
+
+
+@needs_calib
+@SETTINGS
+@given(conv_w_st, bits_st, st.booleans())
+def test_mse_weight_clipping_never_worse_and_per_channel_is_per_tensor_on_one_channel(w, bits, per_channel):
+    from xnnq.calibrate import mse_weight_shift
+    w = t(w)
+    layer = qconv(w, bits, per_channel)
+    if not hasattr(layer, "weight_range_shift"):
+        pytest.skip("QuantConv2d has no weight_range_shift in this tree")
+    err = {}
+    for label, shift in (("max", torch.zeros_like(layer.weight_range_shift)), ("mse", mse_weight_shift(layer, None))):
+        layer.weight_range_shift.copy_(shift)
+        wq, _ = layer.quantize_weight(layer.weight)
+        err[label] = ((wq - w) ** 2).sum(dim=[1, 2, 3])
+    if per_channel:  # shift 0 (the max rule) is a candidate: never worse, per channel or in total
+        assert (err["mse"] <= err["max"]).all()
+    else:
+        assert err["mse"].sum() <= err["max"].sum()
+    if w.shape[0] == 1:
+        other = qconv(w, bits, not per_channel)
+        assert int(mse_weight_shift(other, None).sum()) == int(mse_weight_shift(layer, None).sum())
