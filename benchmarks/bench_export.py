@@ -14,6 +14,7 @@ Uses the QAT state dict of benchmarks/bench_qat.py when it exists; otherwise run
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -23,13 +24,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import xnnq  # noqa: E402
-from common import emit  # noqa: E402
-from xnnq import data  # noqa: E402
-from xnnq.export import export_onnx  # noqa: E402
-from xnnq.export.check import onnx_accuracy, onnx_check, output_lsb  # noqa: E402
-from xnnq.export.emulate import requantization_error, tidl_emulation  # noqa: E402
-from xnnq.models.cifar_resnet import resnet20, resnet20_cifar10  # noqa: E402
+from common import emit
+
+import xnnq
+from xnnq import data
+from xnnq.export import export_onnx
+from xnnq.export.check import onnx_accuracy, onnx_check, output_lsb
+from xnnq.export.emulate import requantization_error, tidl_emulation
+from xnnq.models.cifar_resnet import resnet20, resnet20_cifar10
 
 DUMMY = (1, 3, 32, 32)
 
@@ -69,11 +71,11 @@ def main() -> None:
     if not data.cifar10_available():
         sys.exit(f"shared data not found under {data.data_root()} (set XNNQ_DATA)")
     Xte, Yte = data.cifar10("test", limit=args.limit)
-    res: dict = {"test_images": int(len(Yte)), "export_batch": args.batch}
+    res: dict = {"test_images": len(Yte), "export_batch": args.batch}
     qat = Path(args.qat)
     if qat.is_file():
         state = torch.load(qat, weights_only=True)
-        res["qat_source"] = str(qat)
+        res["qat_source"] = f"{qat} (sha256 {hashlib.sha256(qat.read_bytes()).hexdigest()[:12]}, from bench_qat.py)"
     else:
         state = short_qat(data.data_root() / "weights" / "resnet20_cifar10jpg.pt")
         res["qat_source"] = "fallback: 40-step QAT on 512 train images (runs/qat_resnet20.pt absent)"

@@ -3,4 +3,4 @@ from .allowlist import TIDL_ONNX_OPS, unsupported_nodes
 from .api import ExportResult, export_module, export_onnx
 from .qdq import to_qdq
 
-__all__ = ["export_onnx", "export_module", "ExportResult", "to_qdq", "TIDL_ONNX_OPS", "unsupported_nodes"]
+__all__ = ["TIDL_ONNX_OPS", "ExportResult", "export_module", "export_onnx", "to_qdq", "unsupported_nodes"]

@@ -7,7 +7,7 @@ from typing import Any
 
 import onnx
 import torch
-import torch.fx as fx
+from torch import fx
 
 from ..quantize.capture import check_dummy_input
 from .allowlist import warn_unsupported
@@ -15,7 +15,8 @@ from .graph import ClipInfo, LayerInfo, build_export_module
 from .onnx_graph import consumers, initializers, op_counts
 from .options import tidl_runtime_options, write_options
 from .qdq import ActQuant, WeightQuant, to_qdq
-from .tidl import DEFAULT_OPSET, clip_order, finalize, name_clips, simplify as onnxsim_simplify, torch_to_onnx
+from .tidl import DEFAULT_OPSET, clip_order, finalize, name_clips, torch_to_onnx
+from .tidl import simplify as onnxsim_simplify
 
 FORMATS = ("tidl", "qdq")
 

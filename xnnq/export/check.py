@@ -1,9 +1,10 @@
 """Run an exported ONNX in onnxruntime (CPU) and compare it with a PyTorch reference."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import onnx

@@ -9,8 +9,8 @@ the exported ones bit for bit and the emulation computes what the PyTorch simula
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import onnx
 import torch

@@ -19,8 +19,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from ..layers.pact2 import PACT2
 from ..layers.quant_weight import QuantConv2d, QuantLinear

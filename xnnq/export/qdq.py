@@ -160,7 +160,7 @@ def to_qdq(model: onnx.ModelProto, acts: dict[str, ActQuant], weights: dict[str,
             bias = numpy_helper.to_array(b.inits[bias_name]).astype(np.float64)
             bscale = (act_scale[src] * s.astype(np.float64)).astype(np.float32)
             bcodes = np.clip(np.round(bias / bscale.astype(np.float64)), -2.0 ** 31, 2.0 ** 31 - 1).astype(np.int32)
-            base = f"{wname[:-len('.weight')] if wname.endswith('.weight') else wname}.bias"
+            base = f"{wname.removesuffix('.weight')}.bias"
             bc = b.const(base + "_quantized", bcodes)
             bs = b.const(base + "_scale", bscale)
             bz = b.const(base + "_zero_point", np.zeros(bscale.shape, dtype=np.int32))
