@@ -32,6 +32,23 @@ def step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: tor
     return time.perf_counter() - t
 
 
+def time_steps(weights, Xtr, Ytr, batch_size, n, gen, dummy) -> dict:
+    """Float vs QAT train step on one batch, interleaved in one process; medians."""
+    x, y = next(data.batches(Xtr, Ytr, batch_size, train_augment=True, generator=gen))
+    fm = resnet20_cifar10(weights).train()
+    qm = xnnq.QuantTrainModule(resnet20_cifar10(weights), dummy).train()
+    of = torch.optim.SGD(fm.parameters(), lr=1e-4, momentum=0.9)
+    oq = torch.optim.SGD(qm.parameters(), lr=1e-4, momentum=0.9)
+    for _ in range(3):
+        step_time(fm, x, y, of), step_time(qm, x, y, oq)
+    tf, tq = [], []
+    for _ in range(n):
+        tf.append(step_time(fm, x, y, of))
+        tq.append(step_time(qm, x, y, oq))
+    return {"float_step_ms": round(statistics.median(tf) * 1e3, 1), "qat_step_ms": round(statistics.median(tq) * 1e3, 1),
+            "qat_over_float_step": round(statistics.median(tq) / statistics.median(tf), 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=float, default=1.0)
@@ -43,6 +60,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--save", default="runs/qat_resnet20.pt")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--timing-only", action="store_true", help="measure only the step-time ratio")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -54,6 +72,13 @@ def main() -> None:
     dummy = torch.randn(1, 3, 32, 32)
     res: dict = {"recipe": {k: v for k, v in vars(args).items() if k not in ("save",)}}
 
+    if args.timing_only:
+        gen = torch.Generator().manual_seed(0)
+        res.update(time_steps(weights, Xtr, Ytr, args.batch_size, args.timing_steps, gen, dummy))
+        md = (f"| QAT/float train-step time (batch {args.batch_size}, median of {args.timing_steps}) |\n|---|\n"
+              f"| {res['qat_over_float_step']}× ({res['qat_step_ms']} / {res['float_step_ms']} ms) |")
+        emit("QAT step time ResNet-20", res, md)
+        return
     fp = resnet20_cifar10(weights).eval()
     res["fp32_top1"] = data.evaluate(fp, Xte, Yte)
 
@@ -109,20 +134,7 @@ def main() -> None:
 
     # ---- step time: float vs QAT train step, batch 128, interleaved, median
     if not args.skip_timing:
-        x, y = next(data.batches(Xtr, Ytr, args.batch_size, train_augment=True, generator=gen))
-        fm = resnet20_cifar10(weights).train()
-        qm = xnnq.QuantTrainModule(resnet20_cifar10(weights), dummy).train()
-        of = torch.optim.SGD(fm.parameters(), lr=1e-4, momentum=0.9)
-        oq = torch.optim.SGD(qm.parameters(), lr=1e-4, momentum=0.9)
-        for _ in range(3):
-            step_time(fm, x, y, of), step_time(qm, x, y, oq)
-        tf, tq = [], []
-        for _ in range(args.timing_steps):
-            tf.append(step_time(fm, x, y, of))
-            tq.append(step_time(qm, x, y, oq))
-        res["float_step_ms"] = round(statistics.median(tf) * 1e3, 1)
-        res["qat_step_ms"] = round(statistics.median(tq) * 1e3, 1)
-        res["qat_over_float_step"] = round(statistics.median(tq) / statistics.median(tf), 3)
+        res.update(time_steps(weights, Xtr, Ytr, args.batch_size, args.timing_steps, gen, dummy))
 
     md = ("| FP32 top-1 | range-only top-1 (drop) | QAT 1 epoch top-1 (drop) | QAT/float step time |\n|---|---|---|---|\n"
           f"| {res['fp32_top1']:.2f} | {res['range_only_top1']:.2f} ({res['range_only_drop_pp']:+.2f} pp) | "
