@@ -159,8 +159,8 @@ def test_tidl_emulation_computes_the_simulation(r20, tmp_path):
     assert torch.equal(OnnxRunner(emu)(x), r20(x))
 
 
-def test_mixed_16bit_lists_and_int16_qdq(tmp_path):
-    q = observed(xnnq.QuantTrainModule(resnet20(), torch.randn(1, 3, 32, 32),
+def test_mixed_16bit_and_per_channel(tmp_path):
+    q = observed(xnnq.QuantTrainModule(resnet20(), torch.randn(1, 3, 32, 32), per_channel_q="all",
                                        bitwidth_overrides={"first": 16, "last": 16}), (1, 3, 32, 32))
     res = export_onnx(q, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx")
     opts = json.loads(res.options_path.read_text())
@@ -170,23 +170,17 @@ def test_mixed_16bit_lists_and_int16_qdq(tmp_path):
     sixteen = {opts["quantizers"][n] for n, m in q.quantizers().items() if m.bits == 16}
     assert set(feat) == sixteen == {"relu", "output"}  # conv1's ReLU; linear_q produces the graph output
     assert params == ["relu", "output"]  # conv1 → its ReLU Clip; linear → the graph output
+    assert max(requantization_error(res.path).values()) == 0.0
     x = torch.randn(4, 3, 32, 32)
-    assert torch.equal(OnnxRunner(tidl_emulation(res.path))(x), q(x))
+    assert torch.equal(OnnxRunner(tidl_emulation(res.path))(x), q(x))  # the emulation reads the 16-bit lists
     qres = export_onnx(q, torch.randn(1, 3, 32, 32), tmp_path / "m_qdq.onnx", format="qdq")
     model, _ = check_qdq(qres, q, x, weight_layers=20)
     assert model.opset_import[0].version >= 21
-    types = {t.name: t.data_type for t in model.graph.initializer}
-    assert types["conv1.weight_quantized"] == TensorProto.INT16 and types["relu_zero_point"] == TensorProto.UINT16
-
-
-def test_per_channel_weights(tmp_path):
-    q = observed(xnnq.QuantTrainModule(resnet20(), torch.randn(1, 3, 32, 32), per_channel_q="all"), (1, 3, 32, 32))
-    res = export_onnx(q, torch.randn(1, 3, 32, 32), tmp_path / "pc.onnx", format="qdq")
-    model, _ = check_qdq(res, q, torch.randn(4, 3, 32, 32), weight_layers=20)
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    assert inits["layer1.0.conv1.weight_scale"].shape == (16,)
-    tres = export_onnx(q, torch.randn(1, 3, 32, 32), tmp_path / "pc_tidl.onnx")
-    assert max(requantization_error(tres.path).values()) == 0.0
+    inits = {t.name: t for t in model.graph.initializer}
+    assert inits["conv1.weight_quantized"].data_type == TensorProto.INT16
+    assert inits["layer1.0.conv1.weight_quantized"].data_type == TensorProto.INT8
+    assert inits["relu_zero_point"].data_type == TensorProto.UINT16
+    assert numpy_helper.to_array(inits["layer1.0.conv1.weight_scale"]).shape == (16,)  # per output channel
 
 
 def test_calibrated_and_test_module_export(r20, tmp_path):
@@ -218,9 +212,9 @@ TV = {
 def test_torchvision_both_formats(name, tmp_path):
     make, layers = TV[name]
     torch.manual_seed(0)
-    shape = (1, 3, 64, 64)
-    q = observed(xnnq.QuantTrainModule(make().eval(), torch.randn(shape)), shape)
-    x = torch.randn(2, 3, 64, 64)
+    shape = (1, 3, 32, 32)
+    q = observed(xnnq.QuantTrainModule(make().eval(), torch.randn(shape)), shape, passes=1)
+    x = torch.randn(2, 3, 32, 32)
     tidl = check_tidl(export_onnx(q, torch.randn(shape), tmp_path / f"{name}.onnx"), q, x, weight_layers=layers)
     model, r = check_qdq(export_onnx(q, torch.randn(shape), tmp_path / f"{name}_qdq.onnx", format="qdq"), q, x,
                          weight_layers=layers)
