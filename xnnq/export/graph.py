@@ -123,10 +123,11 @@ def build_export_module(qmodule: fx.GraphModule) -> tuple[fx.GraphModule, list[C
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            raise RuntimeError(f"export: graph node `{node.name}` reads attribute `{node.target}` of the model; "
-                               "only module calls can be exported. Wrap that code in a module.")
+        elif node.op == "get_attr":  # a tensor the model's own code reads (a learned scale...): a constant
+            value = src
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            mods[node.target] = value.detach().clone() if isinstance(value, torch.Tensor) else value
     gm = fx.GraphModule(mods, graph, "ExportGraph")
     gm.graph.lint()
     gm.eval()
