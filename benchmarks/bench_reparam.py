@@ -4,12 +4,14 @@
 For each committed checkpoint (``xnnq/models/checkpoints``):
 
 * FP32: the training form and its deploy form (``reparameterize``) on the 10k JPEG test set;
-* PTQ deploy: ``QuantCalibrateModule(deploy, method="mse")`` (8-bit, power-of-2 per-tensor, the engine's
-  defaults), calibrated on ``--calib-images`` training images in train mode;
+* PTQ deploy: ``QuantCalibrateModule(deploy, method="mse", constrain_weights=False)`` (8-bit, power-of-2
+  per-tensor), calibrated on ``--calib-images`` training images in train mode; also with the engine's
+  default ``constrain_weights=True`` (15σ weight clipping), which clips the identity-branch taps of
+  fused kernels;
 * PTQ BN restore + CLE: ``model_restore_bn`` (same calibration images) + ``cross_layer_equalize`` on the
   deploy form, then the same PTQ;
 * QAT: ``QuantTrainModule`` on the restored + equalized deploy form, ``--qat-images`` training images
-  (50k = 1 epoch), SGD lr ``--qat-lr`` cosine to 0, BatchNorm frozen.
+  (50k = 1 epoch), SGD lr ``--qat-lr`` cosine to 0, BatchNorm frozen, activation ranges frozen half-way.
 
 Prints JSON and appends a table to benchmarks/RESULTS.md. The QARepVGG row answers "QARepVGG PTQ
 without CLE" (its "PTQ deploy" column).
@@ -63,19 +65,32 @@ def restore_and_equalize(deploy: nn.Module, calib: list[torch.Tensor]) -> nn.Mod
     return cross_layer_equalize(deploy, calib[0])
 
 
-def ptq(model: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
+def calibrate_module_class():
+    """``xnnq.QuantCalibrateModule`` (or its home module before it is exported at top level), else None."""
+    cls = getattr(xnnq, "QuantCalibrateModule", None)
+    if cls is None:
+        try:
+            from xnnq.calibrate import QuantCalibrateModule as cls
+        except ImportError:
+            return None
+    return cls
+
+
+def ptq(model: nn.Module, calib: list[torch.Tensor], constrain_weights: bool = False) -> nn.Module:
     """Calibrated (PTQ) wrapper: forward passes in train mode, then eval."""
-    qm = xnnq.QuantCalibrateModule(model, DUMMY, method="mse")
+    qm = calibrate_module_class()(model, DUMMY, method="mse", constrain_weights=constrain_weights)
     qm.train()
     run_all(qm, calib)
     return qm.eval()
 
 
 def qat(model: nn.Module, images: int, lr: float, batch_size: int = 128) -> nn.Module:
-    """``images`` training images of QAT (SGD nesterov, cosine lr, BatchNorm frozen), then eval."""
+    """``images`` training images of QAT (SGD nesterov, cosine lr, BatchNorm frozen, activation ranges
+    frozen half-way), then eval."""
+    from xnnq.layers import freeze_quant_range
     from xnnq.utils.bn import freeze_bn
 
-    qm = xnnq.QuantTrainModule(model, DUMMY)
+    qm = xnnq.QuantTrainModule(model, DUMMY, constrain_weights=False)
     qm.train()
     freeze_bn(qm)
     x, y = cifar10("train")
@@ -85,6 +100,8 @@ def qat(model: nn.Module, images: int, lr: float, batch_size: int = 128) -> nn.M
     for i, (xb, yb) in enumerate(batches(x, y, batch_size, shuffle=True, train_augment=True, generator=gen)):
         if i >= steps:
             break
+        if i == steps // 2:
+            freeze_quant_range(qm)
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / steps))
         loss = F.cross_entropy(qm(xb), yb)
@@ -104,14 +121,16 @@ def bench_model(name: str, args, x_test, y_test, calib) -> dict:
     row["fp32_deploy"] = acc(deploy)
     equalized = restore_and_equalize(reparameterize(model), calib)
     row["fp32_restore_cle"] = acc(equalized)
-    if not hasattr(xnnq, "QuantCalibrateModule"):
-        row["error"] = "xnnq.QuantCalibrateModule is not available yet: PTQ/QAT columns not run"
+    if calibrate_module_class() is None:
+        row["error"] = "QuantCalibrateModule is not available yet: PTQ/QAT columns not run"
         return row
+    row["calib_images"] = args.calib_images
+    row["ptq_deploy_constrained"] = acc(ptq(deploy, calib, constrain_weights=True))
     row["ptq_deploy"] = acc(ptq(deploy, calib))
     row["ptq_restore_cle"] = acc(ptq(equalized, calib))
     if args.qat_images > 0:
         row["qat"] = acc(qat(equalized, args.qat_images, args.qat_lr))
-        row["qat_images"] = args.qat_images
+        row["qat_images"], row["qat_lr"] = args.qat_images, args.qat_lr
     row["seconds"] = round(time.time() - t0)
     return row
 
@@ -127,15 +146,19 @@ def append_results(rows: list[dict], args) -> None:
     if not RESULTS.exists():
         RESULTS.write_text("# xnnq benchmark results\n")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    qat_images = sorted({r.get("qat_images", args.qat_images) for r in rows})
+    qat_images = qat_images[0] if len(qat_images) == 1 else qat_images
     lines = [f"\n## Re-parameterized models: PTQ / CLE / QAT on CIFAR-10 (bench_reparam.py, {stamp})\n",
-             (f"10k JPEG test set, top-1 %. 8-bit power-of-2 per-tensor (engine defaults), PTQ method mse on "
-              f"{args.calib_images} train images; QAT on {args.qat_images} train images (lr {args.qat_lr}, BN frozen) "
-              "of the restored + equalized deploy form. In brackets: change vs FP32.\n"),
-             "| model | FP32 | PTQ deploy form | PTQ after BN restore + CLE | QAT | FP32 after restore + CLE |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             (f"10k JPEG test set, top-1 %. 8-bit power-of-2 per-tensor, PTQ method mse on "
+              f"{args.calib_images} train images; QAT on {qat_images} train images (lr {args.qat_lr}, BN frozen, "
+              "ranges frozen half-way) of the restored + equalized deploy form. In brackets: change vs FP32.\n"),
+             ("| model | FP32 | PTQ deploy form | PTQ after BN restore + CLE | QAT | FP32 after restore + CLE "
+              "| PTQ deploy, constrain_weights=True |"),
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['model']} (trained {r['trained']['epochs']} ep) | {fmt(r, 'fp32')} | {fmt(r, 'ptq_deploy')} | "
-                     f"{fmt(r, 'ptq_restore_cle')} | {fmt(r, 'qat')} | {fmt(r, 'fp32_restore_cle')} |")
+                     f"{fmt(r, 'ptq_restore_cle')} | {fmt(r, 'qat')} | {fmt(r, 'fp32_restore_cle')} | "
+                     f"{fmt(r, 'ptq_deploy_constrained')} |")
     for r in rows:
         goal = GOALS.get(r["model"])
         if goal and r.get(goal[0]) is not None:
@@ -145,7 +168,10 @@ def append_results(rows: list[dict], args) -> None:
     notes = [r["error"] for r in rows if "error" in r]
     if notes:
         lines.append(f"\nNot run: {notes[0]}")
-    lines.append("\nThe qarepvgg row's \"PTQ deploy form\" column is QARepVGG PTQ without CLE.\n")
+    lines.append("\nThe qarepvgg row's \"PTQ deploy form\" column is QARepVGG PTQ without CLE. PTQ and QAT run with "
+                 "constrain_weights=False: the engine's default clipping of folded weights to 15σ clips the "
+                 "identity-branch centre taps of fused RepVGG / MobileOne kernels (up to ~50σ); the last column "
+                 "shows the deploy form with the default.\n")
     with RESULTS.open("a") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -156,11 +182,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     choices=sorted(MODELS))
     ap.add_argument("--calib-images", type=int, default=1000)
     ap.add_argument("--qat-images", type=int, default=50000, help="0 skips QAT; 50000 = one epoch")
-    ap.add_argument("--qat-lr", type=float, default=0.002)
+    ap.add_argument("--qat-lr", type=float, default=1e-4)
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--rows-from", nargs="+", type=Path, default=None,
+                    help="do not run: write the table from the JSON rows printed by earlier runs (one model per run)")
     args = ap.parse_args(argv)
+    if args.rows_from:
+        rows = [json.loads(line) for f in args.rows_from for line in f.read_text().splitlines()
+                if line.startswith("{")]
+        append_results(rows, args)
+        return rows
     if not cifar10_available():
         sys.exit("needs the shared CIFAR-10 data (../shared/data or $XNNQ_DATA)")
     torch.set_num_threads(args.threads)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import xnnq
 from xnnq.data import batches, cifar10, evaluate
+from xnnq.layers import freeze_quant_range
 from xnnq.models.reparam import reparameterize
 from xnnq.models.zoo import MODELS, load_pretrained
 from xnnq.utils.bn import freeze_bn
@@ -35,7 +36,7 @@ def main() -> None:
     ap.add_argument("--model", default="repvgg", choices=sorted(MODELS))
     ap.add_argument("--train-images", type=int, default=10000, help="50000 = one epoch")
     ap.add_argument("--eval-images", type=int, default=2000)
-    ap.add_argument("--lr", type=float, default=0.002)
+    ap.add_argument("--lr", type=float, default=1e-4)
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -54,7 +55,7 @@ def main() -> None:
     cross_layer_equalize(deploy, calib[0])
     print(f"FP32 deploy form after BN restore + CLE: {evaluate(deploy.eval(), x_test, y_test):.2f}%")
 
-    qmodel = xnnq.QuantTrainModule(deploy, torch.zeros(1, 3, 32, 32))
+    qmodel = xnnq.QuantTrainModule(deploy, torch.zeros(1, 3, 32, 32), constrain_weights=False)  # see reparam_ptq.py
     qmodel.train()
     freeze_bn(qmodel)  # keep the measured BN statistics; a short fine-tune does not need batch statistics
     opt = torch.optim.SGD(qmodel.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
@@ -63,6 +64,8 @@ def main() -> None:
     for i, (x, y) in enumerate(batches(x_train, y_train, 128, shuffle=True, train_augment=True, generator=gen)):
         if i >= steps:
             break
+        if i == steps // 2:
+            freeze_quant_range(qmodel)  # activation ranges fixed for the second half
         for g in opt.param_groups:
             g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * i / steps))
         loss = F.cross_entropy(qmodel(x), y)
