@@ -163,3 +163,15 @@ def test_analyze_rejects_bad_input():
         analyze(q, model, [torch.randn(2, 4)])
     with pytest.raises(ValueError, match="exactly one"):
         suggest_16bit(AnalysisResult([], {}), count=1, target_drop=1.0)
+
+
+def test_weight_clip_pct_names_the_outlier_clipping():
+    model = SmallCNN().eval()
+    with torch.no_grad():
+        model.convs[1].weight[0, 0, 1, 1] = 40 * model.convs[1].weight.abs().max()
+    batches = [torch.randn(4, 3, 8, 8)]
+    res = analyze(_calibrated(model, batches), model, batches, sensitivity=False, progress=False)
+    n = model.convs[1].weight.numel()
+    assert res.layer("convs.1").weight_clip_pct == pytest.approx(100.0 / n)  # exactly the planted weight
+    assert res.layer("convs.0").weight_clip_pct == 0.0
+    assert res.ranked()[0].name == "convs.1"  # without sensitivity: ranked by weight SQNR

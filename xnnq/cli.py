@@ -41,6 +41,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="per-channel weight scales (default none: per tensor, TIDL's default)")
     g.add_argument("--sixteen-bit", nargs="+", metavar="LAYER", default=None,
                    help="layers (names or globs, or first/last) in 16 bits, e.g. --sixteen-bit first last")
+    g.add_argument("--no-constrain-weights", action="store_true",
+                   help="do not clip weight outliers at ±15σ (try it when the analysis shows W clip %% > 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +180,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
-    kw = wrapper_kwargs(args.bits, args.per_channel, args.sixteen_bit)
+    kw = wrapper_kwargs(args.bits, args.per_channel, args.sixteen_bit, not args.no_constrain_weights)
     if st.weights is None:  # random init: keep it, so that eval/analyze --quant-dir rebuild the same float model
         st.weights = str((out / "float_weights.pt").resolve())
         torch.save(st.model.state_dict(), st.weights)
@@ -247,8 +249,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     else:
         n = min(args.calib_images, len(st.y_tr))
         q = calibrate_ptq(st.model, st.dummy, st.x_tr[:n], st.y_tr[:n], batch_size=args.batch_size,
-                          method=args.method, kwargs=wrapper_kwargs(args.bits, args.per_channel, args.sixteen_bit),
-                          progress=progress)
+                          method=args.method, progress=progress,
+                          kwargs=wrapper_kwargs(args.bits, args.per_channel, args.sixteen_bit,
+                                                not args.no_constrain_weights))
     n = min(args.analysis_images, len(st.y_te))
     res = write_analysis(q, st.model, st.x_te[:n], st.y_te[:n], Path(args.out), batch_size=args.batch_size,
                          sensitivity_batches=args.sensitivity_batches, target_drop=args.target_drop, progress=progress)

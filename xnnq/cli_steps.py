@@ -19,10 +19,12 @@ from .utils.bn import freeze_bn
 STATE_FILE, CONFIG_FILE = "quant_state.pt", "quant_config.json"
 
 
-def wrapper_kwargs(bits: int, per_channel: str, sixteen_bit: list[str] | None) -> dict[str, Any]:
+def wrapper_kwargs(bits: int, per_channel: str, sixteen_bit: list[str] | None,
+                   constrain_weights: bool = True) -> dict[str, Any]:
     """QuantBaseModule keyword arguments from the command-line options."""
     kw: dict[str, Any] = {"bitwidth_weights": bits, "bitwidth_activations": bits,
-                          "per_channel_q": False if per_channel == "none" else per_channel}
+                          "per_channel_q": False if per_channel == "none" else per_channel,
+                          "constrain_weights": constrain_weights}
     if sixteen_bit:
         kw["bitwidth_overrides"] = {name: 16 for name in sixteen_bit}
     return kw

@@ -76,6 +76,11 @@ def plot_weight_histogram(qmodel: QuantBaseModule, layer: str, path: str | Path,
     mod = qmodel.module.get_submodule(layer)
     fig, ax = plt.subplots(figsize=(7.0, 3.8), dpi=90)
     ax.hist(w.flatten().cpu().numpy(), bins=bins, color="#4477aa", alpha=0.8, label="float (folded) weights")
+    ax.set_yscale("log")  # outliers (one or two weights) stay visible
+    if mod.constrain_weights and bool((mod.constrain(w) != w).any()):
+        t = float(mod.outlier_ratio * w.std())
+        ax.axvline(-t, color="k", linestyle="--", linewidth=0.8)
+        ax.axvline(t, color="k", linestyle="--", linewidth=0.8, label=f"outlier clip ±{mod.outlier_ratio:g}σ")
     if not mod.per_channel and mod.weight_bits <= 8:  # 16-bit levels are too dense to draw
         scale = mod.weight_scale(mod.constrain(w))
         qmin, qmax = quant_bounds(mod.weight_bits, True)
