@@ -12,17 +12,17 @@ from xnnq.calibrate.methods import code_bounds, levels
 
 
 # ------------------------------------------------------------------------------------------ data
-def gaussian_outliers(n=200_000):
+def gaussian_outliers(n=100_000):
     x = torch.randn(n)
     x[torch.randint(0, n, (n // 10_000,))] = torch.randn(n // 10_000) * 20  # a few wild values
     return x
 
 
-def uniform(n=200_000):
+def uniform(n=100_000):
     return torch.rand(n) * 6 - 3
 
 
-def half_normal_pre_relu(n=200_000):
+def half_normal_pre_relu(n=100_000):
     return torch.randn(n) * 1.7  # fed to a ReLU quantizer: the positive half is what it represents
 
 
