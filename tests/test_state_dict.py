@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import xnnq
@@ -63,3 +64,10 @@ def test_freeze_schedule_by_epoch():
     assert q.bn_frozen and all(p.frozen for p in q.quantizers().values())
     xnnq.utils.apply_freeze_schedule(q, 0, freeze_bn_epoch=2, freeze_range_epoch=3)  # resumed earlier
     assert not q.bn_frozen and not any(p.frozen for p in q.quantizers().values())
+
+
+def test_state_dict_from_other_bitwidths_is_refused():
+    sd = xnnq.QuantTrainModule(resnet20(), torch.randn(1, 3, 32, 32)).state_dict()
+    other = xnnq.QuantTrainModule(resnet20(), torch.randn(1, 3, 32, 32), bitwidth_overrides={"last": 16})
+    with pytest.raises(ValueError, match="linear.*8-bit per-tensor weights, this model has 16-bit"):
+        other.load_state_dict(sd)

@@ -48,9 +48,13 @@ class PACT2(nn.Module):
     # ----------------------------------------------------------------------------------------- state
     def get_extra_state(self) -> dict[str, Any]:
         return {"frozen": self.frozen, "observed": self.observed, "quant_enabled": self.quant_enabled,
-                "data_signed": self.data_signed}
+                "data_signed": self.data_signed, "bits": self.bits}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("bits", self.bits) != self.bits:
+            raise ValueError(f"{self.name or 'PACT2'}: the state dict was saved with {state['bits']}-bit activations, "
+                             f"this model quantizes to {self.bits} bits. Build the wrapper with the same bitwidth "
+                             "settings (bitwidth_activations / bitwidth_overrides) as the saved one.")
         self.frozen = bool(state["frozen"])
         self.observed = bool(state["observed"])
         self.quant_enabled = bool(state["quant_enabled"])

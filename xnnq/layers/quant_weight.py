@@ -57,9 +57,15 @@ class _FoldedWeightMixin:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"quant_enabled": self.quant_enabled}
+        return {"quant_enabled": self.quant_enabled, "bits": self.weight_bits, "per_channel": self.per_channel}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        saved = (state.get("bits", self.weight_bits), state.get("per_channel", self.per_channel))
+        if saved != (self.weight_bits, self.per_channel):
+            raise ValueError(f"{self.name or type(self).__name__}: the state dict was saved with {saved[0]}-bit "
+                             f"{'per-channel' if saved[1] else 'per-tensor'} weights, this model has {self.weight_bits}-bit "
+                             f"{'per-channel' if self.per_channel else 'per-tensor'}. Build the wrapper with the same "
+                             "bitwidth_weights / per_channel_q / bitwidth_overrides as the saved one.")
         self.quant_enabled = bool(state["quant_enabled"])
 
     # ------------------------------------------------------------------------------------- folding
