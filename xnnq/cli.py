@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from . import data
 from .cli_models import CliError, default_input_size, default_weights, load_model, load_split, split_dirs
@@ -195,7 +196,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     quant_acc = data.evaluate(q, st.x_te, st.y_te, progress=progress)
     save_quant(q, out, st.config(args, mode=args.mode, method=args.method, kwargs=kw))
     paths = export_both(q, st.dummy, out, progress=progress)
-    onnx = check_onnx(paths, q, st.x_te, st.y_te, batch_size=args.batch_size)
+    onnx = check_onnx(paths, q, st.x_te, st.y_te, batch_size=args.batch_size, progress=progress)
     summary: dict[str, Any] = {"model": args.model, "mode": args.mode, "float_accuracy": float_acc,
                                "quant_accuracy": quant_acc, "test_images": len(st.y_te), "onnx": onnx}
     if args.analysis_images > 0:
@@ -229,7 +230,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         res["quant_accuracy"] = data.evaluate(q, st.x_te, st.y_te, progress=progress)
     if args.onnx:
         from .export.check import onnx_accuracy
-        res["onnx_accuracy"] = {f: onnx_accuracy(f, data.batches(st.x_te, st.y_te, args.batch_size)) for f in args.onnx}
+        n = (len(st.y_te) + args.batch_size - 1) // args.batch_size
+        res["onnx_accuracy"] = {f: onnx_accuracy(f, tqdm(data.batches(st.x_te, st.y_te, args.batch_size), total=n,
+                                                         desc=f"onnxruntime {Path(f).name}", disable=not progress))
+                                for f in args.onnx}
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     _print_json(res)

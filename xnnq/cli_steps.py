@@ -115,14 +115,19 @@ def export_both(q: nn.Module, dummy: torch.Tensor, out: Path, stem: str = "model
 
 
 def check_onnx(paths: dict[str, Path], q: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-               batch_size: int = 100) -> dict[str, dict[str, Any]]:
+               batch_size: int = 100, progress: bool = True) -> dict[str, dict[str, Any]]:
     """Per format: onnxruntime against the PyTorch quantized model (top-1 agreement, max |diff|, LSBs) and
     the ONNX model's accuracy."""
     from .export.check import onnx_accuracy, onnx_check
+    n = (len(labels) + batch_size - 1) // batch_size
+
+    def bar(desc: str):
+        return tqdm(data.batches(images, labels, batch_size), total=n, desc=desc, leave=False, disable=not progress)
+
     res = {}
     for fmt, path in paths.items():
-        chk = onnx_check(path, q, data.batches(images, labels, batch_size))
-        acc = onnx_accuracy(path, data.batches(images, labels, batch_size))
+        chk = onnx_check(path, q, bar(f"onnxruntime check ({fmt})"))
+        acc = onnx_accuracy(path, bar(f"onnxruntime accuracy ({fmt})"))
         res[fmt] = {"path": str(path), "top1_agreement_pct": 100.0 * (chk.top1_agreement or 0.0),
                     "max_abs_diff": chk.max_abs_diff, "max_lsb_diff": chk.max_lsb_diff, "accuracy": acc}
     return res

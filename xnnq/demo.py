@@ -95,7 +95,7 @@ def run_demo(out: Path, *, train_images: int = 2048, test_images: int = 512, epo
     qat_acc = data.evaluate(q, x_te, y_te)
     torch.save(model.state_dict(), out / "float_weights.pt")
     paths = export_both(q, dummy, out, stem="demo", progress=progress)
-    onnx = check_onnx(paths, q, x_te, y_te)
+    onnx = check_onnx(paths, q, x_te, y_te, progress=progress)
     analysis = write_analysis(q, model, x_te[:256], y_te[:256], out / "analysis", sensitivity_batches=2,
                               progress=progress)
     summary = {"float_accuracy": float_acc, "qat_accuracy": qat_acc, "onnx": onnx, "analysis": analysis,
