@@ -241,9 +241,6 @@ def test_nan_on_one_rank_stops_every_rank_with_the_layer_name(ranks):
             assert torch.isfinite(nan["after"][k]).all()
 
 
-@pytest.mark.xfail(strict=True, reason="GAP (issue 7, not done): xnnq.calibrate's histograms are per rank, not "
-                   "all-reduced, so data-parallel calibration gives each rank its own ranges. Strict: remove this "
-                   "marker when the calibration statistics are synchronized.")
 def test_calibration_ranges_are_identical_across_ranks(ranks):
     """Data-parallel calibration: every rank ends with the ranges (and bias corrections) one process gets
     from all the data."""

@@ -19,6 +19,7 @@ computed once in closed form; upstream layers correct their own.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -49,7 +50,10 @@ class InputMean(nn.Module):
         self.count += x.shape[0]
 
     def mean(self) -> torch.Tensor | None:
-        """``E[x]`` per position (float64), or ``None`` if nothing was seen."""
+        """``E[x]`` per position (float64), or ``None`` if nothing was seen; summed over ranks under torch.distributed."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and self.total.numel():
+            dist.all_reduce(self.total, op=dist.ReduceOp.SUM)
+            dist.all_reduce(self.count, op=dist.ReduceOp.SUM)
         if not self.total.numel() or int(self.count) == 0:
             return None
         return self.total / self.count

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from ..layers.pact2 import PACT2
-from .histogram import Histogram
+from .histogram import Histogram, all_reduce_histogram
 from .methods import METHODS, choose_range
 
 
@@ -56,7 +56,12 @@ class CalibPACT2(PACT2):
 
     @torch.no_grad()
     def finalize(self) -> float | None:
-        """Set the range from the histogram; returns it (``None`` when nothing was observed or it is fixed)."""
+        """Set the range from the histogram; returns it (``None`` when nothing was observed or it is fixed).
+
+        Under ``torch.distributed`` the histograms of all ranks are merged first (every rank must call
+        ``finalize`` on its quantizers in the same order, as QuantCalibrateModule does).
+        """
+        all_reduce_histogram(self.histogram)
         if self.clip_range is not None or self.histogram.empty:
             return None
         signed = self.signed if self.signed is not None else self.data_is_signed()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..layers.fake_quant import MIN_RANGE
@@ -128,3 +129,33 @@ class Histogram(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bins={self.bins}, max_bins={self.max_bins}, sample_size={self.sample_size}"
+
+
+_EMPTY = -(1 << 30)
+
+
+def all_reduce_histogram(h) -> None:
+    """Make ``h`` the histogram of every rank's values, identical on all ranks (no-op without torch.distributed).
+
+    The span becomes the largest rank's span; bins are merged to the coarsest rank's width (every width
+    is a power of two, so the bins nest exactly); counts are summed, min/max reduced.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    dev = h.min_val.device
+    k = torch.tensor([_EMPTY if h.empty else h.exponent], dtype=torch.long, device=dev)
+    dist.all_reduce(k, op=dist.ReduceOp.MAX)
+    k = int(k)
+    if k == _EMPTY:
+        return  # no rank saw data
+    if h.empty:  # this rank saw nothing: zeros at the finest resolution any rank can hold
+        h.exponent, h.counts = k, torch.zeros(h.max_bins, dtype=torch.float64, device=dev)
+        h.min_val, h.max_val = torch.full((), math.inf, device=dev), torch.full((), -math.inf, device=dev)
+    while h.exponent < k:
+        h._double()
+    n = torch.tensor([h.counts.numel()], dtype=torch.long, device=dev)
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    h.counts = h.counts.view(int(n), -1).sum(1)
+    dist.all_reduce(h.counts, op=dist.ReduceOp.SUM)
+    dist.all_reduce(h.min_val, op=dist.ReduceOp.MIN)
+    dist.all_reduce(h.max_val, op=dist.ReduceOp.MAX)
