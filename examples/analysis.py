@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from xnnq.analysis import analyze, suggest_16bit
+import xnnq
 from xnnq.analysis.plots import save_plots
-from xnnq.calibrate import QuantCalibrateModule
 from xnnq.data import batches, cifar10, evaluate
 from xnnq.models.reparam import reparameterize
 from xnnq.models.zoo import load_pretrained
@@ -27,7 +26,7 @@ sample = list(batches(x_te[:512], y_te[:512], 64))
 
 
 def ptq(**kwargs):
-    q = QuantCalibrateModule(model, torch.randn(1, 3, 32, 32), **kwargs).train()
+    q = xnnq.QuantCalibrateModule(model, torch.randn(1, 3, 32, 32), **kwargs).train()
     with torch.no_grad():
         for x, _ in batches(x_cal, y_cal, 64):
             q(x)
@@ -35,7 +34,7 @@ def ptq(**kwargs):
 
 
 qmodel = ptq()
-result = analyze(qmodel, model, sample)
+result = xnnq.utils.analyze(qmodel, model, sample)
 save_plots(result, qmodel, out)
 result.to_json(out / "report.json")
 (out / "report.md").write_text(result.to_markdown())
@@ -45,9 +44,9 @@ line = [f"float {evaluate(model, x_te, y_te):.2f} %", f"8-bit PTQ {evaluate(qmod
 clipped = [r.name for r in result.layers if (r.weight_clip_pct or 0) > 0]
 if clipped:  # the error of those layers is the outlier clipping: keep their weights whole
     qmodel = ptq(constrain_weights=False)
-    result = analyze(qmodel, model, sample, progress=False)
+    result = xnnq.utils.analyze(qmodel, model, sample, progress=False)
     line.append(f"constrain_weights=False (clipped in {len(clipped)} layers) {evaluate(qmodel, x_te, y_te):.2f} %")
-layers = suggest_16bit(result, count=1)
+layers = xnnq.utils.suggest_16bit(result, count=1)
 mixed = ptq(constrain_weights=not clipped, bitwidth_overrides={name: 16 for name in layers})
 line.append(f"+ {layers} in 16 bits {evaluate(mixed, x_te, y_te):.2f} %")
 print(f"{len(y_te)} test images: " + " | ".join(line))

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 import xnnq
 from xnnq.data import batches, cifar10, data_root, evaluate
-from xnnq.export import export_onnx
 from xnnq.models.cifar_resnet import resnet20_cifar10
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 391
@@ -29,4 +28,4 @@ for step, (x, y) in enumerate(batches(x_tr, y_tr, 128, shuffle=True, train_augme
     opt.step()
 qmodel.eval()                                                    # now computes what TIDL computes
 print(f"float {evaluate(model.eval(), x_te, y_te):.2f} %  QAT {evaluate(qmodel, x_te, y_te):.2f} %")
-export_onnx(qmodel, torch.randn(1, 3, 32, 32), "resnet20_qat_tidl.onnx")   # + resnet20_qat_tidl.tidl.json
+xnnq.export_onnx(qmodel, torch.randn(1, 3, 32, 32), "resnet20_qat_tidl.onnx")   # + resnet20_qat_tidl.tidl.json
