@@ -91,3 +91,13 @@ def test_weight_clipping_leaves_normal_model_and_clips_outlier():
     w[0, 0, 0, 0] = 100.0
     clipped = conv.constrain(w)
     assert clipped[0, 0, 0, 0] < 100.0 and torch.equal(clipped.flatten()[1:], w.flatten()[1:])
+
+
+def test_weight_clipping_keeps_structured_outliers():
+    # a re-parameterized kernel: one large identity tap per output channel must survive
+    q = xnnq.QuantTrainModule(resnet20(), torch.randn(1, 3, 32, 32))
+    conv = q.module.get_submodule("layer1.0.conv1")
+    w = torch.randn(16, 16, 3, 3) * 0.01
+    for c in range(16):
+        w[c, c, 1, 1] = 1.0 + 0.1 * c  # ~100σ, 16 of them
+    assert torch.equal(conv.constrain(w), w)

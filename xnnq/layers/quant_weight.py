@@ -14,10 +14,13 @@ Forward, with ``c = γ / sqrt(running_var + eps)`` per output channel:
   output, as torch.ao does) costs nothing per pixel, and the batch statistics still drive the
   normalization and update the running statistics.
 
-Weight outlier clipping (``constrain_weights``): the folded weights are clipped to ``±outlier_ratio·σ``
-(σ the standard deviation of the folded tensor, ratio 15). A trained layer's weights lie within about
-11σ (ResNet-20 on CIFAR-10: 4.3σ–10.8σ), so a normal model is unchanged; a single wild weight that would
-inflate the power-of-2 range of the whole tensor is clipped.
+Weight outlier clipping (``constrain_weights``): the folded weights are clipped to
+``±outlier_ratio·σ`` (σ the standard deviation of the folded tensor, ratio 15) when the weights beyond it
+are *isolated*: at most one per 16 output channels (at least one). More of them are structure and are
+kept. A trained layer's weights lie within about 11σ (ResNet-20 on
+CIFAR-10: 4.3σ–10.8σ), so a normal model is unchanged; the identity taps of a re-parameterized
+RepVGG/MobileOne kernel (up to one per output channel, often beyond 15σ) are kept; a single wild weight
+that would inflate the power-of-2 range of the whole tensor is clipped.
 
 The bias is quantized on the accumulator grid ``s_in · s_w`` (int32), ``s_in`` from the input quantizer.
 """
@@ -95,9 +98,13 @@ class _FoldedWeightMixin:
         return 0 if self.per_channel else None
 
     def constrain(self, w: torch.Tensor) -> torch.Tensor:
+        """Clip isolated weight outliers (see the module docstring for the rule)."""
         if not self.constrain_weights:
             return w
+        a = w.detach().abs()
         t = self.outlier_ratio * w.detach().std()
+        isolated = (a > t).sum() <= max(1, w.shape[0] // 16)
+        t = torch.where(isolated, t, a.max())  # many outliers are structure (identity taps): keep them
         return torch.clamp(w, -t, t)
 
     def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
