@@ -4,10 +4,8 @@
     qmodel = xnnq.QuantCalibrateModule(model, dummy_input)  # PTQ
     xnnq.export_onnx(qmodel, dummy_input, "model.onnx", format="tidl" | "qdq")
 """
-from importlib import import_module
-from typing import Any
-
 from . import layers, utils
+from ._lazy import lazy_getattr
 from .quantize import CaptureError, QuantTestModule, QuantTrainModule
 
 __version__ = "0.1.0"
@@ -19,11 +17,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module, attr = _LAZY[name]
-        return getattr(import_module(module), attr)
-    raise AttributeError(f"module 'xnnq' has no attribute {name!r}")
-
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 __all__ = ["QuantTrainModule", "QuantTestModule", "QuantCalibrateModule", "CaptureError", "export_onnx", "layers", "utils"]

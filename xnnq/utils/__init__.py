@@ -1,7 +1,5 @@
 """Utilities: BatchNorm freezing and restore, cross-layer equalization, export checks, analysis."""
-from importlib import import_module
-from typing import Any
-
+from .._lazy import lazy_getattr
 from .bn import freeze_bn, unfreeze_bn
 from .schedule import apply_freeze_schedule
 
@@ -15,11 +13,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module, attr = _LAZY[name]
-        return getattr(import_module(module), attr)
-    raise AttributeError(f"module 'xnnq.utils' has no attribute {name!r}")
-
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 __all__ = ["freeze_bn", "unfreeze_bn", "apply_freeze_schedule", *_LAZY]
