@@ -7,7 +7,6 @@ Prints JSON and appends a row to benchmarks/RESULTS.md. Needs the shared data ($
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -52,7 +51,7 @@ def time_steps(weights, Xtr, Ytr, batch_size, n, gen, dummy) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=6e-3)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--freeze-bn-at", type=float, default=0.0, help="fraction of training when BN is frozen")
     ap.add_argument("--freeze-range-at", type=float, default=0.5, help="fraction of training when ranges freeze")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 from typing import Any, Iterable
 
-import torch
 import torch.fx as fx
 from torch import nn
 
