@@ -32,7 +32,7 @@ def step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: tor
 
 
 def time_steps(weights, Xtr, Ytr, batch_size, n, gen, dummy) -> dict:
-    """Float vs QAT train step on one batch, interleaved in one process; medians."""
+    """Float vs QAT train step on one batch, interleaved in one process; medians (after warm-up/compile)."""
     x, y = next(data.batches(Xtr, Ytr, batch_size, train_augment=True, generator=gen))
     fm = resnet20_cifar10(weights).train()
     qm = xnnq.QuantTrainModule(resnet20_cifar10(weights), dummy).train()
@@ -74,8 +74,9 @@ def main() -> None:
     if args.timing_only:
         gen = torch.Generator().manual_seed(0)
         res.update(time_steps(weights, Xtr, Ytr, args.batch_size, args.timing_steps, gen, dummy))
-        md = (f"| QAT/float train-step time (batch {args.batch_size}, median of {args.timing_steps}) |\n|---|\n"
-              f"| {res['qat_over_float_step']}× ({res['qat_step_ms']} / {res['float_step_ms']} ms) |")
+        md = (f"| QAT/float train-step time (batch {args.batch_size}, median of {args.timing_steps}) | threads |\n"
+              f"|---|---|\n| {res['qat_over_float_step']}× ({res['qat_step_ms']} / {res['float_step_ms']} ms) | "
+              f"{torch.get_num_threads()} |")
         emit("QAT step time ResNet-20", res, md)
         return
     fp = resnet20_cifar10(weights).eval()
