@@ -85,10 +85,6 @@ def is_preserving(gm: fx.GraphModule, n: fx.Node) -> bool:
     return False
 
 
-def _tensor_users(n: fx.Node) -> list[fx.Node]:
-    return list(n.users)
-
-
 def _source(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
     """Walk up range-preserving nodes to the node that produced the values."""
     while is_preserving(gm, n) and n.args and isinstance(n.args[0], fx.Node):
@@ -112,7 +108,7 @@ def make_plan(gm: fx.GraphModule, values: dict[fx.Node, Any], *, bitwidth_weight
         return isinstance(values.get(n), torch.Tensor) and values[n].is_floating_point()
 
     def only_user_is_relu(n: fx.Node) -> bool:
-        users = _tensor_users(n)
+        users = list(n.users)
         return len(users) == 1 and users[0].op == "call_module" and isinstance(mods[users[0].target], RELU_LIKE)
 
     def add_after(n: fx.Node, reason: str, layer: str, signed: bool | None = None) -> None:
@@ -141,7 +137,7 @@ def make_plan(gm: fx.GraphModule, values: dict[fx.Node, Any], *, bitwidth_weight
                                          bitwidth_activations))
             elif isinstance(m, WEIGHT_LAYERS):
                 out, bn = n, None
-                users = _tensor_users(n)
+                users = list(n.users)
                 if len(users) == 1 and users[0].op == "call_module" and isinstance(mods[users[0].target], BATCHNORMS):
                     bn = users[0]
                     out = bn

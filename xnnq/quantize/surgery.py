@@ -76,7 +76,6 @@ def _reshape(p, out, inp):
     return None  # a reshape that mixes the batch dimension is left as it is
 
 
-_UNARY = [["input"], {}]
 FUNCTION_RULES: dict[Any, _Rule] = {
     F.relu: (["input", "inplace"], {}, lambda p, o, i: nn.ReLU()),
     torch.relu: (["input"], {}, lambda p, o, i: nn.ReLU()),
