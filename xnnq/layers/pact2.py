@@ -40,6 +40,9 @@ class PACT2(nn.Module):
         self.bits, self.signed, self.clip_range, self.cap, self.power2 = bits, signed, clip_range, cap, power2
         self.name = name
         self.tracker = RangeTracker(tail=tail, ema_alpha=ema_alpha, track_min=signed is not False)
+        if clip_range is not None:  # a fixed range lives in the same buffers, never updated
+            self.tracker.max_val.fill_(float(clip_range))
+            self.tracker.min_val.fill_(-float(clip_range) if signed is not False else 0.0)
         self.frozen = False
         self.observed = clip_range is not None
         self.quant_enabled = True
@@ -62,10 +65,7 @@ class PACT2(nn.Module):
 
     # ------------------------------------------------------------------------------------ numerics
     def range_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (min, max) the quantizer works from: the fixed clip range or the tracked one."""
-        if self.clip_range is not None:
-            r = self.tracker.max_val.new_tensor(float(self.clip_range))
-            return (-r if self.signed is not False else r.new_zeros(())), r
+        """The (min, max) the quantizer works from: tracked, or the fixed clip range stored at construction."""
         return self.tracker.min_val, self.tracker.max_val
 
     def resolved_signed(self) -> bool:
