@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="use only the first N training images (smoke runs)")
     ap.add_argument("--save", action="store_true", help="write xnnq/models/checkpoints/<model>.pt and .json")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue from this state dict (e.g. the committed checkpoint) with a fresh schedule; "
+                         "its .json record, if present, adds its epochs and seconds to the new record")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -70,6 +73,13 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=0.9, nesterov=True)
     gen = torch.Generator().manual_seed(args.seed)
     start_epoch, seconds = 0, 0.0
+    prior = {"epochs": 0, "seconds": 0}
+    if args.init is not None:
+        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
+        record_path = args.init.with_suffix(".json")
+        if record_path.is_file():
+            prior = json.loads(record_path.read_text())
+        print(f"initialised from {args.init} ({prior['epochs']} epochs before)", flush=True)
     last = run_dir / "last.pt"
     if last.is_file():
         state = torch.load(last, map_location="cpu", weights_only=True)
@@ -112,8 +122,11 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     acc = evaluate(model, x_test, y_test)
     record = {"model": args.model, "test_acc": round(acc, 2), "test_set": "cifar10/test (10k JPEG)",
-              "epochs": args.epochs, "seconds": round(seconds), "batch_size": args.batch_size, "lr": args.lr,
+              "epochs": prior["epochs"] + args.epochs, "seconds": round(prior["seconds"] + seconds), "batch_size": args.batch_size, "lr": args.lr,
               "weight_decay": args.weight_decay, "train_images": len(y_train), "threads": args.threads}
+    if args.init is not None:
+        record["schedule"] = (f"{prior['epochs']} epochs, then {args.epochs} more from that checkpoint "
+                              f"with a new one-cycle at peak lr {args.lr}")
     print(f"final test accuracy {args.model}: {acc:.2f}%", flush=True)
     (run_dir / "result.json").write_text(json.dumps(record, indent=2) + "\n")
     if args.save:

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -97,3 +99,49 @@ def test_weight_scale_edge_case_half_range():
     assert s.item() == 0.5 / 128
     wq = fake_quantize(w, s, -128, 127)
     assert torch.equal(weight_scale(wq, 8), s)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("signed", [True, False])
+def test_ste_mask_at_the_half_code_edges(bits, signed):
+    """Codes exactly half a step outside the range: round-half-to-even keeps qmin - 0.5 (even qmin) and
+    saturates qmax + 0.5, so the gradient passes at the first and not at the second; one float32 step
+    further out it is 0 on both sides."""
+    qmin, qmax = quant_bounds(bits, signed)
+    s = 2.0 ** -4
+    c = torch.tensor([qmin - 0.5, qmax + 0.5, qmin + 0.0, qmax + 0.0])
+    c = torch.cat([c, torch.nextafter(c[:2], torch.tensor([-math.inf, math.inf]))])
+    x = (c * s).requires_grad_()
+    fake_quantize(x, torch.tensor(s), qmin, qmax).sum().backward()
+    codes = torch.round(c)
+    assert torch.equal(x.grad, ((codes >= qmin) & (codes <= qmax)).float())
+    assert x.grad.tolist() == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_cpu_kernels_agree_bit_for_bit(signed):
+    """The quantize/dequantize fast path (8-bit per-tensor on CPU) equals the element-wise path in values
+    and gradients, ties and saturation included."""
+    from xnnq.layers.fake_quant import _HAS_QDQ, _FakeQuantQDQ, _FakeQuantSTE
+    if not _HAS_QDQ:
+        pytest.skip("this torch has no quantize_per_tensor: only the element-wise path exists")
+    qmin, qmax = quant_bounds(8, signed)
+    g = torch.Generator().manual_seed(0)
+    for e in (-7, -3, 0, 2):
+        s = 2.0 ** e
+        codes = torch.cat([torch.arange(qmin - 3, qmax + 3, 0.5), torch.randn(5000, generator=g) * 200])
+        x = (codes * s).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        up = torch.randn(x.shape, generator=g)
+        a = _FakeQuantQDQ.apply(x, s, qmin, qmax)
+        b = _FakeQuantSTE.apply(x2, torch.tensor(s), qmin, qmax)
+        assert torch.equal(a, b)
+        a.backward(up), b.backward(up)
+        assert torch.equal(x.grad, x2.grad)
+
+
+def test_nan_propagates():
+    x = torch.randn(1000)
+    x[10] = float("nan")
+    y = fake_quantize(x, torch.tensor(0.25), 0, 255)
+    assert torch.isnan(y[10]) and torch.isfinite(y[:10]).all()

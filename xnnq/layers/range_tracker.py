@@ -1,9 +1,10 @@
 """Running activation-range estimate with trimmed tails, computed on the tensor's device.
 
-Per batch: the tail-trimmed extremes are order statistics (``torch.topk``) of a fixed-stride sample of at
-most ``sample_size`` elements: the ``tail`` fraction (default 0.01 %) of the largest and of the smallest
-values is dropped. This is the limit of a histogram percentile with infinitely fine bins, at a cost of
-~1 ms per tensor, and it never synchronizes with the host.
+Per batch: the tail-trimmed extremes are exact order statistics of a sample of at most ``sample_size``
+elements (evenly spaced runs of contiguous elements, :func:`~xnnq.layers.sampling.block_sample`): the
+``tail`` fraction (default 0.01 %) of the largest and of the smallest values is dropped. This is the limit
+of a histogram percentile with infinitely fine bins, at a cost of ~0.1 ms per tensor on CPU
+(:func:`~xnnq.layers.sampling.tail_extremes`), and it never synchronizes with the host.
 
 Under ``torch.distributed`` the batch extremes are all-reduced (min of minima, max of maxima) before
 averaging, so every rank holds the same range at every step (DDP's buffer broadcast would otherwise let
@@ -18,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .sampling import block_sample, flat_view, tail_extremes
+
 
 class RangeTracker(nn.Module):
     """Observer: running tail-trimmed ``min_val``/``max_val`` of the tensors it sees.
@@ -25,7 +28,7 @@ class RangeTracker(nn.Module):
     Args:
         tail: fraction trimmed from each side (``1e-4`` = 0.01 %); 0 keeps the true extremes.
         ema_alpha: weight of a new batch once the cumulative phase is over.
-        sample_size: at most this many elements (a fixed stride through the tensor) are ranked.
+        sample_size: at most about this many elements (evenly spaced runs through the tensor) are ranked.
         track_min: ``False`` skips the lower tail (the minimum is known to be 0, e.g. after ReLU).
     """
 
@@ -42,17 +45,8 @@ class RangeTracker(nn.Module):
 
     def batch_extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tail-trimmed (min, max) of one tensor, as 0-d tensors on its device."""
-        flat = x.detach().reshape(-1)
-        stride = max(1, flat.numel() // self.sample_size)
-        sample = flat[::stride].float()
-        k = max(1, int(self.tail * sample.numel()))
-        if k == 1:
-            hi = sample.max()
-            lo = sample.min() if self.track_min else hi.new_zeros(())
-        else:
-            hi = torch.topk(sample, k, sorted=False).values.min()
-            lo = torch.topk(sample, k, largest=False, sorted=False).values.max() if self.track_min else hi.new_zeros(())
-        return lo, hi
+        sample = block_sample(flat_view(x.detach()), self.sample_size).float()
+        return tail_extremes(sample, max(1, int(self.tail * sample.numel())), self.track_min)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,15 +64,14 @@ class RangeTracker(nn.Module):
             hi = torch.where(torch.isnan(hi), float("inf"), hi)
             dist.all_reduce(lo, op=dist.ReduceOp.MIN)
             dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        finite = torch.isfinite(lo) & torch.isfinite(hi)
-        alpha = torch.clamp(1.0 / (self.num_batches + 1).float(), min=self.ema_alpha)
-        alpha = torch.where(finite, alpha, torch.zeros_like(alpha))
-        lo = torch.where(finite, lo, self.min_val)
-        hi = torch.where(finite, hi, self.max_val)
-        self.min_val.add_(alpha * (lo - self.min_val))
-        self.max_val.add_(alpha * (hi - self.max_val))
-        self.num_batches.add_(finite.long())
-        self.nonfinite_batches.add_((~finite).long())
+        finite = torch.isfinite(lo + hi)  # (-inf) + inf is NaN: one test covers both
+        n = self.num_batches.add_(finite)  # finite batches so far, this one included
+        alpha = n.clamp(min=1).reciprocal().clamp_(min=self.ema_alpha)  # cumulative mean, then EMA
+        # a non-finite batch moves nothing: its extremes are replaced by the current range
+        self.max_val.lerp_(torch.where(finite, hi, self.max_val), alpha)
+        if self.track_min:
+            self.min_val.lerp_(torch.where(finite, lo, self.min_val), alpha)
+        self.nonfinite_batches.add_(~finite)
         return x
 
     def extra_repr(self) -> str:

@@ -1,0 +1,68 @@
+"""Cheap, host-sync-free statistics of large activation tensors: a cache-friendly sample and exact
+order statistics of it.
+
+* :func:`block_sample` takes evenly spaced runs of ``block`` contiguous elements. A fixed stride of single
+  elements touches one cache line per element, so gathering 65536 of them from an 8 MB activation costs as
+  much as a full element-wise pass (~0.5 ms on CPU); runs of 16 floats (one 64-byte line) read 16x less
+  memory for the same sample size.
+* :func:`tail_extremes` returns the ``k``-th largest and ``k``-th smallest values of a sample. ``torch.topk``
+  over 65536 elements costs ~0.3 ms on CPU; ranking the per-row extremes first and then only the ``k``
+  rows that can hold the top ``k`` values is exact (each of the top-``k`` values lies in a row whose
+  extreme is at least the ``k``-th value, and there are at most ``k`` such rows) and ~10x cheaper.
+"""
+from __future__ import annotations
+
+import torch
+
+_ROW = 64  # row length for the two-stage order statistic
+
+
+def flat_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a 1-d tensor in memory order, without a copy for contiguous and channels-last tensors
+    (order does not matter to extremes or histograms)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(-1)
+    return x.reshape(-1)
+
+
+def block_sample(flat: torch.Tensor, size: int, block: int = 16) -> torch.Tensor:
+    """At most about ``size`` elements of the 1-d ``flat``, as evenly spaced runs of ``block`` contiguous
+    elements (the whole tensor when it is not larger than ``size``). Returns a contiguous 1-d tensor."""
+    n = flat.numel()
+    if size <= 0 or n <= size:
+        return flat.contiguous()
+    runs = n // block
+    step = max(1, runs // max(1, size // block))
+    return flat[: runs * block].view(runs, block)[::step].reshape(-1)
+
+
+def tail_extremes(sample: torch.Tensor, k: int, track_min: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k-th smallest, k-th largest)`` of the 1-d contiguous ``sample`` as 0-d tensors (``k >= 1``).
+
+    With ``track_min=False`` the first value is 0. NaN propagates (``torch.topk`` ranks NaN highest) so
+    the caller can detect a non-finite batch.
+    """
+    n = sample.numel()
+    if k == 1:
+        if not track_min:
+            return sample.new_zeros(()), sample.amax()
+        lo, hi = torch.aminmax(sample)
+        return lo, hi
+    rows = n // _ROW
+    if rows <= k:  # small: rank everything
+        hi = torch.topk(sample, k, sorted=False).values.amin()
+        lo = torch.topk(sample, k, largest=False, sorted=False).values.amax() if track_min else sample.new_zeros(())
+        return lo, hi
+    head, rest = sample[: rows * _ROW].view(rows, _ROW), sample[rows * _ROW:]
+    row_hi = head.amax(dim=1)  # two reductions: aminmax(dim=1) is ~4x slower on CPU than amax + amin
+    row_lo = head.amin(dim=1) if track_min else None
+
+    def kth(row_ext: torch.Tensor, largest: bool) -> torch.Tensor:
+        idx = torch.topk(row_ext, k, largest=largest, sorted=False).indices
+        cand = torch.cat([head[idx].reshape(-1), rest])
+        vals = torch.topk(cand, k, largest=largest, sorted=False).values
+        return vals.amin() if largest else vals.amax()
+
+    hi = kth(row_hi, True)
+    lo = kth(row_lo, False) if track_min else sample.new_zeros(())
+    return lo, hi
