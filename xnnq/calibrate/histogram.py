@@ -13,8 +13,10 @@ ops (pad, reshape-sum), so the counts stay on the device.
 Host sync: one per batch (the batch's absolute maximum, to decide the span). Calibration is not the QAT
 hot path and the sync buys a histogram whose shape is always known on the host.
 
-Cost: the exact minimum and maximum are taken over the whole tensor; the counts over a fixed-stride sample
-of at most ``sample_size`` elements per batch (an odd stride, so no spatial position is favoured).
+Cost: the exact minimum and maximum are taken over the whole tensor; the counts over a sample of at most
+``sample_size`` elements per batch, taken as evenly spaced runs of 16 contiguous elements
+(:func:`~xnnq.layers.sampling.block_sample`: the same sample size for a sixteenth of the memory traffic of
+a single-element stride, and ``torch.histc`` runs ~1.6x faster on it contiguous).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..layers.fake_quant import MIN_RANGE
+from ..layers.sampling import block_sample, flat_view
 
 
 def _is_pow2(n: int) -> bool:
@@ -103,7 +106,7 @@ class Histogram(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Count ``x`` in; returns ``x`` unchanged."""
-        flat = x.detach().reshape(-1)
+        flat = flat_view(x.detach())
         if flat.numel() == 0:
             return x
         lo, hi = torch.aminmax(flat)
@@ -121,8 +124,7 @@ class Histogram(nn.Module):
                 self._double()
             torch.minimum(self.min_val, lo.float(), out=self.min_val)
             torch.maximum(self.max_val, hi.float(), out=self.max_val)
-        stride = max(1, flat.numel() // self.sample_size) | 1 if self.sample_size else 1
-        sample = flat[::stride].float()
+        sample = block_sample(flat, self.sample_size).float()
         r = self.span
         self.counts += torch.histc(sample, bins=self.counts.numel(), min=-r, max=r).double()
         return x
