@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from xnnq.layers.fake_quant import activation_scale, fake_quantize, pow2_ceil, quant_bounds, weight_scale
+from xnnq.layers.fake_quant import (activation_scale, clip_fake_quantize, fake_quantize, pow2_ceil, quant_bounds,
+                                    weight_scale, weight_scale_from_max)
 
 
 def is_pow2(t: torch.Tensor) -> bool:
@@ -145,3 +146,46 @@ def test_nan_propagates():
     x[10] = float("nan")
     y = fake_quantize(x, torch.tensor(0.25), 0, 255)
     assert torch.isnan(y[10]) and torch.isfinite(y[:10]).all()
+
+
+def _weight_scale_by_definition(m: torch.Tensor, bits: int) -> torch.Tensor:
+    """The power-of-2 weight rule spelled out: round the range up, quantize the largest weight, round its
+    quantized value up again."""
+    half = float(1 << (bits - 1))
+    s = pow2_ceil(m) / half
+    top = torch.clamp(torch.round(m / s), max=half - 1) * s
+    return pow2_ceil(top) / half
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_weight_scale_closed_form_equals_definition(bits):
+    g = torch.Generator().manual_seed(1)
+    half = 1 << (bits - 1)
+    k = torch.randint(-30, 8, (4000,), generator=g).double()
+    # largest weights on and around every code edge of the grid 2^k / 2^(b-1), plus random ones and zero
+    codes = torch.randint(half // 2 - 2, half + 2, (4000,), generator=g) + torch.tensor([0, 0.5, -0.5, 0.25])[
+        torch.randint(0, 4, (4000,), generator=g)]
+    m = torch.cat([(codes * torch.exp2(k) / half).float(), torch.rand(500, generator=g) * 10, torch.zeros(1)])
+    assert torch.equal(weight_scale_from_max(m, bits), _weight_scale_by_definition(m, bits))
+    shift = torch.randint(0, 3, m.shape, generator=g)
+    assert torch.equal(weight_scale_from_max(m, bits, shift=shift), _weight_scale_by_definition(m, bits) / 2.0 ** shift)
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_clip_fake_quantize_equals_clamp_then_fake_quantize(axis):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(8, 4, 3, 3, generator=g)
+    w[0, 0, 0, 0], w[3, 1, 1, 1] = 9.0, -7.5  # outliers beyond the bound
+    bound = torch.tensor(2.5)
+    scale = weight_scale(w.clamp(-2.5, 2.5), 8, axis)
+    scale = scale * (0.5 if axis is None else torch.tensor([1.0, 0.5] * 4))  # saturate some codes too
+    up = torch.randn(w.shape, generator=g)
+    a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
+    qa = clip_fake_quantize(a, bound, scale, -128, 127, axis)
+    qb = fake_quantize(torch.clamp(b, -bound, bound), scale, -128, 127, axis)
+    (qa * up).sum().backward()
+    (qb * up).sum().backward()
+    assert torch.equal(qa, qb)
+    assert torch.equal(a.grad, b.grad)
+    assert (a.grad == 0).sum() > 2  # the clipped outliers and the saturated codes get no gradient
+    assert a.grad[0, 0, 0, 0] == 0 and a.grad[3, 1, 1, 1] == 0

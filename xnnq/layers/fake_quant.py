@@ -70,27 +70,41 @@ def activation_scale(range_: torch.Tensor, bits: int, signed: bool, power2: bool
     return r / (levels_s if signed else levels_u)
 
 
+def max_abs(w: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+    """``max |w|`` (detached): a 0-d tensor, or one value per index of ``axis``."""
+    a = w.detach().abs()
+    if axis is None:
+        return a.amax()
+    dims = [d for d in range(w.dim()) if d != axis]
+    return a.amax(dim=dims) if dims else a
+
+
 def weight_scale(w: torch.Tensor, bits: int, axis: int | None = None, power2: bool = True) -> torch.Tensor:
-    """Symmetric weight scale (per tensor, or per channel along ``axis``).
+    """Symmetric weight scale (per tensor, or per channel along ``axis``): :func:`weight_scale_from_max`
+    of ``max |w|``."""
+    return weight_scale_from_max(max_abs(w, axis), bits, power2)
+
+
+def weight_scale_from_max(m: torch.Tensor, bits: int, power2: bool = True,
+                          shift: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight scale from the largest magnitude ``m``, divided by ``2^shift`` when given.
 
     Power-of-2 rule, chosen so that re-quantizing the quantized weights with the same rule changes
-    nothing (what TIDL does with exported weights): ``k = ceil(log2 max|w|)``; if the largest weight
-    rounds to exactly ``2^(k-1)`` on that grid, the grid of ``k-1`` is used instead. Every weight whose
-    code does not saturate is within half a step; a positive weight at or just below a power of two
-    saturates to the largest code by less than two steps of the returned scale (one step of the
-    coarser grid; tested in tests/test_properties.py).
+    nothing (what TIDL does with exported weights): ``k = ceil(log2 m)``, scale ``2^k / 2^(b-1)``; if the
+    largest weight rounds to exactly ``2^(k-1)`` on that grid (code ``2^(b-2)``, i.e. ``m / s <= 2^(b-2) + 0.5``
+    with round-half-to-even), the grid of ``k-1`` is used instead. Every weight whose code does not
+    saturate is within half a step; a positive weight at or just below a power of two saturates to the
+    largest code by less than two steps of the returned scale (one step of the coarser grid; tested in
+    tests/test_properties.py).
     """
-    if axis is None:
-        m = w.detach().abs().amax()
-    else:
-        dims = [d for d in range(w.dim()) if d != axis]
-        m = w.detach().abs().amax(dim=dims) if dims else w.detach().abs()
-    half = float(1 << (bits - 1))
+    m = m.clamp(min=MIN_RANGE)
     if not power2:
-        return m.clamp(min=MIN_RANGE) / (half - 1)
-    s = pow2_ceil(m) / half
-    top = torch.clamp(torch.round(m / s), max=half - 1) * s  # largest |code| after quantization
-    return pow2_ceil(top) / half
+        s = m / float((1 << (bits - 1)) - 1)
+        return s if shift is None else s * torch.exp2(-shift.to(s.dtype))
+    e = torch.ceil(torch.log2(m)) - (bits - 1)  # log2 of the scale of the range 2^ceil(log2 m)
+    finer = m <= (float(1 << (bits - 2)) + 0.5) * torch.exp2(e)
+    e = torch.where(finer, e - 1, e)
+    return torch.exp2(e if shift is None else e - shift)
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,6 +153,35 @@ class _FakeQuantQDQ(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         return torch.ops.aten.hardtanh_backward(grad, x, *ctx.bounds), None, None, None
+
+
+class _ClipFakeQuantSTE(torch.autograd.Function):
+    """``q(clamp(x, -bound, bound))`` for small tensors (weights) in one function: the gradient passes where
+    ``|x| <= bound`` and the code did not saturate (the product of the two masks autograd would build, with
+    one saved boolean tensor instead of clamp's five-op backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bound: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        codes = torch.clamp(x, -bound, bound).mul_(1.0 / scale)
+        lo, hi = _mask_bounds(qmin, qmax)
+        ctx.save_for_backward((x.abs() <= bound) & (codes > lo) & (codes < hi))
+        return codes.clamp_(qmin, qmax).round_().mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, grad, 0.0), None, None, None, None
+
+
+def clip_fake_quantize(x: torch.Tensor, bound: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
+                       axis: int | None = None) -> torch.Tensor:
+    """:func:`fake_quantize` of ``clamp(x, -bound, bound)`` (``bound`` a 0-d tensor), with the gradient of
+    the clamp and the straight-through estimator together. For weight tensors (the element-wise path)."""
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    return _ClipFakeQuantSTE.apply(x, bound, scale, int(qmin), int(qmax))
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:

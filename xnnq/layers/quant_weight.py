@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fake_quant import check_bits, fake_quantize, quant_bounds, quantize_bias, weight_scale
+from .fake_quant import check_bits, clip_fake_quantize, fake_quantize, max_abs, quant_bounds, quantize_bias, weight_scale_from_max
 
 PER_CHANNEL_CHOICES = (False, "depthwise", "all")
 
@@ -97,27 +97,40 @@ class _FoldedWeightMixin:
     def weight_axis(self) -> int | None:
         return 0 if self.per_channel else None
 
+    def clip_threshold(self, w: torch.Tensor) -> torch.Tensor:
+        """The clipping bound of :meth:`constrain` for ``w`` (0-d, detached): ``outlier_ratio·σ`` when the
+        weights beyond it are isolated, else ``max |w|`` (nothing clipped)."""
+        wd = w.detach()
+        a = wd.abs()
+        # σ as a two-pass norm: exact, and ~10x faster than torch.std on CPU for a weight tensor
+        sigma = torch.linalg.vector_norm(wd - wd.mean()) * (1.0 / max(1, wd.numel() - 1)) ** 0.5
+        t = self.outlier_ratio * sigma
+        isolated = (a > t).sum(dtype=torch.int32) <= max(1, w.shape[0] // 16)
+        return torch.where(isolated, t, a.amax())  # many outliers are structure (identity taps): keep them
+
     def constrain(self, w: torch.Tensor) -> torch.Tensor:
         """Clip isolated weight outliers (see the module docstring for the rule)."""
         if not self.constrain_weights:
             return w
-        a = w.detach().abs()
-        t = self.outlier_ratio * w.detach().std()
-        isolated = (a > t).sum() <= max(1, w.shape[0] // 16)
-        t = torch.where(isolated, t, a.max())  # many outliers are structure (identity taps): keep them
+        t = self.clip_threshold(w)
         return torch.clamp(w, -t, t)
 
     def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
-        """The rule's scale divided by ``2^weight_range_shift`` (a shift > 0 clips the largest weights)."""
-        s = weight_scale(w, self.weight_bits, self.weight_axis(), self.power2)
-        return s * torch.exp2(-self.weight_range_shift.to(s.dtype))
+        """The rule's scale for ``w`` divided by ``2^weight_range_shift`` (a shift > 0 clips the largest weights)."""
+        return weight_scale_from_max(max_abs(w, self.weight_axis()), self.weight_bits, self.power2,
+                                     self.weight_range_shift)
 
     def quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(quantized weight, its scale) from a folded float weight."""
-        w = self.constrain(w)
-        scale = self.weight_scale(w)
-        qmin, qmax = quant_bounds(self.weight_bits, True)
-        return fake_quantize(w, scale, qmin, qmax, self.weight_axis()), scale
+        """(quantized weight, its scale) from a folded float weight: ``constrain``, then the scale of the
+        constrained weights (``max |constrain(w)| = min(t, max |w|)``, no second pass)."""
+        axis, (qmin, qmax) = self.weight_axis(), quant_bounds(self.weight_bits, True)
+        m = max_abs(w, axis)
+        if not self.constrain_weights:
+            scale = weight_scale_from_max(m, self.weight_bits, self.power2, self.weight_range_shift)
+            return fake_quantize(w, scale, qmin, qmax, axis), scale
+        t = self.clip_threshold(w)
+        scale = weight_scale_from_max(torch.minimum(m, t), self.weight_bits, self.power2, self.weight_range_shift)
+        return clip_fake_quantize(w, t, scale, qmin, qmax, axis), scale
 
     def quantized_weight_bias(self, bn=None, input_quant=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The folded, quantized (weight, bias) used in inference and written by the export."""
