@@ -155,6 +155,15 @@ class _FakeQuantQDQ(torch.autograd.Function):
         return torch.ops.aten.hardtanh_backward(grad, x, *ctx.bounds), None, None, None
 
 
+def _along(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """``scale`` shaped to broadcast against ``x`` along ``axis`` (unchanged when per tensor)."""
+    if axis is None:
+        return scale
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
 class _ClipFakeQuantSTE(torch.autograd.Function):
     """``q(clamp(x, -bound, bound))`` for small tensors (weights) in one function: the gradient passes where
     ``|x| <= bound`` and the code did not saturate (the product of the two masks autograd would build, with
@@ -177,11 +186,7 @@ def clip_fake_quantize(x: torch.Tensor, bound: torch.Tensor, scale: torch.Tensor
                        axis: int | None = None) -> torch.Tensor:
     """:func:`fake_quantize` of ``clamp(x, -bound, bound)`` (``bound`` a 0-d tensor), with the gradient of
     the clamp and the straight-through estimator together. For weight tensors (the element-wise path)."""
-    if axis is not None:
-        shape = [1] * x.dim()
-        shape[axis] = -1
-        scale = scale.reshape(shape)
-    return _ClipFakeQuantSTE.apply(x, bound, scale, int(qmin), int(qmax))
+    return _ClipFakeQuantSTE.apply(x, bound, _along(scale, x, axis), int(qmin), int(qmax))
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
@@ -199,11 +204,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, ax
     if (axis is None and _HAS_QDQ and x.device.type == "cpu" and x.dtype == torch.float32
             and (qmin, qmax) in _QDQ_DTYPES and not torch.isnan(x.sum())):
         return _FakeQuantQDQ.apply(x, float(scale), int(qmin), int(qmax))
-    if axis is not None:
-        shape = [1] * x.dim()
-        shape[axis] = -1
-        scale = scale.reshape(shape)
-    return _FakeQuantSTE.apply(x, scale, int(qmin), int(qmax))
+    return _FakeQuantSTE.apply(x, _along(scale, x, axis), int(qmin), int(qmax))
 
 
 def quantize_bias(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
