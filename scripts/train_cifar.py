@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = args.run_dir or Path("runs") / args.model
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    model = get_model(args.model).to(memory_format=torch.channels_last)
+    # NCHW, not channels_last: torch 2.14.1's CPU backward of a channels-last 1x1 stride-2 conv with 3 input
+    # channels (the RepVGG / QARepVGG / MobileOne stems) corrupts the heap on AVX2-only x86 (seen here)
+    model = get_model(args.model)
     opt = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=0.9, nesterov=True)
     gen = torch.Generator().manual_seed(args.seed)
     start_epoch, seconds = 0, 0.0
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         for i, (x, y) in enumerate(bar):
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * steps_per_epoch + i, total, args.lr)
-            loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y, label_smoothing=0.1)
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

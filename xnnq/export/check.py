@@ -21,6 +21,9 @@ def ort_session(model: str | Path | onnx.ModelProto, optimize: bool = True, thre
     so.intra_op_num_threads = threads
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    # x86 without VNNI (AVX2 / AVX-512F): MLAS's u8s8 int8 GEMM (vpmaddubsw) saturates pairwise sums to int16,
+    # so the fused QLinearConv/QGemm differ from the QDQ graph; use the exact u8u8 kernel (no-op elsewhere).
+    so.add_session_config_entry("session.x64quantprecision", "1")
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
