@@ -32,11 +32,27 @@ def test_tail_extremes_propagate_nan():
 def test_block_sample_takes_evenly_spaced_runs():
     x = torch.arange(1 << 20, dtype=torch.float32)
     s = block_sample(x, 1 << 14, block=16)
-    assert s.is_contiguous() and s.numel() == 1 << 14
+    # every 64th run would alias with power-of-2 planes: the stride is the next odd number with no factor
+    # 3, 5 or 7, 67 runs
+    assert s.is_contiguous() and s.numel() == 16 * -(-(1 << 16) // 67)
     runs = s.view(-1, 16)
     assert torch.equal(runs - runs[:, :1], torch.arange(16.0).expand_as(runs))  # contiguous runs
-    assert torch.equal(runs[1:, 0] - runs[:-1, 0], torch.full((runs.shape[0] - 1,), 1024.0))  # every 64th run
+    assert torch.equal(runs[1:, 0] - runs[:-1, 0], torch.full((runs.shape[0] - 1,), 67.0 * 16))
     assert block_sample(x[:1000], 1 << 14).numel() == 1000  # small tensors are taken whole
+
+
+def test_block_sample_covers_every_channel_of_a_power_of_2_feature_map():
+    """Regression: an even stride over an N x 64 x 8 x 8 map (runs of 16 = 2 rows, 4 runs per plane) sampled
+    every other channel only, and the tracked range of a layer with one wide channel was half the truth."""
+    channel = torch.arange(64.0).view(1, 64, 1, 1).expand(128, 64, 8, 8).contiguous()
+    s = block_sample(flat_view(channel), 1 << 16)
+    assert s.numel() < channel.numel() and torch.equal(s.unique(), torch.arange(64.0))
+    x = torch.randn(128, 64, 8, 8, generator=torch.Generator().manual_seed(0))
+    x[:, 1] *= 8  # one wide channel (odd index) sets the tail
+    k = int(1e-4 * x.numel())
+    hi_all = torch.topk(x.reshape(-1), k).values[-1]
+    hi = RangeTracker(tail=1e-4).batch_extremes(x)[1]
+    assert 0.8 < float(hi / hi_all) < 1.25
 
 
 def test_flat_view_does_not_copy_channels_last():
