@@ -102,7 +102,7 @@ class _FoldedWeightMixin:
         weights beyond it are isolated, else ``max |w|`` (nothing clipped)."""
         wd = w.detach()
         a = wd.abs()
-        # σ as a two-pass norm: exact, and ~10x faster than torch.std on CPU for a weight tensor
+        # σ as a two-pass norm: exact, and faster than torch.std on CPU (35 vs 59 µs, 64x64x3x3, 1 thread)
         sigma = torch.linalg.vector_norm(wd - wd.mean()) * (1.0 / max(1, wd.numel() - 1)) ** 0.5
         t = self.outlier_ratio * sigma
         isolated = (a > t).sum(dtype=torch.int32) <= max(1, w.shape[0] // 16)
