@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fake_quant import check_bits, clip_fake_quantize, fake_quantize, max_abs, quant_bounds, quantize_bias, weight_scale_from_max
+from .fake_quant import (check_bits, clip_fake_quantize, fake_quantize, max_abs, quant_bounds, quantize_bias,
+                         weight_scale_from_max)
 
 PER_CHANNEL_CHOICES = (False, "depthwise", "all")
 
@@ -99,14 +100,13 @@ class _FoldedWeightMixin:
 
     def clip_threshold(self, w: torch.Tensor) -> torch.Tensor:
         """The clipping bound of :meth:`constrain` for ``w`` (0-d, detached): ``outlier_ratio·σ`` when the
-        weights beyond it are isolated, else ``max |w|`` (nothing clipped)."""
+        weights beyond it are isolated, else ``inf`` (nothing clipped)."""
         wd = w.detach()
-        a = wd.abs()
         # σ as a two-pass norm: exact, and faster than torch.std on CPU (35 vs 59 µs, 64x64x3x3, 1 thread)
         sigma = torch.linalg.vector_norm(wd - wd.mean()) * (1.0 / max(1, wd.numel() - 1)) ** 0.5
         t = self.outlier_ratio * sigma
-        isolated = (a > t).sum(dtype=torch.int32) <= max(1, w.shape[0] // 16)
-        return torch.where(isolated, t, a.amax())  # many outliers are structure (identity taps): keep them
+        isolated = (wd.abs() > t).sum(dtype=torch.int32) <= max(1, w.shape[0] // 16)
+        return torch.where(isolated, t, float("inf"))  # many outliers are structure (identity taps): keep them
 
     def constrain(self, w: torch.Tensor) -> torch.Tensor:
         """Clip isolated weight outliers (see the module docstring for the rule)."""
