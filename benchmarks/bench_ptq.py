@@ -39,6 +39,7 @@ from common import emit
 
 from xnnq.calibrate import METHODS, QuantCalibrateModule
 from xnnq.data import batches, cifar10, cifar10_available, data_root, evaluate
+from xnnq.export.check import ort_session
 from xnnq.models.cifar_resnet import resnet20_cifar10
 
 DUMMY = torch.zeros(1, 3, 32, 32)
@@ -89,7 +90,6 @@ def torch_ao_row(model, calib, test) -> dict:
 
 
 def onnx_rows(model, calib, test, threads: int) -> list[dict]:
-    import onnxruntime as ort
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -106,10 +106,7 @@ def onnx_rows(model, calib, test, threads: int) -> list[dict]:
             return next(self.it, None)
 
     def accuracy(path: Path) -> float:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = so.inter_op_num_threads = threads
-        so.add_session_config_entry("session.x64quantprecision", "1")  # exact int8 conv on x86 without VNNI
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sess = ort_session(path, threads=threads)  # the exact int8 kernel on x86 without VNNI, as onnx_check
         correct = 0
         for xb, yb in batches(*test, 500):
             correct += int((np.argmax(sess.run(None, {"input": xb.numpy()})[0], 1) == yb.numpy()).sum())
