@@ -124,12 +124,11 @@ class _FoldedWeightMixin:
         """(quantized weight, its scale) from a folded float weight: ``constrain``, then the scale of the
         constrained weights (``max |constrain(w)| = min(t, max |w|)``, no second pass)."""
         axis, (qmin, qmax) = self.weight_axis(), quant_bounds(self.weight_bits, True)
-        m = max_abs(w, axis)
-        if not self.constrain_weights:
-            scale = weight_scale_from_max(m, self.weight_bits, self.power2, self.weight_range_shift)
+        t = self.clip_threshold(w) if self.constrain_weights else None
+        m = max_abs(w, axis) if t is None else torch.minimum(max_abs(w, axis), t)
+        scale = weight_scale_from_max(m, self.weight_bits, self.power2, self.weight_range_shift)
+        if t is None:
             return fake_quantize(w, scale, qmin, qmax, axis), scale
-        t = self.clip_threshold(w)
-        scale = weight_scale_from_max(torch.minimum(m, t), self.weight_bits, self.power2, self.weight_range_shift)
         return clip_fake_quantize(w, t, scale, qmin, qmax, axis), scale
 
     def quantized_weight_bias(self, bn=None, input_quant=None) -> tuple[torch.Tensor, torch.Tensor | None]:
