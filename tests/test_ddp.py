@@ -4,11 +4,11 @@ Two CPU processes (gloo, loopback) train a tiny conv net with :class:`xnnq.Quant
 All scenarios run in one ``torch.multiprocessing.spawn`` (process start-up dominates the cost); each
 rank saves its state dict and the parent process compares them.
 
-Tolerance of the "one process on the concatenated batch" comparison: with ``histogram_tail=0`` the
+Tolerance of the "one process on the concatenated batch" comparison: with ``trim_fraction=0`` the
 all-reduced MIN of minima / MAX of maxima *is* the extreme of the concatenated batch, so the input
 quantizer's range is bit-identical. Deeper ranges and the weights agree to float rounding only: the
 convolutions of a 4-image and an 8-image batch sum in a different order, and DDP averages two
-per-rank gradient means instead of taking one mean. (With ``histogram_tail > 0`` the reduce of per-rank
+per-rank gradient means instead of taking one mean. (With ``trim_fraction > 0`` the reduce of per-rank
 trimmed extremes is close to, not equal to, the trimmed extreme of the concatenated batch.)
 BatchNorm is frozen in that comparison: in training mode each rank normalizes with its own batch
 statistics (``SyncBatchNorm`` needs a GPU), which a single process on the whole batch cannot reproduce.
@@ -61,7 +61,7 @@ def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def make_qat(frozen_bn: bool) -> xnnq.QuantTrainModule:
-    q = xnnq.QuantTrainModule(tiny_net(), torch.randn(1, 3, 8, 8), histogram_tail=0.0)
+    q = xnnq.QuantTrainModule(tiny_net(), torch.randn(1, 3, 8, 8), trim_fraction=0.0)
     q.train()
     if frozen_bn:
         freeze_bn(q)

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quantize.config import QuantConfig
 from ..quantize.plan import ActSpot
 from ..quantize.wrapper import QuantBaseModule
 from .bias_correction import InputMean, weight_error_mean
@@ -14,6 +15,7 @@ from .methods import METHODS
 from .weight_clip import mse_weight_shift
 
 WEIGHT_CLIPPING = (None, "mse")
+_NOT_SETTINGS = ("leaf_modules", "verbose", "act_factory")
 
 
 class QuantCalibrateModule(QuantBaseModule):
@@ -53,8 +55,7 @@ class QuantCalibrateModule(QuantBaseModule):
     """
 
     def __init__(self, model: nn.Module, dummy_input: Any, *, method: str = "mse", percentile: float = 99.99,
-                 bias_correction: bool = True, weight_clipping: str | None = None,
-                 bitwidth_overrides: dict[str, int] | None = None, bins: int = 2048, max_bins: int = 1 << 16,
+                 bias_correction: bool = True, weight_clipping: str | None = None, bins: int = 2048, max_bins: int = 1 << 16,
                  sample_size: int = 1 << 16, **kwargs: Any):
         if method not in METHODS:
             raise ValueError(f"QuantCalibrateModule: unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -62,16 +63,15 @@ class QuantCalibrateModule(QuantBaseModule):
             raise ValueError(f"QuantCalibrateModule: weight_clipping must be None or 'mse', got {weight_clipping!r}")
         if "act_factory" in kwargs:
             raise TypeError("QuantCalibrateModule builds its own activation quantizers; do not pass act_factory")
-        power2 = kwargs.get("power2_activation_range", True)
-        tail = kwargs.get("histogram_tail", 1e-4)
-        clip_ranges = kwargs.get("clip_ranges") or {}
+        config = QuantConfig.from_settings(kwargs.pop("config", None), **{k: kwargs.pop(k) for k in list(kwargs) if k not in _NOT_SETTINGS})
+        power2, tail, clip_ranges = config.power2_activation_range, config.trim_fraction, config.clip_ranges
 
         def make(spot: ActSpot) -> CalibPACT2:
             return CalibPACT2(method=method, percentile=percentile, bins=bins, max_bins=max_bins,
                               sample_size=sample_size, bits=spot.bits, signed=spot.signed, cap=spot.cap,
                               power2=power2, tail=tail, clip_range=clip_ranges.get(spot.name), name=spot.name)
 
-        super().__init__(model, dummy_input, bitwidth_overrides=bitwidth_overrides, act_factory=make, **kwargs)
+        super().__init__(model, dummy_input, config, act_factory=make, **kwargs)
         self.method, self.percentile = method, percentile
         self.use_bias_correction, self.weight_clipping = bias_correction, weight_clipping
         self.bn_frozen = True
