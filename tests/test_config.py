@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import xnnq
-from xnnq.calibrate import QuantCalibrateModule
+from xnnq.calibrate import HistogramRanges, QuantCalibrateModule
 from xnnq.models.cifar_resnet import resnet20
 from xnnq.quantize import QuantConfig
 
@@ -13,8 +13,8 @@ DUMMY = torch.randn(1, 3, 32, 32)
 
 
 def test_keywords_and_config_build_the_same_plan():
-    kw = dict(bitwidth_weights=16, per_channel_q="all", bitwidth_overrides={"first": 8}, constrain_weights=False,
-              clip_ranges={"input_q": 4.0})
+    kw = {"bitwidth_weights": 16, "per_channel_q": "all", "bitwidth_overrides": {"first": 8},
+          "constrain_weights": False, "clip_ranges": {"input_q": 4.0}}
     by_kw = xnnq.QuantTrainModule(resnet20(), DUMMY, **kw)
     by_cfg = xnnq.QuantTrainModule(resnet20(), DUMMY, config=QuantConfig(**kw))
     assert by_kw.config == by_cfg.config == QuantConfig(**kw)
@@ -28,7 +28,7 @@ def test_keywords_and_config_build_the_same_plan():
 def test_keywords_replace_fields_of_a_given_config():
     base = QuantConfig(bitwidth_activations=16, per_channel_q="depthwise")
     q = QuantCalibrateModule(resnet20(), DUMMY, config=base, per_channel_q="all", method="max")
-    assert q.config == dataclasses.replace(base, per_channel_q="all")
+    assert q.config == dataclasses.replace(base, per_channel_q="all", activation_observer=HistogramRanges("max"))
     assert all(p.bits == 16 for p in q.quantizers().values())
     assert all(w.per_channel for w in q.plan.weights)
 
@@ -60,6 +60,6 @@ def test_histogram_tail_is_a_deprecated_alias_of_trim_fraction():
     with pytest.warns(DeprecationWarning, match="trim_fraction"):
         q = xnnq.QuantTrainModule(resnet20(), DUMMY, histogram_tail=1e-3)
     assert q.config.trim_fraction == 1e-3
-    assert q.quantizers()["input_q"].tracker.tail == 1e-3
+    assert q.quantizers()["input_q"].observer.tail == 1e-3
     with pytest.raises(TypeError, match="not both"), pytest.warns(DeprecationWarning):
         QuantConfig.from_settings(histogram_tail=1e-3, trim_fraction=1e-3)

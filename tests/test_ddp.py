@@ -81,7 +81,7 @@ def input_quantizer(q: xnnq.QuantTrainModule) -> str:
 
 
 def ranges(q: xnnq.QuantTrainModule) -> dict[str, torch.Tensor]:
-    return {n: torch.stack([p.tracker.min_val, p.tracker.max_val]).clone() for n, p in q.quantizers().items()}
+    return {n: torch.stack([p.observer.min_val, p.observer.max_val]).clone() for n, p in q.quantizers().items()}
 
 
 def shard(batches, rank: int):
@@ -193,7 +193,7 @@ def test_ranks_hold_identical_ranges_and_weights(ranks, scenario):
         assert torch.equal(r0["probe_out"], r1["probe_out"])
     else:  # the documented exception is real: each rank's last batch statistics
         assert any(not torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"] if k.endswith("running_mean"))
-    assert all(int(v) > 0 for k, v in r0["state"].items() if k.endswith("tracker.num_batches"))
+    assert all(int(v) > 0 for k, v in r0["state"].items() if k.endswith("observer.num_batches"))
 
 
 def test_input_range_is_global_not_rank0(ranks):

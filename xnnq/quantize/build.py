@@ -7,21 +7,16 @@ from torch import nn
 from ..layers.pact2 import PACT2
 from ..layers.quant_weight import QuantConv2d, QuantLinear
 from .config import QuantConfig
-from .plan import Plan, _source
+from .plan import ActSpot, Plan, _source
 from .surgery import Change
 
 
-def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantConfig, act_factory=None) -> None:
-    """Insert the quantizers of ``plan`` into ``gm`` (in place), made as ``config`` says.
-
-    ``act_factory(spot) -> nn.Module`` replaces the default PACT2 construction (calibration uses it).
-    """
-    def make(spot):
-        if act_factory is not None:
-            return act_factory(spot)
+def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantConfig) -> None:
+    """Insert the quantizers of ``plan`` into ``gm`` (in place), made as ``config`` says."""
+    def make(spot: ActSpot) -> PACT2:
         return PACT2(bits=spot.bits, signed=spot.signed, cap=spot.cap, power2=config.power2_activation_range,
-                     tail=config.trim_fraction, ema_alpha=config.ema_alpha,
-                     clip_range=config.clip_ranges.get(spot.name), name=spot.name)
+                     clip_range=config.clip_ranges.get(spot.name), name=spot.name,
+                     observer=config.activation_observer(spot, config))
     nodes = {n.name: n for n in gm.graph.nodes}
     graph = gm.graph
 

@@ -11,7 +11,7 @@ reads it (the plan for what a tensor's quantizer is, the build for how its modul
   defaults of the numeric fields below and is read by the plan (what is allowed) and the export
   (options JSON).
 * ``range_learning``: how activation ranges are learned in QAT (learned thresholds): read by the
-  build when it makes each PACT2, next to ``activation_observer``.
+  build when it makes each PACT2, next to ``activation_observer`` (which would initialize them).
 """
 from __future__ import annotations
 
@@ -19,11 +19,30 @@ import dataclasses
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..layers.fake_quant import check_bits
+from ..layers.observer import RangeObserver
+from ..layers.range_tracker import RangeTracker
+
+if TYPE_CHECKING:
+    from .plan import ActSpot
 
 PER_CHANNEL_Q = (False, "depthwise", "all", True)  # True is accepted as "all"
+
+
+class ObserverFactory(Protocol):
+    """Makes the observer of one activation quantizer (``QuantConfig.activation_observer``)."""
+
+    def __call__(self, spot: ActSpot, config: QuantConfig) -> RangeObserver: ...
+
+
+@dataclass(frozen=True)
+class TrackedRanges:
+    """QAT: each quantizer's range is a running tail-trimmed range (:class:`~xnnq.layers.RangeTracker`)."""
+
+    def __call__(self, spot: ActSpot, config: QuantConfig) -> RangeObserver:
+        return RangeTracker(tail=config.trim_fraction, ema_alpha=config.ema_alpha, track_min=spot.signed is not False)
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,9 @@ class QuantConfig:
             of unknown sign is signed.
         ema_alpha: weight of a new batch in the running range of QAT once the first ``1/ema_alpha``
             batches (a cumulative mean) are over.
+        activation_observer: makes the observer that sets each activation quantizer's range from data:
+            :class:`TrackedRanges` (QAT, default) or :class:`~xnnq.calibrate.HistogramRanges` (calibration,
+            set by ``QuantCalibrateModule``).
     """
 
     bitwidth_weights: int = 8
@@ -55,6 +77,7 @@ class QuantConfig:
     clip_ranges: Mapping[str, float] = field(default_factory=dict)
     trim_fraction: float = 1e-4
     ema_alpha: float = 0.01
+    activation_observer: ObserverFactory = TrackedRanges()
 
     def __post_init__(self) -> None:
         check_bits(self.bitwidth_weights, "bitwidth_weights")

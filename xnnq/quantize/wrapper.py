@@ -33,7 +33,7 @@ class QuantBaseModule(nn.Module):
     module: fx.GraphModule
 
     def __init__(self, model: nn.Module, dummy_input: Any, config: QuantConfig | None = None, *,
-                 leaf_modules: Iterable[str | type] = (), verbose: bool = False, act_factory=None, **settings: Any):
+                 leaf_modules: Iterable[str | type] = (), verbose: bool = False, **settings: Any):
         super().__init__()
         if isinstance(model, QuantBaseModule) or any(isinstance(m, PACT2) for m in model.modules()):
             raise TypeError(f"the model is already wrapped/quantized by xnnq ({type(model).__name__}); wrap the float "
@@ -50,12 +50,12 @@ class QuantBaseModule(nn.Module):
         self.report: list[surgery.Change] = []
         surgery.run(gm, values, self.report)
         self.plan: Plan = make_plan(gm, values, self.config)
-        build(gm, self.plan, self.report, self.config, act_factory=act_factory)
+        build(gm, self.plan, self.report, self.config)
         gm.delete_all_unused_submodules()
         self.module = gm
         self.dummy_shapes = [tuple(a.shape) for a in args]
         self.bn_frozen = False
-        self.train(model.training)
+        QuantBaseModule.train(self, model.training)  # the subclass sets its own mode when it is built
         if verbose:
             print(self.surgery_report())
 
