@@ -8,7 +8,8 @@ from torch import nn
 
 import xnnq
 from xnnq.calibrate import Histogram, HistogramObserver, QuantCalibrateModule
-from xnnq.calibrate.methods import code_bounds, levels
+from xnnq.calibrate.methods import grid_step
+from xnnq.layers.fake_quant import grid_levels
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -103,7 +104,7 @@ def test_pow2_entropy_equals_brute_force(name, make, signed):
     q = calibrated(x, "entropy", signed)
     sgn = q.resolved_signed()
     a = np.abs(represented(x, signed))
-    w, nlev = q.observer.histogram.width, levels(8, sgn)
+    w, nlev = q.observer.histogram.width, grid_levels(8, sgn)
     kl = {r: brute_kl(a, r, w, nlev) for r in pow2_grid(x) if round(r / w) >= nlev}
     assert q.observer.max_val.item() == min(kl, key=kl.get), (name, kl)
 
@@ -256,7 +257,13 @@ def test_calibration_forward_is_the_float_model():
         assert all(not bn.training for bn in q.modules() if isinstance(bn, nn.BatchNorm2d))
 
 
-def test_code_bounds_match_core():
+def test_calibration_grid_is_the_core_grid():
+    """The methods score candidate ranges on the grid PACT2 then uses (one definition of the grid)."""
     for bits in (8, 16):
         for signed in (True, False):
-            assert code_bounds(bits, signed) == xnnq.layers.quant_bounds(bits, signed)
+            for r in (2.0 ** -3, 1.0, 8.0):  # power-of-2 candidates: the same step exactly
+                assert grid_step(r, bits, signed, True) == float(xnnq.layers.activation_scale(
+                    torch.tensor(r), bits, signed, True))
+            for r in (0.3, 1.7, 5.0):       # free ranges: the same step (float64 here, float32 there)
+                assert math.isclose(grid_step(r, bits, signed, False), float(xnnq.layers.activation_scale(
+                    torch.tensor(r), bits, signed, False)), rel_tol=1e-6)

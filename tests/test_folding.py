@@ -67,7 +67,7 @@ def test_eval_forward_is_conv_with_quantized_folded_weights_and_grid_bias():
     bn = q.module.get_submodule("layer1.0.bn1")
     in_q = q.module.get_submodule("relu")
     w, b = conv.quantized_weight_bias(bn, in_q)
-    s_w = conv.weight_scale(conv.folded_weight_bias(bn)[0])
+    s_w = conv.grid_scale(conv.folded_weight_bias(bn)[0])
     assert torch.equal(w / s_w, (w / s_w).round()) and (w / s_w).abs().max() <= 128
     acc_grid = in_q.scale() * s_w
     assert torch.equal(b / acc_grid, (b / acc_grid).round())  # bias on the int32 accumulator grid

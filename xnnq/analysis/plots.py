@@ -82,7 +82,7 @@ def plot_weight_histogram(qmodel: QuantBaseModule, layer: str, path: str | Path,
         ax.axvline(-t, color="k", linestyle="--", linewidth=0.8)
         ax.axvline(t, color="k", linestyle="--", linewidth=0.8, label=f"outlier clip ±{mod.outlier_ratio:g}σ")
     if not mod.per_channel and mod.weight_bits <= 8:  # 16-bit levels are too dense to draw
-        scale = mod.weight_scale(mod.constrain(w))
+        scale = mod.grid_scale(w)
         qmin, qmax = quant_bounds(mod.weight_bits, True)
         lo_c = int(torch.floor(w.min() / scale).clamp(min=qmin))
         hi_c = int(torch.ceil(w.max() / scale).clamp(max=qmax))

@@ -39,7 +39,7 @@ class InputMean(nn.Module):
         if not self.training:
             return
         x = args[0].detach()
-        s = x.sum(0).double()  # a float32 batch sum (5x faster than a float64 one), accumulated in float64
+        s = x.sum(0).double()  # the batch summed in float32 (the input's dtype), accumulated in float64
         if self.total.shape != s.shape:
             if self.total.numel():
                 raise ValueError(f"{getattr(module, 'name', '') or type(module).__name__}: calibration inputs change "

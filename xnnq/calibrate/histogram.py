@@ -16,7 +16,7 @@ hot path and the sync buys a histogram whose shape is always known on the host.
 Cost: the exact minimum and maximum are taken over the whole tensor; the counts over a sample of at most
 ``sample_size`` elements per batch, taken as evenly spaced runs of 16 contiguous elements
 (:func:`~xnnq.layers.sampling.block_sample`: the same sample size for a sixteenth of the memory traffic of
-a single-element stride, and ``torch.histc`` runs ~1.6x faster on it contiguous).
+a single-element stride, and ``torch.histc`` reads it contiguously).
 """
 from __future__ import annotations
 

@@ -31,24 +31,16 @@ import math
 
 import torch
 
+from ..layers.fake_quant import grid_levels, quant_bounds
 from .histogram import Histogram
 
 METHODS = ("max", "percentile", "mse", "entropy")
 
 
-def levels(bits: int, signed: bool) -> int:
-    """Number of codes on one side of zero: ``2^(b-1)`` signed, ``2^b`` unsigned."""
-    return 1 << (bits - 1) if signed else 1 << bits
-
-
-def code_bounds(bits: int, signed: bool) -> tuple[int, int]:
-    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-
-
 def grid_step(r: float, bits: int, signed: bool, power2: bool) -> float:
-    """Quantization step for range ``r`` (see the module docstring)."""
-    n = levels(bits, signed)
-    return r / n if power2 else r / (n - 1)
+    """Quantization step for a candidate range ``r`` (a power of two when ``power2``): the scale
+    :func:`~xnnq.layers.activation_scale` gives it, in float64."""
+    return r / grid_levels(bits, signed, power2)
 
 
 def pow2_candidates(hist: Histogram, absmax: float) -> list[float]:
@@ -72,7 +64,7 @@ def edge_candidates(hist: Histogram, absmax: float, first: int, points: int) -> 
 def mse_errors(hist: Histogram, ranges: list[float], bits: int, signed: bool, power2: bool) -> torch.Tensor:
     """Estimated total squared quantization error for each candidate range (float64 tensor)."""
     c, n, w = hist.centers(), hist.counts, hist.width
-    qmin, qmax = code_bounds(bits, signed)
+    qmin, qmax = quant_bounds(bits, signed)
     out = []
     for r in ranges:
         s = grid_step(r, bits, signed, power2)
@@ -146,7 +138,7 @@ def choose_range(hist: Histogram, method: str, bits: int, signed: bool, power2: 
         cands = pow2_candidates(hist, absmax) if power2 else edge_candidates(hist, absmax, 1, search_points)
         return cands[int(torch.argmin(mse_errors(hist, cands, bits, signed, power2)))]
     # entropy
-    nlev = levels(bits, signed)
+    nlev = grid_levels(bits, signed)
     if power2:
         cands = [r for r in pow2_candidates(hist, absmax) if round(r / hist.width) >= nlev]
     else:

@@ -13,7 +13,7 @@ from torch import fx
 from ..quantize.capture import check_dummy_input
 from ..quantize.plan import Plan, WeightSpot
 from .allowlist import warn_unsupported
-from .graph import ClipInfo, LayerInfo, build_export_module
+from .graph import ClipInfo, LayerInfo, build_export_graph
 from .onnx_graph import initializers, op_counts
 from .options import tidl_runtime_options, write_options
 from .qdq import ActQuant, WeightQuant, to_qdq
@@ -54,7 +54,7 @@ def export_graph(qmodel: Any) -> tuple[fx.GraphModule, list[ClipInfo], list[Laye
     was_training = qmodel.training
     qmodel.eval()
     try:
-        return build_export_module(gm, qmodel.plan)
+        return build_export_graph(gm, qmodel.plan)
     finally:
         qmodel.train(was_training)
 

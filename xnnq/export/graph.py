@@ -75,7 +75,7 @@ def _check_ready(name: str, q: PACT2) -> None:
 
 
 @torch.no_grad()
-def build_export_module(qmodule: fx.GraphModule, plan: Plan) -> tuple[fx.GraphModule, list[ClipInfo], list[LayerInfo]]:
+def build_export_graph(qmodule: fx.GraphModule, plan: Plan) -> tuple[fx.GraphModule, list[ClipInfo], list[LayerInfo]]:
     """The float export graph of an xnnq ``GraphModule`` and its plan (see the module docstring)."""
     src = qmodule
     graph = copy.deepcopy(src.graph)

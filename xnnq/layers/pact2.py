@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fake_quant import activation_scale, check_bits, fake_quantize, quant_bounds
+from .fake_quant import activation_scale, check_bits, fake_quantize, grid_levels, quant_bounds
 from .observer import RangeObserver
 from .range_tracker import RangeTracker
 
@@ -104,9 +104,8 @@ class PACT2(nn.Module):
 
     def clip_values(self) -> tuple[float, float]:
         """The float clip interval this quantizer implements (for export): ``(-R, R)``, ``(0, R)`` or ``(0, cap)``."""
-        scale, qmin, qmax = self.qparams()
-        levels = -qmin if qmin < 0 else qmax + 1
-        r = float(scale) * (levels if self.power2 else levels - 1)
+        scale, qmin, _ = self.qparams()
+        r = float(scale) * grid_levels(self.bits, qmin < 0, self.power2)
         lo = -r if qmin < 0 else 0.0
         hi = r if self.cap is None else min(r, float(self.cap))
         return lo, hi

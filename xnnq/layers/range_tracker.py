@@ -3,7 +3,7 @@
 Per batch: the tail-trimmed extremes are exact order statistics of a sample of at most ``sample_size``
 elements (evenly spaced runs of contiguous elements, :func:`~xnnq.layers.sampling.block_sample`): the
 ``tail`` fraction (default 0.01 %) of the largest and of the smallest values is dropped. This is the limit
-of a histogram percentile with infinitely fine bins, at a cost of ~0.1 ms per tensor on CPU
+of a histogram percentile with infinitely fine bins, computed on a bounded sample
 (:func:`~xnnq.layers.sampling.tail_extremes`), and it never synchronizes with the host.
 
 Under ``torch.distributed`` the batch extremes are all-reduced (min of minima, max of maxima) before

@@ -4,12 +4,12 @@ order statistics of it.
 * :func:`block_sample` takes evenly spaced runs of ``block`` contiguous elements, at a stride that does not
   alias with the feature map's dimensions. A fixed stride of single
   elements touches one cache line per element, so gathering 65536 of them from an 8 MB activation costs as
-  much as a full element-wise pass (~0.5 ms on CPU); runs of 16 floats (one 64-byte line) read 16x less
-  memory for the same sample size.
-* :func:`tail_extremes` returns the ``k``-th largest and ``k``-th smallest values of a sample. ``torch.topk``
-  over 65536 elements costs ~0.3 ms on CPU; ranking the per-row extremes first and then only the ``k``
-  rows that can hold the top ``k`` values is exact (each of the top-``k`` values lies in a row whose
-  extreme is at least the ``k``-th value, and there are at most ``k`` such rows) and ~10x cheaper.
+  much as a full element-wise pass; runs of 16 floats (one 64-byte line) read 16x less memory for the same
+  sample size.
+* :func:`tail_extremes` returns the ``k``-th largest and ``k``-th smallest values of a sample. Instead of
+  ``torch.topk`` over the whole sample it ranks the per-row extremes first and then only the ``k`` rows
+  that can hold the top ``k`` values: exact (each of the top-``k`` values lies in a row whose extreme is
+  at least the ``k``-th value, and there are at most ``k`` such rows), and it ranks far fewer values.
 """
 from __future__ import annotations
 

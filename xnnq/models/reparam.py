@@ -5,8 +5,9 @@ form from :meth:`Reparameterizable.deploy_module`. :func:`reparameterize` replac
 a model (a copy) by its deploy form. The fused kernels use the BatchNorm running statistics, so the
 deploy model computes the same function as the training model in **eval** mode.
 
-The kernel arithmetic the blocks share lives here: folding a BatchNorm into a kernel, padding a kernel
-to a larger odd size and the kernel of an identity branch.
+The kernel arithmetic the blocks share lives here: padding a kernel to a larger odd size and the kernel
+of an identity branch; folding a BatchNorm into a kernel is :func:`xnnq.layers.bn_fold.fold_bn` (the
+quantized layers' formula), re-exported here.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers.bn_fold import fold_bn
+
 
 class Reparameterizable(nn.Module):
     """A block with a single-conv deploy form (the fused conv followed by the block's activation)."""
@@ -24,19 +27,6 @@ class Reparameterizable(nn.Module):
     def deploy_module(self) -> nn.Module:  # pragma: no cover - interface
         """A new module computing the same function as ``self`` in eval mode, with one conv."""
         raise NotImplementedError
-
-
-def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel and bias of ``bn(conv(x))`` for a conv with ``weight`` / ``bias`` (bias may be None)."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(f"{bn}: BatchNorm without running statistics cannot be folded "
-                         "(construct it with track_running_stats=True)")
-    std = torch.sqrt(bn.running_var + bn.eps)
-    gamma = bn.weight if bn.affine else torch.ones_like(std)
-    beta = bn.bias if bn.affine else torch.zeros_like(std)
-    scale = gamma / std
-    b = bias if bias is not None else torch.zeros_like(bn.running_mean)
-    return weight * scale.view(-1, *([1] * (weight.dim() - 1))), beta + (b - bn.running_mean) * scale
 
 
 def pad_kernel(weight: torch.Tensor, size: int) -> torch.Tensor:
@@ -75,6 +65,10 @@ def deploy_sequential(conv: nn.Conv2d, act: nn.Module) -> nn.Sequential:
     seq.add_module("conv", conv)
     seq.add_module("act", copy.deepcopy(act))
     return seq
+
+
+__all__ = ["Reparameterizable", "deploy_sequential", "fold_bn", "fused_conv", "identity_kernel", "pad_kernel",
+           "reparameterize"]
 
 
 def _blocks(model: nn.Module) -> Iterator[tuple[nn.Module, str, Reparameterizable]]:

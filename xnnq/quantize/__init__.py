@@ -2,7 +2,7 @@
 from .capture import CaptureError
 from .config import QuantConfig
 from .plan import ActSpot, Plan, WeightSpot
-from .test import QuantTestModule
+from .evaluation import QuantTestModule
 from .train import QuantTrainModule
 from .wrapper import QuantBaseModule
 

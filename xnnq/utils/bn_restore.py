@@ -128,7 +128,7 @@ def model_restore_bn(model: nn.Module, calibrate_func: Callable[[nn.Module], obj
 def fold_restored_bn(model: nn.Module) -> nn.Module:
     """Undo the structure of :func:`model_restore_bn` in place: every ``Sequential(conv=Conv, bn=BatchNorm)``
     becomes one biased conv with the BatchNorm (eval statistics, γ, β, possibly changed by CLE) folded in."""
-    from ..models.reparam import fold_bn
+    from ..layers.bn_fold import fold_bn
 
     for name, m in list(model.named_modules()):
         if (isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(getattr(m, "conv", None), CONVS)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..layers.bn_fold import bn_scale
 from .graph_pairs import LayerPair, find_layer_pairs
 
 
@@ -33,7 +34,7 @@ def _bn_scale(bn: nn.Module | None, like: torch.Tensor) -> torch.Tensor:
     """Per-channel factor γ / sqrt(var + eps) that folding ``bn`` puts on a kernel (1 without BN)."""
     if bn is None:
         return torch.ones(like.shape[0], dtype=like.dtype, device=like.device)
-    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return bn_scale(bn)
 
 
 def _channel_ranges_out(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
