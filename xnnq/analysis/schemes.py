@@ -1,7 +1,7 @@
 """The same weights under three number formats of equal bitwidth: INT, POT and FLOAT.
 
 * ``INT``: uniform symmetric codes ``[-2^(b-1), 2^(b-1)-1]`` with a power-of-2 scale (TIDL's weights;
-  :func:`xnnq.layers.weight_scale`).
+  :func:`xnnq.layers.weight_scale`, divided by ``2^shift`` for a layer clipped by calibration).
 * ``POT``: power-of-two levels ``{0, ±M·2^-k, k = 0..2^(b-1)-2}`` (a sign bit and an exponent code;
   ``M`` = the largest weight rounded up to a power of two); each weight goes to the nearest level.
 * ``FLOAT``: a mini-float, ``E4M3`` for 8 bits and ``E5M10`` for 16 (sign, exponent, mantissa; IEEE-style
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers.fake_quant import MIN_RANGE, fake_quantize, pow2_ceil, quant_bounds, weight_scale
+from ..layers.fake_quant import MIN_RANGE, fake_quantize, max_abs, pow2_ceil, quant_bounds, weight_scale_from_max
 
 SCHEMES = ("INT", "POT", "FLOAT")
 MINIFLOAT_BITS = {8: (4, 3), 16: (5, 10)}  # bits -> (exponent bits, mantissa bits)
@@ -29,10 +29,12 @@ def _absmax(w: torch.Tensor, axis: int | None) -> torch.Tensor:
     return w.abs().amax(dim=dims, keepdim=True) if dims else w.abs()
 
 
-def quantize_int(w: torch.Tensor, bits: int, axis: int | None = None, power2: bool = True) -> torch.Tensor:
-    """Uniform symmetric ``bits``-bit quantization (TIDL's weight grid)."""
+def quantize_int(w: torch.Tensor, bits: int, axis: int | None = None, power2: bool = True,
+                 shift: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniform symmetric ``bits``-bit quantization (TIDL's weight grid); ``shift``: a layer's
+    ``weight_range_shift`` (the scale divided by ``2^shift``, as the layer deploys it)."""
     qmin, qmax = quant_bounds(bits, True)
-    return fake_quantize(w, weight_scale(w, bits, axis, power2), qmin, qmax, axis)
+    return fake_quantize(w, weight_scale_from_max(max_abs(w, axis), bits, power2, shift), qmin, qmax, axis)
 
 
 def quantize_pot(w: torch.Tensor, bits: int, axis: int | None = None) -> torch.Tensor:
@@ -71,10 +73,10 @@ def quantize_float(w: torch.Tensor, bits: int, axis: int | None = None) -> torch
 
 
 def quantize_scheme(w: torch.Tensor, scheme: str, bits: int, axis: int | None = None,
-                    power2: bool = True) -> torch.Tensor:
-    """``w`` under ``scheme`` ("INT", "POT" or "FLOAT")."""
+                    power2: bool = True, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """``w`` under ``scheme`` ("INT", "POT" or "FLOAT"); ``shift`` applies to INT (see :func:`quantize_int`)."""
     if scheme == "INT":
-        return quantize_int(w, bits, axis, power2)
+        return quantize_int(w, bits, axis, power2, shift)
     if scheme == "POT":
         return quantize_pot(w, bits, axis)
     if scheme == "FLOAT":

@@ -30,8 +30,9 @@ def weight_stats(qmodel: QuantBaseModule, js_bins: int = 512) -> dict[str, dict[
 
     The float tensor is the folded weight (BatchNorm running statistics folded in); the quantized one is
     what inference and the export use (after outlier clipping, on the layer's grid). The schemes quantize
-    the same clipped tensor at the layer's bitwidth and granularity, and are measured against the same
-    float tensor, so ``INT`` equals ``weight_sqnr``. ``weight_clip_pct``: % of the weights changed by the
+    the same clipped tensor at the layer's bitwidth and granularity (``INT`` on the deployed grid, with the
+    layer's ``weight_range_shift``), and are measured against the same float tensor, so ``INT`` equals
+    ``weight_sqnr``. ``weight_clip_pct``: % of the weights changed by the
     outlier clipping (``constrain_weights``, ±15σ); when it is not 0 and every scheme has a low SQNR, the
     error is the clipping, not the bitwidth (16 bits will not help; ``constrain_weights=False`` may).
     """
@@ -40,8 +41,8 @@ def weight_stats(qmodel: QuantBaseModule, js_bins: int = 512) -> dict[str, dict[
         layer = qmodel.module.get_submodule(spot.name)
         w, wq = folded_weights(qmodel, spot.name)
         wc = layer.constrain(w)
-        schemes = {s: sqnr(w, quantize_scheme(wc, s, layer.weight_bits, layer.weight_axis(), layer.power2))
-                   for s in SCHEMES}
+        schemes = {s: sqnr(w, quantize_scheme(wc, s, layer.weight_bits, layer.weight_axis(), layer.power2,
+                                              layer.weight_range_shift)) for s in SCHEMES}
         out[spot.name] = {"weight_sqnr": sqnr(w, wq), "weight_js": weight_js(w, wq, js_bins),
                           "weight_clip_pct": 100.0 * float((wc != w).double().mean()),
                           "scheme_sqnr": schemes, "weight_bits": layer.weight_bits}

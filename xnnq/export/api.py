@@ -15,7 +15,7 @@ from ..quantize.plan import Plan, WeightSpot
 from .allowlist import warn_unsupported
 from .graph import ClipInfo, LayerInfo, build_export_graph
 from .onnx_graph import initializers, op_counts
-from .options import tidl_runtime_options, write_options
+from .options import scale_type, tidl_runtime_options, write_options
 from .qdq import ActQuant, WeightQuant, to_qdq
 from .tidl import DEFAULT_OPSET, clip_order, name_clips, tidy_and_check, torch_to_onnx
 from .tidl import simplify as onnxsim_simplify
@@ -102,8 +102,10 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     args = tuple(a.detach().cpu() for a in check_dummy_input(dummy_input))
+    plan: Plan = _qmodule(qmodel)[0].plan
+    non_power2 = [a.name for a in plan.acts if not a.power2]
+    scale = scale_type(format, all(w.power2 for w in plan.weights), non_power2 or True)
     gm, clips, layers = export_graph(qmodel)
-    plan: Plan = qmodel.plan
     gm = gm.cpu()
     with torch.no_grad():
         sample = gm(*args)
@@ -144,7 +146,7 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
     content = {
         "format": format,
         "model": path.name,
-        "runtime_options": tidl_runtime_options(format, tensor_bits, feature_16, params_16),
+        "runtime_options": tidl_runtime_options(format, tensor_bits, feature_16, params_16, scale),
         "activation_ranges": {t: [lo, hi] for t, (lo, hi) in ranges.items()},
         "activation_scales": {tensors[c.name]: c.scale for c in clips},
         "activation_bits": {tensors[c.name]: c.bits for c in clips},

@@ -95,31 +95,34 @@ def onnx_check(path: str | Path | onnx.ModelProto, reference: torch.nn.Module | 
     """
     runner = OnnxRunner(path, optimize, threads)
     was_training = isinstance(reference, torch.nn.Module) and reference.training
-    if isinstance(reference, torch.nn.Module):
-        reference.eval()
     if lsb is None and not isinstance(path, onnx.ModelProto):
         lsb = output_lsb(path)
     n = 0
     max_diff = 0.0
     within = exact = elems = agree = 0
-    for batch in batches:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        y = runner(x)
-        ref = reference(x)
-        ref = first_output(ref).detach().cpu().float()
-        if y.shape != ref.shape:
-            raise ValueError(f"onnx_check: the ONNX output has shape {tuple(y.shape)}, the reference {tuple(ref.shape)}")
-        d = (y - ref).abs()
-        max_diff = max(max_diff, float(d.max()))
-        elems += d.numel()
-        exact += int((d == 0).sum())
-        if lsb:
-            within += int((d <= lsb * (1 + 1e-6)).sum())
-        if y.dim() == 2:
-            agree += int((y.argmax(1) == ref.argmax(1)).sum())
-        n += x.shape[0]
-    if was_training:
-        reference.train()
+    try:
+        if isinstance(reference, torch.nn.Module):
+            reference.eval()
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            y = runner(x)
+            ref = reference(x)
+            ref = first_output(ref).detach().cpu().float()
+            if y.shape != ref.shape:
+                raise ValueError(f"onnx_check: the ONNX output has shape {tuple(y.shape)}, the reference "
+                                 f"{tuple(ref.shape)}")
+            d = (y - ref).abs()
+            max_diff = max(max_diff, float(d.max()))
+            elems += d.numel()
+            exact += int((d == 0).sum())
+            if lsb:
+                within += int((d <= lsb * (1 + 1e-6)).sum())
+            if y.dim() == 2:
+                agree += int((y.argmax(1) == ref.argmax(1)).sum())
+            n += x.shape[0]
+    finally:
+        if was_training:
+            reference.train()
     if n == 0:
         raise ValueError("onnx_check: `batches` yielded nothing")
     two_d = y.dim() == 2

@@ -1,8 +1,10 @@
 """TIDL emulation of a float ("tidl") export: quantize the float ONNX the way TIDL does, then run it.
 
-TIDL, compiling a QAT model with ``accuracy_level`` 0 and power-of-2 scales, takes every ``Clip`` as the
-range of that activation (PACT) and quantizes the float weights itself. The emulation does the same from
-the ``.onnx`` and its options JSON alone: power-of-2 weight scales from the (folded) float weights,
+TIDL, compiling a QAT model with ``accuracy_level`` 0, takes every ``Clip`` as the range of that
+activation (PACT, power-of-2 scales) and quantizes the float weights itself. The emulation does the same
+from the ``.onnx`` and its options JSON alone: weight scales from the (folded) float weights (power-of-2
+unless the options' ``quantization_scale_type`` is 0; TI does not document its non-power-of-2 rule, xnnq's
+``max |w| / (2^(b-1) - 1)`` is used),
 activation scales from the Clip bounds, 16-bit where the options' 16-bit lists say so, and writes the
 result as an ONNX QDQ model that onnxruntime runs. If the export is right, the re-quantized weights are
 the exported ones bit for bit and the emulation computes what the PyTorch simulation computed.
@@ -18,7 +20,8 @@ from onnx import numpy_helper
 
 from .check import onnx_accuracy
 from .onnx_graph import consumers
-from .options import FEATURE_16BIT_OPTION, PARAMS_16BIT_OPTION, read_options, split_names
+from .options import (FEATURE_16BIT_OPTION, PARAMS_16BIT_OPTION, SCALE_TYPE_OPTION, SCALE_TYPE_POWER2, read_options,
+                      split_names)
 from .qdq import ActQuant, WeightQuant, grid_error, to_qdq
 
 
@@ -34,6 +37,7 @@ def tidl_emulation(path: str | Path, per_channel: bool | Iterable[str] | None = 
         raise ValueError(f"{path}: TIDL emulation takes a format='tidl' export, this one is {opts.get('format')!r}")
     ro = opts["runtime_options"]
     bits = int(ro.get("tensor_bits", 8))
+    weights_power2 = ro.get(SCALE_TYPE_OPTION, SCALE_TYPE_POWER2) == SCALE_TYPE_POWER2  # feature maps: always
     feature_16 = set(split_names(ro.get(FEATURE_16BIT_OPTION)))
     params_16 = set(split_names(ro.get(PARAMS_16BIT_OPTION)))
     if per_channel is None:
@@ -52,7 +56,7 @@ def tidl_emulation(path: str | Path, per_channel: bool | Iterable[str] | None = 
         names = {out} | ({nxt[0].output[0]} if len(nxt) == 1 and nxt[0].op_type == "Clip" else set())
         wbits = 16 if (names & params_16 or bits == 16) else 8
         pc = per_channel is True or (not isinstance(per_channel, bool) and n.input[1] in set(per_channel))
-        weights[n.input[1]] = WeightQuant(wbits, pc)
+        weights[n.input[1]] = WeightQuant(wbits, pc, weights_power2)
     return to_qdq(model, acts, weights)
 
 

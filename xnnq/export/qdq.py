@@ -146,7 +146,9 @@ def to_qdq(model: onnx.ModelProto, acts: dict[str, ActQuant], weights: dict[str,
             axis = 0 if trans_b else 1
         w = numpy_helper.to_array(b.inits[wname])
         codes, s = quantize_weight_array(w, q, axis)
-        if q.scale is not None and grid_error(w, codes, s, axis) > 0:
+        # a power-of-2 grid holds the float32 weights exactly; another one up to float32 rounding of code · scale
+        tol = 0.0 if q.power2 else float(np.abs(w).max()) * 2.0 ** -23
+        if q.scale is not None and grid_error(w, codes, s, axis) > tol:
             raise RuntimeError(f"to_qdq: weight {wname!r} is not on the grid of its layer's scale (max error "
                                f"{grid_error(w, codes, s, axis):.3g}); the export graph and the layer disagree.")
         codes_name = b.const(wname + "_quantized", codes)

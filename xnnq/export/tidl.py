@@ -11,6 +11,7 @@ import io
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
 import torch
 
@@ -66,7 +67,8 @@ def name_clips(model: onnx.ModelProto, order: list[tuple[str, float, float]], cl
             continue
         name, lo, hi = order[i]
         b_lo, b_hi = clip_bounds(graph, node)
-        if abs(b_lo - lo) > 1e-12 * max(1.0, abs(lo)) or abs(b_hi - hi) > 1e-12 * max(1.0, abs(hi)):
+        lo32, hi32 = float(np.float32(lo)), float(np.float32(hi))  # ONNX holds the bounds in float32
+        if abs(b_lo - lo32) > 1e-12 * max(1.0, abs(lo32)) or abs(b_hi - hi32) > 1e-12 * max(1.0, abs(hi32)):
             continue
         i += 1
         if name not in quantized:

@@ -9,7 +9,8 @@ Forward, with ``c = γ / sqrt(running_var + eps)`` per output channel:
 * BN in eval mode (inference, or frozen with :func:`xnnq.utils.freeze_bn`), or no BN:
   ``y = conv(x, q(W·c), q_b(β + (b − μ)·c))`` — exactly what is exported.
 * BN in training mode (one conv per forward; the correction of Krishnamoorthi 2018 without its second
-  conv): ``y = BN_train(conv(x, q(W·c) / c) + b)``. The weights are quantized as they will be deployed
+  conv): ``y = BN_train(conv(x, q(W·c) / c) + b)`` (a channel with ``γ = 0`` keeps ``W``: it outputs ``β``
+  whatever its conv computes). The weights are quantized as they will be deployed
   (folded with the running statistics); dividing the quantized kernel by ``c`` (instead of the conv
   output, as torch.ao does) costs nothing per pixel, and the batch statistics still drive the
   normalization and update the running statistics.
@@ -150,7 +151,11 @@ class _FoldedWeightMixin:
         w = self.weight * c
         if self.quant_enabled:
             w = self.quantize_weight(w)[0]
-        y = self.layer_forward(x, w / c, self.bias)
+        # a channel with γ = 0 (zero-initialized residual BN, pruned channels) outputs β whatever its conv
+        # computes; it keeps its float weights, so its batch statistics are the float model's (no 0 / 0)
+        dead = c == 0
+        w = torch.where(dead, self.weight, w / torch.where(dead, 1.0, c))
+        y = self.layer_forward(x, w, self.bias)
         return bn(y)
 
 
