@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from ..layers.fake_quant import MIN_RANGE, fake_quantize, max_abs, pow2_ceil, quant_bounds, weight_scale_from_max
+from ..layers.fake_quant import (
+    MIN_RANGE,
+    fake_quantize,
+    max_abs,
+    pow2_ceil,
+    quant_bounds,
+    weight_scale_from_max,
+)
 
 SCHEMES = ("INT", "POT", "FLOAT")
 MINIFLOAT_BITS = {8: (4, 3), 16: (5, 10)}  # bits -> (exponent bits, mantissa bits)

@@ -20,8 +20,14 @@ from onnx import numpy_helper
 
 from .check import onnx_accuracy
 from .onnx_graph import consumers
-from .options import (FEATURE_16BIT_OPTION, PARAMS_16BIT_OPTION, SCALE_TYPE_OPTION, SCALE_TYPE_POWER2, read_options,
-                      split_names)
+from .options import (
+    FEATURE_16BIT_OPTION,
+    PARAMS_16BIT_OPTION,
+    SCALE_TYPE_OPTION,
+    SCALE_TYPE_POWER2,
+    read_options,
+    split_names,
+)
 from .qdq import ActQuant, WeightQuant, grid_error, to_qdq
 
 
