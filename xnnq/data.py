@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -20,14 +20,15 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def data_root() -> Path:
-    """The shared data folder: ``$XNNQ_DATA`` or ``../shared/data`` beside the repository."""
-    env = os.environ.get("XNNQ_DATA")
-    if env:
-        return Path(env)
-    return (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+    """The shared data folder: ``$XNNQ_DATA``, else ``../shared/data`` from the current working directory.
+
+    Never a path relative to the installed package: run from the repository root or set ``XNNQ_DATA``.
+    """
+    return Path(os.environ.get("XNNQ_DATA") or Path("..") / "shared" / "data").expanduser().resolve()
 
 
 def cifar10_available() -> bool:
+    """Whether the CIFAR-10 JPEG test split and the ResNet-20 weights are under :func:`data_root`."""
     root = data_root()
     return (root / "cifar10" / "test").is_dir() and (root / "weights" / "resnet20_cifar10jpg.pt").is_file()
 
@@ -114,6 +115,28 @@ def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuf
         if train_augment:
             xb = augment(xb, generator)
         yield normalize(xb.to(device)), labels[idx].to(device)
+
+
+class Batches:
+    """Re-iterable, sized :func:`batches`: each pass draws a new shuffle and augmentation from ``generator``.
+
+    What :func:`xnnq.recipes.qat_finetune` takes as ``train_batches`` (``len()`` = batches per epoch).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = False,
+                 train_augment: bool = False, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu"):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.shuffle, self.train_augment, self.generator, self.device = shuffle, train_augment, generator, device
+
+    def __len__(self) -> int:
+        return (self.images.shape[0] + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return batches(self.images, self.labels, self.batch_size, shuffle=self.shuffle,
+                       train_augment=self.train_augment, generator=self.generator, device=self.device)
 
 
 @torch.no_grad()

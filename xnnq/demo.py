@@ -17,7 +17,9 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data
-from .cli_steps import check_onnx, export_both, train_qat, write_analysis
+from .cli.steps import check_onnx, export_both, write_analysis
+from .quantize import QuantTrainModule
+from .recipes import qat_finetune
 
 CLASSES = ("horizontal", "diagonal", "vertical", "anti-diagonal")
 
@@ -90,8 +92,8 @@ def run_demo(out: Path, *, train_images: int = 2048, test_images: int = 512, epo
     dummy = torch.randn(1, 3, 16, 16)
     model = train_float(TinyCNN(len(CLASSES)), x_tr, y_tr, epochs=epochs, seed=seed, progress=progress)
     float_acc = data.evaluate(model, x_te, y_te)
-    q = train_qat(model, dummy, x_tr, y_tr, epochs=qat_epochs, lr=5e-3, batch_size=64, kwargs={}, seed=seed,
-                  progress=progress, augment=False)
+    train = data.Batches(x_tr, y_tr, 64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    q = qat_finetune(QuantTrainModule(model, dummy), train, epochs=qat_epochs, lr=5e-3, progress=progress)
     qat_acc = data.evaluate(q, x_te, y_te)
     torch.save(model.state_dict(), out / "float_weights.pt")
     paths = export_both(q, dummy, out, stem="demo", progress=progress)

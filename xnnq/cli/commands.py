@@ -1,4 +1,4 @@
-"""The ``xnnq`` command line: ``demo``, ``quantize``, ``eval``, ``analyze`` (``xnnq <command> --help``)."""
+"""The ``xnnq`` parser and its commands: ``demo``, ``quantize``, ``eval``, ``analyze``."""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import data
-from .cli_models import CliError, default_input_size, default_weights, load_model, load_split, split_dirs
+from .. import data
+from .errors import CliError
+from .loading import default_input_size, default_weights, load_model, load_split, split_dirs
 
 MODEL_HELP = ("resnet20 (CIFAR-10 ResNet-20), a torchvision.models name (e.g. resnet18, mobilenet_v2; random "
               "init unless --weights), or package.module:attr (a model, a class or a factory; e.g. xnnq.demo:tiny_cnn)")
@@ -154,7 +155,7 @@ def _print_json(obj: Any) -> None:
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import format_summary, run_demo
+    from ..demo import format_summary, run_demo
     for n in ("train_images", "test_images", "epochs"):
         if getattr(args, n) <= 0:
             raise CliError(f"--{n.replace('_', '-')} must be positive")
@@ -165,15 +166,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .cli_steps import (
-        calibrate_ptq,
-        check_onnx,
-        export_both,
-        save_quant,
-        train_qat,
-        wrapper_kwargs,
-        write_analysis,
-    )
+    from ..quantize import QuantTrainModule
+    from ..recipes import qat_finetune
+    from .steps import calibrate_ptq, check_onnx, export_both, save_quant, wrapper_kwargs, write_analysis
+
     if args.mode == "qat" and args.epochs <= 0:
         raise CliError(f"--epochs must be > 0 for --mode qat, got {args.epochs}")
     t0 = time.perf_counter()
@@ -191,8 +187,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         q = calibrate_ptq(st.model, st.dummy, st.x_tr[:n], st.y_tr[:n], batch_size=args.batch_size, method=args.method,
                           kwargs=kw, progress=progress)
     else:
-        q = train_qat(st.model, st.dummy, st.x_tr, st.y_tr, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                      kwargs=kw, progress=progress)
+        train = data.Batches(st.x_tr, st.y_tr, args.batch_size, shuffle=True, train_augment=True,
+                             generator=torch.Generator().manual_seed(0))
+        q = qat_finetune(QuantTrainModule(st.model, st.dummy, **kw), train, epochs=args.epochs, lr=args.lr,
+                         progress=progress)
     quant_acc = data.evaluate(q, st.x_te, st.y_te, progress=progress)
     save_quant(q, out, st.config(args, mode=args.mode, method=args.method, kwargs=kw))
     paths = export_both(q, st.dummy, out, progress=progress)
@@ -216,7 +214,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .cli_steps import load_quant, read_config
+    from .steps import load_quant, read_config
     cfg = read_config(args.quant_dir) if args.quant_dir else None
     missing = [f for f in args.onnx if not Path(f).is_file()]
     if missing:
@@ -229,7 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         q = load_quant(st.model, st.dummy, args.quant_dir)
         res["quant_accuracy"] = data.evaluate(q, st.x_te, st.y_te, progress=progress)
     if args.onnx:
-        from .export.check import onnx_accuracy
+        from ..export.check import onnx_accuracy
         n = (len(st.y_te) + args.batch_size - 1) // args.batch_size
         res["onnx_accuracy"] = {f: onnx_accuracy(f, tqdm(data.batches(st.x_te, st.y_te, args.batch_size), total=n,
                                                          desc=f"onnxruntime {Path(f).name}", disable=not progress))
@@ -241,7 +239,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .cli_steps import calibrate_ptq, load_quant, read_config, wrapper_kwargs, write_analysis
+    from .steps import calibrate_ptq, load_quant, read_config, wrapper_kwargs, write_analysis
     if args.analysis_images <= 0 or args.sensitivity_batches <= 0:
         raise CliError("--analysis-images and --sensitivity-batches must be positive")
     cfg = read_config(args.quant_dir) if args.quant_dir else None
@@ -291,6 +289,3 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

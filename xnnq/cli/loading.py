@@ -8,12 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import data
-from .models.cifar_resnet import load_state_dict_file, resnet20
-
-
-class CliError(Exception):
-    """A bad argument or input; the command line prints the message and exits with status 2."""
+from .. import data
+from ..models.cifar_resnet import resnet20
+from ..utils.io import load_state_dict_file
+from .errors import CliError
 
 
 def _call_factory(factory, num_classes: int | None, what: str) -> nn.Module:

@@ -1,4 +1,7 @@
-"""The steps the ``xnnq`` commands chain: build the wrapper, PTQ/QAT, export both formats, check, analyze."""
+"""The steps the ``xnnq`` commands chain: wrapper options, PTQ, save/reload, export both formats, check, analyze.
+
+QAT is :func:`xnnq.recipes.qat_finetune`.
+"""
 from __future__ import annotations
 
 import json
@@ -6,15 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import data
-from .cli_models import CliError
-from .layers.freeze import freeze_quant_range
-from .quantize import QuantTestModule, QuantTrainModule
-from .utils.bn import freeze_bn
+from .. import data
+from ..quantize import QuantTestModule
+from .errors import CliError
 
 STATE_FILE, CONFIG_FILE = "quant_state.pt", "quant_config.json"
 
@@ -33,44 +33,13 @@ def wrapper_kwargs(bits: int, per_channel: str, sixteen_bit: list[str] | None,
 def calibrate_ptq(model: nn.Module, dummy: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, *,
                   batch_size: int, method: str, kwargs: dict[str, Any], progress: bool = True) -> nn.Module:
     """Post-training calibration (:class:`xnnq.calibrate.QuantCalibrateModule`) on ``images``; eval mode."""
-    from .calibrate import QuantCalibrateModule
+    from ..calibrate import QuantCalibrateModule
     q = QuantCalibrateModule(model.eval(), dummy, method=method, **kwargs)
     q.train()
     n = (len(labels) + batch_size - 1) // batch_size
     with torch.no_grad():
         for x, _ in tqdm(data.batches(images, labels, batch_size), total=n, desc="calibrate", disable=not progress):
             q(x)
-    return q.eval()
-
-
-def train_qat(model: nn.Module, dummy: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, *, epochs: float,
-              lr: float, batch_size: int, kwargs: dict[str, Any], seed: int = 0, progress: bool = True,
-              augment: bool = True, desc: str = "QAT") -> nn.Module:
-    """QAT: BatchNorm frozen from the start, ranges frozen half-way, SGD (Nesterov) with a cosine schedule;
-    ``augment``: random crop and horizontal flip."""
-    q = QuantTrainModule(model, dummy, **kwargs).train()
-    freeze_bn(q)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(q.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    total = max(1, round(epochs * ((len(labels) + batch_size - 1) // batch_size)))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    step = 0
-    with tqdm(total=total, desc=desc, disable=not progress) as bar:
-        while step < total:
-            for x, y in data.batches(images, labels, batch_size, shuffle=True, train_augment=augment, generator=gen):
-                if step == total // 2:
-                    freeze_quant_range(q)
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(q(x), y)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
-                bar.update()
-                if step % 20 == 0:
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-                if step >= total:
-                    break
     return q.eval()
 
 
@@ -92,7 +61,7 @@ def load_quant(model: nn.Module, dummy: torch.Tensor, quant_dir: str | Path) -> 
     cfg = read_config(quant_dir)
     state = torch.load(Path(quant_dir) / STATE_FILE, map_location="cpu", weights_only=True)
     if cfg["mode"] == "ptq":
-        from .calibrate import QuantCalibrateModule
+        from ..calibrate import QuantCalibrateModule
         q = QuantCalibrateModule(model.eval(), dummy, method=cfg.get("method", "mse"), **cfg["kwargs"])
     else:
         q = QuantTestModule(model, dummy, **cfg["kwargs"])
@@ -107,7 +76,7 @@ def load_quant(model: nn.Module, dummy: torch.Tensor, quant_dir: str | Path) -> 
 def export_both(q: nn.Module, dummy: torch.Tensor, out: Path, stem: str = "model",
                 progress: bool = True) -> dict[str, Path]:
     """``<stem>_tidl.onnx`` and ``<stem>_qdq.onnx`` (each with its ``.tidl.json`` options) in ``out``."""
-    from .export import export_onnx
+    from ..export import export_onnx
     paths = {}
     for fmt in tqdm(("tidl", "qdq"), desc="export", leave=False, disable=not progress):
         paths[fmt] = export_onnx(q, dummy, out / f"{stem}_{fmt}.onnx", format=fmt).path
@@ -118,7 +87,7 @@ def check_onnx(paths: dict[str, Path], q: nn.Module, images: torch.Tensor, label
                batch_size: int = 100, progress: bool = True) -> dict[str, dict[str, Any]]:
     """Per format: onnxruntime against the PyTorch quantized model (top-1 agreement, max |diff|, LSBs) and
     the ONNX model's accuracy."""
-    from .export.check import onnx_accuracy, onnx_check
+    from ..export.check import onnx_accuracy, onnx_check
     n = (len(labels) + batch_size - 1) // batch_size
 
     def bar(desc: str):
@@ -137,8 +106,8 @@ def write_analysis(q: nn.Module, float_model: nn.Module, images: torch.Tensor, l
                    batch_size: int = 64, sensitivity_batches: int = 4, target_drop: float | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """Run :func:`xnnq.analysis.analyze`, write ``report.md``, ``report.json`` and the PNGs to ``out``."""
-    from .analysis import analyze, estimated_drop, suggest_16bit
-    from .analysis.plots import save_plots
+    from ..analysis import analyze, estimated_drop, suggest_16bit
+    from ..analysis.plots import save_plots
     res = analyze(q, float_model, list(data.batches(images, labels, batch_size)),
                   sensitivity_batches=sensitivity_batches, progress=progress)
     if target_drop is not None:
