@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xnnq.data import batches, cifar10, evaluate
 from xnnq.models.zoo import CHECKPOINTS, MODELS, get_model
 

@@ -1,8 +1,8 @@
 """Training recipes on top of the wrappers: one QAT fine-tuning loop for any model, task and loss.
 
-    qmodel = xnnq.QuantTrainModule(model, dummy_input)
-    qmodel = xnnq.recipes.qat_finetune(qmodel, train_batches, epochs=1, lr=1e-4)
-    xnnq.export_onnx(qmodel, dummy_input, "model.onnx")
+qmodel = xnnq.QuantTrainModule(model, dummy_input)
+qmodel = xnnq.recipes.qat_finetune(qmodel, train_batches, epochs=1, lr=1e-4)
+xnnq.export_onnx(qmodel, dummy_input, "model.onnx")
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _check_fraction(name: str, value: float | None) -> None:
     if value is not None and not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} is a fraction of the training steps in [0, 1] (or None: never), got {value}")
+        raise ValueError(
+            f"{name} is a fraction of the training steps in [0, 1] (or None: never), got {value}"
+        )
 
 
 def qat_finetune(
@@ -81,14 +83,20 @@ def qat_finetune(
     (fractions; ``None`` never freezes). ``device`` moves the model there first; batches follow the model.
     Nothing is ever un-frozen. Seed the global RNG and your batches' generator for a reproducible run.
     """
-    inner = qmodel.module if isinstance(qmodel, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else qmodel
+    inner = (
+        qmodel.module
+        if isinstance(qmodel, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+        else qmodel
+    )
     if not any(isinstance(m, PACT2) for m in inner.modules()):
         raise TypeError(
-            f"qat_finetune: {type(inner).__name__} holds no activation quantizer; wrap the float model first: "
-            "qmodel = xnnq.QuantTrainModule(model, dummy_input)"
+            f"qat_finetune: {type(inner).__name__} holds no activation quantizer; wrap the float model "
+            "first: qmodel = xnnq.QuantTrainModule(model, dummy_input)"
         )
     if optimizer is not None and (lr is not None or weight_decay is not None):
-        raise ValueError("qat_finetune: give either optimizer= or lr=/weight_decay= (they configure the default SGD)")
+        raise ValueError(
+            "qat_finetune: give either optimizer= or lr=/weight_decay= (they configure the default SGD)"
+        )
     if lr_schedule not in ("cosine", "constant"):
         raise ValueError(f"qat_finetune: lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
     _check_fraction("freeze_bn_at", freeze_bn_at)
