@@ -99,7 +99,7 @@ def test_quantize_eval_analyze(tiny_data, tmp_path):
         assert (out / f).is_file(), f
     s = json.loads((out / "summary.json").read_text())
     assert s["test_images"] == 24 and s["onnx"]["tidl"]["top1_agreement_pct"] >= 90.0
-    # QAT, a few steps, in this process (every subprocess pays the torch import, ~3-10 s on a busy machine)
+    # QAT, a few steps, in this process (a subprocess would pay the torch import again)
     torch_out = tmp_path / "qat"
     assert (
         main(

@@ -1,6 +1,6 @@
 """CIFAR-10 (JPEG, ImageFolder layout) loaded once into memory as uint8 tensors.
 
-The shared data set is small (50k + 10k 32x32 images): decoding it once (about 10 s) and keeping it as a
+The shared data set is small (50k + 10k 32x32 images): decoding it once and keeping it as a
 uint8 tensor makes every epoch, calibration pass and evaluation I/O-free. Augmentation (random crop
 with 4-pixel padding, horizontal flip) runs on whole batches of tensors.
 """

@@ -1,4 +1,4 @@
-"""``xnnq demo``: the whole flow in under a minute with no data or weights.
+"""``xnnq demo``: the whole flow on a small CNN, with no data or weights.
 
 A small CNN learns to tell four orientations of noisy coloured gratings (generated here), then QAT,
 export in both ONNX formats, an onnxruntime check of each against PyTorch, and the per-layer analysis.
@@ -76,7 +76,7 @@ def train_float(
     seed: int = 0,
     progress: bool = True,
 ) -> nn.Module:
-    """Plain float training with Adam (a few seconds for the demo network)."""
+    """Plain float training with Adam."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Quantization-aware training, calibration, TIDL-ready ONNX export, per-layer analysis.",
         epilog="examples:\n"
-        "  xnnq demo                                   # no data needed: train, QAT, export, check (<1 min)\n"
+        "  xnnq demo                                   # no data needed: train, QAT, export, check\n"
         "  xnnq quantize --model resnet20 --mode ptq --out runs/r20_ptq\n"
         "  xnnq quantize --model resnet18 --weights r18.pt --data imgs/ --mode qat --epochs 1 "
         "--out runs/r18\n"
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="self-contained demo: small CNN on generated data, QAT, export, onnxruntime check",
-        description="Builds a small CNN, trains it for seconds on generated images (4 orientations of "
+        description="Builds a small CNN, trains it briefly on generated images (4 orientations of "
         "noisy gratings), runs QAT, exports the TIDL and QDQ ONNX files, checks both in onnxruntime "
         "against PyTorch, writes the per-layer analysis and prints a summary. Needs no data or weights.",
     )
@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
     elif args.command == "demo":
-        torch.set_num_threads(1)  # a tiny network: one thread is fastest, and polite on a shared machine
+        torch.set_num_threads(1)  # a tiny network: more threads add overhead, not speed
     try:
         return COMMANDS[args.command](args)
     except CliError as e:
