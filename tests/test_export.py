@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torchvision
 from onnx import TensorProto, numpy_helper
 from torch import nn
 
@@ -22,7 +23,7 @@ from xnnq.export.check import OnnxRunner, onnx_check
 from xnnq.export.emulate import requantization_error, tidl_emulation
 from xnnq.models.cifar_resnet import resnet20
 
-torchvision = pytest.importorskip("torchvision")
+from conftest import is_pow2, observe
 
 SHAPE_OPS = {"Shape", "Gather", "Concat", "ConstantOfShape", "Cast", "Constant", "Identity", "Dropout",
              "BatchNormalization", "Unsqueeze", "Range"}
@@ -31,12 +32,7 @@ SHAPE_OPS = {"Shape", "Gather", "Concat", "ConstantOfShape", "Cast", "Constant",
 def observed(qmodel, shape, passes: int = 2, batch: int = 2):
     """Set ranges with a few training-mode passes (BN frozen so the folded weights are the eval ones)."""
     torch.manual_seed(0)
-    qmodel.train()
-    xnnq.utils.freeze_bn(qmodel)
-    with torch.no_grad():
-        for _ in range(passes):
-            qmodel(torch.randn(batch, *shape[1:]))
-    return qmodel.eval()
+    return observe(qmodel, (torch.randn(batch, *shape[1:]) for _ in range(passes)), bn_frozen=True)
 
 
 def quant_clips(qmodel):
@@ -54,11 +50,6 @@ def counts(model: onnx.ModelProto) -> dict[str, int]:
     for n in model.graph.node:
         c[n.op_type] = c.get(n.op_type, 0) + 1
     return c
-
-
-def is_pow2(v: np.ndarray) -> bool:
-    m, _ = np.frexp(np.asarray(v, dtype=np.float64))
-    return bool(np.all(np.abs(m) == 0.5))
 
 
 def check_tidl(res, qmodel, x: torch.Tensor, *, weight_layers: int):

@@ -1,6 +1,7 @@
-"""Utilities: BatchNorm freezing and restore, cross-layer equalization, export checks, analysis."""
+"""Utilities: BatchNorm freezing and restore, cross-layer equalization, weights files, export checks, analysis."""
 from .._lazy import lazy_getattr
 from .bn import freeze_bn, unfreeze_bn
+from .io import load_state_dict_file
 from .schedule import apply_freeze_schedule
 
 # imported on first use (they pull in onnxruntime, matplotlib or torch.fx passes)
@@ -15,4 +16,4 @@ _LAZY = {
 
 __getattr__ = lazy_getattr(__name__, _LAZY)
 
-__all__ = ["freeze_bn", "unfreeze_bn", "apply_freeze_schedule", *_LAZY]
+__all__ = ["freeze_bn", "unfreeze_bn", "apply_freeze_schedule", "load_state_dict_file", *_LAZY]
