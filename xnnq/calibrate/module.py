@@ -8,6 +8,7 @@ from torch import nn
 
 from ..quantize.plan import ActSpot
 from ..quantize.wrapper import QuantBaseModule
+from ..targets import NUMERIC_KEYS, resolve_numerics
 from .bias_correction import InputMean, weight_error_mean
 from .calib_quant import CalibPACT2
 from .methods import METHODS
@@ -48,7 +49,8 @@ class QuantCalibrateModule(QuantBaseModule):
             :class:`~xnnq.calibrate.histogram.Histogram`).
         **kwargs: as :class:`~xnnq.quantize.wrapper.QuantBaseModule` (``bitwidth_weights``,
             ``bitwidth_activations``, ``per_channel_q`` — e.g. ``"depthwise"`` —, ``power2_weight_range``,
-            ``power2_activation_range``, ``constrain_weights``, ``leaf_modules``, ``histogram_tail`` (the
+            ``power2_activation_range``, ``target`` (a TIDL chip whose numerics the unset ones follow),
+            ``constrain_weights``, ``leaf_modules``, ``histogram_tail`` (the
             negative fraction above which a ``signed=None`` activation is signed), ``clip_ranges``, ``verbose``).
     """
 
@@ -62,7 +64,8 @@ class QuantCalibrateModule(QuantBaseModule):
             raise ValueError(f"QuantCalibrateModule: weight_clipping must be None or 'mse', got {weight_clipping!r}")
         if "act_factory" in kwargs:
             raise TypeError("QuantCalibrateModule builds its own activation quantizers; do not pass act_factory")
-        power2 = kwargs.get("power2_activation_range", True)
+        power2 = resolve_numerics(kwargs.get("target"), **{k: kwargs.get(k) for k in NUMERIC_KEYS})[
+            "power2_activation_range"]
         tail = kwargs.get("histogram_tail", 1e-4)
         clip_ranges = kwargs.get("clip_ranges") or {}
 

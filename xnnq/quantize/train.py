@@ -14,6 +14,8 @@ class QuantTrainModule(QuantBaseModule):
 
     Keyword args: ``bitwidth_weights``/``bitwidth_activations`` (8 or 16), ``per_channel_q`` (False,
     "depthwise" or "all"), ``power2_weight_range``/``power2_activation_range`` (default True: TIDL),
+    ``target`` (a TIDL chip, e.g. ``"AM69A"``: the three settings before it default to the chip's numerics,
+    settings it cannot run are refused; see ``xnnq/targets.py``),
     ``constrain_weights`` (clip weight outliers, default True), ``bitwidth_overrides``
     (``{"layer or glob": 16}``, ``"first"``/``"last"``), ``leaf_modules`` (submodules kept opaque),
     ``histogram_tail`` (fraction trimmed each side, 1e-4), ``ema_alpha``, ``clip_ranges``

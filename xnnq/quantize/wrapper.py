@@ -8,6 +8,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers.pact2 import PACT2
+from ..targets import resolve_numerics
 from . import surgery
 from .build import build
 from .capture import CaptureError, check_dummy_input, record_values, trace
@@ -24,12 +25,18 @@ class QuantBaseModule(nn.Module):
     module: fx.GraphModule
 
     def __init__(self, model: nn.Module, dummy_input: Any, *, bitwidth_weights: int = 8, bitwidth_activations: int = 8,
-                 per_channel_q: bool | str = False, power2_weight_range: bool = True,
-                 power2_activation_range: bool = True, constrain_weights: bool = True,
+                 per_channel_q: bool | str | None = None, power2_weight_range: bool | None = None,
+                 power2_activation_range: bool | None = None, target: str | None = None, constrain_weights: bool = True,
                  bitwidth_overrides: dict[str, int] | None = None, leaf_modules: Iterable[str | type] = (),
                  histogram_tail: float = 1e-4, ema_alpha: float = 0.01, clip_ranges: dict[str, float] | None = None,
                  verbose: bool = False, act_factory=None):
         super().__init__()
+        # numerics left as None follow the TIDL target (xnnq/targets.py), or today's defaults without one
+        num = resolve_numerics(target, per_channel_q=per_channel_q, power2_weight_range=power2_weight_range,
+                               power2_activation_range=power2_activation_range)
+        per_channel_q, power2_weight_range, power2_activation_range = (
+            num["per_channel_q"], num["power2_weight_range"], num["power2_activation_range"])
+        self.target: str | None = num["target"]
         if isinstance(model, QuantBaseModule) or any(isinstance(m, PACT2) for m in model.modules()):
             raise TypeError(f"the model is already wrapped/quantized by xnnq ({type(model).__name__}); wrap the float "
                             "model once. To test a QAT model use QuantTestModule(float_model, dummy_input) and load "
