@@ -514,10 +514,16 @@ def _static_shapes(c: _Ctx):
         if v.name in c.inits:
             continue
         dims = v.type.tensor_type.shape.dim
-        if not dims or any(not d.HasField("dim_value") for d in dims):
+        if dims and all(d.HasField("dim_value") for d in dims):
+            continue
+        inferred = c.shape(v.name)
+        if inferred is not None and None not in inferred:  # shape inference finds it: record it
+            yield Violation(v.name, "graph", "graph.static_shapes", f"{v.name} has no recorded shape (shape "
+                            f"inference gives {inferred})", "run ONNX shape inference", OPS, "warning", True)
+        else:
             yield Violation(v.name, "graph", "graph.static_shapes", f"{v.name} has a dynamic or unknown shape "
                             f"{[d.dim_param or d.dim_value for d in dims]}", "export with a fixed dummy_input shape "
-                            "(xnnq does) and run shape inference", SOURCES["tidl-ops"])
+                            "(xnnq does) and run shape inference", OPS)
 
 
 @graph_rule
@@ -762,5 +768,11 @@ def tidl_fix(model: onnx.ModelProto, target: str | Target | None = None) -> tupl
         if need <= MAX_IR:
             fixes.append(f"IR version {model.ir_version} -> {need} (the lowest the opset allows)")
             model.ir_version = need
+    unshaped = [o.name for o in model.graph.output if not o.type.tensor_type.HasField("shape")
+                or any(not d.HasField("dim_value") for d in o.type.tensor_type.shape.dim)]
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    shaped = [o.name for o in model.graph.output if o.name in unshaped and o.type.tensor_type.HasField("shape")
+              and all(d.HasField("dim_value") for d in o.type.tensor_type.shape.dim)]
+    if shaped:
+        fixes.append(f"shape inference: recorded the static shapes of {', '.join(shaped)}")
     return model, fixes
