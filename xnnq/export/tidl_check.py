@@ -466,6 +466,8 @@ def _qdq(c: _Ctx, n: onnx.NodeProto):
     scale = c.const(n.input[1])
     zp = c.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
     weight = c.const(n.input[0]) is not None
+    # per-channel constant weights (axis 0 of a Conv weight) are documented as supported for Conv and Gemm in
+    # [tidl-quant] 'TIDL Layer Quantization Restrictions'; the axis = 1 rule is read as the activations'
     if scale is not None and scale.size > 1 and int(_attr(n, "axis", 1)) != 1 and not weight:
         yield c.v(n, "QDQ.axis", f"per-channel activation quantization along axis {_attr(n, 'axis')}; only the "
                   "default axis = 1 is supported", "quantize activations per tensor")
@@ -539,19 +541,6 @@ def _versions(c: _Ctx):
                         f"IR-{MAX_IR}", "stamp the lowest IR version the opset allows" + (
                             "" if need <= MAX_IR else f" ({need} for this opset: lower the opset)"), OPS, "warning",
                         need <= MAX_IR)
-
-
-@graph_rule
-def _weight_axis(c: _Ctx):
-    nodes = [n for n in c.graph.node if n.op_type == "DequantizeLinear" and c.const(n.input[0]) is not None
-             and int(_attr(n, "axis", 1)) != 1 and (s := c.const(n.input[1])) is not None and s.size > 1]
-    if nodes:
-        yield Violation(", ".join(_name(n) for n in nodes[:4]) + (f" and {len(nodes) - 4} more" if len(nodes) > 4
-                        else ""), "DequantizeLinear", "QDQ.weight_axis", f"{len(nodes)} per-channel weight/bias "
-                        "DequantizeLinear nodes quantize along axis 0; TI documents only the default axis = 1 for "
-                        "DequantizeLinear, and is silent on constant weights", "none known to be needed: TI's QAT v2 "
-                        "flow (torch.ao per-channel weights) exports the same axis; confirm with the TIDL import log",
-                        OPS, "warning")
 
 
 @graph_rule
