@@ -15,11 +15,11 @@ from .graph import ClipInfo, LayerInfo, build_export_module
 from .onnx_graph import consumers, initializers, op_counts
 from .options import tidl_runtime_options, write_options
 from .qdq import ActQuant, WeightQuant, to_qdq
-from .quant_params import ActRange, model_layers, tensor_ranges, validate_quant_params, write_quant_params
+from .quant_params import ActRange, model_layers, tensor_ranges, write_quant_params
 from .quant_params import build_message as quant_params_message
 from .tidl import DEFAULT_OPSET, clip_order, finalize, name_clips, torch_to_onnx
 from .tidl import simplify as onnxsim_simplify
-from .tidl_check import Violation, report, tidl_check, tidl_fix, warn_unsupported
+from .tidl_check import Violation, quant_params_violations, report, tidl_check, tidl_fix, warn_unsupported
 
 FORMATS = ("tidl", "qdq")
 
@@ -159,10 +159,10 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
     flow = format if tgt is None or format == "tidl" or not sixteen else "quant_params"
     path = Path(path)
     reference = None
+    acts = {tensors[c.name]: ActQuant(c.bits, c.power2, c.scale) for c in clips}
+    wq = {w: WeightQuant(layer.bits, layer.per_channel, layer.power2, layer.scale.numpy())
+          for w, layer in weights.items() if layer.scale is not None}
     if format == "qdq":
-        acts = {tensors[c.name]: ActQuant(c.bits, c.power2, c.scale) for c in clips}
-        wq = {w: WeightQuant(layer.bits, layer.per_channel, layer.power2, layer.scale.numpy())
-              for w, layer in weights.items() if layer.scale is not None}
         reference = finalize(to_qdq(model, acts, wq), check)
         if flow == "qdq":
             model = reference
@@ -186,9 +186,12 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
             quant_params_path=qp_path.name if qp_path else None, extra=tidl_options)
         in_memory = {k: v for k, v in runtime_options.items() if k != "advanced_options:quant_params_proto_path"}
         violations = tidl_check(model, tgt, options=in_memory)
+        if flow != "qdq" and tgt.bias_bits is not None:  # bias codes are explicit in the QDQ form only
+            twin = reference if reference is not None else to_qdq(model, acts, wq)
+            violations += [v for v in tidl_check(twin, tgt) if v.rule == "Bias.width"]
         if qp_msg is not None:
-            violations += [Violation("<quant_params>", "options", "options.quant_params_content", p, "report this",
-                                     "xnnq") for p in validate_quant_params(qp_msg)]
+            names = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
+            violations += quant_params_violations(qp_msg, names, qp_path.name)
         bad = [(v.node, v.op) for v in violations if v.rule == "graph.unsupported_op"]
         report(violations, where, strict)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -587,27 +587,34 @@ def _options(c: _Ctx):
 
 
 def _quant_params_rules(c: _Ctx, path: Path, names: set[str]):
-    src = SOURCES["tidl-quant-proto"]
     if not path.is_file():
         yield Violation("<options>", "options", "options.quant_params_file", f"{path} does not exist: TIDL would "
                         "write its own (write mode) and calibrate", "write the file beside the model "
-                        "(export_onnx does) and give its path as the compiler sees it", src)
+                        "(export_onnx does) and give its path as the compiler sees it", SOURCES["tidl-quant-proto"])
         return
-    from .quant_params import read_quant_params, validate_quant_params
+    from .quant_params import read_quant_params
 
-    msg = read_quant_params(path)
-    for p in validate_quant_params(msg):
-        yield Violation("<options>", "options", "options.quant_params_content", p, "rewrite the file", src)
-    listed = {lm.layer_name for lm in msg.layers}
-    missing = sorted(names - listed)
+    yield from quant_params_violations(read_quant_params(path), names, path.name)
+
+
+def quant_params_violations(msg, names: set[str], where: str = "the file") -> list[Violation]:
+    """What a parsed quantization-parameters message lacks for TIDL to bypass calibration on a graph whose
+    tensors are ``names`` (and the per-channel case TI leaves undocumented)."""
+    from .quant_params import validate_quant_params
+
+    src = SOURCES["tidl-quant-proto"]
+    out = [Violation("<options>", "options", "options.quant_params_content", p, "rewrite the file", src)
+           for p in validate_quant_params(msg)]
+    missing = sorted(names - {lm.layer_name for lm in msg.layers})
     if missing:
-        yield Violation("<options>", "options", "options.quant_params_content", f"{len(missing)} tensors have no "
-                        f"range in {path.name}: {missing[:5]}", "list every layer (export_onnx does)", src)
+        out.append(Violation("<options>", "options", "options.quant_params_content", f"{len(missing)} tensors have "
+                             f"no range in {where}: {missing[:5]}", "list every layer (export_onnx does)", src))
     if msg.calib_type == 2:
-        yield Violation("<options>", "options", "options.quant_params_per_channel", "per-channel weights with the "
-                        "quantization-parameters file: TI documents per-channel only with scale type 4 "
-                        "(asymmetric), while the file is symmetric only", "prefer per-tensor weights for mixed "
-                        "8/16-bit models", src, "warning")
+        out.append(Violation("<options>", "options", "options.quant_params_per_channel", "per-channel weights with "
+                             "the quantization-parameters file: TI documents per-channel only with scale type 4 "
+                             "(asymmetric), while the file is symmetric only", "prefer per-tensor weights for mixed "
+                             "8/16-bit models", src, "warning"))
+    return out
 
 
 @graph_rule
@@ -619,7 +626,10 @@ def _bias_width(c: _Ctx):
     for n in c.graph.node:
         if n.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(n.input) < 3 or not n.input[2]:
             continue
-        dq = c.prod.get(n.input[2])
+        dq, wdq = c.prod.get(n.input[2]), c.prod.get(n.input[1])
+        wcodes = c.const(wdq.input[0]) if wdq is not None and wdq.op_type == "DequantizeLinear" else None
+        if wcodes is not None and wcodes.dtype.itemsize > 1:
+            continue  # a 16-bit layer: the 16-bit bias clipping is TIDL's 8-bit mode
         codes = c.const(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
         if codes is not None and codes.size and (codes.min() < -lim or codes.max() >= lim):
             yield c.v(n, "Bias.width", f"bias codes reach {int(np.abs(codes).max())}, beyond {t.bias_bits} bits; "
