@@ -98,7 +98,8 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
         format: ``"tidl"`` — float graph, BN folded, weights/biases on their grid, a ``Clip`` with the
             power-of-2 range after every quantized activation (compile with ``accuracy_level`` 0);
             ``"qdq"`` — QuantizeLinear/DequantizeLinear with power-of-2 scales and zero-point 0, int8/int16
-            weights, int32 biases (TIDL's pre-quantized model option).
+            weights, int32 biases (TIDL's pre-quantized model option). Default: the target's first
+            documented format (TDA4VM: "tidl", the others: "qdq"), "tidl" without a target.
         target: the TIDL chip (``"TDA4VM"``/``"J721E"``, ``"AM68A"``/``"TDA4VL"``, ``"AM69A"``/``"TDA4VH"``,
             ``"AM62A"``, ``"AM67A"``/``"J722S"``; default: the wrapper's ``target``, else none). With a target
             the default format is the chip's, numerics it cannot run are refused (:class:`~xnnq.targets.
