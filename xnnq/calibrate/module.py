@@ -50,7 +50,7 @@ class QuantCalibrateModule(QuantBaseModule):
         config, leaf_modules, verbose, **settings: as :class:`~xnnq.quantize.wrapper.QuantBaseModule`; the
             settings are :class:`~xnnq.quantize.config.QuantConfig`'s fields (``bitwidth_weights``,
             ``bitwidth_activations``, ``per_channel_q`` — e.g. ``"depthwise"`` —, ``power2_weight_range``,
-            ``power2_activation_range``, ``constrain_weights``, ``trim_fraction`` (here: the negative fraction
+            ``power2_activation_range``, ``target`` (a TIDL chip whose numerics the unset ones follow), ``constrain_weights``, ``trim_fraction`` (here: the negative fraction
             above which an activation of unknown sign is signed), ``clip_ranges``).
     """
 

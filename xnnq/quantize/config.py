@@ -7,9 +7,6 @@ submodules stay opaque to tracing, verbosity) stay keyword arguments of the wrap
 Adding a setting: a field here with its default and check in ``__post_init__``, and the stage that
 reads it (the plan for what a tensor's quantizer is, the build for how its modules are made). Planned:
 
-* ``target``: the TIDL device ("TDA4VM", "AM69A", ...): a table of per-chip facts that sets the
-  defaults of the numeric fields below and is read by the plan (what is allowed) and the export
-  (options JSON).
 * ``range_learning``: how activation ranges are learned in QAT (learned thresholds): read by the
   build when it makes each PACT2, next to ``activation_observer`` (which would initialize them).
 """
@@ -24,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..layers.fake_quant import check_bits
 from ..layers.observer import RangeObserver
 from ..layers.range_tracker import RangeTracker
+from ..targets import NUMERIC_KEYS, resolve_numerics
 
 if TYPE_CHECKING:
     from .plan import ActSpot
@@ -65,6 +63,8 @@ class QuantConfig:
         activation_observer: makes the observer that sets each activation quantizer's range from data:
             :class:`TrackedRanges` (QAT, default) or :class:`~xnnq.calibrate.HistogramRanges` (calibration,
             set by ``QuantCalibrateModule``).
+        target: a TIDL chip ("TDA4VM", "AM69A", ... see :mod:`xnnq.targets`): the numeric settings not given
+            explicitly follow the chip; explicit ones it cannot run are refused. ``None``: today's defaults.
     """
 
     bitwidth_weights: int = 8
@@ -78,6 +78,7 @@ class QuantConfig:
     trim_fraction: float = 1e-4
     ema_alpha: float = 0.01
     activation_observer: ObserverFactory = TrackedRanges()
+    target: str | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bitwidth_weights, "bitwidth_weights")
@@ -114,4 +115,9 @@ class QuantConfig:
             raise TypeError(f"unknown quantization setting(s) {', '.join(unknown)}; the settings are "
                             f"{', '.join(sorted(names))} (see xnnq.quantize.QuantConfig)")
         base = config if config is not None else cls()
+        target = settings.get("target", base.target)
+        if target is not None:  # numerics not given follow the chip; explicit ones are checked against it
+            given = {k: settings.get(k, getattr(base, k) if config is not None else None) for k in NUMERIC_KEYS}
+            num = resolve_numerics(target, **given)
+            settings.update({k: num[k] for k in NUMERIC_KEYS}, target=num["target"])
         return dataclasses.replace(base, **settings) if settings else base

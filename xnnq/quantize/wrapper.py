@@ -40,6 +40,7 @@ class QuantBaseModule(nn.Module):
                             "model once. To test a QAT model use QuantTestModule(float_model, dummy_input) and load "
                             "the QAT state_dict into it.")
         self.config: QuantConfig = QuantConfig.from_settings(config, **settings)
+        self.target: str | None = self.config.target
         args = check_dummy_input(dummy_input)
         float_model = copy.deepcopy(model)
         param = next(float_model.parameters(), None)

@@ -7,6 +7,7 @@ from .schedule import apply_freeze_schedule
 # imported on first use (they pull in onnxruntime, matplotlib or torch.fx passes)
 _LAZY = {
     "onnx_check": ("xnnq.export.check", "onnx_check"),
+    "tidl_check": ("xnnq.export.tidl_check", "tidl_check"),
     "analyze": ("xnnq.analysis", "analyze"),
     "suggest_16bit": ("xnnq.analysis", "suggest_16bit"),
     "model_restore_bn": ("xnnq.utils.bn_restore", "model_restore_bn"),
