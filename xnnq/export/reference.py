@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..layers.rounding import DEFAULT, Rounding, Site, as_rounding, round_array
 from . import reference_ops as ops
 from .onnx_graph import constants_to_initializers
-from .reference_ops import QTensor, ReferenceError
+from .reference_ops import IntegerReferenceError, QTensor
 
 _CODE_TYPES = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
                TensorProto.UINT16: np.uint16, TensorProto.INT32: np.int32}
@@ -56,14 +56,14 @@ def _pow2_exp(scale: np.ndarray, where: str) -> np.ndarray:
     s = np.asarray(scale, dtype=np.float64)
     mant, e = np.frexp(s)
     if np.any(s <= 0) or np.any(mant != 0.5):
-        raise ReferenceError(f"{where}: scale {s.ravel()[:4].tolist()} is not a power of 2; the integer reference "
+        raise IntegerReferenceError(f"{where}: scale {s.ravel()[:4].tolist()} is not a power of 2; the integer reference "
                              "executes power-of-2 QDQ exports (export with power2=True)")
     return (e - 1).astype(np.int64)
 
 
 def _zero_point_ok(arr: np.ndarray | None, where: str) -> None:
     if arr is not None and np.any(arr != 0):
-        raise ReferenceError(f"{where}: zero-point {np.ravel(arr)[:4].tolist()} is not 0; TIDL's symmetric QDQ "
+        raise IntegerReferenceError(f"{where}: zero-point {np.ravel(arr)[:4].tolist()} is not 0; TIDL's symmetric QDQ "
                              "models (and the integer reference) need zero-point 0")
 
 
@@ -107,10 +107,10 @@ class IntegerReference:
 
     def _q_params(self, node: onnx.NodeProto, where: str) -> tuple[float, type]:
         if len(node.input) < 2 or node.input[1] not in self.inits:
-            raise ReferenceError(f"{where}: the scale must be a constant")
+            raise IntegerReferenceError(f"{where}: the scale must be a constant")
         scale = self.inits[node.input[1]]
         if np.size(scale) != 1:
-            raise ReferenceError(f"{where}: per-axis activation quantization is not supported")
+            raise IntegerReferenceError(f"{where}: per-axis activation quantization is not supported")
         zp = self.inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         _zero_point_ok(zp, where)
         attrs = self._attr(node)
@@ -118,7 +118,7 @@ class IntegerReference:
         if attrs.get("output_dtype"):
             dtype = _CODE_TYPES[attrs["output_dtype"]]
         if dtype not in (np.int8, np.uint8, np.int16, np.uint16):
-            raise ReferenceError(f"{where}: code type {np.dtype(dtype).name} is not supported (int8/uint8/int16/uint16)")
+            raise IntegerReferenceError(f"{where}: code type {np.dtype(dtype).name} is not supported (int8/uint8/int16/uint16)")
         _pow2_exp(scale, where)
         return float(scale), dtype
 
@@ -126,11 +126,11 @@ class IntegerReference:
         codes = self.inits[node.input[0]]
         scale = self.inits.get(node.input[1])
         if scale is None:
-            raise ReferenceError(f"{where}: the scale must be a constant")
+            raise IntegerReferenceError(f"{where}: the scale must be a constant")
         zp = self.inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         _zero_point_ok(zp, where)
         if not np.issubdtype(codes.dtype, np.integer):
-            raise ReferenceError(f"{where}: dequantizes a float constant")
+            raise IntegerReferenceError(f"{where}: dequantizes a float constant")
         exp = _pow2_exp(scale, where)
         if exp.ndim == 1 and exp.size > 1:
             axis = self._attr(node).get("axis", 1) % codes.ndim
@@ -158,10 +158,10 @@ class IntegerReference:
             ins = [env[i] if i else None for i in node.input]
             try:
                 outs = self._run_node(node, ins, where)
-            except ReferenceError:
+            except IntegerReferenceError:
                 raise
             except (ValueError, IndexError, KeyError) as e:
-                raise ReferenceError(f"{where}: {e}") from e
+                raise IntegerReferenceError(f"{where}: {e}") from e
             for name, value in zip(node.output, outs):
                 env[name] = value
             if keep and node.op_type == "QuantizeLinear":
@@ -190,19 +190,19 @@ class IntegerReference:
             _zero_point_ok(ins[2] if len(ins) > 2 else None, where)
             e = int(_pow2_exp(ins[1], where).reshape(-1)[0]) if np.size(ins[1]) == 1 else None
             if e is None:
-                raise ReferenceError(f"{where}: per-axis dequantization of an activation is not supported")
+                raise IntegerReferenceError(f"{where}: per-axis dequantization of an activation is not supported")
             x = ins[0]
             num = x.num if isinstance(x, QTensor) else np.asarray(x).astype(np.int64)
             if isinstance(x, QTensor) and (x.den != 1 or np.ndim(x.exp)):
-                raise ReferenceError(f"{where}: dequantizes a tensor that is not integer codes")
+                raise IntegerReferenceError(f"{where}: dequantizes a tensor that is not integer codes")
             return [QTensor(num, e)]
         for i, v in enumerate(ins):
             if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating) and node.input[i] not in self.inits:
-                raise ReferenceError(f"{where}: input {node.input[i]!r} is a float tensor that no QuantizeLinear "
+                raise IntegerReferenceError(f"{where}: input {node.input[i]!r} is a float tensor that no QuantizeLinear "
                                      "quantizes; the integer reference runs quantized graphs only")
         handler = _HANDLERS.get(op)
         if handler is None:
-            raise ReferenceError(f"{where}: no integer implementation of {op}; supported: {sorted(_HANDLERS)} "
+            raise IntegerReferenceError(f"{where}: no integer implementation of {op}; supported: {sorted(_HANDLERS)} "
                                  "and QuantizeLinear/DequantizeLinear")
         out = handler(self, ins, attrs, where)
         return out if isinstance(out, list) else [out]
@@ -253,7 +253,7 @@ def _pad(ref, x, ins, attrs, where="Pad"):
     for j, a in enumerate(axes):
         widths[a] = (pads[j], pads[k + j])
     if any(b < 0 or e < 0 for b, e in widths):
-        raise ReferenceError(f"{where}: negative pads are not supported")
+        raise IntegerReferenceError(f"{where}: negative pads are not supported")
     mode = attrs.get("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if mode != "constant":
@@ -330,9 +330,9 @@ def _resize(ref: IntegerReference, ins: list, attrs: dict, where: str):
         fr = [Fraction(float(s)) for s in np.asarray(scales).reshape(-1)]
         out = [int(np.floor(i * float(s))) for i, s in zip(shape, fr)]
     else:
-        raise ReferenceError(f"{where}: Resize needs constant scales or sizes")
+        raise IntegerReferenceError(f"{where}: Resize needs constant scales or sizes")
     if attrs.get("axes") is not None:
-        raise ReferenceError(f"{where}: Resize with axes is not supported")
+        raise IntegerReferenceError(f"{where}: Resize with axes is not supported")
     return ops.resize(t, fr, out, attrs, ref.rounding, where)
 
 
@@ -370,7 +370,7 @@ def _conv(ref: IntegerReference, ins: list, attrs: dict, where: str):
 def _gemm(ref: IntegerReference, ins: list, attrs: dict, where: str):
     c = _const(ins, 2)
     if c is not None and not isinstance(c, QTensor):
-        raise ReferenceError(f"{where}: the Gemm bias must be a quantized (DequantizeLinear) constant")
+        raise IntegerReferenceError(f"{where}: the Gemm bias must be a quantized (DequantizeLinear) constant")
     return ops.gemm(ins[0], ins[1], c, attrs, where)
 
 

@@ -26,7 +26,7 @@ EXACT_F32 = 2 ** 24
 INT64_SAFE = 2 ** 62
 
 
-class ReferenceError(ValueError):
+class IntegerReferenceError(ValueError):
     """A graph the integer reference cannot execute exactly (names the node and what to change)."""
 
 
@@ -54,7 +54,7 @@ class QTensor:
 def _check_range(num: np.ndarray, where: str) -> np.ndarray:
     """``num``, refusing values of 2^62 and beyond (used where a product can grow)."""
     if num.size and int(np.abs(num).max()) >= INT64_SAFE:
-        raise ReferenceError(f"{where}: an intermediate value exceeds 2^62; the graph's scales are too far apart "
+        raise IntegerReferenceError(f"{where}: an intermediate value exceeds 2^62; the graph's scales are too far apart "
                              "for exact int64 arithmetic")
     return num
 
@@ -66,7 +66,7 @@ def _shl(num: np.ndarray, bits: np.ndarray | int, where: str = "") -> np.ndarray
         return num
     top = int(bits.max())
     if num.size and int(np.abs(num).max()) >= INT64_SAFE >> top:
-        raise ReferenceError(f"{where}: an intermediate value exceeds 2^62 after aligning scales {top} bits apart; "
+        raise IntegerReferenceError(f"{where}: an intermediate value exceeds 2^62 after aligning scales {top} bits apart; "
                              "the graph's scales are too far apart for exact int64 arithmetic")
     return np.left_shift(num, bits)
 
@@ -142,7 +142,7 @@ def exact_matmul(a: np.ndarray, b: np.ndarray, where: str = "", amax: int | None
     chunk = (EXACT_F32 - 1) // prod
     if chunk < 1:
         if k * prod >= INT64_SAFE:
-            raise ReferenceError(f"{where}: the accumulator may exceed 2^62 (bound {k * prod:.3g})")
+            raise IntegerReferenceError(f"{where}: the accumulator may exceed 2^62 (bound {k * prod:.3g})")
         return np.matmul(a.astype(np.int64), b.astype(np.int64))
     a32 = a if a.dtype == np.float32 else a.astype(np.float32)
     b32 = b if b.dtype == np.float32 else b.astype(np.float32)
@@ -171,7 +171,7 @@ def pool_geometry(shape: tuple[int, ...], attrs: dict, where: str) -> tuple[list
     """(kernel, strides, dilations, pads (begin+end), out spatial shape) of a Conv/pool node."""
     n = len(shape) - 2
     if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise ReferenceError(f"{where}: auto_pad is not supported; export with explicit pads")
+        raise IntegerReferenceError(f"{where}: auto_pad is not supported; export with explicit pads")
     kernel = [int(k) for k in attrs["kernel_shape"]]
     strides = _ints(attrs.get("strides"), n, 1)
     dil = _ints(attrs.get("dilations"), n, 1)
@@ -203,7 +203,7 @@ def conv(x: QTensor, w: QTensor, b: QTensor | None, attrs: dict, where: str) -> 
     if x.den != 1 or np.ndim(x.exp):
         x = scalar_exp(x, where)
         if x.den != 1:
-            raise ReferenceError(f"{where}: the Conv input is not on an integer grid; quantize it first")
+            raise IntegerReferenceError(f"{where}: the Conv input is not on an integer grid; quantize it first")
     xn, wn = x.num, w.num
     attrs = dict(attrs, kernel_shape=attrs.get("kernel_shape") or list(wn.shape[2:]))
     kernel, strides, dil, pads, out = pool_geometry(xn.shape, attrs, where)
@@ -211,7 +211,7 @@ def conv(x: QTensor, w: QTensor, b: QTensor | None, attrs: dict, where: str) -> 
     n_batch, c_in = xn.shape[:2]
     c_out, c_g = wn.shape[:2]
     if c_g * groups != c_in:
-        raise ReferenceError(f"{where}: weight has {c_g} input channels per group, input has {c_in} for {groups} groups")
+        raise IntegerReferenceError(f"{where}: weight has {c_g} input channels per group, input has {c_in} for {groups} groups")
     xp = _pad_for(xn, pads, out, kernel, strides, dil, 0)
     xmax = int(np.abs(xp).max()) if xp.size else 0
     if xmax < EXACT_F32:
@@ -264,14 +264,14 @@ def channel_exp(t: QTensor, axis: int, where: str = "") -> np.ndarray:
         return e
     eb = np.moveaxis(np.broadcast_to(e, t.num.shape), axis, 0).reshape(t.num.shape[axis], -1)
     if (eb != eb[:, :1]).any():
-        raise ReferenceError(f"{where}: a weight scale varies along an axis the layer sums over")
+        raise IntegerReferenceError(f"{where}: a weight scale varies along an axis the layer sums over")
     return eb[:, 0].copy()
 
 
 def gemm(a: QTensor, b: QTensor, c: QTensor | None, attrs: dict, where: str) -> QTensor:
     """Gemm / MatMul: ``A·B (+C)`` with an exact int64 accumulator (alpha = beta = 1)."""
     if float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0:
-        raise ReferenceError(f"{where}: Gemm with alpha/beta != 1 is not supported")
+        raise IntegerReferenceError(f"{where}: Gemm with alpha/beta != 1 is not supported")
     a = scalar_exp(a, where)
     an = np.swapaxes(a.num, -1, -2) if attrs.get("transA") else a.num
     trans_b = bool(attrs.get("transB"))
@@ -381,7 +381,7 @@ def _source(o: int, scale: Fraction, n_in: int, n_out: int, mode: str) -> Fracti
         return Fraction(0) if n_out <= 1 else Fraction(o * (n_in - 1), n_out - 1)
     if mode == "tf_half_pixel_for_nn":
         return (Fraction(o) + Fraction(1, 2)) / scale
-    raise ReferenceError(f"Resize: coordinate_transformation_mode {mode!r} is not supported")
+    raise IntegerReferenceError(f"Resize: coordinate_transformation_mode {mode!r} is not supported")
 
 
 def _nearest(x: Fraction, mode: str) -> int:
@@ -412,7 +412,7 @@ def resize(t: QTensor, scales: list[Fraction], out_shape: list[int], attrs: dict
     ctm = text(attrs.get("coordinate_transformation_mode", b"half_pixel"))
     nearest_mode = text(attrs.get("nearest_mode", b"round_prefer_floor"))
     if int(attrs.get("antialias", 0)) or int(attrs.get("exclude_outside", 0)):
-        raise ReferenceError(f"{where}: antialias / exclude_outside are not supported")
+        raise IntegerReferenceError(f"{where}: antialias / exclude_outside are not supported")
     num = t.num
     den_total = 1
     for axis, (scale, n_out) in enumerate(zip(scales, out_shape)):
@@ -439,7 +439,7 @@ def resize(t: QTensor, scales: list[Fraction], out_shape: list[int], attrs: dict
                    + np.take(num, i1, axis=axis) * w1.reshape(shape))
             den_total *= d
         else:
-            raise ReferenceError(f"{where}: Resize mode {mode!r} is not supported (nearest, linear)")
+            raise IntegerReferenceError(f"{where}: Resize mode {mode!r} is not supported (nearest, linear)")
     out = QTensor(_check_range(num, where), t.exp, t.den)
     if den_total > 1:
         out = QTensor(*_odd_den(out.num, out.exp, out.den * den_total))

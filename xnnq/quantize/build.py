@@ -6,6 +6,8 @@ from torch import nn
 
 from ..layers.pact2 import PACT2
 from ..layers.quant_weight import QuantConv2d, QuantLinear
+from ..layers.resize import ResizeWith
+from ..layers.rounding import Site
 from .plan import Plan, _source
 from .surgery import Change
 
@@ -28,17 +30,27 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], *, power2_weight
     nodes = {n.name: n for n in gm.graph.nodes}
     graph = gm.graph
 
+    def make_at_site(spot) -> nn.Module:  # where TIDL rounds differently (xnnq.layers.rounding.Site)
+        m = make(spot)
+        if isinstance(m, PACT2):
+            src = gm.get_submodule(nodes[spot.node].target) if nodes[spot.node].op == "call_module" else None
+            if spot.reason == "input":
+                m.site = Site.INPUT
+            elif isinstance(src, ResizeWith) and "linear" in src.mode:
+                m.site = Site.RESIZE
+        return m
+
     for spot in plan.acts:
         node = nodes[spot.node]
         if spot.how == "replace":
             old = gm.get_submodule(spot.name)
             owner, _, leaf = spot.name.rpartition(".")
             parent = gm.get_submodule(owner) if owner else gm
-            setattr(parent, leaf, make(spot))
+            setattr(parent, leaf, make_at_site(spot))
             report.append(Change("replace", spot.name, f"{type(old).__name__} -> PACT2(unsigned"
                                  f"{', cap 6' if spot.cap else ''})"))
         elif spot.how == "after":
-            gm.add_submodule(spot.name, make(spot))
+            gm.add_submodule(spot.name, make_at_site(spot))
             users = list(node.users)
             with graph.inserting_after(node):
                 q = graph.call_module(spot.name, (node,))
@@ -46,7 +58,7 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], *, power2_weight
                 u.replace_input_with(node, q)
             report.append(Change("insert", spot.name, f"PACT2 after `{spot.node}` ({spot.reason})"))
         elif spot.how == "before":
-            gm.add_submodule(spot.name, make(spot))
+            gm.add_submodule(spot.name, make_at_site(spot))
             with graph.inserting_before(node):
                 q = graph.call_module(spot.name, (node.args[0],))
             node.replace_input_with(node.args[0], q)
