@@ -13,6 +13,8 @@ activations, int8/int16 weights, int32 biases) with integer arithmetic only:
   ``QuantizeLinear`` shifts the accumulator right to its grid with the rounding mode at the
   ``requant`` site and saturates (TIDL's ``TIDL_roundSat``).
 * graph outputs are dequantized at the end (``ArgMax`` outputs stay int64 indices).
+* a linear ``Resize`` is computed exactly and rounded by the ``QuantizeLinear`` after it with the
+  rounding mode at the ``resize`` site (TIDL: floor).
 
 ``rounding`` (:mod:`xnnq.layers.rounding`): ``"tidl"`` (default: half-up requantization, half-away
 input conversion, floored integer bilinear resize), or one mode everywhere: ``"half_even"`` (what
@@ -182,7 +184,8 @@ class IntegerReference:
             e = int(_pow2_exp(p.scale, where))
             x = ins[0]
             if isinstance(x, QTensor):
-                return [QTensor(ops.requantize(x, e, info.min, info.max, self.rounding, Site.REQUANT, where), e)]
+                site = x.site or Site.REQUANT
+                return [QTensor(ops.requantize(x, e, info.min, info.max, self.rounding, site, where), e)]
             v = np.asarray(x, dtype=np.float64) / p.scale  # exact: a power-of-2 scale
             q = round_array(v, self.rounding, Site.INPUT)
             return [QTensor(np.clip(q, info.min, info.max).astype(np.int64), e)]
@@ -197,7 +200,8 @@ class IntegerReference:
                 raise IntegerReferenceError(f"{where}: dequantizes a tensor that is not integer codes")
             return [QTensor(num, e)]
         for i, v in enumerate(ins):
-            if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating) and node.input[i] not in self.inits:
+            if (op not in _FLOAT_OK and isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating)
+                    and node.input[i] not in self.inits):
                 raise IntegerReferenceError(f"{where}: input {node.input[i]!r} is a float tensor that no QuantizeLinear "
                                      "quantizes; the integer reference runs quantized graphs only")
         handler = _HANDLERS.get(op)
@@ -219,8 +223,11 @@ class IntegerReference:
 
 
 def _shape_op(fn):
-    """A handler that rearranges the numerators (values are unchanged)."""
+    """A handler that rearranges the numerators (values are unchanged); also on a float input that a
+    QuantizeLinear quantizes later."""
     def handler(ref: IntegerReference, ins: list, attrs: dict, where: str):
+        if not isinstance(ins[0], QTensor):
+            return np.ascontiguousarray(fn(ref, np.asarray(ins[0]), ins, attrs))
         t = ops.scalar_exp(ins[0], where)
         return QTensor(np.ascontiguousarray(fn(ref, t.num, ins, attrs)), t.exp, t.den)
     return handler
@@ -333,7 +340,7 @@ def _resize(ref: IntegerReference, ins: list, attrs: dict, where: str):
         raise IntegerReferenceError(f"{where}: Resize needs constant scales or sizes")
     if attrs.get("axes") is not None:
         raise IntegerReferenceError(f"{where}: Resize with axes is not supported")
-    return ops.resize(t, fr, out, attrs, ref.rounding, where)
+    return ops.resize(t, fr, out, attrs, where)
 
 
 def _reduce_mean(ref: IntegerReference, ins: list, attrs: dict, where: str):
@@ -402,7 +409,7 @@ _HANDLERS = {
     "Relu": _relu,
     "Clip": _clip,
     "ArgMax": _argmax,
-    "Identity": lambda r, ins, a, w: ins[0],
+    "Identity": _shape_op(lambda r, x, ins, a: x),
     "Dropout": lambda r, ins, a, w: ins[0],
     "Reshape": _shape_op(lambda r, x, ins, a: x.reshape(r._reshape_target(x, ins[1], int(a.get("allowzero", 0))))),
     "Flatten": _shape_op(_flatten),
@@ -414,6 +421,10 @@ _HANDLERS = {
     "Pad": _pad_handler,
     "Split": _split,
 }
+
+
+# value-preserving ops that may also rearrange the float network input before its QuantizeLinear
+_FLOAT_OK = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Identity"}
 
 
 def _as_numpy(x) -> np.ndarray:

@@ -37,6 +37,7 @@ class QTensor:
     num: np.ndarray
     exp: int | np.ndarray = 0
     den: int = 1
+    site: Site | None = None  # where its QuantizeLinear rounds (None: a requantization); see resize()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -396,12 +397,13 @@ def _nearest(x: Fraction, mode: str) -> int:
     return fl + (1 if frac > Fraction(1, 2) else 0)
 
 
-def resize(t: QTensor, scales: list[Fraction], out_shape: list[int], attrs: dict, mode_round: Rounding | str,
-           where: str) -> QTensor:
-    """Resize (nearest or linear on the trailing axes with a scale != 1), exact interpolation weights.
+def resize(t: QTensor, scales: list[Fraction], out_shape: list[int], attrs: dict, where: str) -> QTensor:
+    """Resize (nearest or linear on the axes with a scale != 1) with exact interpolation weights.
 
-    Under ``tidl`` rounding a linear resize is computed on its input's grid and floored there (TIDL's
-    integer bilinear kernel); otherwise it stays exact and the QuantizeLinear after it rounds once.
+    A linear resize is marked with the ``resize`` rounding site: its QuantizeLinear rounds as TIDL's
+    integer bilinear kernel does under ``tidl`` rounding (floor), once, on that QuantizeLinear's grid
+    (TIDL keeps the input's scale; the two grids are the same when the exported quantizer after the
+    resize has its input's range).
     """
     t = scalar_exp(t, where)
 
@@ -440,14 +442,10 @@ def resize(t: QTensor, scales: list[Fraction], out_shape: list[int], attrs: dict
             den_total *= d
         else:
             raise IntegerReferenceError(f"{where}: Resize mode {mode!r} is not supported (nearest, linear)")
-    out = QTensor(_check_range(num, where), t.exp, t.den)
-    if den_total > 1:
-        out = QTensor(*_odd_den(out.num, out.exp, out.den * den_total))
-        if mode == "linear" and Rounding(mode_round) is Rounding.TIDL:
-            codes = requantize(out, int(t.exp), np.iinfo(np.int64).min, np.iinfo(np.int64).max,
-                               mode_round, Site.RESIZE, where)
-            out = QTensor(codes, int(t.exp), t.den)
-    return out
+    num, exp, den = _odd_den(_check_range(num, where), t.exp, t.den * den_total)
+    return QTensor(num, exp, den, Site.RESIZE if mode == "linear" else None)
+
+
 
 
 def argmax(t: QTensor, axis: int, keepdims: bool, select_last: bool) -> np.ndarray:
