@@ -188,14 +188,19 @@ def pool_geometry(shape: tuple[int, ...], attrs: dict, where: str) -> tuple[list
     return kernel, strides, dil, pads, out
 
 
-def _pad_for(x: np.ndarray, pads: list[int], out: list[int], kernel, strides, dil, value) -> np.ndarray:
+def _pad_for(x: np.ndarray, pads: list[int], out: list[int], kernel, strides, dil, value,
+             dtype=None) -> np.ndarray:
+    """``x`` padded by ``pads`` (and at the end as far as the last window reaches), as ``dtype``."""
     n = x.ndim - 2
     widths = [(0, 0), (0, 0)]
     for i in range(n):
         need = (out[i] - 1) * strides[i] + dil[i] * (kernel[i] - 1) + 1
         end = max(need - x.shape[2 + i] - pads[i], 0)
         widths.append((pads[i], end))
-    return np.pad(x, widths, constant_values=value)
+    shape = tuple(s + b + e for s, (b, e) in zip(x.shape, widths))
+    xp = np.full(shape, value, dtype=dtype or x.dtype)
+    xp[tuple(slice(b, b + s) for s, (b, _) in zip(x.shape, widths))] = x
+    return xp
 
 
 # ---------------------------------------------------------------------------------------- conv
@@ -213,10 +218,9 @@ def conv(x: QTensor, w: QTensor, b: QTensor | None, attrs: dict, where: str) -> 
     c_out, c_g = wn.shape[:2]
     if c_g * groups != c_in:
         raise IntegerReferenceError(f"{where}: weight has {c_g} input channels per group, input has {c_in} for {groups} groups")
-    xp = _pad_for(xn, pads, out, kernel, strides, dil, 0)
-    xmax = int(np.abs(xp).max()) if xp.size else 0
-    if xmax < EXACT_F32:
-        xp = xp.astype(np.float32)  # integers below 2^24: exact, and the im2col copy is half the size
+    xmax = int(np.abs(xn).max()) if xn.size else 0
+    # integers below 2^24 are exact in float32 (and the im2col copies are half the size of int64 ones)
+    xp = _pad_for(xn, pads, out, kernel, strides, dil, 0, np.float32 if xmax < EXACT_F32 else np.int64)
     nsp = len(out)
     o_g = c_out // groups
     taps = list(itertools.product(*[range(k) for k in kernel]))

@@ -114,6 +114,8 @@ def round_div(num: np.ndarray, den: np.ndarray | int, mode: Rounding | str,
     den = np.asarray(den, dtype=np.int64)
     if np.any(den <= 0):
         raise ValueError("round_div: the divisor must be positive")
+    if not np.any(den & (den - 1)):  # powers of 2: shifts (TIDL's form, and much faster than division)
+        return round_shift(num, np.log2(den).astype(np.int64), mode)
     if mode is Rounding.FLOOR:
         return np.floor_divide(num, den)
     if mode is Rounding.HALF_UP:
@@ -123,3 +125,24 @@ def round_div(num: np.ndarray, den: np.ndarray | int, mode: Rounding | str,
     q, r = np.divmod(num, den)  # r in [0, den)
     twice = 2 * r
     return q + ((twice > den) | ((twice == den) & (q % 2 == 1)))
+
+
+def round_shift(num: np.ndarray, bits: np.ndarray | int, mode: Rounding | str,
+                site: Site | str = Site.REQUANT) -> np.ndarray:
+    """``num / 2^bits`` (``bits`` >= 0, scalar or broadcastable) rounded under ``mode`` at ``site``, with
+    arithmetic shifts; ``half_up`` is TIDL's ``(num + 2^(bits-1)) >> bits``."""
+    mode = resolve(mode, site)
+    num = np.asarray(num, dtype=np.int64)
+    bits = np.asarray(bits, dtype=np.int64)
+    if not bits.any():
+        return num
+    half = np.where(bits > 0, np.left_shift(np.int64(1), np.maximum(bits - 1, 0)), 0)
+    if mode is Rounding.FLOOR:
+        return num >> bits
+    if mode is Rounding.HALF_UP:
+        return (num + half) >> bits
+    if mode is Rounding.HALF_AWAY:
+        return np.sign(num) * ((np.abs(num) + half) >> bits)
+    q = num >> bits
+    r = num - (q << bits)  # in [0, 2^bits)
+    return q + ((r > half) | ((r == half) & (bits > 0) & ((q & 1) == 1)))
