@@ -135,6 +135,9 @@ def test_conv_requantization_ties_and_saturation():
     assert run(conv_graph(bias_code=-400), x)[0].ravel().tolist() == [-64.0] * 6
     u = run(conv_graph(bias_code=-7, out_dtype=np.uint8), x, rounding="tidl")[0] / 0.5
     assert u.ravel().tolist() == [0, 0, 0, 0, 0, 57]  # (120 - 7) / 2 = 56.5 -> 57 (half up); negatives -> 0
+    # an 8-bit layer whose accumulator leaves int32 (TIDL's accumulator for 8-bit operands) is flagged
+    with pytest.warns(UserWarning, match="int32"):
+        run(conv_graph(bias_code=2 ** 31 - 1), x)
 
 
 def test_add_concat_mul_on_different_grids():

@@ -130,6 +130,10 @@ def check_onnx(paths: dict[str, Path], q: nn.Module, images: torch.Tensor, label
         acc = onnx_accuracy(path, bar(f"onnxruntime accuracy ({fmt})"))
         res[fmt] = {"path": str(path), "top1_agreement_pct": 100.0 * (chk.top1_agreement or 0.0),
                     "max_abs_diff": chk.max_abs_diff, "max_lsb_diff": chk.max_lsb_diff, "accuracy": acc}
+        if chk.rounding is not None:  # QDQ: the integer reference beside onnxruntime (xnnq.export.reference)
+            res[fmt].update(reference_rounding=chk.rounding, reference_exact_vs_model=chk.ref_frac_exact_vs_sim,
+                            reference_exact_vs_onnxruntime=chk.ref_frac_exact_vs_ort,
+                            first_divergence=chk.first_divergence)
     return res
 
 

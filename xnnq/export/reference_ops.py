@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
@@ -154,6 +155,14 @@ def exact_matmul(a: np.ndarray, b: np.ndarray, where: str = "", amax: int | None
     return out
 
 
+def check_accumulator(acc: np.ndarray, xmax: int, wmax: int, where: str) -> None:
+    """Warn when an 8-bit layer's accumulator leaves int32 (TIDL accumulates 8-bit operands in 32 bits,
+    16-bit ones in 64 bits; docs/README_tidl.md): TIDL's result would differ from the exact one here."""
+    if xmax < 256 and wmax < 256 and acc.size and (int(acc.max()) >= 2 ** 31 or int(acc.min()) < -2 ** 31):
+        warnings.warn(f"{where}: the accumulator leaves the int32 range TIDL uses for 8-bit operands; the "
+                      "integer reference keeps the exact value", stacklevel=3)
+
+
 def _ints(values, n: int, default: int) -> list[int]:
     return [int(v) for v in values] if values is not None and len(values) else [default] * n
 
@@ -259,6 +268,7 @@ def conv(x: QTensor, w: QTensor, b: QTensor | None, attrs: dict, where: str) -> 
             y.num += b_t.num  # the bias on the accumulator's grid (the usual case): in place
         else:
             y = add(y, b_t, where)
+    check_accumulator(y.num, xmax, int(np.abs(wn).max()) if wn.size else 0, where)
     return y
 
 
@@ -285,7 +295,10 @@ def gemm(a: QTensor, b: QTensor, c: QTensor | None, attrs: dict, where: str) -> 
     e_col = channel_exp(b_t, b_t.num.ndim - 1, where)  # one exponent per output column
     acc = exact_matmul(an, b_t.num, where)
     y = QTensor(acc, int(a.exp) + e_col if e_col.ndim else int(a.exp) + int(e_col), a.den * b.den)
-    return add(y, c, where) if c is not None else y
+    y = add(y, c, where) if c is not None else y
+    if an.size and b_t.num.size:
+        check_accumulator(y.num, int(np.abs(an).max()), int(np.abs(b_t.num).max()), where)
+    return y
 
 
 # --------------------------------------------------------------------------------- elementwise
