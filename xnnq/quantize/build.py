@@ -8,37 +8,27 @@ from ..layers.pact2 import PACT2
 from ..layers.quant_weight import QuantConv2d, QuantLinear
 from ..layers.resize import ResizeWith
 from ..layers.rounding import Site
-from .plan import Plan, _source
+from .config import QuantConfig
+from .plan import ActSpot, Plan, _source
 from .surgery import Change
 
 
-def _pact(spot, power2: bool, tail: float, ema_alpha: float, clip_ranges: dict[str, float]) -> PACT2:
-    return PACT2(bits=spot.bits, signed=spot.signed, cap=spot.cap, power2=power2, tail=tail, ema_alpha=ema_alpha,
-                 clip_range=clip_ranges.get(spot.name), name=spot.name)
-
-
-def build(gm: fx.GraphModule, plan: Plan, report: list[Change], *, power2_weight_range: bool = True,
-          power2_activation_range: bool = True, constrain_weights: bool = True, tail: float = 1e-4,
-          ema_alpha: float = 0.01, clip_ranges: dict[str, float] | None = None,
-          act_factory=None) -> None:
-    """Insert the quantizers of ``plan`` into ``gm`` (in place).
-
-    ``act_factory(spot) -> nn.Module`` replaces the default PACT2 construction (calibration uses it).
-    """
-    clip_ranges = clip_ranges or {}
-    make = act_factory or (lambda s: _pact(s, power2_activation_range, tail, ema_alpha, clip_ranges))
+def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantConfig) -> None:
+    """Insert the quantizers of ``plan`` into ``gm`` (in place), made as ``config`` says."""
     nodes = {n.name: n for n in gm.graph.nodes}
     graph = gm.graph
 
-    def make_at_site(spot) -> nn.Module:  # where TIDL rounds differently (xnnq.layers.rounding.Site)
-        m = make(spot)
-        if isinstance(m, PACT2):
-            src = gm.get_submodule(nodes[spot.node].target) if nodes[spot.node].op == "call_module" else None
-            if spot.reason == "input":
-                m.site = Site.INPUT
-            elif isinstance(src, ResizeWith) and "linear" in src.mode:
-                m.site = Site.RESIZE
-        return m
+    def make(spot: ActSpot) -> PACT2:
+        q = PACT2(bits=spot.bits, signed=spot.signed, cap=spot.cap, power2=config.power2_activation_range,
+                  clip_range=config.clip_ranges.get(spot.name), name=spot.name,
+                  observer=config.activation_observer(spot, config), rounding=config.rounding)
+        # where TIDL rounds differently from a requantization (xnnq.layers.rounding.Site)
+        src = gm.get_submodule(nodes[spot.node].target) if nodes[spot.node].op == "call_module" else None
+        if spot.reason == "input":
+            q.site = Site.INPUT
+        elif isinstance(src, ResizeWith) and "linear" in src.mode:
+            q.site = Site.RESIZE
+        return q
 
     for spot in plan.acts:
         node = nodes[spot.node]
@@ -46,11 +36,11 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], *, power2_weight
             old = gm.get_submodule(spot.name)
             owner, _, leaf = spot.name.rpartition(".")
             parent = gm.get_submodule(owner) if owner else gm
-            setattr(parent, leaf, make_at_site(spot))
+            setattr(parent, leaf, make(spot))
             report.append(Change("replace", spot.name, f"{type(old).__name__} -> PACT2(unsigned"
                                  f"{', cap 6' if spot.cap else ''})"))
         elif spot.how == "after":
-            gm.add_submodule(spot.name, make_at_site(spot))
+            gm.add_submodule(spot.name, make(spot))
             users = list(node.users)
             with graph.inserting_after(node):
                 q = graph.call_module(spot.name, (node,))
@@ -58,7 +48,7 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], *, power2_weight
                 u.replace_input_with(node, q)
             report.append(Change("insert", spot.name, f"PACT2 after `{spot.node}` ({spot.reason})"))
         elif spot.how == "before":
-            gm.add_submodule(spot.name, make_at_site(spot))
+            gm.add_submodule(spot.name, make(spot))
             with graph.inserting_before(node):
                 q = graph.call_module(spot.name, (node.args[0],))
             node.replace_input_with(node.args[0], q)
@@ -68,8 +58,8 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], *, power2_weight
         node = next(n for n in graph.nodes if n.op == "call_module" and n.target == w.name)
         float_mod = gm.get_submodule(w.name)
         cls = QuantConv2d if isinstance(float_mod, nn.Conv2d) else QuantLinear
-        qmod = cls.from_float(float_mod, bits=w.bits, per_channel=w.per_channel, power2=power2_weight_range,
-                              constrain_weights=constrain_weights, name=w.name)
+        qmod = cls.from_float(float_mod, bits=w.bits, per_channel=w.per_channel, power2=config.power2_weight_range,
+                              constrain_weights=config.constrain_weights, name=w.name)
         owner, _, leaf = w.name.rpartition(".")
         setattr(gm.get_submodule(owner) if owner else gm, leaf, qmod)
         src = _source(gm, node.args[0])
