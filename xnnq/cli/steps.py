@@ -135,6 +135,10 @@ def check_onnx(
             "max_lsb_diff": chk.max_lsb_diff,
             "accuracy": acc,
         }
+        if chk.rounding is not None:  # QDQ: the integer reference beside onnxruntime (xnnq.export.reference)
+            res[fmt].update(reference_rounding=chk.rounding, reference_exact_vs_model=chk.ref_frac_exact_vs_sim,
+                            reference_exact_vs_onnxruntime=chk.ref_frac_exact_vs_ort,
+                            first_divergence=chk.first_divergence)
     return res
 
 

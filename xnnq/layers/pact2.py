@@ -9,6 +9,7 @@ from torch import nn
 from .fake_quant import activation_scale, check_bits, fake_quantize, quant_bounds
 from .observer import RangeObserver
 from .range_tracker import RangeTracker
+from .rounding import DEFAULT, Rounding, Site, as_rounding, resolve
 
 
 class PACT2(nn.Module):
@@ -27,6 +28,10 @@ class PACT2(nn.Module):
             training mode; default a :class:`RangeTracker` with ``tail`` and ``ema_alpha`` (QAT).
         tail, ema_alpha: of the default :class:`RangeTracker`.
         name: the module's path in the model, used in error messages.
+        rounding: how codes are rounded (:mod:`xnnq.layers.rounding`); default ``"tidl"``, TIDL's rule at
+            this quantizer's ``site`` (``"requant"``; the wrappers set ``"input"`` on the network-input
+            quantizer and ``"resize"`` after a linear resize). ``"half_even"`` is what onnxruntime computes
+            for the exported QDQ file. Set it on a whole model with :func:`xnnq.layers.set_rounding`.
 
     The range is observed in training mode unless frozen (:func:`freeze_quant_range`); ``train()`` and
     ``eval()`` never change the frozen state. An observer that works in float while observing (calibration)
@@ -36,13 +41,15 @@ class PACT2(nn.Module):
 
     def __init__(self, bits: int = 8, signed: bool | None = None, clip_range: float | None = None,
                  cap: float | None = None, power2: bool = True, tail: float = 1e-4, ema_alpha: float = 0.01,
-                 name: str = "", observer: RangeObserver | None = None):
+                 name: str = "", observer: RangeObserver | None = None, rounding: Rounding | str = DEFAULT):
         super().__init__()
         check_bits(bits, name)
         if clip_range is not None and clip_range <= 0:
             raise ValueError(f"{name or 'PACT2'}: clip_range must be > 0, got {clip_range}")
         self.bits, self.signed, self.clip_range, self.cap, self.power2 = bits, signed, clip_range, cap, power2
         self.name = name
+        self.rounding: Rounding = as_rounding(rounding)
+        self.site: Site = Site.REQUANT
         self.observer = observer if observer is not None else RangeTracker(tail=tail, ema_alpha=ema_alpha,
                                                                            track_min=signed is not False)
         if clip_range is not None:  # a fixed range lives in the same buffers, never updated
@@ -154,7 +161,7 @@ class PACT2(nn.Module):
         scale, qmin, qmax = self.qparams()
         if self.cap is not None:
             x = x.clamp(max=self.cap)  # the cap (6 for ReLU6) is on the grid of every power-of-2 range >= it
-        return fake_quantize(x, scale, qmin, qmax)
+        return fake_quantize(x, scale, qmin, qmax, rounding=resolve(self.rounding, self.site))
 
     def extra_repr(self) -> str:
         s = f"bits={self.bits}, signed={self.signed}, power2={self.power2}"
@@ -162,4 +169,6 @@ class PACT2(nn.Module):
             s += f", clip_range={self.clip_range}"
         if self.cap is not None:
             s += f", cap={self.cap}"
+        if self.rounding is not DEFAULT or self.site is not Site.REQUANT:
+            s += f", rounding={self.rounding.value}@{self.site.value}"
         return s + (", frozen" if self.frozen else "")

@@ -6,6 +6,8 @@ from torch import nn
 
 from ..layers.pact2 import PACT2
 from ..layers.quant_weight import QuantConv2d, QuantLinear
+from ..layers.resize import ResizeWith
+from ..layers.rounding import Site
 from .config import QuantConfig
 from .plan import ActSpot, Plan, _source
 from .surgery import Change
@@ -13,12 +15,20 @@ from .surgery import Change
 
 def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantConfig) -> None:
     """Insert the quantizers of ``plan`` into ``gm`` (in place), made as ``config`` says."""
-    def make(spot: ActSpot) -> PACT2:
-        return PACT2(bits=spot.bits, signed=spot.signed, cap=spot.cap, power2=config.power2_activation_range,
-                     clip_range=config.clip_ranges.get(spot.name), name=spot.name,
-                     observer=config.activation_observer(spot, config))
     nodes = {n.name: n for n in gm.graph.nodes}
     graph = gm.graph
+
+    def make(spot: ActSpot) -> PACT2:
+        q = PACT2(bits=spot.bits, signed=spot.signed, cap=spot.cap, power2=config.power2_activation_range,
+                  clip_range=config.clip_ranges.get(spot.name), name=spot.name,
+                  observer=config.activation_observer(spot, config), rounding=config.rounding)
+        # where TIDL rounds differently from a requantization (xnnq.layers.rounding.Site)
+        src = gm.get_submodule(nodes[spot.node].target) if nodes[spot.node].op == "call_module" else None
+        if spot.reason == "input":
+            q.site = Site.INPUT
+        elif isinstance(src, ResizeWith) and "linear" in src.mode:
+            q.site = Site.RESIZE
+        return q
 
     for spot in plan.acts:
         node = nodes[spot.node]

@@ -22,6 +22,8 @@ from ..layers.fake_quant import check_bits
 from ..layers.observer import RangeObserver
 from ..layers.range_tracker import RangeTracker
 from ..targets import NUMERIC_KEYS, resolve_numerics
+from ..layers.rounding import DEFAULT as DEFAULT_ROUNDING
+from ..layers.rounding import as_rounding
 
 if TYPE_CHECKING:
     from .plan import ActSpot
@@ -65,6 +67,9 @@ class QuantConfig:
             set by ``QuantCalibrateModule``).
         target: a TIDL chip ("TDA4VM", "AM69A", ... see :mod:`xnnq.targets`): the numeric settings not given
             explicitly follow the chip; explicit ones it cannot run are refused. ``None``: today's defaults.
+        rounding: how activation codes are rounded (:mod:`xnnq.layers.rounding`): ``"tidl"`` (default,
+            TIDL's rule: half up, half away from zero at the network input, floor after a linear resize)
+            or ``"half_even"`` (onnxruntime's), ``"half_up"``, ``"half_away"``, ``"floor"``.
     """
 
     bitwidth_weights: int = 8
@@ -79,6 +84,7 @@ class QuantConfig:
     ema_alpha: float = 0.01
     activation_observer: ObserverFactory = TrackedRanges()
     target: str | None = None
+    rounding: str = DEFAULT_ROUNDING.value
 
     def __post_init__(self) -> None:
         check_bits(self.bitwidth_weights, "bitwidth_weights")
@@ -89,6 +95,7 @@ class QuantConfig:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         if not 0.0 < self.ema_alpha <= 1.0:
             raise ValueError(f"ema_alpha must be in (0, 1], got {self.ema_alpha}")
+        object.__setattr__(self, "rounding", as_rounding(self.rounding).value)
         # None (the wrappers' old default) means "none"; copies, so the caller's dicts can change freely
         object.__setattr__(self, "bitwidth_overrides", dict(self.bitwidth_overrides or {}))
         object.__setattr__(self, "clip_ranges", dict(self.clip_ranges or {}))
