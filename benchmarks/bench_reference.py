@@ -15,6 +15,7 @@
 
 Prints JSON; appends a table to benchmarks/RESULTS.md only with ``--record``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,16 +39,23 @@ from xnnq.export.reference import run as reference_run
 from xnnq.models.cifar_resnet import resnet20_cifar10
 
 DUMMY = torch.zeros(1, 3, 32, 32)
-PAIRS = [("ref_half_even", "ort"), ("ref_half_even", "sim_half_even"), ("sim_half_even", "ort"),
-         ("ref_tidl", "sim_tidl"), ("ref_tidl", "ort"), ("sim_tidl", "sim_half_even")]
+PAIRS = [
+    ("ref_half_even", "ort"),
+    ("ref_half_even", "sim_half_even"),
+    ("sim_half_even", "ort"),
+    ("ref_tidl", "sim_tidl"),
+    ("ref_tidl", "ort"),
+    ("sim_tidl", "sim_half_even"),
+]
 
 
 def calibrated(n: int) -> QuantCalibrateModule:
     x, y = cifar10("train")
     torch.manual_seed(0)
     idx = torch.randperm(len(y))[:n]
-    q = QuantCalibrateModule(resnet20_cifar10(data_root() / "weights" / "resnet20_cifar10jpg.pt"), DUMMY,
-                             method="mse").train()
+    q = QuantCalibrateModule(
+        resnet20_cifar10(data_root() / "weights" / "resnet20_cifar10jpg.pt"), DUMMY, method="mse"
+    ).train()
     with torch.no_grad():
         for xb, _ in batches(x[idx], y[idx], 100):
             q(xb)
@@ -75,8 +83,9 @@ def main() -> None:
     xt, yt = cifar10("test", limit=args.test_images)
     runner = OnnxRunner(path, threads=args.threads)
 
-    logits: dict[str, list[np.ndarray]] = {k: [] for k in
-                                           ("sim_tidl", "sim_half_even", "ort", "ref_tidl", "ref_half_even")}
+    logits: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("sim_tidl", "sim_half_even", "ort", "ref_tidl", "ref_half_even")
+    }
     seconds = {"ref_tidl": 0.0, "ref_half_even": 0.0, "ort": 0.0}
     labels = []
     first = None
@@ -94,16 +103,23 @@ def main() -> None:
             seconds["ort"] += time.perf_counter() - t
             for mode in ("tidl", "half_even"):
                 t = time.perf_counter()
-                logits[f"ref_{mode}"].append(reference_run(path, xb.numpy(), rounding=mode, batch_size=100)[0])
+                logits[f"ref_{mode}"].append(
+                    reference_run(path, xb.numpy(), rounding=mode, batch_size=100)[0]
+                )
                 seconds[f"ref_{mode}"] += time.perf_counter() - t
     xnnq.layers.set_rounding(q, "tidl")
     y = np.concatenate(labels)
     L = {k: np.concatenate(v) for k, v in logits.items()}
     n = len(y)
     res: dict = {
-        "images": n, "calib_images": args.calib_images, "onnx": str(path), "calib_s": calib_s,
+        "images": n,
+        "calib_images": args.calib_images,
+        "onnx": str(path),
+        "calib_s": calib_s,
         "top1": {k: float((v.argmax(1) == y).mean() * 100) for k, v in L.items()},
-        "bit_exact_logits": {}, "bit_exact_images": {}, "top1_agreement": {},
+        "bit_exact_logits": {},
+        "bit_exact_images": {},
+        "top1_agreement": {},
         "seconds": seconds,
     }
     for a, b in PAIRS:
@@ -112,27 +128,35 @@ def main() -> None:
         res["bit_exact_logits"][key] = float(eq.mean())
         res["bit_exact_images"][key] = float(eq.all(1).mean())
         res["top1_agreement"][key] = float((L[a].argmax(1) == L[b].argmax(1)).mean())
-    res["float_top1"] = evaluate(resnet20_cifar10(data_root() / "weights" / "resnet20_cifar10jpg.pt").eval(), xt, yt)
+    res["float_top1"] = evaluate(
+        resnet20_cifar10(data_root() / "weights" / "resnet20_cifar10jpg.pt").eval(), xt, yt
+    )
     chk = onnx_check(path, q, [first])  # TIDL's rounding in the simulation and the reference
     res["first_divergence_tidl_vs_onnxruntime"] = chk.first_divergence
     res["check_first_batch"] = chk.to_dict()
 
     t1, be, bi = res["top1"], res["bit_exact_logits"], res["bit_exact_images"]
-    rows = "\n".join(f"| {a} vs {b} | {100 * be[f'{a} vs {b}']:.3f} % | {100 * bi[f'{a} vs {b}']:.2f} % | "
-                     f"{100 * res['top1_agreement'][f'{a} vs {b}']:.2f} % |" for a, b in PAIRS)
+    rows = "\n".join(
+        f"| {a} vs {b} | {100 * be[f'{a} vs {b}']:.3f} % | {100 * bi[f'{a} vs {b}']:.2f} % | "
+        f"{100 * res['top1_agreement'][f'{a} vs {b}']:.2f} % |"
+        for a, b in PAIRS
+    )
     div = res["first_divergence_tidl_vs_onnxruntime"] or {}
     first_tensor = div.get("ort-ref", {}).get("tensor", "none")
     table = (
         f"ResNet-20 CIFAR-10, PTQ mse on {args.calib_images} train images, QDQ export, {n} test images "
         f"({args.threads} threads).\n\n"
-        f"| top-1 % | float | sim (tidl) | sim (half-even) | onnxruntime | reference (tidl) | reference (half-even) |\n"
+        "| top-1 % | float | sim (tidl) | sim (half-even) | onnxruntime | reference (tidl) "
+        "| reference (half-even) |\n"
         f"| --- | --- | --- | --- | --- | --- | --- |\n"
         f"| | {res['float_top1']:.2f} | {t1['sim_tidl']:.2f} | {t1['sim_half_even']:.2f} | {t1['ort']:.2f} | "
         f"{t1['ref_tidl']:.2f} | {t1['ref_half_even']:.2f} |\n\n"
-        f"| pair | logits bit-exact | images bit-exact | top-1 agreement |\n| --- | --- | --- | --- |\n{rows}\n\n"
+        "| pair | logits bit-exact | images bit-exact | top-1 agreement |\n| --- | --- | --- | --- |\n"
+        f"{rows}\n\n"
         f"Integer reference wall time: {seconds['ref_tidl']:.0f} s (tidl), {seconds['ref_half_even']:.0f} s "
         f"(half-even); onnxruntime {seconds['ort']:.0f} s. First tensor where TIDL's rounding parts from "
-        f"onnxruntime (first 100 images): `{first_tensor}`.\n")
+        f"onnxruntime (first 100 images): `{first_tensor}`.\n"
+    )
     if args.record:
         emit("bench_reference: simulation vs onnxruntime vs integer reference (ResNet-20)", res, table)
     else:

@@ -5,6 +5,7 @@ different grids), then onnxruntime as an independent implementation of the same 
 round-half-to-even), then QDQ exports of a small FPN-like segmenter and of ResNet-20 (random weights):
 onnxruntime == reference(half_even), simulation(tidl) == reference(tidl).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,11 +53,18 @@ class G:
         scale = np.asarray(scale, np.float32)
         zp = np.zeros(scale.shape, dtype)
         kw = {"axis": axis} if axis is not None else {}
-        return self.node("DequantizeLinear", [self.const(codes, dtype), self.const(scale), self.const(zp)], **kw)
+        return self.node(
+            "DequantizeLinear", [self.const(codes, dtype), self.const(scale), self.const(zp)], **kw
+        )
 
     def model(self, out, in_shape, opset=13, out_type=TensorProto.FLOAT) -> onnx.ModelProto:
-        g = helper.make_graph(self.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
-                              [helper.make_tensor_value_info(out, out_type, None)], self.inits)
+        g = helper.make_graph(
+            self.nodes,
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+            [helper.make_tensor_value_info(out, out_type, None)],
+            self.inits,
+        )
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
         m.ir_version = 8
         return m
@@ -68,7 +76,9 @@ def ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------- rounding
 def test_round_div_modes_at_ties_and_between():
-    num = np.array([5, -5, 3, -3, 7, -7, 6, -6, 4])  # /2: ties at 2.5, -2.5, 1.5, -1.5, 3.5, -3.5; 3, -3, 2 exact
+    num = np.array(
+        [5, -5, 3, -3, 7, -7, 6, -6, 4]
+    )  # /2: ties at 2.5, -2.5, 1.5, -1.5, 3.5, -3.5; 3, -3, 2 exact
     want = {
         "half_even": [2, -2, 2, -2, 4, -4, 3, -3, 2],
         "half_up": [3, -2, 2, -1, 4, -3, 3, -3, 2],
@@ -78,7 +88,12 @@ def test_round_div_modes_at_ties_and_between():
     for mode, w in want.items():
         assert round_div(num, 2, mode).tolist() == w, mode
         assert round_tensor(torch.tensor(num / 2.0), mode).tolist() == w, mode  # the simulation's rounding
-    assert round_div(np.array([9, 10, 11, -9]), 4, "half_even").tolist() == [2, 2, 3, -2]  # 2.25 2.5 2.75 -2.25
+    assert round_div(np.array([9, 10, 11, -9]), 4, "half_even").tolist() == [
+        2,
+        2,
+        3,
+        -2,
+    ]  # 2.25 2.5 2.75 -2.25
     # TIDL's rule per site
     assert resolve("tidl", Site.REQUANT) is Rounding.HALF_UP
     assert resolve("tidl", Site.INPUT) is Rounding.HALF_AWAY
@@ -91,12 +106,14 @@ def test_input_quantization_ties_and_saturation():
     g = G()
     out = g.q("x", 0.5)
     m = g.model(out, [1, 8])
-    x = np.array([[0.25, 0.75, 1.25, -0.25, -0.75, -1.25, 100.0, -100.0]], np.float32)  # codes 0.5, 1.5, 2.5 ...
+    x = np.array(
+        [[0.25, 0.75, 1.25, -0.25, -0.75, -1.25, 100.0, -100.0]], np.float32
+    )  # codes 0.5, 1.5, 2.5 ...
     want = {
         "half_even": [0, 2, 2, 0, -2, -2, 127, -128],
         "half_up": [1, 2, 3, 0, -1, -2, 127, -128],
         "half_away": [1, 2, 3, -1, -2, -3, 127, -128],
-        "tidl": [1, 2, 3, -1, -2, -3, 127, -128],   # TIDL's float input conversion: half away from zero
+        "tidl": [1, 2, 3, -1, -2, -3, 127, -128],  # TIDL's float input conversion: half away from zero
     }
     for mode, w in want.items():
         assert (run(m, x, rounding=mode)[0] / 0.5).tolist() == [w], mode
@@ -123,7 +140,7 @@ def test_conv_requantization_ties_and_saturation():
         "half_up": [3, 2, -1, -2, 1, 60],
         "half_away": [3, 2, -2, -3, 1, 60],
         "floor": [2, 1, -2, -3, 1, 60],
-        "tidl": [3, 2, -1, -2, 1, 60],   # TIDL_roundSat: (acc + 2^(shift-1)) >> shift
+        "tidl": [3, 2, -1, -2, 1, 60],  # TIDL_roundSat: (acc + 2^(shift-1)) >> shift
     }
     for mode, w in want.items():
         got = run(m, x, rounding=mode)[0] / 0.5
@@ -137,25 +154,30 @@ def test_conv_requantization_ties_and_saturation():
     assert u.ravel().tolist() == [0, 0, 0, 0, 0, 57]  # (120 - 7) / 2 = 56.5 -> 57 (half up); negatives -> 0
     # an 8-bit layer whose accumulator leaves int32 (TIDL's accumulator for 8-bit operands) is flagged
     with pytest.warns(UserWarning, match="int32"):
-        run(conv_graph(bias_code=2 ** 31 - 1), x)
+        run(conv_graph(bias_code=2**31 - 1), x)
 
 
 def test_add_concat_mul_on_different_grids():
     g = G()
     half = [g.node("Slice", ["x", g.const([lo]), g.const([lo + 4]), g.const([1])]) for lo in (0, 4)]
-    a = g.q(half[0], 0.25)                   # codes on 1/4
-    b = g.q(half[1], 1 / 16)                 # codes on 1/16
-    s = g.node("Add", [a, b])                # exact on 1/16 (a's codes shifted left by 2 bits)
-    c = g.node("Concat", [a, b], axis=1)     # both on 1/16
-    p = g.node("Mul", [a, b])                # product on 1/64
+    a = g.q(half[0], 0.25)  # codes on 1/4
+    b = g.q(half[1], 1 / 16)  # codes on 1/16
+    s = g.node("Add", [a, b])  # exact on 1/16 (a's codes shifted left by 2 bits)
+    c = g.node("Concat", [a, b], axis=1)  # both on 1/16
+    p = g.node("Mul", [a, b])  # product on 1/64
     outs = [g.q(s, 0.5), g.q(c, 0.5), g.q(p, 0.5)]
     x = np.array([[0.25, -0.25, 0.5, 0.25, 0.0, 0.0, 0.1875, 0.5]], np.float32)
     for i, out in enumerate(outs):
         m = g.model(out, [1, 8])
         assert np.array_equal(run(m, x, rounding="half_even")[0], ort(m, x)), i
     # a + b = 0.25, -0.25, 0.6875, 0.75, i.e. 0.5, -0.5, 1.375, 1.5 output steps of 1/2
-    want = {"half_even": [0, 0, 1, 2], "half_up": [1, 0, 1, 2], "half_away": [1, -1, 1, 2], "floor": [0, -1, 1, 1],
-            "tidl": [1, 0, 1, 2]}
+    want = {
+        "half_even": [0, 0, 1, 2],
+        "half_up": [1, 0, 1, 2],
+        "half_away": [1, -1, 1, 2],
+        "floor": [0, -1, 1, 1],
+        "tidl": [1, 0, 1, 2],
+    }
     m_add = g.model(outs[0], [1, 8])
     for mode, w in want.items():
         assert (run(m_add, x, rounding=mode)[0] / 0.5).ravel().tolist() == w, mode
@@ -165,21 +187,30 @@ def test_pools_resize_clip_shape_ops_against_onnxruntime():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
     cases = {
-        "avgpool3x3": lambda g, t: g.node("AveragePool", [t], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1],
-                                           count_include_pad=0),
+        "avgpool3x3": lambda g, t: g.node(
+            "AveragePool", [t], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0
+        ),
         "avgpool2x2": lambda g, t: g.node("AveragePool", [t], kernel_shape=[2, 2], strides=[2, 2]),
         "gap": lambda g, t: g.node("GlobalAveragePool", [t]),
-        "maxpool": lambda g, t: g.node("MaxPool", [t], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
-        "nearest2x": lambda g, t: g.node("Resize", [t, "", g.const(np.array([1, 1, 2, 2], np.float32))],
-                                         mode="nearest"),
-        "linear2x": lambda g, t: g.node("Resize", [t, "", g.const(np.array([1, 1, 2, 2], np.float32))],
-                                        mode="linear"),
+        "maxpool": lambda g, t: g.node(
+            "MaxPool", [t], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]
+        ),
+        "nearest2x": lambda g, t: g.node(
+            "Resize", [t, "", g.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest"
+        ),
+        "linear2x": lambda g, t: g.node(
+            "Resize", [t, "", g.const(np.array([1, 1, 2, 2], np.float32))], mode="linear"
+        ),
         "relu6": lambda g, t: g.node("Clip", [t, g.const(np.float32(0)), g.const(np.float32(0.3))]),
         "relu": lambda g, t: g.node("Relu", [t]),
         "flatten_transpose": lambda g, t: g.node("Transpose", [g.node("Flatten", [t])], perm=[1, 0]),
-        "slice_pad": lambda g, t: g.node("Pad", [g.node("Slice", [t, g.const([1, 2]), g.const([8, 7]),
-                                                                  g.const([2, 3]), g.const([2, 2])]),
-                                                 g.const(np.array([0, 0, 1, 0, 0, 0, 0, 2]))]),
+        "slice_pad": lambda g, t: g.node(
+            "Pad",
+            [
+                g.node("Slice", [t, g.const([1, 2]), g.const([8, 7]), g.const([2, 3]), g.const([2, 2])]),
+                g.const(np.array([0, 0, 1, 0, 0, 0, 0, 2])),
+            ],
+        ),
     }
     for name, make in cases.items():
         g = G()
@@ -213,18 +244,25 @@ def test_gemm_per_channel_depthwise_and_grouped_conv():
         g = G()
         t = g.q("x", 1 / 16, np.uint8 if groups == 2 else np.int8)
         codes = rng.integers(-128, 128, size=(4, 4 // groups, 3, 3))
-        scale = 2.0 ** -rng.integers(5, 9, size=4) if per_channel else 2.0 ** -6
+        scale = 2.0 ** -rng.integers(5, 9, size=4) if per_channel else 2.0**-6
         w = g.weight(codes, scale, axis=0 if per_channel else None)
-        b = g.weight(rng.integers(-5000, 5000, size=4), np.asarray(scale) / 16, axis=0 if per_channel else None,
-                     dtype=np.int32)
+        b = g.weight(
+            rng.integers(-5000, 5000, size=4),
+            np.asarray(scale) / 16,
+            axis=0 if per_channel else None,
+            dtype=np.int32,
+        )
         y = g.node("Conv", [t, w, b], group=groups, pads=[1, 1, 1, 1], strides=[2, 1], dilations=[1, 2])
         m = g.model(g.q(y, 1 / 4), list(x.shape))
         assert np.array_equal(run(m, x, rounding="half_even")[0], ort(m, x)), (groups, per_channel)
     g = G()
     t = g.node("Flatten", [g.q("x", 1 / 16)])
     w = g.weight(rng.integers(-128, 128, size=(5, 144)), 2.0 ** -rng.integers(5, 9, size=5), axis=0)
-    y = g.node("Gemm", [t, w, g.weight(rng.integers(-99, 99, size=5), 2.0 ** -12 * np.ones(5), axis=0,
-                                       dtype=np.int32)], transB=1)
+    y = g.node(
+        "Gemm",
+        [t, w, g.weight(rng.integers(-99, 99, size=5), 2.0**-12 * np.ones(5), axis=0, dtype=np.int32)],
+        transB=1,
+    )
     m = g.model(g.q(y, 1 / 8), list(x.shape))
     assert np.array_equal(run(m, x, rounding="half_even")[0], ort(m, x))
 
@@ -252,16 +290,21 @@ def test_argmax_output_and_clear_errors():
 
 # ------------------------------------------------------------------------------- the simulation
 def test_pact2_rounds_like_tidl_by_default():
-    p = xnnq.layers.PACT2(signed=True, clip_range=4.0).eval()   # scale 4/128 = 1/32
+    p = xnnq.layers.PACT2(signed=True, clip_range=4.0).eval()  # scale 4/128 = 1/32
     x = torch.tensor([2.5, 1.5, -1.5, -2.5]) / 32
-    assert (p(x) * 32).tolist() == [3, 2, -1, -2]            # half up (TIDL's requantization)
+    assert (p(x) * 32).tolist() == [3, 2, -1, -2]  # half up (TIDL's requantization)
     p.site = Site.INPUT
-    assert (p(x) * 32).tolist() == [3, 2, -2, -3]            # half away (TIDL's input conversion)
+    assert (p(x) * 32).tolist() == [3, 2, -2, -3]  # half away (TIDL's input conversion)
     assert xnnq.layers.set_rounding(nn.Sequential(p), "half_even") == 1
-    assert (p(x) * 32).tolist() == [2, 2, -2, -2]            # onnxruntime's
+    assert (p(x) * 32).tolist() == [2, 2, -2, -2]  # onnxruntime's
     q = xnnq.QuantTestModule(resnet20(), torch.randn(1, 3, 32, 32))
     sites = {n: m.site for n, m in q.quantizers().items()}
     assert sites["input_q"] is Site.INPUT and sum(s is Site.REQUANT for s in sites.values()) == len(sites) - 1
+    assert {m.rounding for m in q.quantizers().values()} == {Rounding.TIDL}
+    q = xnnq.QuantTestModule(resnet20(), torch.randn(1, 3, 32, 32), rounding="half_even")  # a wrapper setting
+    assert {m.rounding for m in q.quantizers().values()} == {Rounding.HALF_EVEN}
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        xnnq.QuantTestModule(resnet20(), torch.randn(1, 3, 32, 32), rounding="nearest")
 
 
 # ------------------------------------------------------------------------------------- exports
@@ -279,9 +322,9 @@ class TinySeg(nn.Module):
         self.head = nn.Conv2d(16, 4, 1)
 
     def forward(self, x):
-        a = self.dw(self.c1(x))                      # 1/2
-        b = self.c2(a)                               # 1/4
-        c = self.pool(b)                             # 1/8
+        a = self.dw(self.c1(x))  # 1/2
+        b = self.c2(a)  # 1/4
+        c = self.pool(b)  # 1/8
         up = torch.nn.functional.interpolate(c, scale_factor=2.0, mode="nearest") + self.lat(b)
         up = torch.nn.functional.interpolate(up, scale_factor=2.0, mode="bilinear", align_corners=False)
         y = self.head(torch.cat([up, a], dim=1))
@@ -314,9 +357,11 @@ def test_tiny_segmenter_three_way(tiny_seg, tmp_path):
     assert {"Resize", "Concat", "Add", "MaxPool"} <= ops
     x = torch.randn(6, 3, 16, 16)
     ref_even = run(path, x, rounding="half_even")[0]
-    assert np.array_equal(ref_even, OnnxRunner(path)(x).numpy())          # onnxruntime, bit for bit
+    assert np.array_equal(ref_even, OnnxRunner(path)(x).numpy())  # onnxruntime, bit for bit
     with torch.no_grad():
-        assert np.array_equal(run(path, x, rounding="tidl")[0], q(x).numpy())   # the simulation (TIDL's rounding)
+        assert np.array_equal(
+            run(path, x, rounding="tidl")[0], q(x).numpy()
+        )  # the simulation (TIDL's rounding)
     r = onnx_check(path, q, [x])
     assert r.rounding == "tidl" and r.ref_frac_exact_vs_sim == 1.0
     # the class map (ArgMax over the logits) of the integer reference, from a graph with ArgMax at the end
@@ -356,7 +401,7 @@ def test_resnet20_reference_matches_onnxruntime_and_simulation(tmp_path):
     x = torch.randn(8, 3, 32, 32)
     assert np.array_equal(run(path, x, rounding="half_even")[0], OnnxRunner(path)(x).numpy())
     with torch.no_grad():
-        assert np.array_equal(run(path, x)[0], q(x).numpy())   # default: TIDL's rounding, as the simulation
+        assert np.array_equal(run(path, x)[0], q(x).numpy())  # default: TIDL's rounding, as the simulation
 
 
 # ----------------------------------------------------------------------------------------- traces

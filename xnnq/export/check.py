@@ -117,7 +117,8 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
 @torch.no_grad()
 def onnx_check(path: str | Path | onnx.ModelProto, reference: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
                batches: Iterable[Any], *, optimize: bool = True, lsb: float | None = None,
-               threads: int = 0, integer_reference: bool | None = None, rounding: str | None = None) -> CheckResult:
+               threads: int = 0, integer_reference: bool | None = None,
+               rounding: str | None = None) -> CheckResult:
     """Run the ONNX at ``path`` in onnxruntime and ``reference`` on the same ``batches`` and compare.
 
     ``batches`` yields input tensors or ``(input, label)`` pairs. ``lsb`` defaults to the output
@@ -179,13 +180,15 @@ def onnx_check(path: str | Path | onnx.ModelProto, reference: torch.nn.Module | 
             else:
                 e1, t1 = _agree(yi, y)
                 e2, t2 = _agree(yi, ref)
-                ref_ort, ref_ort_top, ref_sim, ref_sim_top = ref_ort + e1, ref_ort_top + t1, ref_sim + e2, ref_sim_top + t2
-                if divergence is None and (e1 < yi.numel() or e2 < yi.numel() or int((d == 0).sum()) < d.numel()):
+                ref_ort, ref_ort_top = ref_ort + e1, ref_ort_top + t1
+                ref_sim, ref_sim_top = ref_sim + e2, ref_sim_top + t2
+                disagree = e1 < yi.numel() or e2 < yi.numel() or int((d == 0).sum()) < d.numel()
+                if divergence is None and disagree:
                     from .divergence import first_divergence, ort_codes, sim_codes
                     codes = {"ref": ref_model.trace(xi, keep=True)[1],
                              "ort": ort_codes(ref_model, xi, optimize, threads),
-                             "sim": sim_codes(reference, x, ref_model, None if isinstance(path, onnx.ModelProto)
-                                              else path)}
+                             "sim": sim_codes(reference, x, ref_model,
+                                              None if isinstance(path, onnx.ModelProto) else path)}
                     divergence = first_divergence(ref_model, codes)
         n += x.shape[0]
     if was_training:

@@ -23,6 +23,7 @@ onnxruntime computes for the same file), ``"half_up"``, ``"half_away"``, ``"floo
 ``dump_dir`` writes one trace per quantized tensor in the layout of TIDL's layer traces
 (:mod:`xnnq.export.traces`). Sources for every TIDL fact: docs/README_tidl.md.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -39,34 +40,43 @@ from . import reference_ops as ops
 from .onnx_graph import constants_to_initializers
 from .reference_ops import IntegerReferenceError, QTensor
 
-_CODE_TYPES = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
-               TensorProto.UINT16: np.uint16, TensorProto.INT32: np.int32}
+_CODE_TYPES = {
+    TensorProto.INT8: np.int8,
+    TensorProto.UINT8: np.uint8,
+    TensorProto.INT16: np.int16,
+    TensorProto.UINT16: np.uint16,
+    TensorProto.INT32: np.int32,
+}
 
 
 @dataclass
 class QuantPoint:
     """One ``QuantizeLinear`` of the graph: where a tensor gets its integer codes."""
 
-    node: str            # QuantizeLinear node name
-    codes: str           # its output (the integer codes)
-    tensor: str          # the DequantizeLinear output that carries the codes on (the quantized tensor's name)
+    node: str  # QuantizeLinear node name
+    codes: str  # its output (the integer codes)
+    tensor: str  # the DequantizeLinear output that carries the codes on (the quantized tensor's name)
     scale: float
-    dtype: type          # numpy code type
+    dtype: type  # numpy code type
 
 
 def _pow2_exp(scale: np.ndarray, where: str) -> np.ndarray:
     s = np.asarray(scale, dtype=np.float64)
     mant, e = np.frexp(s)
     if np.any(s <= 0) or np.any(mant != 0.5):
-        raise IntegerReferenceError(f"{where}: scale {s.ravel()[:4].tolist()} is not a power of 2; the integer reference "
-                             "executes power-of-2 QDQ exports (export with power2=True)")
+        raise IntegerReferenceError(
+            f"{where}: scale {s.ravel()[:4].tolist()} is not a power of 2; the integer reference "
+            "executes power-of-2 QDQ exports (export with power2=True)"
+        )
     return (e - 1).astype(np.int64)
 
 
 def _zero_point_ok(arr: np.ndarray | None, where: str) -> None:
     if arr is not None and np.any(arr != 0):
-        raise IntegerReferenceError(f"{where}: zero-point {np.ravel(arr)[:4].tolist()} is not 0; TIDL's symmetric QDQ "
-                             "models (and the integer reference) need zero-point 0")
+        raise IntegerReferenceError(
+            f"{where}: zero-point {np.ravel(arr)[:4].tolist()} is not 0; TIDL's symmetric QDQ "
+            "models (and the integer reference) need zero-point 0"
+        )
 
 
 class IntegerReference:
@@ -120,7 +130,9 @@ class IntegerReference:
         if attrs.get("output_dtype"):
             dtype = _CODE_TYPES[attrs["output_dtype"]]
         if dtype not in (np.int8, np.uint8, np.int16, np.uint16):
-            raise IntegerReferenceError(f"{where}: code type {np.dtype(dtype).name} is not supported (int8/uint8/int16/uint16)")
+            raise IntegerReferenceError(
+                f"{where}: code type {np.dtype(dtype).name} is not supported (int8/uint8/int16/uint16)"
+            )
         _pow2_exp(scale, where)
         return float(scale), dtype
 
@@ -147,10 +159,14 @@ class IntegerReference:
     def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
         return self.trace(*inputs)[0]
 
-    def trace(self, *inputs: np.ndarray, keep: bool = False) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-        """Outputs of one batch, and (``keep``) the integer codes of every QuantizeLinear by its output name."""
+    def trace(
+        self, *inputs: np.ndarray, keep: bool = False
+    ) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        """Outputs of one batch and (``keep``) the codes of each QuantizeLinear, by its output name."""
         if len(inputs) != len(self.inputs):
-            raise ValueError(f"reference: the model takes {len(self.inputs)} input(s) {self.inputs}, got {len(inputs)}")
+            raise ValueError(
+                f"reference: the model takes {len(self.inputs)} input(s) {self.inputs}, got {len(inputs)}"
+            )
         env: dict[str, object] = dict(self.consts)
         for name, x in zip(self.inputs, inputs):
             env[name] = np.asarray(x)
@@ -193,21 +209,31 @@ class IntegerReference:
             _zero_point_ok(ins[2] if len(ins) > 2 else None, where)
             e = int(_pow2_exp(ins[1], where).reshape(-1)[0]) if np.size(ins[1]) == 1 else None
             if e is None:
-                raise IntegerReferenceError(f"{where}: per-axis dequantization of an activation is not supported")
+                raise IntegerReferenceError(
+                    f"{where}: per-axis dequantization of an activation is not supported"
+                )
             x = ins[0]
             num = x.num if isinstance(x, QTensor) else np.asarray(x).astype(np.int64)
             if isinstance(x, QTensor) and (x.den != 1 or np.ndim(x.exp)):
                 raise IntegerReferenceError(f"{where}: dequantizes a tensor that is not integer codes")
             return [QTensor(num, e)]
         for i, v in enumerate(ins):
-            if (op not in _FLOAT_OK and isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating)
-                    and node.input[i] not in self.inits):
-                raise IntegerReferenceError(f"{where}: input {node.input[i]!r} is a float tensor that no QuantizeLinear "
-                                     "quantizes; the integer reference runs quantized graphs only")
+            if (
+                op not in _FLOAT_OK
+                and isinstance(v, np.ndarray)
+                and np.issubdtype(v.dtype, np.floating)
+                and node.input[i] not in self.inits
+            ):
+                raise IntegerReferenceError(
+                    f"{where}: input {node.input[i]!r} is a float tensor that no QuantizeLinear "
+                    "quantizes; the integer reference runs quantized graphs only"
+                )
         handler = _HANDLERS.get(op)
         if handler is None:
-            raise IntegerReferenceError(f"{where}: no integer implementation of {op}; supported: {sorted(_HANDLERS)} "
-                                 "and QuantizeLinear/DequantizeLinear")
+            raise IntegerReferenceError(
+                f"{where}: no integer implementation of {op}; supported: {sorted(_HANDLERS)} "
+                "and QuantizeLinear/DequantizeLinear"
+            )
         out = handler(self, ins, attrs, where)
         return out if isinstance(out, list) else [out]
 
@@ -216,8 +242,13 @@ class IntegerReference:
         target = [int(s) for s in shape]
         if not allowzero:
             target = [x.shape[i] if s == 0 else s for i, s in enumerate(target)]
-        if (-1 not in target and int(np.prod(target)) != x.size and target and self.static_batch
-                and target[0] == self.static_batch):
+        if (
+            -1 not in target
+            and int(np.prod(target)) != x.size
+            and target
+            and self.static_batch
+            and target[0] == self.static_batch
+        ):
             target[0] = x.shape[0]  # the graph's static batch: the reference runs any batch size
         return target
 
@@ -225,11 +256,13 @@ class IntegerReference:
 def _shape_op(fn):
     """A handler that rearranges the numerators (values are unchanged); also on a float input that a
     QuantizeLinear quantizes later."""
+
     def handler(ref: IntegerReference, ins: list, attrs: dict, where: str):
         if not isinstance(ins[0], QTensor):
             return np.ascontiguousarray(fn(ref, np.asarray(ins[0]), ins, attrs))
         t = ops.scalar_exp(ins[0], where)
         return QTensor(np.ascontiguousarray(fn(ref, t.num, ins, attrs)), t.exp, t.den)
+
     return handler
 
 
@@ -367,6 +400,7 @@ def _global(kind: str):
             return ops.reduce_mean(t, axes, True)
         t = ops.scalar_exp(t, where)
         return QTensor(t.num.max(axis=tuple(axes), keepdims=True), t.exp, t.den)
+
     return handler
 
 
@@ -382,8 +416,12 @@ def _gemm(ref: IntegerReference, ins: list, attrs: dict, where: str):
 
 
 def _argmax(ref: IntegerReference, ins: list, attrs: dict, where: str):
-    return ops.argmax(ins[0], int(attrs.get("axis", 0)), bool(attrs.get("keepdims", 1)),
-                      bool(attrs.get("select_last_index", 0)))
+    return ops.argmax(
+        ins[0],
+        int(attrs.get("axis", 0)),
+        bool(attrs.get("keepdims", 1)),
+        bool(attrs.get("select_last_index", 0)),
+    )
 
 
 def _relu(ref: IntegerReference, ins: list, attrs: dict, where: str):
@@ -411,7 +449,9 @@ _HANDLERS = {
     "ArgMax": _argmax,
     "Identity": _shape_op(lambda r, x, ins, a: x),
     "Dropout": lambda r, ins, a, w: ins[0],
-    "Reshape": _shape_op(lambda r, x, ins, a: x.reshape(r._reshape_target(x, ins[1], int(a.get("allowzero", 0))))),
+    "Reshape": _shape_op(
+        lambda r, x, ins, a: x.reshape(r._reshape_target(x, ins[1], int(a.get("allowzero", 0))))
+    ),
     "Flatten": _shape_op(_flatten),
     "Transpose": _shape_op(lambda r, x, ins, a: np.transpose(x, a.get("perm"))),
     "Squeeze": _shape_op(_squeeze),
@@ -430,12 +470,21 @@ _FLOAT_OK = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice",
 def _as_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float32) if not np.issubdtype(np.asarray(x).dtype, np.integer) else np.asarray(x)
+    return (
+        np.asarray(x, dtype=np.float32)
+        if not np.issubdtype(np.asarray(x).dtype, np.integer)
+        else np.asarray(x)
+    )
 
 
-def run(onnx_path: str | Path | onnx.ModelProto, x: np.ndarray | Sequence[np.ndarray], *,
-        rounding: Rounding | str = DEFAULT, dump_dir: str | Path | None = None,
-        batch_size: int = 64) -> list[np.ndarray]:
+def run(
+    onnx_path: str | Path | onnx.ModelProto,
+    x: np.ndarray | Sequence[np.ndarray],
+    *,
+    rounding: Rounding | str = DEFAULT,
+    dump_dir: str | Path | None = None,
+    batch_size: int = 64,
+) -> list[np.ndarray]:
     """Execute the QDQ model at ``onnx_path`` on ``x`` with integer arithmetic only.
 
     Args:
@@ -455,12 +504,13 @@ def run(onnx_path: str | Path | onnx.ModelProto, x: np.ndarray | Sequence[np.nda
     outs: list[list[np.ndarray]] = []
     codes: dict[str, list[np.ndarray]] = {}
     for i in range(0, n, batch_size):
-        o, c = ref.trace(*[a[i:i + batch_size] for a in xs], keep=dump_dir is not None)
+        o, c = ref.trace(*[a[i : i + batch_size] for a in xs], keep=dump_dir is not None)
         outs.append(o)
         for k, v in c.items():
             codes.setdefault(k, []).append(v)
     results = [np.concatenate(parts) for parts in zip(*outs)]
     if dump_dir is not None:
         from .traces import write_traces
+
         write_traces(dump_dir, ref.points, {k: np.concatenate(v) for k, v in codes.items()})
     return results

@@ -11,6 +11,7 @@ Matrix products run in float32 BLAS on chunks of the reduction short enough that
 is an integer below ``2^24`` (float32 holds those exactly, so each chunk's result is the exact
 integer), and the chunks are added in int64 (:func:`exact_matmul`); everything else is int64.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -23,8 +24,8 @@ import numpy as np
 
 from ..layers.rounding import Rounding, Site, round_div
 
-EXACT_F32 = 2 ** 24
-INT64_SAFE = 2 ** 62
+EXACT_F32 = 2**24
+INT64_SAFE = 2**62
 
 
 class IntegerReferenceError(ValueError):
@@ -56,8 +57,10 @@ class QTensor:
 def _check_range(num: np.ndarray, where: str) -> np.ndarray:
     """``num``, refusing values of 2^62 and beyond (used where a product can grow)."""
     if num.size and int(np.abs(num).max()) >= INT64_SAFE:
-        raise IntegerReferenceError(f"{where}: an intermediate value exceeds 2^62; the graph's scales are too far apart "
-                             "for exact int64 arithmetic")
+        raise IntegerReferenceError(
+            f"{where}: an intermediate value exceeds 2^62; the graph's scales are too far apart "
+            "for exact int64 arithmetic"
+        )
     return num
 
 
@@ -68,8 +71,10 @@ def _shl(num: np.ndarray, bits: np.ndarray | int, where: str = "") -> np.ndarray
         return num
     top = int(bits.max())
     if num.size and int(np.abs(num).max()) >= INT64_SAFE >> top:
-        raise IntegerReferenceError(f"{where}: an intermediate value exceeds 2^62 after aligning scales {top} bits apart; "
-                             "the graph's scales are too far apart for exact int64 arithmetic")
+        raise IntegerReferenceError(
+            f"{where}: an intermediate value exceeds 2^62 after aligning scales {top} bits apart; "
+            "the graph's scales are too far apart for exact int64 arithmetic"
+        )
     return np.left_shift(num, bits)
 
 
@@ -112,8 +117,9 @@ def represent(t: QTensor, value: float, where: str) -> tuple[QTensor, int]:
     return QTensor(num, e, t.den), k
 
 
-def requantize(t: QTensor, exp_out: int, qmin: int, qmax: int, mode: Rounding | str, site: Site | str,
-               where: str = "") -> np.ndarray:
+def requantize(
+    t: QTensor, exp_out: int, qmin: int, qmax: int, mode: Rounding | str, site: Site | str, where: str = ""
+) -> np.ndarray:
     """Codes of ``t`` on the grid ``2^exp_out``: rounded under ``mode`` at ``site`` and saturated to
     ``[qmin, qmax]``."""
     d = np.asarray(t.exp, dtype=np.int64) - exp_out
@@ -126,8 +132,9 @@ def requantize(t: QTensor, exp_out: int, qmin: int, qmax: int, mode: Rounding | 
     return np.clip(codes, qmin, qmax)
 
 
-def exact_matmul(a: np.ndarray, b: np.ndarray, where: str = "", amax: int | None = None,
-                 bmax: int | None = None) -> np.ndarray:
+def exact_matmul(
+    a: np.ndarray, b: np.ndarray, where: str = "", amax: int | None = None, bmax: int | None = None
+) -> np.ndarray:
     """``a @ b`` of integer-valued arrays, exactly, as int64.
 
     The reduction is split into chunks short enough that every partial sum of a chunk is an integer
@@ -150,7 +157,7 @@ def exact_matmul(a: np.ndarray, b: np.ndarray, where: str = "", amax: int | None
     b32 = b if b.dtype == np.float32 else b.astype(np.float32)
     out = None
     for k0 in range(0, k, chunk):
-        part = np.matmul(a32[..., k0:k0 + chunk], b32[..., k0:k0 + chunk, :]).astype(np.int64)
+        part = np.matmul(a32[..., k0 : k0 + chunk], b32[..., k0 : k0 + chunk, :]).astype(np.int64)
         out = part if out is None else out + part
     return out
 
@@ -158,9 +165,12 @@ def exact_matmul(a: np.ndarray, b: np.ndarray, where: str = "", amax: int | None
 def check_accumulator(acc: np.ndarray, xmax: int, wmax: int, where: str) -> None:
     """Warn when an 8-bit layer's accumulator leaves int32 (TIDL accumulates 8-bit operands in 32 bits,
     16-bit ones in 64 bits; docs/README_tidl.md): TIDL's result would differ from the exact one here."""
-    if xmax < 256 and wmax < 256 and acc.size and (int(acc.max()) >= 2 ** 31 or int(acc.min()) < -2 ** 31):
-        warnings.warn(f"{where}: the accumulator leaves the int32 range TIDL uses for 8-bit operands; the "
-                      "integer reference keeps the exact value", stacklevel=3)
+    if xmax < 256 and wmax < 256 and acc.size and (int(acc.max()) >= 2**31 or int(acc.min()) < -(2**31)):
+        warnings.warn(
+            f"{where}: the accumulator leaves the int32 range TIDL uses for 8-bit operands; the "
+            "integer reference keeps the exact value",
+            stacklevel=3,
+        )
 
 
 def _ints(values, n: int, default: int) -> list[int]:
@@ -168,12 +178,17 @@ def _ints(values, n: int, default: int) -> list[int]:
 
 
 # -------------------------------------------------------------------------------------- windows
-def windows(x: np.ndarray, kernel: list[int], strides: list[int], dilations: list[int],
-            out_shape: list[int]) -> np.ndarray:
+def windows(
+    x: np.ndarray, kernel: list[int], strides: list[int], dilations: list[int], out_shape: list[int]
+) -> np.ndarray:
     """A read-only view ``(N, C, *out, *kernel)`` of the (already padded) NC... array ``x``."""
     sp = x.strides[2:]
     shape = x.shape[:2] + tuple(out_shape) + tuple(kernel)
-    strides = x.strides[:2] + tuple(s * st for s, st in zip(sp, strides)) + tuple(s * d for s, d in zip(sp, dilations))
+    strides = (
+        x.strides[:2]
+        + tuple(s * st for s, st in zip(sp, strides))
+        + tuple(s * d for s, d in zip(sp, dilations))
+    )
     return np.lib.stride_tricks.as_strided(x, shape, strides, writeable=False)
 
 
@@ -197,8 +212,9 @@ def pool_geometry(shape: tuple[int, ...], attrs: dict, where: str) -> tuple[list
     return kernel, strides, dil, pads, out
 
 
-def _pad_for(x: np.ndarray, pads: list[int], out: list[int], kernel, strides, dil, value,
-             dtype=None) -> np.ndarray:
+def _pad_for(
+    x: np.ndarray, pads: list[int], out: list[int], kernel, strides, dil, value, dtype=None
+) -> np.ndarray:
     """``x`` padded by ``pads`` (and at the end as far as the last window reaches), as ``dtype``."""
     n = x.ndim - 2
     widths = [(0, 0), (0, 0)]
@@ -218,7 +234,9 @@ def conv(x: QTensor, w: QTensor, b: QTensor | None, attrs: dict, where: str) -> 
     if x.den != 1 or np.ndim(x.exp):
         x = scalar_exp(x, where)
         if x.den != 1:
-            raise IntegerReferenceError(f"{where}: the Conv input is not on an integer grid; quantize it first")
+            raise IntegerReferenceError(
+                f"{where}: the Conv input is not on an integer grid; quantize it first"
+            )
     xn, wn = x.num, w.num
     attrs = dict(attrs, kernel_shape=attrs.get("kernel_shape") or list(wn.shape[2:]))
     kernel, strides, dil, pads, out = pool_geometry(xn.shape, attrs, where)
@@ -226,7 +244,9 @@ def conv(x: QTensor, w: QTensor, b: QTensor | None, attrs: dict, where: str) -> 
     n_batch, c_in = xn.shape[:2]
     c_out, c_g = wn.shape[:2]
     if c_g * groups != c_in:
-        raise IntegerReferenceError(f"{where}: weight has {c_g} input channels per group, input has {c_in} for {groups} groups")
+        raise IntegerReferenceError(
+            f"{where}: weight has {c_g} input channels per group, input has {c_in} for {groups} groups"
+        )
     xmax = int(np.abs(xn).max()) if xn.size else 0
     # integers below 2^24 are exact in float32 (and the im2col copies are half the size of int64 ones)
     xp = _pad_for(xn, pads, out, kernel, strides, dil, 0, np.float32 if xmax < EXACT_F32 else np.int64)
@@ -235,8 +255,10 @@ def conv(x: QTensor, w: QTensor, b: QTensor | None, attrs: dict, where: str) -> 
     taps = list(itertools.product(*[range(k) for k in kernel]))
 
     def tap(i: tuple[int, ...], xs: np.ndarray) -> np.ndarray:  # the input samples a kernel tap reads
-        return xs[(slice(None), slice(None)) + tuple(
-            slice(t * d, t * d + s * (o - 1) + 1, s) for t, d, s, o in zip(i, dil, strides, out))]
+        return xs[
+            (slice(None), slice(None))
+            + tuple(slice(t * d, t * d + s * (o - 1) + 1, s) for t, d, s, o in zip(i, dil, strides, out))
+        ]
 
     if c_g == 1 and o_g == 1:  # depthwise: one filter per channel
         wk = wn.reshape(c_out, -1)
@@ -251,8 +273,8 @@ def conv(x: QTensor, w: QTensor, b: QTensor | None, attrs: dict, where: str) -> 
         for g in range(groups):
             cols = np.empty((len(taps), c_g, n_batch, *out), dtype=xp.dtype)
             for j, i in enumerate(taps):
-                cols[j] = tap(i, xt[g * c_g:(g + 1) * c_g])
-            wg = np.moveaxis(wn[g * o_g:(g + 1) * o_g].reshape(o_g, c_g, -1), 2, 1).reshape(o_g, -1)
+                cols[j] = tap(i, xt[g * c_g : (g + 1) * c_g])
+            wg = np.moveaxis(wn[g * o_g : (g + 1) * o_g].reshape(o_g, c_g, -1), 2, 1).reshape(o_g, -1)
             parts.append(exact_matmul(wg, cols.reshape(len(taps) * c_g, -1), where, wmax, xmax))
         acc = np.concatenate(parts, axis=0) if groups > 1 else parts[0]
         acc = acc.reshape((c_out, n_batch, *out)).swapaxes(0, 1)
@@ -261,10 +283,14 @@ def conv(x: QTensor, w: QTensor, b: QTensor | None, attrs: dict, where: str) -> 
     y = QTensor(np.ascontiguousarray(acc), exp, w.den)
     if b is not None:
         e_b = channel_exp(b, 0, where)
-        b_t = QTensor(b.num.reshape((1, c_out) + (1,) * nsp),
-                      e_b.reshape((1, c_out) + (1,) * nsp) if e_b.ndim else int(e_b), b.den)
-        if b_t.den == y.den and np.array_equal(np.broadcast_to(b_t.exp, (1, c_out) + (1,) * nsp),
-                                               np.broadcast_to(y.exp, (1, c_out) + (1,) * nsp)):
+        b_t = QTensor(
+            b.num.reshape((1, c_out) + (1,) * nsp),
+            e_b.reshape((1, c_out) + (1,) * nsp) if e_b.ndim else int(e_b),
+            b.den,
+        )
+        if b_t.den == y.den and np.array_equal(
+            np.broadcast_to(b_t.exp, (1, c_out) + (1,) * nsp), np.broadcast_to(y.exp, (1, c_out) + (1,) * nsp)
+        ):
             y.num += b_t.num  # the bias on the accumulator's grid (the usual case): in place
         else:
             y = add(y, b_t, where)
@@ -290,8 +316,15 @@ def gemm(a: QTensor, b: QTensor, c: QTensor | None, attrs: dict, where: str) -> 
     a = scalar_exp(a, where)
     an = np.swapaxes(a.num, -1, -2) if attrs.get("transA") else a.num
     trans_b = bool(attrs.get("transB"))
-    b_t = QTensor(np.swapaxes(b.num, -1, -2), np.swapaxes(np.broadcast_to(b.exp, b.num.shape), -1, -2)
-                  if np.ndim(b.exp) else b.exp, b.den) if trans_b else b
+    b_t = (
+        QTensor(
+            np.swapaxes(b.num, -1, -2),
+            np.swapaxes(np.broadcast_to(b.exp, b.num.shape), -1, -2) if np.ndim(b.exp) else b.exp,
+            b.den,
+        )
+        if trans_b
+        else b
+    )
     e_col = channel_exp(b_t, b_t.num.ndim - 1, where)  # one exponent per output column
     acc = exact_matmul(an, b_t.num, where)
     y = QTensor(acc, int(a.exp) + e_col if e_col.ndim else int(a.exp) + int(e_col), a.den * b.den)
@@ -358,13 +391,20 @@ def avg_pool(t: QTensor, attrs: dict, where: str) -> QTensor:
     if int(attrs.get("count_include_pad", 0)):
         # the window is counted over the explicit pads (not over ceil-mode overhang)
         ones = np.ones((1, 1) + t.shape[2:], dtype=np.int64)
-        ones = np.pad(ones, [(0, 0), (0, 0)] + [(p, p2) for p, p2 in zip(pads[:len(kernel)], pads[len(kernel):])],
-                      constant_values=1)
+        ones = np.pad(
+            ones,
+            [(0, 0), (0, 0)] + [(p, p2) for p, p2 in zip(pads[: len(kernel)], pads[len(kernel) :])],
+            constant_values=1,
+        )
         pads0 = [0] * (2 * len(kernel))
-        counts = windows(_pad_for(ones, pads0, out, kernel, strides, dil, 0), kernel, strides, dil, out).sum(axis=axes)
+        counts = windows(_pad_for(ones, pads0, out, kernel, strides, dil, 0), kernel, strides, dil, out).sum(
+            axis=axes
+        )
     else:
         ones = np.ones((1, 1) + t.shape[2:], dtype=np.int64)
-        counts = windows(_pad_for(ones, pads, out, kernel, strides, dil, 0), kernel, strides, dil, out).sum(axis=axes)
+        counts = windows(_pad_for(ones, pads, out, kernel, strides, dil, 0), kernel, strides, dil, out).sum(
+            axis=axes
+        )
     return divide_counts(t, sums, counts)
 
 
@@ -454,15 +494,14 @@ def resize(t: QTensor, scales: list[Fraction], out_shape: list[int], attrs: dict
             i1 = np.minimum(i0 + 1, n_in - 1)
             shape = [1] * num.ndim
             shape[axis] = n_out
-            num = (np.take(num, i0, axis=axis) * (d - w1).reshape(shape)
-                   + np.take(num, i1, axis=axis) * w1.reshape(shape))
+            num = np.take(num, i0, axis=axis) * (d - w1).reshape(shape) + np.take(
+                num, i1, axis=axis
+            ) * w1.reshape(shape)
             den_total *= d
         else:
             raise IntegerReferenceError(f"{where}: Resize mode {mode!r} is not supported (nearest, linear)")
     num, exp, den = _odd_den(_check_range(num, where), t.exp, t.den * den_total)
     return QTensor(num, exp, den, Site.RESIZE if mode == "linear" else None)
-
-
 
 
 def argmax(t: QTensor, axis: int, keepdims: bool, select_last: bool) -> np.ndarray:
@@ -474,4 +513,3 @@ def argmax(t: QTensor, axis: int, keepdims: bool, select_last: bool) -> np.ndarr
     else:
         idx = np.argmax(num, axis=axis)
     return np.expand_dims(idx, axis) if keepdims else idx
-

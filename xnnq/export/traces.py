@@ -19,6 +19,7 @@ layer, numbered in topological order, named by its quantized tensor (the ``Dequa
 TIDL numbers its own layers (it fuses Conv+ReLU, drops Q/DQ pairs): match a board's folder to this one
 by name through both ``layer_info.txt`` files (:func:`compare_traces`), not by dataId.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,14 @@ def write_traces(folder: str | Path, points, codes: dict[str, np.ndarray]) -> Pa
         arr.tofile(folder / f"{stem}.y")
         (arr.astype(np.float64) * p.scale).astype(np.float32).tofile(folder / f"{stem}_float.bin")
         lines.append(f"{data_id} {data_id} {p.tensor}")
-        meta[p.tensor] = {"data_id": data_id, "file": f"{stem}.y", "dtype": np.dtype(p.dtype).name,
-                          "scale": p.scale, "shape": list(arr.shape), "quantize_node": p.node}
+        meta[p.tensor] = {
+            "data_id": data_id,
+            "file": f"{stem}.y",
+            "dtype": np.dtype(p.dtype).name,
+            "scale": p.scale,
+            "shape": list(arr.shape),
+            "quantize_node": p.node,
+        }
         data_id += 1
     (folder / INFO).write_text("\n".join(lines) + "\n")
     (folder / META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -78,7 +85,7 @@ def write_traces(folder: str | Path, points, codes: dict[str, np.ndarray]) -> Pa
 class TraceFile:
     data_id: int
     path: Path
-    dims: tuple[int, ...]   # batch, dim1, dim2, channels, width, height as in the name
+    dims: tuple[int, ...]  # batch, dim1, dim2, channels, width, height as in the name
 
 
 @dataclass
@@ -89,8 +96,8 @@ class TraceDiff:
     data_id_a: int
     data_id_b: int
     elements: int
-    mismatches: int          # elements that differ (-1: sizes differ)
-    max_abs_diff: float      # in codes (LSB) for .y traces
+    mismatches: int  # elements that differ (-1: sizes differ)
+    max_abs_diff: float  # in codes (LSB) for .y traces
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,8 +136,9 @@ def _dtype_for(folder: Path, data_id: int, tf: TraceFile) -> np.dtype:
     return np.dtype(np.int16) if count and size == 2 * count else np.dtype(np.int8)
 
 
-def compare_traces(a: str | Path, b: str | Path, *, info_a: str | Path | None = None,
-                   info_b: str | Path | None = None) -> list[TraceDiff]:
+def compare_traces(
+    a: str | Path, b: str | Path, *, info_a: str | Path | None = None, info_b: str | Path | None = None
+) -> list[TraceDiff]:
     """Compare the ``.y`` traces of two folders layer by layer, in the order of folder ``a``.
 
     Layers are matched by name through each folder's ``layer_info.txt`` (or ``info_a``/``info_b``, e.g.
@@ -159,7 +167,9 @@ def compare_traces(a: str | Path, b: str | Path, *, info_a: str | Path | None = 
             out.append(TraceDiff(name, da, db, int(xa.size), -1, float("nan")))
             continue
         d = np.abs(xa.astype(np.int64) - xb.astype(np.int64))
-        out.append(TraceDiff(name, da, db, int(xa.size), int((d != 0).sum()), float(d.max()) if d.size else 0.0))
+        out.append(
+            TraceDiff(name, da, db, int(xa.size), int((d != 0).sum()), float(d.max()) if d.size else 0.0)
+        )
     return out
 
 

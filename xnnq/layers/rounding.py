@@ -17,6 +17,7 @@ Modes (``x`` the exact value in units of the output step):
 
 Sources: docs/README_tidl.md, "Rounding, saturation and arithmetic".
 """
+
 from __future__ import annotations
 
 from enum import Enum
@@ -102,8 +103,9 @@ def round_array(x: np.ndarray, mode: Rounding | str, site: Site | str = Site.INP
     return np.floor(x)
 
 
-def round_div(num: np.ndarray, den: np.ndarray | int, mode: Rounding | str,
-              site: Site | str = Site.REQUANT) -> np.ndarray:
+def round_div(
+    num: np.ndarray, den: np.ndarray | int, mode: Rounding | str, site: Site | str = Site.REQUANT
+) -> np.ndarray:
     """``num / den`` rounded to an integer under ``mode`` at ``site``, in exact int64 arithmetic.
 
     ``den`` > 0 (an int or an int64 array broadcastable against ``num``). A shift right by ``k`` bits
@@ -127,8 +129,9 @@ def round_div(num: np.ndarray, den: np.ndarray | int, mode: Rounding | str,
     return q + ((twice > den) | ((twice == den) & (q % 2 == 1)))
 
 
-def round_shift(num: np.ndarray, bits: np.ndarray | int, mode: Rounding | str,
-                site: Site | str = Site.REQUANT) -> np.ndarray:
+def round_shift(
+    num: np.ndarray, bits: np.ndarray | int, mode: Rounding | str, site: Site | str = Site.REQUANT
+) -> np.ndarray:
     """``num / 2^bits`` (``bits`` >= 0, scalar or broadcastable) rounded under ``mode`` at ``site``, with
     arithmetic shifts; ``half_up`` is TIDL's ``(num + 2^(bits-1)) >> bits``."""
     mode = resolve(mode, site)
