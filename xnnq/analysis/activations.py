@@ -16,7 +16,7 @@ from tqdm import tqdm
 from ..layers.pact2 import PACT2
 from ..quantize.wrapper import QuantBaseModule
 from .metrics import cosine, sqnr_db
-from .reference import NodeTap, float_node_for
+from .reference import NodeTap
 
 # accumulator slots
 F2, E2, FQ, Q2, CLIP, SAT, N, NF = range(8)
@@ -87,7 +87,7 @@ def activation_stats(qmodel: QuantBaseModule, float_gm: torch.fx.GraphModule, ba
     """
     quantizers = qmodel.quantizers()
     device = next(iter(qmodel.parameters())).device
-    float_of = {s.name: float_node_for(float_gm, s) for s in qmodel.plan.acts if s.name in quantizers}
+    float_of = {s.name: s.tensor for s in qmodel.plan.acts if s.name in quantizers}
     acc = {name: _SpotAccumulator(q, device) for name, q in quantizers.items() if q.observed}
     tap = NodeTap(float_gm, [n for n in float_of.values() if n])
     ref: dict[str, torch.Tensor] = {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,7 +11,6 @@ from torch import nn
 
 from ..quantize.wrapper import QuantBaseModule
 from .activations import activation_stats
-from .reference import float_graph
 from .result import AnalysisResult, LayerStats
 from .sensitivity import layer_units
 from .sensitivity import sensitivity as sensitivity_pass
@@ -36,7 +36,7 @@ def _as_pairs(batches: Iterable[Any], device: torch.device) -> list[tuple[tuple[
 
 
 def analyze(qmodel: QuantBaseModule, float_model: nn.Module, batches: Iterable[Any], *, sensitivity: bool = True,
-            sensitivity_batches: int = 4, js_bins: int = 512, leaf_modules: Iterable[str | type] = (),
+            sensitivity_batches: int = 4, js_bins: int = 512, leaf_modules: Iterable[str | type] | None = None,
             progress: bool = True) -> AnalysisResult:
     """Per-layer quantization analysis of ``qmodel`` (an xnnq wrapper with observed ranges) against ``float_model``.
 
@@ -48,12 +48,15 @@ def analyze(qmodel: QuantBaseModule, float_model: nn.Module, batches: Iterable[A
             weight/activation statistics, the first ``sensitivity_batches`` for the sensitivity passes.
         sensitivity: run one pass per layer with only that layer quantized (see :mod:`.sensitivity`).
         js_bins: bins of the weight histograms for the JS divergence.
-        leaf_modules: as given to the wrapper, if any (the float model must trace to the same graph).
+        leaf_modules: deprecated and ignored: the float model is traced as the wrapper traced it.
         progress: show tqdm progress bars.
 
     Returns an :class:`AnalysisResult` (``to_markdown()``, ``to_json()``); layers are ranked by ``sens_noise``
     (most sensitive first), or by weight SQNR when ``sensitivity=False``.
     """
+    if leaf_modules is not None:
+        warnings.warn("analyze(leaf_modules=...) is deprecated and ignored: the float model is traced with the "
+                      "wrapper's own leaf_modules", DeprecationWarning, stacklevel=2)
     if not isinstance(qmodel, QuantBaseModule):
         raise TypeError(f"analyze: qmodel must be an xnnq wrapper (QuantTrainModule/QuantTestModule), got "
                         f"{type(qmodel).__name__}. Wrap the float model first: xnnq.QuantTrainModule(model, dummy_input).")
@@ -66,7 +69,7 @@ def analyze(qmodel: QuantBaseModule, float_model: nn.Module, batches: Iterable[A
     was_training = qmodel.training
     qmodel.eval()
     try:
-        fgm = float_graph(float_model, qmodel.dummy_shapes, device, leaf_modules)
+        fgm = qmodel.float_reference(float_model)
         w_stats = weight_stats(qmodel, js_bins)
         a_stats, whole = activation_stats(qmodel, fgm, pairs, progress)
         units = layer_units(qmodel)

@@ -1,6 +1,7 @@
 """``xnnq.export_onnx``: the TIDL-ready float ONNX or an ONNX QDQ model, plus its TIDL options JSON."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,14 +11,15 @@ import torch
 from torch import fx
 
 from ..quantize.capture import check_dummy_input
+from ..quantize.plan import Plan, WeightSpot
 from ..targets import KNOWN_OPTIONS, Quantity, Target, compile_options, get_target, refuse
 from .graph import ClipInfo, LayerInfo, build_export_module
-from .onnx_graph import consumers, initializers, op_counts
+from .onnx_graph import initializers, op_counts
 from .options import tidl_runtime_options, write_options
 from .qdq import ActQuant, WeightQuant, to_qdq
 from .quant_params import ActRange, model_layers, tensor_ranges, write_quant_params
 from .quant_params import build_message as quant_params_message
-from .tidl import DEFAULT_OPSET, clip_order, finalize, name_clips, torch_to_onnx
+from .tidl import DEFAULT_OPSET, clip_order, name_clips, tidy_and_check, torch_to_onnx
 from .tidl import simplify as onnxsim_simplify
 from .tidl_check import Violation, quant_params_violations, report, tidl_check, tidl_fix, warn_unsupported
 
@@ -54,15 +56,22 @@ def _qmodule(qmodel: Any) -> tuple[torch.nn.Module, fx.GraphModule]:
     return qmodel, gm
 
 
-def export_module(qmodel: Any) -> tuple[fx.GraphModule, list[ClipInfo], list[LayerInfo]]:
-    """The float export graph of ``qmodel`` in eval mode (the model's own mode is left as it was)."""
+def export_graph(qmodel: Any) -> tuple[fx.GraphModule, list[ClipInfo], list[LayerInfo]]:
+    """The float export graph of ``qmodel`` in eval mode (the model's own mode is left as it was), with
+    its quantized activations and weight layers; :func:`export_onnx` writes it."""
     qmodel, gm = _qmodule(qmodel)
     was_training = qmodel.training
     qmodel.eval()
     try:
-        return build_export_module(gm)
+        return build_export_module(gm, qmodel.plan)
     finally:
         qmodel.train(was_training)
+
+
+def export_module(qmodel: Any) -> tuple[fx.GraphModule, list[ClipInfo], list[LayerInfo]]:
+    """Deprecated name of :func:`export_graph`."""
+    warnings.warn("xnnq.export.export_module is deprecated; use export_graph", DeprecationWarning, stacklevel=2)
+    return export_graph(qmodel)
 
 
 def _output_names(sample: Any) -> list[str]:
@@ -73,15 +82,12 @@ def _output_names(sample: Any) -> list[str]:
     return ["output"]
 
 
-def _layer_output(model: onnx.ModelProto, weight: str, clip_tensors: set[str]) -> str:
-    """The output name TIDL gives the layer of ``weight``: the quantizer Clip right after it, else its own."""
-    users = consumers(model.graph)
-    node = next(n for n in model.graph.node if len(n.input) > 1 and n.input[1] == weight)
-    out = node.output[0]
-    nxt = users.get(out, [])
-    if len(nxt) == 1 and nxt[0].op_type == "Clip" and nxt[0].output[0] in clip_tensors:
-        return nxt[0].output[0]
-    return out
+def _layer_output(model: onnx.ModelProto, spot: WeightSpot, tensors: dict[str, str]) -> str:
+    """The output name TIDL gives weight layer ``spot``: its output quantizer's tensor, else its own output."""
+    if spot.output_quant in tensors:
+        return tensors[spot.output_quant]
+    weight = f"{spot.name}.weight"
+    return next(n for n in model.graph.node if len(n.input) > 1 and n.input[1] == weight).output[0]
 
 
 def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str | None = None,
@@ -124,7 +130,8 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     where = f"export_onnx({Path(path).name})"
     args = tuple(a.detach().cpu() for a in check_dummy_input(dummy_input))
-    gm, clips, layers = export_module(qmodel)
+    gm, clips, layers = export_graph(qmodel)
+    plan: Plan = qmodel.plan
     if tgt is not None:
         refuse(tgt, format, _quantities(clips, layers), where)
     gm = gm.cpu()
@@ -136,11 +143,11 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
     tensors = name_clips(model, clip_order(gm), clips)
     if simplify:
         model = onnxsim_simplify(model)
-    model = finalize(model, check)
+    model = tidy_and_check(model, check)
     fixes: list[str] = []
     if tgt is not None:
         model, fixes = tidl_fix(model, tgt)
-        model = finalize(model, check)
+        model = tidy_and_check(model, check)
 
     inits = initializers(model.graph)
     weights = {}
@@ -149,10 +156,10 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
         if w not in inits:
             raise RuntimeError(f"export: the weight of layer `{layer.name}` is not the initializer {w!r} in the ONNX graph")
         weights[w] = layer
-    clip_tensors = set(tensors.values())
-    feature_16 = [tensors[c.name] for c in clips if c.bits == 16]
-    params_16 = [_layer_output(model, w, clip_tensors) for w, layer in weights.items() if layer.bits == 16]
-    tensor_bits = 16 if clips and all(c.bits == 16 for c in clips) else 8
+    # TIDL's 16-bit lists: views of the plan, in ONNX tensor names (exported quantizers, graph order)
+    feature_16 = [t for q, t in tensors.items() if plan.act(q).bits == 16]
+    params_16 = [_layer_output(model, w, tensors) for w in plan.weights if w.bits == 16]
+    tensor_bits = 16 if tensors and all(plan.act(q).bits == 16 for q in tensors) else 8
     if tensor_bits == 16:
         feature_16, params_16 = [], []
 
@@ -161,10 +168,11 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
     path = Path(path)
     reference = None
     acts = {tensors[c.name]: ActQuant(c.bits, c.power2, c.scale) for c in clips}
-    wq = {w: WeightQuant(layer.bits, layer.per_channel, layer.power2, layer.scale.numpy())
+    wq = {w: WeightQuant(layer.bits, layer.per_channel, layer.power2, layer.scale.numpy(),
+                         tensors.get(layer.input_quant or ""))
           for w, layer in weights.items() if layer.scale is not None}
     if format == "qdq":
-        reference = finalize(to_qdq(model, acts, wq), check)
+        reference = tidy_and_check(to_qdq(model, acts, wq), check)
         if flow == "qdq":
             model = reference
 

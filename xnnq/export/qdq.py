@@ -10,7 +10,8 @@ TIDL emulation).
   channel), scale from :func:`xnnq.layers.weight_scale` — the rule under which re-quantizing the
   exported weights changes nothing.
 * every bias: int32 codes + ``DequantizeLinear`` with scale ``s_in · s_w`` (``s_in`` of the quantizer
-  that feeds the layer, found through range-preserving ops).
+  that feeds the layer: the plan's, given by the export; otherwise found through the range-preserving
+  ops of :mod:`xnnq.quantize.preserving`).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class WeightQuant:
     per_channel: bool = False
     power2: bool = True
     scale: np.ndarray | None = None  # the layer's own scale; None: xnnq's rule on the float weight
+    input: str | None = None  # the quantized activation feeding the layer (the plan's); None: found in the graph
 
 
 def act_qparams(lo: float, hi: float, q: ActQuant) -> tuple[float, int, int, bool]:
@@ -157,6 +159,11 @@ def to_qdq(model: onnx.ModelProto, acts: dict[str, ActQuant], weights: dict[str,
         for node in users:  # biases: per layer (onnxsim may share one initializer between layers)
             bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
             src = find_source(graph, node.input[0], set(act_scale))
+            if q.input is not None:  # the plan's input quantizer; the graph walk, when it finds one, must agree
+                if src is not None and src != q.input:
+                    raise RuntimeError(f"to_qdq: the input of the layer of {wname!r} is quantized by {q.input!r} "
+                                       f"(the plan) but the graph leads to {src!r}; please report it with the model.")
+                src = q.input if q.input in act_scale else None
             if bias_name is None or bias_name not in b.inits or src is None:
                 continue
             bias = numpy_helper.to_array(b.inits[bias_name]).astype(np.float64)

@@ -38,7 +38,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .onnx_graph import PRESERVING_OPS, consumers, initializers, producers
+from ..quantize.preserving import PRESERVING_ONNX_OPS
+from .onnx_graph import consumers, initializers, producers
 from .tidl_ops import DATA_LAYER, TIDL_LAYERS
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -156,7 +157,7 @@ def tensor_ranges(model: onnx.ModelProto, clip_ranges: Mapping[str, ActRange]) -
         if len(nxt) == 1 and nxt[0].op_type == "Clip" and nxt[0].output[0] in clip_ranges:
             return clip_ranges[nxt[0].output[0]]
         n = prod.get(t)
-        if n is not None and n.op_type in PRESERVING_OPS and depth < 64:
+        if n is not None and n.op_type in PRESERVING_ONNX_OPS and depth < 64:
             return find(n.input[0], depth + 1)
         return None
 

@@ -95,7 +95,7 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def finalize(model: onnx.ModelProto, check: bool = True) -> onnx.ModelProto:
+def tidy_and_check(model: onnx.ModelProto, check: bool = True) -> onnx.ModelProto:
     """Constants as initializers, shape inference (strict) and ``onnx.checker``."""
     constants_to_initializers(model)
     drop_unused_initializers(model)

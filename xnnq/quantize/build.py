@@ -1,4 +1,8 @@
-"""Build: apply a :class:`Plan` to the graph — PACT2 modules in, conv/linear folded with their BN."""
+"""Build: apply a :class:`Plan` to the graph — PACT2 modules in, conv/linear folded with their BN.
+
+A folded layer's graph node calls it as ``layer(x, bn, input_quant)`` (the BatchNorm and the quantizer of
+its input as ``get_attr`` arguments, both named by the plan's :class:`~xnnq.quantize.plan.WeightSpot`).
+"""
 from __future__ import annotations
 
 import torch.fx as fx
@@ -9,7 +13,7 @@ from ..layers.quant_weight import QuantConv2d, QuantLinear
 from ..layers.resize import ResizeWith
 from ..layers.rounding import Site
 from .config import QuantConfig
-from .plan import ActSpot, Plan, _source
+from .plan import ActSpot, Plan
 from .surgery import Change
 
 
@@ -19,7 +23,7 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
     graph = gm.graph
 
     def make(spot: ActSpot) -> PACT2:
-        q = PACT2(bits=spot.bits, signed=spot.signed, cap=spot.cap, power2=config.power2_activation_range,
+        q = PACT2(bits=spot.bits, signed=spot.signed, cap=spot.cap, power2=spot.power2,
                   clip_range=config.clip_ranges.get(spot.name), name=spot.name,
                   observer=config.activation_observer(spot, config), rounding=config.rounding)
         # where TIDL rounds differently from a requantization (xnnq.layers.rounding.Site)
@@ -58,15 +62,13 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
         node = next(n for n in graph.nodes if n.op == "call_module" and n.target == w.name)
         float_mod = gm.get_submodule(w.name)
         cls = QuantConv2d if isinstance(float_mod, nn.Conv2d) else QuantLinear
-        qmod = cls.from_float(float_mod, bits=w.bits, per_channel=w.per_channel, power2=config.power2_weight_range,
+        qmod = cls.from_float(float_mod, bits=w.bits, per_channel=w.per_channel, power2=w.power2,
                               constrain_weights=config.constrain_weights, name=w.name)
         owner, _, leaf = w.name.rpartition(".")
         setattr(gm.get_submodule(owner) if owner else gm, leaf, qmod)
-        src = _source(gm, node.args[0])
-        in_q = src.target if src.op == "call_module" and isinstance(gm.get_submodule(src.target), PACT2) else None
         with graph.inserting_before(node):
             bn_arg = graph.get_attr(w.bn) if w.bn else None
-            q_arg = graph.get_attr(in_q) if in_q else None
+            q_arg = graph.get_attr(w.input_quant) if w.input_quant else None
         node.args = (node.args[0], bn_arg, q_arg)
         if w.bn:
             bn_node = next(n for n in graph.nodes if n.op == "call_module" and n.target == w.bn)

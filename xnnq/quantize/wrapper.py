@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Iterable
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -13,6 +14,16 @@ from .build import build
 from .capture import CaptureError, check_dummy_input, record_values, trace
 from .config import QuantConfig
 from .plan import Plan, make_plan
+
+
+def convert(model: nn.Module, args: tuple[torch.Tensor, ...], leaf_modules: Iterable[str | type],
+            report: list[surgery.Change]) -> tuple[fx.GraphModule, dict[fx.Node, Any]]:
+    """Capture and surgery: ``model`` (changed: pass a copy) traced, run on ``args`` (every node's value
+    kept) and converted; the graph the plan is made on."""
+    gm = trace(model, leaf_modules)
+    values = record_values(gm, args)
+    surgery.run(gm, values, report)
+    return gm, values
 
 
 class QuantBaseModule(nn.Module):
@@ -46,10 +57,9 @@ class QuantBaseModule(nn.Module):
         param = next(float_model.parameters(), None)
         if param is not None:
             args = tuple(a.to(param.device) for a in args)
-        gm = trace(float_model, leaf_modules)
-        values = record_values(gm, args)
+        self.leaf_modules = tuple(leaf_modules)
         self.report: list[surgery.Change] = []
-        surgery.run(gm, values, self.report)
+        gm, values = convert(float_model, args, self.leaf_modules, self.report)
         self.plan: Plan = make_plan(gm, values, self.config)
         build(gm, self.plan, self.report, self.config)
         gm.delete_all_unused_submodules()
@@ -83,6 +93,17 @@ class QuantBaseModule(nn.Module):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.train(False)
         return self
+
+    def float_reference(self, float_model: nn.Module) -> fx.GraphModule:
+        """``float_model`` (copied) traced and converted as this wrapper was (same ``leaf_modules``, inputs
+        of the dummy input's shapes), in eval mode on the wrapper's device: the float graph whose node names
+        are the plan's (:attr:`ActSpot.tensor <xnnq.quantize.plan.ActSpot>` is the float counterpart of a
+        quantizer)."""
+        device = next(self.parameters()).device
+        model = copy.deepcopy(float_model).to(device).eval()
+        dummy = tuple(torch.randn(s, device=device) for s in self.dummy_shapes)
+        gm, _ = convert(model, dummy, self.leaf_modules, [])
+        return gm.eval()
 
     def quantizers(self) -> dict[str, PACT2]:
         """The activation quantizers by module path."""
