@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xnnq.data import data_root  # noqa: E402
-from xnnq.models.detector import mosaic_detector  # noqa: E402
-from xnnq.tasks import detection  # noqa: E402
-from xnnq.tasks.coco import load_coco  # noqa: E402
-from xnnq.tasks.ssd import multibox_loss  # noqa: E402
+from xnnq.data import data_root
+from xnnq.models.detector import mosaic_detector
+from xnnq.tasks import detection
+from xnnq.tasks.coco import load_coco
+from xnnq.tasks.ssd import multibox_loss
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:

@@ -64,23 +64,6 @@ def _output_names(sample: Any) -> list[str]:
     return ["output"]
 
 
-def _same_weight_as(gm: fx.GraphModule, layer: LayerInfo, inits: dict[str, onnx.TensorProto],
-                    weights: dict[str, LayerInfo]) -> str | None:
-    """The initializer of an already exported layer that holds ``layer``'s very weight values with the same
-    quantization (torch's ONNX export keeps one initializer for equal values, e.g. a conv shared across
-    FPN levels), else None."""
-    from onnx import numpy_helper
-
-    value = gm.get_submodule(layer.name).weight.detach().cpu().numpy()
-    for name, other in weights.items():
-        if (other.bits, other.per_channel, other.power2) != (layer.bits, layer.per_channel, layer.power2):
-            continue
-        arr = numpy_helper.to_array(inits[name])
-        if arr.shape == value.shape and (arr == value).all():
-            return name
-    return None
-
-
 def _layer_output(model: onnx.ModelProto, weight: str, clip_tensors: set[str]) -> str:
     """The output name TIDL gives the layer of ``weight``: the quantizer Clip right after it, else its own."""
     users = consumers(model.graph)
@@ -130,8 +113,6 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
     for layer in layers:
         w = f"{layer.name}.weight"
         if w not in inits:
-            if _same_weight_as(gm, layer, inits, weights) is not None:
-                continue  # a shared weight: the exporter keeps one initializer for equal values
             raise RuntimeError(f"export: the weight of layer `{layer.name}` is not the initializer {w!r} in the ONNX graph")
         weights[w] = layer
     clip_tensors = set(tensors.values())

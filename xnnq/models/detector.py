@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..tasks.ssd import PriorBoxParam, SSDMetaArch
 from .cifar_resnet import load_state_dict_file, resnet20
@@ -98,7 +98,7 @@ def mosaic_detector(backbone_weights: str | Path | None = None, num_classes: int
     model = MosaicDetector(num_classes=num_classes, image_size=image_size)
     if backbone_weights is not None:
         state = {k: v for k, v in load_state_dict_file(backbone_weights).items() if not k.startswith("linear.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        _, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:
             raise ValueError(f"{backbone_weights}: keys that are not ResNet-20 backbone weights: {unexpected[:5]}")
     return model

@@ -26,7 +26,7 @@ from torchvision.ops import batched_nms
 from .coco import CocoSet, iterate, load_coco
 from .ssd import SSDMetaArch, decode, flatten_outputs, priors_and_variances
 
-__all__ = ["batches", "evaluate", "postprocess", "export", "find_meta_arch", "coco_map"]
+__all__ = ["batches", "coco_map", "evaluate", "export", "find_meta_arch", "postprocess"]
 
 
 def batches(instances_json: str | Path, *, batch_size: int, limit: int | None = None, train: bool = False,
@@ -105,7 +105,10 @@ def _run_onnx(path: Path, threads: int = 0):
     from ..export.emulate import tidl_emulation
     from ..export.options import read_options
 
-    fmt = read_options(path).get("format")
+    try:
+        fmt = read_options(path).get("format")
+    except FileNotFoundError:  # an ONNX from elsewhere (e.g. onnxruntime's quantize_static): run it as it is
+        fmt = None
     session = ort_session(tidl_emulation(path) if fmt == "tidl" else path, threads=threads)
     inp = session.get_inputs()[0]
     static = inp.shape[0] if isinstance(inp.shape[0], int) else None
@@ -124,13 +127,19 @@ def _run_onnx(path: Path, threads: int = 0):
     return run
 
 
+_GT: dict[tuple[str, float], Any] = {}
+
+
 def coco_map(ds: CocoSet, detections: list[dict], image_ids: list[int]) -> dict[str, float]:
     """COCOeval (bbox) of ``detections`` (COCO result dicts) on ``image_ids`` of ``ds``: mAP and mAP50, 0-100."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(ds.path))
+        key = (str(ds.path), ds.path.stat().st_mtime)
+        if key not in _GT:
+            _GT[key] = COCO(str(ds.path))
+        gt = _GT[key]
         if not detections:
             return {"mAP": 0.0, "mAP50": 0.0}
         dt = gt.loadRes(detections)

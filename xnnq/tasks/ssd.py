@@ -166,15 +166,16 @@ def match(gt_boxes: Tensor, priors: Tensor, threshold: float = 0.5) -> Tensor:
     """SSD matching: index of the ground-truth box of each prior, -1 for background.
 
     A prior takes the box it overlaps most when the IoU is at least ``threshold``; every box also keeps
-    the prior that overlaps it most (bipartite step of the SSD paper).
+    the prior that overlaps it most (bipartite step of the SSD paper), if it overlaps any.
     """
     if len(gt_boxes) == 0:
         return torch.full((len(priors),), -1, dtype=torch.long, device=priors.device)
     iou = box_iou(gt_boxes, priors)  # G x P
     best_iou, best_gt = iou.max(0)
-    best_prior = iou.argmax(1)
-    best_gt[best_prior] = torch.arange(len(gt_boxes), device=priors.device)
-    best_iou[best_prior] = 2.0
+    best_prior_iou, best_prior = iou.max(1)
+    forced = best_prior_iou > 0  # a box overlapping no prior at all stays unmatched
+    best_gt[best_prior[forced]] = torch.arange(len(gt_boxes), device=priors.device)[forced]
+    best_iou[best_prior[forced]] = 2.0
     return torch.where(best_iou >= threshold, best_gt, torch.full_like(best_gt, -1))
 
 

@@ -111,10 +111,10 @@ def torchvision_core(model: nn.Module, size: int | tuple[int, int]) -> tuple[nn.
 
     size = (size, size) if isinstance(size, int) else tuple(size)
     if isinstance(model, SSD):
-        core = SSDCore(model)
+        core = SSDCore(model).train(model.training)
         core.meta_arch = ssd_meta_arch(model, core, size)
     elif isinstance(model, RetinaNet):
-        core = RetinaNetCore(model)
+        core = RetinaNetCore(model).train(model.training)
         core.meta_arch = retinanet_meta_arch(model, core, size)
     else:
         raise TypeError(f"torchvision_core: {type(model).__name__} is not a torchvision SSD or RetinaNet")
