@@ -34,9 +34,16 @@ def torch_to_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], opset
             prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=input_names,
                                      output_names=output_names, verbose=False)
             return prog.model_proto
+        # keep_initializers_as_inputs: torch would otherwise merge initializers of equal value (a conv shared
+        # across call sites, two zero-initialised layers) and a layer's weight would lose its own name
         torch.onnx.export(module, args, buf, dynamo=False, opset_version=opset, input_names=input_names,
-                          output_names=output_names, do_constant_folding=True)
-    return onnx.load_from_string(buf.getvalue())
+                          output_names=output_names, do_constant_folding=True, keep_initializers_as_inputs=True)
+    model = onnx.load_from_string(buf.getvalue())
+    inits = {t.name for t in model.graph.initializer}
+    kept = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    return model
 
 
 def clip_order(gm: torch.fx.GraphModule) -> list[tuple[str, float, float]]:
@@ -89,7 +96,8 @@ def name_clips(model: onnx.ModelProto, order: list[tuple[str, float, float]], cl
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxsim with static shapes; raises if the simplified graph differs from the original."""
     import onnxsim
-    out, ok = onnxsim.simplify(model)
+    # every layer keeps its own weight initializer (a conv shared across call sites is one layer per call)
+    out, ok = onnxsim.simplify(model, skipped_optimizers=["eliminate_duplicate_initializer"])
     if not ok:
         raise RuntimeError("onnxsim could not validate the simplified model against the original")
     return out

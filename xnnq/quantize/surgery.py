@@ -196,8 +196,22 @@ def functionals_to_modules(gm: fx.GraphModule, values: dict, report: list[Change
     gm.graph.eliminate_dead_code()
 
 
+def _shared_copy(mod: nn.Module) -> nn.Module:
+    """A new module object holding the very same parameter and buffer tensors as ``mod`` (weights stay shared)."""
+    new = copy.copy(mod)
+    new._parameters = dict(mod._parameters)
+    new._buffers = dict(mod._buffers)
+    new._modules = {k: None if m is None else _shared_copy(m) for k, m in mod._modules.items()}
+    return new
+
+
 def split_reused_modules(gm: fx.GraphModule, report: list[Change]) -> None:
-    """Give every call of a re-used parameter-free module (a shared ReLU) its own copy."""
+    """Give every call of a re-used module its own module, so each call site gets its own quantizers.
+
+    A parameter-free module (a shared ReLU) is deep-copied; a module with parameters (a head conv shared
+    across FPN levels) becomes a second module object holding the same parameter and buffer tensors, so the
+    weights stay shared in training while each call's activations are quantized on their own.
+    """
     seen: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -207,14 +221,11 @@ def split_reused_modules(gm: fx.GraphModule, report: list[Change]) -> None:
         if count == 0:
             continue
         mod = gm.get_submodule(node.target)
-        if any(True for _ in mod.parameters()):
-            raise CaptureError(
-                f"module `{node.target}` ({type(mod).__name__}) is called more than once and has parameters "
-                f"(shared weights). xnnq quantizes each call site on its own. Fix: give each call its own module, "
-                f"or list it in leaf_modules of an enclosing module.")
+        shared = any(True for _ in mod.parameters())
         owner, _, leaf = node.target.rpartition(".")
-        name = _add_module(gm, owner, leaf, copy.deepcopy(mod))
-        report.append(Change("split", node.target, f"call #{count + 1} now uses its own copy `{name}`"))
+        name = _add_module(gm, owner, leaf, _shared_copy(mod) if shared else copy.deepcopy(mod))
+        what = "a copy sharing its parameters and buffers" if shared else "its own copy"
+        report.append(Change("split", node.target, f"call #{count + 1} now uses {what} `{name}`"))
         node.target = name
 
 
