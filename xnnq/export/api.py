@@ -11,6 +11,7 @@ from torch import fx
 
 from ..quantize.capture import check_dummy_input
 from .allowlist import warn_unsupported
+from .argmax import normalize_argmax_axis, with_argmax
 from .graph import ClipInfo, LayerInfo, build_export_module
 from .onnx_graph import consumers, initializers, op_counts
 from .options import tidl_runtime_options, write_options
@@ -77,7 +78,8 @@ def _layer_output(model: onnx.ModelProto, weight: str, clip_tensors: set[str]) -
 
 def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str = "tidl", opset: int | None = None,
                 simplify: bool = True, check: bool = True, exporter: str = "torchscript",
-                input_names: list[str] | None = None, output_names: list[str] | None = None) -> ExportResult:
+                input_names: list[str] | None = None, output_names: list[str] | None = None,
+                argmax: bool = False) -> ExportResult:
     """Export an xnnq model for TIDL.
 
     Args:
@@ -92,6 +94,8 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
         simplify: run onnxsim (constant folding, no shape arithmetic left).
         check: ``onnx.checker`` (full) on the result.
         exporter: ``"torchscript"`` (default: fast, and onnxsim leaves the same graph) or ``"dynamo"``.
+        argmax: end the graph with ``ArgMax`` over the channel axis (keepdims, int64) of the first output,
+            as TI's segmentation models are exported: the device writes a one-channel class-index map.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -102,7 +106,10 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
         sample = gm(*args)
     input_names = input_names or (["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))])
     output_names = output_names or _output_names(sample)
-    model = torch_to_onnx(gm, args, opset or DEFAULT_OPSET, exporter, input_names, output_names)
+    head = with_argmax(gm) if argmax else gm
+    model = torch_to_onnx(head, args, opset or DEFAULT_OPSET, exporter, input_names, output_names)
+    if argmax:
+        normalize_argmax_axis(model)
     tensors = name_clips(model, clip_order(gm), clips)
     if simplify:
         model = onnxsim_simplify(model)
@@ -136,6 +143,7 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
     content = {
         "format": format,
         "model": path.name,
+        "argmax": bool(argmax),
         "runtime_options": tidl_runtime_options(format, tensor_bits, feature_16, params_16),
         "activation_ranges": {t: [lo, hi] for t, (lo, hi) in ranges.items()},
         "activation_scales": {tensors[c.name]: c.scale for c in clips},

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..layers.resize import ResizeWith
 from .cifar_resnet import load_state_dict_file, resnet20

@@ -165,9 +165,14 @@ def evaluate(model_or_onnx_path, data_dir: str | Path, split: str = "val", *, ba
     ``model_or_onnx_path`` is a float ``nn.Module`` or any xnnq wrapper (evaluated in eval mode, its
     training flag restored afterwards), or the path of an exported ONNX file. The model may output
     logits N x C x H x W or an index map (N x 1 x H x W or N x H x W, e.g. after the export's ArgMax).
+    An ONNX file exported with ``format="tidl"`` runs through the TIDL emulation
+    (:func:`xnnq.export.emulate.tidl_emulation`: TIDL's quantization of the float graph, in onnxruntime);
+    a ``qdq`` file (or any other ONNX) runs as it is in onnxruntime. ``num_classes`` defaults to the
+    model's output channels (or, for an ONNX ending in ArgMax, the channels entering it).
     """
     if isinstance(model_or_onnx_path, (str, Path)):
         run = _onnx_runner(Path(model_or_onnx_path))
+        num_classes = num_classes or run.num_classes
         restore = None
     else:
         model = model_or_onnx_path
@@ -203,5 +208,53 @@ def evaluate(model_or_onnx_path, data_dir: str | Path, split: str = "val", *, ba
     return scores(cm.cpu())
 
 
+def onnx_num_classes(model) -> int | None:
+    """The class count of an exported segmentation ONNX: the channels entering its ``ArgMax`` (None: no ArgMax)."""
+    graph = model.graph
+    node = next((n for n in graph.node if n.op_type == "ArgMax"), None)
+    if node is None:
+        return None
+    for vi in list(graph.value_info) + list(graph.output) + list(graph.input):
+        if vi.name == node.input[0]:
+            dims = vi.type.tensor_type.shape.dim
+            return int(dims[1].dim_value) if len(dims) == 4 and dims[1].dim_value > 0 else None
+    return None
+
+
 def _onnx_runner(path: Path):
-    raise NotImplementedError
+    """A callable on torch batches for an exported ONNX; a ``tidl`` export runs through the TIDL emulation."""
+    import onnx
+
+    from ..export.check import OnnxRunner
+    from ..export.emulate import tidl_emulation
+    from ..export.options import options_path, read_options
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX file")
+    fmt = read_options(path).get("format") if options_path(path).is_file() else None
+    model = tidl_emulation(path) if fmt == "tidl" else onnx.load(str(path))
+    runner = OnnxRunner(model)
+    runner.num_classes = onnx_num_classes(model)
+    return runner
+
+
+# --------------------------------------------------------------------------------------------- export
+def export(qmodel, path: str | Path, *, format: str = "tidl", argmax: bool = True,
+           input_shape: tuple[int, ...] | None = None, **kwargs) -> Path:
+    """Export a quantized segmentation model as TI's segmentation models are exported; returns the ONNX path.
+
+    ``xnnq.export_onnx`` with ``argmax=True`` by default: the graph ends in ``ArgMax`` over the class axis
+    (keepdims, int64), so the device writes a one-channel index map. ``input_shape`` defaults to the
+    wrapper's dummy input with batch 1; other keyword arguments go to ``export_onnx``. The TIDL options
+    JSON is written beside the file (``<stem>.tidl.json``).
+    """
+    from ..export import export_onnx
+
+    if input_shape is None:
+        shapes = getattr(qmodel, "dummy_shapes", None)
+        if not shapes:
+            raise ValueError("export: pass input_shape=(1, 3, H, W); the model does not record its dummy input")
+        input_shape = (1, *shapes[0][1:])
+    device = next((p.device for p in qmodel.parameters()), torch.device("cpu"))
+    return export_onnx(qmodel, torch.zeros(input_shape, device=device), path, format=format, argmax=argmax,
+                       **kwargs).path
