@@ -77,7 +77,8 @@ def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generato
             ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
     """Random scale, crop/pad back to the input size and horizontal flip, the same for image and mask.
 
-    Images (uint8) resize bilinearly, masks nearest, so a mask never gains a class value that was
+    Images (uint8) resize bilinearly, masks by nearest-exact (the same pixel-centre convention, so the
+    two stay aligned to the sub-pixel), so a mask never gains a class value that was
     not there; padded mask pixels are ``ignore_index``, padded image pixels 0. Returns uint8 tensors
     of the input shapes.
     """
@@ -90,7 +91,7 @@ def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generato
         sh, sw = max(1, round(h * float(s[i]))), max(1, round(w * float(s[i])))
         xi = F.interpolate(images[i:i + 1].float(), size=(sh, sw), mode="bilinear", align_corners=False)
         xi = xi.round_().clamp_(0, 255).to(images.dtype)[0]
-        mi = F.interpolate(masks[i:i + 1, None].float(), size=(sh, sw), mode="nearest")[0, 0].to(masks.dtype)
+        mi = F.interpolate(masks[i:i + 1, None].float(), size=(sh, sw), mode="nearest-exact")[0, 0].to(masks.dtype)
         # source window (crop when larger) and destination offset (pad when smaller), per axis
         oy, ox = int(u[i, 0] * (abs(sh - h) + 1)), int(u[i, 1] * (abs(sw - w) + 1))
         oy, ox = min(oy, abs(sh - h)), min(ox, abs(sw - w))
