@@ -48,6 +48,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def random_crop(x: torch.Tensor, m: torch.Tensor, size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random ``size`` x ``size`` window of every image and its mask (one window per batch)."""
+    h, w = x.shape[-2:]
+    top = int(torch.randint(0, h - size + 1, (1,), generator=g))
+    left = int(torch.randint(0, w - size + 1, (1,), generator=g))
+    return x[..., top:top + size, left:left + size], m[..., top:top + size, left:left + size]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="default $XNNQ_DATA/mosaic10")
@@ -61,6 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="train on the first N images (smoke runs)")
+    ap.add_argument("--stem-stride", type=int, default=1, choices=(1, 2))
+    ap.add_argument("--crop", type=int, default=64, help="train on random crops of this size (0: whole images)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="a MosaicSegmenter state dict to start the decoder from (the body comes from --backbone)")
     ap.add_argument("--resume", action="store_true", help="continue from <run-dir>/last.pt")
     ap.add_argument("--save", action="store_true", help="write the committed checkpoint + json")
     args = ap.parse_args(argv)
@@ -70,7 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
     backbone = args.backbone or data_root() / "weights" / "resnet20_cifar10jpg.pt"
     args.run_dir.mkdir(parents=True, exist_ok=True)
 
-    model = mosaic_segmenter().load_backbone(backbone)
+    model = mosaic_segmenter(stem_stride=args.stem_stride)
+    if args.init is not None:
+        init = torch.load(args.init, map_location="cpu", weights_only=True)
+        body = ("stem_", "layer1.", "layer2.", "layer3.")
+        model.load_state_dict({k: v for k, v in init.items() if not k.startswith(body)}, strict=False)
+    model.load_backbone(backbone)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
     n_train = seg.load_split(data, "train", args.limit)[0].shape[0]
     steps_per_epoch = math.ceil(n_train / args.batch_size)
@@ -92,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
         it = seg.batches(data, "train", batch_size=args.batch_size, limit=args.limit, train=True, generator=g)
         bar = tqdm(it, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", mininterval=30)
         for i, (x, m) in enumerate(bar):
+            if args.crop:
+                x, m = random_crop(x, m, args.crop, g)
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch * steps_per_epoch + i, total, args.lr)
             loss = F.cross_entropy(model(x), m, ignore_index=seg.IGNORE_INDEX)
@@ -114,7 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
               "val_pixel_acc": round(final["pixel_acc"], 2), "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
               "optimizer": "AdamW, one-cycle (5% warm-up, cosine)",
-              "augmentation": "scale 0.75-1.25, crop/pad to 128 (ignore 255), hflip",
+              "augmentation": "scale 0.75-1.25, crop/pad to 128 (ignore 255), hflip"
+                              + (f", random {args.crop}x{args.crop} crop per batch" if args.crop else ""),
+              "stem_stride": args.stem_stride, "init": str(args.init) if args.init else None,
               "backbone": "ResNet-20 from weights/resnet20_cifar10jpg.pt (CIFAR-10 train only)",
               "train_seconds": round(seconds), "threads": args.threads, "history": history}
     (args.run_dir / "result.json").write_text(json.dumps(result, indent=1))

@@ -1,9 +1,10 @@
 """MosaicSegmenter: a small UNet/DeepLabV3-lite segmentation net for 128x128 Mosaic-10 images.
 
-Shaped like TI's "lite" segmentation models: a CIFAR ResNet-20 body behind a stride-2 stem (so the
-body runs at 64x64), a light ASPP on the stride-8 features (1x1 and dilated depthwise-separable
-branches joined by ``torch.cat``), two decoder stages that resize x2 (bilinear, constant scale) and
-``torch.cat`` a skip connection, a 1x1 classifier and a final x2 resize to the input size. Only
+Shaped like TI's "lite" segmentation models: a CIFAR ResNet-20 body (stem stride 1 by default, so the
+pasted CIFAR objects are seen near the 32-pixel scale the body was trained at; stride 2 halves the
+cost), a light ASPP on the last features (1x1 and dilated depthwise-separable branches joined by
+``torch.cat``), two decoder stages that resize x2 (bilinear, constant scale) and ``torch.cat`` a skip
+connection, a 1x1 classifier and, with a stride-2 stem, a final x2 resize to the input size. Only
 Conv/BatchNorm/ReLU, ``Resize`` with constant scales and ``Concat``: all TIDL-supported.
 
 ``forward`` returns the class logits ``N x num_classes x H x W``; the ArgMax that TI's segmentation
@@ -48,12 +49,14 @@ class LiteASPP(nn.Module):
 class MosaicSegmenter(nn.Module):
     """UNet/DeepLabV3-lite on a ResNet-20 body; logits at the input resolution."""
 
-    def __init__(self, num_classes: int = 11, resize_mode: str = "bilinear"):
+    def __init__(self, num_classes: int = 11, resize_mode: str = "bilinear", stem_stride: int = 1):
         super().__init__()
+        if stem_stride not in (1, 2):
+            raise ValueError(f"MosaicSegmenter: stem_stride must be 1 or 2, got {stem_stride}")
         body = resnet20()
-        self.stem_conv = nn.Conv2d(3, 16, 3, 2, 1, bias=False)  # stride 2: the body runs at H/2
+        self.stem_conv = nn.Conv2d(3, 16, 3, stem_stride, 1, bias=False)
         self.stem_bn = nn.BatchNorm2d(16)
-        self.layer1, self.layer2, self.layer3 = body.layer1, body.layer2, body.layer3  # 16@/2, 32@/4, 64@/8
+        self.layer1, self.layer2, self.layer3 = body.layer1, body.layer2, body.layer3  # 16, 32, 64 channels
         self.aspp = LiteASPP(64, 32, 64)
         align = False if resize_mode in ("bilinear", "bicubic") else None
         self.up8 = ResizeWith(2.0, resize_mode, align)
@@ -61,7 +64,7 @@ class MosaicSegmenter(nn.Module):
         self.up4 = ResizeWith(2.0, resize_mode, align)
         self.dec2 = dw_separable(48 + 16, 32)
         self.classifier = nn.Conv2d(32, num_classes, 1)
-        self.up2 = ResizeWith(2.0, resize_mode, align)
+        self.up2 = ResizeWith(2.0, resize_mode, align) if stem_stride == 2 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f1 = self.layer1(F.relu(self.stem_bn(self.stem_conv(x))))
@@ -70,7 +73,8 @@ class MosaicSegmenter(nn.Module):
         y = self.aspp(f3)
         y = self.dec4(torch.cat([self.up8(y), f2], dim=1))
         y = self.dec2(torch.cat([self.up4(y), f1], dim=1))
-        return self.up2(self.classifier(y))
+        y = self.classifier(y)
+        return self.up2(y) if self.up2 is not None else y
 
     def load_backbone(self, path: str | Path) -> MosaicSegmenter:
         """Initialise stem and body from a CIFAR-10 ResNet-20 state dict (the linear head is dropped)."""
@@ -83,6 +87,6 @@ class MosaicSegmenter(nn.Module):
         return self
 
 
-def mosaic_segmenter(num_classes: int = 11) -> MosaicSegmenter:
+def mosaic_segmenter(num_classes: int = 11, stem_stride: int = 1) -> MosaicSegmenter:
     """A freshly initialised :class:`MosaicSegmenter` (11 classes: background + the CIFAR-10 classes)."""
-    return MosaicSegmenter(num_classes)
+    return MosaicSegmenter(num_classes, stem_stride=stem_stride)
