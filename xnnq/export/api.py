@@ -13,6 +13,7 @@ from torch import fx
 from ..quantize.capture import check_dummy_input
 from ..quantize.plan import Plan, WeightSpot
 from ..targets import KNOWN_OPTIONS, Quantity, Target, compile_options, get_target, refuse
+from .argmax import normalize_argmax_axis, with_argmax
 from .graph import ClipInfo, LayerInfo, build_export_module
 from .onnx_graph import initializers, op_counts
 from .options import tidl_runtime_options, write_options
@@ -94,7 +95,8 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
                 target: str | Target | None = None, strict: bool = False, tidl_options: dict[str, Any] | None = None,
                 quant_params: dict[str, str] | None = None, opset: int | None = None,
                 simplify: bool = True, check: bool = True, exporter: str = "torchscript",
-                input_names: list[str] | None = None, output_names: list[str] | None = None) -> ExportResult:
+                input_names: list[str] | None = None, output_names: list[str] | None = None,
+                argmax: bool = False) -> ExportResult:
     """Export an xnnq model for TIDL.
 
     Args:
@@ -122,6 +124,8 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
         simplify: run onnxsim (constant folding, no shape arithmetic left).
         check: ``onnx.checker`` (full) on the result.
         exporter: ``"torchscript"`` (default: fast, and onnxsim leaves the same graph) or ``"dynamo"``.
+        argmax: end the graph with ``ArgMax`` over the channel axis (keepdims, int64) of the first output,
+            as TI's segmentation models are exported: the device writes a one-channel class-index map.
     """
     tname = target if target is not None else getattr(qmodel, "target", None)
     tgt = get_target(tname) if tname is not None else None
@@ -139,7 +143,10 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
         sample = gm(*args)
     input_names = input_names or (["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))])
     output_names = output_names or _output_names(sample)
-    model = torch_to_onnx(gm, args, opset or DEFAULT_OPSET, exporter, input_names, output_names)
+    head = with_argmax(gm) if argmax else gm
+    model = torch_to_onnx(head, args, opset or DEFAULT_OPSET, exporter, input_names, output_names)
+    if argmax:
+        normalize_argmax_axis(model)
     tensors = name_clips(model, clip_order(gm), clips)
     if simplify:
         model = onnxsim_simplify(model)
@@ -214,6 +221,7 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
         "model": path.name,
         **({"target": tgt.name, "flow": flow} if tgt is not None else {}),
         **({"quant_params": qp_path.name} if qp_path else {}),
+        "argmax": bool(argmax),
         "runtime_options": runtime_options,
         "activation_ranges": {t: [lo, hi] for t, (lo, hi) in ranges.items()},
         "activation_scales": {tensors[c.name]: c.scale for c in clips},

@@ -106,6 +106,7 @@ class _FoldedWeightMixin:
         sigma = torch.linalg.vector_norm(wd - wd.mean()) * (1.0 / max(1, wd.numel() - 1)) ** 0.5
         t = self.outlier_ratio * sigma
         isolated = (wd.abs() > t).sum(dtype=torch.int32) <= max(1, w.shape[0] // 16)
+        isolated &= t > 0  # σ = 0 (constant or single weights): nothing is an outlier, nothing is clipped to 0
         return torch.where(isolated, t, float("inf"))  # many outliers are structure (identity taps): keep them
 
     def constrain(self, w: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tasks.ssd import PriorBoxParam, SSDMetaArch
-from .cifar_resnet import load_state_dict_file, resnet20
+from ..utils.io import load_state_dict_file
+from .cifar_resnet import resnet20
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, relu: bool = True) -> nn.Sequential:
