@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fake_quant import MIN_RANGE, _along, _mask_bounds, check_bits, quant_bounds
+from .fake_quant import MIN_RANGE, _along, _mask_bounds, check_bits, fake_quantize, quant_bounds
 
 LOG2_MIN = math.log2(MIN_RANGE)  # -24: the smallest range xnnq represents (as pow2_ceil)
 LOG2_MAX = 64.0                   # far above any activation or weight range; keeps 2^u finite in float32
@@ -189,6 +189,22 @@ class LearnedRange(nn.Module):
         self._frozen = bool(state["frozen"])  # not the setter: both tensors were loaded as saved
         self.init_steps = int(state["init_steps"])
 
+    @staticmethod
+    def check_state_dict(state_dict: dict, prefix: str, learned: LearnedRange | None, owner: str,
+                         strict: bool = True) -> None:
+        """Refuse, naming the module and the fix, a state dict whose learned thresholds do not match the
+        owner's settings (``prefix`` is the owner's; its LearnedRange is the child ``learned_range``)."""
+        if not strict:
+            return
+        has = prefix + "learned_range.log2_t" in state_dict
+        if has and learned is None:
+            raise ValueError(f"{owner}: the state dict holds a learned range threshold (saved with "
+                             "range_learning='tqt'); build this wrapper with the same range_learning as the saved one.")
+        if learned is not None and not has:
+            raise ValueError(f"{owner}: this model learns its range (range_learning='tqt'...) but the state dict has "
+                             "no learned threshold for it; build the wrapper with the range_learning the state dict "
+                             "was saved with.")
+
     # ------------------------------------------------------------------------------- initialisation
     @property
     def initializing(self) -> bool:
@@ -216,6 +232,10 @@ class LearnedRange(nn.Module):
 
     def fake_quantize(self, x: torch.Tensor, bits: int, signed: bool, axis: int | None = None,
                       log2_max: torch.Tensor | float | None = None) -> torch.Tensor:
+        """``x`` quantized with the threshold in force; without autograd the faster kernels of
+        :func:`~xnnq.layers.fake_quant.fake_quantize` (the same values, bit for bit)."""
+        if not torch.is_grad_enabled():
+            return fake_quantize(x, self.scale(bits, signed, log2_max), *quant_bounds(bits, signed), axis)
         return tqt_fake_quantize(x, self.log2_t, bits, signed, axis, self.grad_scale, log2_max,
                                  frozen_value=self.frozen_log2_t if self._frozen else None)
 

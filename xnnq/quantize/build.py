@@ -6,6 +6,7 @@ from torch import nn
 
 from ..layers.pact2 import PACT2
 from ..layers.quant_weight import QuantConv2d, QuantLinear
+from ..layers.tqt import LearnedRange
 from .config import QuantConfig
 from .plan import ActSpot, Plan, _source
 from .surgery import Change
@@ -14,9 +15,12 @@ from .surgery import Change
 def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantConfig) -> None:
     """Insert the quantizers of ``plan`` into ``gm`` (in place), made as ``config`` says."""
     def make(spot: ActSpot) -> PACT2:
+        clip_range = config.clip_ranges.get(spot.name)
+        learned = (LearnedRange(init_batches=config.range_init_batches, name=spot.name)
+                   if config.learn_activation_ranges and clip_range is None else None)
         return PACT2(bits=spot.bits, signed=spot.signed, cap=spot.cap, power2=config.power2_activation_range,
-                     clip_range=config.clip_ranges.get(spot.name), name=spot.name,
-                     observer=config.activation_observer(spot, config))
+                     clip_range=clip_range, name=spot.name, observer=config.activation_observer(spot, config),
+                     learned_range=learned)
     nodes = {n.name: n for n in gm.graph.nodes}
     graph = gm.graph
 
@@ -48,8 +52,11 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
         node = next(n for n in graph.nodes if n.op == "call_module" and n.target == w.name)
         float_mod = gm.get_submodule(w.name)
         cls = QuantConv2d if isinstance(float_mod, nn.Conv2d) else QuantLinear
+        learned = (LearnedRange((float_mod.weight.shape[0],) if w.per_channel else (),
+                                init_batches=config.range_init_batches, name=w.name)
+                   if config.learn_weight_ranges else None)
         qmod = cls.from_float(float_mod, bits=w.bits, per_channel=w.per_channel, power2=config.power2_weight_range,
-                              constrain_weights=config.constrain_weights, name=w.name)
+                              constrain_weights=config.constrain_weights, name=w.name, learned_range=learned)
         owner, _, leaf = w.name.rpartition(".")
         setattr(gm.get_submodule(owner) if owner else gm, leaf, qmod)
         src = _source(gm, node.args[0])

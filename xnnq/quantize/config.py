@@ -10,8 +10,10 @@ reads it (the plan for what a tensor's quantizer is, the build for how its modul
 * ``target``: the TIDL device ("TDA4VM", "AM69A", ...): a table of per-chip facts that sets the
   defaults of the numeric fields below and is read by the plan (what is allowed) and the export
   (options JSON).
-* ``range_learning``: how activation ranges are learned in QAT (learned thresholds): read by the
-  build when it makes each PACT2, next to ``activation_observer`` (which would initialize them).
+
+``range_learning`` (statistics or learned power-of-2 thresholds) is read by the build: with ``"tqt"`` it
+gives each PACT2 and each conv/linear a :class:`~xnnq.layers.tqt.LearnedRange`, initialised from the
+observer's range (activations) or the max rule (weights) over the first ``range_init_batches`` batches.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from .plan import ActSpot
 
 PER_CHANNEL_Q = (False, "depthwise", "all", True)  # True is accepted as "all"
+RANGE_LEARNING = ("statistics", "tqt", "tqt-activations")
 
 
 class ObserverFactory(Protocol):
@@ -65,6 +68,13 @@ class QuantConfig:
         activation_observer: makes the observer that sets each activation quantizer's range from data:
             :class:`TrackedRanges` (QAT, default) or :class:`~xnnq.calibrate.HistogramRanges` (calibration,
             set by ``QuantCalibrateModule``).
+        range_learning: ``"statistics"`` (default: every range follows the data as observed, weights by the
+            max rule) or ``"tqt"``: learned power-of-2 thresholds (:mod:`xnnq.layers.tqt`, Jain et al. 2019)
+            for activations and weights (per channel where the plan quantizes per channel);
+            ``"tqt-activations"`` learns the activation thresholds only. Train ``qmodel.range_parameters()``
+            as their own parameter group (see the README).
+        range_init_batches: with learned thresholds, the number of first training batches whose statistics
+            set them (activations: the observer's running range; weights: the max rule); learned from then on.
     """
 
     bitwidth_weights: int = 8
@@ -78,6 +88,8 @@ class QuantConfig:
     trim_fraction: float = 1e-4
     ema_alpha: float = 0.01
     activation_observer: ObserverFactory = TrackedRanges()
+    range_learning: str = "statistics"
+    range_init_batches: int = 20
 
     def __post_init__(self) -> None:
         check_bits(self.bitwidth_weights, "bitwidth_weights")
@@ -88,6 +100,14 @@ class QuantConfig:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         if not 0.0 < self.ema_alpha <= 1.0:
             raise ValueError(f"ema_alpha must be in (0, 1], got {self.ema_alpha}")
+        if self.range_learning not in RANGE_LEARNING:
+            raise ValueError(f"range_learning must be one of {', '.join(map(repr, RANGE_LEARNING))}, got "
+                             f"{self.range_learning!r}")
+        if self.range_learning != "statistics" and not (self.power2_activation_range and self.power2_weight_range):
+            raise ValueError(f"range_learning={self.range_learning!r} learns power-of-2 thresholds; it cannot be "
+                             "combined with power2_activation_range=False or power2_weight_range=False")
+        if self.range_init_batches < 1:
+            raise ValueError(f"range_init_batches must be >= 1, got {self.range_init_batches}")
         # None (the wrappers' old default) means "none"; copies, so the caller's dicts can change freely
         object.__setattr__(self, "bitwidth_overrides", dict(self.bitwidth_overrides or {}))
         object.__setattr__(self, "clip_ranges", dict(self.clip_ranges or {}))
@@ -95,6 +115,14 @@ class QuantConfig:
     @property
     def per_channel_all(self) -> bool:
         return self.per_channel_q in ("all", True)
+
+    @property
+    def learn_activation_ranges(self) -> bool:
+        return self.range_learning in ("tqt", "tqt-activations")
+
+    @property
+    def learn_weight_ranges(self) -> bool:
+        return self.range_learning == "tqt"
 
     @classmethod
     def from_settings(cls, config: QuantConfig | None = None, **settings: Any) -> QuantConfig:
