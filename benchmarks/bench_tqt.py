@@ -26,6 +26,7 @@ Every finished run is kept in ``--out`` (JSON) and reused; a run in progress che
 
     nice -n 10 python benchmarks/bench_tqt.py --threads 1 [--models resnet20] [--images 50000] [--record]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,13 +43,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit
+import xnnq  # noqa: E402
+from xnnq import data  # noqa: E402
+from xnnq.layers import freeze_quant_range  # noqa: E402
+from xnnq.models import zoo  # noqa: E402
+from xnnq.utils import freeze_bn  # noqa: E402
 
-import xnnq
-from xnnq import data
-from xnnq.layers import freeze_quant_range
-from xnnq.models import zoo
-from xnnq.utils import freeze_bn
+from common import emit  # noqa: E402
 
 DUMMY = torch.zeros(1, 3, 32, 32)
 MODEL_LR = {"resnet20": 6e-3, "mobilenetv1": 1e-3}
@@ -58,6 +59,7 @@ TASK_MODELS = ("mosaic_detector", "mosaic_segmenter")
 def float_model(name: str) -> torch.nn.Module:
     if name == "resnet20":
         from xnnq.models.cifar_resnet import resnet20_cifar10
+
         return resnet20_cifar10(data.data_root() / "weights" / "resnet20_cifar10jpg.pt").eval()
     return zoo.load_pretrained(name).eval()
 
@@ -68,7 +70,7 @@ def wrap(name: str, mode: str, init_batches: int) -> xnnq.QuantTrainModule:
 
 
 def exponent_changes(q: xnnq.QuantTrainModule) -> dict:
-    """How many learned activation thresholds ended on another power of two than the tracked statistics give."""
+    """How many learned activation thresholds ended on another power of two than the statistics give."""
     moved, up, total = 0, 0, 0
     for p in q.quantizers().values():
         if p.learned_range is None or not p.observed:
@@ -77,7 +79,7 @@ def exponent_changes(q: xnnq.QuantTrainModule) -> dict:
         r = torch.maximum(-lo, hi)
         if p.cap is not None:
             r = r.clamp(max=p.cap)
-        e_stat = math.ceil(math.log2(max(float(r), 2.0 ** -24)))
+        e_stat = math.ceil(math.log2(max(float(r), 2.0**-24)))
         e_learned = round(math.log2(float(p.learned_range.range(p.bits, p.resolved_signed(), p.log2_cap()))))
         total += 1
         moved += e_learned != e_stat
@@ -87,8 +89,16 @@ def exponent_changes(q: xnnq.QuantTrainModule) -> dict:
 
 def run(name: str, mode: str, args, Xtr, Ytr, Xte, Yte, out: Path) -> dict:
     lr = args.lr if args.lr else MODEL_LR[name]
-    recipe = {"model": name, "mode": mode, "images": args.images, "batch_size": 128, "lr": lr, "seed": 0,
-              "freeze_range_at": 0.5, "per_channel_q": False}
+    recipe = {
+        "model": name,
+        "mode": mode,
+        "images": args.images,
+        "batch_size": 128,
+        "lr": lr,
+        "seed": 0,
+        "freeze_range_at": 0.5,
+        "per_channel_q": False,
+    }
     if mode != "statistics":
         recipe.update(lr_th=args.lr_th, init_batches=args.init_batches)
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
@@ -135,8 +145,12 @@ def run(name: str, mode: str, args, Xtr, Ytr, Xte, Yte, out: Path) -> dict:
         if opt_th is not None:
             opt_th.step()
         if (step + 1) % args.ckpt_every == 0 and step + 1 < steps:
-            state = {"model": q.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                     "seconds": seconds + time.perf_counter() - t0}
+            state = {
+                "model": q.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step + 1,
+                "seconds": seconds + time.perf_counter() - t0,
+            }
             if opt_th is not None:
                 state["opt_th"] = opt_th.state_dict()
             torch.save(state, ckpt)
@@ -174,11 +188,15 @@ def main() -> None:
     rows, notes = [], []
     for name in args.models:
         if name in TASK_MODELS and name not in zoo.MODELS:
-            notes.append(f"{name}: not in xnnq.models.zoo on this checkout (zoo has {', '.join(sorted(zoo.MODELS))}); "
-                         "not measured")
+            notes.append(
+                f"{name}: not in xnnq.models.zoo on this checkout (zoo has {', '.join(sorted(zoo.MODELS))}); "
+                "not measured"
+            )
             continue
         if name in TASK_MODELS:
-            notes.append(f"{name}: in the zoo but its task metric (mAP / mIoU) is not wired into this benchmark")
+            notes.append(
+                f"{name}: in the zoo but its task metric (mAP / mIoU) is not wired into this benchmark"
+            )
             continue
         fp32 = data.evaluate(float_model(name), Xte, Yte)
         row = {"model": name, "fp32_top1": fp32}
@@ -188,8 +206,11 @@ def main() -> None:
             print(json.dumps({name: {mode: r}}), file=sys.stderr)
         rows.append(row)
     res = {"rows": rows, "notes": notes, "args": {k: v for k, v in vars(args).items() if k != "record"}}
-    lines = ["| model | FP32 | statistics (drop) | learned TQT (drop) | learned − statistics | thresholds moved |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | FP32 | statistics (drop) | learned TQT (drop) | learned − statistics | thresholds moved |",
+        "|---|---|---|---|---|---|",
+    ]
+
     def cell(r: dict | None, fp32: float) -> str:
         return f"{r['top1']:.2f} ({fp32 - r['top1']:+.2f})" if r else "—"
 
@@ -197,7 +218,10 @@ def main() -> None:
         s, t = row.get("statistics"), row.get("tqt")
         diff = f"{t['top1'] - s['top1']:+.2f}" if s and t else "—"
         moved = f"{t['moved_from_statistics']}/{t['activation_thresholds']}" if t else "—"
-        lines.append(f"| {row['model']} | {row['fp32_top1']:.2f} | {cell(s, row['fp32_top1'])} | {cell(t, row['fp32_top1'])} | {diff} | {moved} |")
+        lines.append(
+            f"| {row['model']} | {row['fp32_top1']:.2f} | {cell(s, row['fp32_top1'])} | "
+            f"{cell(t, row['fp32_top1'])} | {diff} | {moved} |"
+        )
     md = "\n".join(lines) + "\n\n" + "; ".join(notes)
     if args.record:
         emit("Learned vs statistics ranges (TQT)", res, md)

@@ -14,6 +14,8 @@ from xnnq.analysis.metrics import js_divergence
 from xnnq.analysis.plots import save_plots
 from xnnq.layers.freeze import set_quant_enabled
 
+from conftest import observe
+
 
 class TwoLayer(nn.Module):
     def __init__(self):
@@ -26,13 +28,7 @@ class TwoLayer(nn.Module):
 
 
 def _calibrated(model, batches, **kw):
-    q = xnnq.QuantTrainModule(model, batches[0][:1], **kw)
-    q.train()
-    xnnq.utils.freeze_bn(q)
-    with torch.no_grad():
-        for x in batches:
-            q(x)
-    return q.eval()
+    return observe(xnnq.QuantTrainModule(model, batches[0][:1], **kw), batches, bn_frozen=True)
 
 
 def _fq(x, s, lo, hi):

@@ -11,6 +11,7 @@ import pickle
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,9 @@ from torch import nn
 
 import xnnq
 from xnnq.layers import PACT2, freeze_quant_range
-from xnnq.models.cifar_resnet import load_state_dict_file
+from xnnq.utils.io import load_state_dict_file
+
+from conftest import quantizer_ranges
 
 REPO = Path(__file__).resolve().parents[1]
 DUMMY = torch.randn(1, 3, 8, 8)
@@ -86,10 +89,6 @@ def trained(q: xnnq.QuantTrainModule, n: int = 2) -> xnnq.QuantTrainModule:
     return q
 
 
-def ranges(q) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {n: (p.observer.min_val.clone(), p.observer.max_val.clone()) for n, p in q.quantizers().items()}
-
-
 def test_wrapping_and_training_never_touch_the_float_model():
     """The wrapper works on a deep copy: QAT steps, freezing and eval leave the user's model as it was."""
     m = net()
@@ -121,7 +120,6 @@ def test_dummy_input_of_the_wrong_type(dummy):
 
 
 def test_numpy_dummy_input_names_the_fix():
-    np = pytest.importorskip("numpy")
     with pytest.raises(TypeError, match=r"dummy_input must be a tensor.*got ndarray.*torch.randn"):
         xnnq.QuantTrainModule(net(), np.zeros((1, 3, 8, 8), np.float32))
 
@@ -210,23 +208,23 @@ def test_override_matching_no_layer_lists_the_layers():
 # ----------------------------------------------------------------------- NaN / Inf in range tracking
 def test_nan_in_the_input_names_the_quantizer_and_keeps_ranges():
     q = trained(xnnq.QuantTrainModule(net(), DUMMY))
-    before = ranges(q)
+    before = quantizer_ranges(q)
     x = torch.randn(4, 3, 8, 8)
     x[1, 2, 3, 4] = float("nan")
     with pytest.raises(FloatingPointError) as e:
         q(x)
     assert str(e.value).startswith("input_q: the activation holds NaN or Inf; the range was not updated.")
     assert "learning rate" in str(e.value)
-    assert all(torch.equal(before[k][0], v[0]) and torch.equal(before[k][1], v[1]) for k, v in ranges(q).items())
+    assert all(torch.equal(before[k][0], v[0]) and torch.equal(before[k][1], v[1]) for k, v in quantizer_ranges(q).items())
 
 
 def test_inf_inside_the_network_names_the_layer_and_training_goes_on():
     q = trained(xnnq.QuantTrainModule(net(), DUMMY))
     xnnq.utils.freeze_bn(q)  # BN in training mode would renormalize the large input
-    before = ranges(q)
+    before = quantizer_ranges(q)
     with pytest.raises(FloatingPointError, match=r"^exp_q: the activation holds NaN or Inf"):
         q(torch.randn(4, 3, 8, 8) * 1e4)  # finite input; exp() overflows inside the network
-    after = ranges(q)
+    after = quantizer_ranges(q)
     assert torch.equal(after["exp_q"][0], before["exp_q"][0]) and torch.equal(after["exp_q"][1], before["exp_q"][1])
     assert all(torch.isfinite(lo) and torch.isfinite(hi) for lo, hi in after.values())  # nothing poisoned
     trained(q, 1)  # the next good batch is tracked normally (the error is not sticky)
@@ -331,27 +329,12 @@ def test_every_torch_load_uses_weights_only():
 
 
 # ------------------------------------------------------------------------------------------ export
-def _api(name: str, package: str):
-    """``xnnq.<name>``, else ``<package>.<name>``; skips, saying why, while it is not built yet."""
-    fn = getattr(xnnq, name, None)
-    if fn is None:
-        fn = getattr(pytest.importorskip(package, reason=f"{package} is not built yet"), name, None)
-    if fn is None:
-        pytest.skip(f"xnnq.{name} is not built yet")
-    return fn
-
-
-def _export_onnx():
-    return _api("export_onnx", "xnnq.export")
-
-
 @pytest.mark.parametrize("fmt", ["tidl", "qdq"])
 def test_export_before_any_range_was_observed(tmp_path, fmt):
-    export_onnx = _export_onnx()
     q = xnnq.QuantTrainModule(net(), DUMMY)
     before = snapshot(q)
     with pytest.raises(RuntimeError, match=r"input_q: no activation range has been observed yet.*load a (trained )?state.?dict"):
-        export_onnx(q, DUMMY, tmp_path / "m.onnx", format=fmt)
+        xnnq.export_onnx(q, DUMMY, tmp_path / "m.onnx", format=fmt)
     assert not (tmp_path / "m.onnx").exists()
     assert_unmodified(q, before)
     assert all(not p.observed for p in q.quantizers().values())
@@ -367,19 +350,17 @@ class Softplusy(nn.Module):
 
 
 def test_unsupported_op_at_export_is_named(tmp_path):
-    export_onnx = _export_onnx()
     q = trained(xnnq.QuantTrainModule(Softplusy(), DUMMY))
-    before = ranges(q)
+    before = quantizer_ranges(q)
     with pytest.warns(UserWarning, match=r"ops TIDL does not accelerate.*\(Softplus\).*replace them"):
-        res = export_onnx(q, DUMMY, tmp_path / "m.onnx")
+        res = xnnq.export_onnx(q, DUMMY, tmp_path / "m.onnx")
     assert [op for _, op in res.unsupported] == ["Softplus"]
     assert res.unsupported[0][0]  # the node is named
-    assert all(torch.equal(before[k][1], v[1]) for k, v in ranges(q).items())  # export never touches ranges
+    assert all(torch.equal(before[k][1], v[1]) for k, v in quantizer_ranges(q).items())  # export never touches ranges
     assert q.training  # and leaves the mode as it was
 
 
 def test_export_path_that_cannot_be_written(tmp_path):
-    export_onnx = _export_onnx()
     q = trained(xnnq.QuantTrainModule(net(), DUMMY))
     q.eval()
     before = snapshot(q)
@@ -388,23 +369,18 @@ def test_export_path_that_cannot_be_written(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(OSError) as e:
-            export_onnx(q, DUMMY, blocker / "sub" / "m.onnx")
+            xnnq.export_onnx(q, DUMMY, blocker / "sub" / "m.onnx")
     assert "a_file" in str(e.value)  # names the offending path
     assert_unmodified(q, before)
 
 
 # ------------------------------------------------------------------------------------- calibration
-def _calibrate_module():
-    return _api("QuantCalibrateModule", "xnnq.calibrate")
-
-
 def test_calibrating_with_zero_batches(tmp_path):
     """train() then eval() with no batch in between: the first use names the quantizer and says what to do
     (an error at eval() itself would be as good); nothing is exported and the float model is untouched."""
-    cls = _calibrate_module()
     m = net()
     before = snapshot(m)
-    q = cls(m, DUMMY)
+    q = xnnq.QuantCalibrateModule(m, DUMMY)
     q.train()
     with pytest.raises(RuntimeError) as e:
         q.eval()  # zero calibration batches
@@ -414,14 +390,13 @@ def test_calibrating_with_zero_batches(tmp_path):
     assert "calibration" in msg
     assert all(not p.observed for p in q.quantizers().values())
     with pytest.raises(RuntimeError, match="input_q: no activation range"):
-        _export_onnx()(q, DUMMY, tmp_path / "m.onnx")
+        xnnq.export_onnx(q, DUMMY, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
     assert_unmodified(m, before)
 
 
 def test_calibrating_with_nonfinite_data_names_the_quantizer():
-    cls = _calibrate_module()
-    q = cls(net(), DUMMY)
+    q = xnnq.QuantCalibrateModule(net(), DUMMY)
     q.train()
     x = torch.randn(2, 3, 8, 8)
     x[0, 0, 0, 0] = float("inf")

@@ -10,6 +10,8 @@ import xnnq
 from xnnq.calibrate import Histogram, HistogramObserver, QuantCalibrateModule
 from xnnq.calibrate.methods import code_bounds, levels
 
+from conftest import observe
+
 
 # ------------------------------------------------------------------------------------------ data
 def gaussian_outliers(n=100_000):
@@ -173,14 +175,6 @@ def toy() -> Toy:
     return m.eval()
 
 
-def calibrate(q, batches):
-    q.train()
-    with torch.no_grad():
-        for x in batches:
-            q(x)
-    return q.eval()
-
-
 def test_overrides_reach_exactly_the_named_layers():
     q = QuantCalibrateModule(toy(), torch.randn(1, 3, 8, 8), bitwidth_overrides={"body1": 16, "last": 16})
     weights = {n: m.weight_bits for n, m in q.module.named_modules() if isinstance(m, xnnq.layers.QuantConv2d | xnnq.layers.QuantLinear)}
@@ -206,8 +200,8 @@ def test_bias_correction_removes_each_channels_own_mean_error():
         m[0].weight[8:] *= 0.03            # small channels: coarse on the per-tensor power-of-2 grid
         m[1].running_var.uniform_(0.5, 2)
     data = [torch.randn(32, 4, 12, 12) + 0.8 for _ in range(4)]
-    plain = calibrate(QuantCalibrateModule(m, data[0][:1], bias_correction=False), data)
-    fixed = calibrate(QuantCalibrateModule(m, data[0][:1], bias_correction=True), data)
+    plain = observe(QuantCalibrateModule(m, data[0][:1], bias_correction=False), data)
+    fixed = observe(QuantCalibrateModule(m, data[0][:1], bias_correction=True), data)
     x = torch.cat(data)
     before, after = channel_mean_error(plain, m, x), channel_mean_error(fixed, m, x)
     assert (after < before).all(), (before, after)
@@ -224,7 +218,7 @@ def test_bias_correction_removes_each_channels_own_mean_error():
 def test_calibrated_state_dict_round_trips_into_test_module():
     m, dummy = toy(), torch.randn(1, 3, 8, 8)
     data = [torch.randn(16, 3, 8, 8) for _ in range(3)]
-    q = calibrate(QuantCalibrateModule(m, dummy, method="entropy", weight_clipping="mse"), data)
+    q = observe(QuantCalibrateModule(m, dummy, method="entropy", weight_clipping="mse"), data)
     assert any(float(layer.bias_correction.abs().max()) > 0 for layer in q.module.modules() if hasattr(layer, "bias_correction"))
     t = xnnq.QuantTestModule(m, dummy)
     t.load_state_dict(q.state_dict())
@@ -237,11 +231,11 @@ def test_no_call_counting_and_explicit_errors():
     q = QuantCalibrateModule(m, dummy).eval()              # never calibrated
     with pytest.raises(RuntimeError, match="no activation range"):
         q(dummy)
-    one = calibrate(QuantCalibrateModule(m, dummy, method="max"), [torch.randn(8, 3, 8, 8)])
+    one = observe(QuantCalibrateModule(m, dummy, method="max"), [torch.randn(8, 3, 8, 8)])
     assert not one.calibrating and one(dummy).shape == (1, 5)
     big = torch.randn(8, 3, 8, 8) * 10                      # more data later: the same histograms continue
     r0 = one.quantizers()["input_q"].observer.max_val.item()
-    calibrate(one, [big])
+    observe(one, [big])
     assert one.quantizers()["input_q"].observer.max_val.item() > r0
     with pytest.raises(ValueError, match="method"):
         QuantCalibrateModule(m, dummy, method="kl")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -153,15 +154,10 @@ def test_quant_enabled_flag_survives_the_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["tidl", "qdq"])
 def test_qat_state_dict_into_quant_test_module_exports_without_calibration(mid_qat, tmp_path, fmt):
-    export_onnx = getattr(xnnq, "export_onnx", None) or getattr(
-        pytest.importorskip("xnnq.export", reason="xnnq.export is not built yet"), "export_onnx", None)
-    if export_onnx is None:
-        pytest.skip("xnnq.export_onnx is not built yet")
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is needed to run the exported model")
     t = xnnq.QuantTestModule(net(2), DUMMY)
     t.load_state_dict(torch.load(mid_qat["path"], weights_only=True)["model"])
     before = tensors(t.state_dict())
-    res = export_onnx(t, DUMMY, tmp_path / f"m_{fmt}.onnx", format=fmt)  # no forward pass was ever run on t
+    res = xnnq.export_onnx(t, DUMMY, tmp_path / f"m_{fmt}.onnx", format=fmt)  # no forward pass was ever run on t
     for k, v in tensors(t.state_dict()).items():
         assert torch.equal(v, before[k]), k
     x = batch(8)[0][:1]

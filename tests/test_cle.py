@@ -16,9 +16,7 @@ from xnnq.utils.bn_restore import fold_restored_bn, model_restore_bn
 from xnnq.utils.cle import cross_layer_equalize, equalize_pair
 from xnnq.utils.graph_pairs import LayerPair, find_layer_pairs
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
+from conftest import rel_err
 
 
 class FunctionalRelu(nn.Module):

@@ -29,23 +29,26 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import xnnq
+from xnnq.calibrate import QuantCalibrateModule
 from xnnq.utils import freeze_bn
+
+from conftest import observe, quantizer_ranges, tiny_convnet
 
 WORLD = 2
 STEPS = 4
 PER_RANK = 4
 NAN_STEP = 2
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with the gloo backend is not available in this build")
+pytestmark = [
+    pytest.mark.slow,  # spawns worker processes
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="torch.distributed with the gloo backend is not available in this build"),
+]
 
 
 def tiny_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return tiny_convnet(num_classes=4)
 
 
 def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -81,7 +84,7 @@ def input_quantizer(q: xnnq.QuantTrainModule) -> str:
 
 
 def ranges(q: xnnq.QuantTrainModule) -> dict[str, torch.Tensor]:
-    return {n: torch.stack([p.observer.min_val, p.observer.max_val]).clone() for n, p in q.quantizers().items()}
+    return {n: torch.stack(lo_hi) for n, lo_hi in quantizer_ranges(q).items()}
 
 
 def shard(batches, rank: int):
@@ -96,18 +99,9 @@ SCENARIOS = {  # name: (BN frozen, DDP forward_sync_buffers (formerly broadcast_
 }
 
 
-def calibrate(data) -> dict[str, dict[str, torch.Tensor]] | None:
-    """Post-training calibration of the tiny net on ``data``: its ranges and state (None without xnnq.calibrate)."""
-    try:
-        from xnnq.calibrate import QuantCalibrateModule
-    except ImportError:
-        return None
-    q = QuantCalibrateModule(tiny_net(), torch.randn(1, 3, 8, 8), method="mse")
-    q.train()
-    with torch.no_grad():
-        for x, _ in data:
-            q(x)
-    q.eval()
+def calibrate(data) -> dict[str, dict[str, torch.Tensor]]:
+    """Post-training calibration of the tiny net on ``data``: its ranges and state."""
+    q = observe(QuantCalibrateModule(tiny_net(), torch.randn(1, 3, 8, 8), method="mse"), (x for x, _ in data))
     return {"ranges": ranges(q), "state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)}}
 
 
@@ -245,8 +239,6 @@ def test_calibration_ranges_are_identical_across_ranks(ranks):
     """Data-parallel calibration: every rank ends with the ranges (and bias corrections) one process gets
     from all the data."""
     r0, r1 = ranks[0]["calibration"], ranks[1]["calibration"]
-    if r0 is None:
-        pytest.skip("xnnq.calibrate is not available in this tree")
     ref = calibrate(global_batches())
     for k in ref["ranges"]:
         assert torch.equal(r0["ranges"][k], r1["ranges"][k]), f"calibrated range of {k} differs between ranks"

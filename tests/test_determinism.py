@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import xnnq
 from xnnq.utils import freeze_bn
+
+from conftest import quantizer_ranges, tiny_convnet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,13 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def tiny_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(16, 3))
 
 
 def synthetic(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +43,7 @@ def qat_run(seed: int, steps: int = 12) -> dict:
     """Seeded QAT: model init, data, shuffling, dropout all drawn from ``seed``."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    q = xnnq.QuantTrainModule(tiny_net(), torch.randn(1, 3, 8, 8))
+    q = xnnq.QuantTrainModule(tiny_convnet(num_classes=3, dropout=0.2), torch.randn(1, 3, 8, 8))
     q.train()
     x, y = synthetic(256, g)
     xt, yt = synthetic(128, g)
@@ -68,7 +62,7 @@ def qat_run(seed: int, steps: int = 12) -> dict:
     q.eval()
     with torch.no_grad():
         acc = (q(xt).argmax(1) == yt).float().mean().item() * 100
-    ranges = {n: (p.observer.min_val.item(), p.observer.max_val.item()) for n, p in q.quantizers().items()}
+    ranges = {n: (lo.item(), hi.item()) for n, (lo, hi) in quantizer_ranges(q).items()}
     return {"ranges": ranges, "acc": acc, "state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)}}
 
 
@@ -90,6 +84,7 @@ def test_same_seed_same_ranges_weights_and_accuracy():
     assert c["ranges"] != a["ranges"]
 
 
+@pytest.mark.slow
 def test_same_seed_in_a_fresh_process():
     """No hidden state (thread count aside, fixed to 1 in both): a new interpreter gives the same digest."""
     here = digest(qat_run(0))
@@ -102,9 +97,7 @@ def test_same_seed_in_a_fresh_process():
 
 @pytest.mark.data
 def test_resnet20_cifar10_calibration_is_deterministic():
-    from xnnq.data import batches, cifar10, cifar10_available, data_root, evaluate
-    if not cifar10_available():
-        pytest.skip(f"CIFAR-10 / weights not found under {data_root()} (set XNNQ_DATA)")
+    from xnnq.data import batches, cifar10, data_root, evaluate
     from xnnq.models.cifar_resnet import resnet20_cifar10
 
     x_tr, y_tr = cifar10("train", limit=256)
@@ -121,7 +114,7 @@ def test_resnet20_cifar10_calibration_is_deterministic():
                                  generator=torch.Generator().manual_seed(0)):
                 q(xb)
         q.eval()
-        return ({n: (p.observer.min_val.item(), p.observer.max_val.item()) for n, p in q.quantizers().items()},
+        return ({n: (lo.item(), hi.item()) for n, (lo, hi) in quantizer_ranges(q).items()},
                 evaluate(q, x_te, y_te))
 
     (r1, acc1), (r2, acc2) = run(), run()

@@ -6,6 +6,7 @@ shape arithmetic) and the numbers (onnxruntime vs PyTorch).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 
@@ -13,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torchvision
 from onnx import TensorProto, numpy_helper
 from torch import nn
 
@@ -22,7 +24,7 @@ from xnnq.export.check import OnnxRunner, onnx_check
 from xnnq.export.emulate import requantization_error, tidl_emulation
 from xnnq.models.cifar_resnet import resnet20
 
-torchvision = pytest.importorskip("torchvision")
+from conftest import is_pow2, observe
 
 SHAPE_OPS = {"Shape", "Gather", "Concat", "ConstantOfShape", "Cast", "Constant", "Identity", "Dropout",
              "BatchNormalization", "Unsqueeze", "Range"}
@@ -31,12 +33,7 @@ SHAPE_OPS = {"Shape", "Gather", "Concat", "ConstantOfShape", "Cast", "Constant",
 def observed(qmodel, shape, passes: int = 2, batch: int = 2):
     """Set ranges with a few training-mode passes (BN frozen so the folded weights are the eval ones)."""
     torch.manual_seed(0)
-    qmodel.train()
-    xnnq.utils.freeze_bn(qmodel)
-    with torch.no_grad():
-        for _ in range(passes):
-            qmodel(torch.randn(batch, *shape[1:]))
-    return qmodel.eval()
+    return observe(qmodel, (torch.randn(batch, *shape[1:]) for _ in range(passes)), bn_frozen=True)
 
 
 def quant_clips(qmodel):
@@ -56,9 +53,15 @@ def counts(model: onnx.ModelProto) -> dict[str, int]:
     return c
 
 
-def is_pow2(v: np.ndarray) -> bool:
-    m, _ = np.frexp(np.asarray(v, dtype=np.float64))
-    return bool(np.all(np.abs(m) == 0.5))
+@contextlib.contextmanager
+def onnx_rounding(qmodel):
+    """The simulation rounded as onnxruntime computes a QDQ file (half to even) inside the block; TIDL's
+    rounding (the default) restored after it."""
+    xnnq.layers.set_rounding(qmodel, "half_even")
+    try:
+        yield qmodel
+    finally:
+        xnnq.layers.set_rounding(qmodel, "tidl")
 
 
 def check_tidl(res, qmodel, x: torch.Tensor, *, weight_layers: int):
@@ -119,9 +122,16 @@ def check_qdq(res, qmodel, x: torch.Tensor, *, weight_layers: int, exact: bool =
                     (16, True): TensorProto.UINT16, (16, False): TensorProto.INT16}[(bits, lo == 0)]
             assert inits[n.input[2]].data_type == want, n.name
     assert opts["runtime_options"]["advanced_options:prequantized_model"] == 1
-    r = onnx_check(res.path, qmodel, [x])
+    with onnx_rounding(qmodel):  # simulation, onnxruntime and the integer reference, all half to even
+        r = onnx_check(res.path, qmodel, [x])
     if exact:
         assert r.max_abs_diff == 0.0, r
+    tidl = onnx_check(res.path, qmodel, [x])  # TIDL's rounding: the simulation and the integer reference
+    if r.reference_error is None:
+        assert r.ref_frac_exact_vs_ort == r.ref_frac_exact_vs_sim == 1.0, r
+        assert tidl.rounding == "tidl" and tidl.ref_frac_exact_vs_sim == 1.0, tidl
+    else:  # ops without an integer implementation (LR-ASPP's HardSwish / Sigmoid)
+        assert "no integer implementation" in r.reference_error
     return model, r
 
 
@@ -149,14 +159,16 @@ def test_resnet20_qdq_matches_simulation_bit_for_bit(r20, tmp_path):
     _, r = check_qdq(res, r20, x, weight_layers=20)
     assert r.top1_agreement == 1.0 and r.frac_within_1_lsb == 1.0 and r.max_lsb_diff == 0.0
     # the same without onnxruntime's QDQ fusion (every node as written)
-    assert onnx_check(res.path, r20, [x], optimize=False).max_abs_diff == 0.0
+    with onnx_rounding(r20):
+        assert onnx_check(res.path, r20, [x], optimize=False).max_abs_diff == 0.0
 
 
 def test_tidl_emulation_computes_the_simulation(r20, tmp_path):
     res = export_onnx(r20, torch.randn(2, 3, 32, 32), tmp_path / "r20.onnx")
     emu = tidl_emulation(res.path)
     x = torch.randn(6, 3, 32, 32)  # 3 runs of the static batch of 2
-    assert torch.equal(OnnxRunner(emu)(x), r20(x))
+    with onnx_rounding(r20):  # the emulation runs in onnxruntime: half to even
+        assert torch.equal(OnnxRunner(emu)(x), r20(x))
 
 
 def test_mixed_16bit_and_per_channel(tmp_path):
@@ -172,7 +184,8 @@ def test_mixed_16bit_and_per_channel(tmp_path):
     assert params == ["relu", "output"]  # conv1 → its ReLU Clip; linear → the graph output
     assert max(requantization_error(res.path).values()) == 0.0
     x = torch.randn(4, 3, 32, 32)
-    assert torch.equal(OnnxRunner(tidl_emulation(res.path))(x), q(x))  # the emulation reads the 16-bit lists
+    with onnx_rounding(q):
+        assert torch.equal(OnnxRunner(tidl_emulation(res.path))(x), q(x))  # the emulation reads the 16-bit lists
     qres = export_onnx(q, torch.randn(1, 3, 32, 32), tmp_path / "m_qdq.onnx", format="qdq")
     model, _ = check_qdq(qres, q, x, weight_layers=20)
     assert model.opset_import[0].version >= 21

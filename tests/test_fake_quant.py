@@ -6,10 +6,7 @@ import torch
 from xnnq.layers.fake_quant import (activation_scale, clip_fake_quantize, fake_quantize, pow2_ceil, quant_bounds,
                                     weight_scale, weight_scale_from_max)
 
-
-def is_pow2(t: torch.Tensor) -> bool:
-    m, e = torch.frexp(t)
-    return bool((m == 0.5).all())
+from conftest import is_pow2
 
 
 def test_quant_bounds():

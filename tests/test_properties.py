@@ -15,12 +15,14 @@ import torch
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
 from torch import nn
 
+from xnnq.calibrate import METHODS, Histogram, HistogramObserver, choose_range
 from xnnq.layers import (PACT2, QuantConv2d, RangeTracker, activation_scale, fake_quantize, quant_bounds, quantize_bias,
                          weight_scale)
 from xnnq.layers.fake_quant import MIN_RANGE
+
+from conftest import is_pow2
 
 SETTINGS = settings(deadline=None, max_examples=60)
 
@@ -36,11 +38,6 @@ vec_st = arrays(np.float32, st.integers(1, 64), elements=st.floats(-1e3, 1e3, wi
 
 def t(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
-
-
-def is_pow2(v: torch.Tensor) -> bool:
-    m, _ = torch.frexp(v)
-    return bool((m == 0.5).all())
 
 
 # -------------------------------------------------------------------------------------- fake_quantize
@@ -331,13 +328,6 @@ def test_zero_range_gives_the_smallest_scale_not_nan():
 
 
 # ------------------------------------------------------------------------------------ calibrators
-try:
-    from xnnq.calibrate import METHODS, Histogram, HistogramObserver, choose_range
-except ImportError:  # built by another engineer; these properties wait for it
-    METHODS = ()
-    HistogramObserver = Histogram = choose_range = None
-needs_calib = pytest.mark.skipif(Histogram is None, reason="xnnq.calibrate (Histogram, choose_range, HistogramObserver) "
-                                                           "is not available in this tree yet")
 calib_st = arrays(np.float32, st.integers(16, 1000), elements=st.floats(-1e3, 1e3, width=32))
 
 
@@ -348,7 +338,6 @@ def histogram_of(*xs: torch.Tensor) -> "Histogram":
     return h
 
 
-@needs_calib
 @SETTINGS
 @given(calib_st, calib_st, st.floats(1.0, 16.0))
 def test_histogram_counts_every_value_and_covers_the_extremes(a, b, grow):
@@ -362,9 +351,8 @@ def test_histogram_counts_every_value_and_covers_the_extremes(a, b, grow):
     assert math.log2(h.width) == round(math.log2(h.width))  # bin width is a power of 2
 
 
-@needs_calib
 @SETTINGS
-@given(calib_st, st.sampled_from(METHODS or ("max",)), bits_st, st.booleans())
+@given(calib_st, st.sampled_from(METHODS), bits_st, st.booleans())
 def test_calibrated_range_is_a_power2_within_the_data(x, method, bits, signed):
     """Every method picks a power of 2 between the bin width and the range that holds every value;
     ``max`` picks exactly the latter."""
@@ -379,9 +367,8 @@ def test_calibrated_range_is_a_power2_within_the_data(x, method, bits, signed):
         assert r == cover
 
 
-@needs_calib
 @SETTINGS
-@given(calib_st, st.sampled_from(METHODS or ("max",)), bits_st, st.booleans(), st.integers(-6, 6))
+@given(calib_st, st.sampled_from(METHODS), bits_st, st.booleans(), st.integers(-6, 6))
 def test_calibrated_range_scales_with_the_data_by_powers_of_2(x, method, bits, signed, k):
     """Scaling the data by 2^k scales every method's power-of-2 range by exactly 2^k (no hidden constants)."""
     x = t(x)
@@ -391,7 +378,6 @@ def test_calibrated_range_scales_with_the_data_by_powers_of_2(x, method, bits, s
     assert r2 == r1 * 2.0 ** k
 
 
-@needs_calib
 @SETTINGS
 @given(calib_st, st.floats(50.0, 100.0), st.floats(50.0, 100.0))
 def test_percentile_range_covers_p_percent_and_grows_with_p(x, p1, p2):
@@ -405,9 +391,8 @@ def test_percentile_range_covers_p_percent_and_grows_with_p(x, p1, p2):
     assert inside >= hi_p - 1e-6
 
 
-@needs_calib
 @SETTINGS
-@given(calib_st, st.sampled_from(METHODS or ("max",)), bits_st, st.sampled_from([False, True, None]))
+@given(calib_st, st.sampled_from(METHODS), bits_st, st.sampled_from([False, True, None]))
 def test_calib_pact2_output_is_idempotent_on_its_grid(x, method, bits, signed):
     """After calibration the quantizer is a plain PACT2: outputs on a power-of-2 grid inside the clip,
     idempotent, within half a step of the input inside the range."""
@@ -431,7 +416,6 @@ def test_calib_pact2_output_is_idempotent_on_its_grid(x, method, bits, signed):
     assert ((y - xin).abs()[inside] <= scale / 2).all()
 
 
-@needs_calib
 @SETTINGS
 @given(conv_w_st, bits_st, st.booleans())
 def test_mse_weight_clipping_never_worse_and_per_channel_is_per_tensor_on_one_channel(w, bits, per_channel):

@@ -13,22 +13,9 @@ from xnnq.models.reparam import identity_kernel, pad_kernel, reparameterize
 from xnnq.models.repvgg import RepVGGBlock, repvgg_cifar
 from xnnq.models.zoo import MODELS, checkpoint_path, get_model, load_pretrained
 
+from conftest import randomize_bn, rel_err
+
 SMALL = {"widths": (8, 16, 24), "depths": (1, 2, 1)}
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters, so that fusion errors show."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            for t, lo, hi in ((m.running_mean, -1, 1), (m.running_var, 0.2, 3), (m.weight.data, -1.5, 1.5),
-                              (m.bias.data, -0.5, 0.5)):
-                t.copy_(torch.empty(t.shape).uniform_(lo, hi, generator=g))
-    return model.eval()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().abs().max() / b.detach().abs().max())
 
 
 def test_kernel_helpers():

@@ -1,5 +1,6 @@
-"""Learned power-of-2 thresholds (TQT, Jain et al. 2019): forward, the paper's gradients, finite differences on
-the smooth parts, numerical safety, and the LearnedRange state (freeze, state dict)."""
+"""Learned power-of-2 thresholds (TQT, Jain et al. 2019): forward, the paper's gradients, finite differences
+on the smooth parts, numerical safety, and the LearnedRange state (freeze, state dict)."""
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ def data(bits: int, signed: bool, n: int = 20000) -> torch.Tensor:
     x = torch.randn(n) * 2.5
     if not signed:
         x = x.abs() * 1.3 - 0.2  # mostly positive, some negatives (clipped to 0)
-    s = 2.0 ** 3 / levels(bits, signed)
+    s = 2.0**3 / levels(bits, signed)
     qmin, qmax = quant_bounds(bits, signed)
     special = torch.tensor([0.5, 1.5, -0.5, qmax + 0.5, qmax - 0.5, qmin - 0.5, qmin + 0.5, qmax, qmin]) * s
     return torch.cat([x, special])
@@ -100,7 +101,9 @@ def test_matches_torch_learnable_fake_quant_kernel():
         ref.backward(g)
         assert torch.equal(y, ref)
         assert torch.equal(x.grad, x2.grad)
-        torch.testing.assert_close(u.grad, (s.grad * s.detach() * math.log(2)).reshape(()), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            u.grad, (s.grad * s.detach() * math.log(2)).reshape(()), rtol=1e-5, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("bits,signed", CASES)
@@ -112,7 +115,7 @@ def test_finite_differences_on_the_smooth_parts(bits, signed):
     qmin, qmax = quant_bounds(bits, signed)
     u0, eps = 2.0, 1e-3
     x = data(bits, signed).double()
-    s0 = 2.0 ** u0 / levels(bits, signed)
+    s0 = 2.0**u0 / levels(bits, signed)
     r0 = torch.round(x / s0)
     inside = (r0 >= qmin) & (r0 <= qmax)
     resid = torch.where(inside, r0 - x / s0, torch.zeros_like(x))
@@ -120,7 +123,7 @@ def test_finite_differences_on_the_smooth_parts(bits, signed):
     ones = torch.ones_like(x)
 
     def surrogate(u: float) -> torch.Tensor:
-        s = 2.0 ** u / levels(bits, signed)
+        s = 2.0**u / levels(bits, signed)
         clipped = torch.where(r0 < qmin, qmin * s * ones, qmax * s * ones)
         # x/s(u)·s(u) = x does not depend on u: left out, or it swamps the difference in float64 rounding
         return (g * torch.where(inside, resid * s, clipped)).sum()
@@ -154,18 +157,24 @@ def test_per_channel_equals_per_tensor_on_each_channel(bits, signed):
 
 def mse_best_exponent(x: torch.Tensor, bits: int, signed: bool) -> int:
     qmin, qmax = quant_bounds(bits, signed)
-    errs = {e: float(((fake_quantize(x, torch.tensor(2.0 ** e / levels(bits, signed)), qmin, qmax) - x) ** 2).mean())
-            for e in range(-6, 12)}
+    errs = {
+        e: float(
+            ((fake_quantize(x, torch.tensor(2.0**e / levels(bits, signed)), qmin, qmax) - x) ** 2).mean()
+        )
+        for e in range(-6, 12)
+    }
     return min(errs, key=errs.get)
 
 
 @pytest.mark.parametrize("start", [LOG2_MIN, -5.0, 2.6, 12.0])
 def test_learning_reaches_the_mse_optimal_power_of_2_from_anywhere(start):
-    """The paper's toy problem: minimizing ||q(x) − x||² over log2 t alone with a normalized-gradient optimizer
-    (Adam) ends at the power-of-2 threshold of least error (brute force), from far below, far above or a
-    max-based start — including the clamp's bound, from which the gradient leads back inside."""
+    """The paper's toy problem: minimizing ||q(x) − x||² over log2 t alone with a normalized-gradient
+    optimizer (Adam) ends at the power-of-2 threshold of least error (brute force), from far below, far above
+    or a max-based start — including the clamp's bound, from which the gradient leads back inside."""
     torch.manual_seed(0)
-    x = torch.cat([torch.randn(20000), torch.randn(20) * 8])  # Gaussian with a few outliers: the max is wasteful
+    x = torch.cat(
+        [torch.randn(20000), torch.randn(20) * 8]
+    )  # Gaussian with a few outliers: the max is wasteful
     best = mse_best_exponent(x, 4 + 4, True)
     assert best < math.ceil(math.log2(x.abs().max()))  # clipping the outliers is better than covering them
     u = torch.tensor(start, requires_grad=True)
@@ -176,7 +185,7 @@ def test_learning_reaches_the_mse_optimal_power_of_2_from_anywhere(start):
         ((tqt_fake_quantize(x, u, 8, True) - x) ** 2).mean().backward()
         opt.step()
         bins.append(math.ceil(u.item()))
-    # near the optimum it may step across a bin edge now and then: the last 200 steps are mostly in the best bin
+    # near the optimum it may step across a bin edge now and then: the last 200 steps mostly in the best bin
     assert bins[-200:].count(best) > 150
 
 
@@ -212,6 +221,26 @@ def test_outside_the_clamp_only_the_way_back_passes():
     ((tqt_fake_quantize(x, u, 8, False, log2_max=math.log2(6)) - x) ** 2).sum().backward()
     assert u.grad > 0
     assert tqt_scale(u, 8, False, math.log2(6)) == 8.0 / 256  # ceil(log2 6) = 3
+
+
+@pytest.mark.parametrize("mode", ["half_up", "half_away", "floor", "half_even"])
+def test_other_rounding_modes_forward_and_residual(mode):
+    """TIDL's rounding modes: the forward is fake_quantize's with that mode, and the in-range gradient uses
+    that mode's residual round(x/s) − x/s."""
+    from xnnq.layers.rounding import round_tensor
+
+    x = data(8, True).requires_grad_()
+    u = torch.tensor(2.3, requires_grad=True)
+    g = torch.randn(x.shape)
+    y = tqt_fake_quantize(x, u, 8, True, rounding=mode)
+    s = tqt_scale(u, 8, True)
+    assert torch.equal(y, fake_quantize(x.detach(), s, -128, 127, rounding=mode))
+    y.backward(g)
+    z = x.detach().double() / s.double()
+    inside = (torch.round(z) >= -128) & (torch.round(z) <= 127)  # the STE mask (fake_quant's)
+    r = round_tensor(z, mode).clamp(-128, 127)
+    dq_du = s.double() * math.log(2) * torch.where(inside, r - z, r)
+    torch.testing.assert_close(u.grad.double(), (g.double() * dq_du).sum(), rtol=1e-5, atol=1e-5)
 
 
 def test_all_zero_input_gives_zero_threshold_gradient():
@@ -271,7 +300,7 @@ def test_learned_range_init_then_learn():
     assert lr.log2_t.item() == pytest.approx(math.log2(5.0)) and lr.initializing
     lr.init_from(torch.tensor(0.0))  # an all-zero tensor: the smallest range, not -inf
     assert lr.log2_t.item() == LOG2_MIN and not lr.initializing
-    assert lr.range(8, True) == 2.0 ** LOG2_MIN
+    assert lr.range(8, True) == 2.0**LOG2_MIN
 
 
 def test_frozen_threshold_ignores_optimizer_momentum_and_unfreeze_resumes_from_it():

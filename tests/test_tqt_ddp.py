@@ -2,10 +2,11 @@
 
 Two CPU processes (gloo, loopback) train a tiny conv net with ``range_learning="tqt"`` (thresholds initialised
 from the all-reduced statistics of the first batch, then trained by Adam; weights by SGD), through a freeze of
-the ranges half-way (DDP with its default ``find_unused_parameters=False``: frozen thresholds stay in the graph
-with a zero gradient). Each rank saves its state; the parent compares the ranks with each other and with one
-process on the concatenated batches (BatchNorm frozen, see tests/test_ddp.py for why).
+the ranges half-way (DDP with its default ``find_unused_parameters=False``: frozen thresholds stay in the
+graph with a zero gradient). Each rank saves its state; the parent compares the ranks with each other and with
+one process on the concatenated batches (BatchNorm frozen, see tests/test_ddp.py for why).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -26,16 +27,25 @@ from xnnq.utils import freeze_bn
 
 WORLD, STEPS, PER_RANK = 2, 4, 4
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with the gloo backend is not available in this build")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with the gloo backend is not available in this build",
+)
 
 
 def tiny_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
 
 
 def global_batches():
@@ -49,8 +59,9 @@ def global_batches():
 
 
 def make() -> xnnq.QuantTrainModule:
-    q = xnnq.QuantTrainModule(tiny_net(), torch.randn(1, 3, 8, 8), trim_fraction=0.0, range_learning="tqt",
-                              range_init_batches=1).train()
+    q = xnnq.QuantTrainModule(
+        tiny_net(), torch.randn(1, 3, 8, 8), trim_fraction=0.0, range_learning="tqt", range_init_batches=1
+    ).train()
     freeze_bn(q)
     return q
 
@@ -69,15 +80,23 @@ def train(model: nn.Module, q: xnnq.QuantTrainModule, batches) -> None:
 
 
 def shard(batches, rank: int):
-    return [(x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]) for x, y in batches]
+    return [
+        (x[rank * PER_RANK : (rank + 1) * PER_RANK], y[rank * PER_RANK : (rank + 1) * PER_RANK])
+        for x, y in batches
+    ]
 
 
 def _worker(rank: int, port: int, outdir: str) -> None:
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         q = make()
         data = shard(global_batches(), rank)

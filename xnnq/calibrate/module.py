@@ -50,7 +50,7 @@ class QuantCalibrateModule(QuantBaseModule):
         config, leaf_modules, verbose, **settings: as :class:`~xnnq.quantize.wrapper.QuantBaseModule`; the
             settings are :class:`~xnnq.quantize.config.QuantConfig`'s fields (``bitwidth_weights``,
             ``bitwidth_activations``, ``per_channel_q`` — e.g. ``"depthwise"`` —, ``power2_weight_range``,
-            ``power2_activation_range``, ``constrain_weights``, ``trim_fraction`` (here: the negative fraction
+            ``power2_activation_range``, ``target`` (a TIDL chip whose numerics the unset ones follow), ``constrain_weights``, ``trim_fraction`` (here: the negative fraction
             above which an activation of unknown sign is signed), ``clip_ranges``).
     """
 
@@ -65,8 +65,8 @@ class QuantCalibrateModule(QuantBaseModule):
                             "method= (and percentile=, bins=...), not activation_observer=")
         if settings.get("range_learning", "statistics") != "statistics" or (
                 config is not None and config.range_learning != "statistics"):
-            raise ValueError("QuantCalibrateModule does not train, so it cannot learn ranges: use range_learning="
-                             "'statistics' here (learned thresholds are for QuantTrainModule)")
+            raise ValueError("QuantCalibrateModule does not train, so it cannot learn ranges: use "
+                             "range_learning='statistics' here (learned thresholds are for QuantTrainModule)")
         ranges = HistogramRanges(method, percentile, bins, max_bins, sample_size)
         config = QuantConfig.from_settings(config, **settings, activation_observer=ranges)
         super().__init__(model, dummy_input, config, leaf_modules=leaf_modules, verbose=verbose)

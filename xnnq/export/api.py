@@ -10,13 +10,16 @@ import torch
 from torch import fx
 
 from ..quantize.capture import check_dummy_input
-from .allowlist import warn_unsupported
+from ..targets import KNOWN_OPTIONS, Quantity, Target, compile_options, get_target, refuse
 from .graph import ClipInfo, LayerInfo, build_export_module
 from .onnx_graph import consumers, initializers, op_counts
 from .options import tidl_runtime_options, write_options
 from .qdq import ActQuant, WeightQuant, to_qdq
+from .quant_params import ActRange, model_layers, tensor_ranges, write_quant_params
+from .quant_params import build_message as quant_params_message
 from .tidl import DEFAULT_OPSET, clip_order, finalize, name_clips, torch_to_onnx
 from .tidl import simplify as onnxsim_simplify
+from .tidl_check import Violation, quant_params_violations, report, tidl_check, tidl_fix, warn_unsupported
 
 FORMATS = ("tidl", "qdq")
 
@@ -31,6 +34,12 @@ class ExportResult:
     module: fx.GraphModule                    # the float export graph (PyTorch), what the "tidl" ONNX computes
     activation_ranges: dict[str, tuple[float, float]]
     unsupported: list[tuple[str, str]] = field(default_factory=list)
+    target: str | None = None                 # the TIDL chip the export was made for (None: no target)
+    flow: str | None = None                   # "tidl", "qdq" or "quant_params" (mixed 8/16-bit, see docs)
+    violations: list[Violation] = field(default_factory=list)  # TIDL importer rules the file breaks
+    fixes: list[str] = field(default_factory=list)             # exact fixes applied (tidl_fix)
+    quant_params_path: Path | None = None     # TIDL quantization-parameters file (flow "quant_params")
+    reference_model: onnx.ModelProto | None = None  # QDQ graph onnxruntime runs (int16 where 16-bit)
 
     def op_counts(self) -> dict[str, int]:
         return dict(op_counts(self.model))
@@ -75,7 +84,9 @@ def _layer_output(model: onnx.ModelProto, weight: str, clip_tensors: set[str]) -
     return out
 
 
-def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str = "tidl", opset: int | None = None,
+def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str | None = None,
+                target: str | Target | None = None, strict: bool = False, tidl_options: dict[str, Any] | None = None,
+                quant_params: dict[str, str] | None = None, opset: int | None = None,
                 simplify: bool = True, check: bool = True, exporter: str = "torchscript",
                 input_names: list[str] | None = None, output_names: list[str] | None = None) -> ExportResult:
     """Export an xnnq model for TIDL.
@@ -87,16 +98,35 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
         format: ``"tidl"`` — float graph, BN folded, weights/biases on their grid, a ``Clip`` with the
             power-of-2 range after every quantized activation (compile with ``accuracy_level`` 0);
             ``"qdq"`` — QuantizeLinear/DequantizeLinear with power-of-2 scales and zero-point 0, int8/int16
-            weights, int32 biases (TIDL's pre-quantized model option).
+            weights, int32 biases (TIDL's pre-quantized model option). Default: the target's first
+            documented format (TDA4VM: "tidl", the others: "qdq"), "tidl" without a target.
+        target: the TIDL chip (``"TDA4VM"``/``"J721E"``, ``"AM68A"``/``"TDA4VL"``, ``"AM69A"``/``"TDA4VH"``,
+            ``"AM62A"``, ``"AM67A"``/``"J722S"``; default: the wrapper's ``target``, else none). With a target
+            the default format is the chip's, numerics it cannot run are refused (:class:`~xnnq.targets.
+            TargetError`), exact fixes are applied (``xnnq.export.tidl_check.tidl_fix``), the compile options
+            follow the chip, TIDL's importer rules are checked, and 16-bit layers in ``format="qdq"`` go
+            through TIDL's quantization-parameters file (``<stem>.quant_params.prototxt``) with the float
+            graph, since TIDL's pre-quantized QDQ import is 8-bit only. Without a target: today's behaviour
+            (TDA4VM-like options, only the unsupported-op warning).
+        strict: raise :class:`~xnnq.export.tidl_check.TIDLImportError` on importer-rule errors (default: warn).
+        tidl_options: further compile options for the JSON (names from ``xnnq.targets.KNOWN_OPTIONS``).
+        quant_params: ``{"bit_depth": "bits"|"bytes", "layer_names": "output"|"node"}`` for the
+            quantization-parameters file (see :mod:`xnnq.export.quant_params`).
         opset: ONNX opset (default 18; QDQ with 16-bit tensors is raised to 21).
         simplify: run onnxsim (constant folding, no shape arithmetic left).
         check: ``onnx.checker`` (full) on the result.
         exporter: ``"torchscript"`` (default: fast, and onnxsim leaves the same graph) or ``"dynamo"``.
     """
+    tname = target if target is not None else getattr(qmodel, "target", None)
+    tgt = get_target(tname) if tname is not None else None
+    format = format or (tgt.formats[0] if tgt is not None else "tidl")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    where = f"export_onnx({Path(path).name})"
     args = tuple(a.detach().cpu() for a in check_dummy_input(dummy_input))
     gm, clips, layers = export_module(qmodel)
+    if tgt is not None:
+        refuse(tgt, format, _quantities(clips, layers), where)
     gm = gm.cpu()
     with torch.no_grad():
         sample = gm(*args)
@@ -107,6 +137,10 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
     if simplify:
         model = onnxsim_simplify(model)
     model = finalize(model, check)
+    fixes: list[str] = []
+    if tgt is not None:
+        model, fixes = tidl_fix(model, tgt)
+        model = finalize(model, check)
 
     inits = initializers(model.graph)
     weights = {}
@@ -122,26 +156,91 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
     if tensor_bits == 16:
         feature_16, params_16 = [], []
 
-    if format == "qdq":
-        acts = {tensors[c.name]: ActQuant(c.bits, c.power2, c.scale) for c in clips}
-        wq = {w: WeightQuant(layer.bits, layer.per_channel, layer.power2, layer.scale.numpy())
-              for w, layer in weights.items() if layer.scale is not None}
-        model = finalize(to_qdq(model, acts, wq), check)
-
-    bad = warn_unsupported(model, f"export_onnx({Path(path).name})")
+    sixteen = any(c.bits == 16 for c in clips) or any(layer.bits == 16 for layer in layers)
+    flow = format if tgt is None or format == "tidl" or not sixteen else "quant_params"
     path = Path(path)
+    reference = None
+    acts = {tensors[c.name]: ActQuant(c.bits, c.power2, c.scale) for c in clips}
+    wq = {w: WeightQuant(layer.bits, layer.per_channel, layer.power2, layer.scale.numpy())
+          for w, layer in weights.items() if layer.scale is not None}
+    if format == "qdq":
+        reference = finalize(to_qdq(model, acts, wq), check)
+        if flow == "qdq":
+            model = reference
+
+    qp_path, qp_msg = None, None
+    if flow == "quant_params":
+        qp_path = path.with_name(path.stem + ".quant_params.prototxt")
+        qp_layers, qp_per_channel = _quant_params_layers(model, tensors, clips, weights, quant_params or {})
+        qp_msg = quant_params_message(qp_layers, per_channel=qp_per_channel,
+                                      bit_depth=(quant_params or {}).get("bit_depth", "bits"))
+    if tgt is None:
+        runtime_options = tidl_runtime_options(format, tensor_bits, feature_16, params_16)
+        runtime_options.update(_extra_options(tidl_options))
+        violations: list[Violation] = []
+        bad = warn_unsupported(model, where)
+    else:
+        runtime_options = compile_options(
+            tgt, flow, tensor_bits=tensor_bits, per_channel=any(layer.per_channel for layer in layers),
+            all_power2=all(c.power2 for c in clips) and all(layer.power2 for layer in layers),
+            feature_16bit=feature_16, params_16bit=params_16,
+            quant_params_path=qp_path.name if qp_path else None, extra=tidl_options)
+        in_memory = {k: v for k, v in runtime_options.items() if k != "advanced_options:quant_params_proto_path"}
+        violations = tidl_check(model, tgt, options=in_memory)
+        if flow != "qdq" and tgt.bias_bits is not None:  # bias codes are explicit in the QDQ form only
+            twin = reference if reference is not None else to_qdq(model, acts, wq)
+            violations += [v for v in tidl_check(twin, tgt) if v.rule == "Bias.width"]
+        if qp_msg is not None:
+            names = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
+            violations += quant_params_violations(qp_msg, names, qp_path.name)
+        bad = [(v.node, v.op) for v in violations if v.rule == "graph.unsupported_op"]
+        report(violations, where, strict)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
+    if qp_msg is not None:
+        write_quant_params(qp_path, qp_layers, per_channel=qp_per_channel,
+                           bit_depth=(quant_params or {}).get("bit_depth", "bits"))
     ranges = {tensors[c.name]: (c.lo, c.hi) for c in clips}
     content = {
         "format": format,
         "model": path.name,
-        "runtime_options": tidl_runtime_options(format, tensor_bits, feature_16, params_16),
+        **({"target": tgt.name, "flow": flow} if tgt is not None else {}),
+        **({"quant_params": qp_path.name} if qp_path else {}),
+        "runtime_options": runtime_options,
         "activation_ranges": {t: [lo, hi] for t, (lo, hi) in ranges.items()},
         "activation_scales": {tensors[c.name]: c.scale for c in clips},
         "activation_bits": {tensors[c.name]: c.bits for c in clips},
         "weights": {w: {"bits": l.bits, "per_channel": l.per_channel, "power2": l.power2} for w, l in weights.items()},
         "quantizers": tensors,
+        **({"fixes": fixes, "violations": [v.to_dict() for v in violations]} if tgt is not None else {}),
     }
     opts = write_options(path, content)
-    return ExportResult(path, opts, model, gm, ranges, bad)
+    return ExportResult(path, opts, model, gm, ranges, bad, tgt.name if tgt else None, flow, violations, fixes,
+                        qp_path, reference)
+
+
+def _quantities(clips: list[ClipInfo], layers: list[LayerInfo]) -> list[Quantity]:
+    return ([Quantity(c.name, "activation", c.bits, c.power2) for c in clips] +
+            [Quantity(layer.name, "weight", layer.bits, layer.power2, layer.per_channel)
+             for layer in layers if layer.scale is not None])
+
+
+def _extra_options(extra: dict[str, Any] | None) -> dict[str, Any]:
+    unknown = sorted(set(extra or {}) - set(KNOWN_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown TIDL compile option(s) {unknown}; known: {', '.join(sorted(KNOWN_OPTIONS))}")
+    return dict(extra or {})
+
+
+def _quant_params_layers(model: onnx.ModelProto, tensors: dict[str, str], clips: list[ClipInfo],
+                         weights: dict[str, LayerInfo], opts: dict[str, str]):
+    """The quantization-parameters layers of the float ``model``: the simulation's ranges and weights."""
+    unknown = set(opts) - {"bit_depth", "layer_names"}
+    if unknown:
+        raise ValueError(f"quant_params: unknown keys {sorted(unknown)}; use 'bit_depth' and 'layer_names'")
+    clip_ranges = {tensors[c.name]: ActRange(c.bits, c.signed, c.scale) for c in clips}
+    ranges = tensor_ranges(model, clip_ranges)
+    scales = {w: layer.scale.numpy() for w, layer in weights.items() if layer.scale is not None}
+    layers = model_layers(model, ranges, {w: layer.bits for w, layer in weights.items()}, scales,
+                          layer_names=opts.get("layer_names", "output"))
+    return layers, any(layer.per_channel for layer in weights.values())

@@ -1,4 +1,6 @@
-"""Run an exported ONNX in onnxruntime (CPU) and compare it with a PyTorch reference."""
+"""Run an exported ONNX in onnxruntime (CPU) and compare it with a PyTorch reference — and, for a QDQ
+file, with the bit-true integer reference (:mod:`xnnq.export.reference`): three independent
+computations of the same file."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -69,6 +71,14 @@ class CheckResult:
     frac_within_1_lsb: float | None  # fraction of output elements with |diff| <= 1 LSB
     frac_exact: float             # fraction of output elements equal bit for bit
     top1_agreement: float | None  # fraction of samples with the same argmax (2-D outputs)
+    # the integer reference (QDQ files; None when not run)
+    rounding: str | None = None                  # the rounding mode the integer reference used
+    ref_frac_exact_vs_ort: float | None = None   # output elements where reference == onnxruntime
+    ref_frac_exact_vs_sim: float | None = None   # output elements where reference == the PyTorch reference
+    ref_top1_vs_ort: float | None = None
+    ref_top1_vs_sim: float | None = None
+    first_divergence: dict[str, dict] | None = None  # per disagreeing pair: the first tensor where they part
+    reference_error: str | None = None           # why the integer reference could not run (integer_reference=None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,15 +93,44 @@ def output_lsb(path: str | Path) -> float | None:
     return opts.get("activation_scales", {}).get(out)
 
 
+def simulation_rounding(reference: Any) -> str:
+    """The rounding mode of ``reference``'s activation quantizers when they share one, else ``"half_even"``
+    (onnxruntime's)."""
+    from ..layers.pact2 import PACT2
+    modes = {m.rounding.value for m in reference.modules() if isinstance(m, PACT2)} \
+        if isinstance(reference, torch.nn.Module) else set()
+    return modes.pop() if len(modes) == 1 else "half_even"
+
+
+def _is_qdq(path: str | Path | onnx.ModelProto) -> bool:
+    model = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path), load_external_data=False)
+    return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def _agree(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
+    """(equal elements, equal argmax rows for 2-D outputs)."""
+    eq = int((a == b).sum())
+    top = int((a.argmax(1) == b.argmax(1)).sum()) if a.dim() == 2 else 0
+    return eq, top
+
+
 @torch.no_grad()
 def onnx_check(path: str | Path | onnx.ModelProto, reference: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
                batches: Iterable[Any], *, optimize: bool = True, lsb: float | None = None,
-               threads: int = 0) -> CheckResult:
+               threads: int = 0, integer_reference: bool | None = None, rounding: str | None = None) -> CheckResult:
     """Run the ONNX at ``path`` in onnxruntime and ``reference`` on the same ``batches`` and compare.
 
     ``batches`` yields input tensors or ``(input, label)`` pairs. ``lsb`` defaults to the output
     quantizer's step from the export JSON. Returns max |diff|, the diff in output LSBs, the fraction of
-    elements within 1 LSB, and the top-1 agreement.
+    elements within 1 LSB, and the top-1 agreement of onnxruntime vs ``reference``.
+
+    For a QDQ file the integer reference (:func:`xnnq.export.reference.run`) computes the same batches
+    with ``rounding`` (default: the rounding of ``reference``'s quantizers, ``"tidl"`` for an xnnq
+    model; ``"half_even"`` is onnxruntime's), and the result also holds its agreement with onnxruntime
+    and with ``reference``; on the first batch where any two of the three disagree, ``first_divergence``
+    names, for each disagreeing pair, the first quantized tensor (topological order) where their
+    integer codes part. ``integer_reference``: ``None`` runs it when the file is QDQ and notes in
+    ``reference_error`` why it could not; ``True`` requires it; ``False`` skips it.
     """
     runner = OnnxRunner(path, optimize, threads)
     was_training = isinstance(reference, torch.nn.Module) and reference.training
@@ -99,9 +138,21 @@ def onnx_check(path: str | Path | onnx.ModelProto, reference: torch.nn.Module | 
         reference.eval()
     if lsb is None and not isinstance(path, onnx.ModelProto):
         lsb = output_lsb(path)
+    ref_model, ref_error = None, None
+    if integer_reference or (integer_reference is None and _is_qdq(path)):
+        from .reference import IntegerReference, IntegerReferenceError
+        rounding = rounding or simulation_rounding(reference)
+        try:
+            ref_model = IntegerReference(path, rounding)
+        except IntegerReferenceError as e:
+            if integer_reference:
+                raise
+            ref_error = str(e)
     n = 0
     max_diff = 0.0
     within = exact = elems = agree = 0
+    ref_ort = ref_sim = ref_ort_top = ref_sim_top = 0
+    divergence = None
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         y = runner(x)
@@ -117,15 +168,41 @@ def onnx_check(path: str | Path | onnx.ModelProto, reference: torch.nn.Module | 
             within += int((d <= lsb * (1 + 1e-6)).sum())
         if y.dim() == 2:
             agree += int((y.argmax(1) == ref.argmax(1)).sum())
+        if ref_model is not None:
+            xi = x.detach().cpu().float().numpy()
+            try:
+                yi = torch.from_numpy(np.asarray(ref_model(xi)[0], dtype=np.float32))
+            except IntegerReferenceError as e:
+                if integer_reference:
+                    raise
+                ref_model, ref_error = None, str(e)
+            else:
+                e1, t1 = _agree(yi, y)
+                e2, t2 = _agree(yi, ref)
+                ref_ort, ref_ort_top, ref_sim, ref_sim_top = ref_ort + e1, ref_ort_top + t1, ref_sim + e2, ref_sim_top + t2
+                if divergence is None and (e1 < yi.numel() or e2 < yi.numel() or int((d == 0).sum()) < d.numel()):
+                    from .divergence import first_divergence, ort_codes, sim_codes
+                    codes = {"ref": ref_model.trace(xi, keep=True)[1],
+                             "ort": ort_codes(ref_model, xi, optimize, threads),
+                             "sim": sim_codes(reference, x, ref_model, None if isinstance(path, onnx.ModelProto)
+                                              else path)}
+                    divergence = first_divergence(ref_model, codes)
         n += x.shape[0]
     if was_training:
         reference.train()
     if n == 0:
         raise ValueError("onnx_check: `batches` yielded nothing")
     two_d = y.dim() == 2
+    ran = ref_model is not None
     return CheckResult(n=n, max_abs_diff=max_diff, lsb=lsb, max_lsb_diff=max_diff / lsb if lsb else None,
                        frac_within_1_lsb=within / elems if lsb else None, frac_exact=exact / elems,
-                       top1_agreement=agree / n if two_d else None)
+                       top1_agreement=agree / n if two_d else None,
+                       rounding=rounding if ran else None,
+                       ref_frac_exact_vs_ort=ref_ort / elems if ran else None,
+                       ref_frac_exact_vs_sim=ref_sim / elems if ran else None,
+                       ref_top1_vs_ort=ref_ort_top / n if ran and two_d else None,
+                       ref_top1_vs_sim=ref_sim_top / n if ran and two_d else None,
+                       first_divergence=divergence, reference_error=ref_error)
 
 
 @torch.no_grad()

@@ -76,11 +76,13 @@ def quantize_weight_array(w: np.ndarray, q: WeightQuant, axis: int) -> tuple[np.
 
 
 def grid_error(w: np.ndarray, codes: np.ndarray, scale: np.ndarray, axis: int) -> float:
-    """max |codes · scale − w|: 0.0 when ``w`` was already on the grid."""
+    """max |codes · scale − w| with the product in float32, as the layer computes it: 0.0 when ``w`` was
+    already on the grid (also for a non-power-of-2 scale, whose products are not exact in float64 terms)."""
     shape = [1] * w.ndim
     if scale.ndim == 1:
         shape[axis] = -1
-    return float(np.abs(codes.astype(np.float64) * scale.astype(np.float64).reshape(shape) - w).max())
+    deq = codes.astype(np.float32) * scale.astype(np.float32).reshape(shape)
+    return float(np.abs(deq.astype(np.float64) - np.asarray(w, dtype=np.float64)).max())
 
 
 class _Builder:
@@ -178,7 +180,7 @@ def to_qdq(model: onnx.ModelProto, acts: dict[str, ActQuant], weights: dict[str,
         lo, hi, (scale, qmin, qmax, signed) = act_params[out]
         bits = acts[out].bits
         x = node.input[0]
-        if lo > qmin * scale or hi < qmax * scale:  # the clip cuts inside the grid: keep it
+        if np.float32(lo) > np.float32(qmin * scale) or np.float32(hi) < np.float32(qmax * scale):  # cuts inside
             clipped = b.unique(out + "_clipped")
             node.output[0] = clipped
             out_nodes.append(node)

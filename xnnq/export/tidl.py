@@ -11,6 +11,7 @@ import io
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
 import torch
 
@@ -66,7 +67,8 @@ def name_clips(model: onnx.ModelProto, order: list[tuple[str, float, float]], cl
             continue
         name, lo, hi = order[i]
         b_lo, b_hi = clip_bounds(graph, node)
-        if abs(b_lo - lo) > 1e-12 * max(1.0, abs(lo)) or abs(b_hi - hi) > 1e-12 * max(1.0, abs(hi)):
+        # the ONNX bounds are float32: compare there (a non-power-of-2 bound is not exact in float32)
+        if np.float32(b_lo) != np.float32(lo) or np.float32(b_hi) != np.float32(hi):
             continue
         i += 1
         if name not in quantized:

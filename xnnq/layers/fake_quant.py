@@ -5,7 +5,8 @@ Numerics (TIDL's): symmetric, zero-point 0.
 * signed:   ``q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1) * s``
 * unsigned: ``q = clamp(round(x / s), 0, 2^b - 1) * s``
 * ``round`` is round-half-to-even (``torch.round``, the same as ``torch.fake_quantize_*`` and ONNX
-  ``QuantizeLinear``), so the simulation, onnxruntime and the exported grid agree bit for bit.
+  ``QuantizeLinear``) unless another mode of :mod:`xnnq.layers.rounding` is asked for (PACT2 asks for
+  TIDL's by default: see :class:`~xnnq.layers.PACT2`).
 * Power-of-2 range: a range ``r`` is rounded *up* to ``R = 2^ceil(log2 r)``; the scale is
   ``R / 2^(b-1)`` signed or ``R / 2^b`` unsigned, so the largest code is ``R - s``.
 * Gradient: straight-through estimator, masked to the codes that did not saturate (the gradient of
@@ -28,6 +29,8 @@ import functools
 import warnings
 
 import torch
+
+from .rounding import Rounding, resolve, round_tensor_
 
 _QDQ_DTYPES = {(0, 255): getattr(torch, "quint8", None), (-128, 127): getattr(torch, "qint8", None)}
 _HAS_QDQ = hasattr(torch, "quantize_per_tensor") and all(_QDQ_DTYPES.values())
@@ -123,10 +126,11 @@ class _FakeQuantSTE(torch.autograd.Function):
     saturate)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
+                rounding: Rounding = Rounding.HALF_EVEN) -> torch.Tensor:
         codes = torch.mul(x, 1.0 / scale)
         out = torch.clamp(codes, qmin, qmax)
-        out.round_().mul_(scale)
+        round_tensor_(out, rounding).mul_(scale)
         ctx.save_for_backward(codes)
         ctx.bounds = _mask_bounds(qmin, qmax)
         return out
@@ -134,7 +138,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (codes,) = ctx.saved_tensors
-        return torch.ops.aten.hardtanh_backward(grad, codes, *ctx.bounds), None, None, None
+        return torch.ops.aten.hardtanh_backward(grad, codes, *ctx.bounds), None, None, None, None
 
 
 class _FakeQuantQDQ(torch.autograd.Function):
@@ -189,12 +193,17 @@ def clip_fake_quantize(x: torch.Tensor, bound: torch.Tensor, scale: torch.Tensor
     return _ClipFakeQuantSTE.apply(x, bound, _along(scale, x, axis), int(qmin), int(qmax))
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: int | None = None,
+                  rounding: Rounding | str = Rounding.HALF_EVEN) -> torch.Tensor:
     """Quantize-dequantize ``x`` with zero-point 0 and a straight-through gradient.
 
     ``scale`` is a 0-d tensor (per tensor) or a 1-d tensor along ``axis`` (per channel). ``qmin``/``qmax``
-    are the integer code bounds.
+    are the integer code bounds. ``rounding``: a concrete mode of :mod:`xnnq.layers.rounding`
+    (``half_even``: the fused/vectorized torch kernels; any other mode: the element-wise path).
     """
+    rounding = resolve(rounding)
+    if rounding is not Rounding.HALF_EVEN:
+        return _FakeQuantSTE.apply(x, _along(scale, x, axis), int(qmin), int(qmax), rounding)
     if x.is_cuda and x.dtype == torch.float32:
         if axis is None:
             zp = torch.zeros((), dtype=torch.int32, device=x.device)

@@ -1,10 +1,11 @@
-"""Explicit freezing of ranges (``train()``/``eval()`` never change it): tracked activation ranges, and learned
-thresholds (activations and weights) when ranges are learned."""
+"""Explicit switches over every quantizer of a model: range freezing (``train()``/``eval()`` never change
+it; learned thresholds included), quantization on/off, the rounding mode."""
 from __future__ import annotations
 
 from torch import nn
 
 from .pact2 import PACT2
+from .rounding import Rounding, as_rounding
 from .tqt import LearnedRange
 
 
@@ -36,3 +37,16 @@ def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
     for m in model.modules():
         if hasattr(m, "quant_enabled"):
             m.quant_enabled = enabled
+
+
+def set_rounding(model: nn.Module, rounding: Rounding | str) -> int:
+    """Round every activation quantizer of ``model`` with ``rounding`` (:mod:`xnnq.layers.rounding`):
+    ``"tidl"`` (the default: what TIDL computes) or ``"half_even"`` (what onnxruntime computes for the
+    exported QDQ file), ``"half_up"``, ``"half_away"``, ``"floor"``. Returns how many quantizers changed."""
+    mode = as_rounding(rounding)
+    n = 0
+    for m in model.modules():
+        if isinstance(m, PACT2):
+            m.rounding = mode
+            n += 1
+    return n

@@ -10,6 +10,7 @@ from torch import nn
 from .fake_quant import activation_scale, check_bits, fake_quantize, quant_bounds
 from .observer import RangeObserver
 from .range_tracker import RangeTracker
+from .rounding import DEFAULT, Rounding, Site, as_rounding, resolve
 from .tqt import LearnedRange
 
 
@@ -29,6 +30,10 @@ class PACT2(nn.Module):
             training mode; default a :class:`RangeTracker` with ``tail`` and ``ema_alpha`` (QAT).
         tail, ema_alpha: of the default :class:`RangeTracker`.
         name: the module's path in the model, used in error messages.
+        rounding: how codes are rounded (:mod:`xnnq.layers.rounding`); default ``"tidl"``, TIDL's rule at
+            this quantizer's ``site`` (``"requant"``; the wrappers set ``"input"`` on the network-input
+            quantizer and ``"resize"`` after a linear resize). ``"half_even"`` is what onnxruntime computes
+            for the exported QDQ file. Set it on a whole model with :func:`xnnq.layers.set_rounding`.
         learned_range: a :class:`~xnnq.layers.tqt.LearnedRange`: the range is a learned power-of-2
             threshold (TQT), set from the observer's range during its first batches and trained from then on
             (the observer is called only until then); ``None``: the range is the observer's.
@@ -41,13 +46,16 @@ class PACT2(nn.Module):
 
     def __init__(self, bits: int = 8, signed: bool | None = None, clip_range: float | None = None,
                  cap: float | None = None, power2: bool = True, tail: float = 1e-4, ema_alpha: float = 0.01,
-                 name: str = "", observer: RangeObserver | None = None, learned_range: LearnedRange | None = None):
+                 name: str = "", observer: RangeObserver | None = None, rounding: Rounding | str = DEFAULT,
+                 learned_range: LearnedRange | None = None):
         super().__init__()
         check_bits(bits, name)
         if clip_range is not None and clip_range <= 0:
             raise ValueError(f"{name or 'PACT2'}: clip_range must be > 0, got {clip_range}")
         self.bits, self.signed, self.clip_range, self.cap, self.power2 = bits, signed, clip_range, cap, power2
         self.name = name
+        self.rounding: Rounding = as_rounding(rounding)
+        self.site: Site = Site.REQUANT
         self.observer = observer if observer is not None else RangeTracker(tail=tail, ema_alpha=ema_alpha,
                                                                            track_min=signed is not False)
         if clip_range is not None:  # a fixed range lives in the same buffers, never updated
@@ -79,7 +87,8 @@ class PACT2(nn.Module):
         old = prefix + "tracker."  # the observer's name in state dicts saved before it was injectable
         for key in [k for k in state_dict if k.startswith(old)]:
             state_dict[prefix + "observer." + key[len(old):]] = state_dict.pop(key)
-        LearnedRange.check_state_dict(state_dict, prefix, self.learned_range, self.name or "PACT2", strict=args[1])
+        LearnedRange.check_state_dict(state_dict, prefix, self.learned_range, self.name or "PACT2",
+                                      strict=args[1])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -108,7 +117,8 @@ class PACT2(nn.Module):
         """``(scale, qmin, qmax)``: a 0-d scale tensor on the module's device and integer code bounds."""
         if self.learned_range is not None:
             signed = self.resolved_signed()
-            return self.learned_range.scale(self.bits, signed, self.log2_cap()), *quant_bounds(self.bits, signed)
+            qmin, qmax = quant_bounds(self.bits, signed)
+            return self.learned_range.scale(self.bits, signed, self.log2_cap()), qmin, qmax
         lo, hi = self.range_tensors()
         r = torch.maximum(-lo, hi)
         if self.cap is not None:
@@ -175,9 +185,11 @@ class PACT2(nn.Module):
                 "training mode (QAT or calibration) before evaluating or exporting, or load a state dict.")
         if self.cap is not None:
             x = x.clamp(max=self.cap)  # the cap (6 for ReLU6) is on the grid of every power-of-2 range >= it
+        rounding = resolve(self.rounding, self.site)
         if self.learned_range is not None:
-            return self.learned_range.fake_quantize(x, self.bits, self.resolved_signed(), log2_max=self.log2_cap())
-        return fake_quantize(x, *self.qparams())
+            return self.learned_range.fake_quantize(x, self.bits, self.resolved_signed(),
+                                                    log2_max=self.log2_cap(), rounding=rounding)
+        return fake_quantize(x, *self.qparams(), rounding=rounding)
 
     def extra_repr(self) -> str:
         s = f"bits={self.bits}, signed={self.signed}, power2={self.power2}"
@@ -185,4 +197,6 @@ class PACT2(nn.Module):
             s += f", clip_range={self.clip_range}"
         if self.cap is not None:
             s += f", cap={self.cap}"
+        if self.rounding is not DEFAULT or self.site is not Site.REQUANT:
+            s += f", rounding={self.rounding.value}@{self.site.value}"
         return s + (", frozen" if self.frozen else "")

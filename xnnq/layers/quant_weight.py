@@ -70,8 +70,8 @@ class _FoldedWeightMixin:
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for k in ("bias_correction", "weight_range_shift"):  # absent from state dicts saved before they existed
             state_dict.setdefault(prefix + k, getattr(self, k))
-        LearnedRange.check_state_dict(state_dict, prefix, self.learned_range, self.name or type(self).__name__,
-                                      strict=args[1])
+        owner = self.name or type(self).__name__
+        LearnedRange.check_state_dict(state_dict, prefix, self.learned_range, owner, strict=args[1])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -130,8 +130,8 @@ class _FoldedWeightMixin:
         return torch.clamp(w, -t, t)
 
     def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
-        """The rule's scale for ``w`` divided by ``2^weight_range_shift`` (a shift > 0 clips the largest weights);
-        with a learned range, the learned scale for ``w`` (``w`` already constrained)."""
+        """The rule's scale for ``w`` divided by ``2^weight_range_shift`` (a shift > 0 clips the largest
+        weights); with a learned range, the learned scale for ``w`` (``w`` already constrained)."""
         rule = weight_scale_from_max(max_abs(w, self.weight_axis()), self.weight_bits, self.power2,
                                      self.weight_range_shift)
         if self.learned_range is None:
@@ -139,7 +139,8 @@ class _FoldedWeightMixin:
         return self.learned_range.scale(self.weight_bits, True, torch.log2(rule) + (self.weight_bits - 1))
 
     def _rule_range(self, w: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """(outlier bound or None, max |constrain(w)|, log2 of the max rule's power-of-2 range) of a folded weight."""
+        """(outlier bound or None, max |constrain(w)|, log2 of the max rule's power-of-2 range) of a folded
+        weight."""
         axis = self.weight_axis()
         t = self.clip_threshold(w) if self.constrain_weights else None
         m = max_abs(w, axis) if t is None else torch.minimum(max_abs(w, axis), t)
@@ -183,7 +184,8 @@ class _FoldedWeightMixin:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, bn: nn.Module | None = None, input_quant: nn.Module | None = None) -> torch.Tensor:
-        if self.learned_range is not None and self.training and self.quant_enabled and self.learned_range.initializing:
+        learned = self.learned_range
+        if learned is not None and self.training and self.quant_enabled and learned.initializing:
             with torch.no_grad():
                 self.init_learned_range(self.folded_weight_bias(bn)[0])
         if bn is None or not bn.training:
@@ -204,7 +206,7 @@ class QuantConv2d(_FoldedWeightMixin, nn.Conv2d):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, *, bits: int = 8, per_channel: bool = False, power2: bool = True,
                    constrain_weights: bool = True, outlier_ratio: float = 15.0, name: str = "",
-                   learned_range: LearnedRange | None = None) -> "QuantConv2d":
+                   learned_range: LearnedRange | None = None) -> QuantConv2d:
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
         q.weight, q.bias = conv.weight, conv.bias
@@ -224,7 +226,7 @@ class QuantLinear(_FoldedWeightMixin, nn.Linear):
     @classmethod
     def from_float(cls, linear: nn.Linear, *, bits: int = 8, per_channel: bool = False, power2: bool = True,
                    constrain_weights: bool = True, outlier_ratio: float = 15.0, name: str = "",
-                   learned_range: LearnedRange | None = None) -> "QuantLinear":
+                   learned_range: LearnedRange | None = None) -> QuantLinear:
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         q.weight, q.bias = linear.weight, linear.bias
         q._init_quant(bits, per_channel, power2, constrain_weights, outlier_ratio, name, learned_range)

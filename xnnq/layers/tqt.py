@@ -20,13 +20,14 @@ it, so every scale stays what TIDL accepts:
   are 1e3; and if a layer's values are scaled by ``k`` (and the next layer's weights by ``1/k``) the gradient
   of ``u`` does not change. What still varies across layers is the gradient's magnitude (it is a sum over all
   elements of the tensor, and the clipped elements weigh ``qmax``, i.e. ~2^(b-1), against ≤ 0.5 for the
-  in-range ones): the paper therefore trains thresholds with a normalized-gradient optimizer (Adam; the authors'
-  Graffitist recipe: lr 1e-2 for thresholds, separate from the weights). ``grad_scale`` multiplies the
-  gradient for optimizers that do not normalize (see :class:`LearnedRange`).
+  in-range ones): the paper therefore trains thresholds with a normalized-gradient optimizer (Adam; the
+  authors' Graffitist recipe: lr 1e-2 for thresholds, separate from the weights). ``grad_scale`` multiplies
+  the gradient for optimizers that do not normalize (see :class:`LearnedRange`).
 * Numerically safe: ``u`` is clamped to ``[LOG2_MIN, LOG2_MAX]`` (and to an optional per-quantizer upper
   bound) in the forward; outside the clamp its gradient only passes in the direction back inside, so a
   threshold of 0 (``u = -inf``), a tiny or a huge one never produces NaN or Inf and never gets stuck.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,9 +37,10 @@ import torch
 from torch import nn
 
 from .fake_quant import MIN_RANGE, _along, _mask_bounds, check_bits, fake_quantize, quant_bounds
+from .rounding import Rounding, resolve, round_tensor_
 
 LOG2_MIN = math.log2(MIN_RANGE)  # -24: the smallest range xnnq represents (as pow2_ceil)
-LOG2_MAX = 64.0                   # far above any activation or weight range; keeps 2^u finite in float32
+LOG2_MAX = 64.0  # far above any activation or weight range; keeps 2^u finite in float32
 _LN2 = math.log(2.0)
 
 
@@ -48,7 +50,7 @@ def _levels_log2(bits: int, signed: bool) -> int:
 
 
 def effective_log2(log2_t: torch.Tensor, log2_max: torch.Tensor | float | None = None) -> torch.Tensor:
-    """``u`` clamped to ``[LOG2_MIN, min(LOG2_MAX, log2_max)]`` (NaN-free for any finite or infinite ``u``)."""
+    """``u`` clamped to ``[LOG2_MIN, min(LOG2_MAX, log2_max)]`` (NaN-free for finite or infinite ``u``)."""
     u = log2_t.clamp(LOG2_MIN, LOG2_MAX)
     if log2_max is not None:
         u = torch.minimum(u, torch.as_tensor(log2_max, dtype=u.dtype, device=u.device))
@@ -58,11 +60,16 @@ def effective_log2(log2_t: torch.Tensor, log2_max: torch.Tensor | float | None =
 def _upper(log2_max: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor:
     """The upper clamp of ``u``: ``min(LOG2_MAX, log2_max)`` as a tensor like ``like``."""
     hi = torch.full_like(like, LOG2_MAX)
-    return hi if log2_max is None else torch.minimum(hi, torch.as_tensor(log2_max, dtype=like.dtype, device=like.device))
+    return (
+        hi
+        if log2_max is None
+        else torch.minimum(hi, torch.as_tensor(log2_max, dtype=like.dtype, device=like.device))
+    )
 
 
-def tqt_scale(log2_t: torch.Tensor, bits: int, signed: bool,
-              log2_max: torch.Tensor | float | None = None) -> torch.Tensor:
+def tqt_scale(
+    log2_t: torch.Tensor, bits: int, signed: bool, log2_max: torch.Tensor | float | None = None
+) -> torch.Tensor:
     """The power-of-2 scale in force for the log2 threshold ``log2_t`` (detached; same shape)."""
     e = torch.ceil(effective_log2(log2_t.detach(), log2_max))
     return torch.exp2(e - _levels_log2(bits, signed))
@@ -73,16 +80,26 @@ class _TQTFakeQuant(torch.autograd.Function):
     (module docstring). Saves the codes ``x / s`` (one tensor of ``x``'s size, as the STE of fake_quant)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, log2_t: torch.Tensor, value: torch.Tensor | None, bits: int, signed: bool,
-                axis: int | None, grad_scale: float, log2_max: torch.Tensor | float | None) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        log2_t: torch.Tensor,
+        value: torch.Tensor | None,
+        bits: int,
+        signed: bool,
+        axis: int | None,
+        grad_scale: float,
+        log2_max: torch.Tensor | float | None,
+        rounding: Rounding,
+    ) -> torch.Tensor:
         qmin, qmax = quant_bounds(bits, signed)
         u = log2_t.detach() if value is None else value.detach()
         scale = tqt_scale(u, bits, signed, log2_max).to(x.dtype)
         s = _along(scale, x, axis)
         codes = torch.mul(x, 1.0 / s)
-        out = torch.clamp(codes, qmin, qmax).round_().mul_(s)
+        out = round_tensor_(torch.clamp(codes, qmin, qmax), rounding).mul_(s)
         ctx.save_for_backward(codes, scale, u, _upper(log2_max, u))
-        ctx.qrange, ctx.axis = (qmin, qmax), axis
+        ctx.qrange, ctx.axis, ctx.rounding = (qmin, qmax), axis, rounding
         ctx.grad_scale = 0.0 if value is not None else float(grad_scale)
         return out
 
@@ -100,7 +117,9 @@ class _TQTFakeQuant(torch.autograd.Function):
             if g.dtype != torch.float32:  # accumulate half / bfloat16 in float32
                 g, c = g.float(), c.float()
             # q − x/s in range, qmin / qmax where clipped: round(clamp(c)) minus c where in range
-            inner = c.clamp(qmin, qmax).round_().sub_(torch.ops.aten.hardtanh_backward(c, c, lo, hi))
+            inner = round_tensor_(c.clamp(qmin, qmax), ctx.rounding).sub_(
+                torch.ops.aten.hardtanh_backward(c, c, lo, hi)
+            )
             if ctx.axis is None:
                 total = torch.dot(g.reshape(-1), inner.reshape(-1))
             else:
@@ -109,12 +128,20 @@ class _TQTFakeQuant(torch.autograd.Function):
             # outside the clamp only a step back inside passes (descent moves u by -grad)
             outward = ((u > hi_u) & (grad_u < 0)) | ((u < LOG2_MIN) & (grad_u > 0))
             grad_u = torch.where(outward, torch.zeros_like(grad_u), grad_u)
-        return grad_x if ctx.needs_input_grad[0] else None, grad_u, None, None, None, None, None, None
+        return grad_x if ctx.needs_input_grad[0] else None, grad_u, None, None, None, None, None, None, None
 
 
-def tqt_fake_quantize(x: torch.Tensor, log2_t: torch.Tensor, bits: int, signed: bool, axis: int | None = None,
-                      grad_scale: float = 1.0, log2_max: torch.Tensor | float | None = None,
-                      frozen_value: torch.Tensor | None = None) -> torch.Tensor:
+def tqt_fake_quantize(
+    x: torch.Tensor,
+    log2_t: torch.Tensor,
+    bits: int,
+    signed: bool,
+    axis: int | None = None,
+    grad_scale: float = 1.0,
+    log2_max: torch.Tensor | float | None = None,
+    frozen_value: torch.Tensor | None = None,
+    rounding: Rounding | str = Rounding.HALF_EVEN,
+) -> torch.Tensor:
     """Fake-quantize ``x`` with the learned power-of-2 threshold ``2^log2_t`` (TQT gradients to ``log2_t``).
 
     Args:
@@ -124,28 +151,36 @@ def tqt_fake_quantize(x: torch.Tensor, log2_t: torch.Tensor, bits: int, signed: 
         grad_scale: multiplies the gradient of ``log2_t``.
         log2_max: an upper bound on the threshold's log2 (a scalar or one per channel), e.g. ``log2 6``
             under a ReLU6 cap.
-        frozen_value: when given, the forward uses it instead of ``log2_t`` and ``log2_t`` gets a zero gradient
-            (it stays in the graph: DDP expects a gradient for every parameter in every step).
+        frozen_value: when given, the forward uses it instead of ``log2_t``, and ``log2_t`` gets a zero
+            gradient (it stays in the graph: DDP expects a gradient for every parameter in every step).
+        rounding: a concrete mode of :mod:`xnnq.layers.rounding` (default half to even); the in-range gradient
+            uses the same rounding residual.
     """
     check_bits(bits)
     if axis is None and log2_t.dim() != 0:
-        raise ValueError(f"tqt_fake_quantize: a per-tensor log2 threshold must be 0-d, got shape {tuple(log2_t.shape)}")
+        raise ValueError(
+            f"tqt_fake_quantize: a per-tensor log2 threshold must be 0-d, got shape {tuple(log2_t.shape)}"
+        )
     if axis is not None and (log2_t.dim() != 1 or log2_t.numel() != x.shape[axis]):
-        raise ValueError(f"tqt_fake_quantize: per-channel log2 thresholds need shape ({x.shape[axis]},) along "
-                         f"axis {axis}, got {tuple(log2_t.shape)}")
-    return _TQTFakeQuant.apply(x, log2_t, frozen_value, int(bits), bool(signed), axis, grad_scale, log2_max)
+        raise ValueError(
+            f"tqt_fake_quantize: per-channel log2 thresholds need shape ({x.shape[axis]},) along "
+            f"axis {axis}, got {tuple(log2_t.shape)}"
+        )
+    return _TQTFakeQuant.apply(
+        x, log2_t, frozen_value, int(bits), bool(signed), axis, grad_scale, log2_max, resolve(rounding)
+    )
 
 
 def log2_of_range(r: torch.Tensor) -> torch.Tensor:
-    """``log2`` of a range, for initialising a threshold: ranges below ``MIN_RANGE`` (zero) give ``LOG2_MIN``."""
+    """``log2`` of a range, for initialising a threshold: ranges below ``MIN_RANGE`` (0) give ``LOG2_MIN``."""
     return torch.log2(r.detach().float().clamp(min=MIN_RANGE)).clamp(LOG2_MIN, LOG2_MAX)
 
 
 class LearnedRange(nn.Module):
     """The learned log2 threshold of one quantizer (a tensor's range, or one per channel).
 
-    State: the parameter ``log2_t``; the buffer ``frozen_log2_t`` (the value in force while frozen); extra state
-    ``frozen`` and ``init_steps`` (training forwards that have set the threshold from statistics so far).
+    State: the parameter ``log2_t``; the buffer ``frozen_log2_t`` (the value in force while frozen); extra
+    state ``frozen`` and ``init_steps`` (training forwards that have set the threshold from statistics).
 
     * Initialisation: for the first ``init_batches`` training forwards the owner passes the range its
       statistics give (:meth:`init_from`) and the threshold is set to it; from then on it is learned. The
@@ -157,7 +192,9 @@ class LearnedRange(nn.Module):
     * ``grad_scale`` multiplies the gradient of ``log2_t`` (1: the paper's gradient, for Adam).
     """
 
-    def __init__(self, shape: tuple[int, ...] = (), init_batches: int = 1, grad_scale: float = 1.0, name: str = ""):
+    def __init__(
+        self, shape: tuple[int, ...] = (), init_batches: int = 1, grad_scale: float = 1.0, name: str = ""
+    ):
         super().__init__()
         if init_batches < 1:
             raise ValueError(f"{name or 'LearnedRange'}: init_batches must be >= 1, got {init_batches}")
@@ -190,20 +227,25 @@ class LearnedRange(nn.Module):
         self.init_steps = int(state["init_steps"])
 
     @staticmethod
-    def check_state_dict(state_dict: dict, prefix: str, learned: LearnedRange | None, owner: str,
-                         strict: bool = True) -> None:
+    def check_state_dict(
+        state_dict: dict, prefix: str, learned: LearnedRange | None, owner: str, strict: bool = True
+    ) -> None:
         """Refuse, naming the module and the fix, a state dict whose learned thresholds do not match the
         owner's settings (``prefix`` is the owner's; its LearnedRange is the child ``learned_range``)."""
         if not strict:
             return
         has = prefix + "learned_range.log2_t" in state_dict
         if has and learned is None:
-            raise ValueError(f"{owner}: the state dict holds a learned range threshold (saved with "
-                             "range_learning='tqt'); build this wrapper with the same range_learning as the saved one.")
+            raise ValueError(
+                f"{owner}: the state dict holds a learned range threshold (saved with "
+                "range_learning='tqt'); build this wrapper with the same range_learning as the saved one."
+            )
         if learned is not None and not has:
-            raise ValueError(f"{owner}: this model learns its range (range_learning='tqt'...) but the state dict has "
-                             "no learned threshold for it; build the wrapper with the range_learning the state dict "
-                             "was saved with.")
+            raise ValueError(
+                f"{owner}: this model learns its range (range_learning='tqt'...) but the state dict has "
+                "no learned threshold for it; build the wrapper with the range_learning the state dict "
+                "was saved with."
+            )
 
     # ------------------------------------------------------------------------------- initialisation
     @property
@@ -230,15 +272,36 @@ class LearnedRange(nn.Module):
         """The power-of-2 range ``2^ceil(log2 t)`` in force (detached)."""
         return self.scale(bits, signed, log2_max) * float(1 << _levels_log2(bits, signed))
 
-    def fake_quantize(self, x: torch.Tensor, bits: int, signed: bool, axis: int | None = None,
-                      log2_max: torch.Tensor | float | None = None) -> torch.Tensor:
+    def fake_quantize(
+        self,
+        x: torch.Tensor,
+        bits: int,
+        signed: bool,
+        axis: int | None = None,
+        log2_max: torch.Tensor | float | None = None,
+        rounding: Rounding | str = Rounding.HALF_EVEN,
+    ) -> torch.Tensor:
         """``x`` quantized with the threshold in force; without autograd the faster kernels of
         :func:`~xnnq.layers.fake_quant.fake_quantize` (the same values, bit for bit)."""
         if not torch.is_grad_enabled():
-            return fake_quantize(x, self.scale(bits, signed, log2_max), *quant_bounds(bits, signed), axis)
-        return tqt_fake_quantize(x, self.log2_t, bits, signed, axis, self.grad_scale, log2_max,
-                                 frozen_value=self.frozen_log2_t if self._frozen else None)
+            return fake_quantize(
+                x, self.scale(bits, signed, log2_max), *quant_bounds(bits, signed), axis, rounding=rounding
+            )
+        return tqt_fake_quantize(
+            x,
+            self.log2_t,
+            bits,
+            signed,
+            axis,
+            self.grad_scale,
+            log2_max,
+            frozen_value=self.frozen_log2_t if self._frozen else None,
+            rounding=rounding,
+        )
 
     def extra_repr(self) -> str:
-        return (f"shape={tuple(self.log2_t.shape)}, init_batches={self.init_batches}, grad_scale={self.grad_scale}"
-                + (", frozen" if self._frozen else ""))
+        return (
+            f"shape={tuple(self.log2_t.shape)}, init_batches={self.init_batches}, "
+            f"grad_scale={self.grad_scale}"
+            + (", frozen" if self._frozen else "")
+        )

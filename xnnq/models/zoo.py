@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .cifar_resnet import load_state_dict_file
+from ..utils.io import load_state_dict_file
 from .mobilenetv1 import mobilenetv1_cifar
 from .mobileone import mobileone_cifar
 from .qarepvgg import qarepvgg_cifar

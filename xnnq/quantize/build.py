@@ -6,6 +6,8 @@ from torch import nn
 
 from ..layers.pact2 import PACT2
 from ..layers.quant_weight import QuantConv2d, QuantLinear
+from ..layers.resize import ResizeWith
+from ..layers.rounding import Site
 from ..layers.tqt import LearnedRange
 from .config import QuantConfig
 from .plan import ActSpot, Plan, _source
@@ -14,15 +16,23 @@ from .surgery import Change
 
 def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantConfig) -> None:
     """Insert the quantizers of ``plan`` into ``gm`` (in place), made as ``config`` says."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    graph = gm.graph
+
     def make(spot: ActSpot) -> PACT2:
         clip_range = config.clip_ranges.get(spot.name)
         learned = (LearnedRange(init_batches=config.range_init_batches, name=spot.name)
                    if config.learn_activation_ranges and clip_range is None else None)
-        return PACT2(bits=spot.bits, signed=spot.signed, cap=spot.cap, power2=config.power2_activation_range,
-                     clip_range=clip_range, name=spot.name, observer=config.activation_observer(spot, config),
-                     learned_range=learned)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    graph = gm.graph
+        q = PACT2(bits=spot.bits, signed=spot.signed, cap=spot.cap, power2=config.power2_activation_range,
+                  clip_range=clip_range, name=spot.name, observer=config.activation_observer(spot, config),
+                  rounding=config.rounding, learned_range=learned)
+        # where TIDL rounds differently from a requantization (xnnq.layers.rounding.Site)
+        src = gm.get_submodule(nodes[spot.node].target) if nodes[spot.node].op == "call_module" else None
+        if spot.reason == "input":
+            q.site = Site.INPUT
+        elif isinstance(src, ResizeWith) and "linear" in src.mode:
+            q.site = Site.RESIZE
+        return q
 
     for spot in plan.acts:
         node = nodes[spot.node]

@@ -5,11 +5,7 @@ it instead of a dozen threaded keyword arguments. Settings that are not about qu
 submodules stay opaque to tracing, verbosity) stay keyword arguments of the wrappers.
 
 Adding a setting: a field here with its default and check in ``__post_init__``, and the stage that
-reads it (the plan for what a tensor's quantizer is, the build for how its modules are made). Planned:
-
-* ``target``: the TIDL device ("TDA4VM", "AM69A", ...): a table of per-chip facts that sets the
-  defaults of the numeric fields below and is read by the plan (what is allowed) and the export
-  (options JSON).
+reads it (the plan for what a tensor's quantizer is, the build for how its modules are made).
 
 ``range_learning`` (statistics or learned power-of-2 thresholds) is read by the build: with ``"tqt"`` it
 gives each PACT2 and each conv/linear a :class:`~xnnq.layers.tqt.LearnedRange`, initialised from the
@@ -26,6 +22,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..layers.fake_quant import check_bits
 from ..layers.observer import RangeObserver
 from ..layers.range_tracker import RangeTracker
+from ..targets import NUMERIC_KEYS, resolve_numerics
+from ..layers.rounding import DEFAULT as DEFAULT_ROUNDING
+from ..layers.rounding import as_rounding
 
 if TYPE_CHECKING:
     from .plan import ActSpot
@@ -68,6 +67,11 @@ class QuantConfig:
         activation_observer: makes the observer that sets each activation quantizer's range from data:
             :class:`TrackedRanges` (QAT, default) or :class:`~xnnq.calibrate.HistogramRanges` (calibration,
             set by ``QuantCalibrateModule``).
+        target: a TIDL chip ("TDA4VM", "AM69A", ... see :mod:`xnnq.targets`): the numeric settings not given
+            explicitly follow the chip; explicit ones it cannot run are refused. ``None``: today's defaults.
+        rounding: how activation codes are rounded (:mod:`xnnq.layers.rounding`): ``"tidl"`` (default,
+            TIDL's rule: half up, half away from zero at the network input, floor after a linear resize)
+            or ``"half_even"`` (onnxruntime's), ``"half_up"``, ``"half_away"``, ``"floor"``.
         range_learning: ``"statistics"`` (default: every range follows the data as observed, weights by the
             max rule) or ``"tqt"``: learned power-of-2 thresholds (:mod:`xnnq.layers.tqt`, Jain et al. 2019)
             for activations and weights (per channel where the plan quantizes per channel);
@@ -88,6 +92,8 @@ class QuantConfig:
     trim_fraction: float = 1e-4
     ema_alpha: float = 0.01
     activation_observer: ObserverFactory = TrackedRanges()
+    target: str | None = None
+    rounding: str = DEFAULT_ROUNDING.value
     range_learning: str = "statistics"
     range_init_batches: int = 20
 
@@ -100,12 +106,14 @@ class QuantConfig:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         if not 0.0 < self.ema_alpha <= 1.0:
             raise ValueError(f"ema_alpha must be in (0, 1], got {self.ema_alpha}")
+        object.__setattr__(self, "rounding", as_rounding(self.rounding).value)
         if self.range_learning not in RANGE_LEARNING:
             raise ValueError(f"range_learning must be one of {', '.join(map(repr, RANGE_LEARNING))}, got "
                              f"{self.range_learning!r}")
-        if self.range_learning != "statistics" and not (self.power2_activation_range and self.power2_weight_range):
-            raise ValueError(f"range_learning={self.range_learning!r} learns power-of-2 thresholds; it cannot be "
-                             "combined with power2_activation_range=False or power2_weight_range=False")
+        power2 = self.power2_activation_range and self.power2_weight_range
+        if self.range_learning != "statistics" and not power2:
+            raise ValueError(f"range_learning={self.range_learning!r} learns power-of-2 thresholds; it cannot "
+                             "be combined with power2_activation_range=False or power2_weight_range=False")
         if self.range_init_batches < 1:
             raise ValueError(f"range_init_batches must be >= 1, got {self.range_init_batches}")
         # None (the wrappers' old default) means "none"; copies, so the caller's dicts can change freely
@@ -142,4 +150,9 @@ class QuantConfig:
             raise TypeError(f"unknown quantization setting(s) {', '.join(unknown)}; the settings are "
                             f"{', '.join(sorted(names))} (see xnnq.quantize.QuantConfig)")
         base = config if config is not None else cls()
+        target = settings.get("target", base.target)
+        if target is not None:  # numerics not given follow the chip; explicit ones are checked against it
+            given = {k: settings.get(k, getattr(base, k) if config is not None else None) for k in NUMERIC_KEYS}
+            num = resolve_numerics(target, **given)
+            settings.update({k: num[k] for k in NUMERIC_KEYS}, target=num["target"])
         return dataclasses.replace(base, **settings) if settings else base

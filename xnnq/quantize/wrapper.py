@@ -41,6 +41,7 @@ class QuantBaseModule(nn.Module):
                             "model once. To test a QAT model use QuantTestModule(float_model, dummy_input) and load "
                             "the QAT state_dict into it.")
         self.config: QuantConfig = QuantConfig.from_settings(config, **settings)
+        self.target: str | None = self.config.target
         args = check_dummy_input(dummy_input)
         float_model = copy.deepcopy(model)
         param = next(float_model.parameters(), None)
@@ -89,8 +90,9 @@ class QuantBaseModule(nn.Module):
         return {n: m for n, m in self.module.named_modules() if isinstance(m, PACT2)}
 
     def learned_ranges(self) -> dict[str, LearnedRange]:
-        """The learned thresholds (``range_learning="tqt"``) by the path of the quantizer or layer they belong to."""
-        return {n.rpartition(".")[0]: m for n, m in self.module.named_modules() if isinstance(m, LearnedRange)}
+        """The learned thresholds (``range_learning="tqt"``) by the path of their quantizer or layer."""
+        mods = self.module.named_modules()
+        return {n.rpartition(".")[0]: m for n, m in mods if isinstance(m, LearnedRange)}
 
     def range_parameters(self) -> list[nn.Parameter]:
         """The learned log2 thresholds (empty unless ``range_learning`` learns them), for their own parameter
