@@ -63,6 +63,10 @@ class QuantCalibrateModule(QuantBaseModule):
         if "activation_observer" in settings:
             raise TypeError("QuantCalibrateModule observes activations with histograms; choose the range with "
                             "method= (and percentile=, bins=...), not activation_observer=")
+        if settings.get("range_learning", "statistics") != "statistics" or (
+                config is not None and config.range_learning != "statistics"):
+            raise ValueError("QuantCalibrateModule does not train, so it cannot learn ranges: use "
+                             "range_learning='statistics' here (learned thresholds are for QuantTrainModule)")
         ranges = HistogramRanges(method, percentile, bins, max_bins, sample_size)
         config = QuantConfig.from_settings(config, **settings, activation_observer=ranges)
         super().__init__(model, dummy_input, config, leaf_modules=leaf_modules, verbose=verbose)

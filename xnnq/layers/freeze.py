@@ -1,11 +1,12 @@
 """Explicit switches over every quantizer of a model: range freezing (``train()``/``eval()`` never change
-it), quantization on/off, the rounding mode."""
+it; learned thresholds included), quantization on/off, the rounding mode."""
 from __future__ import annotations
 
 from torch import nn
 
 from .pact2 import PACT2
 from .rounding import Rounding, as_rounding
+from .tqt import LearnedRange
 
 
 def _set(model: nn.Module, frozen: bool) -> int:
@@ -14,16 +15,20 @@ def _set(model: nn.Module, frozen: bool) -> int:
         if isinstance(m, PACT2):
             m.frozen = frozen
             n += 1
+        elif isinstance(m, LearnedRange):
+            m.frozen = frozen
     return n
 
 
 def freeze_quant_range(model: nn.Module) -> int:
-    """Stop updating every activation range in ``model``; returns how many quantizers were frozen."""
+    """Stop updating every activation range in ``model`` (and every learned threshold: its value in force is
+    kept whatever the optimizer still does to it); returns how many activation quantizers were frozen."""
     return _set(model, True)
 
 
 def unfreeze_quant_range(model: nn.Module) -> int:
-    """Resume range tracking (in training mode) for every activation quantizer in ``model``."""
+    """Resume range tracking (in training mode) for every activation quantizer in ``model``, and learning
+    of learned thresholds (from their frozen values)."""
     return _set(model, False)
 
 

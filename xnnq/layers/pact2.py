@@ -1,6 +1,7 @@
 """PACT2: the activation quantizer that replaces ReLU/ReLU6 and follows every range-changing op."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from .fake_quant import activation_scale, check_bits, fake_quantize, quant_bound
 from .observer import RangeObserver
 from .range_tracker import RangeTracker
 from .rounding import DEFAULT, Rounding, Site, as_rounding, resolve
+from .tqt import LearnedRange
 
 
 class PACT2(nn.Module):
@@ -32,6 +34,9 @@ class PACT2(nn.Module):
             this quantizer's ``site`` (``"requant"``; the wrappers set ``"input"`` on the network-input
             quantizer and ``"resize"`` after a linear resize). ``"half_even"`` is what onnxruntime computes
             for the exported QDQ file. Set it on a whole model with :func:`xnnq.layers.set_rounding`.
+        learned_range: a :class:`~xnnq.layers.tqt.LearnedRange`: the range is a learned power-of-2
+            threshold (TQT), set from the observer's range during its first batches and trained from then on
+            (the observer is called only until then); ``None``: the range is the observer's.
 
     The range is observed in training mode unless frozen (:func:`freeze_quant_range`); ``train()`` and
     ``eval()`` never change the frozen state. An observer that works in float while observing (calibration)
@@ -41,7 +46,8 @@ class PACT2(nn.Module):
 
     def __init__(self, bits: int = 8, signed: bool | None = None, clip_range: float | None = None,
                  cap: float | None = None, power2: bool = True, tail: float = 1e-4, ema_alpha: float = 0.01,
-                 name: str = "", observer: RangeObserver | None = None, rounding: Rounding | str = DEFAULT):
+                 name: str = "", observer: RangeObserver | None = None, rounding: Rounding | str = DEFAULT,
+                 learned_range: LearnedRange | None = None):
         super().__init__()
         check_bits(bits, name)
         if clip_range is not None and clip_range <= 0:
@@ -54,6 +60,9 @@ class PACT2(nn.Module):
                                                                            track_min=signed is not False)
         if clip_range is not None:  # a fixed range lives in the same buffers, never updated
             self.observer.set_range(clip_range, signed is not False)
+        if learned_range is not None and clip_range is not None:
+            raise ValueError(f"{name or 'PACT2'}: a fixed clip_range is not learned; give one or the other")
+        self.learned_range = learned_range
         self.frozen = False
         self.observed = clip_range is not None
         self.quant_enabled = True
@@ -78,12 +87,20 @@ class PACT2(nn.Module):
         old = prefix + "tracker."  # the observer's name in state dicts saved before it was injectable
         for key in [k for k in state_dict if k.startswith(old)]:
             state_dict[prefix + "observer." + key[len(old):]] = state_dict.pop(key)
+        LearnedRange.check_state_dict(state_dict, prefix, self.learned_range, self.name or "PACT2",
+                                      strict=args[1])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def observing(self) -> bool:
-        """True when a forward call feeds the observer: training mode, not frozen, no fixed range."""
-        return self.training and not self.frozen and self.clip_range is None
+        """True when a forward call feeds the observer: training mode, not frozen, no fixed range (and, with a
+        learned range, only while it is set from statistics)."""
+        return (self.training and not self.frozen and self.clip_range is None
+                and (self.learned_range is None or self.learned_range.initializing))
+
+    def log2_cap(self) -> float | None:
+        """``log2`` of the cap: the bound of a learned threshold (its power of two stays ``>= cap``'s)."""
+        return None if self.cap is None else math.log2(self.cap)
 
     # ------------------------------------------------------------------------------------ numerics
     def range_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +115,10 @@ class PACT2(nn.Module):
 
     def qparams(self) -> tuple[torch.Tensor, int, int]:
         """``(scale, qmin, qmax)``: a 0-d scale tensor on the module's device and integer code bounds."""
+        if self.learned_range is not None:
+            signed = self.resolved_signed()
+            qmin, qmax = quant_bounds(self.bits, signed)
+            return self.learned_range.scale(self.bits, signed, self.log2_cap()), qmin, qmax
         lo, hi = self.range_tensors()
         r = torch.maximum(-lo, hi)
         if self.cap is not None:
@@ -152,16 +173,23 @@ class PACT2(nn.Module):
                 # decided by the first batch that decides it (a skipped non-finite batch decides nothing)
                 self.data_signed = self.observer.observed_signed()
             self.observed = True
+            if self.learned_range is not None:
+                lo, hi = self.range_tensors()
+                r = torch.maximum(-lo, hi)
+                self.learned_range.init_from(r if self.cap is None else r.clamp(max=self.cap))
         if not self.quant_enabled:
             return self.float_forward(x)
         if not self.observed:
             raise RuntimeError(
                 f"{self.name or 'PACT2'}: no activation range has been observed yet. Run forward passes in "
                 "training mode (QAT or calibration) before evaluating or exporting, or load a state dict.")
-        scale, qmin, qmax = self.qparams()
         if self.cap is not None:
             x = x.clamp(max=self.cap)  # the cap (6 for ReLU6) is on the grid of every power-of-2 range >= it
-        return fake_quantize(x, scale, qmin, qmax, rounding=resolve(self.rounding, self.site))
+        rounding = resolve(self.rounding, self.site)
+        if self.learned_range is not None:
+            return self.learned_range.fake_quantize(x, self.bits, self.resolved_signed(),
+                                                    log2_max=self.log2_cap(), rounding=rounding)
+        return fake_quantize(x, *self.qparams(), rounding=rounding)
 
     def extra_repr(self) -> str:
         s = f"bits={self.bits}, signed={self.signed}, power2={self.power2}"

@@ -23,6 +23,11 @@ RepVGG/MobileOne kernel (up to one per output channel, often beyond 15σ) are ke
 that would inflate the power-of-2 range of the whole tensor is clipped.
 
 The bias is quantized on the accumulator grid ``s_in · s_w`` (int32), ``s_in`` from the input quantizer.
+
+Learned weight ranges (``learned_range``, :mod:`xnnq.layers.tqt`): the threshold is set from the max rule
+during its first training batches and learned from then on; its power of two is capped at the max rule's
+(a larger range only loses resolution, and TIDL's own power-of-2 rule on the exported weights would choose
+the smaller one), so the exported weights re-quantize to themselves.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from torch import nn
 
 from .fake_quant import (check_bits, clip_fake_quantize, fake_quantize, max_abs, quant_bounds, quantize_bias,
                          weight_scale_from_max)
+from .tqt import LearnedRange
 
 PER_CHANNEL_CHOICES = (False, "depthwise", "all")
 
@@ -44,8 +50,10 @@ class _FoldedWeightMixin:
     weight: nn.Parameter
     bias: nn.Parameter | None
 
+    learned_range: LearnedRange | None
+
     def _init_quant(self, bits: int, per_channel: bool, power2: bool, constrain_weights: bool,
-                    outlier_ratio: float, name: str) -> None:
+                    outlier_ratio: float, name: str, learned_range: LearnedRange | None = None) -> None:
         check_bits(bits, name)
         self.weight_bits, self.per_channel, self.power2 = bits, per_channel, power2
         self.constrain_weights, self.outlier_ratio, self.name = constrain_weights, outlier_ratio, name
@@ -54,10 +62,16 @@ class _FoldedWeightMixin:
         out, dev = self.weight.shape[0], self.weight.device
         self.register_buffer("bias_correction", torch.zeros(out, dtype=self.weight.dtype, device=dev))
         self.register_buffer("weight_range_shift", torch.zeros((out,) if per_channel else (), dtype=torch.long, device=dev))
+        if learned_range is not None and tuple(learned_range.log2_t.shape) != ((out,) if per_channel else ()):
+            raise ValueError(f"{name}: a learned weight range needs shape {(out,) if per_channel else ()}, "
+                             f"got {tuple(learned_range.log2_t.shape)}")
+        self.learned_range = learned_range.to(dev) if learned_range is not None else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for k in ("bias_correction", "weight_range_shift"):  # absent from state dicts saved before they existed
             state_dict.setdefault(prefix + k, getattr(self, k))
+        owner = self.name or type(self).__name__
+        LearnedRange.check_state_dict(state_dict, prefix, self.learned_range, owner, strict=args[1])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -117,13 +131,38 @@ class _FoldedWeightMixin:
         return torch.clamp(w, -t, t)
 
     def weight_scale(self, w: torch.Tensor) -> torch.Tensor:
-        """The rule's scale for ``w`` divided by ``2^weight_range_shift`` (a shift > 0 clips the largest weights)."""
-        return weight_scale_from_max(max_abs(w, self.weight_axis()), self.weight_bits, self.power2,
+        """The rule's scale for ``w`` divided by ``2^weight_range_shift`` (a shift > 0 clips the largest
+        weights); with a learned range, the learned scale for ``w`` (``w`` already constrained)."""
+        rule = weight_scale_from_max(max_abs(w, self.weight_axis()), self.weight_bits, self.power2,
                                      self.weight_range_shift)
+        if self.learned_range is None:
+            return rule
+        return self.learned_range.scale(self.weight_bits, True, torch.log2(rule) + (self.weight_bits - 1))
+
+    def _rule_range(self, w: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(outlier bound or None, max |constrain(w)|, log2 of the max rule's power-of-2 range) of a folded
+        weight."""
+        axis = self.weight_axis()
+        t = self.clip_threshold(w) if self.constrain_weights else None
+        m = max_abs(w, axis) if t is None else torch.minimum(max_abs(w, axis), t)
+        rule = weight_scale_from_max(m, self.weight_bits, self.power2, self.weight_range_shift)
+        return t, m, torch.log2(rule) + (self.weight_bits - 1)
+
+    def init_learned_range(self, w: torch.Tensor) -> None:
+        """One initialising step of the learned range from the folded weight ``w``: the max rule's range."""
+        _, m, log2_rule = self._rule_range(w.detach())
+        self.learned_range.init_from(torch.minimum(m, torch.exp2(log2_rule)))
 
     def quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(quantized weight, its scale) from a folded float weight: ``constrain``, then the scale of the
         constrained weights (``max |constrain(w)| = min(t, max |w|)``, no second pass)."""
+        if self.learned_range is not None:
+            t, _, log2_rule = self._rule_range(w)
+            if t is not None:
+                w = torch.clamp(w, -t, t)
+            bits, axis = self.weight_bits, self.weight_axis()
+            return (self.learned_range.fake_quantize(w, bits, True, axis, log2_max=log2_rule),
+                    self.learned_range.scale(bits, True, log2_rule))
         axis, (qmin, qmax) = self.weight_axis(), quant_bounds(self.weight_bits, True)
         t = self.clip_threshold(w) if self.constrain_weights else None
         m = max_abs(w, axis) if t is None else torch.minimum(max_abs(w, axis), t)
@@ -146,6 +185,10 @@ class _FoldedWeightMixin:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, bn: nn.Module | None = None, input_quant: nn.Module | None = None) -> torch.Tensor:
+        learned = self.learned_range
+        if learned is not None and self.training and self.quant_enabled and learned.initializing:
+            with torch.no_grad():
+                self.init_learned_range(self.folded_weight_bias(bn)[0])
         if bn is None or not bn.training:
             w, b = self.quantized_weight_bias(bn, input_quant)
             return self.layer_forward(x, w, b)
@@ -163,11 +206,12 @@ class QuantConv2d(_FoldedWeightMixin, nn.Conv2d):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, *, bits: int = 8, per_channel: bool = False, power2: bool = True,
-                   constrain_weights: bool = True, outlier_ratio: float = 15.0, name: str = "") -> "QuantConv2d":
+                   constrain_weights: bool = True, outlier_ratio: float = 15.0, name: str = "",
+                   learned_range: LearnedRange | None = None) -> QuantConv2d:
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
         q.weight, q.bias = conv.weight, conv.bias
-        q._init_quant(bits, per_channel, power2, constrain_weights, outlier_ratio, name)
+        q._init_quant(bits, per_channel, power2, constrain_weights, outlier_ratio, name, learned_range)
         return q
 
     def is_depthwise(self) -> bool:
@@ -182,10 +226,11 @@ class QuantLinear(_FoldedWeightMixin, nn.Linear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, *, bits: int = 8, per_channel: bool = False, power2: bool = True,
-                   constrain_weights: bool = True, outlier_ratio: float = 15.0, name: str = "") -> "QuantLinear":
+                   constrain_weights: bool = True, outlier_ratio: float = 15.0, name: str = "",
+                   learned_range: LearnedRange | None = None) -> QuantLinear:
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         q.weight, q.bias = linear.weight, linear.bias
-        q._init_quant(bits, per_channel, power2, constrain_weights, outlier_ratio, name)
+        q._init_quant(bits, per_channel, power2, constrain_weights, outlier_ratio, name, learned_range)
         return q
 
     def layer_forward(self, x, w, b):

@@ -12,6 +12,7 @@ from ..layers.pact2 import PACT2
 from ..layers.quant_weight import QuantConv2d, QuantLinear
 from ..layers.resize import ResizeWith
 from ..layers.rounding import Site
+from ..layers.tqt import LearnedRange
 from .config import QuantConfig
 from .plan import ActSpot, Plan
 from .surgery import Change
@@ -23,9 +24,12 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
     graph = gm.graph
 
     def make(spot: ActSpot) -> PACT2:
+        clip_range = config.clip_ranges.get(spot.name)
+        learned = (LearnedRange(init_batches=config.range_init_batches, name=spot.name)
+                   if config.learn_activation_ranges and clip_range is None else None)
         q = PACT2(bits=spot.bits, signed=spot.signed, cap=spot.cap, power2=spot.power2,
-                  clip_range=config.clip_ranges.get(spot.name), name=spot.name,
-                  observer=config.activation_observer(spot, config), rounding=config.rounding)
+                  clip_range=clip_range, name=spot.name, observer=config.activation_observer(spot, config),
+                  rounding=config.rounding, learned_range=learned)
         # where TIDL rounds differently from a requantization (xnnq.layers.rounding.Site)
         src = gm.get_submodule(nodes[spot.node].target) if nodes[spot.node].op == "call_module" else None
         if spot.reason == "input":
@@ -62,8 +66,11 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
         node = next(n for n in graph.nodes if n.op == "call_module" and n.target == w.name)
         float_mod = gm.get_submodule(w.name)
         cls = QuantConv2d if isinstance(float_mod, nn.Conv2d) else QuantLinear
+        learned = (LearnedRange((float_mod.weight.shape[0],) if w.per_channel else (),
+                                init_batches=config.range_init_batches, name=w.name)
+                   if config.learn_weight_ranges else None)
         qmod = cls.from_float(float_mod, bits=w.bits, per_channel=w.per_channel, power2=w.power2,
-                              constrain_weights=config.constrain_weights, name=w.name)
+                              constrain_weights=config.constrain_weights, name=w.name, learned_range=learned)
         owner, _, leaf = w.name.rpartition(".")
         setattr(gm.get_submodule(owner) if owner else gm, leaf, qmod)
         with graph.inserting_before(node):

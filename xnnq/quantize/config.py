@@ -5,10 +5,11 @@ it instead of a dozen threaded keyword arguments. Settings that are not about qu
 submodules stay opaque to tracing, verbosity) stay keyword arguments of the wrappers.
 
 Adding a setting: a field here with its default and check in ``__post_init__``, and the stage that
-reads it (the plan for what a tensor's quantizer is, the build for how its modules are made). Planned:
+reads it (the plan for what a tensor's quantizer is, the build for how its modules are made).
 
-* ``range_learning``: how activation ranges are learned in QAT (learned thresholds): read by the
-  build when it makes each PACT2, next to ``activation_observer`` (which would initialize them).
+``range_learning`` (statistics or learned power-of-2 thresholds) is read by the build: with ``"tqt"`` it
+gives each PACT2 and each conv/linear a :class:`~xnnq.layers.tqt.LearnedRange`, initialised from the
+observer's range (activations) or the max rule (weights) over the first ``range_init_batches`` batches.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .plan import ActSpot
 
 PER_CHANNEL_Q = (False, "depthwise", "all", True)  # True is accepted as "all"
+RANGE_LEARNING = ("statistics", "tqt", "tqt-activations")
 
 
 class ObserverFactory(Protocol):
@@ -70,6 +72,13 @@ class QuantConfig:
         rounding: how activation codes are rounded (:mod:`xnnq.layers.rounding`): ``"tidl"`` (default,
             TIDL's rule: half up, half away from zero at the network input, floor after a linear resize)
             or ``"half_even"`` (onnxruntime's), ``"half_up"``, ``"half_away"``, ``"floor"``.
+        range_learning: ``"statistics"`` (default: every range follows the data as observed, weights by the
+            max rule) or ``"tqt"``: learned power-of-2 thresholds (:mod:`xnnq.layers.tqt`, Jain et al. 2019)
+            for activations and weights (per channel where the plan quantizes per channel);
+            ``"tqt-activations"`` learns the activation thresholds only. Train ``qmodel.range_parameters()``
+            as their own parameter group (see the README).
+        range_init_batches: with learned thresholds, the number of first training batches whose statistics
+            set them (activations: the observer's running range; weights: the max rule); learned from then on.
     """
 
     bitwidth_weights: int = 8
@@ -85,6 +94,8 @@ class QuantConfig:
     activation_observer: ObserverFactory = TrackedRanges()
     target: str | None = None
     rounding: str = DEFAULT_ROUNDING.value
+    range_learning: str = "statistics"
+    range_init_batches: int = 20
 
     def __post_init__(self) -> None:
         check_bits(self.bitwidth_weights, "bitwidth_weights")
@@ -96,6 +107,15 @@ class QuantConfig:
         if not 0.0 < self.ema_alpha <= 1.0:
             raise ValueError(f"ema_alpha must be in (0, 1], got {self.ema_alpha}")
         object.__setattr__(self, "rounding", as_rounding(self.rounding).value)
+        if self.range_learning not in RANGE_LEARNING:
+            raise ValueError(f"range_learning must be one of {', '.join(map(repr, RANGE_LEARNING))}, got "
+                             f"{self.range_learning!r}")
+        power2 = self.power2_activation_range and self.power2_weight_range
+        if self.range_learning != "statistics" and not power2:
+            raise ValueError(f"range_learning={self.range_learning!r} learns power-of-2 thresholds; it cannot "
+                             "be combined with power2_activation_range=False or power2_weight_range=False")
+        if self.range_init_batches < 1:
+            raise ValueError(f"range_init_batches must be >= 1, got {self.range_init_batches}")
         # None (the wrappers' old default) means "none"; copies, so the caller's dicts can change freely
         object.__setattr__(self, "bitwidth_overrides", dict(self.bitwidth_overrides or {}))
         object.__setattr__(self, "clip_ranges", dict(self.clip_ranges or {}))
@@ -103,6 +123,14 @@ class QuantConfig:
     @property
     def per_channel_all(self) -> bool:
         return self.per_channel_q in ("all", True)
+
+    @property
+    def learn_activation_ranges(self) -> bool:
+        return self.range_learning in ("tqt", "tqt-activations")
+
+    @property
+    def learn_weight_ranges(self) -> bool:
+        return self.range_learning == "tqt"
 
     @classmethod
     def from_settings(cls, config: QuantConfig | None = None, **settings: Any) -> QuantConfig:

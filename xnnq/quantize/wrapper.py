@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers.pact2 import PACT2
+from ..layers.tqt import LearnedRange
 from . import surgery
 from .build import build
 from .capture import CaptureError, check_dummy_input, record_values, trace
@@ -108,6 +109,22 @@ class QuantBaseModule(nn.Module):
     def quantizers(self) -> dict[str, PACT2]:
         """The activation quantizers by module path."""
         return {n: m for n, m in self.module.named_modules() if isinstance(m, PACT2)}
+
+    def learned_ranges(self) -> dict[str, LearnedRange]:
+        """The learned thresholds (``range_learning="tqt"``) by the path of their quantizer or layer."""
+        mods = self.module.named_modules()
+        return {n.rpartition(".")[0]: m for n, m in mods if isinstance(m, LearnedRange)}
+
+    def range_parameters(self) -> list[nn.Parameter]:
+        """The learned log2 thresholds (empty unless ``range_learning`` learns them), for their own parameter
+        group: e.g. ``torch.optim.Adam(qmodel.range_parameters(), lr=1e-2)`` beside the weights' optimizer
+        over :meth:`non_range_parameters` (no weight decay on thresholds)."""
+        return [m.log2_t for m in self.learned_ranges().values()]
+
+    def non_range_parameters(self) -> list[nn.Parameter]:
+        """Every parameter except :meth:`range_parameters` (the model's own weights, biases, BN affine...)."""
+        ranges = {id(p) for p in self.range_parameters()}
+        return [p for p in self.parameters() if id(p) not in ranges]
 
 
 __all__ = ["QuantBaseModule", "CaptureError"]
