@@ -42,8 +42,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +53,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, machine
 
-import xnnq  # noqa: E402
-from xnnq import data  # noqa: E402
-from xnnq.calibrate import QuantCalibrateModule  # noqa: E402
+import xnnq
+from xnnq import data
+from xnnq.calibrate import QuantCalibrateModule
 
 GOAL_STEP, GOAL_CALIB, GOAL_MEM = 1.30, 1.10, 1.30
 MODELS = ("resnet20", "mobilenet_v2", "resnet18", "efficientnet_b0", "mosaic_detector")
@@ -232,8 +233,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| model | threads | float step ms | xnnq / float | torch.ao / float | peak MB float / xnnq (ratio) "
-             "| calib / float fwd | load (1 min) |", "|---|---|---|---|---|---|---|---|"]
+    head = ("| model | threads | float step ms | xnnq / float | torch.ao / float | peak MB float / xnnq (ratio) "
+            "| calib / float fwd | load (1 min) |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['model']} | — | skipped: {r['skipped']} | | | | | |")
