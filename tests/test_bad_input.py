@@ -87,7 +87,7 @@ def trained(q: xnnq.QuantTrainModule, n: int = 2) -> xnnq.QuantTrainModule:
 
 
 def ranges(q) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {n: (p.tracker.min_val.clone(), p.tracker.max_val.clone()) for n, p in q.quantizers().items()}
+    return {n: (p.observer.min_val.clone(), p.observer.max_val.clone()) for n, p in q.quantizers().items()}
 
 
 def test_wrapping_and_training_never_touch_the_float_model():
@@ -230,7 +230,7 @@ def test_inf_inside_the_network_names_the_layer_and_training_goes_on():
     assert torch.equal(after["exp_q"][0], before["exp_q"][0]) and torch.equal(after["exp_q"][1], before["exp_q"][1])
     assert all(torch.isfinite(lo) and torch.isfinite(hi) for lo, hi in after.values())  # nothing poisoned
     trained(q, 1)  # the next good batch is tracked normally (the error is not sticky)
-    assert int(q.quantizers()["exp_q"].tracker.num_batches) == 3
+    assert int(q.quantizers()["exp_q"].observer.num_batches) == 3
     q.eval()
     assert torch.isfinite(q(DUMMY)).all()
 
@@ -247,7 +247,7 @@ def test_a_nonfinite_first_batch_decides_nothing():
         p(torch.ones(2))
     p.train()
     p(torch.tensor([-2.0, 1.0]))
-    assert p.resolved_signed() is True and float(p.tracker.min_val) == -2.0
+    assert p.resolved_signed() is True and float(p.observer.min_val) == -2.0
 
 
 # ------------------------------------------------------------------------- nothing observed yet

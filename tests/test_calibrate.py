@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import xnnq
-from xnnq.calibrate import CalibPACT2, Histogram, QuantCalibrateModule
+from xnnq.calibrate import Histogram, HistogramObserver, QuantCalibrateModule
 from xnnq.calibrate.methods import code_bounds, levels
 
 
@@ -29,11 +29,12 @@ def half_normal_pre_relu(n=100_000):
 CASES = [("gauss+outliers", gaussian_outliers, None), ("uniform", uniform, True), ("relu", half_normal_pre_relu, False)]
 
 
-def calibrated(x: torch.Tensor, method: str, signed, power2=True, bits=8, **kw) -> CalibPACT2:
-    q = CalibPACT2(method=method, bits=bits, signed=signed, power2=power2, sample_size=0, **kw).train()
+def calibrated(x: torch.Tensor, method: str, signed, power2=True, bits=8, **kw) -> xnnq.layers.PACT2:
+    q = xnnq.layers.PACT2(bits=bits, signed=signed, power2=power2,
+                          observer=HistogramObserver(method=method, sample_size=0, **kw)).train()
     for chunk in x.chunk(4):  # several batches: the span grows as the outliers arrive
         q(chunk)
-    q.finalize()
+    q.settle_range()
     return q.eval()
 
 
@@ -48,10 +49,10 @@ def represented(x: torch.Tensor, signed) -> np.ndarray:
     return x[x > 0].numpy() if signed is False else x.numpy()
 
 
-def brute_mse(q: CalibPACT2, x: torch.Tensor, r: float) -> float:
+def brute_mse(q: xnnq.layers.PACT2, x: torch.Tensor, r: float) -> float:
     """Exact squared error of the real quantizer with range ``r`` on the raw samples."""
-    q.tracker.max_val.fill_(r)
-    q.tracker.min_val.fill_(-r if q.resolved_signed() else 0.0)
+    q.observer.max_val.fill_(r)
+    q.observer.min_val.fill_(-r if q.resolved_signed() else 0.0)
     with torch.no_grad():
         return float(((q(x).double() - q.float_forward(x).double()) ** 2).sum())
 
@@ -79,11 +80,11 @@ def test_pow2_max_and_percentile_equal_brute_force(name, make, signed):
     x = make()
     a = np.abs(represented(x, signed))
     q = calibrated(x, "max", signed)
-    assert q.tracker.max_val.item() == min(r for r in pow2_grid(x) if r >= a.max())
+    assert q.observer.max_val.item() == min(r for r in pow2_grid(x) if r >= a.max())
     for p in (99.0, 99.99):
         q = calibrated(x, "percentile", signed, percentile=p)
         want = min(r for r in pow2_grid(x) if (a <= r).mean() >= p / 100)
-        assert q.tracker.max_val.item() == want, (name, p)
+        assert q.observer.max_val.item() == want, (name, p)
 
 
 @pytest.mark.parametrize("bits", [8, 16])
@@ -91,7 +92,7 @@ def test_pow2_max_and_percentile_equal_brute_force(name, make, signed):
 def test_pow2_mse_equals_brute_force(name, make, signed, bits):
     x = make()
     q = calibrated(x, "mse", signed, bits=bits)
-    chosen = q.tracker.max_val.item()
+    chosen = q.observer.max_val.item()
     errs = {r: brute_mse(q, x, r) for r in pow2_grid(x)}
     assert chosen == min(errs, key=errs.get), (name, chosen, errs)
 
@@ -102,9 +103,9 @@ def test_pow2_entropy_equals_brute_force(name, make, signed):
     q = calibrated(x, "entropy", signed)
     sgn = q.resolved_signed()
     a = np.abs(represented(x, signed))
-    w, nlev = q.histogram.width, levels(8, sgn)
+    w, nlev = q.observer.histogram.width, levels(8, sgn)
     kl = {r: brute_kl(a, r, w, nlev) for r in pow2_grid(x) if round(r / w) >= nlev}
-    assert q.tracker.max_val.item() == min(kl, key=kl.get), (name, kl)
+    assert q.observer.max_val.item() == min(kl, key=kl.get), (name, kl)
 
 
 def test_signedness_from_data():
@@ -116,15 +117,15 @@ def test_signedness_from_data():
 def test_free_scale_mse_and_percentile_near_brute_force(name, make, signed):
     x = make(40_000)
     q = calibrated(x, "mse", signed, power2=False)
-    chosen = q.tracker.max_val.item()
+    chosen = q.observer.max_val.item()
     top = float(x.abs().max())
     grid = np.linspace(top / 100, top, 200)
     best = min(brute_mse(q, x, float(r)) for r in grid)
     assert brute_mse(q, x, chosen) <= best * 1.02
     q = calibrated(x, "percentile", signed, power2=False, percentile=99.9)
     a = np.abs(represented(x, signed))  # the tail is sparse: within the neighbouring order statistics
-    lo, hi = np.percentile(a, 99.9 - 0.02) - q.histogram.width, np.percentile(a, 99.9 + 0.02) + q.histogram.width
-    assert lo <= q.tracker.max_val.item() <= hi
+    lo, hi = np.percentile(a, 99.9 - 0.02) - q.observer.histogram.width, np.percentile(a, 99.9 + 0.02) + q.observer.histogram.width
+    assert lo <= q.observer.max_val.item() <= hi
 
 
 def test_histogram_growth_keeps_counts_and_merges():
@@ -139,7 +140,7 @@ def test_histogram_growth_keeps_counts_and_merges():
 
 
 def test_nonfinite_calibration_data_is_named():
-    q = CalibPACT2(method="mse", name="blk.relu").train()
+    q = xnnq.layers.PACT2(name="blk.relu", observer=HistogramObserver(method="mse", name="blk.relu")).train()
     with pytest.raises(FloatingPointError, match="blk.relu"):
         q(torch.tensor([1.0, float("nan")]))
 
@@ -187,7 +188,7 @@ def test_overrides_reach_exactly_the_named_layers():
     acts = {n: m.bits for n, m in q.quantizers().items()}
     layer_of = {a.name: a.layer for a in q.plan.acts}
     assert {n for n, b in acts.items() if b == 16} == {n for n in acts if layer_of[n] in ("body1", "head")} != set()
-    assert all(isinstance(m, CalibPACT2) for m in q.quantizers().values())
+    assert all(isinstance(m.observer, HistogramObserver) for m in q.quantizers().values())
     assert q.plan.sixteen_bit_layers() == ["body1", "head"]
     with pytest.raises(ValueError, match="nope"):
         QuantCalibrateModule(toy(), torch.randn(1, 3, 8, 8), bitwidth_overrides={"nope": 16})
@@ -239,9 +240,9 @@ def test_no_call_counting_and_explicit_errors():
     one = calibrate(QuantCalibrateModule(m, dummy, method="max"), [torch.randn(8, 3, 8, 8)])
     assert not one.calibrating and one(dummy).shape == (1, 5)
     big = torch.randn(8, 3, 8, 8) * 10                      # more data later: the same histograms continue
-    r0 = one.quantizers()["input_q"].tracker.max_val.item()
+    r0 = one.quantizers()["input_q"].observer.max_val.item()
     calibrate(one, [big])
-    assert one.quantizers()["input_q"].tracker.max_val.item() > r0
+    assert one.quantizers()["input_q"].observer.max_val.item() > r0
     with pytest.raises(ValueError, match="method"):
         QuantCalibrateModule(m, dummy, method="kl")
 

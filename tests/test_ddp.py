@@ -4,11 +4,11 @@ Two CPU processes (gloo, loopback) train a tiny conv net with :class:`xnnq.Quant
 All scenarios run in one ``torch.multiprocessing.spawn`` (process start-up dominates the cost); each
 rank saves its state dict and the parent process compares them.
 
-Tolerance of the "one process on the concatenated batch" comparison: with ``histogram_tail=0`` the
+Tolerance of the "one process on the concatenated batch" comparison: with ``trim_fraction=0`` the
 all-reduced MIN of minima / MAX of maxima *is* the extreme of the concatenated batch, so the input
 quantizer's range is bit-identical. Deeper ranges and the weights agree to float rounding only: the
 convolutions of a 4-image and an 8-image batch sum in a different order, and DDP averages two
-per-rank gradient means instead of taking one mean. (With ``histogram_tail > 0`` the reduce of per-rank
+per-rank gradient means instead of taking one mean. (With ``trim_fraction > 0`` the reduce of per-rank
 trimmed extremes is close to, not equal to, the trimmed extreme of the concatenated batch.)
 BatchNorm is frozen in that comparison: in training mode each rank normalizes with its own batch
 statistics (``SyncBatchNorm`` needs a GPU), which a single process on the whole batch cannot reproduce.
@@ -61,7 +61,7 @@ def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def make_qat(frozen_bn: bool) -> xnnq.QuantTrainModule:
-    q = xnnq.QuantTrainModule(tiny_net(), torch.randn(1, 3, 8, 8), histogram_tail=0.0)
+    q = xnnq.QuantTrainModule(tiny_net(), torch.randn(1, 3, 8, 8), trim_fraction=0.0)
     q.train()
     if frozen_bn:
         freeze_bn(q)
@@ -81,7 +81,7 @@ def input_quantizer(q: xnnq.QuantTrainModule) -> str:
 
 
 def ranges(q: xnnq.QuantTrainModule) -> dict[str, torch.Tensor]:
-    return {n: torch.stack([p.tracker.min_val, p.tracker.max_val]).clone() for n, p in q.quantizers().items()}
+    return {n: torch.stack([p.observer.min_val, p.observer.max_val]).clone() for n, p in q.quantizers().items()}
 
 
 def shard(batches, rank: int):
@@ -193,7 +193,7 @@ def test_ranks_hold_identical_ranges_and_weights(ranks, scenario):
         assert torch.equal(r0["probe_out"], r1["probe_out"])
     else:  # the documented exception is real: each rank's last batch statistics
         assert any(not torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"] if k.endswith("running_mean"))
-    assert all(int(v) > 0 for k, v in r0["state"].items() if k.endswith("tracker.num_batches"))
+    assert all(int(v) > 0 for k, v in r0["state"].items() if k.endswith("observer.num_batches"))
 
 
 def test_input_range_is_global_not_rank0(ranks):

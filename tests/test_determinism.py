@@ -68,7 +68,7 @@ def qat_run(seed: int, steps: int = 12) -> dict:
     q.eval()
     with torch.no_grad():
         acc = (q(xt).argmax(1) == yt).float().mean().item() * 100
-    ranges = {n: (p.tracker.min_val.item(), p.tracker.max_val.item()) for n, p in q.quantizers().items()}
+    ranges = {n: (p.observer.min_val.item(), p.observer.max_val.item()) for n, p in q.quantizers().items()}
     return {"ranges": ranges, "acc": acc, "state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)}}
 
 
@@ -121,7 +121,7 @@ def test_resnet20_cifar10_calibration_is_deterministic():
                                  generator=torch.Generator().manual_seed(0)):
                 q(xb)
         q.eval()
-        return ({n: (p.tracker.min_val.item(), p.tracker.max_val.item()) for n, p in q.quantizers().items()},
+        return ({n: (p.observer.min_val.item(), p.observer.max_val.item()) for n, p in q.quantizers().items()},
                 evaluate(q, x_te, y_te))
 
     (r1, acc1), (r2, acc2) = run(), run()

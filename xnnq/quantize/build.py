@@ -6,25 +6,17 @@ from torch import nn
 
 from ..layers.pact2 import PACT2
 from ..layers.quant_weight import QuantConv2d, QuantLinear
-from .plan import Plan, _source
+from .config import QuantConfig
+from .plan import ActSpot, Plan, _source
 from .surgery import Change
 
 
-def _pact(spot, power2: bool, tail: float, ema_alpha: float, clip_ranges: dict[str, float]) -> PACT2:
-    return PACT2(bits=spot.bits, signed=spot.signed, cap=spot.cap, power2=power2, tail=tail, ema_alpha=ema_alpha,
-                 clip_range=clip_ranges.get(spot.name), name=spot.name)
-
-
-def build(gm: fx.GraphModule, plan: Plan, report: list[Change], *, power2_weight_range: bool = True,
-          power2_activation_range: bool = True, constrain_weights: bool = True, tail: float = 1e-4,
-          ema_alpha: float = 0.01, clip_ranges: dict[str, float] | None = None,
-          act_factory=None) -> None:
-    """Insert the quantizers of ``plan`` into ``gm`` (in place).
-
-    ``act_factory(spot) -> nn.Module`` replaces the default PACT2 construction (calibration uses it).
-    """
-    clip_ranges = clip_ranges or {}
-    make = act_factory or (lambda s: _pact(s, power2_activation_range, tail, ema_alpha, clip_ranges))
+def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantConfig) -> None:
+    """Insert the quantizers of ``plan`` into ``gm`` (in place), made as ``config`` says."""
+    def make(spot: ActSpot) -> PACT2:
+        return PACT2(bits=spot.bits, signed=spot.signed, cap=spot.cap, power2=config.power2_activation_range,
+                     clip_range=config.clip_ranges.get(spot.name), name=spot.name,
+                     observer=config.activation_observer(spot, config))
     nodes = {n.name: n for n in gm.graph.nodes}
     graph = gm.graph
 
@@ -56,8 +48,8 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], *, power2_weight
         node = next(n for n in graph.nodes if n.op == "call_module" and n.target == w.name)
         float_mod = gm.get_submodule(w.name)
         cls = QuantConv2d if isinstance(float_mod, nn.Conv2d) else QuantLinear
-        qmod = cls.from_float(float_mod, bits=w.bits, per_channel=w.per_channel, power2=power2_weight_range,
-                              constrain_weights=constrain_weights, name=w.name)
+        qmod = cls.from_float(float_mod, bits=w.bits, per_channel=w.per_channel, power2=config.power2_weight_range,
+                              constrain_weights=config.constrain_weights, name=w.name)
         owner, _, leaf = w.name.rpartition(".")
         setattr(gm.get_submodule(owner) if owner else gm, leaf, qmod)
         src = _source(gm, node.args[0])

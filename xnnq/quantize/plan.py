@@ -16,6 +16,7 @@ from torch import nn
 
 from ..layers.fake_quant import check_bits
 from ..layers.shape_ops import Pad, Reshape, Slice
+from .config import QuantConfig
 
 
 @dataclass
@@ -92,14 +93,10 @@ def _source(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
     return n
 
 
-def make_plan(gm: fx.GraphModule, values: dict[fx.Node, Any], *, bitwidth_weights: int = 8,
-              bitwidth_activations: int = 8, per_channel_q: bool | str = False,
-              bitwidth_overrides: dict[str, int] | None = None) -> Plan:
+def make_plan(gm: fx.GraphModule, values: dict[fx.Node, Any], config: QuantConfig | None = None) -> Plan:
     """Decide every quantizer (see :class:`ActSpot` / :class:`WeightSpot`) on the graph after surgery."""
-    check_bits(bitwidth_weights, "bitwidth_weights")
-    check_bits(bitwidth_activations, "bitwidth_activations")
-    if per_channel_q not in (False, "depthwise", "all", True):
-        raise ValueError(f"per_channel_q must be False, 'depthwise' or 'all', got {per_channel_q!r}")
+    config = config or QuantConfig()
+    bitwidth_weights, bitwidth_activations = config.bitwidth_weights, config.bitwidth_activations
     plan = Plan()
     quantized: set[fx.Node] = set()  # nodes whose output tensor gets a quantizer
     mods = dict(gm.named_modules())
@@ -144,7 +141,7 @@ def make_plan(gm: fx.GraphModule, values: dict[fx.Node, Any], *, bitwidth_weight
                     folded_bns.add(bn)
                     bn.meta["xnnq_conv"] = n.target
                 depthwise = isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-                per_ch = per_channel_q in ("all", True) or (per_channel_q == "depthwise" and depthwise)
+                per_ch = config.per_channel_all or (config.per_channel_q == "depthwise" and depthwise)
                 plan.weights.append(WeightSpot(n.target, bn.target if bn is not None else None, type(m).__name__,
                                                depthwise, bitwidth_weights, per_ch))
                 if not only_user_is_relu(out):
@@ -173,7 +170,7 @@ def make_plan(gm: fx.GraphModule, values: dict[fx.Node, Any], *, bitwidth_weight
         if src not in quantized:
             plan.acts.append(ActSpot(f"{w.name}_input_q", node.name, "before", "weight-layer input", src.name
                                      if src.op != "call_module" else src.target, None, None, bitwidth_activations))
-    apply_overrides(plan, bitwidth_overrides or {})
+    apply_overrides(plan, config.bitwidth_overrides)
     return plan
 
 

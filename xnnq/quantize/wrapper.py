@@ -11,6 +11,7 @@ from ..layers.pact2 import PACT2
 from . import surgery
 from .build import build
 from .capture import CaptureError, check_dummy_input, record_values, trace
+from .config import QuantConfig
 from .plan import Plan, make_plan
 
 
@@ -19,21 +20,26 @@ class QuantBaseModule(nn.Module):
 
     Subclasses differ only in mode (training, calibration, test). The float model passed in is not
     modified (it is deep-copied before any change).
+
+    Args:
+        model: the float model.
+        dummy_input: a tensor (or tuple of tensors) shaped like one input batch.
+        config: a :class:`~xnnq.quantize.config.QuantConfig`; keyword ``settings`` (its field names, e.g.
+            ``bitwidth_weights=16``) replace its fields (or the defaults when it is not given).
+        leaf_modules: submodule names or types kept opaque to tracing (they run in float).
+        verbose: print the surgery report.
     """
 
     module: fx.GraphModule
 
-    def __init__(self, model: nn.Module, dummy_input: Any, *, bitwidth_weights: int = 8, bitwidth_activations: int = 8,
-                 per_channel_q: bool | str = False, power2_weight_range: bool = True,
-                 power2_activation_range: bool = True, constrain_weights: bool = True,
-                 bitwidth_overrides: dict[str, int] | None = None, leaf_modules: Iterable[str | type] = (),
-                 histogram_tail: float = 1e-4, ema_alpha: float = 0.01, clip_ranges: dict[str, float] | None = None,
-                 verbose: bool = False, act_factory=None):
+    def __init__(self, model: nn.Module, dummy_input: Any, config: QuantConfig | None = None, *,
+                 leaf_modules: Iterable[str | type] = (), verbose: bool = False, **settings: Any):
         super().__init__()
         if isinstance(model, QuantBaseModule) or any(isinstance(m, PACT2) for m in model.modules()):
             raise TypeError(f"the model is already wrapped/quantized by xnnq ({type(model).__name__}); wrap the float "
                             "model once. To test a QAT model use QuantTestModule(float_model, dummy_input) and load "
                             "the QAT state_dict into it.")
+        self.config: QuantConfig = QuantConfig.from_settings(config, **settings)
         args = check_dummy_input(dummy_input)
         float_model = copy.deepcopy(model)
         param = next(float_model.parameters(), None)
@@ -43,17 +49,13 @@ class QuantBaseModule(nn.Module):
         values = record_values(gm, args)
         self.report: list[surgery.Change] = []
         surgery.run(gm, values, self.report)
-        self.plan: Plan = make_plan(gm, values, bitwidth_weights=bitwidth_weights,
-                                    bitwidth_activations=bitwidth_activations, per_channel_q=per_channel_q,
-                                    bitwidth_overrides=bitwidth_overrides)
-        build(gm, self.plan, self.report, power2_weight_range=power2_weight_range,
-              power2_activation_range=power2_activation_range, constrain_weights=constrain_weights,
-              tail=histogram_tail, ema_alpha=ema_alpha, clip_ranges=clip_ranges, act_factory=act_factory)
+        self.plan: Plan = make_plan(gm, values, self.config)
+        build(gm, self.plan, self.report, self.config)
         gm.delete_all_unused_submodules()
         self.module = gm
         self.dummy_shapes = [tuple(a.shape) for a in args]
         self.bn_frozen = False
-        self.train(model.training)
+        QuantBaseModule.train(self, model.training)  # the subclass sets its own mode when it is built
         if verbose:
             print(self.surgery_report())
 
