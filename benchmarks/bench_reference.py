@@ -107,6 +107,9 @@ def main() -> None:
                     reference_run(path, xb.numpy(), rounding=mode, batch_size=100)[0]
                 )
                 seconds[f"ref_{mode}"] += time.perf_counter() - t
+            done = sum(len(v) for v in labels)
+            print(f"{done}/{len(yt)} images, reference {seconds['ref_tidl']:.0f} s + {seconds['ref_half_even']:.0f} s",
+                  file=sys.stderr, flush=True)
     xnnq.layers.set_rounding(q, "tidl")
     y = np.concatenate(labels)
     L = {k: np.concatenate(v) for k, v in logits.items()}
