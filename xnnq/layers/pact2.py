@@ -6,7 +6,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fake_quant import activation_scale, check_bits, fake_quantize, quant_bounds
+from .fake_quant import activation_scale, check_bits, quant_bounds
+from .fused import fake_quantize_activation
 from .observer import RangeObserver
 from .range_tracker import RangeTracker
 
@@ -152,9 +153,7 @@ class PACT2(nn.Module):
                 f"{self.name or 'PACT2'}: no activation range has been observed yet. Run forward passes in "
                 "training mode (QAT or calibration) before evaluating or exporting, or load a state dict.")
         scale, qmin, qmax = self.qparams()
-        if self.cap is not None:
-            x = x.clamp(max=self.cap)  # the cap (6 for ReLU6) is on the grid of every power-of-2 range >= it
-        return fake_quantize(x, scale, qmin, qmax)
+        return fake_quantize_activation(x, scale, qmin, qmax, self.cap)
 
     def extra_repr(self) -> str:
         s = f"bits={self.bits}, signed={self.signed}, power2={self.power2}"
