@@ -8,6 +8,7 @@ from torch import nn
 
 import xnnq
 from xnnq.calibrate import Histogram, HistogramObserver, QuantCalibrateModule
+from xnnq.calibrate.histogram import bin_counts
 from xnnq.calibrate.methods import code_bounds, levels
 
 from conftest import observe
@@ -139,6 +140,28 @@ def test_histogram_growth_keeps_counts_and_merges():
     assert float(h.counts.sum()) == 11
     c = h.centers()
     assert float(h.counts[(c - 0.3).abs().argmin()]) == 10 and float(h.counts[(c - 3.1).abs().argmin()]) == 1
+
+
+@pytest.mark.parametrize("r,bins", [(8.0, 2048), (1.0, 65536), (2.0 ** -10, 4096), (64.0, 8192)])
+def test_bin_counts_are_histc_counts(r, bins):
+    """Including values one ulp around every bin edge (where histc's float32 ``x + r`` rounds) and both ends."""
+    x = (torch.randn(100_000) * r / 3).clamp(-r, r)
+    edges = (torch.arange(bins + 1, dtype=torch.float32) - bins // 2) * (2 * r / bins)
+    near = torch.cat([edges, torch.nextafter(edges, torch.tensor(math.inf)), torch.nextafter(edges, torch.tensor(-math.inf))])
+    x = torch.cat([x, near.clamp(-r, r)])
+    assert torch.equal(bin_counts(x, r, bins).float(), torch.histc(x, bins=bins, min=-r, max=r))
+
+
+def test_histogram_of_a_capped_tensor_counts_min_x_cap():
+    """The cap is applied to the extremes and the sample: the histogram equals that of ``x.clamp(max=cap)``."""
+    x = torch.randn(3, 8, 32, 32) * 5
+    capped, plain = Histogram(sample_size=1 << 12), Histogram(sample_size=1 << 12)
+    for chunk in x.chunk(3):
+        capped(chunk, cap=6.0)
+        plain(chunk.clamp(max=6.0))
+    assert capped.exponent == plain.exponent
+    assert torch.equal(capped.counts, plain.counts)
+    assert torch.equal(capped.min_val, plain.min_val) and torch.equal(capped.max_val, plain.max_val)
 
 
 def test_nonfinite_calibration_data_is_named():

@@ -53,7 +53,7 @@ class HistogramObserver(RangeObserver):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Count ``x`` in; returns ``x`` unchanged."""
-        self.histogram(x.clamp(max=self.cap) if self.cap is not None else x)
+        self.histogram(x, self.cap)
         return x
 
     def data_is_signed(self) -> bool:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .fake_quant import activation_scale, check_bits, fake_quantize, quant_bounds
+from .fused import fake_quantize_activation
 from .observer import RangeObserver
 from .range_tracker import RangeTracker
 from .rounding import DEFAULT, Rounding, Site, as_rounding, resolve
@@ -183,13 +184,18 @@ class PACT2(nn.Module):
             raise RuntimeError(
                 f"{self.name or 'PACT2'}: no activation range has been observed yet. Run forward passes in "
                 "training mode (QAT or calibration) before evaluating or exporting, or load a state dict.")
-        if self.cap is not None:
-            x = x.clamp(max=self.cap)  # the cap (6 for ReLU6) is on the grid of every power-of-2 range >= it
         rounding = resolve(self.rounding, self.site)
         if self.learned_range is not None:
+            if self.cap is not None:
+                x = x.clamp(max=self.cap)  # the cap (6 for ReLU6) is on the grid of every power-of-2 range >= it
             return self.learned_range.fake_quantize(x, self.bits, self.resolved_signed(),
                                                     log2_max=self.log2_cap(), rounding=rounding)
-        return fake_quantize(x, *self.qparams(), rounding=rounding)
+        scale, qmin, qmax = self.qparams()
+        if rounding is Rounding.HALF_EVEN:  # the fused one-pass kernels round half to even
+            return fake_quantize_activation(x, scale, qmin, qmax, self.cap)
+        if self.cap is not None:
+            x = x.clamp(max=self.cap)
+        return fake_quantize(x, scale, qmin, qmax, rounding=rounding)
 
     def extra_repr(self) -> str:
         s = f"bits={self.bits}, signed={self.signed}, power2={self.power2}"
