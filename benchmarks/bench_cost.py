@@ -30,6 +30,7 @@ Per model, in one process:
 The machine's load (``os.getloadavg()``) is reported before and after each model. One JSON line per model
 on stdout; ``--record`` also appends them to benchmarks/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,11 +54,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import RESULTS, machine
-
 import xnnq
 from xnnq import data
 from xnnq.calibrate import QuantCalibrateModule
+
+from common import RESULTS, machine
 
 GOAL_STEP, GOAL_CALIB, GOAL_MEM = 1.30, 1.10, 1.30
 MODELS = ("resnet20", "mobilenet_v2", "resnet18", "efficientnet_b0", "mosaic_detector")
@@ -68,20 +69,39 @@ def _model_spec(name: str) -> dict[str, Any] | None:
     """``{"model": nn.Module, "batch": int, "size": int, "classes": int | None, "source": str}`` or None."""
     if name == "resnet20":
         from xnnq.models.cifar_resnet import resnet20_cifar10
+
         w = data.data_root() / "weights" / "resnet20_cifar10jpg.pt"
-        return {"model": resnet20_cifar10(w if w.is_file() else None), "batch": 128, "size": 32, "classes": 10,
-                "source": "CIFAR-10 weights" if w.is_file() else "random init"}
+        return {
+            "model": resnet20_cifar10(w if w.is_file() else None),
+            "batch": 128,
+            "size": 32,
+            "classes": 10,
+            "source": "CIFAR-10 weights" if w.is_file() else "random init",
+        }
     if name in ("mobilenet_v2", "resnet18", "efficientnet_b0"):
         import torchvision
+
         torch.manual_seed(0)
-        return {"model": getattr(torchvision.models, name)(weights=None), "batch": 16, "size": 224,
-                "classes": 1000, "source": "random init"}
+        return {
+            "model": getattr(torchvision.models, name)(weights=None),
+            "batch": 16,
+            "size": 224,
+            "classes": 1000,
+            "source": "random init",
+        }
     if name == "mosaic_detector":
         from xnnq.models import zoo
+
         if name not in zoo.MODELS:
             return None
         torch.manual_seed(0)
-        return {"model": zoo.get_model(name), "batch": 16, "size": 128, "classes": None, "source": "random init"}
+        return {
+            "model": zoo.get_model(name),
+            "batch": 16,
+            "size": 128,
+            "classes": None,
+            "source": "random init",
+        }
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
@@ -136,6 +156,7 @@ def peak_step_bytes(v: Variant, x: torch.Tensor, y: torch.Tensor | None) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         _loss(v.model(x), y).backward()
         v.opt.step()
@@ -147,6 +168,7 @@ def peak_step_bytes(v: Variant, x: torch.Tensor, y: torch.Tensor | None) -> int:
 def _torch_ao_qat(model: nn.Module, example: torch.Tensor) -> nn.Module:
     from torch.ao.quantization import get_default_qat_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return prepare_qat_fx(model, get_default_qat_qconfig_mapping("x86"), (example,))
@@ -154,12 +176,17 @@ def _torch_ao_qat(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 def measure_steps(spec: dict, steps: int, skip_ao: bool) -> dict[str, Any]:
     x = _inputs(spec, 1, seed=0)[0]
-    y = torch.randint(0, spec["classes"], (x.shape[0],), generator=torch.Generator().manual_seed(1)) \
-        if spec["classes"] else None
+    y = (
+        torch.randint(0, spec["classes"], (x.shape[0],), generator=torch.Generator().manual_seed(1))
+        if spec["classes"]
+        else None
+    )
     float_model = spec["model"]
     dummy = x[:1]
-    variants = [Variant("float", copy.deepcopy(float_model)),
-                Variant("xnnq", xnnq.QuantTrainModule(float_model, dummy))]
+    variants = [
+        Variant("float", copy.deepcopy(float_model)),
+        Variant("xnnq", xnnq.QuantTrainModule(float_model, dummy)),
+    ]
     res: dict[str, Any] = {}
     if not skip_ao:
         try:
@@ -172,7 +199,7 @@ def measure_steps(spec: dict, steps: int, skip_ao: bool) -> dict[str, Any]:
     wall: dict[str, list[float]] = {v.name: [] for v in variants}
     cpu: dict[str, list[float]] = {v.name: [] for v in variants}
     for r in range(steps):
-        for v in variants[r % len(variants):] + variants[: r % len(variants)]:
+        for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
             w, c = _timed(lambda v=v: v.step(x, y))
             wall[v.name].append(w)
             cpu[v.name].append(c)
@@ -183,7 +210,7 @@ def measure_steps(spec: dict, steps: int, skip_ao: bool) -> dict[str, Any]:
         res[f"{v.name}_over_float"] = round(res[f"{v.name}_step_ms"] / res["float_step_ms"], 3)
         res[f"{v.name}_over_float_cpu"] = round(res[f"{v.name}_step_cpu_ms"] / res["float_step_cpu_ms"], 3)
     for v in variants:
-        res[f"{v.name}_peak_mb"] = round(peak_step_bytes(v, x, y) / 2 ** 20, 1)
+        res[f"{v.name}_peak_mb"] = round(peak_step_bytes(v, x, y) / 2**20, 1)
     for v in variants[1:]:
         res[f"{v.name}_mem_over_float"] = round(res[f"{v.name}_peak_mb"] / res["float_peak_mb"], 3)
     return res
@@ -207,17 +234,26 @@ def measure_calibration(spec: dict, images: int, passes: int) -> dict[str, Any]:
             t_calib.append(tc)
     fin = _timed(calib.eval)[0]
     mf, mc = statistics.median(t_float), statistics.median(t_calib)
-    return {"calib_images": len(xs) * b, "float_forward_s": round(mf, 3), "calib_forward_s": round(mc, 3),
-            "calib_over_float": round(mc / mf, 3), "finalize_s": round(fin, 3)}
+    return {
+        "calib_images": len(xs) * b,
+        "float_forward_s": round(mf, 3),
+        "calib_forward_s": round(mc, 3),
+        "calib_over_float": round(mc / mf, 3),
+        "finalize_s": round(fin, 3),
+    }
 
 
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     spec = _model_spec(name)
     if spec is None:
         return {"model": name, "skipped": "xnnq.models.zoo has no 'mosaic_detector' in this checkout"}
-    res: dict[str, Any] = {"model": name, "input": [spec["batch"], 3, spec["size"], spec["size"]],
-                           "weights": spec["source"], "threads": torch.get_num_threads(),
-                           "load_before": [round(v, 2) for v in os.getloadavg()]}
+    res: dict[str, Any] = {
+        "model": name,
+        "input": [spec["batch"], 3, spec["size"], spec["size"]],
+        "weights": spec["source"],
+        "threads": torch.get_num_threads(),
+        "load_before": [round(v, 2) for v in os.getloadavg()],
+    }
     t0 = time.perf_counter()
     res.update(measure_steps(spec, args.steps, args.skip_ao))
     if not args.skip_calib:
@@ -225,25 +261,31 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         res.update(measure_calibration(spec, n, args.calib_passes))
     res["load_after"] = [round(v, 2) for v in os.getloadavg()]
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    res["goals"] = {"step<=1.30": res["xnnq_over_float"] <= GOAL_STEP,
-                    "mem<=1.3": res["xnnq_mem_over_float"] <= GOAL_MEM}
+    res["goals"] = {
+        "step<=1.30": res["xnnq_over_float"] <= GOAL_STEP,
+        "mem<=1.3": res["xnnq_mem_over_float"] <= GOAL_MEM,
+    }
     if "calib_over_float" in res:
         res["goals"]["calib<=1.10"] = res["calib_over_float"] <= GOAL_CALIB
     return res
 
 
 def _table(rows: list[dict]) -> str:
-    head = ("| model | threads | float step ms | xnnq / float | torch.ao / float | peak MB float / xnnq (ratio) "
-            "| calib / float fwd | load (1 min) |")
+    head = (
+        "| model | threads | float step ms | xnnq / float | torch.ao / float | peak MB float / xnnq (ratio) "
+        "| calib / float fwd | load (1 min) |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['model']} | — | skipped: {r['skipped']} | | | | | |")
             continue
-        lines.append(f"| {r['model']} | {r['threads']} | {r['float_step_ms']} | {r['xnnq_over_float']} | "
-                     f"{r.get('torch_ao_over_float', '—')} | {r['float_peak_mb']} / {r['xnnq_peak_mb']} "
-                     f"({r['xnnq_mem_over_float']}) | {r.get('calib_over_float', '—')} | "
-                     f"{r['load_before'][0]}–{r['load_after'][0]} |")
+        lines.append(
+            f"| {r['model']} | {r['threads']} | {r['float_step_ms']} | {r['xnnq_over_float']} | "
+            f"{r.get('torch_ao_over_float', '—')} | {r['float_peak_mb']} / {r['xnnq_peak_mb']} "
+            f"({r['xnnq_mem_over_float']}) | {r.get('calib_over_float', '—')} | "
+            f"{r['load_before'][0]}–{r['load_after'][0]} |"
+        )
     return "\n".join(lines)
 
 
@@ -268,9 +310,12 @@ def main() -> None:
         date = datetime.datetime.now().isoformat(timespec="seconds")
         cmd = "python benchmarks/bench_cost.py " + " ".join(sys.argv[1:])
         with RESULTS.open("a") as f:
-            f.write(f"\n### bench_cost — {date}\n\n`{cmd}`; {json.dumps(machine())}\n\n{_table(rows)}\n\n"
-                    "<details><summary>JSON lines</summary>\n\n```json\n"
-                    + "\n".join(json.dumps(r) for r in rows) + "\n```\n</details>\n")
+            f.write(
+                f"\n### bench_cost — {date}\n\n`{cmd}`; {json.dumps(machine())}\n\n{_table(rows)}\n\n"
+                "<details><summary>JSON lines</summary>\n\n```json\n"
+                + "\n".join(json.dumps(r) for r in rows)
+                + "\n```\n</details>\n"
+            )
 
 
 if __name__ == "__main__":

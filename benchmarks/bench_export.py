@@ -105,8 +105,9 @@ def main() -> None:
     xnnq.layers.set_rounding(q, "half_even")
     for optimize in (True, False):
         key = "qdq_vs_quanttest" + ("" if optimize else "_ort_no_fusion")
-        res[key] = onnx_check(qdq.path, q, batches(), optimize=optimize, threads=args.threads,
-                              integer_reference=False).to_dict()
+        res[key] = onnx_check(
+            qdq.path, q, batches(), optimize=optimize, threads=args.threads, integer_reference=False
+        ).to_dict()
     res["qdq_onnx_top1"] = onnx_accuracy(qdq.path, batches(), threads=args.threads)
     res["tidl_vs_torch_clip_graph"] = onnx_check(
         tidl.path, tidl.module, batches(), threads=args.threads

@@ -29,14 +29,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import emit
-
 import xnnq
 from xnnq.calibrate import QuantCalibrateModule
 from xnnq.data import batches, cifar10, cifar10_available, data_root, evaluate
 from xnnq.export.check import OnnxRunner, onnx_check
 from xnnq.export.reference import run as reference_run
 from xnnq.models.cifar_resnet import resnet20_cifar10
+
+from common import emit
 
 DUMMY = torch.zeros(1, 3, 32, 32)
 PAIRS = [
@@ -108,8 +108,11 @@ def main() -> None:
                 )
                 seconds[f"ref_{mode}"] += time.perf_counter() - t
             done = sum(len(v) for v in labels)
-            print(f"{done}/{len(yt)} images, reference {seconds['ref_tidl']:.0f} s + {seconds['ref_half_even']:.0f} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{done}/{len(yt)} images, reference {seconds['ref_tidl']:.0f} s + {seconds['ref_half_even']:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     xnnq.layers.set_rounding(q, "tidl")
     y = np.concatenate(labels)
     L = {k: np.concatenate(v) for k, v in logits.items()}

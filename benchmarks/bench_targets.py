@@ -17,6 +17,7 @@ benchmarks/RESULTS.md.
 
     python benchmarks/bench_targets.py [--threads 1] [--test-images 10000] [--ort-images 10000] [--record]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,19 +33,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import emit, machine
-
 from xnnq.calibrate import QuantCalibrateModule
 from xnnq.data import batches, cifar10, cifar10_available, data_root, evaluate
 from xnnq.export import export_onnx
 from xnnq.export.check import OnnxRunner
 from xnnq.models.cifar_resnet import resnet20_cifar10
 
+from common import emit, machine
+
 DUMMY = torch.zeros(1, 3, 32, 32)
 ROWS = [
     ("TDA4VM", "power-of-2, per-tensor (chip default)", {}),
     ("AM69A", "free scales, per-channel weights (chip default)", {}),
-    ("AM69A", "power-of-2, per-channel weights", {"power2_weight_range": True, "power2_activation_range": True}),
+    (
+        "AM69A",
+        "power-of-2, per-channel weights",
+        {"power2_weight_range": True, "power2_activation_range": True},
+    ),
     ("AM69A", "free scales, per-tensor weights", {"per_channel_q": False}),
 ]
 
@@ -81,27 +86,45 @@ def run_row(model, calib, test, ort_test, target: str, label: str, kw: dict, out
         warnings.simplefilter("always")
         res = export_onnx(q, DUMMY, out / f"{target}_{len(list(out.iterdir()))}.onnx", format="qdq")
     opts = json.loads(res.options_path.read_text())
-    row = {"target": target, "numerics": label, "settings": kw, "acc": acc, "calib_cpu_s": calib_s, "flow": res.flow, "runtime_options": opts["runtime_options"],
-           "violations": sorted({f"{v.severity}:{v.rule}" for v in res.violations}), "fixes": res.fixes}
+    row = {
+        "target": target,
+        "numerics": label,
+        "settings": kw,
+        "acc": acc,
+        "calib_cpu_s": calib_s,
+        "flow": res.flow,
+        "runtime_options": opts["runtime_options"],
+        "violations": sorted({f"{v.severity}:{v.rule}" for v in res.violations}),
+        "fixes": res.fixes,
+    }
     row.update(ort_row(res.path, q, *ort_test))
     return row
 
 
 def table(result: dict) -> str:
     fp = result["fp32_acc"]
-    head = (f"ResNet-20 CIFAR-10, PTQ mse ({result['calib_images']} calibration images, bias correction), top-1 on "
-            f"{result['test_images']} test images (simulation) and {result['ort_images']} (onnxruntime QDQ). "
-            f"FP32 {fp:.2f} %.")
-    lines = [head, "",
-             "| target | numerics | scale type | top-1 (sim) | drop | onnxruntime top-1 | ort/sim agreement |",
-             "|---|---|---|---|---|---|---|"]
+    head = (
+        f"ResNet-20 CIFAR-10, PTQ mse ({result['calib_images']} calibration images, bias correction), top-1 on "
+        f"{result['test_images']} test images (simulation) and {result['ort_images']} (onnxruntime QDQ). "
+        f"FP32 {fp:.2f} %."
+    )
+    lines = [
+        head,
+        "",
+        "| target | numerics | scale type | top-1 (sim) | drop | onnxruntime top-1 | ort/sim agreement |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['target']} | {r['numerics']} | {r['runtime_options']['advanced_options:quantization_scale_type']}"
-                     f" | {r['acc']:.2f} | {fp - r['acc']:+.2f} pp | {r['ort_acc']:.2f} | "
-                     f"{100 * r['ort_sim_top1_agreement']:.2f} % |")
+        lines.append(
+            f"| {r['target']} | {r['numerics']} | {r['runtime_options']['advanced_options:quantization_scale_type']}"
+            f" | {r['acc']:.2f} | {fp - r['acc']:+.2f} pp | {r['ort_acc']:.2f} | "
+            f"{100 * r['ort_sim_top1_agreement']:.2f} % |"
+        )
     lines.append("")
-    lines.append("Importer-rule violations (every row): " + ", ".join(sorted({v for r in result["rows"]
-                                                                            for v in r["violations"]})))
+    lines.append(
+        "Importer-rule violations (every row): "
+        + ", ".join(sorted({v for r in result["rows"] for v in r["violations"]}))
+    )
     return "\n".join(lines)
 
 
@@ -111,7 +134,9 @@ def main() -> None:
     ap.add_argument("--test-images", type=int, default=10000)
     ap.add_argument("--ort-images", type=int, default=10000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--record", action="store_true", help="append the table and JSON to benchmarks/RESULTS.md")
+    ap.add_argument(
+        "--record", action="store_true", help="append the table and JSON to benchmarks/RESULTS.md"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not cifar10_available():
@@ -119,12 +144,25 @@ def main() -> None:
     model = resnet20_cifar10(data_root() / "weights" / "resnet20_cifar10jpg.pt").eval()
     calib = calibration_batches(args.calib_images)
     x, y = cifar10("test", args.test_images)
-    result = {"calib_images": args.calib_images, "test_images": len(y), "ort_images": min(args.ort_images, len(y)),
-              "fp32_acc": evaluate(model, x, y), "rows": []}
+    result = {
+        "calib_images": args.calib_images,
+        "test_images": len(y),
+        "ort_images": min(args.ort_images, len(y)),
+        "fp32_acc": evaluate(model, x, y),
+        "rows": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for target, label, kw in ROWS:
-            row = run_row(model, calib, (x, y), (x[:args.ort_images], y[:args.ort_images]), target, label, kw,
-                          Path(tmp))
+            row = run_row(
+                model,
+                calib,
+                (x, y),
+                (x[: args.ort_images], y[: args.ort_images]),
+                target,
+                label,
+                kw,
+                Path(tmp),
+            )
             print(json.dumps({k: row[k] for k in ("target", "numerics", "acc", "ort_acc")}), flush=True)
             result["rows"].append(row)
     if args.record:

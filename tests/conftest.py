@@ -86,7 +86,9 @@ def observe(qmodel: nn.Module, batches: Iterable[torch.Tensor], *, bn_frozen: bo
 
 def quantizer_ranges(qmodel: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{quantizer name: (min, max)}`` of every activation quantizer's tracked range (copies)."""
-    return {n: (p.observer.min_val.clone(), p.observer.max_val.clone()) for n, p in qmodel.quantizers().items()}
+    return {
+        n: (p.observer.min_val.clone(), p.observer.max_val.clone()) for n, p in qmodel.quantizers().items()
+    }
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

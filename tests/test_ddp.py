@@ -13,6 +13,7 @@ trimmed extremes is close to, not equal to, the trimmed extreme of the concatena
 BatchNorm is frozen in that comparison: in training mode each rank normalizes with its own batch
 statistics (``SyncBatchNorm`` needs a GPU), which a single process on the whole batch cannot reproduce.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -41,8 +42,10 @@ NAN_STEP = 2
 
 pytestmark = [
     pytest.mark.slow,  # spawns worker processes
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                       reason="torch.distributed with the gloo backend is not available in this build"),
+    pytest.mark.skipif(
+        not dist.is_available() or not dist.is_gloo_available(),
+        reason="torch.distributed with the gloo backend is not available in this build",
+    ),
 ]
 
 
@@ -88,7 +91,10 @@ def ranges(q: xnnq.QuantTrainModule) -> dict[str, torch.Tensor]:
 
 
 def shard(batches, rank: int):
-    return [(x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]) for x, y in batches]
+    return [
+        (x[rank * PER_RANK : (rank + 1) * PER_RANK], y[rank * PER_RANK : (rank + 1) * PER_RANK])
+        for x, y in batches
+    ]
 
 
 SCENARIOS = {  # name: (BN frozen, DDP forward_sync_buffers (formerly broadcast_buffers))
@@ -102,15 +108,23 @@ SCENARIOS = {  # name: (BN frozen, DDP forward_sync_buffers (formerly broadcast_
 def calibrate(data) -> dict[str, dict[str, torch.Tensor]]:
     """Post-training calibration of the tiny net on ``data``: its ranges and state."""
     q = observe(QuantCalibrateModule(tiny_net(), torch.randn(1, 3, 8, 8), method="mse"), (x for x, _ in data))
-    return {"ranges": ranges(q), "state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)}}
+    return {
+        "ranges": ranges(q),
+        "state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)},
+    }
 
 
 def _worker(rank: int, port: int, outdir: str) -> None:
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         data = shard(global_batches(), rank)
         probe = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
@@ -121,8 +135,11 @@ def _worker(rank: int, port: int, outdir: str) -> None:
             q.eval()
             with torch.no_grad():
                 out = q(probe)
-            result[name] = {"state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)},
-                            "ranges": ranges(q), "probe_out": out}
+            result[name] = {
+                "state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)},
+                "ranges": ranges(q),
+                "probe_out": out,
+            }
         # NaN on rank 1 only, at step NAN_STEP: every rank must stop with the same error, ranges untouched
         q = make_qat(True)
         ddp = DDP(q)
@@ -182,11 +199,15 @@ def test_ranks_hold_identical_ranges_and_weights(ranks, scenario):
             continue
         assert torch.equal(r0["state"][k], r1["state"][k]), f"{scenario}: {k} differs between ranks"
     for k in r0["ranges"]:
-        assert torch.equal(r0["ranges"][k], r1["ranges"][k]), f"{scenario}: range of {k} differs between ranks"
+        assert torch.equal(r0["ranges"][k], r1["ranges"][k]), (
+            f"{scenario}: range of {k} differs between ranks"
+        )
     if not bn_training:
         assert torch.equal(r0["probe_out"], r1["probe_out"])
     else:  # the documented exception is real: each rank's last batch statistics
-        assert any(not torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"] if k.endswith("running_mean"))
+        assert any(
+            not torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"] if k.endswith("running_mean")
+        )
     assert all(int(v) > 0 for k, v in r0["state"].items() if k.endswith("observer.num_batches"))
 
 
@@ -242,7 +263,11 @@ def test_calibration_ranges_are_identical_across_ranks(ranks):
     ref = calibrate(global_batches())
     for k in ref["ranges"]:
         assert torch.equal(r0["ranges"][k], r1["ranges"][k]), f"calibrated range of {k} differs between ranks"
-        assert torch.equal(r0["ranges"][k], ref["ranges"][k]), f"calibrated range of {k} differs from one process"
+        assert torch.equal(r0["ranges"][k], ref["ranges"][k]), (
+            f"calibrated range of {k} differs from one process"
+        )
     for k, v in ref["state"].items():
         assert torch.equal(r0["state"][k], r1["state"][k]), f"calibrated {k} differs between ranks"
-        torch.testing.assert_close(r0["state"][k], v, rtol=1e-5, atol=1e-7, msg=f"calibrated {k} vs one process")
+        torch.testing.assert_close(
+            r0["state"][k], v, rtol=1e-5, atol=1e-7, msg=f"calibrated {k} vs one process"
+        )

@@ -3,6 +3,7 @@
 In one process, in a fresh process, and on the real model and data (ResNet-20 / CIFAR-10, when the shared
 data is present).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,7 +64,11 @@ def qat_run(seed: int, steps: int = 12) -> dict:
     with torch.no_grad():
         acc = (q(xt).argmax(1) == yt).float().mean().item() * 100
     ranges = {n: (lo.item(), hi.item()) for n, (lo, hi) in quantizer_ranges(q).items()}
-    return {"ranges": ranges, "acc": acc, "state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)}}
+    return {
+        "ranges": ranges,
+        "acc": acc,
+        "state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)},
+    }
 
 
 def digest(run: dict) -> str:
@@ -88,8 +93,10 @@ def test_same_seed_same_ranges_weights_and_accuracy():
 def test_same_seed_in_a_fresh_process():
     """No hidden state (thread count aside, fixed to 1 in both): a new interpreter gives the same digest."""
     here = digest(qat_run(0))
-    code = ("import sys, torch; torch.set_num_threads(1); sys.path.insert(0, 'tests'); "
-            "import test_determinism as t; print(t.digest(t.qat_run(0)))")
+    code = (
+        "import sys, torch; torch.set_num_threads(1); sys.path.insert(0, 'tests'); "
+        "import test_determinism as t; print(t.digest(t.qat_run(0)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == here
@@ -110,12 +117,15 @@ def test_resnet20_cifar10_calibration_is_deterministic():
         q.train()
         freeze_bn(q)
         with torch.no_grad():
-            for xb, _ in batches(x_tr, y_tr, 128, shuffle=True, train_augment=True,
-                                 generator=torch.Generator().manual_seed(0)):
+            for xb, _ in batches(
+                x_tr, y_tr, 128, shuffle=True, train_augment=True, generator=torch.Generator().manual_seed(0)
+            ):
                 q(xb)
         q.eval()
-        return ({n: (lo.item(), hi.item()) for n, (lo, hi) in quantizer_ranges(q).items()},
-                evaluate(q, x_te, y_te))
+        return (
+            {n: (lo.item(), hi.item()) for n, (lo, hi) in quantizer_ranges(q).items()},
+            evaluate(q, x_te, y_te),
+        )
 
     (r1, acc1), (r2, acc2) = run(), run()
     assert r1 == r2

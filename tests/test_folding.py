@@ -69,9 +69,14 @@ def test_eval_forward_is_conv_with_quantized_folded_weights_and_grid_bias():
 
 def test_weight_clipping_leaves_normal_model_and_clips_outlier():
     from xnnq import data
+
     fm = resnet20()
     if data.cifar10_available():
-        fm.load_state_dict(torch.load(data.data_root() / "weights" / "resnet20_cifar10jpg.pt", weights_only=True)["state_dict"])
+        fm.load_state_dict(
+            torch.load(data.data_root() / "weights" / "resnet20_cifar10jpg.pt", weights_only=True)[
+                "state_dict"
+            ]
+        )
     q = xnnq.QuantTrainModule(fm, torch.randn(1, 3, 32, 32)).eval()
     for spot in q.plan.weights:
         conv = q.module.get_submodule(spot.name)

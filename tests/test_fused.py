@@ -4,6 +4,7 @@ Numerics must not change: outputs and gradients are compared bit for bit, with t
 reference from the old code and the unfused path live) and with whole models (ResNet-20, MobileNetV2)
 trained for two steps each way.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -46,9 +47,17 @@ def edge_values(scale: float, qmin: int, qmax: int, shape=(4, 8, 16, 16)) -> tor
     ReLU6, signed zeros, denormals, huge values and +inf, each also one ulp up and down."""
     x = torch.randn(shape) * (qmax - qmin) * scale / 3
     sp = torch.tensor([qmin - 0.5, qmin, -0.5, 0.5, 1.5, qmax - 0.5, qmax, qmax + 0.5]) * scale
-    sp = torch.cat([sp, torch.tensor([0.0, -0.0, 6.0, 6.0 + scale / 2, 2.0 ** -140, -(2.0 ** -140), 1e30, -1e30,
-                                      float("inf")])])
-    sp = torch.cat([sp, torch.nextafter(sp, torch.tensor(float("inf"))), torch.nextafter(sp, torch.tensor(-1e38))])
+    sp = torch.cat(
+        [
+            sp,
+            torch.tensor(
+                [0.0, -0.0, 6.0, 6.0 + scale / 2, 2.0**-140, -(2.0**-140), 1e30, -1e30, float("inf")]
+            ),
+        ]
+    )
+    sp = torch.cat(
+        [sp, torch.nextafter(sp, torch.tensor(float("inf"))), torch.nextafter(sp, torch.tensor(-1e38))]
+    )
     x.view(-1)[: sp.numel()] = sp
     return x
 
@@ -73,7 +82,7 @@ def test_saved_reference_of_the_unfused_code():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_bit_identical_to_the_unfused_path(fused_mode, nbits, signed, cap, layout):
     qmin, qmax = quant_bounds(nbits, signed)
-    for scale in (2.0 ** -5, 2.0 ** -2, 4.0):
+    for scale in (2.0**-5, 2.0**-2, 4.0):
         x = edge_values(scale, qmin, qmax)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -113,11 +122,11 @@ def test_nan_propagates_without_a_separate_pass(fused_mode):
     x = torch.randn(2, 3, 8, 8) * 4
     x[0, 1, 2, 3] = float("nan")
     x[1, 2] = float("nan")
-    out, gx, _ = run(x, torch.ones(x.shape), 2.0 ** -5, 0, 255, 6.0)
+    out, gx, _ = run(x, torch.ones(x.shape), 2.0**-5, 0, 255, 6.0)
     assert torch.equal(torch.isnan(out), torch.isnan(x))
     assert (gx[torch.isnan(x)] == 0).all()
     fused_mode(False)
-    ref, _, _ = run(torch.nan_to_num(x, nan=1.0), torch.ones(x.shape), 2.0 ** -5, 0, 255, 6.0)
+    ref, _, _ = run(torch.nan_to_num(x, nan=1.0), torch.ones(x.shape), 2.0**-5, 0, 255, 6.0)
     finite = ~torch.isnan(x)
     assert torch.equal(out[finite], ref[finite])
 
@@ -134,7 +143,7 @@ def test_keeps_one_byte_per_element_for_the_backward(fused_mode):
         fused_mode(mode)
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fused.fake_quantize_activation(x, torch.tensor(2.0 ** -5), 0, 255, 6.0)
+            fused.fake_quantize_activation(x, torch.tensor(2.0**-5), 0, 255, 6.0)
         saved[mode] = saved.pop("bytes")
     assert saved[True] == x.numel()  # the uint8 mask
     assert saved[False] >= 2 * 4 * x.numel()  # the clamp's input and the clamped tensor
@@ -182,17 +191,21 @@ def _train(make_model, x, y, steps: int = 2):
 
 def _resnet20():
     from xnnq.models.cifar_resnet import resnet20
+
     return resnet20()
 
 
 def _mobilenet_v2():
     import torchvision
+
     return torchvision.models.mobilenet_v2(weights=None)
 
 
-@pytest.mark.parametrize("make_model,shape,classes", [(_resnet20, (8, 3, 32, 32), 10),
-                                                      (_mobilenet_v2, (2, 3, 96, 96), 1000)],
-                         ids=["resnet20", "mobilenet_v2"])
+@pytest.mark.parametrize(
+    "make_model,shape,classes",
+    [(_resnet20, (8, 3, 32, 32), 10), (_mobilenet_v2, (2, 3, 96, 96), 1000)],
+    ids=["resnet20", "mobilenet_v2"],
+)
 def test_models_train_bit_identically(fused_mode, make_model, shape, classes):
     """Two QAT steps (ranges tracked, BN in training mode) and an eval forward: every output, gradient and
     buffer is bit-identical with and without the fused kernels."""
@@ -205,4 +218,6 @@ def test_models_train_bit_identically(fused_mode, make_model, shape, classes):
     for a, b in zip(ref, new):
         assert len(a) == len(b)
         for u, v in zip(a, b):
-            assert torch.equal(bits(u) if u.dtype == torch.float32 else u, bits(v) if v.dtype == torch.float32 else v)
+            assert torch.equal(
+                bits(u) if u.dtype == torch.float32 else u, bits(v) if v.dtype == torch.float32 else v
+            )

@@ -5,6 +5,7 @@ asserts that it names every tensor of the exported graph, that each range is the
 code × step of the quantizer of that tensor), the 16-bit layers, the weights and biases of the file, and
 that tidl_check reads it.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,9 @@ class Net(nn.Module):
 
 def exported(tmp_path, target, **kw):
     torch.manual_seed(0)
-    q = xnnq.QuantTrainModule(Net(), torch.randn(SHAPE), target=target, bitwidth_overrides={"conv1": 16}, **kw)
+    q = xnnq.QuantTrainModule(
+        Net(), torch.randn(SHAPE), target=target, bitwidth_overrides={"conv1": 16}, **kw
+    )
     q.train()
     xnnq.utils.freeze_bn(q)
     with torch.no_grad():
@@ -85,9 +88,14 @@ def test_file_names_every_tensor_with_the_simulation_ranges(tmp_path, target):
     assert quantized == len(opts["quantizers"]) >= 6
     # the other tensors carry the range of the quantizer they feed or follow
     ranges = {(lm.outputs[0].min, lm.outputs[0].max) for lm in msg.layers}
-    assert ranges <= {(by_name[t].outputs[0].min, by_name[t].outputs[0].max) for t in opts["quantizers"].values()}
+    assert ranges <= {
+        (by_name[t].outputs[0].min, by_name[t].outputs[0].max) for t in opts["quantizers"].values()
+    }
     conv1_out = next(n.output[0] for n in model.graph.node if n.op_type == "Conv")
-    assert by_name[conv1_out].bit_depth == 16 and by_name[conv1_out].outputs[0].max == by_name["relu1"].outputs[0].max
+    assert (
+        by_name[conv1_out].bit_depth == 16
+        and by_name[conv1_out].outputs[0].max == by_name["relu1"].outputs[0].max
+    )
     assert sum(lm.bit_depth == 16 for lm in msg.layers) == 2  # conv1 and its ReLU's quantizer
 
     # weights and biases are the exported (folded, on-grid) ones
@@ -120,7 +128,9 @@ def test_reference_model_runs_the_mixed_simulation_in_onnxruntime(tmp_path):
 def test_tidl_check_reads_the_file(tmp_path):
     _, res = exported(tmp_path, "AM69A")
     rules = {v.rule for v in tidl_check(res.path, "AM69A")}
-    assert "options.quant_params_per_channel" in rules  # per-channel weights with the file: undocumented, warned
+    assert (
+        "options.quant_params_per_channel" in rules
+    )  # per-channel weights with the file: undocumented, warned
     assert not {r for r in rules if r.startswith("options.") and r != "options.quant_params_per_channel"}
     text = res.quant_params_path.read_text()
     first = text.index("layers {")
@@ -141,14 +151,21 @@ def test_bit_depth_style_and_validation(tmp_path):
     q.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = export_onnx(q, torch.randn(SHAPE), tmp_path / "b.onnx", format="qdq",
-                          quant_params={"bit_depth": "bytes", "layer_names": "node"})
+        res = export_onnx(
+            q,
+            torch.randn(SHAPE),
+            tmp_path / "b.onnx",
+            format="qdq",
+            quant_params={"bit_depth": "bytes", "layer_names": "node"},
+        )
     msg = read_quant_params(res.quant_params_path)
     assert {lm.bit_depth for lm in msg.layers} == {1, 2}
     names = {n.name for n in res.model.graph.node} | {i.name for i in res.model.graph.input}
     assert {lm.layer_name for lm in msg.layers} == names
     with pytest.raises(ValueError, match="quant_params: unknown keys"):
-        export_onnx(q, torch.randn(SHAPE), tmp_path / "c.onnx", format="qdq", quant_params={"bitdepth": "bits"})
+        export_onnx(
+            q, torch.randn(SHAPE), tmp_path / "c.onnx", format="qdq", quant_params={"bitdepth": "bits"}
+        )
 
     bad = message_class()()
     bad.num_layers = 2
@@ -176,6 +193,7 @@ layers {
 }
 """
     from google.protobuf import text_format
+
     msg = text_format.Parse(text, message_class()())
     assert validate_quant_params(msg) == [] and msg.layers[0].bias[0].value == [-0.1, 0.2]
     with pytest.raises(text_format.ParseError):

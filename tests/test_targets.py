@@ -5,6 +5,7 @@ training-mode passes. For each target the test asserts the quantizers the wrappe
 compile options the export writes (format, scale type, pre-quantized switch, 16-bit lists and the
 quantization-parameters file).
 """
+
 from __future__ import annotations
 
 import json
@@ -87,16 +88,27 @@ def test_names_and_aliases_resolve():
 
 def test_every_fact_has_a_source():
     for t in TARGETS.values():
-        for fact in ("accelerator", "power2_only", "per_channel_weights", "asymmetric", "bias_bits", "formats",
-                     "free_scale_type"):
+        for fact in (
+            "accelerator",
+            "power2_only",
+            "per_channel_weights",
+            "asymmetric",
+            "bias_bits",
+            "formats",
+            "free_scale_type",
+        ):
             assert t.source(fact) in SOURCES.values()
     assert TARGETS["TDA4VM"].power2_only and not TARGETS["TDA4VM"].per_channel_weights
     assert TARGETS["TDA4VM"].bias_bits == 16 and TARGETS["TDA4VM"].formats == ("tidl", "qdq")
     for name in MMAV2:
         t = TARGETS[name]
-        assert not t.power2_only and t.per_channel_weights and t.formats == ("qdq",) and t.free_scale_type == 4
+        assert (
+            not t.power2_only and t.per_channel_weights and t.formats == ("qdq",) and t.free_scale_type == 4
+        )
         assert t.bias_bits is None  # not documented
-    assert {"conv_3x3_stride3", "deconv_16bit"} <= TARGETS["AM62A"].conv_limits == TARGETS["AM67A"].conv_limits
+    assert (
+        {"conv_3x3_stride3", "deconv_16bit"} <= TARGETS["AM62A"].conv_limits == TARGETS["AM67A"].conv_limits
+    )
     assert not TARGETS["AM69A"].conv_limits
 
 
@@ -115,26 +127,46 @@ def test_wrapper_trains_with_the_target_numerics(name):
 
 
 def test_without_a_target_nothing_changes():
-    assert resolve_numerics(None) == {"per_channel_q": False, "power2_weight_range": True,
-                                      "power2_activation_range": True, "target": None}
+    assert resolve_numerics(None) == {
+        "per_channel_q": False,
+        "power2_weight_range": True,
+        "power2_activation_range": True,
+        "target": None,
+    }
     q = xnnq.QuantTrainModule(Small(), torch.randn(SHAPE), per_channel_q="depthwise")
     assert q.target is None and layers(q)["dw"].per_channel and not layers(q)["conv1"].per_channel
 
 
 def test_explicit_settings_win_where_the_target_allows_them():
-    q = xnnq.QuantTrainModule(Small(), torch.randn(SHAPE), target="AM69A", power2_activation_range=True,
-                              per_channel_q=False)
+    q = xnnq.QuantTrainModule(
+        Small(), torch.randn(SHAPE), target="AM69A", power2_activation_range=True, per_channel_q=False
+    )
     assert all(p.power2 for p in q.quantizers().values())
-    assert not any(m.per_channel for m in layers(q).values()) and not any(m.power2 for m in layers(q).values())
+    assert not any(m.per_channel for m in layers(q).values()) and not any(
+        m.power2 for m in layers(q).values()
+    )
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"per_channel_q": "all"}, (r"TDA4VM: per_channel_q='all' asks for per-channel weight scales; TDA4VM quantizes "
-                               r"weights per tensor \[TexasInstruments/edgeai-modeloptimization")),
-    ({"per_channel_q": "depthwise"}, r"per-channel option for depthwise layers"),
-    ({"power2_activation_range": False}, (r"power2_activation_range=False asks for non-power-of-2 scales; TDA4VM "
-                                         r"\(MMAv1\) quantizes with power-of-2 scales only")),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (
+            {"per_channel_q": "all"},
+            (
+                r"TDA4VM: per_channel_q='all' asks for per-channel weight scales; TDA4VM quantizes "
+                r"weights per tensor \[TexasInstruments/edgeai-modeloptimization"
+            ),
+        ),
+        ({"per_channel_q": "depthwise"}, r"per-channel option for depthwise layers"),
+        (
+            {"power2_activation_range": False},
+            (
+                r"power2_activation_range=False asks for non-power-of-2 scales; TDA4VM "
+                r"\(MMAv1\) quantizes with power-of-2 scales only"
+            ),
+        ),
+    ],
+)
 def test_tda4vm_refuses_numerics_it_cannot_run(kw, match):
     with pytest.raises(TargetError, match=match):
         xnnq.QuantTrainModule(Small(), torch.randn(SHAPE), target="TDA4VM", **kw)
@@ -144,14 +176,19 @@ def test_tda4vm_refuses_numerics_it_cannot_run(kw, match):
 
 def test_export_refuses_a_wrapper_the_target_cannot_run(tmp_path):
     q = build("AM69A")  # per-channel, non-power-of-2
-    with pytest.raises(TargetError, match=r"cannot run on TDA4VM as built:.*non-power-of-2 scales \(input_q, "
-                                          r".*per-channel weight scales \(conv1, dw, pw"):
+    with pytest.raises(
+        TargetError,
+        match=r"cannot run on TDA4VM as built:.*non-power-of-2 scales \(input_q, "
+        r".*per-channel weight scales \(conv1, dw, pw",
+    ):
         export_onnx(q, torch.randn(SHAPE), tmp_path / "x.onnx", target="TDA4VM")
     assert not (tmp_path / "x.onnx").exists()
     legacy = build(per_channel_q="depthwise")
     with pytest.raises(TargetError, match=r"1 layer\(s\) have per-channel weight scales \(dw\)"):
         export_onnx(legacy, torch.randn(SHAPE), tmp_path / "x.onnx", target="J721E")
-    with pytest.raises(TargetError, match=r"format='tidl' .* is documented for J721E/TDA4VM only.*use format='qdq'"):
+    with pytest.raises(
+        TargetError, match=r"format='tidl' .* is documented for J721E/TDA4VM only.*use format='qdq'"
+    ):
         export_onnx(q, torch.randn(SHAPE), tmp_path / "x.onnx", format="tidl")
 
 
@@ -160,24 +197,72 @@ def test_export_target_defaults_to_the_wrappers(tmp_path):
     assert res.target == opts["target"] == "AM68A" and opts["format"] == "qdq" and res.flow == "qdq"
     res, opts = export(build(), tmp_path, name="legacy")
     assert res.target is None and "target" not in opts and opts["format"] == "tidl"
-    assert opts["runtime_options"] == {"tensor_bits": 8, "accuracy_level": 0,
-                                       "advanced_options:quantization_scale_type": 1}
+    assert opts["runtime_options"] == {
+        "tensor_bits": 8,
+        "accuracy_level": 0,
+        "advanced_options:quantization_scale_type": 1,
+    }
 
 
 # ------------------------------------------------------------------------------------------ options JSON
-@pytest.mark.parametrize("name,fmt,kw,expected", [
-    ("TDA4VM", "tidl", {}, {"tensor_bits": 8, "accuracy_level": 0, "advanced_options:quantization_scale_type": 1}),
-    ("TDA4VM", "qdq", {}, {"tensor_bits": 8, "accuracy_level": 0, "advanced_options:quantization_scale_type": 1,
-                           "advanced_options:prequantized_model": 1}),
-    *[(n, None, {}, {"tensor_bits": 8, "accuracy_level": 0, "advanced_options:quantization_scale_type": 4,
-                     "advanced_options:prequantized_model": 1}) for n in MMAV2],
-    ("AM69A", None, {"per_channel_q": False, "power2_weight_range": True, "power2_activation_range": True},
-     {"tensor_bits": 8, "accuracy_level": 0, "advanced_options:quantization_scale_type": 1,
-      "advanced_options:prequantized_model": 1}),
-    ("AM62A", None, {"per_channel_q": "all", "power2_weight_range": True, "power2_activation_range": True},
-     {"tensor_bits": 8, "accuracy_level": 0, "advanced_options:quantization_scale_type": 4,
-      "advanced_options:prequantized_model": 1}),
-])
+@pytest.mark.parametrize(
+    "name,fmt,kw,expected",
+    [
+        (
+            "TDA4VM",
+            "tidl",
+            {},
+            {"tensor_bits": 8, "accuracy_level": 0, "advanced_options:quantization_scale_type": 1},
+        ),
+        (
+            "TDA4VM",
+            "qdq",
+            {},
+            {
+                "tensor_bits": 8,
+                "accuracy_level": 0,
+                "advanced_options:quantization_scale_type": 1,
+                "advanced_options:prequantized_model": 1,
+            },
+        ),
+        *[
+            (
+                n,
+                None,
+                {},
+                {
+                    "tensor_bits": 8,
+                    "accuracy_level": 0,
+                    "advanced_options:quantization_scale_type": 4,
+                    "advanced_options:prequantized_model": 1,
+                },
+            )
+            for n in MMAV2
+        ],
+        (
+            "AM69A",
+            None,
+            {"per_channel_q": False, "power2_weight_range": True, "power2_activation_range": True},
+            {
+                "tensor_bits": 8,
+                "accuracy_level": 0,
+                "advanced_options:quantization_scale_type": 1,
+                "advanced_options:prequantized_model": 1,
+            },
+        ),
+        (
+            "AM62A",
+            None,
+            {"per_channel_q": "all", "power2_weight_range": True, "power2_activation_range": True},
+            {
+                "tensor_bits": 8,
+                "accuracy_level": 0,
+                "advanced_options:quantization_scale_type": 4,
+                "advanced_options:prequantized_model": 1,
+            },
+        ),
+    ],
+)
 def test_options_json_per_target(tmp_path, name, fmt, kw, expected):
     q = build(name, **kw)
     res, opts = export(q, tmp_path, format=fmt)
@@ -189,8 +274,11 @@ def test_options_json_per_target(tmp_path, name, fmt, kw, expected):
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
         r = onnx_check(res.path, q, [torch.randn(4, *SHAPE[1:])])
         # power-of-2 numerics: onnxruntime equals the simulation bit for bit; free scales: within 1 output LSB
-        assert r.frac_exact == 1.0 if expected["advanced_options:quantization_scale_type"] == 1 else \
-            r.max_lsb_diff <= 1.0 + 1e-4
+        assert (
+            r.frac_exact == 1.0
+            if expected["advanced_options:quantization_scale_type"] == 1
+            else r.max_lsb_diff <= 1.0 + 1e-4
+        )
 
 
 @pytest.mark.parametrize("name,scale_type", [("TDA4VM", 1), ("AM69A", 0)])
@@ -203,12 +291,18 @@ def test_options_json_16bit_in_the_qdq_flow(tmp_path, name, scale_type):
     ro = opts["runtime_options"]
     assert res.flow == opts["flow"] == "quant_params"
     assert ro["advanced_options:quant_params_proto_path"] == "m.quant_params.prototxt" == opts["quant_params"]
-    assert "advanced_options:prequantized_model" not in ro and ro["accuracy_level"] == 0 and ro["tensor_bits"] == 8
+    assert (
+        "advanced_options:prequantized_model" not in ro
+        and ro["accuracy_level"] == 0
+        and ro["tensor_bits"] == 8
+    )
     assert ro["advanced_options:quantization_scale_type"] == scale_type
     assert ro["advanced_options:output_feature_16bit_names_list"] == "relu1"
     assert ro["advanced_options:params_16bit_names_list"] == "relu1"
     assert (tmp_path / "m.quant_params.prototxt").is_file()
-    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in res.model.graph.node}  # float graph
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {
+        n.op_type for n in res.model.graph.node
+    }  # float graph
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in res.reference_model.graph.node}
 
 
@@ -217,7 +311,9 @@ def test_tidl_options_are_validated(tmp_path):
     _res, opts = export(q, tmp_path, tidl_options={"advanced_options:add_data_convert_ops": 3})
     assert opts["runtime_options"]["advanced_options:add_data_convert_ops"] == 3
     with pytest.raises(ValueError, match="unknown TIDL compile option 'advanced_options:add_data_convert'"):
-        export_onnx(q, torch.randn(SHAPE), tmp_path / "y.onnx", tidl_options={"advanced_options:add_data_convert": 3})
+        export_onnx(
+            q, torch.randn(SHAPE), tmp_path / "y.onnx", tidl_options={"advanced_options:add_data_convert": 3}
+        )
     with pytest.raises(ValueError, match="'accuracy_level' is derived from the exported model"):
         export_onnx(q, torch.randn(SHAPE), tmp_path / "y.onnx", tidl_options={"accuracy_level": 1})
 
@@ -238,7 +334,9 @@ class ChannelPad(nn.Module):
 
 def test_export_checks_and_fixes_importer_rules(tmp_path):
     q = observed(xnnq.QuantTrainModule(ChannelPad(), torch.randn(SHAPE)))
-    with pytest.warns(UserWarning, match=r"\[error\] .*Pad.*Pad.axes: pads \[0, 2, 0, 0, 0, 2, 0, 0\] pad axis \[1\]"):
+    with pytest.warns(
+        UserWarning, match=r"\[error\] .*Pad.*Pad.axes: pads \[0, 2, 0, 0, 0, 2, 0, 0\] pad axis \[1\]"
+    ):
         res = export_onnx(q, torch.randn(SHAPE), tmp_path / "p.onnx", target="TDA4VM")
     assert [v.rule for v in res.violations] == ["Pad.axes"]
     assert any("Slice with step 2 on H and W -> MaxPool kernel 1x1 stride 2" in f for f in res.fixes)

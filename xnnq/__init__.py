@@ -1,10 +1,11 @@
 """xnnq: quantization-aware training, calibration and TIDL-ready export for PyTorch models.
 
-    qmodel = xnnq.QuantTrainModule(model, dummy_input)      # QAT
-    qmodel = xnnq.QuantCalibrateModule(model, dummy_input)  # PTQ
-    xnnq.recipes.qat_finetune(qmodel, train_batches, epochs=1)  # the QAT recipe
-    xnnq.export_onnx(qmodel, dummy_input, "model.onnx", format="tidl" | "qdq")
+qmodel = xnnq.QuantTrainModule(model, dummy_input)      # QAT
+qmodel = xnnq.QuantCalibrateModule(model, dummy_input)  # PTQ
+xnnq.recipes.qat_finetune(qmodel, train_batches, epochs=1)  # the QAT recipe
+xnnq.export_onnx(qmodel, dummy_input, "model.onnx", format="tidl" | "qdq")
 """
+
 from . import layers, recipes, utils
 from ._lazy import lazy_getattr
 from .quantize import CaptureError, QuantTestModule, QuantTrainModule
@@ -20,4 +21,13 @@ _LAZY = {
 
 __getattr__ = lazy_getattr(__name__, _LAZY)
 
-__all__ = ["QuantTrainModule", "QuantTestModule", "QuantCalibrateModule", "CaptureError", "export_onnx", "layers", "recipes", "utils"]
+__all__ = [
+    "QuantTrainModule",
+    "QuantTestModule",
+    "QuantCalibrateModule",
+    "CaptureError",
+    "export_onnx",
+    "layers",
+    "recipes",
+    "utils",
+]

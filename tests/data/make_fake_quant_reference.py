@@ -9,6 +9,7 @@ the output as integer codes (``out = codes * scale`` exactly, checked here) and 
 zero: the old element-wise path (16-bit, or a tensor holding NaN) gave -0.0 for small negative inputs, the
 8-bit CPU path and CUDA's kernel +0.0.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -26,10 +27,16 @@ def inputs(scale: float, qmin: int, qmax: int, cap: float | None, g: torch.Gener
     x = (torch.rand(N, generator=g) * 1.4 - 0.2) * span + qmin * scale  # beyond both ends
     special = [qmin - 0.5, qmin, qmin + 0.5, -0.5, 0.5, qmax - 0.5, qmax, qmax + 0.5, 1.5, 2.5, -1.5]
     sp = torch.tensor(special) * scale
-    sp = torch.cat([sp, torch.tensor([0.0, -0.0, float("inf"), 1e30, -1e30, 2.0 ** -140, -(2.0 ** -140)])])
+    sp = torch.cat([sp, torch.tensor([0.0, -0.0, float("inf"), 1e30, -1e30, 2.0**-140, -(2.0**-140)])])
     if cap is not None:
         sp = torch.cat([sp, torch.tensor([cap, cap + scale / 2, cap - scale / 2])])
-    sp = torch.cat([sp, torch.nextafter(sp, torch.tensor(float("inf"))), torch.nextafter(sp, torch.tensor(float("-inf")))])
+    sp = torch.cat(
+        [
+            sp,
+            torch.nextafter(sp, torch.tensor(float("inf"))),
+            torch.nextafter(sp, torch.tensor(float("-inf"))),
+        ]
+    )
     x[: sp.numel()] = sp
     return x[torch.randperm(N, generator=g)]
 
@@ -38,7 +45,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(16)
     grad = torch.randn(N, generator=g)
     cases = []
-    for bits, signed, cap, scale in itertools.product((8, 16), (False, True), (None, 6.0), (2.0 ** -5, 2.0 ** 3)):
+    for bits, signed, cap, scale in itertools.product((8, 16), (False, True), (None, 6.0), (2.0**-5, 2.0**3)):
         qmin, qmax = quant_bounds(bits, signed)
         x = inputs(scale, qmin, qmax, cap, g)
         xr = x.clone().requires_grad_(True)
@@ -49,8 +56,9 @@ def main() -> None:
         mask = xr.grad != 0
         assert torch.equal(codes.float() * scale, out.detach()), "outputs are not codes * scale"
         assert torch.equal(torch.where(mask, grad, 0.0), xr.grad), "the gradient is not a masked copy"
-        cases.append({"bits": bits, "signed": signed, "cap": cap, "scale": scale, "x": x, "codes": codes,
-                      "mask": mask})
+        cases.append(
+            {"bits": bits, "signed": signed, "cap": cap, "scale": scale, "x": x, "codes": codes, "mask": mask}
+        )
     path = Path(__file__).with_name("fake_quant_reference.pt")
     torch.save({"grad": grad, "cases": cases}, path)
     print(f"wrote {path} ({len(cases)} cases)")

@@ -19,6 +19,7 @@ contiguous elements (:func:`~xnnq.layers.sampling.block_sample`: the same sample
 memory traffic of a single-element stride), binned by :func:`bin_counts` (histc's counts, vectorized). A
 ``cap`` (ReLU6) is applied to the extremes and the sample, not to the tensor.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,9 @@ def bin_counts(sample: torch.Tensor, r: float, bins: int) -> torch.Tensor:
     """``torch.histc(sample, bins, -r, r)`` for a power-of-2 ``r`` and ``bins`` and values within ``[-r, r]``,
     the same counts (int64) at a third of the cost: the bin is ``floor((x + r) · bins / 2r)``, rounded as
     histc rounds it (``x + r`` in float32), the value ``r`` in the last bin."""
-    return torch.bincount(sample.add(r).mul_(bins / (2.0 * r)).floor_().clamp_(max=bins - 1).long(), minlength=bins)
+    return torch.bincount(
+        sample.add(r).mul_(bins / (2.0 * r)).floor_().clamp_(max=bins - 1).long(), minlength=bins
+    )
 
 
 class Histogram(nn.Module):
@@ -57,7 +60,9 @@ class Histogram(nn.Module):
         if not _is_pow2(bins) or bins < 2048:
             raise ValueError(f"{name or 'Histogram'}: bins must be a power of two >= 2048, got {bins}")
         if not _is_pow2(max_bins) or max_bins < bins:
-            raise ValueError(f"{name or 'Histogram'}: max_bins must be a power of two >= bins ({bins}), got {max_bins}")
+            raise ValueError(
+                f"{name or 'Histogram'}: max_bins must be a power of two >= bins ({bins}), got {max_bins}"
+            )
         self.bins, self.max_bins, self.sample_size, self.name = bins, max_bins, sample_size, name
         self.exponent: int | None = None  # span R = 2^exponent; None until the first batch
         self.register_buffer("counts", torch.zeros(0, dtype=torch.float64), persistent=False)
@@ -123,8 +128,10 @@ class Histogram(nn.Module):
         lo_f, hi_f = torch.stack([lo, hi]).tolist()  # the one host sync per batch
         amax = max(-lo_f, hi_f)
         if not math.isfinite(amax):
-            raise FloatingPointError(f"{self.name or 'Histogram'}: the calibration tensor holds NaN or Inf. "
-                                     "Check the calibration data and the model (run it in float first).")
+            raise FloatingPointError(
+                f"{self.name or 'Histogram'}: the calibration tensor holds NaN or Inf. "
+                "Check the calibration data and the model (run it in float first)."
+            )
         k = math.ceil(math.log2(max(amax, MIN_RANGE)))
         if self.exponent is None:
             self.exponent = k

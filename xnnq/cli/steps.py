@@ -136,9 +136,12 @@ def check_onnx(
             "accuracy": acc,
         }
         if chk.rounding is not None:  # QDQ: the integer reference beside onnxruntime (xnnq.export.reference)
-            res[fmt].update(reference_rounding=chk.rounding, reference_exact_vs_model=chk.ref_frac_exact_vs_sim,
-                            reference_exact_vs_onnxruntime=chk.ref_frac_exact_vs_ort,
-                            first_divergence=chk.first_divergence)
+            res[fmt].update(
+                reference_rounding=chk.rounding,
+                reference_exact_vs_model=chk.ref_frac_exact_vs_sim,
+                reference_exact_vs_onnxruntime=chk.ref_frac_exact_vs_ort,
+                first_divergence=chk.first_divergence,
+            )
     return res
 
 

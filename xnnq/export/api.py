@@ -1,4 +1,5 @@
 """``xnnq.export_onnx``: the TIDL-ready float ONNX or an ONNX QDQ model, plus its TIDL options JSON."""
+
 from __future__ import annotations
 
 import warnings
@@ -34,14 +35,14 @@ class ExportResult:
     path: Path
     options_path: Path
     model: onnx.ModelProto
-    module: fx.GraphModule                    # the float export graph (PyTorch), what the "tidl" ONNX computes
+    module: fx.GraphModule  # the float export graph (PyTorch), what the "tidl" ONNX computes
     activation_ranges: dict[str, tuple[float, float]]
     unsupported: list[tuple[str, str]] = field(default_factory=list)
-    target: str | None = None                 # the TIDL chip the export was made for (None: no target)
-    flow: str | None = None                   # "tidl", "qdq" or "quant_params" (mixed 8/16-bit, see docs)
+    target: str | None = None  # the TIDL chip the export was made for (None: no target)
+    flow: str | None = None  # "tidl", "qdq" or "quant_params" (mixed 8/16-bit, see docs)
     violations: list[Violation] = field(default_factory=list)  # TIDL importer rules the file breaks
-    fixes: list[str] = field(default_factory=list)             # exact fixes applied (tidl_fix)
-    quant_params_path: Path | None = None     # TIDL quantization-parameters file (flow "quant_params")
+    fixes: list[str] = field(default_factory=list)  # exact fixes applied (tidl_fix)
+    quant_params_path: Path | None = None  # TIDL quantization-parameters file (flow "quant_params")
     reference_model: onnx.ModelProto | None = None  # QDQ graph onnxruntime runs (int16 where 16-bit)
 
     def op_counts(self) -> dict[str, int]:
@@ -51,9 +52,11 @@ class ExportResult:
 def _qmodule(qmodel: Any) -> tuple[torch.nn.Module, fx.GraphModule]:
     gm = getattr(qmodel, "module", None)
     if not isinstance(gm, fx.GraphModule) or not hasattr(qmodel, "plan"):
-        raise TypeError(f"export_onnx expects an xnnq wrapper (QuantTrainModule, QuantTestModule or "
-                        f"QuantCalibrateModule), got {type(qmodel).__name__}. Wrap the float model first: "
-                        "qmodel = xnnq.QuantTestModule(model, dummy_input); qmodel.load_state_dict(...).")
+        raise TypeError(
+            f"export_onnx expects an xnnq wrapper (QuantTrainModule, QuantTestModule or "
+            f"QuantCalibrateModule), got {type(qmodel).__name__}. Wrap the float model first: "
+            "qmodel = xnnq.QuantTestModule(model, dummy_input); qmodel.load_state_dict(...)."
+        )
     return qmodel, gm
 
 
@@ -71,7 +74,9 @@ def export_graph(qmodel: Any) -> tuple[fx.GraphModule, list[ClipInfo], list[Laye
 
 def export_module(qmodel: Any) -> tuple[fx.GraphModule, list[ClipInfo], list[LayerInfo]]:
     """Deprecated name of :func:`export_graph`."""
-    warnings.warn("xnnq.export.export_module is deprecated; use export_graph", DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "xnnq.export.export_module is deprecated; use export_graph", DeprecationWarning, stacklevel=2
+    )
     return export_graph(qmodel)
 
 
@@ -91,12 +96,24 @@ def _layer_output(model: onnx.ModelProto, spot: WeightSpot, tensors: dict[str, s
     return next(n for n in model.graph.node if len(n.input) > 1 and n.input[1] == weight).output[0]
 
 
-def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str | None = None,
-                target: str | Target | None = None, strict: bool = False, tidl_options: dict[str, Any] | None = None,
-                quant_params: dict[str, str] | None = None, opset: int | None = None,
-                simplify: bool = True, check: bool = True, exporter: str = "torchscript",
-                input_names: list[str] | None = None, output_names: list[str] | None = None,
-                argmax: bool = False) -> ExportResult:
+def export_onnx(
+    qmodel: Any,
+    dummy_input: Any,
+    path: str | Path,
+    *,
+    format: str | None = None,
+    target: str | Target | None = None,
+    strict: bool = False,
+    tidl_options: dict[str, Any] | None = None,
+    quant_params: dict[str, str] | None = None,
+    opset: int | None = None,
+    simplify: bool = True,
+    check: bool = True,
+    exporter: str = "torchscript",
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+    argmax: bool = False,
+) -> ExportResult:
     """Export an xnnq model for TIDL.
 
     Args:
@@ -161,7 +178,9 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
     for layer in layers:
         w = f"{layer.name}.weight"
         if w not in inits:
-            raise RuntimeError(f"export: the weight of layer `{layer.name}` is not the initializer {w!r} in the ONNX graph")
+            raise RuntimeError(
+                f"export: the weight of layer `{layer.name}` is not the initializer {w!r} in the ONNX graph"
+            )
         weights[w] = layer
     # TIDL's 16-bit lists: views of the plan, in ONNX tensor names (exported quantizers, graph order)
     feature_16 = [t for q, t in tensors.items() if plan.act(q).bits == 16]
@@ -175,9 +194,17 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
     path = Path(path)
     reference = None
     acts = {tensors[c.name]: ActQuant(c.bits, c.power2, c.scale) for c in clips}
-    wq = {w: WeightQuant(layer.bits, layer.per_channel, layer.power2, layer.scale.numpy(),
-                         tensors.get(layer.input_quant or ""))
-          for w, layer in weights.items() if layer.scale is not None}
+    wq = {
+        w: WeightQuant(
+            layer.bits,
+            layer.per_channel,
+            layer.power2,
+            layer.scale.numpy(),
+            tensors.get(layer.input_quant or ""),
+        )
+        for w, layer in weights.items()
+        if layer.scale is not None
+    }
     if format == "qdq":
         reference = tidy_and_check(to_qdq(model, acts, wq), check)
         if flow == "qdq":
@@ -187,8 +214,9 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
     if flow == "quant_params":
         qp_path = path.with_name(path.stem + ".quant_params.prototxt")
         qp_layers, qp_per_channel = _quant_params_layers(model, tensors, clips, weights, quant_params or {})
-        qp_msg = quant_params_message(qp_layers, per_channel=qp_per_channel,
-                                      bit_depth=(quant_params or {}).get("bit_depth", "bits"))
+        qp_msg = quant_params_message(
+            qp_layers, per_channel=qp_per_channel, bit_depth=(quant_params or {}).get("bit_depth", "bits")
+        )
     if tgt is None:
         runtime_options = tidl_runtime_options(format, tensor_bits, feature_16, params_16)
         runtime_options.update(_extra_options(tidl_options))
@@ -196,11 +224,19 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
         bad = warn_unsupported(model, where)
     else:
         runtime_options = compile_options(
-            tgt, flow, tensor_bits=tensor_bits, per_channel=any(layer.per_channel for layer in layers),
+            tgt,
+            flow,
+            tensor_bits=tensor_bits,
+            per_channel=any(layer.per_channel for layer in layers),
             all_power2=all(c.power2 for c in clips) and all(layer.power2 for layer in layers),
-            feature_16bit=feature_16, params_16bit=params_16,
-            quant_params_path=qp_path.name if qp_path else None, extra=tidl_options)
-        in_memory = {k: v for k, v in runtime_options.items() if k != "advanced_options:quant_params_proto_path"}
+            feature_16bit=feature_16,
+            params_16bit=params_16,
+            quant_params_path=qp_path.name if qp_path else None,
+            extra=tidl_options,
+        )
+        in_memory = {
+            k: v for k, v in runtime_options.items() if k != "advanced_options:quant_params_proto_path"
+        }
         violations = tidl_check(model, tgt, options=in_memory)
         if flow != "qdq" and tgt.bias_bits is not None:  # bias codes are explicit in the QDQ form only
             twin = reference if reference is not None else to_qdq(model, acts, wq)
@@ -213,8 +249,12 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     if qp_msg is not None:
-        write_quant_params(qp_path, qp_layers, per_channel=qp_per_channel,
-                           bit_depth=(quant_params or {}).get("bit_depth", "bits"))
+        write_quant_params(
+            qp_path,
+            qp_layers,
+            per_channel=qp_per_channel,
+            bit_depth=(quant_params or {}).get("bit_depth", "bits"),
+        )
     ranges = {tensors[c.name]: (c.lo, c.hi) for c in clips}
     content = {
         "format": format,
@@ -226,30 +266,54 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
         "activation_ranges": {t: [lo, hi] for t, (lo, hi) in ranges.items()},
         "activation_scales": {tensors[c.name]: c.scale for c in clips},
         "activation_bits": {tensors[c.name]: c.bits for c in clips},
-        "weights": {w: {"bits": l.bits, "per_channel": l.per_channel, "power2": l.power2} for w, l in weights.items()},
+        "weights": {
+            w: {"bits": li.bits, "per_channel": li.per_channel, "power2": li.power2}
+            for w, li in weights.items()
+        },
         "quantizers": tensors,
         **({"fixes": fixes, "violations": [v.to_dict() for v in violations]} if tgt is not None else {}),
     }
     opts = write_options(path, content)
-    return ExportResult(path, opts, model, gm, ranges, bad, tgt.name if tgt else None, flow, violations, fixes,
-                        qp_path, reference)
+    return ExportResult(
+        path,
+        opts,
+        model,
+        gm,
+        ranges,
+        bad,
+        tgt.name if tgt else None,
+        flow,
+        violations,
+        fixes,
+        qp_path,
+        reference,
+    )
 
 
 def _quantities(clips: list[ClipInfo], layers: list[LayerInfo]) -> list[Quantity]:
-    return ([Quantity(c.name, "activation", c.bits, c.power2) for c in clips] +
-            [Quantity(layer.name, "weight", layer.bits, layer.power2, layer.per_channel)
-             for layer in layers if layer.scale is not None])
+    return [Quantity(c.name, "activation", c.bits, c.power2) for c in clips] + [
+        Quantity(layer.name, "weight", layer.bits, layer.power2, layer.per_channel)
+        for layer in layers
+        if layer.scale is not None
+    ]
 
 
 def _extra_options(extra: dict[str, Any] | None) -> dict[str, Any]:
     unknown = sorted(set(extra or {}) - set(KNOWN_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown TIDL compile option(s) {unknown}; known: {', '.join(sorted(KNOWN_OPTIONS))}")
+        raise ValueError(
+            f"unknown TIDL compile option(s) {unknown}; known: {', '.join(sorted(KNOWN_OPTIONS))}"
+        )
     return dict(extra or {})
 
 
-def _quant_params_layers(model: onnx.ModelProto, tensors: dict[str, str], clips: list[ClipInfo],
-                         weights: dict[str, LayerInfo], opts: dict[str, str]):
+def _quant_params_layers(
+    model: onnx.ModelProto,
+    tensors: dict[str, str],
+    clips: list[ClipInfo],
+    weights: dict[str, LayerInfo],
+    opts: dict[str, str],
+):
     """The quantization-parameters layers of the float ``model``: the simulation's ranges and weights."""
     unknown = set(opts) - {"bit_depth", "layer_names"}
     if unknown:
@@ -257,6 +321,11 @@ def _quant_params_layers(model: onnx.ModelProto, tensors: dict[str, str], clips:
     clip_ranges = {tensors[c.name]: ActRange(c.bits, c.signed, c.scale) for c in clips}
     ranges = tensor_ranges(model, clip_ranges)
     scales = {w: layer.scale.numpy() for w, layer in weights.items() if layer.scale is not None}
-    layers = model_layers(model, ranges, {w: layer.bits for w, layer in weights.items()}, scales,
-                          layer_names=opts.get("layer_names", "output"))
+    layers = model_layers(
+        model,
+        ranges,
+        {w: layer.bits for w, layer in weights.items()},
+        scales,
+        layer_names=opts.get("layer_names", "output"),
+    )
     return layers, any(layer.per_channel for layer in weights.values())

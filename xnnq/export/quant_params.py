@@ -26,6 +26,7 @@ What TI does not document, and how xnnq writes it (each can be changed by the ar
   weight scale is 128/max|w|); ``element_type``: eTIDL_ElementType ([tidl-io]: 0 uint8, 1 int8, 2 uint16,
   3 int16, 5 int32) — both informative, TIDL reads min/max.
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,28 +75,40 @@ def message_class() -> type:
     opt, rep = F.LABEL_OPTIONAL, F.LABEL_REPEATED
     enum("TidlQuantType", {"SYMMETRIC": 1, "ASYMMETRIC": 2})
     enum("TidlCalibType", {"PERTENSOR": 1, "PERCHANNEL": 2})
-    message("TidlTensorQuantParams", [
-        ("min", 1, F.TYPE_FLOAT, opt, {"default": "-3.4028234664e+38"}),
-        ("max", 2, F.TYPE_FLOAT, opt, {"default": "3.4028234664e+38"}),
-        ("size", 3, F.TYPE_UINT32, opt, {}),
-        ("element_type", 4, F.TYPE_UINT32, opt, {}),
-        ("scale", 5, F.TYPE_DOUBLE, rep, {"packed": True}),
-        ("zero_point", 6, F.TYPE_UINT32, rep, {"packed": True}),
-        ("value", 7, F.TYPE_DOUBLE, rep, {"packed": True})])
+    message(
+        "TidlTensorQuantParams",
+        [
+            ("min", 1, F.TYPE_FLOAT, opt, {"default": "-3.4028234664e+38"}),
+            ("max", 2, F.TYPE_FLOAT, opt, {"default": "3.4028234664e+38"}),
+            ("size", 3, F.TYPE_UINT32, opt, {}),
+            ("element_type", 4, F.TYPE_UINT32, opt, {}),
+            ("scale", 5, F.TYPE_DOUBLE, rep, {"packed": True}),
+            ("zero_point", 6, F.TYPE_UINT32, rep, {"packed": True}),
+            ("value", 7, F.TYPE_DOUBLE, rep, {"packed": True}),
+        ],
+    )
     tensor = {"type_name": ".TidlTensorQuantParams"}
-    message("TidlLayerQuantParams", [
-        ("layer_name", 1, F.TYPE_STRING, opt, {}),
-        ("layer_type", 2, F.TYPE_STRING, opt, {}),
-        ("bit_depth", 3, F.TYPE_UINT32, opt, {"default": "8"}),
-        ("outputs", 4, F.TYPE_MESSAGE, rep, tensor),
-        ("weights", 5, F.TYPE_MESSAGE, rep, tensor),
-        ("bias", 6, F.TYPE_MESSAGE, rep, tensor),
-        ("slope", 7, F.TYPE_MESSAGE, rep, tensor)])
-    message("TIDLNetQuantParams", [
-        ("num_layers", 1, F.TYPE_INT32, opt, {}),
-        ("quant_type", 2, F.TYPE_ENUM, opt, {"type_name": ".TidlQuantType", "default": "SYMMETRIC"}),
-        ("calib_type", 3, F.TYPE_ENUM, opt, {"type_name": ".TidlCalibType", "default": "PERTENSOR"}),
-        ("layers", 4, F.TYPE_MESSAGE, rep, {"type_name": ".TidlLayerQuantParams"})])
+    message(
+        "TidlLayerQuantParams",
+        [
+            ("layer_name", 1, F.TYPE_STRING, opt, {}),
+            ("layer_type", 2, F.TYPE_STRING, opt, {}),
+            ("bit_depth", 3, F.TYPE_UINT32, opt, {"default": "8"}),
+            ("outputs", 4, F.TYPE_MESSAGE, rep, tensor),
+            ("weights", 5, F.TYPE_MESSAGE, rep, tensor),
+            ("bias", 6, F.TYPE_MESSAGE, rep, tensor),
+            ("slope", 7, F.TYPE_MESSAGE, rep, tensor),
+        ],
+    )
+    message(
+        "TIDLNetQuantParams",
+        [
+            ("num_layers", 1, F.TYPE_INT32, opt, {}),
+            ("quant_type", 2, F.TYPE_ENUM, opt, {"type_name": ".TidlQuantType", "default": "SYMMETRIC"}),
+            ("calib_type", 3, F.TYPE_ENUM, opt, {"type_name": ".TidlCalibType", "default": "PERTENSOR"}),
+            ("layers", 4, F.TYPE_MESSAGE, rep, {"type_name": ".TidlLayerQuantParams"}),
+        ],
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("TIDLNetQuantParams"))
@@ -108,7 +121,7 @@ class ActRange:
 
     bits: int
     signed: bool
-    scale: float            # step
+    scale: float  # step
 
     @property
     def qmax(self) -> int:
@@ -132,7 +145,7 @@ class LayerParams:
     bits: int
     output: ActRange
     weights: np.ndarray | None = None
-    weight_scale: np.ndarray | None = None   # per tensor (1 value) or per output channel
+    weight_scale: np.ndarray | None = None  # per tensor (1 value) or per output channel
     weight_bits: int = 8
     bias: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -161,7 +174,9 @@ def tensor_ranges(model: onnx.ModelProto, clip_ranges: Mapping[str, ActRange]) -
             return find(n.input[0], depth + 1)
         return None
 
-    tensors = [i.name for i in graph.input if i.name not in inits] + [o for n in graph.node for o in n.output if o]
+    tensors = [i.name for i in graph.input if i.name not in inits] + [
+        o for n in graph.node for o in n.output if o
+    ]
     missing = []
     for t in tensors:
         r = find(t)
@@ -171,14 +186,22 @@ def tensor_ranges(model: onnx.ModelProto, clip_ranges: Mapping[str, ActRange]) -
         else:
             out[t] = r
     if missing:
-        raise ValueError(f"quant_params: no simulation range for {len(missing)} tensor(s): {', '.join(missing[:8])}. "
-                         "Every tensor TIDL computes needs a quantizer (or must follow one through a "
-                         "range-preserving op).")
+        raise ValueError(
+            f"quant_params: no simulation range for {len(missing)} tensor(s): {', '.join(missing[:8])}. "
+            "Every tensor TIDL computes needs a quantizer (or must follow one through a "
+            "range-preserving op)."
+        )
     return out
 
 
-def model_layers(model: onnx.ModelProto, ranges: Mapping[str, ActRange], weight_bits: Mapping[str, int],
-                 weight_scales: Mapping[str, np.ndarray], *, layer_names: str = "output") -> list[LayerParams]:
+def model_layers(
+    model: onnx.ModelProto,
+    ranges: Mapping[str, ActRange],
+    weight_bits: Mapping[str, int],
+    weight_scales: Mapping[str, np.ndarray],
+    *,
+    layer_names: str = "output",
+) -> list[LayerParams]:
     """One :class:`LayerParams` per graph input and per node of the float ``model``.
 
     ``weight_bits`` / ``weight_scales``: by Conv/Gemm weight initializer name. ``layer_names``:
@@ -188,14 +211,25 @@ def model_layers(model: onnx.ModelProto, ranges: Mapping[str, ActRange], weight_
         raise ValueError(f"layer_names must be 'output' or 'node', got {layer_names!r}")
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    layers = [LayerParams(i.name, DATA_LAYER, ranges[i.name].bits, ranges[i.name])
-              for i in graph.input if i.name not in inits]
+    layers = [
+        LayerParams(i.name, DATA_LAYER, ranges[i.name].bits, ranges[i.name])
+        for i in graph.input
+        if i.name not in inits
+    ]
     for n in graph.node:
         out = n.output[0]
         r = ranges[out]
-        lp = LayerParams(out if layer_names == "output" else (n.name or out), TIDL_LAYERS.get(n.op_type, n.op_type),
-                         r.bits, r)
-        if n.op_type in ("Conv", "Gemm", "ConvTranspose", "MatMul") and len(n.input) > 1 and n.input[1] in inits:
+        lp = LayerParams(
+            out if layer_names == "output" else (n.name or out),
+            TIDL_LAYERS.get(n.op_type, n.op_type),
+            r.bits,
+            r,
+        )
+        if (
+            n.op_type in ("Conv", "Gemm", "ConvTranspose", "MatMul")
+            and len(n.input) > 1
+            and n.input[1] in inits
+        ):
             w = n.input[1]
             lp.weights = numpy_helper.to_array(inits[w]).astype(np.float64)
             lp.weight_bits = int(weight_bits.get(w, 8))
@@ -209,8 +243,15 @@ def model_layers(model: onnx.ModelProto, ranges: Mapping[str, ActRange], weight_
 
 
 # ------------------------------------------------------------------------------------ write / read
-def _tensor(msg, lo: float, hi: float, size: int, element_type: int, scales: Iterable[float],
-            values: Iterable[float] = ()) -> None:
+def _tensor(
+    msg,
+    lo: float,
+    hi: float,
+    size: int,
+    element_type: int,
+    scales: Iterable[float],
+    values: Iterable[float] = (),
+) -> None:
     msg.min, msg.max = float(lo), float(hi)
     msg.size, msg.element_type = int(size), int(element_type)
     scales = list(scales)
@@ -225,7 +266,7 @@ def build_message(layers: list[LayerParams], *, per_channel: bool, bit_depth: st
         raise ValueError(f"bit_depth must be one of {BIT_DEPTH_STYLES}, got {bit_depth!r}")
     msg = message_class()()
     msg.num_layers = len(layers)
-    msg.quant_type = 1          # SYMMETRIC: the only type the mechanism supports
+    msg.quant_type = 1  # SYMMETRIC: the only type the mechanism supports
     msg.calib_type = 2 if per_channel else 1
     for lp in layers:
         lm = msg.layers.add()
@@ -235,26 +276,38 @@ def build_message(layers: list[LayerParams], *, per_channel: bool, bit_depth: st
         _tensor(lm.outputs.add(), o.min, o.max, 1, _ELEMENT_TYPE[(o.bits, o.signed)], [1.0 / o.scale])
         if lp.weights is not None:
             w = lp.weights
-            s = lp.weight_scale if lp.weight_scale is not None else np.array([max(abs(w.min()), abs(w.max()))
-                                                                             / ((1 << (lp.weight_bits - 1)) - 1)])
-            _tensor(lm.weights.add(), w.min(), w.max(), len(s), _ELEMENT_TYPE[(lp.weight_bits, True)], 1.0 / s)
+            s = (
+                lp.weight_scale
+                if lp.weight_scale is not None
+                else np.array([max(abs(w.min()), abs(w.max())) / ((1 << (lp.weight_bits - 1)) - 1)])
+            )
+            _tensor(
+                lm.weights.add(), w.min(), w.max(), len(s), _ELEMENT_TYPE[(lp.weight_bits, True)], 1.0 / s
+            )
         if lp.bias is not None:
             b = lp.bias
             _tensor(lm.bias.add(), b.min(), b.max(), b.size, _ELEMENT_TYPE[(32, True)], [], b)
     return msg
 
 
-def write_quant_params(path: str | Path, layers: list[LayerParams], *, per_channel: bool = False,
-                       bit_depth: str = "bits") -> Path:
+def write_quant_params(
+    path: str | Path, layers: list[LayerParams], *, per_channel: bool = False, bit_depth: str = "bits"
+) -> Path:
     """Write TIDL's quantization-parameters prototxt for ``layers``; returns the path."""
     from google.protobuf import text_format
 
     msg = build_message(layers, per_channel=per_channel, bit_depth=bit_depth)
-    bad = [lm.layer_name for lm in msg.layers for t in (*lm.outputs, *lm.weights, *lm.bias)
-           if not (-FLT_MAX < t.min <= t.max < FLT_MAX)]
+    bad = [
+        lm.layer_name
+        for lm in msg.layers
+        for t in (*lm.outputs, *lm.weights, *lm.bias)
+        if not (-FLT_MAX < t.min <= t.max < FLT_MAX)
+    ]
     if bad:
-        raise ValueError(f"quant_params: tensors of layer(s) {bad[:5]} have min/max outside ±FLT_MAX or min > max; "
-                         "TIDL would not bypass its calibration with such a file")
+        raise ValueError(
+            f"quant_params: tensors of layer(s) {bad[:5]} have min/max outside ±FLT_MAX or min > max; "
+            "TIDL would not bypass its calibration with such a file"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text_format.MessageToString(msg))

@@ -9,6 +9,7 @@ what the graph computes (Resize sizes → scales, a strided Slice → a 1x1 MaxP
 AveragePool → GlobalAveragePool, the IR version stamp, shape inference). Severity ``"error"``: TIDL
 rejects the node or does not offload it; ``"warning"``: outside what TI documents as validated.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,25 +29,27 @@ from .tidl_ops import FUSED_ONLY_OPS, TIDL_ONNX_OPS, unsupported_nodes
 
 OPS = SOURCES["tidl-ops"]
 OPS_11 = SOURCES["tidl-ops-11.0"]
-MAX_OPSET, MAX_IR = 19, 8        # [tidl-ops] 'Version': ONNX 1.14.0, ONNX Runtime 1.15.0 (OPSET-19 IR-8)
+MAX_OPSET, MAX_IR = 19, 8  # [tidl-ops] 'Version': ONNX 1.14.0, ONNX Runtime 1.15.0 (OPSET-19 IR-8)
 
 
 @dataclass(frozen=True)
 class Violation:
     """One broken TIDL importer rule."""
 
-    node: str            # node name (its output tensor when unnamed); the tensor/input for graph-level rules
+    node: str  # node name (its output tensor when unnamed); the tensor/input for graph-level rules
     op: str
-    rule: str            # rule id, e.g. "Conv.depthwise_kernel"
-    message: str         # what is wrong, with the values found
+    rule: str  # rule id, e.g. "Conv.depthwise_kernel"
+    message: str  # what is wrong, with the values found
     fix: str
-    source: str          # TI document and section
+    source: str  # TI document and section
     severity: str = "error"
     fixable: bool = False  # tidl_fix (run by export_onnx) repairs it exactly
 
     def __str__(self) -> str:
-        return (f"[{self.severity}] {self.node} ({self.op}): {self.rule}: {self.message}. Fix: {self.fix}"
-                f"{' (tidl_fix does this)' if self.fixable else ''}. Source: {self.source}")
+        return (
+            f"[{self.severity}] {self.node} ({self.op}): {self.rule}: {self.message}. Fix: {self.fix}"
+            f"{' (tidl_fix does this)' if self.fixable else ''}. Source: {self.source}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,13 +79,21 @@ def _name(node: onnx.NodeProto) -> str:
 class _Ctx:
     """The model with inferred shapes, constants and producers, the target and the compile options."""
 
-    def __init__(self, model: onnx.ModelProto, target: Target | None, options: Mapping[str, Any] | None,
-                 base_dir: Path | None):
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        target: Target | None,
+        options: Mapping[str, Any] | None,
+        base_dir: Path | None,
+    ):
         self.original = model
         self.recorded = {v.name for v in (*model.graph.input, *model.graph.output, *model.graph.value_info)}
         try:
             self.model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):  # rules that can run still do
+        except (
+            onnx.shape_inference.InferenceError,
+            onnx.checker.ValidationError,
+        ):  # rules that can run still do
             self.model = model
         self.graph = self.model.graph
         self.target, self.options, self.base_dir = target, dict(options or {}), base_dir
@@ -91,8 +102,9 @@ class _Ctx:
         self.shapes: dict[str, list[int | None]] = {}
         for v in (*self.graph.input, *self.graph.output, *self.graph.value_info):
             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-                self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None
-                                       for d in v.type.tensor_type.shape.dim]
+                self.shapes[v.name] = [
+                    d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim
+                ]
         for t in self.graph.initializer:
             self.shapes[t.name] = list(t.dims)
         self.qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in self.graph.node)
@@ -120,7 +132,10 @@ class _Ctx:
 
     def _sixteen_bit(self) -> set[str]:
         out = set()
-        for key in ("advanced_options:output_feature_16bit_names_list", "advanced_options:params_16bit_names_list"):
+        for key in (
+            "advanced_options:output_feature_16bit_names_list",
+            "advanced_options:params_16bit_names_list",
+        ):
             out |= {s for s in str(self.options.get(key, "")).replace(",", " ").split() if s}
         for n in self.graph.node:
             if n.op_type == "DequantizeLinear":
@@ -131,8 +146,17 @@ class _Ctx:
                     out.add(n.output[0])
         return out
 
-    def v(self, node: onnx.NodeProto, rule: str, message: str, fix: str, *, source: str = OPS,
-          severity: str = "error", fixable: bool = False) -> Violation:
+    def v(
+        self,
+        node: onnx.NodeProto,
+        rule: str,
+        message: str,
+        fix: str,
+        *,
+        source: str = OPS,
+        severity: str = "error",
+        fixable: bool = False,
+    ) -> Violation:
         return Violation(_name(node), node.op_type, rule, message, fix, source, severity, fixable)
 
 
@@ -150,8 +174,23 @@ def _non_singleton(shape: list[int | None] | None) -> int | None:
 # ------------------------------------------------------------------------------------------ rules
 Rule = Callable[[_Ctx, onnx.NodeProto], Iterable[Violation]]
 RULES: dict[str, list[Rule]] = {}
-DIM_LIMIT_4 = {"Conv", "ConvTranspose", "AveragePool", "GlobalAveragePool", "MaxPool", "Gemm", "MatMul", "Resize",
-               "Upsample", "ArgMax", "ArgMin", "ReduceMin", "ReduceMax", "ScatterND", "ScatterElements"}
+DIM_LIMIT_4 = {
+    "Conv",
+    "ConvTranspose",
+    "AveragePool",
+    "GlobalAveragePool",
+    "MaxPool",
+    "Gemm",
+    "MatMul",
+    "Resize",
+    "Upsample",
+    "ArgMax",
+    "ArgMin",
+    "ReduceMin",
+    "ReduceMax",
+    "ScatterND",
+    "ScatterElements",
+}
 
 
 def rule(*ops: str) -> Callable[[Rule], Rule]:
@@ -159,6 +198,7 @@ def rule(*ops: str) -> Callable[[Rule], Rule]:
         for op in ops:
             RULES.setdefault(op, []).append(fn)
         return fn
+
     return deco
 
 
@@ -167,52 +207,89 @@ def _dims(c: _Ctx, n: onnx.NodeProto):
     limit = 4 if n.op_type in DIM_LIMIT_4 else 6
     ns = _non_singleton(c.shape(n.input[0])) if n.input else None
     if ns is not None and ns > limit:
-        yield c.v(n, f"{n.op_type}.dims", f"input {n.input[0]} has {ns} non-singleton dimensions, TIDL takes at most "
-                  f"{limit}", "reshape so that at most that many dimensions are larger than 1")
+        yield c.v(
+            n,
+            f"{n.op_type}.dims",
+            f"input {n.input[0]} has {ns} non-singleton dimensions, TIDL takes at most {limit}",
+            "reshape so that at most that many dimensions are larger than 1",
+        )
 
 
 @rule("Conv")
 def _conv(c: _Ctx, n: onnx.NodeProto):
     if len(n.input) > 1 and not c.is_const(n.input[1]):
-        yield c.v(n, "Conv.variable_weight", "the weight is a variable input; only one variable input is allowed",
-                  "make the weight a constant initializer")
+        yield c.v(
+            n,
+            "Conv.variable_weight",
+            "the weight is a variable input; only one variable input is allowed",
+            "make the weight a constant initializer",
+        )
     w = c.shape(n.input[1]) if len(n.input) > 1 else None
     k = _attr(n, "kernel_shape") or (w[2:] if w else None)
     s = _spatial(n, "strides", 1, len(k) if k else 2)
     if len(set(s)) > 1:
-        yield c.v(n, "Conv.stride_equal", f"strides {s} differ; the stride must be the same along both dimensions",
-                  "use equal strides (e.g. stride the other axis with a following pool)")
+        yield c.v(
+            n,
+            "Conv.stride_equal",
+            f"strides {s} differ; the stride must be the same along both dimensions",
+            "use equal strides (e.g. stride the other axis with a following pool)",
+        )
     if not k or any(d is None for d in k):
         return
     k = list(k)
     if 2 in s and max(k) > 7:
-        yield c.v(n, "Conv.kernel_gt7_stride2", f"kernel {k} with stride 2: kernels larger than 7 with stride 2 are "
-                  "not supported", "use a kernel <= 7 or stride 1 followed by a pool")
+        yield c.v(
+            n,
+            "Conv.kernel_gt7_stride2",
+            f"kernel {k} with stride 2: kernels larger than 7 with stride 2 are not supported",
+            "use a kernel <= 7 or stride 1 followed by a pool",
+        )
     if 4 in s and k != [11, 11]:
-        yield c.v(n, "Conv.stride4", f"stride 4 with kernel {k}: stride 4 is only supported with an 11x11 kernel",
-                  "use stride 2 twice or an 11x11 kernel")
+        yield c.v(
+            n,
+            "Conv.stride4",
+            f"stride 4 with kernel {k}: stride 4 is only supported with an 11x11 kernel",
+            "use stride 2 twice or an 11x11 kernel",
+        )
     group = int(_attr(n, "group", 1))
     x = c.shape(n.input[0])
     cin = x[1] if x and len(x) > 1 else None
     if group > 1 and cin is not None and group == cin:
         allowed = {((1, 3), 1), ((3, 3), 1), ((3, 3), 2), ((5, 5), 1), ((5, 5), 2), ((7, 7), 1), ((7, 7), 2)}
         if (tuple(k), s[0]) not in allowed:
-            yield c.v(n, "Conv.depthwise_kernel", f"depthwise (fully grouped) {k[0]}x{k[-1]} stride {s[0]}; "
-                      "supported: 1x3s1, 3x3s1, 3x3s2, 5x5s1, 5x5s2, 7x7s1, 7x7s2",
-                      "use one of the supported kernel/stride pairs (rel 11.0 listed 3x3s1, 3x3s2, 5x5s2, 7x7s1, "
-                      "7x7s2 only)")
+            yield c.v(
+                n,
+                "Conv.depthwise_kernel",
+                f"depthwise (fully grouped) {k[0]}x{k[-1]} stride {s[0]}; "
+                "supported: 1x3s1, 3x3s1, 3x3s2, 5x5s1, 5x5s2, 7x7s1, 7x7s2",
+                "use one of the supported kernel/stride pairs (rel 11.0 listed 3x3s1, 3x3s2, 5x5s2, 7x7s1, "
+                "7x7s2 only)",
+            )
     t = c.target
     if t is not None and "conv_3x3_stride3" in t.conv_limits and k == [3, 3] and s[0] == 3:
-        yield c.v(n, "Conv.3x3_stride3", f"kernel 3x3 with stride 3 is not supported on {t.name}",
-                  "use stride 1 or 2 (then pool)")
+        yield c.v(
+            n,
+            "Conv.3x3_stride3",
+            f"kernel 3x3 with stride 3 is not supported on {t.name}",
+            "use stride 1 or 2 (then pool)",
+        )
     if t is not None and "conv_pad_gt_width" in t.conv_limits and x and len(x) == 4 and x[3] is not None:
         pads = _spatial(n, "pads", 0, 4)
         if max(pads) > x[3]:
-            yield c.v(n, "Conv.pad_gt_width", f"padding {pads} is larger than the input width {x[3]}, not supported "
-                      f"on {t.name}", "pad less than the input width (or pad the input explicitly)")
+            yield c.v(
+                n,
+                "Conv.pad_gt_width",
+                f"padding {pads} is larger than the input width {x[3]}, not supported on {t.name}",
+                "pad less than the input width (or pad the input explicitly)",
+            )
         if x[3] < max(pads[1], pads[3]):
-            yield c.v(n, "Conv.width_lt_pad", f"input width {x[3]} is less than max(pad left, pad right) = "
-                      f"{max(pads[1], pads[3])}, not supported on {t.name}", "use a wider input or less padding")
+            yield c.v(
+                n,
+                "Conv.width_lt_pad",
+                f"input width {x[3]} is less than max(pad left, pad right) = "
+                f"{max(pads[1], pads[3])}, not supported on {t.name}",
+                "use a wider input or less padding",
+            )
 
 
 @rule("ConvTranspose")
@@ -221,16 +298,24 @@ def _deconv(c: _Ctx, n: onnx.NodeProto):
     k = list(_attr(n, "kernel_shape") or (w[2:] if w else []))
     s = _spatial(n, "strides", 1, len(k) or 2)
     if k and (k not in ([2, 2], [3, 3], [4, 4]) or s != [2, 2]):
-        yield c.v(n, "ConvTranspose.kernel_stride", f"kernel {k} stride {s}; only 4x4, 3x3 and 2x2 kernels with 2x2 "
-                  "stride are supported", "use a supported kernel, or Resize (more efficient)")
+        yield c.v(
+            n,
+            "ConvTranspose.kernel_stride",
+            f"kernel {k} stride {s}; only 4x4, 3x3 and 2x2 kernels with 2x2 stride are supported",
+            "use a supported kernel, or Resize (more efficient)",
+        )
     if int(_attr(n, "group", 1)) != 1:
         yield c.v(n, "ConvTranspose.group", "only group = 1 is supported", "use group 1", source=OPS_11)
     if any(d != 1 for d in _spatial(n, "dilations", 1)):
         yield c.v(n, "ConvTranspose.dilation", "only dilations (1, 1) are supported", "use dilation 1")
     t = c.target
     if t is not None and "deconv_16bit" in t.conv_limits and (set(n.output) | set(n.input)) & c.sixteen:
-        yield c.v(n, "ConvTranspose.16bit", f"16-bit ConvTranspose is not supported on {t.name}",
-                  "keep this layer 8-bit, or use Resize")
+        yield c.v(
+            n,
+            "ConvTranspose.16bit",
+            f"16-bit ConvTranspose is not supported on {t.name}",
+            "keep this layer 8-bit, or use Resize",
+        )
 
 
 @rule("AveragePool", "MaxPool", "GlobalAveragePool")
@@ -238,51 +323,111 @@ def _pool(c: _Ctx, n: onnx.NodeProto):
     if any(d != 1 for d in _spatial(n, "dilations", 1)):
         yield c.v(n, "Pool.dilation", "only dilations (1, 1) are supported", "use dilation 1")
     if int(_attr(n, "storage_order", 0)) != 0:
-        yield c.v(n, "Pool.storage_order", "only storage_order = 0 is supported", "use the default", source=OPS_11)
+        yield c.v(
+            n, "Pool.storage_order", "only storage_order = 0 is supported", "use the default", source=OPS_11
+        )
     if len([o for o in n.output if o]) > 1:
-        yield c.v(n, "Pool.outputs", "the number of outputs must be 1 (no MaxPool indices)", "drop the indices output")
+        yield c.v(
+            n,
+            "Pool.outputs",
+            "the number of outputs must be 1 (no MaxPool indices)",
+            "drop the indices output",
+        )
     x = c.shape(n.input[0])
     if n.op_type == "GlobalAveragePool":
         if x and len(x) == 4 and None not in x[2:] and x[2] * x[3] > 1024:
-            yield c.v(n, "Pool.global_plane", f"plane {x[2]}x{x[3]} = {x[2] * x[3]} > 1024",
-                      "apply convert_large_global_avg_pooling_to_matmul of TI's tidl-onnx-model-optimizer")
+            yield c.v(
+                n,
+                "Pool.global_plane",
+                f"plane {x[2]}x{x[3]} = {x[2] * x[3]} > 1024",
+                "apply convert_large_global_avg_pooling_to_matmul of TI's tidl-onnx-model-optimizer",
+            )
         return
     k, s = list(_attr(n, "kernel_shape") or []), _spatial(n, "strides", 1)
     if n.op_type == "AveragePool" and x and len(x) == 4 and k == x[2:] and not any(_spatial(n, "pads", 0, 4)):
-        yield c.v(n, "Pool.validated_sizes", f"kernel {k} covers the whole {x[2]}x{x[3]} input; pooling is validated "
-                  "for 1x1, 2x2 and 3x3 kernels", "use GlobalAveragePool (same result)", severity="warning",
-                  fixable=True)
+        yield c.v(
+            n,
+            "Pool.validated_sizes",
+            f"kernel {k} covers the whole {x[2]}x{x[3]} input; pooling is validated "
+            "for 1x1, 2x2 and 3x3 kernels",
+            "use GlobalAveragePool (same result)",
+            severity="warning",
+            fixable=True,
+        )
         return
-    if not (len(set(k)) == 1 and k[0] in (1, 2, 3) and len(set(s)) == 1 and s[0] in (1, 2) and (k[0], s[0]) != (2, 1)):
-        yield c.v(n, "Pool.validated_sizes", f"kernel {k} stride {s}; validated for 3x3, 2x2 and 1x1 kernels with "
-                  "stride 1 or 2 (not 2x2 stride 1)", "use a validated kernel/stride", severity="warning")
+    if not (
+        len(set(k)) == 1
+        and k[0] in (1, 2, 3)
+        and len(set(s)) == 1
+        and s[0] in (1, 2)
+        and (k[0], s[0]) != (2, 1)
+    ):
+        yield c.v(
+            n,
+            "Pool.validated_sizes",
+            f"kernel {k} stride {s}; validated for 3x3, 2x2 and 1x1 kernels with "
+            "stride 1 or 2 (not 2x2 stride 1)",
+            "use a validated kernel/stride",
+            severity="warning",
+        )
 
 
 @rule("Add", "Mul", "Sub", "Div", "Max", "Min", "Sum")
 def _eltwise(c: _Ctx, n: onnx.NodeProto):
     if len(n.input) > 2:
-        yield c.v(n, "Eltwise.inputs", f"{len(n.input)} inputs; only 2 inputs are supported",
-                  "chain binary operations")
+        yield c.v(
+            n,
+            "Eltwise.inputs",
+            f"{len(n.input)} inputs; only 2 inputs are supported",
+            "chain binary operations",
+        )
     consts = [i for i in n.input if c.is_const(i)]
     variables = [i for i in n.input if not c.is_const(i)]
-    if consts and variables and not any(v in c.recorded for v in variables) and n.op_type in ("Add", "Mul", "Sub", "Div"):
-        yield c.v(n, "Eltwise.shape_inference", "a constant operand needs the layer's input dimensions in the "
-                  "model, which has no shape information for " + variables[0], "run ONNX shape inference",
-                  fixable=True)
+    if (
+        consts
+        and variables
+        and not any(v in c.recorded for v in variables)
+        and n.op_type in ("Add", "Mul", "Sub", "Div")
+    ):
+        yield c.v(
+            n,
+            "Eltwise.shape_inference",
+            "a constant operand needs the layer's input dimensions in the "
+            "model, which has no shape information for " + variables[0],
+            "run ONNX shape inference",
+            fixable=True,
+        )
 
 
 @rule("Gemm")
 def _gemm(c: _Ctx, n: onnx.NodeProto):
-    if int(_attr(n, "transA", 0)) != 0 or float(_attr(n, "alpha", 1.0)) != 1.0 or float(_attr(n, "beta", 1.0)) != 1.0:
-        yield c.v(n, "Gemm.attrs", "only transA = 0, alpha = 1.0 and beta = 1.0 are supported",
-                  "fold alpha/beta into the weights, transpose A upstream")
+    if (
+        int(_attr(n, "transA", 0)) != 0
+        or float(_attr(n, "alpha", 1.0)) != 1.0
+        or float(_attr(n, "beta", 1.0)) != 1.0
+    ):
+        yield c.v(
+            n,
+            "Gemm.attrs",
+            "only transA = 0, alpha = 1.0 and beta = 1.0 are supported",
+            "fold alpha/beta into the weights, transpose A upstream",
+        )
     if len(n.input) > 1 and not c.is_const(n.input[1]):
-        yield c.v(n, "Gemm.variable_inputs", "more than one variable input", "make B a constant initializer (or MatMul)")
+        yield c.v(
+            n,
+            "Gemm.variable_inputs",
+            "more than one variable input",
+            "make B a constant initializer (or MatMul)",
+        )
     if len(n.input) > 2 and n.input[2]:
         b = c.shape(n.input[2])
         if b is not None and not (len(b) == 1 or (len(b) == 2 and b[0] == 1)):
-            yield c.v(n, "Gemm.bias_shape", f"bias of shape {b}; it must be [N] or [1, N]",
-                      "convert_gemm_to_matmul_and_add of TI's tidl-onnx-model-optimizer")
+            yield c.v(
+                n,
+                "Gemm.bias_shape",
+                f"bias of shape {b}; it must be [N] or [1, N]",
+                "convert_gemm_to_matmul_and_add of TI's tidl-onnx-model-optimizer",
+            )
 
 
 @rule("Softmax")
@@ -292,8 +437,12 @@ def _softmax(c: _Ctx, n: onnx.NodeProto):
         return
     axis = int(_attr(n, "axis", -1)) % len(x)
     if axis not in (len(x) - 1, len(x) - 2):
-        yield c.v(n, "Softmax.axis", f"axis {axis} of a rank-{len(x)} input; only width and height are supported",
-                  "transpose so that the softmax runs over the last axis")
+        yield c.v(
+            n,
+            "Softmax.axis",
+            f"axis {axis} of a rank-{len(x)} input; only width and height are supported",
+            "transpose so that the softmax runs over the last axis",
+        )
 
 
 @rule("Concat")
@@ -303,14 +452,24 @@ def _concat(c: _Ctx, n: onnx.NodeProto):
     axis = int(_attr(n, "axis", 0))
     neg = axis - rank if (rank is not None and axis >= 0) else axis
     if (rank is not None and (neg not in (-3, -2, -1) or neg + rank == 0)) or (rank is None and axis == 0):
-        yield c.v(n, "Concat.axis", f"axis {axis} (rank {rank}); only axes -3, -2, -1 (channel, height, width) are "
-                  "supported, never the batch axis", "concatenate along channels, height or width")
+        yield c.v(
+            n,
+            "Concat.axis",
+            f"axis {axis} (rank {rank}); only axes -3, -2, -1 (channel, height, width) are "
+            "supported, never the batch axis",
+            "concatenate along channels, height or width",
+        )
 
 
 @rule("Slice")
 def _slice(c: _Ctx, n: onnx.NodeProto):
     if any(not c.is_const(i) for i in n.input[1:] if i):
-        yield c.v(n, "Slice.inputs", "starts/ends/axes/steps must be constant initializers", "constant-fold them (onnxsim)")
+        yield c.v(
+            n,
+            "Slice.inputs",
+            "starts/ends/axes/steps must be constant initializers",
+            "constant-fold them (onnxsim)",
+        )
         return
     x = c.shape(n.input[0])
     rank = len(x) if x is not None else 4
@@ -318,45 +477,78 @@ def _slice(c: _Ctx, n: onnx.NodeProto):
     steps = c.const(n.input[4]) if len(n.input) > 4 and n.input[4] else np.ones(len(axes), np.int64)
     axes = [int(a) % rank for a in axes]
     if 0 in axes:
-        yield c.v(n, "Slice.batch", "slicing along the batch axis is not supported", "slice non-batch axes only")
+        yield c.v(
+            n, "Slice.batch", "slicing along the batch axis is not supported", "slice non-batch axes only"
+        )
     if x is not None and x[0] not in (1, None):
-        yield c.v(n, "Slice.batch_size", f"batch size {x[0]}; only batch size 1 is supported",
-                  "export with a batch-1 dummy input")
+        yield c.v(
+            n,
+            "Slice.batch_size",
+            f"batch size {x[0]}; only batch size 1 is supported",
+            "export with a batch-1 dummy input",
+        )
     if any(int(s) != 1 for s in steps):
-        yield c.v(n, "Slice.stride", f"steps {[int(s) for s in steps]}: a non-1 stride is supported only inside "
-                  "the patch-merging pattern", "a stride-2 slice of H and W is a 1x1 MaxPool with stride 2",
-                  fixable=_slice_as_pool(c, n) is not None)
+        yield c.v(
+            n,
+            "Slice.stride",
+            f"steps {[int(s) for s in steps]}: a non-1 stride is supported only inside "
+            "the patch-merging pattern",
+            "a stride-2 slice of H and W is a 1x1 MaxPool with stride 2",
+            fixable=_slice_as_pool(c, n) is not None,
+        )
 
 
 @rule("Resize", "Upsample")
 def _resize(c: _Ctx, n: onnx.NodeProto):
     mode = _attr(n, "mode", "nearest")
     if mode not in ("nearest", "linear"):
-        yield c.v(n, "Resize.mode", f"mode {mode!r}; only 'nearest' and 'linear' are supported",
-                  "use nearest or (bi)linear")
+        yield c.v(
+            n,
+            "Resize.mode",
+            f"mode {mode!r}; only 'nearest' and 'linear' are supported",
+            "use nearest or (bi)linear",
+        )
     scales = _resize_scales(c, n)
     if scales is None:
         sizes = c.const(n.input[3]) if n.op_type == "Resize" and len(n.input) > 3 and n.input[3] else None
-        yield c.v(n, "Resize.sizes", "the output is given by sizes" + ("" if sizes is not None else
-                  " (not constant)") + "; TIDL needs constant scales", "give constant scales (F.interpolate with "
-                  "scale_factor)", fixable=_sizes_to_scales(c, n) is not None)
+        yield c.v(
+            n,
+            "Resize.sizes",
+            "the output is given by sizes"
+            + ("" if sizes is not None else " (not constant)")
+            + "; TIDL needs constant scales",
+            "give constant scales (F.interpolate with scale_factor)",
+            fixable=_sizes_to_scales(c, n) is not None,
+        )
     else:
         s = [float(v) for v in scales]
         if len(s) >= 3 and any(v != 1.0 for v in s[:-2]):
-            yield c.v(n, "Resize.axes", f"scales {s}; resizing is supported along width and height only",
-                      "keep batch and channel scales at 1")
+            yield c.v(
+                n,
+                "Resize.axes",
+                f"scales {s}; resizing is supported along width and height only",
+                "keep batch and channel scales at 1",
+            )
         hw = s[-2:]
         if any(v < 1.0 for v in hw):
-            yield c.v(n, "Resize.downscale", f"scales {hw} < 1 are not supported", "downscale with a pool or a "
-                      "strided conv")
+            yield c.v(
+                n,
+                "Resize.downscale",
+                f"scales {hw} < 1 are not supported",
+                "downscale with a pool or a strided conv",
+            )
         elif hw[0] != hw[-1]:
-            yield c.v(n, "Resize.hw_equal", f"width and height scales {hw} differ", "use the same factor on both")
+            yield c.v(
+                n, "Resize.hw_equal", f"width and height scales {hw} differ", "use the same factor on both"
+            )
         elif any(v > 0 and not math.log2(v).is_integer() for v in hw):
             yield c.v(n, "Resize.power2", f"scale {hw[0]} is not a power of 2", "use a factor of 2, 4, 8...")
     if int(_attr(n, "antialias", 0)) != 0:
         yield c.v(n, "Resize.antialias", "only antialias = 0 is supported", "disable antialiasing")
     if _attr(n, "keep_aspect_ratio_policy", "stretch") != "stretch":
-        yield c.v(n, "Resize.aspect", "only keep_aspect_ratio_policy = 'stretch' is supported", "use the default")
+        yield c.v(
+            n, "Resize.aspect", "only keep_aspect_ratio_policy = 'stretch' is supported", "use the default"
+        )
     if int(_attr(n, "exclude_outside", 0)) != 0:
         yield c.v(n, "Resize.exclude_outside", "only exclude_outside = 0 is supported", "use the default")
     if n.op_type == "Upsample":
@@ -364,22 +556,47 @@ def _resize(c: _Ctx, n: onnx.NodeProto):
     ctm = _attr(n, "coordinate_transformation_mode", "half_pixel")
     nearest = _attr(n, "nearest_mode", "round_prefer_floor")
     if ctm not in ("half_pixel", "pytorch_half_pixel", "asymmetric"):
-        yield c.v(n, "Resize.coordinate_mode", f"coordinate_transformation_mode {ctm!r}; supported: half_pixel, "
-                  "pytorch_half_pixel, asymmetric", "use align_corners=False")
+        yield c.v(
+            n,
+            "Resize.coordinate_mode",
+            f"coordinate_transformation_mode {ctm!r}; supported: half_pixel, pytorch_half_pixel, asymmetric",
+            "use align_corners=False",
+        )
     elif mode == "nearest" and ctm in ("half_pixel", "pytorch_half_pixel") and nearest != "round_prefer_ceil":
-        yield c.v(n, "Resize.nearest_mode", f"nearest_mode {nearest!r} with {ctm}; only 'round_prefer_ceil' is "
-                  "supported", "export nearest resizes with coordinate_transformation_mode 'asymmetric' + 'floor' "
-                  "(PyTorch's nearest)")
+        yield c.v(
+            n,
+            "Resize.nearest_mode",
+            f"nearest_mode {nearest!r} with {ctm}; only 'round_prefer_ceil' is supported",
+            "export nearest resizes with coordinate_transformation_mode 'asymmetric' + 'floor' "
+            "(PyTorch's nearest)",
+        )
     elif mode == "nearest" and ctm == "asymmetric" and nearest != "floor":
-        yield c.v(n, "Resize.nearest_mode", f"nearest_mode {nearest!r} with asymmetric; only 'floor' is supported",
-                  "use nearest_mode 'floor'")
+        yield c.v(
+            n,
+            "Resize.nearest_mode",
+            f"nearest_mode {nearest!r} with asymmetric; only 'floor' is supported",
+            "use nearest_mode 'floor'",
+        )
     elif mode == "linear" and ctm == "asymmetric":
-        yield c.v(n, "Resize.linear_asymmetric", "'linear' with 'asymmetric' coordinates is not supported",
-                  "use half_pixel (align_corners=False)")
+        yield c.v(
+            n,
+            "Resize.linear_asymmetric",
+            "'linear' with 'asymmetric' coordinates is not supported",
+            "use half_pixel (align_corners=False)",
+        )
     out = c.shape(n.output[0])
-    if ctm == "pytorch_half_pixel" and out and len(out) >= 2 and any(d is not None and d <= 1 for d in out[-2:]):
-        yield c.v(n, "Resize.pytorch_half_pixel_size", f"pytorch_half_pixel with output size {out[-2:]} <= 1",
-                  "use half_pixel")
+    if (
+        ctm == "pytorch_half_pixel"
+        and out
+        and len(out) >= 2
+        and any(d is not None and d <= 1 for d in out[-2:])
+    ):
+        yield c.v(
+            n,
+            "Resize.pytorch_half_pixel_size",
+            f"pytorch_half_pixel with output size {out[-2:]} <= 1",
+            "use half_pixel",
+        )
 
 
 @rule("Clip")
@@ -389,35 +606,51 @@ def _clip(c: _Ctx, n: onnx.NodeProto):
     lo = -math.inf if lo is None else float(np.asarray(lo).reshape(-1)[0])
     hi = math.inf if hi is None else float(np.asarray(hi).reshape(-1)[0])
     if not (lo <= 0 < hi):
-        yield c.v(n, "Clip.bounds", f"bounds [{lo}, {hi}]; only min <= 0 and max > 0 are supported",
-                  "clip to a range that contains 0 (add an offset before/after)")
+        yield c.v(
+            n,
+            "Clip.bounds",
+            f"bounds [{lo}, {hi}]; only min <= 0 and max > 0 are supported",
+            "clip to a range that contains 0 (add an offset before/after)",
+        )
 
 
 @rule("Pad")
 def _pad(c: _Ctx, n: onnx.NodeProto):
     if _attr(n, "mode", "constant") != "constant":
-        yield c.v(n, "Pad.mode", f"mode {_attr(n, 'mode')!r}; only constant padding is supported", "pad with zeros")
+        yield c.v(
+            n, "Pad.mode", f"mode {_attr(n, 'mode')!r}; only constant padding is supported", "pad with zeros"
+        )
     value = c.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
     if value is not None and value.size and float(value.reshape(-1)[0]) != 0.0:
-        yield c.v(n, "Pad.value", f"constant_value {float(value.reshape(-1)[0])}; only 0 is supported", "pad with 0")
+        yield c.v(
+            n, "Pad.value", f"constant_value {float(value.reshape(-1)[0])}; only 0 is supported", "pad with 0"
+        )
     pads = c.const(n.input[1]) if len(n.input) > 1 else None
     if pads is None:
         pads = np.asarray(_attr(n, "pads", []) or [])
     x = c.shape(n.input[0])
     rank = len(x) if x is not None else len(pads) // 2
     axes = c.const(n.input[3]) if len(n.input) > 3 and n.input[3] else np.arange(rank)
-    padded = [int(a) % rank for a, lo, hi in zip(axes, pads[:len(axes)], pads[len(axes):]) if lo or hi]
+    padded = [int(a) % rank for a, lo, hi in zip(axes, pads[: len(axes)], pads[len(axes) :]) if lo or hi]
     bad = [a for a in padded if a < rank - 2]
     if bad:
-        yield c.v(n, "Pad.axes", f"pads {pads.tolist()} pad axis {bad}; padding is supported on width and height only",
-                  "pad inside a conv (its pads), or move the extra channels into a 1x1 conv / a Concat")
+        yield c.v(
+            n,
+            "Pad.axes",
+            f"pads {pads.tolist()} pad axis {bad}; padding is supported on width and height only",
+            "pad inside a conv (its pads), or move the extra channels into a 1x1 conv / a Concat",
+        )
 
 
 @rule("Reshape")
 def _reshape(c: _Ctx, n: onnx.NodeProto):
     if not c.is_const(n.input[1]):
-        yield c.v(n, "Reshape.shape", "the target shape is a variable; only a constant shape is supported",
-                  "constant-fold the shape (static input shape + onnxsim)")
+        yield c.v(
+            n,
+            "Reshape.shape",
+            "the target shape is a variable; only a constant shape is supported",
+            "constant-fold the shape (static input shape + onnxsim)",
+        )
     if int(_attr(n, "allowzero", 0)) != 0:
         yield c.v(n, "Reshape.allowzero", "only allowzero = 0 is supported", "use the default")
 
@@ -428,9 +661,13 @@ def _argmax(c: _Ctx, n: onnx.NodeProto):
     axis = int(_attr(n, "axis", 0))
     neg = axis - len(x) if (x is not None and axis >= 0) else axis
     if int(_attr(n, "keepdims", 1)) != 1 or neg != -3 or int(_attr(n, "select_last_index", 0)) != 0:
-        yield c.v(n, f"{n.op_type}.attrs", f"axis {axis}, keepdims {_attr(n, 'keepdims', 1)}, select_last_index "
-                  f"{_attr(n, 'select_last_index', 0)}; only axis -3 (channels), keepdims 1, select_last_index 0",
-                  "take the arg over channels with keepdims")
+        yield c.v(
+            n,
+            f"{n.op_type}.attrs",
+            f"axis {axis}, keepdims {_attr(n, 'keepdims', 1)}, select_last_index "
+            f"{_attr(n, 'select_last_index', 0)}; only axis -3 (channels), keepdims 1, select_last_index 0",
+            "take the arg over channels with keepdims",
+        )
 
 
 @rule("DepthToSpace", "SpaceToDepth")
@@ -441,24 +678,36 @@ def _d2s(c: _Ctx, n: onnx.NodeProto):
     if len(x) != 4:
         yield c.v(n, f"{n.op_type}.rank", f"rank-{len(x)} input; it must be 4-D", "reshape to NCHW")
     elif n.op_type == "DepthToSpace" and x[1] is not None and x[1] % (b * b):
-        yield c.v(n, "DepthToSpace.channels", f"{x[1]} channels is not a multiple of blocksize^2 = {b * b}",
-                  "use a channel count divisible by blocksize^2")
+        yield c.v(
+            n,
+            "DepthToSpace.channels",
+            f"{x[1]} channels is not a multiple of blocksize^2 = {b * b}",
+            "use a channel count divisible by blocksize^2",
+        )
     elif n.op_type == "SpaceToDepth" and any(d is not None and d % b for d in x[2:]):
-        yield c.v(n, "SpaceToDepth.size", f"height/width {x[2:]} not multiples of blocksize {b}", "pad or crop")
+        yield c.v(
+            n, "SpaceToDepth.size", f"height/width {x[2:]} not multiples of blocksize {b}", "pad or crop"
+        )
 
 
 @rule("BatchNormalization")
 def _bn(c: _Ctx, n: onnx.NodeProto):
     if int(_attr(n, "training_mode", 0)) != 0:
-        yield c.v(n, "BatchNormalization.training", "training_mode = 1 is not supported", "export in eval mode")
+        yield c.v(
+            n, "BatchNormalization.training", "training_mode = 1 is not supported", "export in eval mode"
+        )
 
 
 @rule("Cast")
 def _cast(c: _Ctx, n: onnx.NodeProto):
     inputs, outputs = {i.name for i in c.graph.input}, {o.name for o in c.graph.output}
     if n.input[0] not in inputs and n.output[0] not in outputs:
-        yield c.v(n, "Cast.position", "Cast is supported only at the terminal nodes (inputs/outputs) of the network",
-                  "remove the Cast or move it to an input/output")
+        yield c.v(
+            n,
+            "Cast.position",
+            "Cast is supported only at the terminal nodes (inputs/outputs) of the network",
+            "remove the Cast or move it to an input/output",
+        )
 
 
 @rule("QuantizeLinear", "DequantizeLinear")
@@ -469,26 +718,53 @@ def _qdq(c: _Ctx, n: onnx.NodeProto):
     # per-channel constant weights (axis 0 of a Conv weight) are documented as supported for Conv and Gemm in
     # [tidl-quant] 'TIDL Layer Quantization Restrictions'; the axis = 1 rule is read as the activations'
     if scale is not None and scale.size > 1 and int(_attr(n, "axis", 1)) != 1 and not weight:
-        yield c.v(n, "QDQ.axis", f"per-channel activation quantization along axis {_attr(n, 'axis')}; only the "
-                  "default axis = 1 is supported", "quantize activations per tensor")
+        yield c.v(
+            n,
+            "QDQ.axis",
+            f"per-channel activation quantization along axis {_attr(n, 'axis')}; only the "
+            "default axis = 1 is supported",
+            "quantize activations per tensor",
+        )
     dtype = zp.dtype if zp is not None else None
     if dtype is not None and np.dtype(dtype).itemsize > 1 and np.dtype(dtype) != np.int32:
-        yield c.v(n, "QDQ.8bit", f"{np.dtype(dtype).name} quantization; pre-quantized ONNX models are 8-bit only",
-                  "give 16-bit layers through the quantization-parameters file (export_onnx(format='qdq', target=...) "
-                  "does this)", source=SOURCES["tidl-fsg-quant"])
+        yield c.v(
+            n,
+            "QDQ.8bit",
+            f"{np.dtype(dtype).name} quantization; pre-quantized ONNX models are 8-bit only",
+            "give 16-bit layers through the quantization-parameters file (export_onnx(format='qdq', target=...) "
+            "does this)",
+            source=SOURCES["tidl-fsg-quant"],
+        )
     t = c.target
     if t is None or scale is None:
         return
-    if t.power2_only and not all(math.log2(float(s)).is_integer() for s in np.asarray(scale).reshape(-1) if s > 0):
-        yield c.v(n, "QDQ.power2", f"scale {np.asarray(scale).reshape(-1)[:4].tolist()} is not a power of 2; "
-                  f"{t.name} runs power-of-2 scales only", "quantize with power-of-2 scales (target='TDA4VM' wrappers "
-                  "do)", source=t.source("power2_only"))
+    if t.power2_only and not all(
+        math.log2(float(s)).is_integer() for s in np.asarray(scale).reshape(-1) if s > 0
+    ):
+        yield c.v(
+            n,
+            "QDQ.power2",
+            f"scale {np.asarray(scale).reshape(-1)[:4].tolist()} is not a power of 2; "
+            f"{t.name} runs power-of-2 scales only",
+            "quantize with power-of-2 scales (target='TDA4VM' wrappers do)",
+            source=t.source("power2_only"),
+        )
     if not t.asymmetric and zp is not None and np.any(zp != 0):
-        yield c.v(n, "QDQ.zero_point", f"zero-point {np.asarray(zp).reshape(-1)[:4].tolist()}; {t.name} has no "
-                  "asymmetric quantization", "quantize symmetrically (zero-point 0)", source=t.source("asymmetric"))
+        yield c.v(
+            n,
+            "QDQ.zero_point",
+            f"zero-point {np.asarray(zp).reshape(-1)[:4].tolist()}; {t.name} has no asymmetric quantization",
+            "quantize symmetrically (zero-point 0)",
+            source=t.source("asymmetric"),
+        )
     if not t.per_channel_weights and scale.size > 1:
-        yield c.v(n, "QDQ.per_channel", f"{scale.size} per-channel scales; {t.name} quantizes per tensor",
-                  "quantize weights per tensor", source=t.source("per_channel_weights"))
+        yield c.v(
+            n,
+            "QDQ.per_channel",
+            f"{scale.size} per-channel scales; {t.name} quantizes per tensor",
+            "quantize weights per tensor",
+            source=t.source("per_channel_weights"),
+        )
 
 
 GRAPH_RULES: list[Callable[[_Ctx], Iterable[Violation]]] = []
@@ -503,11 +779,20 @@ def graph_rule(fn):
 def _unsupported(c: _Ctx):
     for n in c.graph.node:
         if n.op_type in FUSED_ONLY_OPS:
-            yield c.v(n, "graph.fused_only", f"{n.op_type} is supported only inside a fused pattern (GELU, ...), not "
-                      "alone", "remove it (export in eval mode; onnxsim drops Identity/Dropout)")
+            yield c.v(
+                n,
+                "graph.fused_only",
+                f"{n.op_type} is supported only inside a fused pattern (GELU, ...), not alone",
+                "remove it (export in eval mode; onnxsim drops Identity/Dropout)",
+            )
         elif n.op_type not in TIDL_ONNX_OPS and n.op_type != "Constant":
-            yield c.v(n, "graph.unsupported_op", f"{n.op_type} is not accelerated by TIDL: it runs on the Arm core "
-                      "and splits the network into subgraphs", "replace it with supported ops")
+            yield c.v(
+                n,
+                "graph.unsupported_op",
+                f"{n.op_type} is not accelerated by TIDL: it runs on the Arm core "
+                "and splits the network into subgraphs",
+                "replace it with supported ops",
+            )
 
 
 @graph_rule
@@ -520,27 +805,53 @@ def _static_shapes(c: _Ctx):
             continue
         inferred = c.shape(v.name)
         if inferred is not None and None not in inferred:  # shape inference finds it: record it
-            yield Violation(v.name, "graph", "graph.static_shapes", f"{v.name} has no recorded shape (shape "
-                            f"inference gives {inferred})", "run ONNX shape inference", OPS, "warning", True)
+            yield Violation(
+                v.name,
+                "graph",
+                "graph.static_shapes",
+                f"{v.name} has no recorded shape (shape inference gives {inferred})",
+                "run ONNX shape inference",
+                OPS,
+                "warning",
+                True,
+            )
         else:
-            yield Violation(v.name, "graph", "graph.static_shapes", f"{v.name} has a dynamic or unknown shape "
-                            f"{[d.dim_param or d.dim_value for d in dims]}", "export with a fixed dummy_input shape "
-                            "(xnnq does) and run shape inference", OPS)
+            yield Violation(
+                v.name,
+                "graph",
+                "graph.static_shapes",
+                f"{v.name} has a dynamic or unknown shape {[d.dim_param or d.dim_value for d in dims]}",
+                "export with a fixed dummy_input shape (xnnq does) and run shape inference",
+                OPS,
+            )
 
 
 @graph_rule
 def _versions(c: _Ctx):
     opset = next((o.version for o in c.original.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and opset > MAX_OPSET:
-        yield Violation("<model>", "graph", "graph.opset", f"opset {opset}; TIDL documents ONNX Runtime 1.15 / opset "
-                        f"{MAX_OPSET}", "export with opset <= 19 (16-bit QDQ needs 21: use the quantization-parameters "
-                        "flow instead)", OPS, "warning")
+        yield Violation(
+            "<model>",
+            "graph",
+            "graph.opset",
+            f"opset {opset}; TIDL documents ONNX Runtime 1.15 / opset {MAX_OPSET}",
+            "export with opset <= 19 (16-bit QDQ needs 21: use the quantization-parameters flow instead)",
+            OPS,
+            "warning",
+        )
     if c.original.ir_version > MAX_IR:
         need = helper.find_min_ir_version_for(list(c.original.opset_import), True)
-        yield Violation("<model>", "graph", "graph.ir_version", f"IR version {c.original.ir_version}; TIDL documents "
-                        f"IR-{MAX_IR}", "stamp the lowest IR version the opset allows" + (
-                            "" if need <= MAX_IR else f" ({need} for this opset: lower the opset)"), OPS, "warning",
-                        need <= MAX_IR)
+        yield Violation(
+            "<model>",
+            "graph",
+            "graph.ir_version",
+            f"IR version {c.original.ir_version}; TIDL documents IR-{MAX_IR}",
+            "stamp the lowest IR version the opset allows"
+            + ("" if need <= MAX_IR else f" ({need} for this opset: lower the opset)"),
+            OPS,
+            "warning",
+            need <= MAX_IR,
+        )
 
 
 @graph_rule
@@ -550,47 +861,94 @@ def _options(c: _Ctx):
         return
     pq = int(o.get("advanced_options:prequantized_model", 0))
     if c.qdq and pq != 1:
-        yield Violation("<options>", "options", "options.prequantized_model", "the model holds QuantizeLinear/"
-                        "DequantizeLinear but advanced_options:prequantized_model is not 1",
-                        "set advanced_options:prequantized_model: 1", SOURCES["tidl-compile"])
+        yield Violation(
+            "<options>",
+            "options",
+            "options.prequantized_model",
+            "the model holds QuantizeLinear/"
+            "DequantizeLinear but advanced_options:prequantized_model is not 1",
+            "set advanced_options:prequantized_model: 1",
+            SOURCES["tidl-compile"],
+        )
     if pq == 1 and not c.qdq:
-        yield Violation("<options>", "options", "options.prequantized_model", "prequantized_model is 1 but the model "
-                        "has no QuantizeLinear/DequantizeLinear", "export format='qdq' or drop the option",
-                        SOURCES["tidl-compile"])
+        yield Violation(
+            "<options>",
+            "options",
+            "options.prequantized_model",
+            "prequantized_model is 1 but the model has no QuantizeLinear/DequantizeLinear",
+            "export format='qdq' or drop the option",
+            SOURCES["tidl-compile"],
+        )
     st = o.get("advanced_options:quantization_scale_type")
     if t is not None and st is not None:
         if int(st) in (3, 4) and t.free_scale_type is None:
-            yield Violation("<options>", "options", "options.scale_type", f"quantization_scale_type {st} is not "
-                            f"supported on {t.name}", "use 1 (power-of-2)", t.source("free_scale_type"))
+            yield Violation(
+                "<options>",
+                "options",
+                "options.scale_type",
+                f"quantization_scale_type {st} is not supported on {t.name}",
+                "use 1 (power-of-2)",
+                t.source("free_scale_type"),
+            )
         if int(st) == 0 and t.power2_only:
-            yield Violation("<options>", "options", "options.scale_type", f"quantization_scale_type 0 "
-                            f"(non-power-of-2) on {t.name}, which runs power-of-2 scales", "use 1",
-                            t.source("power2_only"))
+            yield Violation(
+                "<options>",
+                "options",
+                "options.scale_type",
+                f"quantization_scale_type 0 (non-power-of-2) on {t.name}, which runs power-of-2 scales",
+                "use 1",
+                t.source("power2_only"),
+            )
     if c.qdq and st is not None and int(st) == 1:
-        scales = [c.const(n.input[1]) for n in c.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-        bad = [s for s in scales if s is not None and not all(math.log2(float(v)).is_integer()
-                                                               for v in s.reshape(-1) if v > 0)]
+        scales = [
+            c.const(n.input[1]) for n in c.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+        ]
+        bad = [
+            s
+            for s in scales
+            if s is not None and not all(math.log2(float(v)).is_integer() for v in s.reshape(-1) if v > 0)
+        ]
         if bad:
-            yield Violation("<options>", "options", "options.scale_type", f"quantization_scale_type 1 (power-of-2) "
-                            f"but {len(bad)} Q/DQ scales are not powers of 2", "use the target's scale type 4",
-                            SOURCES["benchmark-options"])
+            yield Violation(
+                "<options>",
+                "options",
+                "options.scale_type",
+                f"quantization_scale_type 1 (power-of-2) but {len(bad)} Q/DQ scales are not powers of 2",
+                "use the target's scale type 4",
+                SOURCES["benchmark-options"],
+            )
     names = {x for n in c.graph.node for x in n.output} | {i.name for i in c.graph.input}
-    for key in ("advanced_options:output_feature_16bit_names_list", "advanced_options:params_16bit_names_list"):
+    for key in (
+        "advanced_options:output_feature_16bit_names_list",
+        "advanced_options:params_16bit_names_list",
+    ):
         missing = [s for s in str(o.get(key, "")).replace(",", " ").split() if s and s not in names]
         if missing:
-            yield Violation("<options>", "options", "options.16bit_names", f"{key} names {missing[:5]}, not tensors "
-                            "of the graph", "name layers by their output tensor", SOURCES["tidl-compile"])
+            yield Violation(
+                "<options>",
+                "options",
+                "options.16bit_names",
+                f"{key} names {missing[:5]}, not tensors of the graph",
+                "name layers by their output tensor",
+                SOURCES["tidl-compile"],
+            )
     qp = o.get("advanced_options:quant_params_proto_path")
     if qp:
-        yield from _quant_params_rules(c, Path(qp) if Path(qp).is_absolute() or c.base_dir is None
-                                       else c.base_dir / qp, names)
+        yield from _quant_params_rules(
+            c, Path(qp) if Path(qp).is_absolute() or c.base_dir is None else c.base_dir / qp, names
+        )
 
 
 def _quant_params_rules(c: _Ctx, path: Path, names: set[str]):
     if not path.is_file():
-        yield Violation("<options>", "options", "options.quant_params_file", f"{path} does not exist: TIDL would "
-                        "write its own (write mode) and calibrate", "write the file beside the model "
-                        "(export_onnx does) and give its path as the compiler sees it", SOURCES["tidl-quant-proto"])
+        yield Violation(
+            "<options>",
+            "options",
+            "options.quant_params_file",
+            f"{path} does not exist: TIDL would write its own (write mode) and calibrate",
+            "write the file beside the model (export_onnx does) and give its path as the compiler sees it",
+            SOURCES["tidl-quant-proto"],
+        )
         return
     from .quant_params import read_quant_params
 
@@ -603,17 +961,36 @@ def quant_params_violations(msg, names: set[str], where: str = "the file") -> li
     from .quant_params import validate_quant_params
 
     src = SOURCES["tidl-quant-proto"]
-    out = [Violation("<options>", "options", "options.quant_params_content", p, "rewrite the file", src)
-           for p in validate_quant_params(msg)]
+    out = [
+        Violation("<options>", "options", "options.quant_params_content", p, "rewrite the file", src)
+        for p in validate_quant_params(msg)
+    ]
     missing = sorted(names - {lm.layer_name for lm in msg.layers})
     if missing:
-        out.append(Violation("<options>", "options", "options.quant_params_content", f"{len(missing)} tensors have "
-                             f"no range in {where}: {missing[:5]}", "list every layer (export_onnx does)", src))
+        out.append(
+            Violation(
+                "<options>",
+                "options",
+                "options.quant_params_content",
+                f"{len(missing)} tensors have no range in {where}: {missing[:5]}",
+                "list every layer (export_onnx does)",
+                src,
+            )
+        )
     if msg.calib_type == 2:
-        out.append(Violation("<options>", "options", "options.quant_params_per_channel", "per-channel weights with "
-                             "the quantization-parameters file: TI documents per-channel only with scale type 4 "
-                             "(asymmetric), while the file is symmetric only", "prefer per-tensor weights for mixed "
-                             "8/16-bit models", src, "warning"))
+        out.append(
+            Violation(
+                "<options>",
+                "options",
+                "options.quant_params_per_channel",
+                "per-channel weights with "
+                "the quantization-parameters file: TI documents per-channel only with scale type 4 "
+                "(asymmetric), while the file is symmetric only",
+                "prefer per-tensor weights for mixed 8/16-bit models",
+                src,
+                "warning",
+            )
+        )
     return out
 
 
@@ -632,11 +1009,16 @@ def _bias_width(c: _Ctx):
             continue  # a 16-bit layer: the 16-bit bias clipping is TIDL's 8-bit mode
         codes = c.const(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
         if codes is not None and codes.size and (codes.min() < -lim or codes.max() >= lim):
-            yield c.v(n, "Bias.width", f"bias codes reach {int(np.abs(codes).max())}, beyond {t.bias_bits} bits; "
-                      f"TIDL on {t.name} clips biases to {t.bias_bits} bits by default (its PTQ adjusts the weight "
-                      "scale instead); TI does not say what it does with a pre-quantized model's int32 bias",
-                      "keep biases small (weight decay on biases) or the input scale larger", severity="warning",
-                      source=t.source("bias_bits"))
+            yield c.v(
+                n,
+                "Bias.width",
+                f"bias codes reach {int(np.abs(codes).max())}, beyond {t.bias_bits} bits; "
+                f"TIDL on {t.name} clips biases to {t.bias_bits} bits by default (its PTQ adjusts the weight "
+                "scale instead); TI does not say what it does with a pre-quantized model's int32 bias",
+                "keep biases small (weight decay on biases) or the input scale larger",
+                severity="warning",
+                source=t.source("bias_bits"),
+            )
 
 
 # ------------------------------------------------------------------------------------------ API
@@ -651,8 +1033,12 @@ def _load(path_or_model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto,
     return model, opts, p.parent
 
 
-def tidl_check(path: str | Path | onnx.ModelProto, target: str | Target | None = None, *,
-               options: Mapping[str, Any] | None = None) -> list[Violation]:
+def tidl_check(
+    path: str | Path | onnx.ModelProto,
+    target: str | Target | None = None,
+    *,
+    options: Mapping[str, Any] | None = None,
+) -> list[Violation]:
     """Every TIDL importer rule ``path`` breaks (empty when clean).
 
     ``target``: a chip name (``"TDA4VM"``, ``"AM69A"``...) for its chip-specific rules; None checks the
@@ -660,7 +1046,9 @@ def tidl_check(path: str | Path | onnx.ModelProto, target: str | Target | None =
     of the ``<stem>.tidl.json`` beside ``path`` (when there is one).
     """
     model, opts, base = _load(path)
-    c = _Ctx(model, None if target is None else get_target(target), opts if options is None else options, base)
+    c = _Ctx(
+        model, None if target is None else get_target(target), opts if options is None else options, base
+    )
     out: list[Violation] = []
     for fn in GRAPH_RULES:
         out.extend(fn(c))
@@ -678,8 +1066,11 @@ def report(violations: list[Violation], where: str, strict: bool = False) -> Non
     errors = [v for v in violations if v.severity == "error"]
     if strict and errors:
         raise TIDLImportError(f"{where}: {len(errors)} TIDL importer rule(s) broken:\n  {lines}")
-    warnings.warn(f"{where}: {len(violations)} TIDL importer rule(s) broken ({len(errors)} errors):\n  {lines}",
-                  TIDLRuleWarning, stacklevel=3)
+    warnings.warn(
+        f"{where}: {len(violations)} TIDL importer rule(s) broken ({len(errors)} errors):\n  {lines}",
+        TIDLRuleWarning,
+        stacklevel=3,
+    )
 
 
 def warn_unsupported(model: onnx.ModelProto, where: str = "") -> list[tuple[str, str]]:
@@ -688,9 +1079,12 @@ def warn_unsupported(model: onnx.ModelProto, where: str = "") -> list[tuple[str,
     if bad:
         shown = ", ".join(f"{name} ({op})" for name, op in bad[:20])
         more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
-        warnings.warn(f"{where or 'export'}: {len(bad)} node(s) use ops TIDL does not accelerate (they will run on "
-                      f"the Arm core and split the network into subgraphs): {shown}{more}. See "
-                      "xnnq/export/tidl_ops.py; replace them with supported ops if speed matters.", stacklevel=3)
+        warnings.warn(
+            f"{where or 'export'}: {len(bad)} node(s) use ops TIDL does not accelerate (they will run on "
+            f"the Arm core and split the network into subgraphs): {shown}{more}. See "
+            "xnnq/export/tidl_ops.py; replace them with supported ops if speed matters.",
+            stacklevel=3,
+        )
     return bad
 
 
@@ -731,13 +1125,21 @@ def _slice_as_pool(c: _Ctx, n: onnx.NodeProto) -> int | None:
 
 def tidl_fix(model: onnx.ModelProto, target: str | Target | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` with the exact fixes applied; returns it and one line per fix."""
-    c = _Ctx(onnx.ModelProto.FromString(model.SerializeToString()), None if target is None else get_target(target),
-             None, None)
+    c = _Ctx(
+        onnx.ModelProto.FromString(model.SerializeToString()),
+        None if target is None else get_target(target),
+        None,
+        None,
+    )
     model = c.model
     fixes: list[str] = []
     new_nodes, new_inits = [], []
     for n in c.graph.node:
-        if n.op_type == "Resize" and _resize_scales(c, n) is None and (sc := _sizes_to_scales(c, n)) is not None:
+        if (
+            n.op_type == "Resize"
+            and _resize_scales(c, n) is None
+            and (sc := _sizes_to_scales(c, n)) is not None
+        ):
             name = f"{_name(n)}_scales"
             new_inits.append(numpy_helper.from_array(sc, name))
             ins = list(n.input[:2]) + [name]
@@ -745,17 +1147,27 @@ def tidl_fix(model: onnx.ModelProto, target: str | Target | None = None) -> tupl
             n.input.extend(ins)
             fixes.append(f"{_name(n)}: Resize sizes -> constant scales {sc.tolist()}")
         elif n.op_type == "Slice" and (k := _slice_as_pool(c, n)) is not None:
-            pool = helper.make_node("MaxPool", [n.input[0]], [n.output[0]], name=_name(n), kernel_shape=[1, 1],
-                                    strides=[k, k])
+            pool = helper.make_node(
+                "MaxPool", [n.input[0]], [n.output[0]], name=_name(n), kernel_shape=[1, 1], strides=[k, k]
+            )
             new_nodes.append((n, pool))
             fixes.append(f"{_name(n)}: Slice with step {k} on H and W -> MaxPool kernel 1x1 stride {k}")
         elif n.op_type == "AveragePool":
             x = c.shape(n.input[0])
             k = list(_attr(n, "kernel_shape") or [])
-            if x and len(x) == 4 and k == x[2:] and not any(_spatial(n, "pads", 0, 4)) and \
-                    _attr(n, "auto_pad", "NOTSET") in ("NOTSET", "VALID"):
-                new_nodes.append((n, helper.make_node("GlobalAveragePool", [n.input[0]], [n.output[0]], name=_name(n))))
-                fixes.append(f"{_name(n)}: AveragePool over the whole {x[2]}x{x[3]} input -> GlobalAveragePool")
+            if (
+                x
+                and len(x) == 4
+                and k == x[2:]
+                and not any(_spatial(n, "pads", 0, 4))
+                and _attr(n, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
+            ):
+                new_nodes.append(
+                    (n, helper.make_node("GlobalAveragePool", [n.input[0]], [n.output[0]], name=_name(n)))
+                )
+                fixes.append(
+                    f"{_name(n)}: AveragePool over the whole {x[2]}x{x[3]} input -> GlobalAveragePool"
+                )
     for old, new in new_nodes:
         idx = list(c.graph.node).index(old)
         c.graph.node.remove(old)
@@ -767,11 +1179,20 @@ def tidl_fix(model: onnx.ModelProto, target: str | Target | None = None) -> tupl
         if need <= MAX_IR:
             fixes.append(f"IR version {model.ir_version} -> {need} (the lowest the opset allows)")
             model.ir_version = need
-    unshaped = [o.name for o in model.graph.output if not o.type.tensor_type.HasField("shape")
-                or any(not d.HasField("dim_value") for d in o.type.tensor_type.shape.dim)]
+    unshaped = [
+        o.name
+        for o in model.graph.output
+        if not o.type.tensor_type.HasField("shape")
+        or any(not d.HasField("dim_value") for d in o.type.tensor_type.shape.dim)
+    ]
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
-    shaped = [o.name for o in model.graph.output if o.name in unshaped and o.type.tensor_type.HasField("shape")
-              and all(d.HasField("dim_value") for d in o.type.tensor_type.shape.dim)]
+    shaped = [
+        o.name
+        for o in model.graph.output
+        if o.name in unshaped
+        and o.type.tensor_type.HasField("shape")
+        and all(d.HasField("dim_value") for d in o.type.tensor_type.shape.dim)
+    ]
     if shaped:
         fixes.append(f"shape inference: recorded the static shapes of {', '.join(shaped)}")
     return model, fixes

@@ -1,4 +1,5 @@
 """Quantized modules and fake-quantization primitives."""
+
 from .blocks import AddBlock, CatBlock, MultBlock, ReduceMean
 from .fake_quant import activation_scale, fake_quantize, pow2_ceil, quant_bounds, quantize_bias, weight_scale
 from .freeze import freeze_quant_range, set_quant_enabled, set_rounding, unfreeze_quant_range
@@ -11,8 +12,29 @@ from .rounding import Rounding
 from .shape_ops import Pad, Reshape, Slice
 
 __all__ = [
-    "AddBlock", "CatBlock", "MultBlock", "ReduceMean", "ResizeWith", "resize_with", "Pad", "Reshape", "Slice",
-    "PACT2", "RangeObserver", "RangeTracker", "QuantConv2d", "QuantLinear",
-    "fake_quantize", "quantize_bias", "quant_bounds", "pow2_ceil", "activation_scale", "weight_scale",
-    "freeze_quant_range", "unfreeze_quant_range", "set_quant_enabled", "set_rounding", "Rounding",
+    "AddBlock",
+    "CatBlock",
+    "MultBlock",
+    "ReduceMean",
+    "ResizeWith",
+    "resize_with",
+    "Pad",
+    "Reshape",
+    "Slice",
+    "PACT2",
+    "RangeObserver",
+    "RangeTracker",
+    "QuantConv2d",
+    "QuantLinear",
+    "fake_quantize",
+    "quantize_bias",
+    "quant_bounds",
+    "pow2_ceil",
+    "activation_scale",
+    "weight_scale",
+    "freeze_quant_range",
+    "unfreeze_quant_range",
+    "set_quant_enabled",
+    "set_rounding",
+    "Rounding",
 ]

@@ -1,5 +1,6 @@
 """Explicit switches over every quantizer of a model: range freezing (``train()``/``eval()`` never change
 it; learned thresholds included), quantization on/off, the rounding mode."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -30,6 +30,7 @@ functions of :mod:`xnnq.layers.fake_quant`), ``1`` (compile; a failure is an err
 at run time :func:`set_fused`. Tensors the kernel does not cover (other dtypes than float32, a layout that
 is neither contiguous nor channels-last) take the unfused path; the values are the same either way.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,16 @@ def _const(value: float, device: torch.device) -> torch.Tensor:
     return t
 
 
-def _forward_kernel(x: torch.Tensor, scale: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor,
-                    lo: torch.Tensor, hi: torch.Tensor, cap: torch.Tensor, with_mask: bool):
+def _forward_kernel(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    qmin: torch.Tensor,
+    qmax: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    cap: torch.Tensor,
+    with_mask: bool,
+):
     codes = torch.minimum(x, cap) * (1.0 / scale)
     q = torch.clamp(codes, qmin, qmax).round()
     out = torch.where(q == 0, 0.0, q) * scale  # code 0 is +0.0, as from a dequantized integer (not -0.0)
@@ -89,7 +98,9 @@ _compiled: dict[str, object] = {}
 def _kernel(name: str):
     fn = _compiled.get(name)
     if fn is None:
-        fn = _compiled[name] = torch.compile({"fwd": _forward_kernel, "bwd": _backward_kernel}[name], dynamic=True)
+        fn = _compiled[name] = torch.compile(
+            {"fwd": _forward_kernel, "bwd": _backward_kernel}[name], dynamic=True
+        )
     return fn
 
 
@@ -114,8 +125,14 @@ def _kernel_args(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap
     """The kernel's scalar arguments as 0-d float32 tensors on ``x``'s device."""
     dev = x.device
     lo, hi = _mask_bounds(qmin, qmax)
-    return (scale.reshape(()).to(torch.float32), _const(float(qmin), dev), _const(float(qmax), dev),
-            _const(lo, dev), _const(hi, dev), _const(float("inf") if cap is None else float(cap), dev))
+    return (
+        scale.reshape(()).to(torch.float32),
+        _const(float(qmin), dev),
+        _const(float(qmax), dev),
+        _const(lo, dev),
+        _const(hi, dev),
+        _const(float("inf") if cap is None else float(cap), dev),
+    )
 
 
 class _ActFakeQuant(torch.autograd.Function):
@@ -145,8 +162,9 @@ def _unfused(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap: fl
     return fake_quantize(x, scale, qmin, qmax)
 
 
-def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
-                             cap: float | None = None) -> torch.Tensor:
+def fake_quantize_activation(
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap: float | None = None
+) -> torch.Tensor:
     """``fake_quantize(x.clamp(max=cap), scale, qmin, qmax)`` (per tensor) with the same values and gradient,
     in one fused kernel per direction when available (see the module docstring)."""
     if not fused_enabled() or x.dtype != torch.float32 or _flat(x) is None or x.numel() == 0:
@@ -160,7 +178,11 @@ def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, qmin: int, qm
         if _state["mode"] == "1":
             raise
         _state["failed"] = True
-        warnings.warn(f"xnnq: the fused fake-quantization kernels could not be compiled ({type(e).__name__}: "
-                      f"{str(e)[:300]}); using the unfused functions (same numerics, slower). Set XNNQ_FUSED=0 "
-                      "to skip the attempt.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"xnnq: the fused fake-quantization kernels could not be compiled ({type(e).__name__}: "
+            f"{str(e)[:300]}); using the unfused functions (same numerics, slower). Set XNNQ_FUSED=0 "
+            "to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return _unfused(x, scale, qmin, qmax, cap)

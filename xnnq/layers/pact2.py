@@ -1,4 +1,5 @@
 """PACT2: the activation quantizer that replaces ReLU/ReLU6 and follows every range-changing op."""
+
 from __future__ import annotations
 
 import math
@@ -45,10 +46,20 @@ class PACT2(nn.Module):
     ``quant_enabled`` and ``data_signed`` (saved in the state dict as extra state).
     """
 
-    def __init__(self, bits: int = 8, signed: bool | None = None, clip_range: float | None = None,
-                 cap: float | None = None, power2: bool = True, tail: float = 1e-4, ema_alpha: float = 0.01,
-                 name: str = "", observer: RangeObserver | None = None, rounding: Rounding | str = DEFAULT,
-                 learned_range: LearnedRange | None = None):
+    def __init__(
+        self,
+        bits: int = 8,
+        signed: bool | None = None,
+        clip_range: float | None = None,
+        cap: float | None = None,
+        power2: bool = True,
+        tail: float = 1e-4,
+        ema_alpha: float = 0.01,
+        name: str = "",
+        observer: RangeObserver | None = None,
+        rounding: Rounding | str = DEFAULT,
+        learned_range: LearnedRange | None = None,
+    ):
         super().__init__()
         check_bits(bits, name)
         if clip_range is not None and clip_range <= 0:
@@ -57,8 +68,11 @@ class PACT2(nn.Module):
         self.name = name
         self.rounding: Rounding = as_rounding(rounding)
         self.site: Site = Site.REQUANT
-        self.observer = observer if observer is not None else RangeTracker(tail=tail, ema_alpha=ema_alpha,
-                                                                           track_min=signed is not False)
+        self.observer = (
+            observer
+            if observer is not None
+            else RangeTracker(tail=tail, ema_alpha=ema_alpha, track_min=signed is not False)
+        )
         if clip_range is not None:  # a fixed range lives in the same buffers, never updated
             self.observer.set_range(clip_range, signed is not False)
         if learned_range is not None and clip_range is not None:
@@ -71,14 +85,21 @@ class PACT2(nn.Module):
 
     # ----------------------------------------------------------------------------------------- state
     def get_extra_state(self) -> dict[str, Any]:
-        return {"frozen": self.frozen, "observed": self.observed, "quant_enabled": self.quant_enabled,
-                "data_signed": self.data_signed, "bits": self.bits}
+        return {
+            "frozen": self.frozen,
+            "observed": self.observed,
+            "quant_enabled": self.quant_enabled,
+            "data_signed": self.data_signed,
+            "bits": self.bits,
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("bits", self.bits) != self.bits:
-            raise ValueError(f"{self.name or 'PACT2'}: the state dict was saved with {state['bits']}-bit activations, "
-                             f"this model quantizes to {self.bits} bits. Build the wrapper with the same bitwidth "
-                             "settings (bitwidth_activations / bitwidth_overrides) as the saved one.")
+            raise ValueError(
+                f"{self.name or 'PACT2'}: the state dict was saved with {state['bits']}-bit activations, "
+                f"this model quantizes to {self.bits} bits. Build the wrapper with the same bitwidth "
+                "settings (bitwidth_activations / bitwidth_overrides) as the saved one."
+            )
         self.frozen = bool(state["frozen"])
         self.observed = bool(state["observed"])
         self.quant_enabled = bool(state["quant_enabled"])
@@ -87,17 +108,22 @@ class PACT2(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         old = prefix + "tracker."  # the observer's name in state dicts saved before it was injectable
         for key in [k for k in state_dict if k.startswith(old)]:
-            state_dict[prefix + "observer." + key[len(old):]] = state_dict.pop(key)
-        LearnedRange.check_state_dict(state_dict, prefix, self.learned_range, self.name or "PACT2",
-                                      strict=args[1])
+            state_dict[prefix + "observer." + key[len(old) :]] = state_dict.pop(key)
+        LearnedRange.check_state_dict(
+            state_dict, prefix, self.learned_range, self.name or "PACT2", strict=args[1]
+        )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def observing(self) -> bool:
         """True when a forward call feeds the observer: training mode, not frozen, no fixed range (and, with a
         learned range, only while it is set from statistics)."""
-        return (self.training and not self.frozen and self.clip_range is None
-                and (self.learned_range is None or self.learned_range.initializing))
+        return (
+            self.training
+            and not self.frozen
+            and self.clip_range is None
+            and (self.learned_range is None or self.learned_range.initializing)
+        )
 
     def log2_cap(self) -> float | None:
         """``log2`` of the cap: the bound of a learned threshold (its power of two stays ``>= cap``'s)."""
@@ -163,11 +189,14 @@ class PACT2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self.observer(x)
-            if x.device.type == "cpu" and bool(self.observer.nonfinite_batches):  # free on CPU; elsewhere counted only
+            if x.device.type == "cpu" and bool(
+                self.observer.nonfinite_batches
+            ):  # free on CPU; elsewhere counted only
                 self.observer.nonfinite_batches.zero_()
                 raise FloatingPointError(
                     f"{self.name or 'PACT2'}: the activation holds NaN or Inf; the range was not updated. "
-                    "Check the input data and the learning rate (lower it, or clip gradients).")
+                    "Check the input data and the learning rate (lower it, or clip gradients)."
+                )
             if self.observer.float_while_observing:
                 return self.float_forward(x)
             if self.signed is None and self.data_signed is None:
@@ -183,13 +212,17 @@ class PACT2(nn.Module):
         if not self.observed:
             raise RuntimeError(
                 f"{self.name or 'PACT2'}: no activation range has been observed yet. Run forward passes in "
-                "training mode (QAT or calibration) before evaluating or exporting, or load a state dict.")
+                "training mode (QAT or calibration) before evaluating or exporting, or load a state dict."
+            )
         rounding = resolve(self.rounding, self.site)
         if self.learned_range is not None:
             if self.cap is not None:
-                x = x.clamp(max=self.cap)  # the cap (6 for ReLU6) is on the grid of every power-of-2 range >= it
-            return self.learned_range.fake_quantize(x, self.bits, self.resolved_signed(),
-                                                    log2_max=self.log2_cap(), rounding=rounding)
+                x = x.clamp(
+                    max=self.cap
+                )  # the cap (6 for ReLU6) is on the grid of every power-of-2 range >= it
+            return self.learned_range.fake_quantize(
+                x, self.bits, self.resolved_signed(), log2_max=self.log2_cap(), rounding=rounding
+            )
         scale, qmin, qmax = self.qparams()
         if rounding is Rounding.HALF_EVEN:  # the fused one-pass kernels round half to even
             return fake_quantize_activation(x, scale, qmin, qmax, self.cap)

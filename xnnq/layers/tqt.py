@@ -302,6 +302,5 @@ class LearnedRange(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"shape={tuple(self.log2_t.shape)}, init_batches={self.init_batches}, "
-            f"grad_scale={self.grad_scale}"
-            + (", frozen" if self._frozen else "")
+            f"grad_scale={self.grad_scale}" + (", frozen" if self._frozen else "")
         )

@@ -3,6 +3,7 @@
 Written the classic way (``F.relu``, ``out += shortcut``, a lambda zero-pad shortcut) on purpose: it is
 the kind of model xnnq's graph surgery has to turn into modules.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +35,9 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
             pad = planes // 4
-            self.shortcut = LambdaLayer(lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad), "constant", 0))
+            self.shortcut = LambdaLayer(
+                lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad), "constant", 0)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))

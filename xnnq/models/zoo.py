@@ -4,6 +4,7 @@
 state dict committed in ``xnnq/models/checkpoints/<name>.pt`` (read with ``weights_only=True``), whose
 accuracy, epochs and training time are in ``<name>.json`` (``checkpoint_info(name)``).
 """
+
 from __future__ import annotations
 
 import json

@@ -11,6 +11,7 @@ reads it (the plan for what a tensor's quantizer is, the build for how its modul
 gives each PACT2 and each conv/linear a :class:`~xnnq.layers.tqt.LearnedRange`, initialised from the
 observer's range (activations) or the max rule (weights) over the first ``range_init_batches`` batches.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..layers.fake_quant import check_bits
 from ..layers.observer import RangeObserver
 from ..layers.range_tracker import RangeTracker
-from ..targets import NUMERIC_KEYS, resolve_numerics
 from ..layers.rounding import DEFAULT as DEFAULT_ROUNDING
 from ..layers.rounding import as_rounding
+from ..targets import NUMERIC_KEYS, resolve_numerics
 
 if TYPE_CHECKING:
     from .plan import ActSpot
@@ -44,7 +45,9 @@ class TrackedRanges:
     """QAT: each quantizer's range is a running tail-trimmed range (:class:`~xnnq.layers.RangeTracker`)."""
 
     def __call__(self, spot: ActSpot, config: QuantConfig) -> RangeObserver:
-        return RangeTracker(tail=config.trim_fraction, ema_alpha=config.ema_alpha, track_min=spot.signed is not False)
+        return RangeTracker(
+            tail=config.trim_fraction, ema_alpha=config.ema_alpha, track_min=spot.signed is not False
+        )
 
 
 @dataclass(frozen=True)
@@ -108,12 +111,16 @@ class QuantConfig:
             raise ValueError(f"ema_alpha must be in (0, 1], got {self.ema_alpha}")
         object.__setattr__(self, "rounding", as_rounding(self.rounding).value)
         if self.range_learning not in RANGE_LEARNING:
-            raise ValueError(f"range_learning must be one of {', '.join(map(repr, RANGE_LEARNING))}, got "
-                             f"{self.range_learning!r}")
+            raise ValueError(
+                f"range_learning must be one of {', '.join(map(repr, RANGE_LEARNING))}, got "
+                f"{self.range_learning!r}"
+            )
         power2 = self.power2_activation_range and self.power2_weight_range
         if self.range_learning != "statistics" and not power2:
-            raise ValueError(f"range_learning={self.range_learning!r} learns power-of-2 thresholds; it cannot "
-                             "be combined with power2_activation_range=False or power2_weight_range=False")
+            raise ValueError(
+                f"range_learning={self.range_learning!r} learns power-of-2 thresholds; it cannot "
+                "be combined with power2_activation_range=False or power2_weight_range=False"
+            )
         if self.range_init_batches < 1:
             raise ValueError(f"range_init_batches must be >= 1, got {self.range_init_batches}")
         # None (the wrappers' old default) means "none"; copies, so the caller's dicts can change freely
@@ -139,20 +146,27 @@ class QuantConfig:
         ``histogram_tail`` is accepted as the deprecated name of ``trim_fraction``.
         """
         if "histogram_tail" in settings:
-            warnings.warn("histogram_tail is deprecated; it is the trim fraction: use trim_fraction=",
-                          DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                "histogram_tail is deprecated; it is the trim fraction: use trim_fraction=",
+                DeprecationWarning,
+                stacklevel=3,
+            )
             if "trim_fraction" in settings:
                 raise TypeError("give trim_fraction or its deprecated name histogram_tail, not both")
             settings["trim_fraction"] = settings.pop("histogram_tail")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(settings) - names)
         if unknown:
-            raise TypeError(f"unknown quantization setting(s) {', '.join(unknown)}; the settings are "
-                            f"{', '.join(sorted(names))} (see xnnq.quantize.QuantConfig)")
+            raise TypeError(
+                f"unknown quantization setting(s) {', '.join(unknown)}; the settings are "
+                f"{', '.join(sorted(names))} (see xnnq.quantize.QuantConfig)"
+            )
         base = config if config is not None else cls()
         target = settings.get("target", base.target)
         if target is not None:  # numerics not given follow the chip; explicit ones are checked against it
-            given = {k: settings.get(k, getattr(base, k) if config is not None else None) for k in NUMERIC_KEYS}
+            given = {
+                k: settings.get(k, getattr(base, k) if config is not None else None) for k in NUMERIC_KEYS
+            }
             num = resolve_numerics(target, **given)
             settings.update({k: num[k] for k in NUMERIC_KEYS}, target=num["target"])
         return dataclasses.replace(base, **settings) if settings else base

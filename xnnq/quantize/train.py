@@ -1,4 +1,5 @@
 """QuantTrainModule: quantization-aware training."""
+
 from __future__ import annotations
 
 from .wrapper import QuantBaseModule

@@ -1,8 +1,10 @@
 """The pipeline every wrapper shares: capture → surgery → plan → build."""
+
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -17,8 +19,12 @@ from .config import QuantConfig
 from .plan import Plan, make_plan
 
 
-def convert(model: nn.Module, args: tuple[torch.Tensor, ...], leaf_modules: Iterable[str | type],
-            report: list[surgery.Change]) -> tuple[fx.GraphModule, dict[fx.Node, Any]]:
+def convert(
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    leaf_modules: Iterable[str | type],
+    report: list[surgery.Change],
+) -> tuple[fx.GraphModule, dict[fx.Node, Any]]:
     """Capture and surgery: ``model`` (changed: pass a copy) traced, run on ``args`` (every node's value
     kept) and converted; the graph the plan is made on."""
     gm = trace(model, leaf_modules)
@@ -44,13 +50,23 @@ class QuantBaseModule(nn.Module):
 
     module: fx.GraphModule
 
-    def __init__(self, model: nn.Module, dummy_input: Any, config: QuantConfig | None = None, *,
-                 leaf_modules: Iterable[str | type] = (), verbose: bool = False, **settings: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        dummy_input: Any,
+        config: QuantConfig | None = None,
+        *,
+        leaf_modules: Iterable[str | type] = (),
+        verbose: bool = False,
+        **settings: Any,
+    ):
         super().__init__()
         if isinstance(model, QuantBaseModule) or any(isinstance(m, PACT2) for m in model.modules()):
-            raise TypeError(f"the model is already wrapped/quantized by xnnq ({type(model).__name__}); wrap the float "
-                            "model once. To test a QAT model use QuantTestModule(float_model, dummy_input) and load "
-                            "the QAT state_dict into it.")
+            raise TypeError(
+                f"the model is already wrapped/quantized by xnnq ({type(model).__name__}); wrap the float "
+                "model once. To test a QAT model use QuantTestModule(float_model, dummy_input) and load "
+                "the QAT state_dict into it."
+            )
         self.config: QuantConfig = QuantConfig.from_settings(config, **settings)
         self.target: str | None = self.config.target
         args = check_dummy_input(dummy_input)

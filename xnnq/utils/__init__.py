@@ -1,4 +1,5 @@
 """Utilities: BatchNorm freezing and restore, cross-layer equalization, weights files, export checks, analysis."""
+
 from .._lazy import lazy_getattr
 from .bn import freeze_bn, unfreeze_bn
 from .io import load_state_dict_file
