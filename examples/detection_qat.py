@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import xnnq
 from xnnq.data import data_root
 from xnnq.models.zoo import load_pretrained

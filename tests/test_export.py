@@ -66,14 +66,14 @@ def counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def onnx_rounding(qmodel):
-    """The simulation rounded as onnxruntime computes a QDQ file (half to even) inside the block; TIDL's
-    rounding (the default) restored after it."""
-    xnnq.layers.set_rounding(qmodel, "half_even")
+def onnx_rounding(qmodel, mode: str = "half_even"):
+    """The simulation rounded with ``mode`` inside the block (default: as onnxruntime computes a QDQ file,
+    half to even); the default rounding (half to even) restored after it."""
+    xnnq.layers.set_rounding(qmodel, mode)
     try:
         yield qmodel
     finally:
-        xnnq.layers.set_rounding(qmodel, "tidl")
+        xnnq.layers.set_rounding(qmodel, "half_even")
 
 
 def check_tidl(res, qmodel, x: torch.Tensor, *, weight_layers: int):
@@ -152,7 +152,8 @@ def check_qdq(res, qmodel, x: torch.Tensor, *, weight_layers: int, exact: bool =
         r = onnx_check(res.path, qmodel, [x])
     if exact:
         assert r.max_abs_diff == 0.0, r
-    tidl = onnx_check(res.path, qmodel, [x])  # TIDL's rounding: the simulation and the integer reference
+    with onnx_rounding(qmodel, "tidl"):  # TIDL's rounding: the simulation and the integer reference
+        tidl = onnx_check(res.path, qmodel, [x])
     if r.reference_error is None:
         assert r.ref_frac_exact_vs_ort == r.ref_frac_exact_vs_sim == 1.0, r
         assert tidl.rounding == "tidl" and tidl.ref_frac_exact_vs_sim == 1.0, tidl

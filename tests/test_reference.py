@@ -289,8 +289,11 @@ def test_argmax_output_and_clear_errors():
 
 
 # ------------------------------------------------------------------------------- the simulation
-def test_pact2_rounds_like_tidl_by_default():
-    p = xnnq.layers.PACT2(signed=True, clip_range=4.0).eval()  # scale 4/128 = 1/32
+def test_pact2_rounds_half_even_by_default_and_like_tidl_when_asked():
+    assert (
+        xnnq.layers.PACT2(signed=True, clip_range=4.0).eval()(torch.tensor([2.5, -2.5]) / 32) * 32
+    ).tolist() == [2, -2]
+    p = xnnq.layers.PACT2(signed=True, clip_range=4.0, rounding="tidl").eval()  # scale 4/128 = 1/32
     x = torch.tensor([2.5, 1.5, -1.5, -2.5]) / 32
     assert (p(x) * 32).tolist() == [3, 2, -1, -2]  # half up (TIDL's requantization)
     p.site = Site.INPUT
@@ -300,9 +303,9 @@ def test_pact2_rounds_like_tidl_by_default():
     q = xnnq.QuantTestModule(resnet20(), torch.randn(1, 3, 32, 32))
     sites = {n: m.site for n, m in q.quantizers().items()}
     assert sites["input_q"] is Site.INPUT and sum(s is Site.REQUANT for s in sites.values()) == len(sites) - 1
-    assert {m.rounding for m in q.quantizers().values()} == {Rounding.TIDL}
-    q = xnnq.QuantTestModule(resnet20(), torch.randn(1, 3, 32, 32), rounding="half_even")  # a wrapper setting
     assert {m.rounding for m in q.quantizers().values()} == {Rounding.HALF_EVEN}
+    q = xnnq.QuantTestModule(resnet20(), torch.randn(1, 3, 32, 32), rounding="tidl")  # a wrapper setting
+    assert {m.rounding for m in q.quantizers().values()} == {Rounding.TIDL}
     with pytest.raises(ValueError, match="rounding must be one of"):
         xnnq.QuantTestModule(resnet20(), torch.randn(1, 3, 32, 32), rounding="nearest")
 
@@ -345,7 +348,7 @@ def observed(q, shape, passes=2):
 def tiny_seg(tmp_path_factory):
     torch.manual_seed(0)
     shape = (1, 3, 16, 16)
-    q = observed(xnnq.QuantTrainModule(TinySeg().eval(), torch.randn(shape)), shape)
+    q = observed(xnnq.QuantTrainModule(TinySeg().eval(), torch.randn(shape), rounding="tidl"), shape)
     path = tmp_path_factory.mktemp("seg") / "seg_qdq.onnx"
     xnnq.export_onnx(q, torch.randn(shape), path, format="qdq")
     return q, path

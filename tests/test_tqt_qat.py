@@ -274,7 +274,7 @@ def test_test_module_evaluates_the_learned_state_and_refuses_a_mismatch():
     qt.load_state_dict(q.state_dict())
     x = torch.randn(4, 3, 16, 16)
     assert torch.equal(qt(x), q(x))
-    with pytest.raises(ValueError, match=r"input_q.*range_learning"):
+    with pytest.raises(ValueError, match=r"range_learning"):
         xnnq.QuantTestModule(small_net(), DUMMY).load_state_dict(q.state_dict())
     stats = xnnq.QuantTrainModule(small_net(), DUMMY)
     with pytest.raises(ValueError, match=r"learns its range.*range_learning"):

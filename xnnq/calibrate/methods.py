@@ -151,7 +151,8 @@ def choose_range(
         need = percentile / 100.0 * float(cum[-1])
         best = None
         for r in pow2_candidates(hist, absmax):  # largest first: keep the last that still covers p %
-            if float(cum[min(round(r / hist.width), len(h)) - 1]) >= need * (1 - 1e-12):
+            # only whole bins below r count: the bin that holds r may hold values above it
+            if float(cum[max(min(math.floor(r / hist.width + 1e-9), len(h)) - 1, 0)]) >= need * (1 - 1e-12):
                 best = r
         return best
     if method == "mse":

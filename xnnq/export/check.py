@@ -140,7 +140,7 @@ def onnx_check(
     elements within 1 LSB, and the top-1 agreement of onnxruntime vs ``reference``.
 
     For a QDQ file the integer reference (:func:`xnnq.export.reference.run`) computes the same batches
-    with ``rounding`` (default: the rounding of ``reference``'s quantizers, ``"tidl"`` for an xnnq
+    with ``rounding`` (default: the rounding of ``reference``'s quantizers, ``"half_even"`` by default for an xnnq
     model; ``"half_even"`` is onnxruntime's), and the result also holds its agreement with onnxruntime
     and with ``reference``; on the first batch where any two of the three disagree, ``first_divergence``
     names, for each disagreeing pair, the first quantized tensor (topological order) where their

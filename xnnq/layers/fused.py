@@ -25,9 +25,11 @@ recompilation when they change, no host sync). Torch's own fused kernel
 scalar (over 10x slower than a vectorized pass), and it cannot apply the cap with the unfused chain's
 gradient. The first call compiles (seconds; inductor caches the result on disk for later processes).
 
-Switch: ``XNNQ_FUSED`` = ``auto`` (default: compile; if compilation fails, warn once and use the unfused
-functions of :mod:`xnnq.layers.fake_quant`), ``1`` (compile; a failure is an error) or ``0`` (never compile);
-at run time :func:`set_fused`. Tensors the kernel does not cover (other dtypes than float32, a layout that
+Switch: ``XNNQ_FUSED`` = ``0`` (default: never compile), ``auto`` (compile; if compilation fails, warn
+once and use the unfused functions of :mod:`xnnq.layers.fake_quant`) or ``1`` (compile; a failure is an
+error); at run time :func:`set_fused`. Opt-in for now: the kernel's output is a view made inside a custom
+autograd function, so a following in-place op (``Hardswish(inplace=True)`` in MobileNetV3) is refused by
+autograd. Tensors the kernel does not cover (other dtypes than float32, a layout that
 is neither contiguous nor channels-last) take the unfused path; the values are the same either way.
 """
 
@@ -41,7 +43,7 @@ import torch
 from .fake_quant import _mask_bounds, fake_quantize
 
 FUSED_MODES = ("auto", "1", "0")
-_state = {"mode": os.environ.get("XNNQ_FUSED", "auto"), "failed": False}
+_state = {"mode": os.environ.get("XNNQ_FUSED", "0"), "failed": False}  # opt-in (see "Switch" above)
 _consts: dict[tuple[float, torch.device], torch.Tensor] = {}
 
 

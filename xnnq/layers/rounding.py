@@ -47,7 +47,9 @@ class Site(str, Enum):
 
 _TIDL_SITES = {Site.INPUT: Rounding.HALF_AWAY, Site.REQUANT: Rounding.HALF_UP, Site.RESIZE: Rounding.FLOOR}
 
-DEFAULT = Rounding.TIDL  # what TIDL computes; onnxruntime's QDQ semantics are ``half_even``
+DEFAULT = (
+    Rounding.HALF_EVEN
+)  # onnxruntime's QDQ semantics; TIDL's own rule is the option ``tidl`` (TI's docs are silent)
 
 
 def as_rounding(mode: Rounding | str) -> Rounding:
