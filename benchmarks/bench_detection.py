@@ -20,6 +20,7 @@ Prints one table and the JSON; appends both to benchmarks/RESULTS.md only with `
 
     python benchmarks/bench_detection.py [--threads 1] [--record]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,9 @@ def qat(model, train_json: Path, *, epochs: float, lr: float, batch_size: int, l
     bar = tqdm(total=total, desc="QAT", mininterval=30)
     q.train()
     for epoch in range(math.ceil(epochs)):
-        for images, targets in detection.batches(train_json, batch_size=batch_size, train=True, epoch=epoch,
-                                                 limit=limit, seed=1):
+        for images, targets in detection.batches(
+            train_json, batch_size=batch_size, train=True, epoch=epoch, limit=limit, seed=1
+        ):
             if step == total:
                 break
             if step == total // 2:
@@ -96,8 +98,10 @@ def qat(model, train_json: Path, *, epochs: float, lr: float, batch_size: int, l
 def step_times(model, train_json: Path, batch_size: int, steps: int) -> dict:
     images, targets = next(detection.batches(train_json, batch_size=batch_size, train=True, limit=batch_size))
     out = {}
-    for name, net in (("float", copy.deepcopy(model).train()),
-                      ("qat", xnnq.QuantTrainModule(model, torch.zeros(1, 3, 128, 128)).train())):
+    for name, net in (
+        ("float", copy.deepcopy(model).train()),
+        ("qat", xnnq.QuantTrainModule(model, torch.zeros(1, 3, 128, 128)).train()),
+    ):
         opt = torch.optim.SGD(net.parameters(), lr=1e-5)
         times = []
         for i in range(steps + 2):
@@ -118,7 +122,9 @@ def torch_ao(model, calib):
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     torch.backends.quantized.engine = "x86"
-    prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (torch.zeros(1, 3, 128, 128),))
+    prepared = prepare_fx(
+        copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (torch.zeros(1, 3, 128, 128),)
+    )
     with torch.no_grad():
         for x in calib:
             prepared(x)
@@ -136,35 +142,54 @@ def ort_quantize_static(model, calib, tmp: Path) -> Path:
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter([{"input": x[i:i + 1].numpy()} for x in calib for i in range(len(x))])
+            self.it = iter([{"input": x[i : i + 1].numpy()} for x in calib for i in range(len(x))])
 
         def get_next(self):
             return next(self.it, None)
 
     fp32, pre, out = tmp / "fp32.onnx", tmp / "pre.onnx", tmp / "ort_qdq.onnx"
     names = [f"out{i}" for i in range(6)]
-    torch.onnx.export(copy.deepcopy(model).eval(), (torch.zeros(1, 3, 128, 128),), str(fp32), dynamo=False,
-                      opset_version=17, input_names=["input"], output_names=names)  # static batch 1, as TIDL
+    torch.onnx.export(
+        copy.deepcopy(model).eval(),
+        (torch.zeros(1, 3, 128, 128),),
+        str(fp32),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=names,
+    )  # static batch 1, as TIDL
     quant_pre_process(str(fp32), str(pre))
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    calibrate_method=CalibrationMethod.MinMax)
+    quantize_static(
+        str(pre),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
     return out
 
 
 def table(r: dict) -> str:
     fp = r["fp32"]["mAP"]
-    head = (f"Mosaic-10 val ({r['eval_images']} images), SSD ResNet-20-FPN detector (`mosaic_detector`, "
-            f"{r['checkpoint']}); {r['calib_images']} calibration images; {r['threads']} thread(s). "
-            "mAP = COCO mAP@[.5:.95], drop in points vs FP32.")
+    head = (
+        f"Mosaic-10 val ({r['eval_images']} images), SSD ResNet-20-FPN detector (`mosaic_detector`, "
+        f"{r['checkpoint']}); {r['calib_images']} calibration images; {r['threads']} thread(s). "
+        "mAP = COCO mAP@[.5:.95], drop in points vs FP32."
+    )
     lines = [head, "", "| row | mAP | mAP@.5 | drop | goal |", "|---|---|---|---|---|"]
     for row in r["rows"]:
         goal = row.get("goal", "")
-        lines.append(f"| {row['name']} | {row['mAP']:.2f} | {row['mAP50']:.2f} | {fp - row['mAP']:+.2f} | {goal} |")
+        lines.append(
+            f"| {row['name']} | {row['mAP']:.2f} | {row['mAP50']:.2f} | {fp - row['mAP']:+.2f} | {goal} |"
+        )
     st = r["step_time"]
-    lines.append(f"\nQAT step / float step (batch {r['batch_size']}, median): {st['qat'] * 1e3:.0f} / "
-                 f"{st['float'] * 1e3:.0f} ms = **{st['ratio']:.2f}x**. QAT: {r['qat']['steps']} steps "
-                 f"({r['qat_epochs']} epoch(s) of {r['qat_images']} train images, batch {r['batch_size']}), AdamW lr "
-                 f"{r['qat_lr']} cosine, BN frozen, ranges frozen at half; {r['qat']['cpu_s'] / 60:.1f} CPU-min.")
+    lines.append(
+        f"\nQAT step / float step (batch {r['batch_size']}, median): {st['qat'] * 1e3:.0f} / "
+        f"{st['float'] * 1e3:.0f} ms = **{st['ratio']:.2f}x**. QAT: {r['qat']['steps']} steps "
+        f"({r['qat_epochs']} epoch(s) of {r['qat_images']} train images, batch {r['batch_size']}), AdamW lr "
+        f"{r['qat_lr']} cosine, BN frozen, ranges frozen at half; {r['qat']['cpu_s'] / 60:.1f} CPU-min."
+    )
     return "\n".join(lines)
 
 
@@ -181,7 +206,9 @@ def main() -> None:
     ap.add_argument("--timing-steps", type=int, default=7)
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_detection"))
-    ap.add_argument("--record", action="store_true", help="append the table and JSON to benchmarks/RESULTS.md")
+    ap.add_argument(
+        "--record", action="store_true", help="append the table and JSON to benchmarks/RESULTS.md"
+    )
     args = ap.parse_args()
     root = data_root() / "mosaic10"
     train_json, val_json = root / "train" / "instances.json", root / "val" / "instances.json"
@@ -203,10 +230,17 @@ def main() -> None:
         print(json.dumps(res), f"({time.process_time() - t0:.0f} CPU s)", flush=True)
         return res
 
-    r: dict = {"eval_images": args.eval_images or 1000, "calib_images": args.calib_images, "threads": args.threads,
-               "checkpoint": f"val mAP {info['val_mAP']}, {info['epochs']} epochs, {info['cpu_hours']} CPU-h",
-               "batch_size": args.batch_size, "qat_epochs": args.qat_epochs, "qat_lr": args.qat_lr,
-               "qat_images": args.qat_images or 6000, "goals": GOALS}
+    r: dict = {
+        "eval_images": args.eval_images or 1000,
+        "calib_images": args.calib_images,
+        "threads": args.threads,
+        "checkpoint": f"val mAP {info['val_mAP']}, {info['epochs']} epochs, {info['cpu_hours']} CPU-h",
+        "batch_size": args.batch_size,
+        "qat_epochs": args.qat_epochs,
+        "qat_lr": args.qat_lr,
+        "qat_images": args.qat_images or 6000,
+        "goals": GOALS,
+    }
     rows = []
     r["fp32"] = ev(model)
     rows.append({"name": "FP32", **r["fp32"]})
@@ -215,30 +249,65 @@ def main() -> None:
     ptq_rows = []
     for method in args.methods:
         q, secs = ptq(model, calib, method=method)
-        ptq_rows.append({"name": f"xnnq PTQ {method}, 8-bit", "method": method, "calib_cpu_s": round(secs, 1), **ev(q)})
+        ptq_rows.append(
+            {"name": f"xnnq PTQ {method}, 8-bit", "method": method, "calib_cpu_s": round(secs, 1), **ev(q)}
+        )
     best = max(ptq_rows, key=lambda row: row["mAP"])
-    best["goal"] = f"drop <= {GOALS['ptq_drop']}: {'met' if fp - best['mAP'] <= GOALS['ptq_drop'] else 'NOT met'}"
+    best["goal"] = (
+        f"drop <= {GOALS['ptq_drop']}: {'met' if fp - best['mAP'] <= GOALS['ptq_drop'] else 'NOT met'}"
+    )
     rows += ptq_rows
     q16, secs = ptq(model, calib, method=best["method"], bitwidth_overrides=HEADS_16)
-    rows.append({"name": f"xnnq PTQ {best['method']}, 16-bit first conv + head convs", "calib_cpu_s": round(secs, 1),
-                 **ev(q16)})
-    qq, r["qat"] = qat(model, train_json, epochs=args.qat_epochs, lr=args.qat_lr, batch_size=args.batch_size,
-                       limit=args.qat_images)
+    rows.append(
+        {
+            "name": f"xnnq PTQ {best['method']}, 16-bit first conv + head convs",
+            "calib_cpu_s": round(secs, 1),
+            **ev(q16),
+        }
+    )
+    qq, r["qat"] = qat(
+        model,
+        train_json,
+        epochs=args.qat_epochs,
+        lr=args.qat_lr,
+        batch_size=args.batch_size,
+        limit=args.qat_images,
+    )
     torch.save(qq.state_dict(), out_dir / "qat_state.pt")
     sim = ev(qq)
-    rows.append({"name": "xnnq QAT (PyTorch simulation), 8-bit", **sim,
-                 "goal": f"drop <= {GOALS['qat_drop']}: {'met' if fp - sim['mAP'] <= GOALS['qat_drop'] else 'NOT met'}"})
-    for fmt, label in (("qdq", "QAT export `qdq` in onnxruntime"), ("tidl", "QAT export `tidl` via TIDL emulation")):
+    rows.append(
+        {
+            "name": "xnnq QAT (PyTorch simulation), 8-bit",
+            **sim,
+            "goal": f"drop <= {GOALS['qat_drop']}: {'met' if fp - sim['mAP'] <= GOALS['qat_drop'] else 'NOT met'}",
+        }
+    )
+    for fmt, label in (
+        ("qdq", "QAT export `qdq` in onnxruntime"),
+        ("tidl", "QAT export `tidl` via TIDL emulation"),
+    ):
         path = detection.export(qq, out_dir / f"mosaic_detector_{fmt}.onnx", format=fmt, meta_arch=meta)
         res = ev(path)
         ok = abs(res["mAP"] - sim["mAP"]) <= GOALS["export_diff"]
-        rows.append({"name": label, **res, "goal": f"within {GOALS['export_diff']} of the simulation "
-                     f"({res['mAP'] - sim['mAP']:+.3f}): {'met' if ok else 'NOT met'}"})
+        rows.append(
+            {
+                "name": label,
+                **res,
+                "goal": f"within {GOALS['export_diff']} of the simulation "
+                f"({res['mAP'] - sim['mAP']:+.3f}): {'met' if ok else 'NOT met'}",
+            }
+        )
     if not args.skip_peers:
-        rows.append({"name": "torch.ao FX PTQ, x86 qconfig (free scales, per-channel)", **ev(torch_ao(model, calib))})
+        rows.append(
+            {"name": "torch.ao FX PTQ, x86 qconfig (free scales, per-channel)", **ev(torch_ao(model, calib))}
+        )
         with tempfile.TemporaryDirectory() as tmp:
-            rows.append({"name": "onnxruntime quantize_static, QDQ per-channel MinMax",
-                         **ev(ort_quantize_static(model, calib, Path(tmp)), meta_arch=meta)})
+            rows.append(
+                {
+                    "name": "onnxruntime quantize_static, QDQ per-channel MinMax",
+                    **ev(ort_quantize_static(model, calib, Path(tmp)), meta_arch=meta),
+                }
+            )
     r["step_time"] = step_times(model, train_json, args.batch_size, args.timing_steps)
     r["rows"] = rows
     md = table(r)
@@ -246,6 +315,7 @@ def main() -> None:
     print(json.dumps(r, indent=1))
     if args.record:
         from common import emit
+
         emit("bench_detection", r, md)
 
 

@@ -10,6 +10,7 @@ Any COCO-format set works (``--data`` with ``train/`` and ``val/``, each ``image
 the default is Mosaic-10 under ``$XNNQ_DATA``. A different number of classes needs a detector trained for it
 (``scripts/train_detector.py --data ...``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,18 +41,19 @@ def main() -> None:
     root = Path(args.data) if args.data else data_root() / "mosaic10"
     train, val = root / "train" / "instances.json", root / "val" / "instances.json"
 
-    model = load_pretrained("mosaic_detector")              # float SSD core, eval mode, model.meta_arch
+    model = load_pretrained("mosaic_detector")  # float SSD core, eval mode, model.meta_arch
     meta = model.meta_arch
     print("float   ", detection.evaluate(model, val, limit=args.eval_images))
 
     qmodel = xnnq.QuantTrainModule(model, torch.zeros(1, 3, meta.in_height, meta.in_width)).train()
-    xnnq.utils.freeze_bn(qmodel)                            # BN folded with its running statistics
+    xnnq.utils.freeze_bn(qmodel)  # BN folded with its running statistics
     opt = torch.optim.AdamW(qmodel.parameters(), lr=args.lr, weight_decay=0.0)
     steps = math.ceil(args.train_images / args.batch_size)
-    for step, (images, targets) in enumerate(detection.batches(train, batch_size=args.batch_size, train=True,
-                                                               limit=args.train_images)):
+    for step, (images, targets) in enumerate(
+        detection.batches(train, batch_size=args.batch_size, train=True, limit=args.train_images)
+    ):
         if step == steps // 2:
-            xnnq.layers.freeze_quant_range(qmodel)          # activation ranges fixed from here on
+            xnnq.layers.freeze_quant_range(qmodel)  # activation ranges fixed from here on
         for g in opt.param_groups:
             g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         loss, _ = multibox_loss(meta, qmodel(images), targets)
@@ -66,8 +68,13 @@ def main() -> None:
     out = Path(args.out)
     for fmt in ("tidl", "qdq"):
         path = detection.export(qmodel, out / f"mosaic_detector_{fmt}.onnx", format=fmt, meta_arch=meta)
-        print(f"{fmt:8s}", detection.evaluate(path, val, limit=args.eval_images), "<-", path,
-              path.with_suffix(".prototxt").name)
+        print(
+            f"{fmt:8s}",
+            detection.evaluate(path, val, limit=args.eval_images),
+            "<-",
+            path,
+            path.with_suffix(".prototxt").name,
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Checkpoints every epoch (``<out>/last.pt``: model, optimizer, schedule position,
 evaluates COCO mAP on the val set every ``--eval-every`` epochs (and at the end). The backbone starts
 from the CIFAR-10-train ResNet-20 weights (``$XNNQ_DATA/weights/resnet20_cifar10jpg.pt``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--save", action="store_true", help="copy the final weights + record to xnnq/models/checkpoints")
+    ap.add_argument(
+        "--save", action="store_true", help="copy the final weights + record to xnnq/models/checkpoints"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     from tqdm.auto import tqdm
@@ -61,12 +64,17 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_coco(train_json, limit=args.limit)
-    model = mosaic_detector(data_root() / "weights" / "resnet20_cifar10jpg.pt", num_classes=len(ds.cat_ids),
-                            image_size=ds.images.shape[-1]).to(args.device)
+    model = mosaic_detector(
+        data_root() / "weights" / "resnet20_cifar10jpg.pt",
+        num_classes=len(ds.cat_ids),
+        image_size=ds.images.shape[-1],
+    ).to(args.device)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+    )
     steps_per_epoch = (len(ds) + args.batch_size - 1) // args.batch_size
     total = steps_per_epoch * args.epochs
     state = {"epoch": 0, "step": 0, "seconds": 0.0, "history": []}
@@ -76,14 +84,26 @@ def main(argv=None) -> None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
-        print(f"resumed at epoch {state['epoch']} (step {state['step']}, {state['seconds'] / 60:.1f} min so far)")
+        print(
+            f"resumed at epoch {state['epoch']} (step {state['step']}, {state['seconds'] / 60:.1f} min so far)"
+        )
     for epoch in range(state["epoch"], args.epochs):
         model.train()
         t0 = time.process_time()
         sums: dict[str, float] = {}
-        bar = tqdm(detection.batches(train_json, batch_size=args.batch_size, train=True, seed=args.seed,
-                                     epoch=epoch, limit=args.limit), total=steps_per_epoch,
-                   desc=f"epoch {epoch + 1}/{args.epochs}", mininterval=30)
+        bar = tqdm(
+            detection.batches(
+                train_json,
+                batch_size=args.batch_size,
+                train=True,
+                seed=args.seed,
+                epoch=epoch,
+                limit=args.limit,
+            ),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            mininterval=30,
+        )
         for images, targets in bar:
             for g in opt.param_groups:
                 g["lr"] = lr_at(state["step"], total, args.warmup, args.lr)
@@ -97,15 +117,20 @@ def main(argv=None) -> None:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         state["epoch"] = epoch + 1
         state["seconds"] += time.process_time() - t0
-        record = {"epoch": epoch + 1, **{k: round(v / steps_per_epoch, 4) for k, v in sums.items()},
-                  "cpu_min": round(state["seconds"] / 60, 1)}
+        record = {
+            "epoch": epoch + 1,
+            **{k: round(v / steps_per_epoch, 4) for k, v in sums.items()},
+            "cpu_min": round(state["seconds"] / 60, 1),
+        }
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             t1 = time.process_time()
             record.update(detection.evaluate(model, val_json, limit=args.eval_limit, progress=False))
             state["seconds"] += time.process_time() - t1
         state["history"].append(record)
         print(json.dumps(record), flush=True)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, out / "last.tmp")
+        torch.save(
+            {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, out / "last.tmp"
+        )
         (out / "last.tmp").replace(ckpt)
     if args.save:
         final = state["history"][-1]
@@ -113,12 +138,19 @@ def main(argv=None) -> None:
             final.update(detection.evaluate(model, val_json, progress=False))
         dest = Path(__file__).resolve().parents[1] / "xnnq" / "models" / "checkpoints"
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, dest / "mosaic_detector.pt")
-        info = {"model": "mosaic_detector", "data": "Mosaic-10 train (6000 images), evaluated on val (1000)",
-                "val_mAP": round(final["mAP"], 2), "val_mAP50": round(final["mAP50"], 2), "epochs": state["epoch"],
-                "batch_size": args.batch_size, "optimizer": f"AdamW lr {args.lr} wd {args.weight_decay} cosine, "
-                f"{args.warmup} warmup steps", "cpu_hours": round(state["seconds"] / 3600, 2),
-                "threads": args.threads, "backbone_init": "resnet20_cifar10jpg.pt (CIFAR-10 train)",
-                "history": state["history"]}
+        info = {
+            "model": "mosaic_detector",
+            "data": "Mosaic-10 train (6000 images), evaluated on val (1000)",
+            "val_mAP": round(final["mAP"], 2),
+            "val_mAP50": round(final["mAP50"], 2),
+            "epochs": state["epoch"],
+            "batch_size": args.batch_size,
+            "optimizer": f"AdamW lr {args.lr} wd {args.weight_decay} cosine, {args.warmup} warmup steps",
+            "cpu_hours": round(state["seconds"] / 3600, 2),
+            "threads": args.threads,
+            "backbone_init": "resnet20_cifar10jpg.pt (CIFAR-10 train)",
+            "history": state["history"],
+        }
         (dest / "mosaic_detector.json").write_text(json.dumps(info, indent=2) + "\n")
         print(f"saved {dest / 'mosaic_detector.pt'}")
 

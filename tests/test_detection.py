@@ -1,4 +1,5 @@
 """Detection task: COCO loading and augmentation, caffe-SSD priors/coding, decode + NMS, prototxt, evaluate."""
+
 from __future__ import annotations
 
 import json
@@ -29,12 +30,19 @@ def write_coco(root, sizes=((40, 30), (40, 30), (40, 30))):
     for i, (w, h) in enumerate(sizes):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
         images.append({"id": 10 + i, "file_name": f"images/{i}.png", "width": w, "height": h})
-    anns.append({"id": 1, "image_id": 10, "category_id": 7, "bbox": [2, 3, 10, 12], "area": 120, "iscrowd": 0})
+    anns.append(
+        {"id": 1, "image_id": 10, "category_id": 7, "bbox": [2, 3, 10, 12], "area": 120, "iscrowd": 0}
+    )
     anns.append({"id": 2, "image_id": 10, "category_id": 3, "bbox": [20, 5, 8, 6], "area": 48, "iscrowd": 0})
-    anns.append({"id": 3, "image_id": 11, "category_id": 3, "bbox": [0, 0, 40, 30], "area": 1200, "iscrowd": 1})
+    anns.append(
+        {"id": 3, "image_id": 11, "category_id": 3, "bbox": [0, 0, 40, 30], "area": 1200, "iscrowd": 1}
+    )
     anns.append({"id": 4, "image_id": 12, "category_id": 7, "bbox": [5, 5, 0, 4], "area": 0, "iscrowd": 0})
-    data = {"images": images, "annotations": anns,
-            "categories": [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}]}
+    data = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}],
+    }
     (root / "instances.json").write_text(json.dumps(data))
     return root / "instances.json"
 
@@ -45,7 +53,7 @@ def test_coco_loading(tmp_path):
     assert ds.images.shape == (3, 3, 30, 40) and ds.images.dtype == torch.uint8
     assert ds.image_ids == [10, 11, 12] and ds.cat_ids == [3, 7] and ds.cat_names == ["three", "seven"]
     assert torch.equal(ds.boxes[0], torch.tensor([[2.0, 3.0, 12.0, 15.0], [20.0, 5.0, 28.0, 11.0]]))
-    assert ds.labels[0].tolist() == [1, 0]             # id 7 -> index 1, id 3 -> index 0
+    assert ds.labels[0].tolist() == [1, 0]  # id 7 -> index 1, id 3 -> index 0
     assert len(ds.boxes[1]) == 0 and len(ds.boxes[2]) == 0  # crowd and empty boxes are not training targets
     pixels = np.array(Image.open(tmp_path / "set" / "images" / "1.png"))
     assert torch.equal(ds.images[1], torch.from_numpy(pixels).permute(2, 0, 1))
@@ -53,7 +61,15 @@ def test_coco_loading(tmp_path):
     m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     assert torch.allclose(images, (ds.images[:2].float() / 255 - m) / s)
     assert [t["image_id"] for t in targets] == [10, 11] and targets[0]["scale"] == (1.0, 1.0)
-    assert sum(len(b) for b, _ in [(t["boxes"], 0) for t in detection.batches(path, batch_size=2, limit=1).__next__()[1]]) == 2
+    assert (
+        sum(
+            len(b)
+            for b, _ in [
+                (t["boxes"], 0) for t in detection.batches(path, batch_size=2, limit=1).__next__()[1]
+            ]
+        )
+        == 2
+    )
 
 
 def test_coco_resize_and_errors(tmp_path):
@@ -78,7 +94,9 @@ def test_augmented_boxes_follow_the_pixels(seed):
     boxes = torch.tensor([[8.0, 10.0, 30.0, 26.0], [36.0, 30.0, 60.0, 58.0]])
     for k, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
         img[0, k, y0:y1, x0:x1] = 1.0  # object k lives in channel k
-    out, targets = augment(img, [{"boxes": boxes, "labels": torch.tensor([0, 1])}], torch.Generator().manual_seed(seed))
+    out, targets = augment(
+        img, [{"boxes": boxes, "labels": torch.tensor([0, 1])}], torch.Generator().manual_seed(seed)
+    )
     t = targets[0]
     for box, label in zip(t["boxes"], t["labels"]):
         ys, xs = (out[0, label] > 0.5).nonzero(as_tuple=True)
@@ -86,7 +104,10 @@ def test_augmented_boxes_follow_the_pixels(seed):
         assert (box - seen).abs().max() <= 1.0, (seed, box, seen)
     for label in set(range(2)) - set(t["labels"].tolist()):  # a dropped box kept < 40 % of its area
         kept = (out[0, label] > 0.5).sum().item()
-        assert kept < 0.4 * float((boxes[label, 2] - boxes[label, 0]) * (boxes[label, 3] - boxes[label, 1])) + 2 * 64
+        assert (
+            kept
+            < 0.4 * float((boxes[label, 2] - boxes[label, 0]) * (boxes[label, 3] - boxes[label, 1])) + 2 * 64
+        )
 
 
 # ------------------------------------------------------------------------------------------ SSD semantics
@@ -120,9 +141,16 @@ def test_torchvision_ssd_default_boxes_are_caffe_priors():
         feats = list(core.backbone(x).values())
     tv = model.anchor_generator(ImageList(x, [(128, 128)]), feats)[0]
     ours, var = priors_and_variances(meta, [tuple(f.shape[-2:]) for f in feats])
-    n = sum(f.shape[-1] * f.shape[-2] * p.num_priors for f, p in zip(feats[:3], meta.priors[:3]))  # unclamped levels
+    n = sum(
+        f.shape[-1] * f.shape[-2] * p.num_priors for f, p in zip(feats[:3], meta.priors[:3])
+    )  # unclamped levels
     assert torch.allclose(ours[:n] * 128, tv[:n], atol=1e-3)
-    assert torch.equal(var[0], torch.tensor([0.1, 0.1, 0.2, 0.2])) and model.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
+    assert torch.equal(var[0], torch.tensor([0.1, 0.1, 0.2, 0.2])) and model.box_coder.weights == (
+        10.0,
+        10.0,
+        5.0,
+        5.0,
+    )
 
 
 def test_encode_decode():
@@ -148,9 +176,15 @@ def test_match_keeps_the_best_prior_of_every_box():
 
 def one_level_meta(**kw) -> SSDMetaArch:
     """32x32 image, a 2x2 map (step 16), one 16x16 prior per cell; 3 classes (background 0)."""
-    return SSDMetaArch(in_width=32, in_height=32, num_classes=3,
-                       priors=(PriorBoxParam(16, None, 16, aspect_ratio=()),), box_outputs=(0,), class_outputs=(1,),
-                       **kw)
+    return SSDMetaArch(
+        in_width=32,
+        in_height=32,
+        num_classes=3,
+        priors=(PriorBoxParam(16, None, 16, aspect_ratio=()),),
+        box_outputs=(0,),
+        class_outputs=(1,),
+        **kw,
+    )
 
 
 def test_postprocess_on_hand_made_outputs():
@@ -158,17 +192,23 @@ def test_postprocess_on_hand_made_outputs():
     loc = torch.zeros(1, 4, 2, 2)
     loc[0, 0, 0, 1] = (8 - 24) / 16 / 0.1  # cell (0, 1) moved onto cell (0, 0): the same box
     conf = torch.tensor([10.0, -10.0, -10.0]).view(1, 3, 1, 1).repeat(1, 1, 2, 2)  # background everywhere
-    conf[0, :, 0, 0] = torch.tensor([0.0, 3.0, -10.0])   # class 1 (label 0), p = 0.95
-    conf[0, :, 0, 1] = torch.tensor([0.0, 2.0, -1.0])    # class 1 p = 0.84 (suppressed), class 2 0.04 (< 0.3)
-    conf[0, :, 1, 1] = torch.tensor([0.0, -10.0, 1.0])   # class 2 (label 1), p = 0.73
+    conf[0, :, 0, 0] = torch.tensor([0.0, 3.0, -10.0])  # class 1 (label 0), p = 0.95
+    conf[0, :, 0, 1] = torch.tensor([0.0, 2.0, -1.0])  # class 1 p = 0.84 (suppressed), class 2 0.04 (< 0.3)
+    conf[0, :, 1, 1] = torch.tensor([0.0, -10.0, 1.0])  # class 2 (label 1), p = 0.73
     (r,) = detection.postprocess(meta, (loc, conf))
     p = torch.softmax(torch.tensor([0.0, 3.0, -10.0]), 0)[1]
     q = torch.softmax(torch.tensor([0.0, -10.0, 1.0]), 0)[2]
     assert r["labels"].tolist() == [0, 1]
     assert torch.allclose(r["scores"], torch.stack([p, q]))
-    assert torch.allclose(r["boxes"], torch.tensor([[0.0, 0.0, 16.0, 16.0], [16.0, 16.0, 32.0, 32.0]]), atol=1e-5)
-    (r2,) = detection.postprocess(meta, (loc, conf), nms_threshold=1.0)  # no suppression: the moved box is back
-    assert sorted(r2["scores"].tolist(), reverse=True)[1] == pytest.approx(torch.softmax(conf[0, :, 0, 1], 0)[1].item())
+    assert torch.allclose(
+        r["boxes"], torch.tensor([[0.0, 0.0, 16.0, 16.0], [16.0, 16.0, 32.0, 32.0]]), atol=1e-5
+    )
+    (r2,) = detection.postprocess(
+        meta, (loc, conf), nms_threshold=1.0
+    )  # no suppression: the moved box is back
+    assert sorted(r2["scores"].tolist(), reverse=True)[1] == pytest.approx(
+        torch.softmax(conf[0, :, 0, 1], 0)[1].item()
+    )
     (r3,) = detection.postprocess(meta, (loc, conf), keep_top_k=1)
     assert r3["labels"].tolist() == [0]
 
@@ -193,13 +233,20 @@ class TinySSD(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.c1 = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, 4, 1), nn.ReLU())
+        self.c1 = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, 4, 1), nn.ReLU()
+        )
         self.c2 = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU())
         self.box = nn.ModuleList([nn.Conv2d(8, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 1, 1)])
         self.cls = nn.ModuleList([nn.Conv2d(8, 6, 3, 1, 1), nn.Conv2d(8, 6, 3, 1, 1)])
-        self.meta_arch = SSDMetaArch(in_width=32, in_height=32, num_classes=3,
-                                     priors=(PriorBoxParam(8, 16, 8, ()), PriorBoxParam(16, 32, 16, ())),
-                                     box_outputs=(0, 2), class_outputs=(1, 3))
+        self.meta_arch = SSDMetaArch(
+            in_width=32,
+            in_height=32,
+            num_classes=3,
+            priors=(PriorBoxParam(8, 16, 8, ()), PriorBoxParam(16, 32, 16, ())),
+            box_outputs=(0, 2),
+            class_outputs=(1, 3),
+        )
 
     def forward(self, x):
         a = self.c1(x)
@@ -242,8 +289,10 @@ def test_export_writes_prototxt_with_graph_names(tmp_path, fmt):
 
 def test_prototxt_parser():
     text = '# comment\nname: "x"\nblock {\n  a: 1\n  a: 2.5\n  e: CENTER_SIZE\n  s: "q\\"t"\n  inner { b: true }\n}\n'
-    assert parse_prototxt(text) == {"name": ["x"], "block": [{"a": [1, 2.5], "e": ["CENTER_SIZE"], "s": ['q"t'],
-                                                             "inner": [{"b": [True]}]}]}
+    assert parse_prototxt(text) == {
+        "name": ["x"],
+        "block": [{"a": [1, 2.5], "e": ["CENTER_SIZE"], "s": ['q"t'], "inner": [{"b": [True]}]}],
+    }
     with pytest.raises(ValueError, match="missing"):
         parse_prototxt("a {\n b: 1\n")
     meta = TinySSD().meta_arch
@@ -272,7 +321,9 @@ def test_meta_arch_is_required_for_a_wrapper(tmp_path):
 
 # ------------------------------------------------------------------------------------------ evaluate
 VAL = data_root() / "mosaic10" / "val" / "instances.json"
-needs_mosaic = pytest.mark.skipif(not VAL.is_file(), reason=f"Mosaic-10 val set not found at {VAL} (set XNNQ_DATA)")
+needs_mosaic = pytest.mark.skipif(
+    not VAL.is_file(), reason=f"Mosaic-10 val set not found at {VAL} (set XNNQ_DATA)"
+)
 
 
 @needs_mosaic

@@ -1,5 +1,6 @@
 """torchvision detector cores (random weights, no download) through QAT, export with the TIDL prototxt and
 onnxruntime; a conv shared across call sites (RetinaNet's head towers) keeps its weights shared."""
+
 from __future__ import annotations
 
 import onnx
@@ -36,8 +37,11 @@ def qat_export_check(core, meta, size: int, tmp_path, formats=("qdq", "tidl")):
         path = detection.export(q, tmp_path / f"core_{fmt}.onnx", format=fmt, meta_arch=meta)
         graph = onnx.load(str(path)).graph
         outs = [o.name for o in graph.output]
-        block = next(iter(v for k, v in parse_prototxt(path.with_suffix(".prototxt").read_text()).items()
-                          if k != "name"))[0]
+        block = next(
+            iter(
+                v for k, v in parse_prototxt(path.with_suffix(".prototxt").read_text()).items() if k != "name"
+            )
+        )[0]
         assert block["box_input"] == [outs[i] for i in meta.box_outputs]
         assert block["class_input"] == [outs[i] for i in meta.class_outputs]
         assert all(head_conv(graph, n).op_type == "Conv" for n in block["box_input"] + block["class_input"])
@@ -105,14 +109,18 @@ def test_shared_conv_keeps_one_weight_and_quantizes_each_call(tmp_path):
     convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
     assert len(convs) == 4
     xnnq.export_onnx(q, x[:1], tmp_path / "shared_tidl.onnx")  # the float graph: one weight per call site
-    float_inits = {t.name: onnx.numpy_helper.to_array(t)
-                   for t in onnx.load(str(tmp_path / "shared_tidl.onnx")).graph.initializer}
+    float_inits = {
+        t.name: onnx.numpy_helper.to_array(t)
+        for t in onnx.load(str(tmp_path / "shared_tidl.onnx")).graph.initializer
+    }
     assert (float_inits["head.weight"] == float_inits["head_1.weight"]).all()
-    assert not (float_inits["head.bias"] == float_inits["head_1.bias"]).all()  # biases on each call's own grid
+    assert not (
+        float_inits["head.bias"] == float_inits["head_1.bias"]
+    ).all()  # biases on each call's own grid
     session = ort_session(result.path)
     with torch.no_grad():
         ref = q(x)
     for i in range(len(x)):
-        got = session.run(None, {"input": x[i:i + 1].numpy()})
+        got = session.run(None, {"input": x[i : i + 1].numpy()})
         for g, r in zip(got, ref):
-            assert torch.equal(torch.from_numpy(g), r[i:i + 1])
+            assert torch.equal(torch.from_numpy(g), r[i : i + 1])

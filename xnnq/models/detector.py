@@ -11,6 +11,7 @@ The backbone is the CIFAR ResNet-20 with its first conv at stride 2, so that the
 see objects of 20-70 px at about the scale they were trained on, and the cost stays near 0.17 GMAC
 per 128x128 image; its CIFAR-10 weights initialise it (:func:`mosaic_detector`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tasks.ssd import PriorBoxParam, SSDMetaArch
-from .cifar_resnet import load_state_dict_file, resnet20
+from ..utils.io import load_state_dict_file
+from .cifar_resnet import resnet20
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, relu: bool = True) -> nn.Sequential:
@@ -32,9 +34,11 @@ def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, relu: bool = True)
 def default_priors(image_size: int = 128) -> tuple[PriorBoxParam, ...]:
     """Priors of the three levels (strides 8, 16, 32) for objects of about 10-80 px on a 128 px image."""
     s = image_size / 128.0
-    return (PriorBoxParam(16 * s, 32 * s, 8.0, aspect_ratio=(1.5,)),
-            PriorBoxParam(32 * s, 64 * s, 16.0, aspect_ratio=(1.5,)),
-            PriorBoxParam(64 * s, 96 * s, 32.0, aspect_ratio=(1.5,)))
+    return (
+        PriorBoxParam(16 * s, 32 * s, 8.0, aspect_ratio=(1.5,)),
+        PriorBoxParam(32 * s, 64 * s, 16.0, aspect_ratio=(1.5,)),
+        PriorBoxParam(64 * s, 96 * s, 32.0, aspect_ratio=(1.5,)),
+    )
 
 
 class SSDHeads(nn.Module):
@@ -61,25 +65,39 @@ class SSDHeads(nn.Module):
 class MosaicDetector(nn.Module):
     """SSD with a ResNet-20 backbone and an FPN neck (see the module docstring)."""
 
-    def __init__(self, num_classes: int = 10, image_size: int = 128, neck_channels: int = 64,
-                 priors: tuple[PriorBoxParam, ...] | None = None):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        image_size: int = 128,
+        neck_channels: int = 64,
+        priors: tuple[PriorBoxParam, ...] | None = None,
+    ):
         super().__init__()
         r = resnet20()
         r.conv1.stride = (2, 2)
         self.conv1, self.bn1 = r.conv1, r.bn1
         self.layer1, self.layer2, self.layer3 = r.layer1, r.layer2, r.layer3  # strides 2, 4, 8
-        self.layer4 = conv_bn(64, 128, stride=2)   # stride 16
+        self.layer4 = conv_bn(64, 128, stride=2)  # stride 16
         self.layer5 = conv_bn(128, 128, stride=2)  # stride 32
         c = neck_channels
-        self.lat3, self.lat4, self.lat5 = conv_bn(64, c, 1, relu=False), conv_bn(128, c, 1, relu=False), \
-            conv_bn(128, c, 1, relu=False)
+        self.lat3, self.lat4, self.lat5 = (
+            conv_bn(64, c, 1, relu=False),
+            conv_bn(128, c, 1, relu=False),
+            conv_bn(128, c, 1, relu=False),
+        )
         self.smooth3, self.smooth4, self.smooth5 = conv_bn(c, c), conv_bn(c, c), conv_bn(c, c)
         priors = priors or default_priors(image_size)
         self.heads = SSDHeads(c, [p.num_priors for p in priors], num_classes + 1)
         n = len(priors)
-        self.meta_arch = SSDMetaArch(in_width=image_size, in_height=image_size, num_classes=num_classes + 1,
-                                     priors=tuple(priors), box_outputs=tuple(range(n)),
-                                     class_outputs=tuple(range(n, 2 * n)), background_label_id=0)
+        self.meta_arch = SSDMetaArch(
+            in_width=image_size,
+            in_height=image_size,
+            num_classes=num_classes + 1,
+            priors=tuple(priors),
+            box_outputs=tuple(range(n)),
+            class_outputs=tuple(range(n, 2 * n)),
+            background_label_id=0,
+        )
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -92,13 +110,18 @@ class MosaicDetector(nn.Module):
         return self.heads((self.smooth3(p3), self.smooth4(p4), self.smooth5(p5)))
 
 
-def mosaic_detector(backbone_weights: str | Path | None = None, num_classes: int = 10,
-                    image_size: int = 128) -> MosaicDetector:
+def mosaic_detector(
+    backbone_weights: str | Path | None = None, num_classes: int = 10, image_size: int = 128
+) -> MosaicDetector:
     """The detector, its backbone optionally initialised from a CIFAR ResNet-20 state dict (``linear`` dropped)."""
     model = MosaicDetector(num_classes=num_classes, image_size=image_size)
     if backbone_weights is not None:
-        state = {k: v for k, v in load_state_dict_file(backbone_weights).items() if not k.startswith("linear.")}
+        state = {
+            k: v for k, v in load_state_dict_file(backbone_weights).items() if not k.startswith("linear.")
+        }
         _, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:
-            raise ValueError(f"{backbone_weights}: keys that are not ResNet-20 backbone weights: {unexpected[:5]}")
+            raise ValueError(
+                f"{backbone_weights}: keys that are not ResNet-20 backbone weights: {unexpected[:5]}"
+            )
     return model

@@ -4,6 +4,7 @@
 state dict committed in ``xnnq/models/checkpoints/<name>.pt`` (read with ``weights_only=True``), whose
 accuracy, epochs and training time are in ``<name>.json`` (``checkpoint_info(name)``).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .cifar_resnet import load_state_dict_file
+from ..utils.io import load_state_dict_file
 from .detector import mosaic_detector
 from .mobilenetv1 import mobilenetv1_cifar
 from .mobileone import mobileone_cifar

@@ -4,6 +4,7 @@ Images are decoded once per process (cached by path, size and limit) and resized
 input size when they are not already that size; boxes follow. Targets keep what evaluation needs to map
 detections back to the original image: the COCO ``image_id`` and the resize factors.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,9 @@ class CocoSet:
 _CACHE: dict[tuple, CocoSet] = {}
 
 
-def load_coco(instances_json: str | Path, *, size: int | tuple[int, int] | None = None,
-              limit: int | None = None) -> CocoSet:
+def load_coco(
+    instances_json: str | Path, *, size: int | tuple[int, int] | None = None, limit: int | None = None
+) -> CocoSet:
     """Read ``instances_json`` and decode its images (file names relative to the JSON's folder).
 
     ``size`` (int or (h, w)) resizes every image to that size; with ``size=None`` all images must share
@@ -76,12 +78,16 @@ def load_coco(instances_json: str | Path, *, size: int | tuple[int, int] | None 
         if target is None:
             target = (h0, w0)
             if size is None and images and (h0, w0) != tuple(images[0].shape[:2]):
-                raise ValueError(f"{path}: images of different sizes ({info['file_name']} is {w0}x{h0}); pass "
-                                 "size= to resize them to the detector's input")
+                raise ValueError(
+                    f"{path}: images of different sizes ({info['file_name']} is {w0}x{h0}); pass "
+                    "size= to resize them to the detector's input"
+                )
         th, tw = target
         if size is None and (h0, w0) != (th, tw):
-            raise ValueError(f"{path}: images of different sizes ({info['file_name']} is {w0}x{h0}, the first is "
-                             f"{tw}x{th}); pass size= to resize them to the detector's input")
+            raise ValueError(
+                f"{path}: images of different sizes ({info['file_name']} is {w0}x{h0}, the first is "
+                f"{tw}x{th}); pass size= to resize them to the detector's input"
+            )
         if (h0, w0) != (th, tw):
             img = img.resize((tw, th), Image.BILINEAR)
         sx, sy = tw / w0, th / h0
@@ -94,8 +100,10 @@ def load_coco(instances_json: str | Path, *, size: int | tuple[int, int] | None 
             if w <= 0 or h <= 0:
                 continue
             if a["category_id"] not in cat_index:
-                raise ValueError(f"{path}: annotation {a.get('id')} has category_id {a['category_id']} that is not "
-                                 "in 'categories'")
+                raise ValueError(
+                    f"{path}: annotation {a.get('id')} has category_id {a['category_id']} that is not "
+                    "in 'categories'"
+                )
             b.append([x * sx, y * sy, (x + w) * sx, (y + h) * sy])
             lab.append(cat_index[a["category_id"]])
         boxes.append(torch.tensor(b, dtype=torch.float32).reshape(-1, 4))
@@ -104,8 +112,16 @@ def load_coco(instances_json: str | Path, *, size: int | tuple[int, int] | None 
     if not images:
         raise ValueError(f"{path}: no images")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    out = CocoSet(path, [i["id"] for i in infos], x, boxes, labels, scales, [c["id"] for c in cats],
-                  [c.get("name", str(c["id"])) for c in cats])
+    out = CocoSet(
+        path,
+        [i["id"] for i in infos],
+        x,
+        boxes,
+        labels,
+        scales,
+        [c["id"] for c in cats],
+        [c.get("name", str(c["id"])) for c in cats],
+    )
     _CACHE[key] = out
     return out
 
@@ -117,8 +133,14 @@ def normalize(images: Tensor, mean=MEAN, std=STD) -> Tensor:
     return (images.float() / 255.0 - m) / s
 
 
-def augment(images: Tensor, targets: list[dict], gen: torch.Generator, *,
-            scale: tuple[float, float] = (0.75, 1.25), translate: float = 0.1) -> tuple[Tensor, list[dict]]:
+def augment(
+    images: Tensor,
+    targets: list[dict],
+    gen: torch.Generator,
+    *,
+    scale: tuple[float, float] = (0.75, 1.25),
+    translate: float = 0.1,
+) -> tuple[Tensor, list[dict]]:
     """Random horizontal flip, scale (about the centre) and translation of a normalised batch, boxes kept right.
 
     One ``grid_sample`` for the whole batch (bilinear, zero = the mean colour outside the image). Boxes
@@ -135,7 +157,9 @@ def augment(images: Tensor, targets: list[dict], gen: torch.Generator, *,
     theta[:, 1, 2] = -2 * t[:, 1] / h / s
     theta = theta.to(images.device, images.dtype)
     grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
-    out = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = torch.nn.functional.grid_sample(
+        images, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     new_targets = []
     for i, tg in enumerate(targets):
         b = tg["boxes"].clone()
@@ -152,16 +176,27 @@ def augment(images: Tensor, targets: list[dict], gen: torch.Generator, *,
     return out, new_targets
 
 
-def iterate(ds: CocoSet, *, batch_size: int, train: bool = False, seed: int = 0, epoch: int = 0,
-            scale: tuple[float, float] = (0.75, 1.25), mean=MEAN, std=STD) -> Iterator[tuple[Tensor, list[dict]]]:
+def iterate(
+    ds: CocoSet,
+    *,
+    batch_size: int,
+    train: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    scale: tuple[float, float] = (0.75, 1.25),
+    mean=MEAN,
+    std=STD,
+) -> Iterator[tuple[Tensor, list[dict]]]:
     """Batches of ``(normalised images, targets)``; ``train`` shuffles (by ``seed`` and ``epoch``) and augments."""
     n = len(ds)
     gen = torch.Generator().manual_seed(seed * 100003 + epoch)
     order = torch.randperm(n, generator=gen).tolist() if train else list(range(n))
     for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        targets = [{"boxes": ds.boxes[i], "labels": ds.labels[i], "image_id": ds.image_ids[i], "scale": ds.scales[i]}
-                   for i in idx]
+        idx = order[start : start + batch_size]
+        targets = [
+            {"boxes": ds.boxes[i], "labels": ds.labels[i], "image_id": ds.image_ids[i], "scale": ds.scales[i]}
+            for i in idx
+        ]
         images = normalize(ds.images[idx], mean, std)
         if train:
             images, targets = augment(images, targets, gen, scale=scale)

@@ -10,6 +10,7 @@ tuple). What those outputs mean is an :class:`~xnnq.tasks.ssd.SSDMetaArch` (``mo
 ``meta_arch=``; for an ONNX file it is read back from the prototxt written beside it). Decoding and NMS
 run outside the graph, as TIDL's detection post-processing does.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,16 @@ from .ssd import SSDMetaArch, decode, flatten_outputs, priors_and_variances
 __all__ = ["batches", "coco_map", "evaluate", "export", "find_meta_arch", "postprocess"]
 
 
-def batches(instances_json: str | Path, *, batch_size: int, limit: int | None = None, train: bool = False,
-            size: int | tuple[int, int] | None = None, seed: int = 0, epoch: int = 0) -> Iterator[tuple[Tensor, list]]:
+def batches(
+    instances_json: str | Path,
+    *,
+    batch_size: int,
+    limit: int | None = None,
+    train: bool = False,
+    size: int | tuple[int, int] | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+) -> Iterator[tuple[Tensor, list]]:
     """``(images, targets)`` of a COCO detection set, images normalised exactly as the detector takes them.
 
     ``targets[i]``: ``boxes`` (M x 4 corners in input pixels), ``labels`` (index into the sorted category
@@ -50,13 +59,21 @@ def find_meta_arch(model: Any, meta_arch: SSDMetaArch | None = None) -> SSDMetaA
         found = getattr(m, "meta_arch", None)
         if isinstance(found, SSDMetaArch):
             return found
-    raise ValueError(f"{type(model).__name__} carries no meta-architecture: pass meta_arch=float_model.meta_arch "
-                     "(an xnnq.tasks.ssd.SSDMetaArch describing the head outputs)")
+    raise ValueError(
+        f"{type(model).__name__} carries no meta-architecture: pass meta_arch=float_model.meta_arch "
+        "(an xnnq.tasks.ssd.SSDMetaArch describing the head outputs)"
+    )
 
 
-def postprocess(meta: SSDMetaArch, outputs, *, confidence_threshold: float | None = None,
-                nms_threshold: float | None = None, top_k: int | None = None,
-                keep_top_k: int | None = None) -> list[dict[str, Tensor]]:
+def postprocess(
+    meta: SSDMetaArch,
+    outputs,
+    *,
+    confidence_threshold: float | None = None,
+    nms_threshold: float | None = None,
+    top_k: int | None = None,
+    keep_top_k: int | None = None,
+) -> list[dict[str, Tensor]]:
     """caffe-SSD ``DetectionOutput``: softmax, per class score > threshold, ``top_k`` per class, NMS per
     class, ``keep_top_k`` per image. Returns per image ``boxes`` (corners, input pixels), ``scores``,
     ``labels`` (foreground index 0..K-1)."""
@@ -95,6 +112,7 @@ def _run_model(model: torch.nn.Module):
     def run(x: Tensor):
         with torch.no_grad():
             return model(x.to(device))
+
     return run
 
 
@@ -118,12 +136,13 @@ def _run_onnx(path: Path, threads: int = 0):
         b = static or x.shape[0]
         chunks = []
         for i in range(0, x.shape[0], b):
-            c = x[i:i + b]
+            c = x[i : i + b]
             n = len(c)
             if n < b:
                 c = np.concatenate([c, np.zeros((b - n, *c.shape[1:]), c.dtype)])
             chunks.append([o[:n] for o in session.run(None, {inp.name: c})])
         return tuple(torch.from_numpy(np.concatenate([c[j] for c in chunks])) for j in range(len(chunks[0])))
+
     return run
 
 
@@ -151,9 +170,18 @@ def coco_map(ds: CocoSet, detections: list[dict], image_ids: list[int]) -> dict[
     return {"mAP": float(ev.stats[0]) * 100, "mAP50": float(ev.stats[1]) * 100}
 
 
-def evaluate(model_or_onnx_path: torch.nn.Module | str | Path, instances_json: str | Path, *, batch_size: int = 32,
-             limit: int | None = None, meta_arch: SSDMetaArch | None = None, size: int | tuple[int, int] | None = None,
-             progress: bool = True, threads: int = 0, return_detections: bool = False) -> dict[str, Any]:
+def evaluate(
+    model_or_onnx_path: torch.nn.Module | str | Path,
+    instances_json: str | Path,
+    *,
+    batch_size: int = 32,
+    limit: int | None = None,
+    meta_arch: SSDMetaArch | None = None,
+    size: int | tuple[int, int] | None = None,
+    progress: bool = True,
+    threads: int = 0,
+    return_detections: bool = False,
+) -> dict[str, Any]:
     """COCO mAP@[.5:.95] and mAP@.5 (0-100) of a detector on a COCO-format set.
 
     ``model_or_onnx_path``: the float core, any xnnq wrapper of it, or an exported ``.onnx`` (run in
@@ -166,6 +194,7 @@ def evaluate(model_or_onnx_path: torch.nn.Module | str | Path, instances_json: s
         path = Path(model_or_onnx_path)
         if meta_arch is None:
             from .meta_arch import read_prototxt
+
             meta_arch = read_prototxt(path.with_suffix(".prototxt"))
         run = _run_onnx(path, threads)
         meta = meta_arch
@@ -174,33 +203,60 @@ def evaluate(model_or_onnx_path: torch.nn.Module | str | Path, instances_json: s
         run = _run_model(model_or_onnx_path)
     ds = load_coco(instances_json, size=size, limit=limit)
     if (ds.images.shape[-1], ds.images.shape[-2]) != (meta.in_width, meta.in_height):
-        raise ValueError(f"{instances_json}: images are {ds.images.shape[-1]}x{ds.images.shape[-2]} but the detector "
-                         f"takes {meta.in_width}x{meta.in_height}; pass size=({meta.in_height}, {meta.in_width})")
+        raise ValueError(
+            f"{instances_json}: images are {ds.images.shape[-1]}x{ds.images.shape[-2]} but the detector "
+            f"takes {meta.in_width}x{meta.in_height}; pass size=({meta.in_height}, {meta.in_width})"
+        )
     dets: list[dict] = []
     n_batches = (len(ds) + batch_size - 1) // batch_size
-    for images, targets in tqdm(iterate(ds, batch_size=batch_size), total=n_batches, desc="evaluate",
-                                disable=not progress, leave=False):
+    for images, targets in tqdm(
+        iterate(ds, batch_size=batch_size),
+        total=n_batches,
+        desc="evaluate",
+        disable=not progress,
+        leave=False,
+    ):
         for t, r in zip(targets, postprocess(meta, run(images))):
             sx, sy = t["scale"]
             b = r["boxes"].cpu().double()
             b[:, [0, 2]] /= sx
             b[:, [1, 3]] /= sy
             for box, score, label in zip(b.tolist(), r["scores"].cpu().tolist(), r["labels"].cpu().tolist()):
-                dets.append({"image_id": t["image_id"], "category_id": ds.cat_ids[label],
-                             "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})
+                dets.append(
+                    {
+                        "image_id": t["image_id"],
+                        "category_id": ds.cat_ids[label],
+                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                        "score": score,
+                    }
+                )
     out: dict[str, Any] = coco_map(ds, dets, ds.image_ids)
     if return_detections:
         out["detections"] = dets
     return out
 
 
-def export(qmodel: Any, path: str | Path, *, format: str = "tidl", meta_arch: SSDMetaArch | None = None,
-           dummy_input: Tensor | None = None, **kwargs) -> Path:
+def export(
+    qmodel: Any,
+    path: str | Path,
+    *,
+    format: str = "tidl",
+    meta_arch: SSDMetaArch | None = None,
+    dummy_input: Tensor | None = None,
+    **kwargs,
+) -> Path:
     """Write the ONNX (``xnnq.export_onnx``), its options JSON with TIDL's object-detection options, and
     the meta-architecture prototxt beside it; returns the ONNX path. See :mod:`xnnq.tasks.meta_arch`."""
     from .meta_arch import export_detector
-    return export_detector(qmodel, path, format=format, meta_arch=find_meta_arch(qmodel, meta_arch),
-                           dummy_input=dummy_input, **kwargs)
+
+    return export_detector(
+        qmodel,
+        path,
+        format=format,
+        meta_arch=find_meta_arch(qmodel, meta_arch),
+        dummy_input=dummy_input,
+        **kwargs,
+    )
 
 
 def write_json(path: str | Path, obj: dict) -> None:

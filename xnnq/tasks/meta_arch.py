@@ -19,6 +19,7 @@ in the core's output tuple, checked to come from a ``Conv`` through only the qua
 ``QuantizeLinear``, ``DequantizeLinear``) — the name TIDL gives a conv layer whose quantizer follows it,
 as in the 16-bit name lists of :func:`xnnq.export_onnx`.
 """
+
 from __future__ import annotations
 
 import re
@@ -84,16 +85,28 @@ def _block(name: str, items: list[tuple[str, Any]], indent: int = 0) -> list[str
 
 
 def _detection_output(meta, num_classes: int) -> list[tuple[str, Any]]:
-    return [("num_classes", num_classes), ("share_location", True), ("background_label_id", meta.background_label_id),
-            ("nms_param", [("nms_threshold", float(meta.nms_threshold)), ("top_k", meta.top_k)]),
-            ("code_type", meta.code_type), ("keep_top_k", meta.keep_top_k),
-            ("confidence_threshold", float(meta.confidence_threshold))]
+    return [
+        ("num_classes", num_classes),
+        ("share_location", True),
+        ("background_label_id", meta.background_label_id),
+        ("nms_param", [("nms_threshold", float(meta.nms_threshold)), ("top_k", meta.top_k)]),
+        ("code_type", meta.code_type),
+        ("keep_top_k", meta.keep_top_k),
+        ("confidence_threshold", float(meta.confidence_threshold)),
+    ]
 
 
-def prototxt_text(meta: SSDMetaArch | RetinaNetMetaArch, box_names: list[str], class_names: list[str],
-                  outputs: tuple[str, ...] = ("boxes", "labels", "scores"), name: str | None = None) -> str:
+def prototxt_text(
+    meta: SSDMetaArch | RetinaNetMetaArch,
+    box_names: list[str],
+    class_names: list[str],
+    outputs: tuple[str, ...] = ("boxes", "labels", "scores"),
+    name: str | None = None,
+) -> str:
     """The meta-architecture file of ``meta`` with the given head tensor names."""
-    items: list[tuple[str, Any]] = [("box_input", n) for n in box_names] + [("class_input", n) for n in class_names]
+    items: list[tuple[str, Any]] = [("box_input", n) for n in box_names] + [
+        ("class_input", n) for n in class_names
+    ]
     items += [("output", o) for o in outputs] + [("in_width", meta.in_width), ("in_height", meta.in_height)]
     if isinstance(meta, SSDMetaArch):
         block, name = "caffe_ssd", name or "ssd"
@@ -111,20 +124,32 @@ def prototxt_text(meta: SSDMetaArch | RetinaNetMetaArch, box_names: list[str], c
     elif isinstance(meta, RetinaNetMetaArch):
         block, name = "tidl_retinanet", name or "retinanet"
         wx, wy, ww, wh = meta.box_coder_weights
-        items += [("x_scale", float(wx)), ("y_scale", float(wy)), ("width_scale", float(ww)),
-                  ("height_scale", float(wh)), ("score_converter", "SIGMOID"),
-                  ("anchor_param", [("aspect_ratio", float(r)) for r in meta.aspect_ratio]
-                   + [("octave_base_scale", float(meta.octave_base_scale)),
-                      ("scales_per_octave", meta.scales_per_octave)]),
-                  ("detection_output_param", _detection_output(meta, meta.num_classes))]
+        items += [
+            ("x_scale", float(wx)),
+            ("y_scale", float(wy)),
+            ("width_scale", float(ww)),
+            ("height_scale", float(wh)),
+            ("score_converter", "SIGMOID"),
+            (
+                "anchor_param",
+                [("aspect_ratio", float(r)) for r in meta.aspect_ratio]
+                + [
+                    ("octave_base_scale", float(meta.octave_base_scale)),
+                    ("scales_per_octave", meta.scales_per_octave),
+                ],
+            ),
+            ("detection_output_param", _detection_output(meta, meta.num_classes)),
+        ]
     else:
         raise TypeError(f"no TIDL meta-architecture writer for {type(meta).__name__}")
     return "\n".join([f"name: {_fmt(name)}"] + _block(block, items)) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ parsing
-_TOKEN = re.compile(r'\s*(?:(#[^\n]*)|([A-Za-z_][A-Za-z0-9_]*)\s*:\s*("(?:[^"\\]|\\.)*"|[^\s{}]+)|'
-                    r'([A-Za-z_][A-Za-z0-9_]*)\s*\{|(\}))')
+_TOKEN = re.compile(
+    r'\s*(?:(#[^\n]*)|([A-Za-z_][A-Za-z0-9_]*)\s*:\s*("(?:[^"\\]|\\.)*"|[^\s{}]+)|'
+    r"([A-Za-z_][A-Za-z0-9_]*)\s*\{|(\}))"
+)
 
 
 def parse_prototxt(text: str) -> dict[str, list]:
@@ -136,7 +161,7 @@ def parse_prototxt(text: str) -> dict[str, list]:
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if m is None:
-            raise ValueError(f"prototxt: cannot parse at character {pos}: {text[pos:pos + 40]!r}")
+            raise ValueError(f"prototxt: cannot parse at character {pos}: {text[pos : pos + 40]!r}")
         pos = m.end()
         comment, key, value, block, close = m.groups()
         if comment:
@@ -176,8 +201,10 @@ def read_prototxt(path: str | Path, output_names: list[str] | None = None) -> SS
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"meta-architecture file {path} not found (xnnq.tasks.detection.export writes it "
-                                "beside the .onnx)")
+        raise FileNotFoundError(
+            f"meta-architecture file {path} not found (xnnq.tasks.detection.export writes it "
+            "beside the .onnx)"
+        )
     tree = parse_prototxt(path.read_text())
     if output_names is None:
         onnx_path = path.with_suffix(".onnx")
@@ -196,39 +223,56 @@ def read_prototxt(path: str | Path, output_names: list[str] | None = None) -> SS
         s = tree["caffe_ssd"][0]
         det = s["detection_output_param"][0]
         nms = det["nms_param"][0]
-        priors = tuple(PriorBoxParam(float(p["min_size"][0]), float(p["max_size"][0]) if "max_size" in p else None,
-                                     float(p["step"][0]), tuple(float(r) for r in p.get("aspect_ratio", [])),
-                                     bool(one(p, "flip", True)), bool(one(p, "clip", False)),
-                                     tuple(float(v) for v in p.get("variance", [0.1, 0.1, 0.2, 0.2])),
-                                     float(one(p, "offset", 0.5)))
-                       for p in s["prior_box_param"])
-        return SSDMetaArch(in_width=int(s["in_width"][0]), in_height=int(s["in_height"][0]),
-                           num_classes=int(det["num_classes"][0]), priors=priors,
-                           box_outputs=index(s["box_input"], "box_input"),
-                           class_outputs=index(s["class_input"], "class_input"),
-                           background_label_id=int(one(det, "background_label_id", 0)),
-                           nms_threshold=float(nms["nms_threshold"][0]), top_k=int(one(nms, "top_k", 200)),
-                           keep_top_k=int(one(det, "keep_top_k", 200)),
-                           confidence_threshold=float(one(det, "confidence_threshold", 0.01)),
-                           code_type=str(one(det, "code_type", "CENTER_SIZE")))
+        priors = tuple(
+            PriorBoxParam(
+                float(p["min_size"][0]),
+                float(p["max_size"][0]) if "max_size" in p else None,
+                float(p["step"][0]),
+                tuple(float(r) for r in p.get("aspect_ratio", [])),
+                bool(one(p, "flip", True)),
+                bool(one(p, "clip", False)),
+                tuple(float(v) for v in p.get("variance", [0.1, 0.1, 0.2, 0.2])),
+                float(one(p, "offset", 0.5)),
+            )
+            for p in s["prior_box_param"]
+        )
+        return SSDMetaArch(
+            in_width=int(s["in_width"][0]),
+            in_height=int(s["in_height"][0]),
+            num_classes=int(det["num_classes"][0]),
+            priors=priors,
+            box_outputs=index(s["box_input"], "box_input"),
+            class_outputs=index(s["class_input"], "class_input"),
+            background_label_id=int(one(det, "background_label_id", 0)),
+            nms_threshold=float(nms["nms_threshold"][0]),
+            top_k=int(one(nms, "top_k", 200)),
+            keep_top_k=int(one(det, "keep_top_k", 200)),
+            confidence_threshold=float(one(det, "confidence_threshold", 0.01)),
+            code_type=str(one(det, "code_type", "CENTER_SIZE")),
+        )
     if "tidl_retinanet" in tree:
         s = tree["tidl_retinanet"][0]
         det = s["detection_output_param"][0]
         nms = det["nms_param"][0]
         a = s["anchor_param"][0]
-        return RetinaNetMetaArch(in_width=int(s["in_width"][0]), in_height=int(s["in_height"][0]),
-                                 num_classes=int(det["num_classes"][0]),
-                                 box_outputs=index(s["box_input"], "box_input"),
-                                 class_outputs=index(s["class_input"], "class_input"),
-                                 aspect_ratio=tuple(float(r) for r in a["aspect_ratio"]),
-                                 octave_base_scale=float(a["octave_base_scale"][0]),
-                                 scales_per_octave=int(a["scales_per_octave"][0]),
-                                 box_coder_weights=tuple(float(s[k][0]) for k in
-                                                         ("x_scale", "y_scale", "width_scale", "height_scale")),
-                                 background_label_id=int(one(det, "background_label_id", -1)),
-                                 nms_threshold=float(nms["nms_threshold"][0]), top_k=int(one(nms, "top_k", 200)),
-                                 keep_top_k=int(one(det, "keep_top_k", 200)),
-                                 confidence_threshold=float(one(det, "confidence_threshold", 0.05)))
+        return RetinaNetMetaArch(
+            in_width=int(s["in_width"][0]),
+            in_height=int(s["in_height"][0]),
+            num_classes=int(det["num_classes"][0]),
+            box_outputs=index(s["box_input"], "box_input"),
+            class_outputs=index(s["class_input"], "class_input"),
+            aspect_ratio=tuple(float(r) for r in a["aspect_ratio"]),
+            octave_base_scale=float(a["octave_base_scale"][0]),
+            scales_per_octave=int(a["scales_per_octave"][0]),
+            box_coder_weights=tuple(
+                float(s[k][0]) for k in ("x_scale", "y_scale", "width_scale", "height_scale")
+            ),
+            background_label_id=int(one(det, "background_label_id", -1)),
+            nms_threshold=float(nms["nms_threshold"][0]),
+            top_k=int(one(nms, "top_k", 200)),
+            keep_top_k=int(one(det, "keep_top_k", 200)),
+            confidence_threshold=float(one(det, "confidence_threshold", 0.05)),
+        )
     raise ValueError(f"{path}: no caffe_ssd or tidl_retinanet block (found {sorted(tree)})")
 
 
@@ -244,9 +288,11 @@ def head_conv(graph: onnx.GraphProto, tensor: str) -> onnx.NodeProto:
         if node.op_type == "Conv":
             return node
         if node.op_type not in QUANTIZER_OPS:
-            raise ValueError(f"head output {tensor!r} comes from a {node.op_type} node ({node.name}), not from a Conv: "
-                             "TIDL's meta-architecture takes the head conv outputs; end the traceable core at the "
-                             "head convs (reshape/permute/decoding belong to the post-processing)")
+            raise ValueError(
+                f"head output {tensor!r} comes from a {node.op_type} node ({node.name}), not from a Conv: "
+                "TIDL's meta-architecture takes the head conv outputs; end the traceable core at the "
+                "head convs (reshape/permute/decoding belong to the post-processing)"
+            )
         t = node.input[0]
     raise ValueError(f"head output {tensor!r}: no producing Conv found in the graph")
 
@@ -257,7 +303,9 @@ def head_names(model: onnx.ModelProto, meta: SSDMetaArch | RetinaNetMetaArch) ->
     outs = [o.name for o in model.graph.output]
     need = max(meta.box_outputs + meta.class_outputs)
     if need >= len(outs):
-        raise ValueError(f"the meta-architecture names output {need} but the graph has {len(outs)} outputs {outs}")
+        raise ValueError(
+            f"the meta-architecture names output {need} but the graph has {len(outs)} outputs {outs}"
+        )
     box = [outs[i] for i in meta.box_outputs]
     cls = [outs[i] for i in meta.class_outputs]
     for n in box + cls:
@@ -265,9 +313,16 @@ def head_names(model: onnx.ModelProto, meta: SSDMetaArch | RetinaNetMetaArch) ->
     return box, cls
 
 
-def export_detector(qmodel: Any, path: str | Path, *, format: str = "tidl", meta_arch: SSDMetaArch | RetinaNetMetaArch,
-                    dummy_input: torch.Tensor | None = None, outputs: tuple[str, ...] = ("boxes", "labels", "scores"),
-                    **export_kwargs) -> Path:
+def export_detector(
+    qmodel: Any,
+    path: str | Path,
+    *,
+    format: str = "tidl",
+    meta_arch: SSDMetaArch | RetinaNetMetaArch,
+    dummy_input: torch.Tensor | None = None,
+    outputs: tuple[str, ...] = ("boxes", "labels", "scores"),
+    **export_kwargs,
+) -> Path:
     """``xnnq.export_onnx`` + the meta-architecture prototxt (``<stem>.prototxt``) + the OD options.
 
     The options JSON gains ``object_detection:meta_arch_type`` and ``object_detection:meta_layers_names_list``

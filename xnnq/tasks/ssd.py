@@ -14,6 +14,7 @@ semantics are implemented here so that the boxes decoded in Python are the boxes
   the class conv ``A * num_classes`` channels (``num_classes`` includes the background), scores are the
   softmax over the classes of one prior.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,10 +83,14 @@ class SSDMetaArch:
     def __post_init__(self):
         n = len(self.priors)
         if len(self.box_outputs) != n or len(self.class_outputs) != n:
-            raise ValueError(f"SSDMetaArch: {n} prior levels but {len(self.box_outputs)} box outputs and "
-                             f"{len(self.class_outputs)} class outputs; give one box and one class output per level")
+            raise ValueError(
+                f"SSDMetaArch: {n} prior levels but {len(self.box_outputs)} box outputs and "
+                f"{len(self.class_outputs)} class outputs; give one box and one class output per level"
+            )
         if not 0 <= self.background_label_id < self.num_classes:
-            raise ValueError(f"background_label_id {self.background_label_id} outside 0..{self.num_classes - 1}")
+            raise ValueError(
+                f"background_label_id {self.background_label_id} outside 0..{self.num_classes - 1}"
+            )
 
     @property
     def foreground(self) -> list[int]:
@@ -101,12 +106,20 @@ def level_priors(p: PriorBoxParam, feat_h: int, feat_w: int, img_h: int, img_w: 
         sizes.append((s, s))
     sizes += [(p.min_size * math.sqrt(r), p.min_size / math.sqrt(r)) for r in p.ratios]
     wh = torch.tensor(sizes, dtype=torch.float64)  # A x 2
-    ys, xs = torch.meshgrid(torch.arange(feat_h, dtype=torch.float64), torch.arange(feat_w, dtype=torch.float64),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(feat_h, dtype=torch.float64), torch.arange(feat_w, dtype=torch.float64), indexing="ij"
+    )
     cx = ((xs + p.offset) * p.step).reshape(-1, 1)
     cy = ((ys + p.offset) * p.step).reshape(-1, 1)
-    boxes = torch.stack([(cx - wh[:, 0] / 2) / img_w, (cy - wh[:, 1] / 2) / img_h,
-                         (cx + wh[:, 0] / 2) / img_w, (cy + wh[:, 1] / 2) / img_h], dim=-1).reshape(-1, 4)
+    boxes = torch.stack(
+        [
+            (cx - wh[:, 0] / 2) / img_w,
+            (cy - wh[:, 1] / 2) / img_h,
+            (cx + wh[:, 0] / 2) / img_w,
+            (cy + wh[:, 1] / 2) / img_h,
+        ],
+        dim=-1,
+    ).reshape(-1, 4)
     if p.clip:
         boxes = boxes.clamp(0.0, 1.0)
     return boxes.float()
@@ -124,7 +137,9 @@ def priors_and_variances(meta: SSDMetaArch, feature_sizes: list[tuple[int, int]]
     return torch.cat(boxes), torch.cat(var)
 
 
-def flatten_outputs(meta: SSDMetaArch, outputs: tuple[Tensor, ...] | list[Tensor]) -> tuple[Tensor, Tensor, list]:
+def flatten_outputs(
+    meta: SSDMetaArch, outputs: tuple[Tensor, ...] | list[Tensor]
+) -> tuple[Tensor, Tensor, list]:
     """Head conv outputs -> ``(loc N x P x 4, conf N x P x num_classes, feature sizes)`` in prior order."""
     locs, confs, sizes = [], [], []
     for level, (bi, ci) in enumerate(zip(meta.box_outputs, meta.class_outputs)):
@@ -132,8 +147,10 @@ def flatten_outputs(meta: SSDMetaArch, outputs: tuple[Tensor, ...] | list[Tensor
         n, _, h, w = b.shape
         a = meta.priors[level].num_priors
         if b.shape[1] != 4 * a or c.shape[1] != a * meta.num_classes or c.shape[-2:] != b.shape[-2:]:
-            raise ValueError(f"level {level}: box output {tuple(b.shape)} / class output {tuple(c.shape)} do not "
-                             f"match {a} priors x 4 and {a} priors x {meta.num_classes} classes")
+            raise ValueError(
+                f"level {level}: box output {tuple(b.shape)} / class output {tuple(c.shape)} do not "
+                f"match {a} priors x 4 and {a} priors x {meta.num_classes} classes"
+            )
         locs.append(b.permute(0, 2, 3, 1).reshape(n, h * w * a, 4))
         confs.append(c.permute(0, 2, 3, 1).reshape(n, h * w * a, meta.num_classes))
         sizes.append((h, w))
@@ -158,8 +175,15 @@ def encode(boxes: Tensor, priors: Tensor, variances: Tensor) -> Tensor:
     w = (boxes[..., 2] - boxes[..., 0]).clamp_min(1e-6)
     h = (boxes[..., 3] - boxes[..., 1]).clamp_min(1e-6)
     cx, cy = (boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2
-    return torch.stack([(cx - pcx) / pw / variances[..., 0], (cy - pcy) / ph / variances[..., 1],
-                        torch.log(w / pw) / variances[..., 2], torch.log(h / ph) / variances[..., 3]], dim=-1)
+    return torch.stack(
+        [
+            (cx - pcx) / pw / variances[..., 0],
+            (cy - pcy) / ph / variances[..., 1],
+            torch.log(w / pw) / variances[..., 2],
+            torch.log(h / ph) / variances[..., 3],
+        ],
+        dim=-1,
+    )
 
 
 def match(gt_boxes: Tensor, priors: Tensor, threshold: float = 0.5) -> Tensor:
@@ -179,8 +203,15 @@ def match(gt_boxes: Tensor, priors: Tensor, threshold: float = 0.5) -> Tensor:
     return torch.where(best_iou >= threshold, best_gt, torch.full_like(best_gt, -1))
 
 
-def multibox_loss(meta: SSDMetaArch, outputs, targets: list[dict], *, neg_pos_ratio: float = 3.0,
-                  iou_threshold: float = 0.5, giou_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+def multibox_loss(
+    meta: SSDMetaArch,
+    outputs,
+    targets: list[dict],
+    *,
+    neg_pos_ratio: float = 3.0,
+    iou_threshold: float = 0.5,
+    giou_weight: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """SSD loss: softmax cross-entropy with 3:1 hard-negative mining + smooth-L1 (+ GIoU) on the positives.
 
     ``targets[i]["boxes"]`` are ``(xmin, ymin, xmax, ymax)`` in input pixels, ``targets[i]["labels"]``
@@ -203,7 +234,9 @@ def multibox_loss(meta: SSDMetaArch, outputs, targets: list[dict], *, neg_pos_ra
     cls_t, box_t = torch.stack(cls_t), torch.stack(box_t)
     pos = cls_t != meta.background_label_id
     num_pos = pos.sum().clamp_min(1).to(loc.dtype)
-    ce = F.cross_entropy(conf.reshape(-1, meta.num_classes), cls_t.reshape(-1), reduction="none").view_as(cls_t)
+    ce = F.cross_entropy(conf.reshape(-1, meta.num_classes), cls_t.reshape(-1), reduction="none").view_as(
+        cls_t
+    )
     with torch.no_grad():  # hard negatives: the highest-loss background priors, neg_pos_ratio per positive
         neg_ce = ce.masked_fill(pos, -1.0)
         rank = neg_ce.argsort(1, descending=True).argsort(1)
@@ -215,7 +248,10 @@ def multibox_loss(meta: SSDMetaArch, outputs, targets: list[dict], *, neg_pos_ra
     total = cls_loss + reg_loss
     parts = {"cls": cls_loss.detach(), "reg": reg_loss.detach()}
     if giou_weight:
-        giou = generalized_box_iou_loss(decode(loc[pos], pri[pos], v[pos]), box_t[pos], reduction="sum") / num_pos
+        giou = (
+            generalized_box_iou_loss(decode(loc[pos], pri[pos], v[pos]), box_t[pos], reduction="sum")
+            / num_pos
+        )
         total = total + giou_weight * giou
         parts["giou"] = giou.detach()
     return total, parts

@@ -11,6 +11,7 @@ feature level, before torchvision reshapes them — plus the matching meta-archi
   are the variances (0.1, 0.1, 0.2, 0.2) and its scores are a softmax with background 0;
 * ``RetinaNet`` -> :class:`~xnnq.tasks.meta_arch.RetinaNetMetaArch` (tidl_retinanet, sigmoid scores).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,11 +45,16 @@ class RetinaNetCore(nn.Module):
         super().__init__()
         self.backbone = model.backbone
         self.box_tower, self.box = model.head.regression_head.conv, model.head.regression_head.bbox_reg
-        self.cls_tower, self.cls = model.head.classification_head.conv, model.head.classification_head.cls_logits
+        self.cls_tower, self.cls = (
+            model.head.classification_head.conv,
+            model.head.classification_head.cls_logits,
+        )
 
     def forward(self, x):
         feats = list(self.backbone(x).values())
-        return tuple(self.box(self.box_tower(f)) for f in feats) + tuple(self.cls(self.cls_tower(f)) for f in feats)
+        return tuple(self.box(self.box_tower(f)) for f in feats) + tuple(
+            self.cls(self.cls_tower(f)) for f in feats
+        )
 
 
 def _feature_sizes(core: nn.Module, size: tuple[int, int]) -> list[tuple[int, int]]:
@@ -67,22 +73,42 @@ def ssd_meta_arch(model: nn.Module, core: SSDCore, size: tuple[int, int]) -> SSD
         raise ValueError(f"ssd_meta_arch: caffe_ssd has one step per level; the input {w}x{h} is not square")
     sizes = _feature_sizes(core, size)
     priors, clamped = [], []
-    for k, (fh, fw) in enumerate(sizes):
+    for k, (_fh, fw) in enumerate(sizes):
         s_k, s_next = gen.scales[k], gen.scales[k + 1]
         if gen.clip and (s_next > 1 or any(s_k * math.sqrt(r) > 1 for r in gen.aspect_ratios[k])):
             clamped.append(k)
         step = w / (fw if gen.steps is None else w / gen.steps[k])
-        priors.append(PriorBoxParam(s_k * w, s_next * w, float(step), tuple(float(r) for r in gen.aspect_ratios[k]),
-                                    flip=True, clip=False))
+        priors.append(
+            PriorBoxParam(
+                s_k * w,
+                s_next * w,
+                float(step),
+                tuple(float(r) for r in gen.aspect_ratios[k]),
+                flip=True,
+                clip=False,
+            )
+        )
     if clamped:
-        warnings.warn(f"ssd_meta_arch: levels {clamped} have priors wider or taller than the image; torchvision "
-                      "clamps their width/height to the image size, caffe_ssd (clip: false) keeps them, so TIDL's "
-                      "boxes for those priors differ from torchvision's", stacklevel=3)
+        warnings.warn(
+            f"ssd_meta_arch: levels {clamped} have priors wider or taller than the image; torchvision "
+            "clamps their width/height to the image size, caffe_ssd (clip: false) keeps them, so TIDL's "
+            "boxes for those priors differ from torchvision's",
+            stacklevel=3,
+        )
     n = len(priors)
-    return SSDMetaArch(in_width=w, in_height=h, num_classes=model.head.classification_head.num_columns,
-                       priors=tuple(priors), box_outputs=tuple(range(n)), class_outputs=tuple(range(n, 2 * n)),
-                       background_label_id=0, nms_threshold=model.nms_thresh, top_k=model.topk_candidates,
-                       keep_top_k=model.detections_per_img, confidence_threshold=model.score_thresh)
+    return SSDMetaArch(
+        in_width=w,
+        in_height=h,
+        num_classes=model.head.classification_head.num_columns,
+        priors=tuple(priors),
+        box_outputs=tuple(range(n)),
+        class_outputs=tuple(range(n, 2 * n)),
+        background_label_id=0,
+        nms_threshold=model.nms_thresh,
+        top_k=model.topk_candidates,
+        keep_top_k=model.detections_per_img,
+        confidence_threshold=model.score_thresh,
+    )
 
 
 def retinanet_meta_arch(model: nn.Module, core: RetinaNetCore, size: tuple[int, int]) -> RetinaNetMetaArch:
@@ -92,16 +118,26 @@ def retinanet_meta_arch(model: nn.Module, core: RetinaNetCore, size: tuple[int, 
     base, ratios = gen.sizes[0], gen.aspect_ratios[0]
     stride = h / sizes[0][0]
     n = len(sizes)
-    return RetinaNetMetaArch(in_width=w, in_height=h, num_classes=model.head.classification_head.num_classes,
-                             box_outputs=tuple(range(n)), class_outputs=tuple(range(n, 2 * n)),
-                             aspect_ratio=tuple(float(r) for r in ratios), octave_base_scale=float(base[0] / stride),
-                             scales_per_octave=len(base),
-                             box_coder_weights=tuple(float(v) for v in model.box_coder.weights),
-                             nms_threshold=model.nms_thresh, top_k=model.topk_candidates,
-                             keep_top_k=model.detections_per_img, confidence_threshold=model.score_thresh)
+    return RetinaNetMetaArch(
+        in_width=w,
+        in_height=h,
+        num_classes=model.head.classification_head.num_classes,
+        box_outputs=tuple(range(n)),
+        class_outputs=tuple(range(n, 2 * n)),
+        aspect_ratio=tuple(float(r) for r in ratios),
+        octave_base_scale=float(base[0] / stride),
+        scales_per_octave=len(base),
+        box_coder_weights=tuple(float(v) for v in model.box_coder.weights),
+        nms_threshold=model.nms_thresh,
+        top_k=model.topk_candidates,
+        keep_top_k=model.detections_per_img,
+        confidence_threshold=model.score_thresh,
+    )
 
 
-def torchvision_core(model: nn.Module, size: int | tuple[int, int]) -> tuple[nn.Module, SSDMetaArch | RetinaNetMetaArch]:
+def torchvision_core(
+    model: nn.Module, size: int | tuple[int, int]
+) -> tuple[nn.Module, SSDMetaArch | RetinaNetMetaArch]:
     """``(core, meta_arch)`` of a torchvision ``SSD`` or ``RetinaNet`` for ``size`` (h, w) inputs.
 
     The core shares the model's modules (wrap it with xnnq, which copies it; the model is not modified).
