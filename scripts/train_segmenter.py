@@ -11,6 +11,7 @@ with ``--save`` the state dict and its record go to ``xnnq/models/checkpoints/mo
     nohup python scripts/train_segmenter.py --epochs 14 --save > runs/seg.log 2>&1 &
     python scripts/train_segmenter.py --epochs 14 --save --resume   # after an interruption
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,12 +49,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def random_crop(x: torch.Tensor, m: torch.Tensor, size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def random_crop(
+    x: torch.Tensor, m: torch.Tensor, size: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The same random ``size`` x ``size`` window of every image and its mask (one window per batch)."""
     h, w = x.shape[-2:]
     top = int(torch.randint(0, h - size + 1, (1,), generator=g))
     left = int(torch.randint(0, w - size + 1, (1,), generator=g))
-    return x[..., top:top + size, left:left + size], m[..., top:top + size, left:left + size]
+    return x[..., top : top + size, left : left + size], m[..., top : top + size, left : left + size]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -63,16 +66,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
     ap.add_argument("--weight-decay", type=float, default=1e-4)
-    ap.add_argument("--backbone", type=Path, default=None, help="default $XNNQ_DATA/weights/resnet20_cifar10jpg.pt")
+    ap.add_argument(
+        "--backbone", type=Path, default=None, help="default $XNNQ_DATA/weights/resnet20_cifar10jpg.pt"
+    )
     ap.add_argument("--run-dir", type=Path, default=Path("runs/mosaic_segmenter"))
     ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="train on the first N images (smoke runs)")
     ap.add_argument("--stem-stride", type=int, default=1, choices=(1, 2))
-    ap.add_argument("--crop", type=int, default=64, help="train on random crops of this size (0: whole images)")
-    ap.add_argument("--init", type=Path, default=None,
-                    help="a MosaicSegmenter state dict to start the decoder from (the body comes from --backbone)")
+    ap.add_argument(
+        "--crop", type=int, default=64, help="train on random crops of this size (0: whole images)"
+    )
+    ap.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="a MosaicSegmenter state dict to start the decoder from (the body comes from --backbone)",
+    )
     ap.add_argument("--resume", action="store_true", help="continue from <run-dir>/last.pt")
     ap.add_argument("--save", action="store_true", help="write the committed checkpoint + json")
     args = ap.parse_args(argv)
@@ -124,20 +135,37 @@ def main(argv: list[str] | None = None) -> dict:
             rec.update(seg.evaluate(model, data, "val", progress=True))
         history.append(rec)
         print(json.dumps(rec), flush=True)
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1,
-                    "seconds": seconds, "history": json.dumps(history)}, last)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "epoch": epoch + 1,
+                "seconds": seconds,
+                "history": json.dumps(history),
+            },
+            last,
+        )
 
     model.eval()
     final = seg.evaluate(model, data, "val", progress=True)
-    result = {"model": "mosaic_segmenter", "val_mIoU": round(final["mIoU"], 2),
-              "val_pixel_acc": round(final["pixel_acc"], 2), "epochs": args.epochs,
-              "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-              "optimizer": "AdamW, one-cycle (5% warm-up, cosine)",
-              "augmentation": "scale 0.75-1.25, crop/pad to 128 (ignore 255), hflip"
-                              + (f", random {args.crop}x{args.crop} crop per batch" if args.crop else ""),
-              "stem_stride": args.stem_stride, "init": str(args.init) if args.init else None,
-              "backbone": "ResNet-20 from weights/resnet20_cifar10jpg.pt (CIFAR-10 train only)",
-              "train_seconds": round(seconds), "threads": args.threads, "history": history}
+    result = {
+        "model": "mosaic_segmenter",
+        "val_mIoU": round(final["mIoU"], 2),
+        "val_pixel_acc": round(final["pixel_acc"], 2),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "optimizer": "AdamW, one-cycle (5% warm-up, cosine)",
+        "augmentation": "scale 0.75-1.25, crop/pad to 128 (ignore 255), hflip"
+        + (f", random {args.crop}x{args.crop} crop per batch" if args.crop else ""),
+        "stem_stride": args.stem_stride,
+        "init": str(args.init) if args.init else None,
+        "backbone": "ResNet-20 from weights/resnet20_cifar10jpg.pt (CIFAR-10 train only)",
+        "train_seconds": round(seconds),
+        "threads": args.threads,
+        "history": history,
+    }
     (args.run_dir / "result.json").write_text(json.dumps(result, indent=1))
     if args.save:
         torch.save(model.state_dict(), CHECKPOINTS / "mosaic_segmenter.pt")

@@ -61,25 +61,25 @@ def test_freeze_unfreeze_and_mode_independence():
     model = torch.nn.Sequential(PACT2(signed=False))
     model.train()
     model(torch.rand(100) * 3)
-    before = model[0].tracker.max_val.clone()
+    before = model[0].observer.max_val.clone()
     xnnq.layers.freeze_quant_range(model)
     model.eval()
     model.train()  # train()/eval() never unfreeze
     assert model[0].frozen
     model(torch.rand(100) * 100)
-    assert torch.equal(model[0].tracker.max_val, before)
+    assert torch.equal(model[0].observer.max_val, before)
     xnnq.layers.unfreeze_quant_range(model)
     model(torch.rand(100) * 100)
-    assert model[0].tracker.max_val.item() > before.item()
+    assert model[0].observer.max_val.item() > before.item()
 
 
 def test_eval_does_not_track():
     p = PACT2(signed=False).train()
     p(torch.rand(100))
     p.eval()
-    before = p.tracker.max_val.clone()
+    before = p.observer.max_val.clone()
     p(torch.rand(100) * 50)
-    assert torch.equal(p.tracker.max_val, before)
+    assert torch.equal(p.observer.max_val, before)
 
 
 def test_fixed_clip_range():
@@ -87,7 +87,7 @@ def test_fixed_clip_range():
     y = p(torch.linspace(-10, 10, 101))
     assert p.clip_values() == (-4.0, 4.0)
     assert y.min().item() == -4.0 and y.max().item() == 4.0 - 4.0 / 128
-    assert p.tracker.num_batches.item() == 0
+    assert p.observer.num_batches.item() == 0
 
 
 def test_error_before_any_range():
@@ -99,13 +99,13 @@ def test_error_before_any_range():
 def test_nonfinite_names_layer_and_keeps_range():
     p = PACT2(name="block.act").train()
     p(torch.randn(100))
-    before = (p.tracker.min_val.clone(), p.tracker.max_val.clone())
+    before = (p.observer.min_val.clone(), p.observer.max_val.clone())
     x = torch.randn(100)
     x[3] = float("nan")
     x[4] = float("inf")
     with pytest.raises(FloatingPointError, match="block.act"):
         p(x)
-    assert torch.equal(p.tracker.min_val, before[0]) and torch.equal(p.tracker.max_val, before[1])
+    assert torch.equal(p.observer.min_val, before[0]) and torch.equal(p.observer.max_val, before[1])
 
 
 def test_state_dict_round_trip():
@@ -121,6 +121,6 @@ def test_state_dict_round_trip():
 
 def test_buffers_follow_device_dtype():
     p = PACT2().double()
-    assert p.tracker.max_val.dtype == torch.float64
+    assert p.observer.max_val.dtype == torch.float64
     names = {n for n, _ in p.named_buffers()}
-    assert {"tracker.min_val", "tracker.max_val", "tracker.num_batches"} <= names
+    assert {"observer.min_val", "observer.max_val", "observer.num_batches"} <= names

@@ -1,4 +1,5 @@
 """xnnq.tasks.segmentation: mask folders, aligned augmentation, confusion-matrix mIoU, ArgMax export."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -91,7 +92,9 @@ def test_augmentation_keeps_masks_aligned(axis):
     assert xa.shape == x.shape and ma.shape == m.shape and ma.dtype == m.dtype
     valid = ma != seg.IGNORE_INDEX
     assert set(ma[valid].unique().tolist()) <= set(m.unique().tolist())  # nearest: no new class values
-    assert (~valid).any() and int(xa[:, 2][~valid].max()) == 0  # padded image pixels are 0, masks ignore_index
+    assert (~valid).any() and int(
+        xa[:, 2][~valid].max()
+    ) == 0  # padded image pixels are 0, masks ignore_index
     # the source coordinate each output pixel of the image came from (bilinear, to 1/8 pixel) ...
     u = xa[:, 0 if axis == -1 else 1].float() / 4
     # ... must be the one the mask pixel came from: nearest source pixel of u, away from rounding ties and
@@ -140,7 +143,10 @@ def test_miou_hand_case():
 
 def test_miou_perfect_ignore_and_absent_classes():
     t = torch.tensor([[0, 1, 2, 255]])
-    assert seg.scores(seg.confusion_matrix(t.clone().clamp(max=2), t, 4)) == {"mIoU": 100.0, "pixel_acc": 100.0}
+    assert seg.scores(seg.confusion_matrix(t.clone().clamp(max=2), t, 4)) == {
+        "mIoU": 100.0,
+        "pixel_acc": 100.0,
+    }
     # class 3 appears nowhere: left out of the mean; the ignored pixel counts nowhere
     p = torch.tensor([[0, 1, 1, 0]])
     cm = seg.confusion_matrix(p, t, 4)
@@ -173,7 +179,9 @@ class TinySeg(nn.Module):
     def __init__(self, classes: int = 4):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.deep = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 2, dilation=2, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.deep = nn.Sequential(
+            nn.Conv2d(8, 8, 3, 1, 2, dilation=2, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        )
         self.cls = nn.Conv2d(16, classes, 1)
         self.up = xnnq.layers.resize.ResizeWith(2.0, "bilinear", False)
 
@@ -190,7 +198,9 @@ def tiny_qat(tmp_path_factory):
     model = TinySeg()
     q = xnnq.QuantTrainModule(model, torch.randn(1, 3, 32, 32))
     opt = torch.optim.SGD(q.parameters(), lr=0.05)
-    for x, m in seg.batches(root, "val", batch_size=3, train=True, generator=torch.Generator().manual_seed(0)):
+    for x, m in seg.batches(
+        root, "val", batch_size=3, train=True, generator=torch.Generator().manual_seed(0)
+    ):
         loss = nn.functional.cross_entropy(q(x), m, ignore_index=seg.IGNORE_INDEX)
         opt.zero_grad()
         loss.backward()
@@ -220,7 +230,7 @@ def test_argmax_export_in_onnxruntime(tiny_qat, tmp_path, fmt):
         ref = q(x).argmax(1, keepdim=True)
     if fmt == "qdq":  # the QDQ graph runs the simulation's numerics: the same index map
         sess = ort_session(path)
-        got = np.concatenate([sess.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(6)])
+        got = np.concatenate([sess.run(None, {"input": x[i : i + 1].numpy()})[0] for i in range(6)])
         assert got.dtype == np.int64
         assert (torch.from_numpy(got) == ref).float().mean() == 1.0
     # both formats evaluate through the ONNX path (tidl: TIDL emulation) to the simulation's mIoU

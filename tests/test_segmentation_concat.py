@@ -8,6 +8,7 @@ output, e.g. a ReLU) and puts one quantizer on the Concat output, so each input 
 own power-of-2 grid onto the output's (round half to even, like every quantizer). The numbers below are
 chosen so that this double rounding differs from a single rounding straight onto the output grid.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,12 +45,14 @@ def _rq(x: torch.Tensor, step: float, qmax: int = 255) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def setup():
     k = torch.arange(128, dtype=torch.float32)
-    a = (k / 64).view(1, 1, 1, 128)                        # on the input grid of a_q (range 2, signed: 1/64)
+    a = (k / 64).view(1, 1, 1, 128)  # on the input grid of a_q (range 2, signed: 1/64)
     b = torch.linspace(0, 7.875, 128).view(1, 1, 1, 128)
-    q = xnnq.QuantTrainModule(TwoScaleCat(), (a, b), clip_ranges={"a_q": 2.0, "b_q": 8.0, "ra": 2.0, "rb": 8.0})
+    q = xnnq.QuantTrainModule(
+        TwoScaleCat(), (a, b), clip_ranges={"a_q": 2.0, "b_q": 8.0, "ra": 2.0, "rb": 8.0}
+    )
     q.train()
     with torch.no_grad():
-        q(a, b)                                            # cat_q observes its range: max 7.875 -> 8, unsigned
+        q(a, b)  # cat_q observes its range: max 7.875 -> 8, unsigned
     q.eval()
     return q, a, b
 
@@ -64,7 +67,7 @@ def test_concat_requantizes_each_input_to_the_output_scale(setup, tmp_path):
     assert float(xnnq.export.export_module(q)[0].conv.weight) == 0.75
 
     # by hand: A on its own grid (1/128), then requantized onto the Concat grid (1/32); B already on it
-    a_in = a                                               # exactly on a_q's grid
+    a_in = a  # exactly on a_q's grid
     branch_a = _rq(0.75 * a_in, 1 / 128)
     expected = torch.cat([_rq(branch_a, 1 / 32), _rq(_rq(b, 1 / 16, 127), 1 / 32)], 1)
     single = torch.cat([_rq(0.75 * a_in, 1 / 32), expected[:, 1:]], 1)
@@ -87,7 +90,7 @@ def test_concat_requantizes_each_input_to_the_output_scale(setup, tmp_path):
     cat = next(n for n in model.graph.node if n.op_type == "Concat")
     users = [n for n in model.graph.node if cat.output[0] in n.input]
     assert [n.op_type for n in users] == ["Clip"]
-    tensor = read_options(res.path)["quantizers"]              # quantizer -> ONNX tensor (the output keeps its name)
+    tensor = read_options(res.path)["quantizers"]  # quantizer -> ONNX tensor (the output keeps its name)
     ranges = {name: res.activation_ranges[tensor[name]] for name in ("ra", "rb", "cat_q")}
     assert ranges == {"ra": (0.0, 2.0), "rb": (0.0, 8.0), "cat_q": (0.0, 8.0)}
     emu = tidl_emulation(res.path)

@@ -1,16 +1,18 @@
 """QuantCalibrateModule: post-training calibration (PTQ) on the graph machinery of QuantTrainModule."""
+
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..quantize.plan import ActSpot
+from ..quantize.config import QuantConfig
 from ..quantize.wrapper import QuantBaseModule
 from .bias_correction import InputMean, weight_error_mean
-from .calib_quant import CalibPACT2
-from .methods import METHODS
+from .observer import HistogramRanges
 from .weight_clip import mse_weight_shift
 
 WEIGHT_CLIPPING = (None, "mse")
@@ -21,14 +23,14 @@ class QuantCalibrateModule(QuantBaseModule):
 
     Usage::
 
-        q = QuantCalibrateModule(model, dummy_input, method="entropy")
-        q.train()                      # calibration mode: the model computes in float, histograms count
+        q = QuantCalibrateModule(model, dummy_input, method="entropy")  # calibration mode from the start
         with torch.no_grad():
             for x in calibration_batches:
-                q(x)
+                q(x)                   # the model computes in float, histograms count
         q.eval()                       # ranges chosen, weights clipped, biases corrected: TIDL's numerics
 
-    ``eval()`` (``train(False)``) after calibration batches calls :meth:`finalize`; there is no counting of
+    The wrapper is in calibration mode from construction (whatever mode the float model is in; ``train()``
+    there changes nothing) until ``eval()``, which calls :meth:`end_calibration`; there is no counting of
     forward calls. Calling ``train()`` again and feeding more batches continues the same histograms.
     BatchNorm is never updated (it is folded with its running statistics).
 
@@ -46,32 +48,49 @@ class QuantCalibrateModule(QuantBaseModule):
             layers the export lists for TIDL's 16-bit options.
         bins, max_bins, sample_size: histogram resolution and per-batch sample (see
             :class:`~xnnq.calibrate.histogram.Histogram`).
-        **kwargs: as :class:`~xnnq.quantize.wrapper.QuantBaseModule` (``bitwidth_weights``,
+        config, leaf_modules, verbose, **settings: as :class:`~xnnq.quantize.wrapper.QuantBaseModule`; the
+            settings are :class:`~xnnq.quantize.config.QuantConfig`'s fields (``bitwidth_weights``,
             ``bitwidth_activations``, ``per_channel_q`` — e.g. ``"depthwise"`` —, ``power2_weight_range``,
-            ``power2_activation_range``, ``constrain_weights``, ``leaf_modules``, ``histogram_tail`` (the
-            negative fraction above which a ``signed=None`` activation is signed), ``clip_ranges``, ``verbose``).
+            ``power2_activation_range``, ``target`` (a TIDL chip whose numerics the unset ones follow), ``constrain_weights``, ``trim_fraction`` (here: the negative fraction
+            above which an activation of unknown sign is signed), ``clip_ranges``).
     """
 
-    def __init__(self, model: nn.Module, dummy_input: Any, *, method: str = "mse", percentile: float = 99.99,
-                 bias_correction: bool = True, weight_clipping: str | None = None,
-                 bitwidth_overrides: dict[str, int] | None = None, bins: int = 2048, max_bins: int = 1 << 16,
-                 sample_size: int = 1 << 16, **kwargs: Any):
-        if method not in METHODS:
-            raise ValueError(f"QuantCalibrateModule: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    def __init__(
+        self,
+        model: nn.Module,
+        dummy_input: Any,
+        config: QuantConfig | None = None,
+        *,
+        method: str = "mse",
+        percentile: float = 99.99,
+        bias_correction: bool = True,
+        weight_clipping: str | None = None,
+        bins: int = 2048,
+        max_bins: int = 1 << 16,
+        sample_size: int = 1 << 16,
+        leaf_modules: Iterable[str | type] = (),
+        verbose: bool = False,
+        **settings: Any,
+    ):
         if weight_clipping not in WEIGHT_CLIPPING:
-            raise ValueError(f"QuantCalibrateModule: weight_clipping must be None or 'mse', got {weight_clipping!r}")
-        if "act_factory" in kwargs:
-            raise TypeError("QuantCalibrateModule builds its own activation quantizers; do not pass act_factory")
-        power2 = kwargs.get("power2_activation_range", True)
-        tail = kwargs.get("histogram_tail", 1e-4)
-        clip_ranges = kwargs.get("clip_ranges") or {}
-
-        def make(spot: ActSpot) -> CalibPACT2:
-            return CalibPACT2(method=method, percentile=percentile, bins=bins, max_bins=max_bins,
-                              sample_size=sample_size, bits=spot.bits, signed=spot.signed, cap=spot.cap,
-                              power2=power2, tail=tail, clip_range=clip_ranges.get(spot.name), name=spot.name)
-
-        super().__init__(model, dummy_input, bitwidth_overrides=bitwidth_overrides, act_factory=make, **kwargs)
+            raise ValueError(
+                f"QuantCalibrateModule: weight_clipping must be None or 'mse', got {weight_clipping!r}"
+            )
+        if "activation_observer" in settings:
+            raise TypeError(
+                "QuantCalibrateModule observes activations with histograms; choose the range with "
+                "method= (and percentile=, bins=...), not activation_observer="
+            )
+        if settings.get("range_learning", "statistics") != "statistics" or (
+            config is not None and config.range_learning != "statistics"
+        ):
+            raise ValueError(
+                "QuantCalibrateModule does not train, so it cannot learn ranges: use "
+                "range_learning='statistics' here (learned thresholds are for QuantTrainModule)"
+            )
+        ranges = HistogramRanges(method, percentile, bins, max_bins, sample_size)
+        config = QuantConfig.from_settings(config, **settings, activation_observer=ranges)
+        super().__init__(model, dummy_input, config, leaf_modules=leaf_modules, verbose=verbose)
         self.method, self.percentile = method, percentile
         self.use_bias_correction, self.weight_clipping = bias_correction, weight_clipping
         self.bn_frozen = True
@@ -81,53 +100,76 @@ class QuantCalibrateModule(QuantBaseModule):
             self.input_means[spot.name.replace(".", "/")] = rec
             self.module.get_submodule(spot.name).register_forward_pre_hook(rec.hook)
         self._weight_quant_saved: dict[str, bool] | None = None
-        self.train(model.training)
+        self.train()  # calibrating from construction, whatever mode the float model was in
 
     # ------------------------------------------------------------------------------------ modes
     def _layers(self):
         for spot in self.plan.weights:
-            yield spot, self.module.get_submodule(spot.name), (self.module.get_submodule(spot.bn) if spot.bn else None)
+            yield (
+                spot,
+                self.module.get_submodule(spot.name),
+                (self.module.get_submodule(spot.bn) if spot.bn else None),
+            )
 
     @property
     def calibrating(self) -> bool:
-        """True between ``train()`` and the next ``eval()``/``finalize()``."""
+        """True from construction or ``train()`` until the next ``eval()`` / :meth:`end_calibration`."""
         return self._weight_quant_saved is not None
 
     def train(self, mode: bool = True):
-        """``train()``: calibration mode (float forward, histograms count). ``eval()``: :meth:`finalize`, then TIDL's numerics."""
+        """``train()``: calibration mode (float forward, histograms count). ``eval()``: :meth:`end_calibration`,
+        then TIDL's numerics."""
         super().train(mode)
-        if "input_means" not in self._modules:  # still inside QuantBaseModule.__init__
-            return self
         if mode and not self.calibrating:
             self._weight_quant_saved = {}
             for spot, layer, _ in self._layers():
                 self._weight_quant_saved[spot.name] = layer.quant_enabled
                 layer.quant_enabled = False
         elif not mode and self.calibrating:
-            self.finalize()
+            self.end_calibration()
         return self
 
-    # -------------------------------------------------------------------------------- finalize
+    # ------------------------------------------------------------------------ end of calibration
     @torch.no_grad()
-    def finalize(self) -> dict[str, Any]:
+    def end_calibration(self) -> dict[str, Any]:
         """Choose every activation range, then weight clipping and bias correction; returns what was set.
 
-        Quantizers that saw no data are left unobserved (their forward raises a clear error).
+        Quantizers that saw no data are left unobserved (their forward raises a clear error). Without any
+        calibration data (e.g. a calibrated state dict was loaded instead) weights and biases are left as they are.
         """
         saved = self._weight_quant_saved or {}
         self._weight_quant_saved = None
-        ranges = {n: q.finalize() for n, q in self.quantizers().items() if isinstance(q, CalibPACT2)}
+        ranges = {n: q.settle_range() for n, q in self.quantizers().items()}
+        seen = any(r is not None for r in ranges.values()) or any(
+            int(m.count) for m in self.input_means.values()
+        )
         shifts, corrections = {}, {}
         for spot, layer, bn in self._layers():
             layer.quant_enabled = saved.get(spot.name, layer.quant_enabled)
+            if not seen:
+                continue
             if self.weight_clipping == "mse":
                 layer.weight_range_shift.copy_(mse_weight_shift(layer, bn))
                 shifts[spot.name] = layer.weight_range_shift.tolist()
             if self.use_bias_correction:
                 mean = self.input_means[spot.name.replace(".", "/")].mean()
                 corr = weight_error_mean(layer, mean, bn) if mean is not None else None
-                layer.bias_correction.copy_(corr if corr is not None else torch.zeros_like(layer.bias_correction))
+                layer.bias_correction.copy_(
+                    corr if corr is not None else torch.zeros_like(layer.bias_correction)
+                )
                 corrections[spot.name] = None if corr is None else float(corr.abs().max())
-        self.calibration_report = {"ranges": ranges, "weight_range_shift": shifts,
-                                   "bias_correction_max_abs": corrections}
+        self.calibration_report = {
+            "ranges": ranges,
+            "weight_range_shift": shifts,
+            "bias_correction_max_abs": corrections,
+        }
         return self.calibration_report
+
+    def finalize(self) -> dict[str, Any]:
+        """Deprecated name of :meth:`end_calibration`."""
+        warnings.warn(
+            "QuantCalibrateModule.finalize() is deprecated; use end_calibration() (or eval())",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.end_calibration()

@@ -8,6 +8,7 @@ one-channel class-index map instead of C channels of scores (edgeai-tensorlab,
 ``docs/supported_ops_rts_versions.md``); the head is written that way. ONNX defines ArgMax's output as
 int64; ties go to the first index, as in ``torch.argmax``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,7 +29,13 @@ def with_argmax(gm: fx.GraphModule) -> fx.GraphModule:
     graph = copy.deepcopy(gm.graph)
     out_node = next(n for n in graph.nodes if n.op == "output")
     out = out_node.args[0]
-    first = next(iter(out.values())) if isinstance(out, dict) else out[0] if isinstance(out, (tuple, list)) else out
+    first = (
+        next(iter(out.values()))
+        if isinstance(out, dict)
+        else out[0]
+        if isinstance(out, (tuple, list))
+        else out
+    )
     if not isinstance(first, fx.Node):
         raise TypeError("export_onnx(argmax=True): the model's first output is not a tensor")
     with graph.inserting_before(out_node):
@@ -48,8 +55,10 @@ def with_argmax(gm: fx.GraphModule) -> fx.GraphModule:
 def _argmax(x: torch.Tensor) -> torch.Tensor:
     """ArgMax over the channel axis, keepdim: N x C x H x W scores -> N x 1 x H x W int64 indices."""
     if x.dim() != 4:
-        raise ValueError(f"export_onnx(argmax=True): the model's first output has shape {tuple(x.shape)}; the "
-                         "ArgMax head needs N x C x H x W class scores (a segmentation model). Export without argmax.")
+        raise ValueError(
+            f"export_onnx(argmax=True): the model's first output has shape {tuple(x.shape)}; the "
+            "ArgMax head needs N x C x H x W class scores (a segmentation model). Export without argmax."
+        )
     return torch.argmax(x, dim=ARGMAX_AXIS, keepdim=True)
 
 

@@ -1,18 +1,20 @@
 """The export graph: the quantized model as a plain float network that computes what eval computes.
 
-Built from ``qmodel.module`` (a ``torch.fx.GraphModule``) by graph transformation, never by editing the
-quantized model:
+Built from ``qmodel.module`` (a ``torch.fx.GraphModule``) and ``qmodel.plan`` by graph transformation,
+never by editing the quantized model:
 
-* every :class:`QuantConv2d` / :class:`QuantLinear` node becomes a plain ``nn.Conv2d`` / ``nn.Linear``
-  holding ``quantized_weight_bias(bn, input_quant)`` — BatchNorm folded, weights and bias already on
-  their quantization grid; the BatchNorm / quantizer ``get_attr`` arguments are dropped;
-* every :class:`PACT2` node becomes a :class:`Clip` with the quantizer's float interval
+* every weight layer of the plan becomes a plain ``nn.Conv2d`` / ``nn.Linear`` holding
+  ``quantized_weight_bias(bn, input_quant)`` (the BatchNorm and input quantizer the plan names) —
+  BatchNorm folded, weights and bias already on their quantization grid; the BatchNorm / quantizer
+  ``get_attr`` arguments are dropped;
+* every activation quantizer of the plan becomes a :class:`Clip` with the quantizer's float interval
   (``clip_values()``), or the op it replaced when its quantization is switched off;
 * ``Dropout`` / ``Identity`` nodes are removed (eval mode: they pass their input through).
 
 The result is a ``GraphModule`` in eval mode with no parameters that require grad, plus the list of
 :class:`ClipInfo` (one per quantized activation) that the range table and the QDQ conversion read.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,6 +25,7 @@ from torch import fx, nn
 
 from ..layers.pact2 import PACT2
 from ..layers.quant_weight import QuantConv2d, QuantLinear
+from ..quantize.plan import Plan
 
 DROPPED = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 
@@ -45,73 +48,92 @@ class Clip(nn.Module):
 class ClipInfo:
     """One quantized activation of the export graph."""
 
-    name: str        # PACT2 module path (also the ONNX tensor name given to its output)
+    name: str  # PACT2 module path (also the ONNX tensor name given to its output)
     lo: float
     hi: float
     bits: int
     signed: bool
     power2: bool
-    scale: float     # the quantizer's scale (power of 2 when power2)
+    scale: float  # the quantizer's scale (power of 2 when power2)
 
 
 @dataclass
 class LayerInfo:
     """One weight layer of the export graph."""
 
-    name: str                 # module path of the conv/linear
+    name: str  # module path of the conv/linear
     bits: int
     per_channel: bool
     power2: bool
-    input_quant: str | None   # PACT2 name of its input quantizer
+    input_quant: str | None  # PACT2 name of its input quantizer
     scale: torch.Tensor | None = None  # its weight scale (0-d or per output channel); None: not quantized
-
-
-def _pact_of(gm: fx.GraphModule, a) -> PACT2 | None:
-    if isinstance(a, fx.Node) and a.op == "get_attr":
-        m = gm.get_submodule(a.target)
-        return m if isinstance(m, PACT2) else None
-    return None
 
 
 def _check_ready(name: str, q: PACT2) -> None:
     if q.quant_enabled and not q.observed:
-        raise RuntimeError(f"{name}: no activation range has been observed yet; run forward passes in training mode "
-                           "(QAT or calibration) or load a trained state_dict before exporting.")
+        raise RuntimeError(
+            f"{name}: no activation range has been observed yet; run forward passes in training mode "
+            "(QAT or calibration) or load a trained state_dict before exporting."
+        )
 
 
 @torch.no_grad()
-def build_export_module(qmodule: fx.GraphModule) -> tuple[fx.GraphModule, list[ClipInfo], list[LayerInfo]]:
-    """The float export graph of an xnnq ``GraphModule`` (see the module docstring)."""
+def build_export_module(
+    qmodule: fx.GraphModule, plan: Plan
+) -> tuple[fx.GraphModule, list[ClipInfo], list[LayerInfo]]:
+    """The float export graph of an xnnq ``GraphModule`` and its plan (see the module docstring)."""
     src = qmodule
     graph = copy.deepcopy(src.graph)
     mods: dict[str, nn.Module] = {}
     clips: list[ClipInfo] = []
     layers: list[LayerInfo] = []
+    weight_spots = {w.name: w for w in plan.weights}
+    act_spots = {a.name: a for a in plan.acts}
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
         mod = src.get_submodule(node.target)
-        if isinstance(mod, (QuantConv2d, QuantLinear)):
-            bn = src.get_submodule(node.args[1].target) if len(node.args) > 1 and node.args[1] is not None else None
-            in_q = _pact_of(src, node.args[2]) if len(node.args) > 2 else None
+        if node.target in weight_spots:
+            spot = weight_spots[node.target]
+            layer: QuantConv2d | QuantLinear = mod
+            bn = src.get_submodule(spot.bn) if spot.bn else None
+            in_q: PACT2 | None = src.get_submodule(spot.input_quant) if spot.input_quant else None
             if bn is not None and bn.training:
-                raise RuntimeError(f"{node.target}: its BatchNorm is in training mode; call qmodel.eval() before export.")
-            w, b = mod.quantized_weight_bias(bn, in_q)
-            scale = mod.quantize_weight(mod.folded_weight_bias(bn)[0])[1].detach().cpu() if mod.quant_enabled else None
-            mods[node.target] = _plain_layer(mod, w, b)
-            node.args = (node.args[0],)
-            layers.append(LayerInfo(node.target, mod.weight_bits, bool(mod.per_channel), bool(mod.power2),
-                                    in_q.name if in_q is not None and in_q.quant_enabled else None, scale))
-        elif isinstance(mod, PACT2):
+                raise RuntimeError(
+                    f"{node.target}: its BatchNorm is in training mode; call qmodel.eval() before export."
+                )
+            w, b = layer.quantized_weight_bias(bn, in_q)
+            scale = (
+                layer.quantize_weight(layer.folded_weight_bias(bn)[0])[1].detach().cpu()
+                if layer.quant_enabled
+                else None
+            )
+            mods[node.target] = _plain_layer(layer, w, b)
+            node.args = node.args[:1]  # (x, bn, input_quant) -> (x,)
+            layers.append(
+                LayerInfo(
+                    node.target,
+                    spot.bits,
+                    spot.per_channel,
+                    spot.power2,
+                    spot.input_quant if in_q is not None and in_q.quant_enabled else None,
+                    scale,
+                )
+            )
+        elif node.target in act_spots:
+            spot = act_spots[node.target]
             _check_ready(node.target, mod)
             if mod.quant_enabled:
                 lo, hi = mod.clip_values()
                 scale, qmin, _ = mod.qparams()
                 mods[node.target] = Clip(lo, hi)
-                clips.append(ClipInfo(node.target, lo, hi, mod.bits, qmin < 0, bool(mod.power2), float(scale)))
+                clips.append(ClipInfo(node.target, lo, hi, spot.bits, qmin < 0, spot.power2, float(scale)))
             elif mod.signed is False:
-                mods[node.target] = (nn.ReLU6() if mod.cap == 6.0 else
-                                 (Clip(0.0, float(mod.cap)) if mod.cap is not None else nn.ReLU()))
+                mods[node.target] = (
+                    nn.ReLU6()
+                    if mod.cap == 6.0
+                    else (Clip(0.0, float(mod.cap)) if mod.cap is not None else nn.ReLU())
+                )
             else:
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
@@ -138,8 +160,19 @@ def build_export_module(qmodule: fx.GraphModule) -> tuple[fx.GraphModule, list[C
 
 def _plain_layer(mod: QuantConv2d | QuantLinear, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
     if isinstance(mod, QuantConv2d):
-        out = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-                        mod.groups, b is not None, mod.padding_mode, device=w.device, dtype=w.dtype)
+        out = nn.Conv2d(
+            mod.in_channels,
+            mod.out_channels,
+            mod.kernel_size,
+            mod.stride,
+            mod.padding,
+            mod.dilation,
+            mod.groups,
+            b is not None,
+            mod.padding_mode,
+            device=w.device,
+            dtype=w.dtype,
+        )
     else:
         out = nn.Linear(mod.in_features, mod.out_features, b is not None, device=w.device, dtype=w.dtype)
     out.weight = nn.Parameter(w.detach().clone(), requires_grad=False)

@@ -1,4 +1,5 @@
 """Small helpers over an ONNX graph: producers, consumers, initializers, renaming, node-type counts."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -7,9 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-# ops whose output values are input values (or zeros): a tensor keeps its quantization grid through them
-PRESERVING_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Pad", "Slice", "Split",
-                            "Identity", "MaxPool", "DepthToSpace", "SpaceToDepth", "Gather"})
+from ..quantize.preserving import PRESERVING_ONNX_OPS
 
 
 def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -67,12 +66,13 @@ def op_counts(model: onnx.ModelProto) -> Counter:
 
 
 def find_source(graph: onnx.GraphProto, tensor: str, wanted: set[str]) -> str | None:
-    """Walk up from ``tensor`` through range-preserving ops to the first tensor in ``wanted``."""
+    """Walk up from ``tensor`` through range-preserving ops (the plan's table,
+    :mod:`xnnq.quantize.preserving`) to the first tensor in ``wanted``."""
     prod = producers(graph)
     seen = 0
     while tensor not in wanted:
         n = prod.get(tensor)
-        if n is None or n.op_type not in PRESERVING_OPS or seen > 64:
+        if n is None or n.op_type not in PRESERVING_ONNX_OPS or seen > 64:
             return None
         tensor, seen = n.input[0], seen + 1
     return tensor

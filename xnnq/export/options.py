@@ -1,4 +1,5 @@
 """The JSON written beside an exported ONNX: TIDL compile options and the activation range table."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ def options_path(onnx_path: str | Path) -> Path:
     return p.with_name(p.stem + ".tidl.json")
 
 
-def tidl_runtime_options(fmt: str, tensor_bits: int, feature_16bit: list[str], params_16bit: list[str]) -> dict[str, Any]:
+def tidl_runtime_options(
+    fmt: str, tensor_bits: int, feature_16bit: list[str], params_16bit: list[str]
+) -> dict[str, Any]:
     """TIDL compile options for a QAT model: no calibration (``accuracy_level`` 0), power-of-2 scales; for
     QDQ, TIDL's pre-quantized-model switch (scales read from the Q/DQ nodes)."""
     opts: dict[str, Any] = {"tensor_bits": tensor_bits, "accuracy_level": 0, SCALE_TYPE_OPTION: 1}

@@ -13,16 +13,17 @@ rank 0's statistics silently win).
 Across batches: a cumulative mean for the first ``1/ema_alpha`` batches, then an exponential average
 with weight ``ema_alpha`` for the new batch.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
+from .observer import RangeObserver
 from .sampling import block_sample, flat_view, tail_extremes
 
 
-class RangeTracker(nn.Module):
+class RangeTracker(RangeObserver):
     """Observer: running tail-trimmed ``min_val``/``max_val`` of the tensors it sees.
 
     Args:
@@ -32,16 +33,13 @@ class RangeTracker(nn.Module):
         track_min: ``False`` skips the lower tail (the minimum is known to be 0, e.g. after ReLU).
     """
 
-    def __init__(self, tail: float = 1e-4, ema_alpha: float = 0.01, sample_size: int = 1 << 16,
-                 track_min: bool = True):
+    def __init__(
+        self, tail: float = 1e-4, ema_alpha: float = 0.01, sample_size: int = 1 << 16, track_min: bool = True
+    ):
         super().__init__()
         if not 0.0 <= tail < 0.5:
             raise ValueError(f"tail must be in [0, 0.5), got {tail}")
         self.tail, self.ema_alpha, self.sample_size, self.track_min = tail, ema_alpha, sample_size, track_min
-        self.register_buffer("min_val", torch.zeros(()))
-        self.register_buffer("max_val", torch.zeros(()))
-        self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
-        self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.long))
 
     def batch_extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tail-trimmed (min, max) of one tensor, as 0-d tensors on its device."""
@@ -73,6 +71,11 @@ class RangeTracker(nn.Module):
             self.min_val.lerp_(torch.where(finite, lo, self.min_val), alpha)
         self.nonfinite_batches.add_(~finite)
         return x
+
+    def observed_signed(self) -> bool | None:
+        """Whether the running minimum is below 0, once a finite batch has been seen (one host sync)."""
+        seen, negative = torch.stack([self.num_batches > 0, self.min_val < 0]).tolist()
+        return negative if seen else None
 
     def extra_repr(self) -> str:
         return f"tail={self.tail}, ema_alpha={self.ema_alpha}, sample_size={self.sample_size}"

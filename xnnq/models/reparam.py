@@ -8,6 +8,7 @@ deploy model computes the same function as the training model in **eval** mode.
 The kernel arithmetic the blocks share lives here: folding a BatchNorm into a kernel, padding a kernel
 to a larger odd size and the kernel of an identity branch.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,11 +27,15 @@ class Reparameterizable(nn.Module):
         raise NotImplementedError
 
 
-def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_bn(
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel and bias of ``bn(conv(x))`` for a conv with ``weight`` / ``bias`` (bias may be None)."""
     if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(f"{bn}: BatchNorm without running statistics cannot be folded "
-                         "(construct it with track_running_stats=True)")
+        raise ValueError(
+            f"{bn}: BatchNorm without running statistics cannot be folded "
+            "(construct it with track_running_stats=True)"
+        )
     std = torch.sqrt(bn.running_var + bn.eps)
     gamma = bn.weight if bn.affine else torch.ones_like(std)
     beta = bn.bias if bn.affine else torch.zeros_like(std)
@@ -51,8 +56,14 @@ def pad_kernel(weight: torch.Tensor, size: int) -> torch.Tensor:
 def identity_kernel(channels: int, groups: int, size: int, like: torch.Tensor | None = None) -> torch.Tensor:
     """Kernel (channels × channels/groups × size × size) of a grouped conv that is the identity."""
     per_group = channels // groups
-    w = torch.zeros(channels, per_group, size, size,
-                    dtype=like.dtype if like is not None else None, device=like.device if like is not None else None)
+    w = torch.zeros(
+        channels,
+        per_group,
+        size,
+        size,
+        dtype=like.dtype if like is not None else None,
+        device=like.device if like is not None else None,
+    )
     idx = torch.arange(channels, device=w.device)
     w[idx, idx % per_group, size // 2, size // 2] = 1.0
     return w
@@ -61,8 +72,18 @@ def identity_kernel(channels: int, groups: int, size: int, like: torch.Tensor | 
 def fused_conv(like: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
     """A biased conv with the geometry (stride, padding, groups, ...) of ``like`` and the given tensors."""
     k = weight.shape[-1]
-    conv = nn.Conv2d(like.in_channels, like.out_channels, k, like.stride, k // 2 * like.dilation[0],
-                     like.dilation, like.groups, bias=True, device=weight.device, dtype=weight.dtype)
+    conv = nn.Conv2d(
+        like.in_channels,
+        like.out_channels,
+        k,
+        like.stride,
+        k // 2 * like.dilation[0],
+        like.dilation,
+        like.groups,
+        bias=True,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
     with torch.no_grad():
         conv.weight.copy_(weight)
         conv.bias.copy_(bias)

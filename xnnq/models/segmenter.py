@@ -10,6 +10,7 @@ Conv/BatchNorm/ReLU, ``Resize`` with constant scales and ``Concat``: all TIDL-su
 ``forward`` returns the class logits ``N x num_classes x H x W``; the ArgMax that TI's segmentation
 models end with is added at export (``export_onnx(..., argmax=True)``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,10 +23,15 @@ from ..layers.resize import ResizeWith
 from .cifar_resnet import load_state_dict_file, resnet20
 
 
-def conv_bn_relu(cin: int, cout: int, k: int = 1, stride: int = 1, dilation: int = 1, groups: int = 1) -> nn.Sequential:
+def conv_bn_relu(
+    cin: int, cout: int, k: int = 1, stride: int = 1, dilation: int = 1, groups: int = 1
+) -> nn.Sequential:
     pad = dilation * (k - 1) // 2
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, pad, dilation=dilation, groups=groups, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, pad, dilation=dilation, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 def dw_separable(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
@@ -80,10 +86,13 @@ class MosaicSegmenter(nn.Module):
         """Initialise stem and body from a CIFAR-10 ResNet-20 state dict (the linear head is dropped)."""
         sd = load_state_dict_file(path)
         self.stem_conv.weight.data.copy_(sd["conv1.weight"])
-        self.stem_bn.load_state_dict({k.removeprefix("bn1."): v for k, v in sd.items() if k.startswith("bn1.")})
+        self.stem_bn.load_state_dict(
+            {k.removeprefix("bn1."): v for k, v in sd.items() if k.startswith("bn1.")}
+        )
         for name in ("layer1", "layer2", "layer3"):
-            getattr(self, name).load_state_dict({k.removeprefix(name + "."): v for k, v in sd.items()
-                                                 if k.startswith(name + ".")})
+            getattr(self, name).load_state_dict(
+                {k.removeprefix(name + "."): v for k, v in sd.items() if k.startswith(name + ".")}
+            )
         return self
 
 

@@ -1,8 +1,19 @@
 """The quantization pipeline: capture → surgery → plan → build, and the wrappers."""
+
 from .capture import CaptureError
+from .config import QuantConfig
 from .plan import ActSpot, Plan, WeightSpot
 from .test import QuantTestModule
 from .train import QuantTrainModule
 from .wrapper import QuantBaseModule
 
-__all__ = ["QuantTrainModule", "QuantTestModule", "QuantBaseModule", "CaptureError", "Plan", "ActSpot", "WeightSpot"]
+__all__ = [
+    "QuantConfig",
+    "QuantTrainModule",
+    "QuantTestModule",
+    "QuantBaseModule",
+    "CaptureError",
+    "Plan",
+    "ActSpot",
+    "WeightSpot",
+]

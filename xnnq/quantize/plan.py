@@ -3,10 +3,10 @@
 The plan is data computed once from the graph after surgery; building the modules, the export (its
 16-bit lists and range table) and the analysis all read it instead of re-deriving it from module types.
 """
+
 from __future__ import annotations
 
 import fnmatch
-import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,37 +15,45 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers.fake_quant import check_bits
-from ..layers.shape_ops import Pad, Reshape, Slice
+from .config import QuantConfig
+from .preserving import is_preserving, value_source
 
 
 @dataclass
 class ActSpot:
     """One quantized activation tensor."""
 
-    name: str                 # module path of its PACT2
-    node: str                 # graph node whose output it quantizes (or the ReLU it replaces)
-    how: str                  # "replace" (a ReLU/ReLU6), "after" a node, or "before" a weight layer's input
-    reason: str               # "input", "ReLU", "ReLU6", "Conv2d+BN", "AddBlock", "output", ...
-    layer: str                # the layer whose output this is (for overrides and the 16-bit lists)
-    signed: bool | None = None
+    name: str  # module path of its PACT2
+    node: str  # graph node whose output it quantizes (or the ReLU it replaces)
+    how: str  # "replace" (a ReLU/ReLU6), "after" a node, or "before" a weight layer's input
+    reason: str  # "input", "ReLU", "ReLU6", "Conv2d+BN", "AddBlock", "output", ...
+    layer: str  # the layer whose output this is (for overrides and the 16-bit lists)
+    signed: bool | None = None  # None: decided from the data (the quantizer's ``data_signed``)
     cap: float | None = None
     bits: int = 8
+    power2: bool = True  # power-of-2 scale
+    tensor: str = ""  # graph node (after surgery) whose output value it quantizes: the float counterpart
 
 
 @dataclass
 class WeightSpot:
     """One conv/linear layer whose (folded) weights are quantized."""
 
-    name: str                 # module path of the conv/linear (unchanged)
-    bn: str | None            # module path of the folded BatchNorm
-    kind: str                 # "Conv2d" / "Linear"
+    name: str  # module path of the conv/linear (unchanged)
+    bn: str | None  # module path of the folded BatchNorm
+    kind: str  # "Conv2d" / "Linear"
     depthwise: bool
     bits: int = 8
     per_channel: bool = False
+    power2: bool = True  # power-of-2 scale
+    input_quant: str | None = None  # the ActSpot quantizing its input (its scale is the bias grid's)
+    output_quant: str | None = None  # the ActSpot right after it (TIDL names the layer by that tensor)
 
 
 @dataclass
 class Plan:
+    """Every quantized tensor of a model: what the build makes and the export, calibration and analysis read."""
+
     acts: list[ActSpot] = field(default_factory=list)
     weights: list[WeightSpot] = field(default_factory=list)
 
@@ -53,127 +61,190 @@ class Plan:
         return {"activations": [asdict(a) for a in self.acts], "weights": [asdict(w) for w in self.weights]}
 
     def act(self, name: str) -> ActSpot:
-        return next(a for a in self.acts if a.name == name)
+        """The activation spot of quantizer ``name``."""
+        spot = next((a for a in self.acts if a.name == name), None)
+        if spot is None:
+            raise KeyError(f"{name!r} is not an activation quantizer of the plan")
+        return spot
+
+    def weight(self, name: str) -> WeightSpot:
+        """The weight spot of layer ``name``."""
+        spot = next((w for w in self.weights if w.name == name), None)
+        if spot is None:
+            raise KeyError(
+                f"{name!r} is not a quantized weight layer; weight layers: "
+                f"{', '.join(w.name for w in self.weights)}"
+            )
+        return spot
 
     def sixteen_bit_layers(self) -> list[str]:
-        return sorted({w.name for w in self.weights if w.bits == 16} | {a.layer for a in self.acts if a.bits == 16})
+        return sorted(
+            {w.name for w in self.weights if w.bits == 16} | {a.layer for a in self.acts if a.bits == 16}
+        )
 
 
 RELU_LIKE = (nn.ReLU, nn.ReLU6)
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-PRESERVING_MODULES = (nn.Flatten, Reshape, Slice, Pad, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Unflatten,
-                      nn.ChannelShuffle)
-PRESERVING_METHODS = {"contiguous", "transpose", "permute", "view", "reshape", "flatten", "chunk", "split",
-                      "squeeze", "unsqueeze", "expand", "repeat", "size", "dim", "t"}
-PRESERVING_FUNCTIONS = {operator.getitem, torch.transpose, torch.permute, torch.flatten, torch.chunk, torch.split,
-                        torch.squeeze, torch.unsqueeze, torch.reshape, torch.nn.functional.dropout, getattr}
 
 
 def relu_cap(m: nn.Module) -> float | None:
     return 6.0 if isinstance(m, nn.ReLU6) else None
 
 
-def is_preserving(gm: fx.GraphModule, n: fx.Node) -> bool:
-    """Range-preserving: the output values are input values (or zeros), on the input's grid."""
-    if n.op == "call_module":
-        return isinstance(gm.get_submodule(n.target), PRESERVING_MODULES)
-    if n.op == "call_method":
-        return n.target in PRESERVING_METHODS
-    if n.op == "call_function":
-        return n.target in PRESERVING_FUNCTIONS
-    return False
-
-
-def _source(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
-    """Walk up range-preserving nodes to the node that produced the values."""
-    while is_preserving(gm, n) and n.args and isinstance(n.args[0], fx.Node):
-        n = n.args[0]
-    return n
-
-
-def make_plan(gm: fx.GraphModule, values: dict[fx.Node, Any], *, bitwidth_weights: int = 8,
-              bitwidth_activations: int = 8, per_channel_q: bool | str = False,
-              bitwidth_overrides: dict[str, int] | None = None) -> Plan:
+def make_plan(gm: fx.GraphModule, values: dict[fx.Node, Any], config: QuantConfig | None = None) -> Plan:
     """Decide every quantizer (see :class:`ActSpot` / :class:`WeightSpot`) on the graph after surgery."""
-    check_bits(bitwidth_weights, "bitwidth_weights")
-    check_bits(bitwidth_activations, "bitwidth_activations")
-    if per_channel_q not in (False, "depthwise", "all", True):
-        raise ValueError(f"per_channel_q must be False, 'depthwise' or 'all', got {per_channel_q!r}")
+    config = config or QuantConfig()
+    a_bits, a_pow2 = config.bitwidth_activations, config.power2_activation_range
     plan = Plan()
-    quantized: set[fx.Node] = set()  # nodes whose output tensor gets a quantizer
+    quant_of: dict[fx.Node, str] = {}  # node whose output tensor gets a quantizer -> the quantizer
     mods = dict(gm.named_modules())
 
     def is_tensor(n: fx.Node) -> bool:
         return isinstance(values.get(n), torch.Tensor) and values[n].is_floating_point()
 
-    def only_user_is_relu(n: fx.Node) -> bool:
+    def relu_user(n: fx.Node) -> fx.Node | None:
+        """The ReLU that is the only user of ``n`` (its quantizer quantizes ``n``'s values)."""
         users = list(n.users)
-        return len(users) == 1 and users[0].op == "call_module" and isinstance(mods[users[0].target], RELU_LIKE)
+        if len(users) == 1 and users[0].op == "call_module" and isinstance(mods[users[0].target], RELU_LIKE):
+            return users[0]
+        return None
 
-    def add_after(n: fx.Node, reason: str, layer: str, signed: bool | None = None) -> None:
-        if n in quantized:
-            return
-        quantized.add(n)
-        base = (n.target if n.op == "call_module" else n.name) + "_q"
-        plan.acts.append(ActSpot(base, n.name, "after", reason, layer, signed, None, bitwidth_activations))
+    def add(n: fx.Node, spot: ActSpot) -> None:
+        quant_of[n] = spot.name
+        plan.acts.append(spot)
 
-    folded_bns: set[fx.Node] = set()
+    def add_after(n: fx.Node, reason: str, layer: str) -> None:
+        if n not in quant_of:
+            base = (n.target if n.op == "call_module" else n.name) + "_q"
+            add(n, ActSpot(base, n.name, "after", reason, layer, None, None, a_bits, a_pow2, n.name))
+
+    conv_of_bn: dict[fx.Node, str] = {}  # folded BatchNorm node -> its conv/linear
+    out_of: dict[str, fx.Node] = {}  # weight layer -> the node of its output (its BN when folded)
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             if is_tensor(n):
-                quantized.add(n)
-                plan.acts.append(ActSpot("input_q" if n.name in ("x", "input") else f"{n.name}_q", n.name, "after",
-                                         "input", "input", None, None, bitwidth_activations))
+                add(
+                    n,
+                    ActSpot(
+                        "input_q" if n.name in ("x", "input") else f"{n.name}_q",
+                        n.name,
+                        "after",
+                        "input",
+                        "input",
+                        None,
+                        None,
+                        a_bits,
+                        a_pow2,
+                        n.name,
+                    ),
+                )
         elif n.op == "call_module":
             m = mods[n.target]
             if isinstance(m, RELU_LIKE):
-                quantized.add(n)
                 src = n.args[0]
                 layer = src.target if isinstance(src, fx.Node) and src.op == "call_module" else n.target
-                if isinstance(src, fx.Node) and src in folded_bns:
-                    layer = src.meta["xnnq_conv"]
-                plan.acts.append(ActSpot(n.target, n.name, "replace", type(m).__name__, layer, False, relu_cap(m),
-                                         bitwidth_activations))
+                if isinstance(src, fx.Node) and src in conv_of_bn:
+                    layer = conv_of_bn[src]
+                add(
+                    n,
+                    ActSpot(
+                        n.target,
+                        n.name,
+                        "replace",
+                        type(m).__name__,
+                        layer,
+                        False,
+                        relu_cap(m),
+                        a_bits,
+                        a_pow2,
+                        n.name,
+                    ),
+                )
             elif isinstance(m, WEIGHT_LAYERS):
                 out, bn = n, None
                 users = list(n.users)
-                if len(users) == 1 and users[0].op == "call_module" and isinstance(mods[users[0].target], BATCHNORMS):
+                if (
+                    len(users) == 1
+                    and users[0].op == "call_module"
+                    and isinstance(mods[users[0].target], BATCHNORMS)
+                ):
                     bn = users[0]
                     out = bn
-                    folded_bns.add(bn)
-                    bn.meta["xnnq_conv"] = n.target
-                depthwise = isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-                per_ch = per_channel_q in ("all", True) or (per_channel_q == "depthwise" and depthwise)
-                plan.weights.append(WeightSpot(n.target, bn.target if bn is not None else None, type(m).__name__,
-                                               depthwise, bitwidth_weights, per_ch))
-                if not only_user_is_relu(out):
+                    conv_of_bn[bn] = n.target
+                out_of[n.target] = out
+                depthwise = (
+                    isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+                )
+                per_ch = config.per_channel_all or (config.per_channel_q == "depthwise" and depthwise)
+                plan.weights.append(
+                    WeightSpot(
+                        n.target,
+                        bn.target if bn is not None else None,
+                        type(m).__name__,
+                        depthwise,
+                        config.bitwidth_weights,
+                        per_ch,
+                        config.power2_weight_range,
+                    )
+                )
+                if relu_user(out) is None:
                     add_after(out, type(m).__name__ + ("+BN" if bn is not None else ""), n.target)
-            elif isinstance(m, BATCHNORMS) and n in folded_bns:
+            elif isinstance(m, BATCHNORMS) and n in conv_of_bn:
                 continue
             elif is_preserving(gm, n):
                 continue
-            elif is_tensor(n) and not only_user_is_relu(n):
+            elif is_tensor(n) and relu_user(n) is None:
                 add_after(n, type(m).__name__, n.target)
         elif n.op in ("call_function", "call_method"):
-            if is_tensor(n) and not is_preserving(gm, n) and not only_user_is_relu(n):
+            if is_tensor(n) and not is_preserving(gm, n) and relu_user(n) is None:
                 add_after(n, str(n.target.__name__ if callable(n.target) else n.target), n.name)
         elif n.op == "output":
             outs = n.args[0] if isinstance(n.args[0], (tuple, list)) else (n.args[0],)
             for o in outs:
-                if isinstance(o, fx.Node) and is_tensor(o) and _source(gm, o) not in quantized:
-                    src = _source(gm, o)
-                    quantized.add(src)
-                    plan.acts.append(ActSpot("output_q" if len(outs) == 1 else f"{src.name}_output_q", src.name,
-                                             "after", "output", "output", None, None, bitwidth_activations))
-    # every weight layer's input must be a quantized tensor
+                if isinstance(o, fx.Node) and is_tensor(o) and value_source(gm, o) not in quant_of:
+                    src = value_source(gm, o)
+                    add(
+                        src,
+                        ActSpot(
+                            "output_q" if len(outs) == 1 else f"{src.name}_output_q",
+                            src.name,
+                            "after",
+                            "output",
+                            "output",
+                            None,
+                            None,
+                            a_bits,
+                            a_pow2,
+                            src.name,
+                        ),
+                    )
+    # every weight layer's input must be a quantized tensor; its quantizer and the one after it are recorded
     for w in plan.weights:
         node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == w.name)
-        src = _source(gm, node.args[0])
-        if src not in quantized:
-            plan.acts.append(ActSpot(f"{w.name}_input_q", node.name, "before", "weight-layer input", src.name
-                                     if src.op != "call_module" else src.target, None, None, bitwidth_activations))
-    apply_overrides(plan, bitwidth_overrides or {})
+        src = value_source(gm, node.args[0])
+        if src in quant_of:
+            w.input_quant = quant_of[src]
+        else:
+            w.input_quant = f"{w.name}_input_q"
+            plan.acts.append(
+                ActSpot(
+                    w.input_quant,
+                    node.name,
+                    "before",
+                    "weight-layer input",
+                    src.name if src.op != "call_module" else src.target,
+                    None,
+                    None,
+                    a_bits,
+                    a_pow2,
+                    node.args[0].name,
+                )
+            )
+        out = out_of[w.name]
+        relu = relu_user(out)
+        w.output_quant = quant_of.get(relu if relu is not None else out)
+    apply_overrides(plan, config.bitwidth_overrides)
     return plan
 
 

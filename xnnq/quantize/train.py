@@ -1,4 +1,5 @@
 """QuantTrainModule: quantization-aware training."""
+
 from __future__ import annotations
 
 from .wrapper import QuantBaseModule
@@ -12,10 +13,14 @@ class QuantTrainModule(QuantBaseModule):
     ``xnnq.utils.freeze_bn(qmodel)`` and ``xnnq.layers.freeze_quant_range(qmodel)``; ``qmodel.eval()`` then
     computes what TIDL computes.
 
-    Keyword args: ``bitwidth_weights``/``bitwidth_activations`` (8 or 16), ``per_channel_q`` (False,
+    Settings: a :class:`~xnnq.quantize.config.QuantConfig` as ``config``, or its fields as keyword
+    arguments: ``bitwidth_weights``/``bitwidth_activations`` (8 or 16), ``per_channel_q`` (False,
     "depthwise" or "all"), ``power2_weight_range``/``power2_activation_range`` (default True: TIDL),
+    ``target`` (a TIDL chip, e.g. ``"AM69A"``: the three settings before it default to the chip's numerics,
+    settings it cannot run are refused; see ``xnnq/targets.py``),
     ``constrain_weights`` (clip weight outliers, default True), ``bitwidth_overrides``
-    (``{"layer or glob": 16}``, ``"first"``/``"last"``), ``leaf_modules`` (submodules kept opaque),
-    ``histogram_tail`` (fraction trimmed each side, 1e-4), ``ema_alpha``, ``clip_ranges``
-    (``{quantizer name: fixed range}``), ``verbose`` (print the surgery report).
+    (``{"layer or glob": 16}``, ``"first"``/``"last"``), ``trim_fraction`` (fraction trimmed each side of
+    a range, 1e-4; ``histogram_tail`` is its deprecated name), ``ema_alpha``, ``clip_ranges``
+    (``{quantizer name: fixed range}``). Also ``leaf_modules`` (submodules kept opaque) and ``verbose``
+    (print the surgery report).
     """

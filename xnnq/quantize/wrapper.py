@@ -1,17 +1,36 @@
 """The pipeline every wrapper shares: capture → surgery → plan → build."""
+
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from ..layers.pact2 import PACT2
+from ..layers.tqt import LearnedRange
 from . import surgery
 from .build import build
 from .capture import CaptureError, check_dummy_input, record_values, trace
+from .config import QuantConfig
 from .plan import Plan, make_plan
+
+
+def convert(
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    leaf_modules: Iterable[str | type],
+    report: list[surgery.Change],
+) -> tuple[fx.GraphModule, dict[fx.Node, Any]]:
+    """Capture and surgery: ``model`` (changed: pass a copy) traced, run on ``args`` (every node's value
+    kept) and converted; the graph the plan is made on."""
+    gm = trace(model, leaf_modules)
+    values = record_values(gm, args)
+    surgery.run(gm, values, report)
+    return gm, values
 
 
 class QuantBaseModule(nn.Module):
@@ -19,41 +38,52 @@ class QuantBaseModule(nn.Module):
 
     Subclasses differ only in mode (training, calibration, test). The float model passed in is not
     modified (it is deep-copied before any change).
+
+    Args:
+        model: the float model.
+        dummy_input: a tensor (or tuple of tensors) shaped like one input batch.
+        config: a :class:`~xnnq.quantize.config.QuantConfig`; keyword ``settings`` (its field names, e.g.
+            ``bitwidth_weights=16``) replace its fields (or the defaults when it is not given).
+        leaf_modules: submodule names or types kept opaque to tracing (they run in float).
+        verbose: print the surgery report.
     """
 
     module: fx.GraphModule
 
-    def __init__(self, model: nn.Module, dummy_input: Any, *, bitwidth_weights: int = 8, bitwidth_activations: int = 8,
-                 per_channel_q: bool | str = False, power2_weight_range: bool = True,
-                 power2_activation_range: bool = True, constrain_weights: bool = True,
-                 bitwidth_overrides: dict[str, int] | None = None, leaf_modules: Iterable[str | type] = (),
-                 histogram_tail: float = 1e-4, ema_alpha: float = 0.01, clip_ranges: dict[str, float] | None = None,
-                 verbose: bool = False, act_factory=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        dummy_input: Any,
+        config: QuantConfig | None = None,
+        *,
+        leaf_modules: Iterable[str | type] = (),
+        verbose: bool = False,
+        **settings: Any,
+    ):
         super().__init__()
         if isinstance(model, QuantBaseModule) or any(isinstance(m, PACT2) for m in model.modules()):
-            raise TypeError(f"the model is already wrapped/quantized by xnnq ({type(model).__name__}); wrap the float "
-                            "model once. To test a QAT model use QuantTestModule(float_model, dummy_input) and load "
-                            "the QAT state_dict into it.")
+            raise TypeError(
+                f"the model is already wrapped/quantized by xnnq ({type(model).__name__}); wrap the float "
+                "model once. To test a QAT model use QuantTestModule(float_model, dummy_input) and load "
+                "the QAT state_dict into it."
+            )
+        self.config: QuantConfig = QuantConfig.from_settings(config, **settings)
+        self.target: str | None = self.config.target
         args = check_dummy_input(dummy_input)
         float_model = copy.deepcopy(model)
         param = next(float_model.parameters(), None)
         if param is not None:
             args = tuple(a.to(param.device) for a in args)
-        gm = trace(float_model, leaf_modules)
-        values = record_values(gm, args)
+        self.leaf_modules = tuple(leaf_modules)
         self.report: list[surgery.Change] = []
-        surgery.run(gm, values, self.report)
-        self.plan: Plan = make_plan(gm, values, bitwidth_weights=bitwidth_weights,
-                                    bitwidth_activations=bitwidth_activations, per_channel_q=per_channel_q,
-                                    bitwidth_overrides=bitwidth_overrides)
-        build(gm, self.plan, self.report, power2_weight_range=power2_weight_range,
-              power2_activation_range=power2_activation_range, constrain_weights=constrain_weights,
-              tail=histogram_tail, ema_alpha=ema_alpha, clip_ranges=clip_ranges, act_factory=act_factory)
+        gm, values = convert(float_model, args, self.leaf_modules, self.report)
+        self.plan: Plan = make_plan(gm, values, self.config)
+        build(gm, self.plan, self.report, self.config)
         gm.delete_all_unused_submodules()
         self.module = gm
         self.dummy_shapes = [tuple(a.shape) for a in args]
         self.bn_frozen = False
-        self.train(model.training)
+        QuantBaseModule.train(self, model.training)  # the subclass sets its own mode when it is built
         if verbose:
             print(self.surgery_report())
 
@@ -81,9 +111,36 @@ class QuantBaseModule(nn.Module):
                     m.train(False)
         return self
 
+    def float_reference(self, float_model: nn.Module) -> fx.GraphModule:
+        """``float_model`` (copied) traced and converted as this wrapper was (same ``leaf_modules``, inputs
+        of the dummy input's shapes), in eval mode on the wrapper's device: the float graph whose node names
+        are the plan's (:attr:`ActSpot.tensor <xnnq.quantize.plan.ActSpot>` is the float counterpart of a
+        quantizer)."""
+        device = next(self.parameters()).device
+        model = copy.deepcopy(float_model).to(device).eval()
+        dummy = tuple(torch.randn(s, device=device) for s in self.dummy_shapes)
+        gm, _ = convert(model, dummy, self.leaf_modules, [])
+        return gm.eval()
+
     def quantizers(self) -> dict[str, PACT2]:
         """The activation quantizers by module path."""
         return {n: m for n, m in self.module.named_modules() if isinstance(m, PACT2)}
+
+    def learned_ranges(self) -> dict[str, LearnedRange]:
+        """The learned thresholds (``range_learning="tqt"``) by the path of their quantizer or layer."""
+        mods = self.module.named_modules()
+        return {n.rpartition(".")[0]: m for n, m in mods if isinstance(m, LearnedRange)}
+
+    def range_parameters(self) -> list[nn.Parameter]:
+        """The learned log2 thresholds (empty unless ``range_learning`` learns them), for their own parameter
+        group: e.g. ``torch.optim.Adam(qmodel.range_parameters(), lr=1e-2)`` beside the weights' optimizer
+        over :meth:`non_range_parameters` (no weight decay on thresholds)."""
+        return [m.log2_t for m in self.learned_ranges().values()]
+
+    def non_range_parameters(self) -> list[nn.Parameter]:
+        """Every parameter except :meth:`range_parameters` (the model's own weights, biases, BN affine...)."""
+        ranges = {id(p) for p in self.range_parameters()}
+        return [p for p in self.parameters() if id(p) not in ranges]
 
 
 __all__ = ["QuantBaseModule", "CaptureError"]

@@ -1,1 +1,6 @@
-"""Task faces (data, model, metric, export) on top of the wrappers and export_onnx."""
+"""Task front-ends on top of the wrappers and export_onnx: data, decoding, metrics, task-specific artifacts.
+
+``xnnq.tasks.detection`` — COCO-format detection: ``batches``, ``evaluate`` (pycocotools), ``export``
+(ONNX + TIDL options with the object-detection fields + the meta-architecture prototxt).
+``xnnq.tasks.segmentation`` — image + mask folders: ``batches``, ``evaluate`` (mIoU), ``export`` (ArgMax head).
+"""

@@ -5,6 +5,7 @@ stem, 8-bit PNG class-index masks; pixels equal to ``ignore_index`` count nowher
 once per process into uint8 tensors; :func:`batches` yields ``(images, masks)`` as the net takes them
 (normalized float N x 3 x H x W, int64 N x H x W).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -22,8 +23,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 # ----------------------------------------------------------------------------------------------- data
-def load_folder_pair(image_dir: str | Path, mask_dir: str | Path, limit: int | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_folder_pair(
+    image_dir: str | Path, mask_dir: str | Path, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Decode matching images and masks: ``(uint8 N x 3 x H x W, uint8 N x H x W, stems)``.
 
     Pairs are matched by file stem, sorted; an image without a mask (or a mask of another size) is an
@@ -33,8 +35,10 @@ def load_folder_pair(image_dir: str | Path, mask_dir: str | Path, limit: int | N
     image_dir, mask_dir = Path(image_dir), Path(mask_dir)
     for d in (image_dir, mask_dir):
         if not d.is_dir():
-            raise FileNotFoundError(f"{d} does not exist (expected <data_dir>/<split>/images and /masks; "
-                                    "set XNNQ_DATA or pass data_dir)")
+            raise FileNotFoundError(
+                f"{d} does not exist (expected <data_dir>/<split>/images and /masks; "
+                "set XNNQ_DATA or pass data_dir)"
+            )
     images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         raise ValueError(f"{image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -48,7 +52,9 @@ def load_folder_pair(image_dir: str | Path, mask_dir: str | Path, limit: int | N
         img = Image.open(path).convert("RGB")
         mask = Image.open(mpath)
         if mask.mode not in ("L", "P"):
-            raise ValueError(f"{mpath}: mask mode {mask.mode!r}; expected a single-channel index PNG (L or P)")
+            raise ValueError(
+                f"{mpath}: mask mode {mask.mode!r}; expected a single-channel index PNG (L or P)"
+            )
         if mask.size != img.size:
             raise ValueError(f"{mpath}: mask size {mask.size} differs from image size {img.size} ({path})")
         xs.append(np.asarray(img, dtype=np.uint8))
@@ -62,7 +68,9 @@ def load_folder_pair(image_dir: str | Path, mask_dir: str | Path, limit: int | N
 _CACHE: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def load_split(data_dir: str | Path, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(
+    data_dir: str | Path, split: str, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(uint8 images, uint8 masks)`` of ``<data_dir>/<split>``, decoded once per process."""
     root = Path(data_dir) / split
     key = (str(root.resolve()), limit)
@@ -72,9 +80,15 @@ def load_split(data_dir: str | Path, split: str, limit: int | None = None) -> tu
     return _CACHE[key]
 
 
-def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None, *,
-            scale: tuple[float, float] = (0.75, 1.25), flip: bool = True,
-            ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+def augment(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    scale: tuple[float, float] = (0.75, 1.25),
+    flip: bool = True,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random scale, crop/pad back to the input size and horizontal flip, the same for image and mask.
 
     Images (uint8) resize bilinearly, masks by nearest-exact (the same pixel-centre convention, so the
@@ -89,25 +103,34 @@ def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generato
     flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
     for i in range(n):
         sh, sw = max(1, round(h * float(s[i]))), max(1, round(w * float(s[i])))
-        xi = F.interpolate(images[i:i + 1].float(), size=(sh, sw), mode="bilinear", align_corners=False)
+        xi = F.interpolate(images[i : i + 1].float(), size=(sh, sw), mode="bilinear", align_corners=False)
         xi = xi.round_().clamp_(0, 255).to(images.dtype)[0]
-        mi = F.interpolate(masks[i:i + 1, None].float(), size=(sh, sw), mode="nearest-exact")[0, 0].to(masks.dtype)
+        mi = F.interpolate(masks[i : i + 1, None].float(), size=(sh, sw), mode="nearest-exact")[0, 0].to(
+            masks.dtype
+        )
         # source window (crop when larger) and destination offset (pad when smaller), per axis
         oy, ox = int(u[i, 0] * (abs(sh - h) + 1)), int(u[i, 1] * (abs(sw - w) + 1))
         oy, ox = min(oy, abs(sh - h)), min(ox, abs(sw - w))
         sy, dy = (oy, 0) if sh >= h else (0, oy)
         sx, dx = (ox, 0) if sw >= w else (0, ox)
         ch, cw = min(h, sh), min(w, sw)
-        out_x[i, :, dy:dy + ch, dx:dx + cw] = xi[:, sy:sy + ch, sx:sx + cw]
-        out_m[i, dy:dy + ch, dx:dx + cw] = mi[sy:sy + ch, sx:sx + cw]
+        out_x[i, :, dy : dy + ch, dx : dx + cw] = xi[:, sy : sy + ch, sx : sx + cw]
+        out_m[i, dy : dy + ch, dx : dx + cw] = mi[sy : sy + ch, sx : sx + cw]
         if flips[i]:
             out_x[i], out_m[i] = out_x[i].flip(-1), out_m[i].flip(-1)
     return out_x, out_m
 
 
-def batches(data_dir: str | Path, split: str, *, batch_size: int, limit: int | None = None, train: bool = False,
-            generator: torch.Generator | None = None, device: torch.device | str = "cpu"
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    data_dir: str | Path,
+    split: str,
+    *,
+    batch_size: int,
+    limit: int | None = None,
+    train: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(images, masks)``: normalized float N x 3 x H x W and int64 N x H x W class indices.
 
     ``train=True`` shuffles and applies :func:`augment` (scale, crop, flip, masks aligned).
@@ -116,7 +139,7 @@ def batches(data_dir: str | Path, split: str, *, batch_size: int, limit: int | N
     n = images.shape[0]
     order = torch.randperm(n, generator=generator) if train else torch.arange(n)
     for i in range(0, n, batch_size):
-        idx = order[i:i + batch_size]
+        idx = order[i : i + batch_size]
         xb, mb = images[idx], masks[idx]
         if train:
             xb, mb = augment(xb, mb, generator)
@@ -124,8 +147,9 @@ def batches(data_dir: str | Path, split: str, *, batch_size: int, limit: int | N
 
 
 # -------------------------------------------------------------------------------------------- metrics
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int | None = IGNORE_INDEX) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = IGNORE_INDEX
+) -> torch.Tensor:
     """``num_classes x num_classes`` int64 counts, rows = ground truth, columns = prediction.
 
     One ``torch.bincount`` on the device of the inputs; pixels whose target is ``ignore_index`` (or
@@ -136,8 +160,9 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if ignore_index is not None:
         keep &= target != ignore_index
     target, pred = target[keep], pred[keep]
-    return torch.bincount(target * num_classes + pred.clamp(0, num_classes - 1),
-                          minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return torch.bincount(
+        target * num_classes + pred.clamp(0, num_classes - 1), minlength=num_classes * num_classes
+    ).reshape(num_classes, num_classes)
 
 
 def scores(confusion: torch.Tensor) -> dict[str, float]:
@@ -152,15 +177,25 @@ def scores(confusion: torch.Tensor) -> dict[str, float]:
     present = union > 0
     iou = tp[present] / union[present]
     total = cm.sum()
-    return {"mIoU": float(iou.mean() * 100) if present.any() else float("nan"),
-            "pixel_acc": float(tp.sum() / total * 100) if total > 0 else float("nan")}
+    return {
+        "mIoU": float(iou.mean() * 100) if present.any() else float("nan"),
+        "pixel_acc": float(tp.sum() / total * 100) if total > 0 else float("nan"),
+    }
 
 
 # ----------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model_or_onnx_path, data_dir: str | Path, split: str = "val", *, batch_size: int = 50,
-             limit: int | None = None, num_classes: int | None = None, ignore_index: int = IGNORE_INDEX,
-             progress: bool = False) -> dict[str, float]:
+def evaluate(
+    model_or_onnx_path,
+    data_dir: str | Path,
+    split: str = "val",
+    *,
+    batch_size: int = 50,
+    limit: int | None = None,
+    num_classes: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    progress: bool = False,
+) -> dict[str, float]:
     """``{"mIoU", "pixel_acc"}`` (0-100) of a model on ``<data_dir>/<split>``.
 
     ``model_or_onnx_path`` is a float ``nn.Module`` or any xnnq wrapper (evaluated in eval mode, its
@@ -183,11 +218,13 @@ def evaluate(model_or_onnx_path, data_dir: str | Path, split: str = "val", *, ba
 
         def run(x: torch.Tensor) -> torch.Tensor:
             return model(x.to(device))
+
     cm = None
     images = load_split(data_dir, split, limit)[0]
     it = batches(data_dir, split, batch_size=batch_size, limit=limit)
     if progress:
         from tqdm import tqdm
+
         it = tqdm(it, total=-(-images.shape[0] // batch_size), desc=f"eval {split}", leave=False)
     try:
         for x, m in it:
@@ -240,8 +277,15 @@ def _onnx_runner(path: Path):
 
 
 # --------------------------------------------------------------------------------------------- export
-def export(qmodel, path: str | Path, *, format: str = "tidl", argmax: bool = True,
-           input_shape: tuple[int, ...] | None = None, **kwargs) -> Path:
+def export(
+    qmodel,
+    path: str | Path,
+    *,
+    format: str = "tidl",
+    argmax: bool = True,
+    input_shape: tuple[int, ...] | None = None,
+    **kwargs,
+) -> Path:
     """Export a quantized segmentation model as TI's segmentation models are exported; returns the ONNX path.
 
     ``xnnq.export_onnx`` with ``argmax=True`` by default: the graph ends in ``ArgMax`` over the class axis
@@ -254,8 +298,11 @@ def export(qmodel, path: str | Path, *, format: str = "tidl", argmax: bool = Tru
     if input_shape is None:
         shapes = getattr(qmodel, "dummy_shapes", None)
         if not shapes:
-            raise ValueError("export: pass input_shape=(1, 3, H, W); the model does not record its dummy input")
+            raise ValueError(
+                "export: pass input_shape=(1, 3, H, W); the model does not record its dummy input"
+            )
         input_shape = (1, *shapes[0][1:])
     device = next((p.device for p in qmodel.parameters()), torch.device("cpu"))
-    return export_onnx(qmodel, torch.zeros(input_shape, device=device), path, format=format, argmax=argmax,
-                       **kwargs).path
+    return export_onnx(
+        qmodel, torch.zeros(input_shape, device=device), path, format=format, argmax=argmax, **kwargs
+    ).path
