@@ -404,7 +404,9 @@ def test_resnet20_reference_matches_onnxruntime_and_simulation(tmp_path):
     x = torch.randn(8, 3, 32, 32)
     assert np.array_equal(run(path, x, rounding="half_even")[0], OnnxRunner(path)(x).numpy())
     with torch.no_grad():
-        assert np.array_equal(run(path, x)[0], q(x).numpy())  # default: TIDL's rounding, as the simulation
+        assert np.array_equal(run(path, x, rounding="half_even")[0], q(x).numpy())  # the simulation's default
+        xnnq.layers.set_rounding(q, "tidl")
+        assert np.array_equal(run(path, x)[0], q(x).numpy())  # the reference's default: TIDL's rounding
 
 
 # ----------------------------------------------------------------------------------------- traces

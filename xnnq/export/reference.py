@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..layers.rounding import DEFAULT, Rounding, Site, as_rounding, round_array
+from ..layers.rounding import Rounding, Site, as_rounding, round_array
 from . import reference_ops as ops
 from .onnx_graph import constants_to_initializers
 from .reference_ops import IntegerReferenceError, QTensor
@@ -82,7 +82,7 @@ def _zero_point_ok(arr: np.ndarray | None, where: str) -> None:
 class IntegerReference:
     """A QDQ ONNX model prepared for integer execution; call it on one batch of float inputs."""
 
-    def __init__(self, model: str | Path | onnx.ModelProto, rounding: Rounding | str = DEFAULT):
+    def __init__(self, model: str | Path | onnx.ModelProto, rounding: Rounding | str = Rounding.TIDL):
         self.rounding = as_rounding(rounding)
         if not isinstance(model, onnx.ModelProto):
             model = onnx.load(str(model))
@@ -481,7 +481,7 @@ def run(
     onnx_path: str | Path | onnx.ModelProto,
     x: np.ndarray | Sequence[np.ndarray],
     *,
-    rounding: Rounding | str = DEFAULT,
+    rounding: Rounding | str = Rounding.TIDL,
     dump_dir: str | Path | None = None,
     batch_size: int = 64,
 ) -> list[np.ndarray]:

@@ -32,10 +32,10 @@ class PACT2(nn.Module):
             training mode; default a :class:`RangeTracker` with ``tail`` and ``ema_alpha`` (QAT).
         tail, ema_alpha: of the default :class:`RangeTracker`.
         name: the module's path in the model, used in error messages.
-        rounding: how codes are rounded (:mod:`xnnq.layers.rounding`); default ``"tidl"``, TIDL's rule at
-            this quantizer's ``site`` (``"requant"``; the wrappers set ``"input"`` on the network-input
-            quantizer and ``"resize"`` after a linear resize). ``"half_even"`` is what onnxruntime computes
-            for the exported QDQ file. Set it on a whole model with :func:`xnnq.layers.set_rounding`.
+        rounding: how codes are rounded (:mod:`xnnq.layers.rounding`); default ``"half_even"``, what
+            onnxruntime computes for the exported QDQ file; ``"tidl"``: TIDL's rule at this quantizer's
+            ``site`` (``"requant"``; the wrappers set ``"input"`` on the network-input quantizer and
+            ``"resize"`` after a linear resize). Set it on a whole model with :func:`xnnq.layers.set_rounding`.
         learned_range: a :class:`~xnnq.layers.tqt.LearnedRange`: the range is a learned power-of-2
             threshold (TQT), set from the observer's range during its first batches and trained from then on
             (the observer is called only until then); ``None``: the range is the observer's.

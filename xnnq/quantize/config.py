@@ -72,9 +72,9 @@ class QuantConfig:
             set by ``QuantCalibrateModule``).
         target: a TIDL chip ("TDA4VM", "AM69A", ... see :mod:`xnnq.targets`): the numeric settings not given
             explicitly follow the chip; explicit ones it cannot run are refused. ``None``: today's defaults.
-        rounding: how activation codes are rounded (:mod:`xnnq.layers.rounding`): ``"tidl"`` (default,
-            TIDL's rule: half up, half away from zero at the network input, floor after a linear resize)
-            or ``"half_even"`` (onnxruntime's), ``"half_up"``, ``"half_away"``, ``"floor"``.
+        rounding: how activation codes are rounded (:mod:`xnnq.layers.rounding`): ``"half_even"`` (default,
+            onnxruntime's), ``"tidl"`` (TIDL's rule: half up, half away from zero at the network input,
+            floor after a linear resize), ``"half_up"``, ``"half_away"``, ``"floor"``.
         range_learning: ``"statistics"`` (default: every range follows the data as observed, weights by the
             max rule) or ``"tqt"``: learned power-of-2 thresholds (:mod:`xnnq.layers.tqt`, Jain et al. 2019)
             for activations and weights (per channel where the plan quantizes per channel);
