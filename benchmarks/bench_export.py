@@ -1,6 +1,7 @@
 """Export fidelity on the CIFAR-10 ResNet-20 QAT model (issue 3 acceptance 2).
 
     nice -n 10 python benchmarks/bench_export.py [--qat runs/qat_resnet20.pt] [--out runs/export] [--limit N]
+        [--record]
 
 Measures, on the 10k CIFAR-10 test images:
 * QDQ export in onnxruntime (CPU) vs QuantTestModule: top-1 agreement, |Δlogit| in output LSBs;
@@ -9,22 +10,18 @@ Measures, on the 10k CIFAR-10 test images:
   Clip ranges, run as QDQ in onnxruntime): accuracy vs QuantTestModule, weight re-quantization error.
 
 Uses the QAT state dict of benchmarks/bench_qat.py when it exists; otherwise runs a short QAT itself
-(fallback, reported as such). Prints JSON and appends to benchmarks/RESULTS.md.
+(fallback, reported as such). Prints JSON; ``--record`` also appends to benchmarks/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit
 
 import xnnq
 from xnnq import data
@@ -32,29 +29,33 @@ from xnnq.export import export_onnx
 from xnnq.export.check import onnx_accuracy, onnx_check, output_lsb
 from xnnq.export.emulate import requantization_error, tidl_emulation
 from xnnq.models.cifar_resnet import resnet20, resnet20_cifar10
+from xnnq.recipes import qat_finetune
+
+from common import add_record_arg, emit
 
 DUMMY = (1, 3, 32, 32)
 
 
 def short_qat(weights: Path, images: int = 512, steps: int = 40) -> dict:
-    """Fallback QAT state: a few steps on a few hundred training images, BN and ranges frozen half-way."""
+    """Fallback QAT state: a few steps on a few hundred training images (SGD momentum 0.9, constant lr
+    1e-4, no weight decay), BN and ranges frozen half-way."""
     torch.manual_seed(0)
     X, Y = data.cifar10("train", limit=images)
-    q = xnnq.QuantTrainModule(resnet20_cifar10(weights), torch.randn(*DUMMY)).train()
+    q = xnnq.QuantTrainModule(resnet20_cifar10(weights), torch.randn(*DUMMY))
+    train = data.Batches(
+        X, Y, 64, shuffle=True, train_augment=True, generator=torch.Generator().manual_seed(0)
+    )
     opt = torch.optim.SGD(q.parameters(), lr=1e-4, momentum=0.9)
-    gen = torch.Generator().manual_seed(0)
-    step = 0
-    while step < steps:
-        for x, y in data.batches(X, Y, 64, shuffle=True, train_augment=True, generator=gen):
-            if step == steps // 2:
-                xnnq.utils.freeze_bn(q)
-                xnnq.layers.freeze_quant_range(q)
-            opt.zero_grad()
-            F.cross_entropy(q(x), y).backward()
-            opt.step()
-            step += 1
-            if step == steps:
-                break
+    q = qat_finetune(
+        q,
+        train,
+        steps=steps,
+        optimizer=opt,
+        lr_schedule="constant",
+        freeze_bn_at=0.5,
+        freeze_range_at=0.5,
+        progress=False,
+    )
     return q.state_dict()
 
 
@@ -65,7 +66,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="test images (default: all 10k)")
     ap.add_argument("--batch", type=int, default=1, help="static batch of the exported graphs")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dry-run", action="store_true", help="print the JSON, do not append to RESULTS.md")
+    add_record_arg(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not data.cifar10_available():
@@ -75,7 +76,9 @@ def main() -> None:
     qat = Path(args.qat)
     if qat.is_file():
         state = torch.load(qat, weights_only=True)
-        res["qat_source"] = f"{qat} (sha256 {hashlib.sha256(qat.read_bytes()).hexdigest()[:12]}, from bench_qat.py)"
+        res["qat_source"] = (
+            f"{qat} (sha256 {hashlib.sha256(qat.read_bytes()).hexdigest()[:12]}, from bench_qat.py)"
+        )
     else:
         state = short_qat(data.data_root() / "weights" / "resnet20_cifar10jpg.pt")
         res["qat_source"] = "fallback: 40-step QAT on 512 train images (runs/qat_resnet20.pt absent)"
@@ -97,11 +100,18 @@ def main() -> None:
     def batches():
         return data.batches(Xte, Yte, 500)
 
+    # onnxruntime rounds a QDQ file half to even: compare with the simulation rounding the same way (TIDL's
+    # rounding, the default, against the integer reference: benchmarks/bench_reference.py)
+    xnnq.layers.set_rounding(q, "half_even")
     for optimize in (True, False):
         key = "qdq_vs_quanttest" + ("" if optimize else "_ort_no_fusion")
-        res[key] = onnx_check(qdq.path, q, batches(), optimize=optimize, threads=args.threads).to_dict()
+        res[key] = onnx_check(
+            qdq.path, q, batches(), optimize=optimize, threads=args.threads, integer_reference=False
+        ).to_dict()
     res["qdq_onnx_top1"] = onnx_accuracy(qdq.path, batches(), threads=args.threads)
-    res["tidl_vs_torch_clip_graph"] = onnx_check(tidl.path, tidl.module, batches(), threads=args.threads).to_dict()
+    res["tidl_vs_torch_clip_graph"] = onnx_check(
+        tidl.path, tidl.module, batches(), threads=args.threads
+    ).to_dict()
     res["tidl_float_onnx_top1"] = onnx_accuracy(tidl.path, batches(), threads=args.threads)
     req = requantization_error(tidl.path)
     res["tidl_weights_requantization_max_abs_error"] = max(req.values())
@@ -109,31 +119,32 @@ def main() -> None:
     emu = tidl_emulation(tidl.path)
     res["tidl_emulated_top1"] = onnx_accuracy(emu, batches(), threads=args.threads)
     res["tidl_emulated_minus_quanttest_pp"] = round(res["tidl_emulated_top1"] - res["quanttest_top1"], 3)
-    res["tidl_emulation_vs_quanttest"] = onnx_check(emu, q, batches(), threads=args.threads,
-                                                    lsb=output_lsb(qdq.path)).to_dict()
+    res["tidl_emulation_vs_quanttest"] = onnx_check(
+        emu, q, batches(), threads=args.threads, lsb=output_lsb(qdq.path)
+    ).to_dict()
 
     a, e = res["qdq_vs_quanttest"], res["tidl_vs_torch_clip_graph"]
     table = (
-        f"QAT model: {res['qat_source']}; {res['test_images']} CIFAR-10 test images; exported batch {args.batch}; "
+        f"QAT model: {res['qat_source']}; {res['test_images']} CIFAR-10 test images; "
+        f"exported batch {args.batch}; "
         "onnxruntime CPU.\n\n"
         "| check | result |\n|---|---|\n"
         f"| QuantTestModule top-1 | {res['quanttest_top1']:.2f} % |\n"
         f"| QDQ (ORT) vs QuantTestModule: top-1 agreement | {100 * a['top1_agreement']:.2f} % |\n"
-        f"| QDQ (ORT) vs QuantTestModule: logits within 1 LSB / bit-exact | {100 * a['frac_within_1_lsb']:.3f} % / "
+        f"| QDQ (ORT) vs QuantTestModule: logits within 1 LSB / bit-exact | "
+        f"{100 * a['frac_within_1_lsb']:.3f} % / "
         f"{100 * a['frac_exact']:.3f} % (max {a['max_lsb_diff']:.3g} LSB) |\n"
-        f"| QDQ (ORT, no graph fusion) max LSB diff | {res['qdq_vs_quanttest_ort_no_fusion']['max_lsb_diff']:.3g} |\n"
-        f"| \"tidl\" ONNX (ORT) vs PyTorch clip graph: max abs diff | {e['max_abs_diff']:.3g} |\n"
-        f"| \"tidl\" weights re-quantized: max abs change ({res['tidl_weights_checked']} tensors) | "
+        f"| QDQ (ORT, no graph fusion) max LSB diff | "
+        f"{res['qdq_vs_quanttest_ort_no_fusion']['max_lsb_diff']:.3g} |\n"
+        f'| "tidl" ONNX (ORT) vs PyTorch clip graph: max abs diff | {e["max_abs_diff"]:.3g} |\n'
+        f'| "tidl" weights re-quantized: max abs change ({res["tidl_weights_checked"]} tensors) | '
         f"{res['tidl_weights_requantization_max_abs_error']:.3g} |\n"
         f"| TIDL-emulated top-1 (Δ vs QuantTestModule) | {res['tidl_emulated_top1']:.2f} % "
         f"({res['tidl_emulated_minus_quanttest_pp']:+.2f} pp) |\n"
-        f"| \"tidl\" ONNX node types | {', '.join(f'{k} {v}' for k, v in res['tidl_op_counts'].items())} |\n"
-        f"| QDQ ONNX node types | {', '.join(f'{k} {v}' for k, v in res['qdq_op_counts'].items())} |\n")
-    if args.dry_run:
-        print(json.dumps(res, indent=2))
-        print(table)
-    else:
-        emit("bench_export: export fidelity (ResNet-20, CIFAR-10)", res, table)
+        f'| "tidl" ONNX node types | {", ".join(f"{k} {v}" for k, v in res["tidl_op_counts"].items())} |\n'
+        f"| QDQ ONNX node types | {', '.join(f'{k} {v}' for k, v in res['qdq_op_counts'].items())} |\n"
+    )
+    emit("bench_export: export fidelity (ResNet-20, CIFAR-10)", res, table, record=args.record)
 
 
 if __name__ == "__main__":

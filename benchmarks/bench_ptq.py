@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Post-training quantization of ResNet-20 on CIFAR-10: xnnq calibration methods vs torch.ao FX and onnxruntime.
+"""Post-training quantization of ResNet-20 on CIFAR-10: xnnq calibration methods vs torch.ao FX and
+onnxruntime.
 
 Model: ``weights/resnet20_cifar10jpg.pt``. Calibration: ``--calib-images`` (1000) training images, drawn
 with ``torch.manual_seed(0); torch.randperm(50000)``, batches of 100, no augmentation. Test: the first
@@ -16,10 +17,11 @@ with ``torch.manual_seed(0); torch.randperm(50000)``, batches of 100, no augment
 * onnxruntime ``quantize_static`` on a float ONNX export: QDQ, ``per_channel=True``, MinMax / Entropy /
   Percentile, evaluated with onnxruntime (1 thread).
 
-Prints JSON and appends a table to benchmarks/RESULTS.md.
+Prints JSON; ``--record`` also appends a table to benchmarks/RESULTS.md.
 
-    nice -n 10 python benchmarks/bench_ptq.py [--threads 1] [--test-images 10000] [--skip-peers]
+    nice -n 10 python benchmarks/bench_ptq.py [--threads 1] [--test-images 10000] [--skip-peers] [--record]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,21 +34,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import emit
-
 from xnnq.calibrate import METHODS, QuantCalibrateModule
 from xnnq.data import batches, cifar10, cifar10_available, data_root, evaluate
 from xnnq.export.check import ort_session
 from xnnq.models.cifar_resnet import resnet20_cifar10
 
+from common import add_record_arg, emit
+
 DUMMY = torch.zeros(1, 3, 32, 32)
 GOAL_DROP, GOAL_SECONDS = 0.15, 1.0
-VARIANTS = [("pow2 per-tensor", {"bias_correction": False}),
-            ("+ bias correction", {"bias_correction": True}),
-            ("+ bias corr. + MSE weight clip", {"bias_correction": True, "weight_clipping": "mse"})]
+VARIANTS = [
+    ("pow2 per-tensor", {"bias_correction": False}),
+    ("+ bias correction", {"bias_correction": True}),
+    ("+ bias corr. + MSE weight clip", {"bias_correction": True, "weight_clipping": "mse"}),
+]
 
 
 def calibration_batches(n: int, batch_size: int = 100) -> list[torch.Tensor]:
@@ -70,8 +71,15 @@ def xnnq_row(model, calib, method: str, variant: str, opts: dict, test) -> dict:
     t1 = time.process_time()
     q.eval()
     w2, t2 = time.perf_counter(), time.process_time()
-    return {"tool": "xnnq", "method": method, "variant": variant, "acc": evaluate(q, *test),
-            "calib_s": t2 - t0, "finalize_s": t2 - t1, "calib_wall_s": w2 - w0}
+    return {
+        "tool": "xnnq",
+        "method": method,
+        "variant": variant,
+        "acc": evaluate(q, *test),
+        "calib_s": t2 - t0,
+        "finalize_s": t2 - t1,
+        "calib_wall_s": w2 - w0,
+    }
 
 
 def torch_ao_row(model, calib, test) -> dict:
@@ -84,9 +92,14 @@ def torch_ao_row(model, calib, test) -> dict:
     run(prepared, calib)
     converted = convert_fx(prepared)
     w1, t1 = time.perf_counter(), time.process_time()
-    return {"tool": "torch.ao FX", "method": "x86 default qconfig (HistogramObserver act., per-channel weights)",
-            "variant": "free scales, per-channel", "acc": evaluate(converted, *test), "calib_s": t1 - t0,
-            "calib_wall_s": w1 - w0}
+    return {
+        "tool": "torch.ao FX",
+        "method": "x86 default qconfig (HistogramObserver act., per-channel weights)",
+        "variant": "free scales, per-channel",
+        "acc": evaluate(converted, *test),
+        "calib_s": t1 - t0,
+        "calib_wall_s": w1 - w0,
+    }
 
 
 def onnx_rows(model, calib, test, threads: int) -> list[dict]:
@@ -115,42 +128,81 @@ def onnx_rows(model, calib, test, threads: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
-        torch.onnx.export(copy.deepcopy(model).eval(), (DUMMY,), str(fp32), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+        torch.onnx.export(
+            copy.deepcopy(model).eval(),
+            (DUMMY,),
+            str(fp32),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+        )
         quant_pre_process(str(fp32), str(pre))
         rows.append({"tool": "onnxruntime", "method": "fp32", "variant": "float ONNX", "acc": accuracy(pre)})
-        for name, cm in (("MinMax", CalibrationMethod.MinMax), ("Entropy", CalibrationMethod.Entropy),
-                         ("Percentile", CalibrationMethod.Percentile)):
+        for name, cm in (
+            ("MinMax", CalibrationMethod.MinMax),
+            ("Entropy", CalibrationMethod.Entropy),
+            ("Percentile", CalibrationMethod.Percentile),
+        ):
             out = Path(tmp) / f"q_{name}.onnx"
             w0, t0 = time.perf_counter(), time.process_time()
-            quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            calibrate_method=cm)
+            quantize_static(
+                str(pre),
+                str(out),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                calibrate_method=cm,
+            )
             w1, t1 = time.perf_counter(), time.process_time()
-            rows.append({"tool": "onnxruntime", "method": name, "variant": "QDQ int8, per-channel weights",
-                         "acc": accuracy(out), "calib_s": t1 - t0, "calib_wall_s": w1 - w0})
+            rows.append(
+                {
+                    "tool": "onnxruntime",
+                    "method": name,
+                    "variant": "QDQ int8, per-channel weights",
+                    "acc": accuracy(out),
+                    "calib_s": t1 - t0,
+                    "calib_wall_s": w1 - w0,
+                }
+            )
     return rows
 
 
 def table(result: dict) -> str:
     fp32 = result["fp32_acc"]
-    head = (f"ResNet-20 CIFAR-10 (JPEG), FP32 {fp32:.2f} %; {result['calib_images']} calibration images "
-            f"(seed 0), {result['test_images']} test images; {result['threads']} thread(s). Times are CPU seconds "
-            f"(process time); the float model's forward over the calibration images takes "
-            f"{result['float_forward_s']:.2f} s.")
-    lines = [head, "",
-             "| tool | method | variant | top-1 % | drop pp | calib s | finalize s |", "|---|---|---|---|---|---|---|"]
+    head = (
+        f"ResNet-20 CIFAR-10 (JPEG), FP32 {fp32:.2f} %; {result['calib_images']} calibration images "
+        f"(seed 0), {result['test_images']} test images; {result['threads']} thread(s). "
+        f"Times are CPU seconds "
+        f"(process time); the float model's forward over the calibration images takes "
+        f"{result['float_forward_s']:.2f} s."
+    )
+    lines = [
+        head,
+        "",
+        "| tool | method | variant | top-1 % | drop pp | calib s | finalize s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         cs = f"{r['calib_s']:.2f}" if "calib_s" in r else "—"
         fs = f"{r['finalize_s']:.2f}" if "finalize_s" in r else "—"
-        lines.append(f"| {r['tool']} | {r['method']} | {r['variant']} | {r['acc']:.2f} | {fp32 - r['acc']:+.2f} | {cs} | {fs} |")
+        lines.append(
+            f"| {r['tool']} | {r['method']} | {r['variant']} | {r['acc']:.2f} | {fp32 - r['acc']:+.2f} | "
+            f"{cs} | {fs} |"
+        )
     best = result.get("best_xnnq")
     if best:
-        lines.append(f"\nBest xnnq power-of-2 per-tensor: {best['method']} {best['variant']}, drop {best['drop']:.2f} pp "
-                     f"(goal <= {GOAL_DROP:.2f}): {'met' if best['drop'] <= GOAL_DROP else 'NOT met'}. Calibration "
-                     f"{best['calib_s']:.2f} s per {result['calib_images']} images, of which {best['finalize_s']:.2f} s "
-                     f"finalize and the rest forward passes (float forward alone {result['float_forward_s']:.2f} s CPU); "
-                     f"goal <= {GOAL_SECONDS:.0f} s: {'met' if best['calib_s'] <= GOAL_SECONDS else 'NOT met'}.")
+        lines.append(
+            f"\nBest xnnq power-of-2 per-tensor: {best['method']} {best['variant']}, "
+            f"drop {best['drop']:.2f} pp "
+            f"(goal <= {GOAL_DROP:.2f}): {'met' if best['drop'] <= GOAL_DROP else 'NOT met'}. Calibration "
+            f"{best['calib_s']:.2f} s per {result['calib_images']} images, "
+            f"of which {best['finalize_s']:.2f} s "
+            f"finalize and the rest forward passes "
+            f"(float forward alone {result['float_forward_s']:.2f} s CPU); "
+            f"goal <= {GOAL_SECONDS:.0f} s: {'met' if best['calib_s'] <= GOAL_SECONDS else 'NOT met'}."
+        )
     return "\n".join(lines)
 
 
@@ -161,7 +213,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--skip-peers", action="store_true")
-    ap.add_argument("--no-results", action="store_true", help="print JSON only, do not append to RESULTS.md")
+    add_record_arg(ap)
     args = ap.parse_args()
     if not cifar10_available():
         sys.exit(f"CIFAR-10 data/weights not found under {data_root()} (set XNNQ_DATA)")
@@ -169,9 +221,13 @@ def main() -> None:
     model = resnet20_cifar10(data_root() / "weights" / "resnet20_cifar10jpg.pt").eval()
     calib = calibration_batches(args.calib_images)
     xt, yt = cifar10("test")
-    test = (xt[:args.test_images], yt[:args.test_images])
-    result = {"calib_images": args.calib_images, "test_images": len(test[1]), "threads": args.threads,
-              "fp32_acc": evaluate(model, *test)}
+    test = (xt[: args.test_images], yt[: args.test_images])
+    result = {
+        "calib_images": args.calib_images,
+        "test_images": len(test[1]),
+        "threads": args.threads,
+        "fp32_acc": evaluate(model, *test),
+    }
     t0 = time.process_time()
     run(model, calib)
     result["float_forward_s"] = time.process_time() - t0
@@ -191,11 +247,7 @@ def main() -> None:
     result["rows"] = rows
     ours = [r for r in rows if r["tool"] == "xnnq"]
     result["best_xnnq"] = min(ours, key=lambda r: (r["drop"], r["calib_s"])) if ours else None
-    md = table(result)
-    if args.no_results:
-        print(md)
-    else:
-        emit("bench_ptq", result, md)
+    emit("bench_ptq", result, table(result), record=args.record)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ distributions. The analysis ranks the layers, tells apart clipping error (``W cl
 error, and proposes the layers for 16 bits; each fix is then checked by evaluating the rebuilt model.
 Needs the shared CIFAR-10 data ($XNNQ_DATA); the RepVGG checkpoint is committed in xnnq/models/checkpoints.
 """
+
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from xnnq.models.reparam import reparameterize
 from xnnq.models.zoo import load_pretrained
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/analysis_example")
-model = reparameterize(load_pretrained("repvgg")).eval()        # deploy form: one 3x3 conv per block
+model = reparameterize(load_pretrained("repvgg")).eval()  # deploy form: one 3x3 conv per block
 x_cal, y_cal = cifar10("train", limit=512)
 x_te, y_te = cifar10("test", limit=int(sys.argv[2]) if len(sys.argv) > 2 else None)
 sample = list(batches(x_te[:512], y_te[:512], 64))
@@ -45,7 +46,8 @@ clipped = [r.name for r in result.layers if (r.weight_clip_pct or 0) > 0]
 if clipped:  # the error of those layers is the outlier clipping: keep their weights whole
     qmodel = ptq(constrain_weights=False)
     result = xnnq.utils.analyze(qmodel, model, sample, progress=False)
-    line.append(f"constrain_weights=False (clipped in {len(clipped)} layers) {evaluate(qmodel, x_te, y_te):.2f} %")
+    acc = evaluate(qmodel, x_te, y_te)
+    line.append(f"constrain_weights=False (clipped in {len(clipped)} layers) {acc:.2f} %")
 layers = xnnq.utils.suggest_16bit(result, count=1)
 mixed = ptq(constrain_weights=not clipped, bitwidth_overrides={name: 16 for name in layers})
 line.append(f"+ {layers} in 16 bits {evaluate(mixed, x_te, y_te):.2f} %")

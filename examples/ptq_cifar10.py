@@ -1,7 +1,8 @@
 """Post-training quantization (calibration, no training) of the CIFAR-10 ResNet-20, export in both formats.
 
-    python examples/ptq_cifar10.py [calibration images]     # default 512
+python examples/ptq_cifar10.py [calibration images]     # default 512
 """
+
 import sys
 
 import torch
@@ -20,7 +21,7 @@ qmodel = xnnq.QuantCalibrateModule(model, torch.randn(1, 3, 32, 32), method="mse
 with torch.no_grad():
     for x, _ in batches(x_cal, y_cal, 64):
         qmodel(x)
-qmodel.eval()                                                    # ranges chosen: TIDL's numerics
+qmodel.eval()  # ranges chosen: TIDL's numerics
 print(f"float {evaluate(model, x_te, y_te):.2f} %  PTQ {evaluate(qmodel, x_te, y_te):.2f} %")
 for fmt in ("tidl", "qdq"):
     path = xnnq.export_onnx(qmodel, torch.randn(1, 3, 32, 32), f"resnet20_ptq_{fmt}.onnx", format=fmt).path

@@ -10,15 +10,13 @@ BatchNorm holding its output statistics, and CLE moves the outliers' range into 
 
     python examples/reparam_ptq.py --model repvgg --calib-images 500 --eval-images 2000
 """
+
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xnnq.calibrate import QuantCalibrateModule
 from xnnq.data import batches, cifar10, evaluate
 from xnnq.models.reparam import reparameterize
@@ -37,25 +35,26 @@ def main() -> None:
 
     x_train, y_train = cifar10("train")
     x_test, y_test = cifar10("test")
-    x_test, y_test = x_test[:args.eval_images], y_test[:args.eval_images]
-    calib = [x for x, _ in batches(x_train[:args.calib_images], y_train[:args.calib_images], 100)]
+    x_test, y_test = x_test[: args.eval_images], y_test[: args.eval_images]
+    calib = [x for x, _ in batches(x_train[: args.calib_images], y_train[: args.calib_images], 100)]
 
     def calibrate(model: torch.nn.Module) -> None:
         with torch.no_grad():
             for x in calib:
                 model(x)
 
-    model = load_pretrained(args.model)                 # training form, committed CIFAR-10 weights
-    deploy = reparameterize(model)                      # one conv (+ReLU) per block, same function
+    model = load_pretrained(args.model)  # training form, committed CIFAR-10 weights
+    deploy = reparameterize(model)  # one conv (+ReLU) per block, same function
     print(f"FP32 {args.model}: {evaluate(deploy, x_test, y_test):.2f}%")
-    model_restore_bn(deploy, calibrate)                 # identity BN with measured statistics after each conv
-    cross_layer_equalize(deploy, calib[0])              # per-channel range equalization + high-bias absorption
-    print(f"FP32 after BN restore + CLE: {evaluate(deploy.eval(), x_test, y_test):.2f}% (unchanged up to HBA)")
+    model_restore_bn(deploy, calibrate)  # identity BN with measured statistics after each conv
+    cross_layer_equalize(deploy, calib[0])  # per-channel range equalization + high-bias absorption
+    acc = evaluate(deploy.eval(), x_test, y_test)
+    print(f"FP32 after BN restore + CLE: {acc:.2f}% (unchanged up to HBA)")
 
     # constrain_weights=False: fused kernels hold the identity branch as large centre taps (up to ~50σ),
     # which the default 15σ outlier clipping would cut off
     qmodel = QuantCalibrateModule(deploy, torch.zeros(1, 3, 32, 32), method="mse", constrain_weights=False)
-    qmodel.train()                                      # calibration: forward passes in train mode
+    qmodel.train()  # calibration: forward passes in train mode
     calibrate(qmodel)
     qmodel.eval()
     print(f"INT8 PTQ (power-of-2, per-tensor): {evaluate(qmodel, x_test, y_test):.2f}%")

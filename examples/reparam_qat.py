@@ -10,23 +10,19 @@ from a sane point.
 
     python examples/reparam_qat.py --model repvgg --train-images 10000 --eval-images 2000
 """
+
 from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import xnnq
-from xnnq.data import batches, cifar10, evaluate
-from xnnq.layers import freeze_quant_range
+from xnnq.data import Batches, batches, cifar10, evaluate
 from xnnq.models.reparam import reparameterize
 from xnnq.models.zoo import MODELS, load_pretrained
-from xnnq.utils.bn import freeze_bn
+from xnnq.recipes import qat_finetune
 from xnnq.utils.bn_restore import model_restore_bn
 from xnnq.utils.cle import cross_layer_equalize
 
@@ -42,7 +38,7 @@ def main() -> None:
 
     x_train, y_train = cifar10("train")
     x_test, y_test = cifar10("test")
-    x_test, y_test = x_test[:args.eval_images], y_test[:args.eval_images]
+    x_test, y_test = x_test[: args.eval_images], y_test[: args.eval_images]
     calib = [x for x, _ in batches(x_train[:500], y_train[:500], 100)]
 
     def calibrate(model: torch.nn.Module) -> None:
@@ -55,26 +51,14 @@ def main() -> None:
     cross_layer_equalize(deploy, calib[0])
     print(f"FP32 deploy form after BN restore + CLE: {evaluate(deploy.eval(), x_test, y_test):.2f}%")
 
-    qmodel = xnnq.QuantTrainModule(deploy, torch.zeros(1, 3, 32, 32), constrain_weights=False)  # see reparam_ptq.py
-    qmodel.train()
-    freeze_bn(qmodel)  # keep the measured BN statistics; a short fine-tune does not need batch statistics
-    opt = torch.optim.SGD(qmodel.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
-    steps = math.ceil(args.train_images / 128)
+    # constrain_weights=False: see reparam_ptq.py
+    qmodel = xnnq.QuantTrainModule(deploy, torch.zeros(1, 3, 32, 32), constrain_weights=False)
+    # SGD Nesterov with a cosine schedule; BN frozen from the start (keep the measured statistics: a short
+    # fine-tune does not need batch statistics), activation ranges frozen half-way
     gen = torch.Generator().manual_seed(0)
-    for i, (x, y) in enumerate(batches(x_train, y_train, 128, shuffle=True, train_augment=True, generator=gen)):
-        if i >= steps:
-            break
-        if i == steps // 2:
-            freeze_quant_range(qmodel)  # activation ranges fixed for the second half
-        for g in opt.param_groups:
-            g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * i / steps))
-        loss = F.cross_entropy(qmodel(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i % 20 == 0:
-            print(f"step {i}/{steps} loss {loss.item():.3f}")
-    qmodel.eval()
+    train = Batches(x_train, y_train, 128, shuffle=True, train_augment=True, generator=gen)
+    steps = math.ceil(args.train_images / 128)
+    qmodel = qat_finetune(qmodel, train, steps=steps, lr=args.lr, weight_decay=0.0)
     print(f"INT8 QAT ({args.train_images} images): {evaluate(qmodel, x_test, y_test):.2f}%")
 
 

@@ -10,12 +10,12 @@ command resumes from it. At the end the 10k test accuracy is printed and written
 
     nohup nice -n 10 python scripts/train_cifar.py --model repvgg --epochs 6 --save > runs/repvgg.log 2>&1 &
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xnnq.data import batches, cifar10, evaluate
 from xnnq.models.zoo import CHECKPOINTS, MODELS, get_model
 
@@ -58,11 +57,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--run-dir", type=Path, default=None, help="default runs/<model>")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=None, help="use only the first N training images (smoke runs)")
+    ap.add_argument(
+        "--limit", type=int, default=None, help="use only the first N training images (smoke runs)"
+    )
     ap.add_argument("--save", action="store_true", help="write xnnq/models/checkpoints/<model>.pt and .json")
-    ap.add_argument("--init", type=Path, default=None,
-                    help="continue from this state dict (e.g. the committed checkpoint) with a fresh schedule; "
-                         "its .json record, if present, adds its epochs and seconds to the new record")
+    ap.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="continue from this state dict (e.g. the committed checkpoint) with a fresh schedule; "
+        "its .json record, if present, adds its epochs and seconds to the new record",
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -86,8 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
     if last.is_file():
         state = torch.load(last, map_location="cpu", weights_only=True)
         if state["model_name"] != args.model or state["epochs"] != args.epochs:
-            raise ValueError(f"{last} is a run of {state['model_name']} for {state['epochs']} epochs; "
-                             f"use another --run-dir for --model {args.model} --epochs {args.epochs}")
+            raise ValueError(
+                f"{last} is a run of {state['model_name']} for {state['epochs']} epochs; "
+                f"use another --run-dir for --model {args.model} --epochs {args.epochs}"
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
@@ -103,7 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
         model.train()
         loss_sum = torch.zeros(())
         it = batches(x_train, y_train, args.batch_size, shuffle=True, train_augment=True, generator=gen)
-        bar = tqdm(it, total=steps_per_epoch, desc=f"{args.model} epoch {epoch + 1}/{args.epochs}", mininterval=30)
+        bar = tqdm(
+            it, total=steps_per_epoch, desc=f"{args.model} epoch {epoch + 1}/{args.epochs}", mininterval=30
+        )
         for i, (x, y) in enumerate(bar):
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * steps_per_epoch + i, total, args.lr)
@@ -115,25 +124,50 @@ def main(argv: list[str] | None = None) -> dict:
         seconds += time.time() - t0
         model.eval()
         acc_2k = evaluate(model, x_test[:2000], y_test[:2000])
-        print(f"epoch {epoch + 1}: loss {float(loss_sum) / steps_per_epoch:.4f} test[:2000] {acc_2k:.2f}% "
-              f"({seconds:.0f} s)", flush=True)
-        torch.save({"model_name": args.model, "epochs": args.epochs, "epoch": epoch + 1, "seconds": seconds,
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state()},
-                   last)
+        print(
+            f"epoch {epoch + 1}: loss {float(loss_sum) / steps_per_epoch:.4f} test[:2000] {acc_2k:.2f}% "
+            f"({seconds:.0f} s)",
+            flush=True,
+        )
+        torch.save(
+            {
+                "model_name": args.model,
+                "epochs": args.epochs,
+                "epoch": epoch + 1,
+                "seconds": seconds,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "generator": gen.get_state(),
+            },
+            last,
+        )
 
     model.eval()
     acc = evaluate(model, x_test, y_test)
-    record = {"model": args.model, "test_acc": round(acc, 2), "test_set": "cifar10/test (10k JPEG)",
-              "epochs": prior["epochs"] + args.epochs, "seconds": round(prior["seconds"] + seconds), "batch_size": args.batch_size, "lr": args.lr,
-              "weight_decay": args.weight_decay, "train_images": len(y_train), "threads": args.threads}
+    record = {
+        "model": args.model,
+        "test_acc": round(acc, 2),
+        "test_set": "cifar10/test (10k JPEG)",
+        "epochs": prior["epochs"] + args.epochs,
+        "seconds": round(prior["seconds"] + seconds),
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "train_images": len(y_train),
+        "threads": args.threads,
+    }
     if args.init is not None:
-        record["schedule"] = (f"{prior['epochs']} epochs, then {args.epochs} more from that checkpoint "
-                              f"with a new one-cycle at peak lr {args.lr}")
+        record["schedule"] = (
+            f"{prior['epochs']} epochs, then {args.epochs} more from that checkpoint "
+            f"with a new one-cycle at peak lr {args.lr}"
+        )
     print(f"final test accuracy {args.model}: {acc:.2f}%", flush=True)
     (run_dir / "result.json").write_text(json.dumps(record, indent=2) + "\n")
     if args.save:
         CHECKPOINTS.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, CHECKPOINTS / f"{args.model}.pt")
+        torch.save(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, CHECKPOINTS / f"{args.model}.pt"
+        )
         (CHECKPOINTS / f"{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
         print(f"saved {CHECKPOINTS / (args.model + '.pt')}", flush=True)
     return record

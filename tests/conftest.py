@@ -1,5 +1,18 @@
+"""Shared test set-up: seeding, the shared-data skip, and the small nets and helpers several test files use.
+
+Test modules import the helpers with ``from conftest import ...`` (pytest puts ``tests/`` on ``sys.path``).
+The shared data folder is :func:`xnnq.data.data_root` (``$XNNQ_DATA``, default ``../shared/data`` from the
+working directory); tests marked ``data`` are skipped, with the reason, when it is absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from xnnq import data
 
@@ -12,8 +25,80 @@ def _seed():
 def pytest_collection_modifyitems(config, items):
     if data.cifar10_available():
         return
-    skip = pytest.mark.skip(reason=f"needs the shared CIFAR-10 data and weights under {data.data_root()} "
-                                   "(set XNNQ_DATA); not present on this machine")
+    skip = pytest.mark.skip(
+        reason=f"needs the shared CIFAR-10 data and weights under {data.data_root()} "
+        "(set XNNQ_DATA); not present on this machine"
+    )
     for item in items:
         if "data" in item.keywords:
             item.add_marker(skip)
+
+
+# ------------------------------------------------------------------------------------------ small nets
+def tiny_convnet(num_classes: int = 4, dropout: float = 0.0) -> nn.Sequential:
+    """Conv-BN-ReLU, strided conv-BN-ReLU6, global pool, (dropout), linear; 8x8 inputs are enough."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(16, num_classes))
+    return nn.Sequential(*layers)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0, gamma: tuple[float, float] = (-1.5, 1.5)) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters (so that folding errors show), the BN weight uniform
+    in ``gamma``; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            for t, lo, hi in (
+                (m.running_mean, -1, 1),
+                (m.running_var, 0.2, 3),
+                (m.weight.data, *gamma),
+                (m.bias.data, -0.5, 0.5),
+            ):
+                t.copy_(torch.empty(t.shape).uniform_(lo, hi, generator=g))
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def observe(qmodel: nn.Module, batches: Iterable[torch.Tensor], *, bn_frozen: bool = False) -> nn.Module:
+    """Forward passes in training mode without gradients (QAT range tracking or PTQ calibration), then
+    ``eval()``; ``bn_frozen`` freezes BatchNorm first so that the folded weights are the eval ones."""
+    from xnnq.utils import freeze_bn
+
+    qmodel.train()
+    if bn_frozen:
+        freeze_bn(qmodel)
+    with torch.no_grad():
+        for x in batches:
+            qmodel(x)
+    return qmodel.eval()
+
+
+def quantizer_ranges(qmodel: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{quantizer name: (min, max)}`` of every activation quantizer's tracked range (copies)."""
+    return {
+        n: (p.observer.min_val.clone(), p.observer.max_val.clone()) for n, p in qmodel.quantizers().items()
+    }
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b|."""
+    return float((a - b).detach().abs().max() / b.detach().abs().max())
+
+
+def is_pow2(v: torch.Tensor | np.ndarray | float) -> bool:
+    """Every element is ± a power of 2 (zero is not)."""
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().double().numpy()
+    m, _ = np.frexp(np.asarray(v, dtype=np.float64))
+    return bool(np.all(np.abs(m) == 0.5))

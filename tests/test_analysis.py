@@ -1,4 +1,5 @@
 """xnnq.analysis: numbers against hand computations, sensitivity ranking, result I/O and plots."""
+
 import itertools
 import json
 import math
@@ -14,6 +15,8 @@ from xnnq.analysis.metrics import js_divergence
 from xnnq.analysis.plots import save_plots
 from xnnq.layers.freeze import set_quant_enabled
 
+from conftest import observe
+
 
 class TwoLayer(nn.Module):
     def __init__(self):
@@ -26,13 +29,7 @@ class TwoLayer(nn.Module):
 
 
 def _calibrated(model, batches, **kw):
-    q = xnnq.QuantTrainModule(model, batches[0][:1], **kw)
-    q.train()
-    xnnq.utils.freeze_bn(q)
-    with torch.no_grad():
-        for x in batches:
-            q(x)
-    return q.eval()
+    return observe(xnnq.QuantTrainModule(model, batches[0][:1], **kw), batches, bn_frozen=True)
 
 
 def _fq(x, s, lo, hi):
@@ -40,7 +37,7 @@ def _fq(x, s, lo, hi):
 
 
 def _sqnr(f, q):
-    return 10 * np.log10((f ** 2).sum() / ((q - f) ** 2).sum())
+    return 10 * np.log10((f**2).sum() / ((q - f) ** 2).sum())
 
 
 def test_pot_and_minifloat_levels_by_hand():
@@ -50,7 +47,7 @@ def test_pot_and_minifloat_levels_by_hand():
     # E4M3 (max 480): scale 2^-8; 0.3*256 = 76.8 -> binade 64 step 8 -> 80; 0.7*256 = 179.2 -> step 16 -> 176
     # 0.05*256 = 12.8 -> binade 8 step 1 -> 13
     assert quantize_float(w, 8).tolist() == [80 / 256, -176 / 256, 1.0, 13 / 256, 0.0]
-    assert quantize_float(torch.tensor([1e-9, 480.0, 1000.0]) * 2.0 ** -8 * 256, 8).tolist()[1] == 480.0
+    assert quantize_float(torch.tensor([1e-9, 480.0, 1000.0]) * 2.0**-8 * 256, 8).tolist()[1] == 480.0
 
 
 def test_js_divergence_by_hand():
@@ -63,8 +60,9 @@ def test_js_divergence_by_hand():
 def test_two_layer_values_match_hand_computation():
     model = TwoLayer().eval()
     with torch.no_grad():
-        model.fc1.weight.copy_(torch.tensor([[0.9, -0.31, 0.2, 0.05], [-0.4, 0.77, 0.13, -0.6],
-                                             [0.33, 0.1, -0.82, 0.45]]))
+        model.fc1.weight.copy_(
+            torch.tensor([[0.9, -0.31, 0.2, 0.05], [-0.4, 0.77, 0.13, -0.6], [0.33, 0.1, -0.82, 0.45]])
+        )
     batches = [torch.randn(16, 4) for _ in range(4)]
     q = _calibrated(model, batches)
     res = analyze(q, model, batches, progress=False)
@@ -87,7 +85,9 @@ def test_two_layer_values_match_hand_computation():
     a_f = np.maximum(x @ w.T + model.fc1.bias.detach().numpy(), 0)
     row = res.layer("fc1")
     assert row.act_sqnr == pytest.approx(_sqnr(a_f, a_q), abs=1e-3)
-    assert row.act_cosine == pytest.approx((a_f * a_q).sum() / np.sqrt((a_f ** 2).sum() * (a_q ** 2).sum()), abs=1e-6)
+    assert row.act_cosine == pytest.approx(
+        (a_f * a_q).sum() / np.sqrt((a_f**2).sum() * (a_q**2).sum()), abs=1e-6
+    )
     assert row.float_max == pytest.approx(a_f.max(), rel=1e-5)
     clip_hi = float(s_a) * (hi_a + 1)
     assert row.clip_hi == pytest.approx(clip_hi)
@@ -133,7 +133,9 @@ def test_planted_outlier_ranks_first_and_result_io(tmp_path):
     res = analyze(q, model, batches, sensitivity_batches=2)
     assert res.ranked()[0].name == "convs.2"
     assert suggest_16bit(res, count=1) == ["convs.2"]
-    assert res.layer("convs.2").weight_sqnr < min(r.weight_sqnr for r in res.layers if r.weight_sqnr and r.name != "convs.2")
+    assert res.layer("convs.2").weight_sqnr < min(
+        r.weight_sqnr for r in res.layers if r.weight_sqnr and r.name != "convs.2"
+    )
     with torch.no_grad():
         assert torch.equal(q(batches[0]), before)  # flags and mode restored
     assert not q.training

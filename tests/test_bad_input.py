@@ -3,6 +3,7 @@
 Core cases first (wrapping, range tracking, evaluation, weights files), then the export cases
 (``xnnq.export_onnx``) and the calibration cases (``xnnq.QuantCalibrateModule``).
 """
+
 from __future__ import annotations
 
 import ast
@@ -11,6 +12,7 @@ import pickle
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,9 @@ from torch import nn
 
 import xnnq
 from xnnq.layers import PACT2, freeze_quant_range
-from xnnq.models.cifar_resnet import load_state_dict_file
+from xnnq.utils.io import load_state_dict_file
+
+from conftest import quantizer_ranges
 
 REPO = Path(__file__).resolve().parents[1]
 DUMMY = torch.randn(1, 3, 8, 8)
@@ -64,13 +68,20 @@ def net() -> Net:
 
 
 def snapshot(model: nn.Module) -> dict:
-    return {"state": copy.deepcopy(model.state_dict()), "repr": repr(model), "training": model.training,
-            "modes": [m.training for m in model.modules()], "types": [type(m) for m in model.modules()]}
+    return {
+        "state": copy.deepcopy(model.state_dict()),
+        "repr": repr(model),
+        "training": model.training,
+        "modes": [m.training for m in model.modules()],
+        "types": [type(m) for m in model.modules()],
+    }
 
 
 def assert_unmodified(model: nn.Module, before: dict) -> None:
     after = snapshot(model)
-    assert after["repr"] == before["repr"] and after["types"] == before["types"], "the model's modules changed"
+    assert after["repr"] == before["repr"] and after["types"] == before["types"], (
+        "the model's modules changed"
+    )
     assert after["modes"] == before["modes"], "the model's train/eval mode changed"
     assert after["state"].keys() == before["state"].keys()
     for k, v in before["state"].items():
@@ -86,10 +97,6 @@ def trained(q: xnnq.QuantTrainModule, n: int = 2) -> xnnq.QuantTrainModule:
     return q
 
 
-def ranges(q) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {n: (p.observer.min_val.clone(), p.observer.max_val.clone()) for n, p in q.quantizers().items()}
-
-
 def test_wrapping_and_training_never_touch_the_float_model():
     """The wrapper works on a deep copy: QAT steps, freezing and eval leave the user's model as it was."""
     m = net()
@@ -97,7 +104,7 @@ def test_wrapping_and_training_never_touch_the_float_model():
     before = snapshot(m)
     q = xnnq.QuantTrainModule(m, DUMMY)
     opt = torch.optim.SGD(q.parameters(), lr=0.1)
-    for i in range(2):
+    for _ in range(2):
         opt.zero_grad()
         q(torch.randn(4, 3, 8, 8)).sum().backward()
         opt.step()
@@ -110,8 +117,11 @@ def test_wrapping_and_training_never_touch_the_float_model():
 
 
 # ------------------------------------------------------------------------------------- dummy_input
-@pytest.mark.parametrize("dummy", [None, [1, 2, 3], 3.0, torch.randint(0, 255, (1, 3, 8, 8)), (), "x"],
-                         ids=["None", "list", "float", "int-tensor", "empty", "str"])
+@pytest.mark.parametrize(
+    "dummy",
+    [None, [1, 2, 3], 3.0, torch.randint(0, 255, (1, 3, 8, 8)), (), "x"],
+    ids=["None", "list", "float", "int-tensor", "empty", "str"],
+)
 def test_dummy_input_of_the_wrong_type(dummy):
     m = net()
     before = snapshot(m)
@@ -121,13 +131,15 @@ def test_dummy_input_of_the_wrong_type(dummy):
 
 
 def test_numpy_dummy_input_names_the_fix():
-    np = pytest.importorskip("numpy")
     with pytest.raises(TypeError, match=r"dummy_input must be a tensor.*got ndarray.*torch.randn"):
         xnnq.QuantTrainModule(net(), np.zeros((1, 3, 8, 8), np.float32))
 
 
-@pytest.mark.parametrize("dummy", [torch.randn(1, 1, 8, 8), torch.randn(3, 8, 8), torch.randn(1, 3, 8)],
-                         ids=["channels", "no-batch", "rank"])
+@pytest.mark.parametrize(
+    "dummy",
+    [torch.randn(1, 1, 8, 8), torch.randn(3, 8, 8), torch.randn(1, 3, 8)],
+    ids=["channels", "no-batch", "rank"],
+)
 def test_dummy_input_of_the_wrong_shape(dummy):
     m = net()
     m.train()
@@ -180,12 +192,15 @@ def test_model_wrapped_twice(outer):
 
 
 # --------------------------------------------------------------------------------------- bitwidth
-@pytest.mark.parametrize("kwargs, where", [
-    ({"bitwidth_weights": 4}, "bitwidth_weights"),
-    ({"bitwidth_activations": 32}, "bitwidth_activations"),
-    ({"bitwidth_overrides": {"first": 12}}, "bitwidth_overrides['first']"),
-    ({"bitwidth_overrides": {"conv2": 7}}, "bitwidth_overrides['conv2']"),
-])
+@pytest.mark.parametrize(
+    "kwargs, where",
+    [
+        ({"bitwidth_weights": 4}, "bitwidth_weights"),
+        ({"bitwidth_activations": 32}, "bitwidth_activations"),
+        ({"bitwidth_overrides": {"first": 12}}, "bitwidth_overrides['first']"),
+        ({"bitwidth_overrides": {"conv2": 7}}, "bitwidth_overrides['conv2']"),
+    ],
+)
 def test_bitwidth_other_than_8_or_16(kwargs, where):
     m = net()
     before = snapshot(m)
@@ -210,24 +225,29 @@ def test_override_matching_no_layer_lists_the_layers():
 # ----------------------------------------------------------------------- NaN / Inf in range tracking
 def test_nan_in_the_input_names_the_quantizer_and_keeps_ranges():
     q = trained(xnnq.QuantTrainModule(net(), DUMMY))
-    before = ranges(q)
+    before = quantizer_ranges(q)
     x = torch.randn(4, 3, 8, 8)
     x[1, 2, 3, 4] = float("nan")
     with pytest.raises(FloatingPointError) as e:
         q(x)
     assert str(e.value).startswith("input_q: the activation holds NaN or Inf; the range was not updated.")
     assert "learning rate" in str(e.value)
-    assert all(torch.equal(before[k][0], v[0]) and torch.equal(before[k][1], v[1]) for k, v in ranges(q).items())
+    assert all(
+        torch.equal(before[k][0], v[0]) and torch.equal(before[k][1], v[1])
+        for k, v in quantizer_ranges(q).items()
+    )
 
 
 def test_inf_inside_the_network_names_the_layer_and_training_goes_on():
     q = trained(xnnq.QuantTrainModule(net(), DUMMY))
     xnnq.utils.freeze_bn(q)  # BN in training mode would renormalize the large input
-    before = ranges(q)
+    before = quantizer_ranges(q)
     with pytest.raises(FloatingPointError, match=r"^exp_q: the activation holds NaN or Inf"):
         q(torch.randn(4, 3, 8, 8) * 1e4)  # finite input; exp() overflows inside the network
-    after = ranges(q)
-    assert torch.equal(after["exp_q"][0], before["exp_q"][0]) and torch.equal(after["exp_q"][1], before["exp_q"][1])
+    after = quantizer_ranges(q)
+    assert torch.equal(after["exp_q"][0], before["exp_q"][0]) and torch.equal(
+        after["exp_q"][1], before["exp_q"][1]
+    )
     assert all(torch.isfinite(lo) and torch.isfinite(hi) for lo, hi in after.values())  # nothing poisoned
     trained(q, 1)  # the next good batch is tracked normally (the error is not sticky)
     assert int(q.quantizers()["exp_q"].observer.num_batches) == 3
@@ -275,7 +295,9 @@ def test_weights_file_that_is_not_a_state_dict(tmp_path):
     for i, obj in enumerate([[torch.zeros(2)], {"w": 3}, torch.zeros(3), {"state_dict": ["x"]}]):
         p = tmp_path / f"w{i}.pt"
         torch.save(obj, p)
-        with pytest.raises(ValueError, match=r"not a state dict of tensors.*torch.save\(model.state_dict\(\), path\)"):
+        with pytest.raises(
+            ValueError, match=r"not a state dict of tensors.*torch.save\(model.state_dict\(\), path\)"
+        ):
             load_state_dict_file(p)
 
 
@@ -312,8 +334,13 @@ def test_weights_file_with_pickled_code_is_refused_and_not_run(tmp_path):
 def _torch_load_calls(path: Path):
     tree = ast.parse(path.read_text(), str(path))
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "load"
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "torch"
+        ):
             yield node
 
 
@@ -331,27 +358,15 @@ def test_every_torch_load_uses_weights_only():
 
 
 # ------------------------------------------------------------------------------------------ export
-def _api(name: str, package: str):
-    """``xnnq.<name>``, else ``<package>.<name>``; skips, saying why, while it is not built yet."""
-    fn = getattr(xnnq, name, None)
-    if fn is None:
-        fn = getattr(pytest.importorskip(package, reason=f"{package} is not built yet"), name, None)
-    if fn is None:
-        pytest.skip(f"xnnq.{name} is not built yet")
-    return fn
-
-
-def _export_onnx():
-    return _api("export_onnx", "xnnq.export")
-
-
 @pytest.mark.parametrize("fmt", ["tidl", "qdq"])
 def test_export_before_any_range_was_observed(tmp_path, fmt):
-    export_onnx = _export_onnx()
     q = xnnq.QuantTrainModule(net(), DUMMY)
     before = snapshot(q)
-    with pytest.raises(RuntimeError, match=r"input_q: no activation range has been observed yet.*load a (trained )?state.?dict"):
-        export_onnx(q, DUMMY, tmp_path / "m.onnx", format=fmt)
+    with pytest.raises(
+        RuntimeError,
+        match=r"input_q: no activation range has been observed yet.*load a (trained )?state.?dict",
+    ):
+        xnnq.export_onnx(q, DUMMY, tmp_path / "m.onnx", format=fmt)
     assert not (tmp_path / "m.onnx").exists()
     assert_unmodified(q, before)
     assert all(not p.observed for p in q.quantizers().values())
@@ -367,19 +382,19 @@ class Softplusy(nn.Module):
 
 
 def test_unsupported_op_at_export_is_named(tmp_path):
-    export_onnx = _export_onnx()
     q = trained(xnnq.QuantTrainModule(Softplusy(), DUMMY))
-    before = ranges(q)
+    before = quantizer_ranges(q)
     with pytest.warns(UserWarning, match=r"ops TIDL does not accelerate.*\(Softplus\).*replace them"):
-        res = export_onnx(q, DUMMY, tmp_path / "m.onnx")
+        res = xnnq.export_onnx(q, DUMMY, tmp_path / "m.onnx")
     assert [op for _, op in res.unsupported] == ["Softplus"]
     assert res.unsupported[0][0]  # the node is named
-    assert all(torch.equal(before[k][1], v[1]) for k, v in ranges(q).items())  # export never touches ranges
+    assert all(
+        torch.equal(before[k][1], v[1]) for k, v in quantizer_ranges(q).items()
+    )  # export never touches ranges
     assert q.training  # and leaves the mode as it was
 
 
 def test_export_path_that_cannot_be_written(tmp_path):
-    export_onnx = _export_onnx()
     q = trained(xnnq.QuantTrainModule(net(), DUMMY))
     q.eval()
     before = snapshot(q)
@@ -388,23 +403,18 @@ def test_export_path_that_cannot_be_written(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(OSError) as e:
-            export_onnx(q, DUMMY, blocker / "sub" / "m.onnx")
+            xnnq.export_onnx(q, DUMMY, blocker / "sub" / "m.onnx")
     assert "a_file" in str(e.value)  # names the offending path
     assert_unmodified(q, before)
 
 
 # ------------------------------------------------------------------------------------- calibration
-def _calibrate_module():
-    return _api("QuantCalibrateModule", "xnnq.calibrate")
-
-
 def test_calibrating_with_zero_batches(tmp_path):
     """train() then eval() with no batch in between: the first use names the quantizer and says what to do
     (an error at eval() itself would be as good); nothing is exported and the float model is untouched."""
-    cls = _calibrate_module()
     m = net()
     before = snapshot(m)
-    q = cls(m, DUMMY)
+    q = xnnq.QuantCalibrateModule(m, DUMMY)
     q.train()
     with pytest.raises(RuntimeError) as e:
         q.eval()  # zero calibration batches
@@ -414,14 +424,13 @@ def test_calibrating_with_zero_batches(tmp_path):
     assert "calibration" in msg
     assert all(not p.observed for p in q.quantizers().values())
     with pytest.raises(RuntimeError, match="input_q: no activation range"):
-        _export_onnx()(q, DUMMY, tmp_path / "m.onnx")
+        xnnq.export_onnx(q, DUMMY, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
     assert_unmodified(m, before)
 
 
 def test_calibrating_with_nonfinite_data_names_the_quantizer():
-    cls = _calibrate_module()
-    q = cls(net(), DUMMY)
+    q = xnnq.QuantCalibrateModule(net(), DUMMY)
     q.train()
     x = torch.randn(2, 3, 8, 8)
     x[0, 0, 0, 0] = float("inf")

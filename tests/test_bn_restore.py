@@ -1,4 +1,5 @@
 """BN restore: identity BatchNorms with measured (train-mode) statistics after convs; function unchanged."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,6 +27,7 @@ def calibrator(batches: list[torch.Tensor], mode: str = "eval"):
         model.train(mode == "train")
         for x in batches:
             model(x)
+
     return run
 
 

@@ -1,4 +1,5 @@
 """Post-training calibration: histogram range methods vs brute force, bias correction, 16-bit overrides."""
+
 import math
 
 import numpy as np
@@ -8,8 +9,11 @@ from torch import nn
 
 import xnnq
 from xnnq.calibrate import Histogram, HistogramObserver, QuantCalibrateModule
+from xnnq.calibrate.histogram import bin_counts
 from xnnq.calibrate.methods import grid_step
 from xnnq.layers.fake_quant import grid_levels
+
+from conftest import observe
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -27,12 +31,20 @@ def half_normal_pre_relu(n=100_000):
     return torch.randn(n) * 1.7  # fed to a ReLU quantizer: the positive half is what it represents
 
 
-CASES = [("gauss+outliers", gaussian_outliers, None), ("uniform", uniform, True), ("relu", half_normal_pre_relu, False)]
+CASES = [
+    ("gauss+outliers", gaussian_outliers, None),
+    ("uniform", uniform, True),
+    ("relu", half_normal_pre_relu, False),
+]
 
 
 def calibrated(x: torch.Tensor, method: str, signed, power2=True, bits=8, **kw) -> xnnq.layers.PACT2:
-    q = xnnq.layers.PACT2(bits=bits, signed=signed, power2=power2,
-                          observer=HistogramObserver(method=method, sample_size=0, **kw)).train()
+    q = xnnq.layers.PACT2(
+        bits=bits,
+        signed=signed,
+        power2=power2,
+        observer=HistogramObserver(method=method, sample_size=0, **kw),
+    ).train()
     for chunk in x.chunk(4):  # several batches: the span grows as the outliers arrive
         q(chunk)
     q.settle_range()
@@ -42,7 +54,7 @@ def calibrated(x: torch.Tensor, method: str, signed, power2=True, bits=8, **kw) 
 # --------------------------------------------------------------------------- brute-force objectives
 def pow2_grid(x: torch.Tensor, below: int = 12) -> list[float]:
     top = math.ceil(math.log2(float(x.abs().max())))
-    return [2.0 ** k for k in range(top, top - below, -1)]
+    return [2.0**k for k in range(top, top - below, -1)]
 
 
 def represented(x: torch.Tensor, signed) -> np.ndarray:
@@ -125,7 +137,10 @@ def test_free_scale_mse_and_percentile_near_brute_force(name, make, signed):
     assert brute_mse(q, x, chosen) <= best * 1.02
     q = calibrated(x, "percentile", signed, power2=False, percentile=99.9)
     a = np.abs(represented(x, signed))  # the tail is sparse: within the neighbouring order statistics
-    lo, hi = np.percentile(a, 99.9 - 0.02) - q.observer.histogram.width, np.percentile(a, 99.9 + 0.02) + q.observer.histogram.width
+    lo, hi = (
+        np.percentile(a, 99.9 - 0.02) - q.observer.histogram.width,
+        np.percentile(a, 99.9 + 0.02) + q.observer.histogram.width,
+    )
     assert lo <= q.observer.max_val.item() <= hi
 
 
@@ -133,11 +148,39 @@ def test_histogram_growth_keeps_counts_and_merges():
     h = Histogram(bins=2048, max_bins=4096, sample_size=0)
     h(torch.full((10,), 0.3))
     assert h.span == 0.5 and h.counts.numel() == 2048
-    h(torch.tensor([3.1]))          # span 0.5 -> 4: 2048 -> 4096 bins, then pairs merged twice
+    h(torch.tensor([3.1]))  # span 0.5 -> 4: 2048 -> 4096 bins, then pairs merged twice
     assert h.span == 4.0 and h.counts.numel() == 4096 and h.width == 8.0 / 4096
     assert float(h.counts.sum()) == 11
     c = h.centers()
     assert float(h.counts[(c - 0.3).abs().argmin()]) == 10 and float(h.counts[(c - 3.1).abs().argmin()]) == 1
+
+
+@pytest.mark.parametrize("r,bins", [(8.0, 2048), (1.0, 65536), (2.0**-10, 4096), (64.0, 8192)])
+def test_bin_counts_are_histc_counts(r, bins):
+    """Including values one ulp around every bin edge (where histc's float32 ``x + r`` rounds) and both ends."""
+    x = (torch.randn(100_000) * r / 3).clamp(-r, r)
+    edges = (torch.arange(bins + 1, dtype=torch.float32) - bins // 2) * (2 * r / bins)
+    near = torch.cat(
+        [
+            edges,
+            torch.nextafter(edges, torch.tensor(math.inf)),
+            torch.nextafter(edges, torch.tensor(-math.inf)),
+        ]
+    )
+    x = torch.cat([x, near.clamp(-r, r)])
+    assert torch.equal(bin_counts(x, r, bins).float(), torch.histc(x, bins=bins, min=-r, max=r))
+
+
+def test_histogram_of_a_capped_tensor_counts_min_x_cap():
+    """The cap is applied to the extremes and the sample: the histogram equals that of ``x.clamp(max=cap)``."""
+    x = torch.randn(3, 8, 32, 32) * 5
+    capped, plain = Histogram(sample_size=1 << 12), Histogram(sample_size=1 << 12)
+    for chunk in x.chunk(3):
+        capped(chunk, cap=6.0)
+        plain(chunk.clamp(max=6.0))
+    assert capped.exponent == plain.exponent
+    assert torch.equal(capped.counts, plain.counts)
+    assert torch.equal(capped.min_val, plain.min_val) and torch.equal(capped.max_val, plain.max_val)
 
 
 def test_nonfinite_calibration_data_is_named():
@@ -174,21 +217,21 @@ def toy() -> Toy:
     return m.eval()
 
 
-def calibrate(q, batches):
-    q.train()
-    with torch.no_grad():
-        for x in batches:
-            q(x)
-    return q.eval()
-
-
 def test_overrides_reach_exactly_the_named_layers():
     q = QuantCalibrateModule(toy(), torch.randn(1, 3, 8, 8), bitwidth_overrides={"body1": 16, "last": 16})
-    weights = {n: m.weight_bits for n, m in q.module.named_modules() if isinstance(m, xnnq.layers.QuantConv2d | xnnq.layers.QuantLinear)}
+    weights = {
+        n: m.weight_bits
+        for n, m in q.module.named_modules()
+        if isinstance(m, xnnq.layers.QuantConv2d | xnnq.layers.QuantLinear)
+    }
     assert weights == {"stem": 8, "body1": 16, "body2": 8, "head": 16}
     acts = {n: m.bits for n, m in q.quantizers().items()}
     layer_of = {a.name: a.layer for a in q.plan.acts}
-    assert {n for n, b in acts.items() if b == 16} == {n for n in acts if layer_of[n] in ("body1", "head")} != set()
+    assert (
+        {n for n, b in acts.items() if b == 16}
+        == {n for n in acts if layer_of[n] in ("body1", "head")}
+        != set()
+    )
     assert all(isinstance(m.observer, HistogramObserver) for m in q.quantizers().values())
     assert q.plan.sixteen_bit_layers() == ["body1", "head"]
     with pytest.raises(ValueError, match="nope"):
@@ -204,11 +247,11 @@ def test_bias_correction_removes_each_channels_own_mean_error():
     torch.manual_seed(1)
     m = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.BatchNorm2d(16)).eval()
     with torch.no_grad():
-        m[0].weight[8:] *= 0.03            # small channels: coarse on the per-tensor power-of-2 grid
+        m[0].weight[8:] *= 0.03  # small channels: coarse on the per-tensor power-of-2 grid
         m[1].running_var.uniform_(0.5, 2)
     data = [torch.randn(32, 4, 12, 12) + 0.8 for _ in range(4)]
-    plain = calibrate(QuantCalibrateModule(m, data[0][:1], bias_correction=False), data)
-    fixed = calibrate(QuantCalibrateModule(m, data[0][:1], bias_correction=True), data)
+    plain = observe(QuantCalibrateModule(m, data[0][:1], bias_correction=False), data)
+    fixed = observe(QuantCalibrateModule(m, data[0][:1], bias_correction=True), data)
     x = torch.cat(data)
     before, after = channel_mean_error(plain, m, x), channel_mean_error(fixed, m, x)
     assert (after < before).all(), (before, after)
@@ -218,15 +261,21 @@ def test_bias_correction_removes_each_channels_own_mean_error():
     with torch.no_grad():
         w, _ = layer.folded_weight_bias(bn)
         wq = layer.quantize_weight(w)[0]
-        measured = (nn.functional.conv2d(x, wq, padding=1) - nn.functional.conv2d(x, w, padding=1)).mean((0, 2, 3))
+        measured = (nn.functional.conv2d(x, wq, padding=1) - nn.functional.conv2d(x, w, padding=1)).mean(
+            (0, 2, 3)
+        )
     assert torch.allclose(layer.bias_correction, measured, atol=1e-5)
 
 
 def test_calibrated_state_dict_round_trips_into_test_module():
     m, dummy = toy(), torch.randn(1, 3, 8, 8)
     data = [torch.randn(16, 3, 8, 8) for _ in range(3)]
-    q = calibrate(QuantCalibrateModule(m, dummy, method="entropy", weight_clipping="mse"), data)
-    assert any(float(layer.bias_correction.abs().max()) > 0 for layer in q.module.modules() if hasattr(layer, "bias_correction"))
+    q = observe(QuantCalibrateModule(m, dummy, method="entropy", weight_clipping="mse"), data)
+    assert any(
+        float(layer.bias_correction.abs().max()) > 0
+        for layer in q.module.modules()
+        if hasattr(layer, "bias_correction")
+    )
     t = xnnq.QuantTestModule(m, dummy)
     t.load_state_dict(q.state_dict())
     x = torch.randn(4, 3, 8, 8)
@@ -235,14 +284,14 @@ def test_calibrated_state_dict_round_trips_into_test_module():
 
 def test_no_call_counting_and_explicit_errors():
     m, dummy = toy(), torch.randn(1, 3, 8, 8)
-    q = QuantCalibrateModule(m, dummy).eval()              # never calibrated
+    q = QuantCalibrateModule(m, dummy).eval()  # never calibrated
     with pytest.raises(RuntimeError, match="no activation range"):
         q(dummy)
-    one = calibrate(QuantCalibrateModule(m, dummy, method="max"), [torch.randn(8, 3, 8, 8)])
+    one = observe(QuantCalibrateModule(m, dummy, method="max"), [torch.randn(8, 3, 8, 8)])
     assert not one.calibrating and one(dummy).shape == (1, 5)
-    big = torch.randn(8, 3, 8, 8) * 10                      # more data later: the same histograms continue
+    big = torch.randn(8, 3, 8, 8) * 10  # more data later: the same histograms continue
     r0 = one.quantizers()["input_q"].observer.max_val.item()
-    calibrate(one, [big])
+    observe(one, [big])
     assert one.quantizers()["input_q"].observer.max_val.item() > r0
     with pytest.raises(ValueError, match="method"):
         QuantCalibrateModule(m, dummy, method="kl")

@@ -5,10 +5,12 @@ A checkpoint is ``{"model": qmodel.state_dict(), "optimizer": opt.state_dict()}`
 range (tracker buffers), the quantizers' flags (frozen, observed, quant_enabled, data_signed) and the
 wrapper's BN freeze as extra state, so a resumed run continues bit for bit.
 """
+
 from __future__ import annotations
 
 import copy
 
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,15 +83,26 @@ def mid_qat(tmp_path_factory) -> dict:
         if i == 2:
             freeze_bn(q)
         if i == 3:
-            q.quantizers()["conv2_q" if "conv2_q" in q.quantizers() else next(iter(q.quantizers()))].frozen = True
+            q.quantizers()[
+                "conv2_q" if "conv2_q" in q.quantizers() else next(iter(q.quantizers()))
+            ].frozen = True
         step(q, opt, i)
     path = tmp_path_factory.mktemp("ckpt") / "qat.pt"
     torch.save({"model": q.state_dict(), "optimizer": opt.state_dict(), "step": 4}, path)
-    at_ckpt = {"flags": flags(q), "state": {k: v.clone() for k, v in tensors(q.state_dict()).items()},
-               "eval_out": copy.deepcopy(q).eval()(PROBE).detach()}
+    at_ckpt = {
+        "flags": flags(q),
+        "state": {k: v.clone() for k, v in tensors(q.state_dict()).items()},
+        "eval_out": copy.deepcopy(q).eval()(PROBE).detach(),
+    }
     outs = [step(q, opt, i) for i in (4, 5)]
     q.eval()
-    return {"path": path, "ckpt": at_ckpt, "outs": outs, "final": tensors(q.state_dict()), "final_eval": q(PROBE)}
+    return {
+        "path": path,
+        "ckpt": at_ckpt,
+        "outs": outs,
+        "final": tensors(q.state_dict()),
+        "final_eval": q(PROBE),
+    }
 
 
 def resume(path) -> tuple[xnnq.QuantTrainModule, torch.optim.Optimizer]:
@@ -148,20 +161,21 @@ def test_quant_enabled_flag_survives_the_checkpoint(tmp_path):
     t = xnnq.QuantTestModule(net(3), DUMMY)
     t.load_state_dict(torch.load(tmp_path / "f.pt", weights_only=True))
     assert all(not p.quant_enabled and p.frozen for p in t.quantizers().values())
-    assert all(not m.quant_enabled for m in t.modules() if isinstance(m, (xnnq.layers.QuantConv2d, xnnq.layers.QuantLinear)))
+    assert all(
+        not m.quant_enabled
+        for m in t.modules()
+        if isinstance(m, (xnnq.layers.QuantConv2d, xnnq.layers.QuantLinear))
+    )
 
 
 @pytest.mark.parametrize("fmt", ["tidl", "qdq"])
 def test_qat_state_dict_into_quant_test_module_exports_without_calibration(mid_qat, tmp_path, fmt):
-    export_onnx = getattr(xnnq, "export_onnx", None) or getattr(
-        pytest.importorskip("xnnq.export", reason="xnnq.export is not built yet"), "export_onnx", None)
-    if export_onnx is None:
-        pytest.skip("xnnq.export_onnx is not built yet")
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is needed to run the exported model")
     t = xnnq.QuantTestModule(net(2), DUMMY)
     t.load_state_dict(torch.load(mid_qat["path"], weights_only=True)["model"])
     before = tensors(t.state_dict())
-    res = export_onnx(t, DUMMY, tmp_path / f"m_{fmt}.onnx", format=fmt)  # no forward pass was ever run on t
+    res = xnnq.export_onnx(
+        t, DUMMY, tmp_path / f"m_{fmt}.onnx", format=fmt
+    )  # no forward pass was ever run on t
     for k, v in tensors(t.state_dict()).items():
         assert torch.equal(v, before[k]), k
     x = batch(8)[0][:1]

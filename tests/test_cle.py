@@ -1,5 +1,6 @@
 """Cross-layer equalization + high-bias absorption: pairs, grouped-channel mapping, function preserved,
 and the QARepVGG failure (an identity-BN channel of near-zero variance) recovered by BN restore + CLE."""
+
 from __future__ import annotations
 
 import copy
@@ -16,9 +17,7 @@ from xnnq.utils.bn_restore import fold_restored_bn, model_restore_bn
 from xnnq.utils.cle import cross_layer_equalize, equalize_pair
 from xnnq.utils.graph_pairs import LayerPair, find_layer_pairs
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
+from conftest import rel_err
 
 
 class FunctionalRelu(nn.Module):
@@ -43,12 +42,29 @@ class Branching(nn.Module):
 
 
 def test_find_pairs():
-    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6),
-                        nn.PReLU(6), nn.Conv2d(6, 6, 3, groups=6), nn.Identity(), nn.Conv2d(6, 5, 1),
-                        nn.ReLU6(), nn.Conv2d(5, 5, 1), nn.Flatten(), nn.Linear(5 * 4, 7), nn.ReLU(), nn.Linear(7, 2))
+    seq = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 1),
+        nn.BatchNorm2d(6),
+        nn.PReLU(6),
+        nn.Conv2d(6, 6, 3, groups=6),
+        nn.Identity(),
+        nn.Conv2d(6, 5, 1),
+        nn.ReLU6(),
+        nn.Conv2d(5, 5, 1),
+        nn.Flatten(),
+        nn.Linear(5 * 4, 7),
+        nn.ReLU(),
+        nn.Linear(7, 2),
+    )
     assert find_layer_pairs(seq) == [
-        LayerPair("0", "1", "relu", "3", "4"), LayerPair("3", "4", "prelu", "6", None),
-        LayerPair("6", None, "identity", "8", None), LayerPair("12", None, "relu", "14", None)]  # not across ReLU6
+        LayerPair("0", "1", "relu", "3", "4"),
+        LayerPair("3", "4", "prelu", "6", None),
+        LayerPair("6", None, "identity", "8", None),
+        LayerPair("12", None, "relu", "14", None),
+    ]  # not across ReLU6
     assert find_layer_pairs(FunctionalRelu()) == [LayerPair("a", None, "relu", "b", None)]
     assert find_layer_pairs(Branching()) == []  # the activation has two users
     shared = nn.Conv2d(4, 4, 1)
@@ -69,11 +85,16 @@ def reference_equalize(w1: torch.Tensor, w2: torch.Tensor, groups: int) -> tuple
     return w1, w2
 
 
-@pytest.mark.parametrize("groups,cout2", [(1, 5), (8, 8), (8, 16), (2, 6), (4, 4)],
-                         ids=["dense", "depthwise", "depthwise-x2", "groups2", "groups4"])
+@pytest.mark.parametrize(
+    "groups,cout2",
+    [(1, 5), (8, 8), (8, 16), (2, 6), (4, 4)],
+    ids=["dense", "depthwise", "depthwise-x2", "groups2", "groups4"],
+)
 def test_grouped_channel_mapping(groups, cout2):
     torch.manual_seed(groups)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, cout2, 3, padding=1, groups=groups))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, cout2, 3, padding=1, groups=groups)
+    )
     with torch.no_grad():
         model[0].weight.mul_(torch.logspace(-2, 2, 8).view(8, 1, 1, 1))  # very unequal channel ranges
     x = torch.randn(4, 3, 10, 10)
@@ -85,16 +106,36 @@ def test_grouped_channel_mapping(groups, cout2):
     assert rel_err(model(x).detach(), ref) <= 1e-5
     # equalized: r1_i == r2_i for every channel
     r1 = model[0].weight.detach().flatten(1).abs().amax(1)
-    r2 = model[2].weight.detach().abs().amax((2, 3)).view(groups, cout2 // groups, 8 // groups).amax(1).flatten()
+    r2 = (
+        model[2]
+        .weight.detach()
+        .abs()
+        .amax((2, 3))
+        .view(groups, cout2 // groups, 8 // groups)
+        .amax(1)
+        .flatten()
+    )
     assert torch.allclose(r1, r2, rtol=1e-5)
 
 
-@pytest.mark.parametrize("act", [nn.ReLU(), nn.PReLU(6, 0.1), nn.Identity()], ids=["relu", "prelu", "identity"])
+@pytest.mark.parametrize(
+    "act", [nn.ReLU(), nn.PReLU(6, 0.1), nn.Identity()], ids=["relu", "prelu", "identity"]
+)
 def test_function_preserved_with_bn_and_linear(act):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), act, nn.Conv2d(6, 6, 3, padding=1),
-                          nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1), nn.Flatten(), nn.Linear(4 * 36, 8),
-                          nn.ReLU(), nn.Linear(8, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        act,
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 1),
+        nn.Flatten(),
+        nn.Linear(4 * 36, 8),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    )
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
@@ -129,8 +170,12 @@ def test_threshold_and_clamp_on_dead_channels():
 def hba_model(padding: int) -> nn.Sequential:
     """conv1 → BN (pre-activations confined to [β-|γ|, β+|γ|], so ReLU(x-c)+c = ReLU(x)) → ReLU → conv2."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.Conv2d(4, 4, 2 * padding + 1, padding=padding))
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 2 * padding + 1, padding=padding),
+    )
     with torch.no_grad():
         model[0].weight.copy_(torch.eye(4).view(4, 4, 1, 1))
         model[1].weight.copy_(torch.tensor([0.5, 1.0, 0.2, -0.3]))
@@ -158,7 +203,9 @@ def test_hba_skips_padded_conv_unless_asked():
     default, padded = hba_model(padding=1), hba_model(padding=1)
     cross_layer_equalize(default, x, iterations=1, hba=True)
     cross_layer_equalize(padded, x, iterations=1, hba=True, hba_padded=True)
-    assert float((default[1].bias - 3 * default[1].weight.abs()).max()) > 0.1  # left alone: not exact at borders
+    assert (
+        float((default[1].bias - 3 * default[1].weight.abs()).max()) > 0.1
+    )  # left alone: not exact at borders
     assert float((padded[1].bias - 3 * padded[1].weight.abs()).max()) <= 1e-6
     inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))
     assert rel_err(padded(x).detach()[inner], default(x).detach()[inner]) <= 1e-5  # exact away from borders
@@ -171,15 +218,17 @@ def test_errors():
     class Untraceable(nn.Module):
         def forward(self, x):
             return x if x.sum() > 0 else -x
+
     with pytest.raises(TypeError, match="torch.fx-traceable"):
         cross_layer_equalize(Untraceable(), torch.randn(1, 1, 2, 2))
 
 
 # --- the QARepVGG failure: an identity-BN channel of near-zero variance -----------------------------------
 
+
 def pow2_quant(t: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
     """Per-tensor power-of-2 symmetric (or unsigned) fake quantization, as TIDL does."""
-    qmax = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+    qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
     scale = 2.0 ** torch.ceil(torch.log2(t.abs().max().clamp_min(1e-12) / qmax))
     return (t / scale).round().clamp(-qmax - 1 if signed else 0, qmax) * scale
 

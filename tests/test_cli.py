@@ -1,4 +1,5 @@
-"""The ``xnnq`` command line end to end, as subprocesses, on tiny generated data."""
+"""The ``xnnq`` command line end to end, as subprocesses (marked ``slow``), on tiny generated data."""
+
 import json
 import shutil
 import subprocess
@@ -39,10 +40,23 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    p = xnnq(*FAST, "demo", "--out", str(out), "--train-images", "256", "--test-images", "64", "--epochs", "1",
-             "--qat-epochs", "0.5")
+    p = xnnq(
+        *FAST,
+        "demo",
+        "--out",
+        str(out),
+        "--train-images",
+        "256",
+        "--test-images",
+        "64",
+        "--epochs",
+        "1",
+        "--qat-epochs",
+        "0.5",
+    )
     assert "float accuracy" in p.stdout and "ONNX tidl" in p.stdout and "ONNX qdq" in p.stdout
     s = json.loads((out / "summary.json").read_text())
     assert set(s["onnx"]) == {"tidl", "qdq"}
@@ -52,42 +66,117 @@ def test_demo_end_to_end(tmp_path):
     assert (out / "analysis" / "sqnr.png").is_file()
 
 
+@pytest.mark.slow
 def test_quantize_eval_analyze(tiny_data, tmp_path):
     model = ["--model", "xnnq.demo:tiny_cnn", "--data", str(tiny_data), "--batch-size", "16"]
     out = tmp_path / "ptq"
-    p = xnnq(*FAST, "quantize", *model, "--mode", "ptq", "--calib-images", "32", "--analysis-images", "16",
-             "--out", str(out))
+    p = xnnq(
+        *FAST,
+        "quantize",
+        *model,
+        "--mode",
+        "ptq",
+        "--calib-images",
+        "32",
+        "--analysis-images",
+        "16",
+        "--out",
+        str(out),
+    )
     assert "PTQ" in p.stdout
-    for f in ("model_tidl.onnx", "model_qdq.onnx", "model_tidl.tidl.json", "model_qdq.tidl.json", "quant_state.pt",
-              "quant_config.json", "analysis/report.md", "analysis/report.json", "analysis/sqnr.png", "summary.json"):
+    for f in (
+        "model_tidl.onnx",
+        "model_qdq.onnx",
+        "model_tidl.tidl.json",
+        "model_qdq.tidl.json",
+        "quant_state.pt",
+        "quant_config.json",
+        "analysis/report.md",
+        "analysis/report.json",
+        "analysis/sqnr.png",
+        "summary.json",
+    ):
         assert (out / f).is_file(), f
     s = json.loads((out / "summary.json").read_text())
     assert s["test_images"] == 24 and s["onnx"]["tidl"]["top1_agreement_pct"] >= 90.0
-    # QAT, a few steps, in this process (every subprocess pays the torch import, ~3-10 s on a busy machine)
+    # QAT, a few steps, in this process (a subprocess would pay the torch import again)
     torch_out = tmp_path / "qat"
-    assert main(["--no-progress", "quantize", *model, "--mode", "qat", "--epochs", "0.5", "--lr", "1e-3",
-                 "--analysis-images", "0", "--sixteen-bit", "first", "--out", str(torch_out)]) == 0
+    assert (
+        main(
+            [
+                "--no-progress",
+                "quantize",
+                *model,
+                "--mode",
+                "qat",
+                "--epochs",
+                "0.5",
+                "--lr",
+                "1e-3",
+                "--analysis-images",
+                "0",
+                "--sixteen-bit",
+                "first",
+                "--out",
+                str(torch_out),
+            ]
+        )
+        == 0
+    )
     cfg = json.loads((torch_out / "quant_config.json").read_text())
     assert cfg["mode"] == "qat" and cfg["kwargs"]["bitwidth_overrides"] == {"first": 16}
     # eval: float, the reloaded quantized model and an ONNX file agree with what quantize measured
-    p = xnnq(*FAST, "eval", *model, "--quant-dir", str(out), "--onnx", str(out / "model_qdq.onnx"),
-             "--json", str(tmp_path / "eval.json"))
+    p = xnnq(
+        *FAST,
+        "eval",
+        *model,
+        "--quant-dir",
+        str(out),
+        "--onnx",
+        str(out / "model_qdq.onnx"),
+        "--json",
+        str(tmp_path / "eval.json"),
+    )
     e = json.loads((tmp_path / "eval.json").read_text())
     assert e["quant_accuracy"] == pytest.approx(s["quant_accuracy"])
     assert e["float_accuracy"] == pytest.approx(s["float_accuracy"])
     assert e["onnx_accuracy"][str(out / "model_qdq.onnx")] == pytest.approx(s["onnx"]["qdq"]["accuracy"])
     # analyze the saved model
-    p = xnnq(*FAST, "analyze", *model, "--quant-dir", str(out), "--analysis-images", "16", "--sensitivity-batches",
-             "1", "--target-drop", "0.5", "--out", str(tmp_path / "an"))
+    p = xnnq(
+        *FAST,
+        "analyze",
+        *model,
+        "--quant-dir",
+        str(out),
+        "--analysis-images",
+        "16",
+        "--sensitivity-batches",
+        "1",
+        "--target-drop",
+        "0.5",
+        "--out",
+        str(tmp_path / "an"),
+    )
     assert "most sensitive" in p.stdout
     rep = json.loads((tmp_path / "an" / "report.json").read_text())
     assert {r["name"] for r in rep["layers"]} >= {"conv1", "conv2", "conv3", "fc"}
     assert len(list((tmp_path / "an").glob("*.png"))) == 3
 
 
+@pytest.mark.slow
 def test_bad_arguments(tiny_data, tmp_path, capsys):
-    p = xnnq("quantize", "--model", "no_such_net", "--data", str(tiny_data), "--mode", "ptq", "--out",
-             str(tmp_path), check=False)
+    p = xnnq(
+        "quantize",
+        "--model",
+        "no_such_net",
+        "--data",
+        str(tiny_data),
+        "--mode",
+        "ptq",
+        "--out",
+        str(tmp_path),
+        check=False,
+    )
     assert p.returncode == 2 and "no_such_net" in p.stderr and "torchvision" in p.stderr
     # the rest in this process: same parser, same error handling
     with pytest.raises(SystemExit) as e:
@@ -98,11 +187,37 @@ def test_bad_arguments(tiny_data, tmp_path, capsys):
     assert e.value.code == 2 and "COMMAND" in capsys.readouterr().err
     assert main(["eval", "--model", "resnet20", "--data", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
-    assert main(["eval", "--model", "xnnq.demo:tiny_cnn", "--data", str(tiny_data), "--weights",
-                 str(tmp_path / "none.pt")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "xnnq.demo:tiny_cnn",
+                "--data",
+                str(tiny_data),
+                "--weights",
+                str(tmp_path / "none.pt"),
+            ]
+        )
+        == 2
+    )
     assert "--weights" in capsys.readouterr().err
-    assert main(["analyze", "--model", "xnnq.demo:tiny_cnn", "--data", str(tiny_data), "--quant-dir",
-                 str(tmp_path), "--out", str(tmp_path / "a")]) == 2
+    assert (
+        main(
+            [
+                "analyze",
+                "--model",
+                "xnnq.demo:tiny_cnn",
+                "--data",
+                str(tiny_data),
+                "--quant-dir",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 2
+    )
     assert "quant_config.json" in capsys.readouterr().err
     assert main(["eval", "--model", "xnnq.nope:x", "--data", str(tiny_data)]) == 2
     assert "cannot import module 'xnnq.nope'" in capsys.readouterr().err
@@ -116,5 +231,24 @@ def test_help_is_complete(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])
     q = capsys.readouterr().out
-    for opt in ("--model", "--weights", "--data", "--mode", "--epochs", "--out", "--sixteen-bit", "--per-channel"):
+    for opt in (
+        "--model",
+        "--weights",
+        "--data",
+        "--mode",
+        "--epochs",
+        "--out",
+        "--sixteen-bit",
+        "--per-channel",
+    ):
         assert opt in q
+
+
+@pytest.mark.slow
+def test_python_m_runs_the_same_command_line():
+    """``python -m xnnq.cli`` (the package's ``__main__``) is the console script's ``main``."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "xnnq.cli", "--help"], capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert all(c in proc.stdout for c in ("demo", "quantize", "eval", "analyze"))

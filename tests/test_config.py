@@ -1,4 +1,5 @@
 """QuantConfig: the wrappers' settings as one value; keyword arguments build it."""
+
 import dataclasses
 
 import pytest
@@ -13,8 +14,13 @@ DUMMY = torch.randn(1, 3, 32, 32)
 
 
 def test_keywords_and_config_build_the_same_plan():
-    kw = {"bitwidth_weights": 16, "per_channel_q": "all", "bitwidth_overrides": {"first": 8},
-          "constrain_weights": False, "clip_ranges": {"input_q": 4.0}}
+    kw = {
+        "bitwidth_weights": 16,
+        "per_channel_q": "all",
+        "bitwidth_overrides": {"first": 8},
+        "constrain_weights": False,
+        "clip_ranges": {"input_q": 4.0},
+    }
     by_kw = xnnq.QuantTrainModule(resnet20(), DUMMY, **kw)
     by_cfg = xnnq.QuantTrainModule(resnet20(), DUMMY, config=QuantConfig(**kw))
     assert by_kw.config == by_cfg.config == QuantConfig(**kw)
@@ -28,7 +34,9 @@ def test_keywords_and_config_build_the_same_plan():
 def test_keywords_replace_fields_of_a_given_config():
     base = QuantConfig(bitwidth_activations=16, per_channel_q="depthwise")
     q = QuantCalibrateModule(resnet20(), DUMMY, config=base, per_channel_q="all", method="max")
-    assert q.config == dataclasses.replace(base, per_channel_q="all", activation_observer=HistogramRanges("max"))
+    assert q.config == dataclasses.replace(
+        base, per_channel_q="all", activation_observer=HistogramRanges("max")
+    )
     assert all(p.bits == 16 for p in q.quantizers().values())
     assert all(w.per_channel for w in q.plan.weights)
 
@@ -47,10 +55,15 @@ def test_unknown_setting_names_the_valid_ones():
         xnnq.QuantTrainModule(resnet20(), DUMMY, bitwidth_weight=16)
 
 
-@pytest.mark.parametrize("kw, msg", [({"bitwidth_weights": 4}, "bitwidth_weights: bitwidth 4"),
-                                     ({"per_channel_q": "some"}, "per_channel_q must be"),
-                                     ({"trim_fraction": 0.5}, "trim_fraction must be"),
-                                     ({"ema_alpha": 0.0}, "ema_alpha must be")])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"bitwidth_weights": 4}, "bitwidth_weights: bitwidth 4"),
+        ({"per_channel_q": "some"}, "per_channel_q must be"),
+        ({"trim_fraction": 0.5}, "trim_fraction must be"),
+        ({"ema_alpha": 0.0}, "ema_alpha must be"),
+    ],
+)
 def test_bad_settings_are_refused_before_tracing(kw, msg):
     with pytest.raises(ValueError, match=msg):
         QuantConfig(**kw)

@@ -13,6 +13,7 @@ trimmed extremes is close to, not equal to, the trimmed extreme of the concatena
 BatchNorm is frozen in that comparison: in training mode each rank normalizes with its own batch
 statistics (``SyncBatchNorm`` needs a GPU), which a single process on the whole batch cannot reproduce.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -29,23 +30,28 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import xnnq
+from xnnq.calibrate import QuantCalibrateModule
 from xnnq.utils import freeze_bn
+
+from conftest import observe, quantizer_ranges, tiny_convnet
 
 WORLD = 2
 STEPS = 4
 PER_RANK = 4
 NAN_STEP = 2
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with the gloo backend is not available in this build")
+pytestmark = [
+    pytest.mark.slow,  # spawns worker processes
+    pytest.mark.skipif(
+        not dist.is_available() or not dist.is_gloo_available(),
+        reason="torch.distributed with the gloo backend is not available in this build",
+    ),
+]
 
 
 def tiny_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return tiny_convnet(num_classes=4)
 
 
 def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -81,11 +87,14 @@ def input_quantizer(q: xnnq.QuantTrainModule) -> str:
 
 
 def ranges(q: xnnq.QuantTrainModule) -> dict[str, torch.Tensor]:
-    return {n: torch.stack([p.observer.min_val, p.observer.max_val]).clone() for n, p in q.quantizers().items()}
+    return {n: torch.stack(lo_hi) for n, lo_hi in quantizer_ranges(q).items()}
 
 
 def shard(batches, rank: int):
-    return [(x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]) for x, y in batches]
+    return [
+        (x[rank * PER_RANK : (rank + 1) * PER_RANK], y[rank * PER_RANK : (rank + 1) * PER_RANK])
+        for x, y in batches
+    ]
 
 
 SCENARIOS = {  # name: (BN frozen, DDP forward_sync_buffers (formerly broadcast_buffers))
@@ -96,27 +105,26 @@ SCENARIOS = {  # name: (BN frozen, DDP forward_sync_buffers (formerly broadcast_
 }
 
 
-def calibrate(data) -> dict[str, dict[str, torch.Tensor]] | None:
-    """Post-training calibration of the tiny net on ``data``: its ranges and state (None without xnnq.calibrate)."""
-    try:
-        from xnnq.calibrate import QuantCalibrateModule
-    except ImportError:
-        return None
-    q = QuantCalibrateModule(tiny_net(), torch.randn(1, 3, 8, 8), method="mse")
-    q.train()
-    with torch.no_grad():
-        for x, _ in data:
-            q(x)
-    q.eval()
-    return {"ranges": ranges(q), "state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)}}
+def calibrate(data) -> dict[str, dict[str, torch.Tensor]]:
+    """Post-training calibration of the tiny net on ``data``: its ranges and state."""
+    q = observe(QuantCalibrateModule(tiny_net(), torch.randn(1, 3, 8, 8), method="mse"), (x for x, _ in data))
+    return {
+        "ranges": ranges(q),
+        "state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)},
+    }
 
 
 def _worker(rank: int, port: int, outdir: str) -> None:
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         data = shard(global_batches(), rank)
         probe = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
@@ -127,8 +135,11 @@ def _worker(rank: int, port: int, outdir: str) -> None:
             q.eval()
             with torch.no_grad():
                 out = q(probe)
-            result[name] = {"state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)},
-                            "ranges": ranges(q), "probe_out": out}
+            result[name] = {
+                "state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)},
+                "ranges": ranges(q),
+                "probe_out": out,
+            }
         # NaN on rank 1 only, at step NAN_STEP: every rank must stop with the same error, ranges untouched
         q = make_qat(True)
         ddp = DDP(q)
@@ -188,11 +199,15 @@ def test_ranks_hold_identical_ranges_and_weights(ranks, scenario):
             continue
         assert torch.equal(r0["state"][k], r1["state"][k]), f"{scenario}: {k} differs between ranks"
     for k in r0["ranges"]:
-        assert torch.equal(r0["ranges"][k], r1["ranges"][k]), f"{scenario}: range of {k} differs between ranks"
+        assert torch.equal(r0["ranges"][k], r1["ranges"][k]), (
+            f"{scenario}: range of {k} differs between ranks"
+        )
     if not bn_training:
         assert torch.equal(r0["probe_out"], r1["probe_out"])
     else:  # the documented exception is real: each rank's last batch statistics
-        assert any(not torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"] if k.endswith("running_mean"))
+        assert any(
+            not torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"] if k.endswith("running_mean")
+        )
     assert all(int(v) > 0 for k, v in r0["state"].items() if k.endswith("observer.num_batches"))
 
 
@@ -245,12 +260,14 @@ def test_calibration_ranges_are_identical_across_ranks(ranks):
     """Data-parallel calibration: every rank ends with the ranges (and bias corrections) one process gets
     from all the data."""
     r0, r1 = ranks[0]["calibration"], ranks[1]["calibration"]
-    if r0 is None:
-        pytest.skip("xnnq.calibrate is not available in this tree")
     ref = calibrate(global_batches())
     for k in ref["ranges"]:
         assert torch.equal(r0["ranges"][k], r1["ranges"][k]), f"calibrated range of {k} differs between ranks"
-        assert torch.equal(r0["ranges"][k], ref["ranges"][k]), f"calibrated range of {k} differs from one process"
+        assert torch.equal(r0["ranges"][k], ref["ranges"][k]), (
+            f"calibrated range of {k} differs from one process"
+        )
     for k, v in ref["state"].items():
         assert torch.equal(r0["state"][k], r1["state"][k]), f"calibrated {k} differs between ranks"
-        torch.testing.assert_close(r0["state"][k], v, rtol=1e-5, atol=1e-7, msg=f"calibrated {k} vs one process")
+        torch.testing.assert_close(
+            r0["state"][k], v, rtol=1e-5, atol=1e-7, msg=f"calibrated {k} vs one process"
+        )

@@ -3,6 +3,7 @@
 In one process, in a fresh process, and on the real model and data (ResNet-20 / CIFAR-10, when the shared
 data is present).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import xnnq
 from xnnq.utils import freeze_bn
+
+from conftest import quantizer_ranges, tiny_convnet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,13 +30,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def tiny_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(16, 3))
 
 
 def synthetic(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +44,7 @@ def qat_run(seed: int, steps: int = 12) -> dict:
     """Seeded QAT: model init, data, shuffling, dropout all drawn from ``seed``."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    q = xnnq.QuantTrainModule(tiny_net(), torch.randn(1, 3, 8, 8))
+    q = xnnq.QuantTrainModule(tiny_convnet(num_classes=3, dropout=0.2), torch.randn(1, 3, 8, 8))
     q.train()
     x, y = synthetic(256, g)
     xt, yt = synthetic(128, g)
@@ -68,8 +63,12 @@ def qat_run(seed: int, steps: int = 12) -> dict:
     q.eval()
     with torch.no_grad():
         acc = (q(xt).argmax(1) == yt).float().mean().item() * 100
-    ranges = {n: (p.observer.min_val.item(), p.observer.max_val.item()) for n, p in q.quantizers().items()}
-    return {"ranges": ranges, "acc": acc, "state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)}}
+    ranges = {n: (lo.item(), hi.item()) for n, (lo, hi) in quantizer_ranges(q).items()}
+    return {
+        "ranges": ranges,
+        "acc": acc,
+        "state": {k: v for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)},
+    }
 
 
 def digest(run: dict) -> str:
@@ -90,11 +89,14 @@ def test_same_seed_same_ranges_weights_and_accuracy():
     assert c["ranges"] != a["ranges"]
 
 
+@pytest.mark.slow
 def test_same_seed_in_a_fresh_process():
     """No hidden state (thread count aside, fixed to 1 in both): a new interpreter gives the same digest."""
     here = digest(qat_run(0))
-    code = ("import sys, torch; torch.set_num_threads(1); sys.path.insert(0, 'tests'); "
-            "import test_determinism as t; print(t.digest(t.qat_run(0)))")
+    code = (
+        "import sys, torch; torch.set_num_threads(1); sys.path.insert(0, 'tests'); "
+        "import test_determinism as t; print(t.digest(t.qat_run(0)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == here
@@ -102,9 +104,7 @@ def test_same_seed_in_a_fresh_process():
 
 @pytest.mark.data
 def test_resnet20_cifar10_calibration_is_deterministic():
-    from xnnq.data import batches, cifar10, cifar10_available, data_root, evaluate
-    if not cifar10_available():
-        pytest.skip(f"CIFAR-10 / weights not found under {data_root()} (set XNNQ_DATA)")
+    from xnnq.data import batches, cifar10, data_root, evaluate
     from xnnq.models.cifar_resnet import resnet20_cifar10
 
     x_tr, y_tr = cifar10("train", limit=256)
@@ -117,12 +117,15 @@ def test_resnet20_cifar10_calibration_is_deterministic():
         q.train()
         freeze_bn(q)
         with torch.no_grad():
-            for xb, _ in batches(x_tr, y_tr, 128, shuffle=True, train_augment=True,
-                                 generator=torch.Generator().manual_seed(0)):
+            for xb, _ in batches(
+                x_tr, y_tr, 128, shuffle=True, train_augment=True, generator=torch.Generator().manual_seed(0)
+            ):
                 q(xb)
         q.eval()
-        return ({n: (p.observer.min_val.item(), p.observer.max_val.item()) for n, p in q.quantizers().items()},
-                evaluate(q, x_te, y_te))
+        return (
+            {n: (lo.item(), hi.item()) for n, (lo, hi) in quantizer_ranges(q).items()},
+            evaluate(q, x_te, y_te),
+        )
 
     (r1, acc1), (r2, acc2) = run(), run()
     assert r1 == r2

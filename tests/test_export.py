@@ -4,8 +4,10 @@ Random-init models with ranges set by a few training-mode forward passes; small 
 asserts the graph structure (node-type counts: one Clip or one Q/DQ pair per quantized activation, no
 shape arithmetic) and the numbers (onnxruntime vs PyTorch).
 """
+
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 
@@ -13,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torchvision
 from onnx import TensorProto, numpy_helper
 from torch import nn
 
@@ -22,21 +25,27 @@ from xnnq.export.check import OnnxRunner, onnx_check
 from xnnq.export.emulate import requantization_error, tidl_emulation
 from xnnq.models.cifar_resnet import resnet20
 
-torchvision = pytest.importorskip("torchvision")
+from conftest import is_pow2, observe
 
-SHAPE_OPS = {"Shape", "Gather", "Concat", "ConstantOfShape", "Cast", "Constant", "Identity", "Dropout",
-             "BatchNormalization", "Unsqueeze", "Range"}
+SHAPE_OPS = {
+    "Shape",
+    "Gather",
+    "Concat",
+    "ConstantOfShape",
+    "Cast",
+    "Constant",
+    "Identity",
+    "Dropout",
+    "BatchNormalization",
+    "Unsqueeze",
+    "Range",
+}
 
 
 def observed(qmodel, shape, passes: int = 2, batch: int = 2):
     """Set ranges with a few training-mode passes (BN frozen so the folded weights are the eval ones)."""
     torch.manual_seed(0)
-    qmodel.train()
-    xnnq.utils.freeze_bn(qmodel)
-    with torch.no_grad():
-        for _ in range(passes):
-            qmodel(torch.randn(batch, *shape[1:]))
-    return qmodel.eval()
+    return observe(qmodel, (torch.randn(batch, *shape[1:]) for _ in range(passes)), bn_frozen=True)
 
 
 def quant_clips(qmodel):
@@ -56,9 +65,15 @@ def counts(model: onnx.ModelProto) -> dict[str, int]:
     return c
 
 
-def is_pow2(v: np.ndarray) -> bool:
-    m, _ = np.frexp(np.asarray(v, dtype=np.float64))
-    return bool(np.all(np.abs(m) == 0.5))
+@contextlib.contextmanager
+def onnx_rounding(qmodel, mode: str = "half_even"):
+    """The simulation rounded with ``mode`` inside the block (default: as onnxruntime computes a QDQ file,
+    half to even); the default rounding (half to even) restored after it."""
+    xnnq.layers.set_rounding(qmodel, mode)
+    try:
+        yield qmodel
+    finally:
+        xnnq.layers.set_rounding(qmodel, "half_even")
 
 
 def check_tidl(res, qmodel, x: torch.Tensor, *, weight_layers: int):
@@ -93,12 +108,18 @@ def check_qdq(res, qmodel, x: torch.Tensor, *, weight_layers: int, exact: bool =
     onnx.checker.check_model(model, full_check=True)
     c = counts(model)
     clips = quant_clips(qmodel)
-    inner = sum(1 for _, lo, hi, s, qmin, qmax in clips if hi < qmax * s or lo > qmin * s)  # ReLU6 cap inside the grid
-    assert c.get("QuantizeLinear", 0) == len(clips), c          # one Q/DQ pair per quantized activation
-    assert c.get("Clip", 0) == inner, c                          # a Clip only where it cuts inside the grid
+    inner = sum(
+        1 for _, lo, hi, s, qmin, qmax in clips if hi < qmax * s or lo > qmin * s
+    )  # ReLU6 cap inside the grid
+    assert c.get("QuantizeLinear", 0) == len(clips), c  # one Q/DQ pair per quantized activation
+    assert c.get("Clip", 0) == inner, c  # a Clip only where it cuts inside the grid
     inits = {t.name: t for t in model.graph.initializer}
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    w_dq = [n for n in dq if n.input[0] in inits and inits[n.input[0]].data_type in (TensorProto.INT8, TensorProto.INT16)]
+    w_dq = [
+        n
+        for n in dq
+        if n.input[0] in inits and inits[n.input[0]].data_type in (TensorProto.INT8, TensorProto.INT16)
+    ]
     b_dq = [n for n in dq if n.input[0] in inits and inits[n.input[0]].data_type == TensorProto.INT32]
     assert len(w_dq) == weight_layers and len(b_dq) <= weight_layers
     assert len(dq) == len(clips) + len(w_dq) + len(b_dq)
@@ -113,22 +134,40 @@ def check_qdq(res, qmodel, x: torch.Tensor, *, weight_layers: int, exact: bool =
     spot = {name: (lo, qmin) for name, lo, _, _, qmin, _ in clips}
     for n in model.graph.node:
         if n.op_type == "QuantizeLinear":
-            lo, qmin = spot[quantizer_of[n.name[:-len("_QuantizeLinear")]]]
-            bits = 16 if abs(qmin) > 128 or opts["activation_bits"][n.name[:-len("_QuantizeLinear")]] == 16 else 8
-            want = {(8, True): TensorProto.UINT8, (8, False): TensorProto.INT8,
-                    (16, True): TensorProto.UINT16, (16, False): TensorProto.INT16}[(bits, lo == 0)]
+            lo, qmin = spot[quantizer_of[n.name[: -len("_QuantizeLinear")]]]
+            bits = (
+                16
+                if abs(qmin) > 128 or opts["activation_bits"][n.name[: -len("_QuantizeLinear")]] == 16
+                else 8
+            )
+            want = {
+                (8, True): TensorProto.UINT8,
+                (8, False): TensorProto.INT8,
+                (16, True): TensorProto.UINT16,
+                (16, False): TensorProto.INT16,
+            }[(bits, lo == 0)]
             assert inits[n.input[2]].data_type == want, n.name
     assert opts["runtime_options"]["advanced_options:prequantized_model"] == 1
-    r = onnx_check(res.path, qmodel, [x])
+    with onnx_rounding(qmodel):  # simulation, onnxruntime and the integer reference, all half to even
+        r = onnx_check(res.path, qmodel, [x])
     if exact:
         assert r.max_abs_diff == 0.0, r
+    with onnx_rounding(qmodel, "tidl"):  # TIDL's rounding: the simulation and the integer reference
+        tidl = onnx_check(res.path, qmodel, [x])
+    if r.reference_error is None:
+        assert r.ref_frac_exact_vs_ort == r.ref_frac_exact_vs_sim == 1.0, r
+        assert tidl.rounding == "tidl" and tidl.ref_frac_exact_vs_sim == 1.0, tidl
+    else:  # ops without an integer implementation (LR-ASPP's HardSwish / Sigmoid)
+        assert "no integer implementation" in r.reference_error
     return model, r
 
 
 # ---------------------------------------------------------------------------------------- ResNet-20
 @pytest.fixture(scope="module")
 def r20():
-    return observed(xnnq.QuantTrainModule(resnet20(), torch.randn(1, 3, 32, 32)), (1, 3, 32, 32), passes=3, batch=8)
+    return observed(
+        xnnq.QuantTrainModule(resnet20(), torch.randn(1, 3, 32, 32)), (1, 3, 32, 32), passes=3, batch=8
+    )
 
 
 def test_resnet20_tidl(r20, tmp_path):
@@ -136,7 +175,16 @@ def test_resnet20_tidl(r20, tmp_path):
     assert res.options_path.name == "r20.tidl.json"
     model = check_tidl(res, r20, torch.randn(4, 3, 32, 32), weight_layers=20)
     c = counts(model)
-    assert c == {"Clip": 31, "Conv": 19, "Add": 9, "Slice": 2, "Pad": 2, "AveragePool": 1, "Reshape": 1, "Gemm": 1}
+    assert c == {
+        "Clip": 31,
+        "Conv": 19,
+        "Add": 9,
+        "Slice": 2,
+        "Pad": 2,
+        "AveragePool": 1,
+        "Reshape": 1,
+        "Gemm": 1,
+    }
     # every Clip output is named after its quantizer; the network input is clipped first
     names = {n.output[0] for n in model.graph.node if n.op_type == "Clip"}
     assert "input_q" in names and "layer1.0.relu" in names
@@ -149,19 +197,28 @@ def test_resnet20_qdq_matches_simulation_bit_for_bit(r20, tmp_path):
     _, r = check_qdq(res, r20, x, weight_layers=20)
     assert r.top1_agreement == 1.0 and r.frac_within_1_lsb == 1.0 and r.max_lsb_diff == 0.0
     # the same without onnxruntime's QDQ fusion (every node as written)
-    assert onnx_check(res.path, r20, [x], optimize=False).max_abs_diff == 0.0
+    with onnx_rounding(r20):
+        assert onnx_check(res.path, r20, [x], optimize=False).max_abs_diff == 0.0
 
 
 def test_tidl_emulation_computes_the_simulation(r20, tmp_path):
     res = export_onnx(r20, torch.randn(2, 3, 32, 32), tmp_path / "r20.onnx")
     emu = tidl_emulation(res.path)
     x = torch.randn(6, 3, 32, 32)  # 3 runs of the static batch of 2
-    assert torch.equal(OnnxRunner(emu)(x), r20(x))
+    with onnx_rounding(r20):  # the emulation runs in onnxruntime: half to even
+        assert torch.equal(OnnxRunner(emu)(x), r20(x))
 
 
 def test_mixed_16bit_and_per_channel(tmp_path):
-    q = observed(xnnq.QuantTrainModule(resnet20(), torch.randn(1, 3, 32, 32), per_channel_q="all",
-                                       bitwidth_overrides={"first": 16, "last": 16}), (1, 3, 32, 32))
+    q = observed(
+        xnnq.QuantTrainModule(
+            resnet20(),
+            torch.randn(1, 3, 32, 32),
+            per_channel_q="all",
+            bitwidth_overrides={"first": 16, "last": 16},
+        ),
+        (1, 3, 32, 32),
+    )
     res = export_onnx(q, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx")
     opts = json.loads(res.options_path.read_text())
     ro = opts["runtime_options"]
@@ -172,7 +229,10 @@ def test_mixed_16bit_and_per_channel(tmp_path):
     assert params == ["relu", "output"]  # conv1 → its ReLU Clip; linear → the graph output
     assert max(requantization_error(res.path).values()) == 0.0
     x = torch.randn(4, 3, 32, 32)
-    assert torch.equal(OnnxRunner(tidl_emulation(res.path))(x), q(x))  # the emulation reads the 16-bit lists
+    with onnx_rounding(q):
+        assert torch.equal(
+            OnnxRunner(tidl_emulation(res.path))(x), q(x)
+        )  # the emulation reads the 16-bit lists
     qres = export_onnx(q, torch.randn(1, 3, 32, 32), tmp_path / "m_qdq.onnx", format="qdq")
     model, _ = check_qdq(qres, q, x, weight_layers=20)
     assert model.opset_import[0].version >= 21
@@ -185,6 +245,7 @@ def test_mixed_16bit_and_per_channel(tmp_path):
 
 def test_calibrated_and_test_module_export(r20, tmp_path):
     from xnnq.calibrate import QuantCalibrateModule
+
     torch.manual_seed(0)
     cal = QuantCalibrateModule(resnet20().eval(), torch.randn(1, 3, 32, 32), weight_clipping="mse").train()
     with torch.no_grad():
@@ -192,19 +253,32 @@ def test_calibrated_and_test_module_export(r20, tmp_path):
     cal.eval()
     res = export_onnx(cal, torch.randn(1, 3, 32, 32), tmp_path / "cal.onnx")
     assert max(requantization_error(res.path).values()) == 0.0  # clipped weight ranges stay on their grid
-    check_qdq(export_onnx(cal, torch.randn(1, 3, 32, 32), tmp_path / "cal_qdq.onnx", format="qdq"), cal,
-              torch.randn(4, 3, 32, 32), weight_layers=20)
+    check_qdq(
+        export_onnx(cal, torch.randn(1, 3, 32, 32), tmp_path / "cal_qdq.onnx", format="qdq"),
+        cal,
+        torch.randn(4, 3, 32, 32),
+        weight_layers=20,
+    )
     qt = xnnq.QuantTestModule(resnet20(), torch.randn(1, 3, 32, 32))
     qt.load_state_dict(r20.state_dict())
-    check_qdq(export_onnx(qt, torch.randn(1, 3, 32, 32), tmp_path / "qt.onnx", format="qdq"), r20,
-              torch.randn(4, 3, 32, 32), weight_layers=20)
+    check_qdq(
+        export_onnx(qt, torch.randn(1, 3, 32, 32), tmp_path / "qt.onnx", format="qdq"),
+        r20,
+        torch.randn(4, 3, 32, 32),
+        weight_layers=20,
+    )
 
 
 # ------------------------------------------------------------------------------ torchvision models
 TV = {
     "resnet18": (lambda: torchvision.models.resnet18(), 21),
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(), 53),
-    "lraspp": (lambda: torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None), 66),
+    "lraspp": (
+        lambda: torchvision.models.segmentation.lraspp_mobilenet_v3_large(
+            weights=None, weights_backbone=None
+        ),
+        66,
+    ),
 }
 
 
@@ -215,9 +289,15 @@ def test_torchvision_both_formats(name, tmp_path):
     shape = (1, 3, 32, 32)
     q = observed(xnnq.QuantTrainModule(make().eval(), torch.randn(shape)), shape, passes=1)
     x = torch.randn(2, 3, 32, 32)
-    tidl = check_tidl(export_onnx(q, torch.randn(shape), tmp_path / f"{name}.onnx"), q, x, weight_layers=layers)
-    model, r = check_qdq(export_onnx(q, torch.randn(shape), tmp_path / f"{name}_qdq.onnx", format="qdq"), q, x,
-                         weight_layers=layers)
+    tidl = check_tidl(
+        export_onnx(q, torch.randn(shape), tmp_path / f"{name}.onnx"), q, x, weight_layers=layers
+    )
+    model, r = check_qdq(
+        export_onnx(q, torch.randn(shape), tmp_path / f"{name}_qdq.onnx", format="qdq"),
+        q,
+        x,
+        weight_layers=layers,
+    )
     if name == "lraspp":  # interpolate: Resize with constant scales, no size arithmetic around it
         inits = {t.name for t in tidl.graph.initializer}
         resizes = [n for n in tidl.graph.node if n.op_type == "Resize"]

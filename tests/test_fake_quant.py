@@ -3,13 +3,17 @@ import math
 import pytest
 import torch
 
-from xnnq.layers.fake_quant import (activation_scale, clip_fake_quantize, fake_quantize, pow2_ceil, quant_bounds,
-                                    weight_scale, weight_scale_from_max)
+from xnnq.layers.fake_quant import (
+    activation_scale,
+    clip_fake_quantize,
+    fake_quantize,
+    pow2_ceil,
+    quant_bounds,
+    weight_scale,
+    weight_scale_from_max,
+)
 
-
-def is_pow2(t: torch.Tensor) -> bool:
-    m, e = torch.frexp(t)
-    return bool((m == 0.5).all())
+from conftest import is_pow2
 
 
 def test_quant_bounds():
@@ -21,7 +25,7 @@ def test_quant_bounds():
         quant_bounds(4, True)
 
 
-@pytest.mark.parametrize("r,expect", [(3.0, 4.0), (4.0, 4.0), (4.01, 8.0), (0.3, 0.5), (1e-30, 2.0 ** -24)])
+@pytest.mark.parametrize("r,expect", [(3.0, 4.0), (4.0, 4.0), (4.01, 8.0), (0.3, 0.5), (1e-30, 2.0**-24)])
 def test_pow2_ceil(r, expect):
     assert pow2_ceil(torch.tensor(r)).item() == expect
 
@@ -37,14 +41,18 @@ def test_activation_scale_power_of_two():
 
 @pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (16, True), (16, False)])
 def test_error_bound_and_saturation(bits, signed):
-    scale = torch.tensor(2.0 ** -5)
+    scale = torch.tensor(2.0**-5)
     qmin, qmax = quant_bounds(bits, signed)
     x = torch.linspace(qmin * scale.item() * 1.5 - 1, qmax * scale.item() * 1.5 + 1, 20001)
     y = fake_quantize(x, scale, qmin, qmax)
     inside = (x >= qmin * scale) & (x <= qmax * scale)
     assert ((x - y).abs()[inside] <= scale / 2 + 1e-12).all()
-    assert torch.equal(y[x < qmin * scale - scale], torch.full_like(y[x < qmin * scale - scale], qmin * scale.item()))
-    assert torch.equal(y[x > qmax * scale + scale], torch.full_like(y[x > qmax * scale + scale], qmax * scale.item()))
+    assert torch.equal(
+        y[x < qmin * scale - scale], torch.full_like(y[x < qmin * scale - scale], qmin * scale.item())
+    )
+    assert torch.equal(
+        y[x > qmax * scale + scale], torch.full_like(y[x > qmax * scale + scale], qmax * scale.item())
+    )
     codes = y / scale
     assert torch.equal(codes, codes.round())  # on the grid
     assert torch.equal(fake_quantize(y, scale, qmin, qmax), y)  # idempotent
@@ -58,8 +66,8 @@ def test_matches_torch_kernel_and_ste_mask():
         y = fake_quantize(x, s, qmin, qmax)
         ref = torch.fake_quantize_per_tensor_affine(x, s, zp, qmin, qmax)
         assert torch.equal(y, ref)
-        g, = torch.autograd.grad(y.sum(), x)
-        g_ref, = torch.autograd.grad(ref.sum(), x)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        (g_ref,) = torch.autograd.grad(ref.sum(), x)
         assert torch.equal(g, g_ref)
         codes = torch.round(x.detach() / s)
         assert torch.equal(g, ((codes >= qmin) & (codes <= qmax)).float())
@@ -109,7 +117,7 @@ def test_ste_mask_at_the_half_code_edges(bits, signed):
     saturates qmax + 0.5, so the gradient passes at the first and not at the second; one float32 step
     further out it is 0 on both sides."""
     qmin, qmax = quant_bounds(bits, signed)
-    s = 2.0 ** -4
+    s = 2.0**-4
     c = torch.tensor([qmin - 0.5, qmax + 0.5, qmin + 0.0, qmax + 0.0])
     c = torch.cat([c, torch.nextafter(c[:2], torch.tensor([-math.inf, math.inf]))])
     x = (c * s).requires_grad_()
@@ -124,12 +132,13 @@ def test_cpu_kernels_agree_bit_for_bit(signed):
     """The quantize/dequantize fast path (8-bit per-tensor on CPU) equals the element-wise path in values
     and gradients, ties and saturation included."""
     from xnnq.layers.fake_quant import _HAS_QDQ, _FakeQuantQDQ, _FakeQuantSTE
+
     if not _HAS_QDQ:
         pytest.skip("this torch has no quantize_per_tensor: only the element-wise path exists")
     qmin, qmax = quant_bounds(8, signed)
     g = torch.Generator().manual_seed(0)
     for e in (-7, -3, 0, 2):
-        s = 2.0 ** e
+        s = 2.0**e
         codes = torch.cat([torch.arange(qmin - 3, qmax + 3, 0.5), torch.randn(5000, generator=g) * 200])
         x = (codes * s).requires_grad_()
         x2 = x.detach().clone().requires_grad_()
@@ -163,12 +172,16 @@ def test_weight_scale_closed_form_equals_definition(bits):
     half = 1 << (bits - 1)
     k = torch.randint(-30, 8, (4000,), generator=g).double()
     # largest weights on and around every code edge of the grid 2^k / 2^(b-1), plus random ones and zero
-    codes = torch.randint(half // 2 - 2, half + 2, (4000,), generator=g) + torch.tensor([0, 0.5, -0.5, 0.25])[
-        torch.randint(0, 4, (4000,), generator=g)]
+    codes = (
+        torch.randint(half // 2 - 2, half + 2, (4000,), generator=g)
+        + torch.tensor([0, 0.5, -0.5, 0.25])[torch.randint(0, 4, (4000,), generator=g)]
+    )
     m = torch.cat([(codes * torch.exp2(k) / half).float(), torch.rand(500, generator=g) * 10, torch.zeros(1)])
     assert torch.equal(weight_scale_from_max(m, bits), _weight_scale_by_definition(m, bits))
     shift = torch.randint(0, 3, m.shape, generator=g)
-    assert torch.equal(weight_scale_from_max(m, bits, shift=shift), _weight_scale_by_definition(m, bits) / 2.0 ** shift)
+    assert torch.equal(
+        weight_scale_from_max(m, bits, shift=shift), _weight_scale_by_definition(m, bits) / 2.0**shift
+    )
 
 
 @pytest.mark.parametrize("axis", [None, 0])

@@ -8,6 +8,8 @@ import xnnq
 from xnnq.layers import QuantConv2d
 from xnnq.models.cifar_resnet import resnet20
 
+from conftest import randomize_bn
+
 
 class CountConvs(TorchDispatchMode):
     def __init__(self):
@@ -20,18 +22,8 @@ class CountConvs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _randomize_bn(model):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model
-
-
 def test_quant_off_equals_float_in_eval_and_train():
-    fm = _randomize_bn(resnet20()).double()
+    fm = randomize_bn(resnet20(), gamma=(0.5, 1.5)).double()
     x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
     q = xnnq.QuantTrainModule(fm, x[:1])
     xnnq.layers.set_quant_enabled(q, False)
@@ -59,7 +51,7 @@ def test_each_conv_computed_once_per_forward():
 
 
 def test_eval_forward_is_conv_with_quantized_folded_weights_and_grid_bias():
-    fm = _randomize_bn(resnet20())
+    fm = randomize_bn(resnet20(), gamma=(0.5, 1.5))
     q = xnnq.QuantTrainModule(fm, torch.randn(1, 3, 32, 32)).train()
     q(torch.randn(8, 3, 32, 32))
     q.eval()
@@ -77,9 +69,14 @@ def test_eval_forward_is_conv_with_quantized_folded_weights_and_grid_bias():
 
 def test_weight_clipping_leaves_normal_model_and_clips_outlier():
     from xnnq import data
+
     fm = resnet20()
     if data.cifar10_available():
-        fm.load_state_dict(torch.load(data.data_root() / "weights" / "resnet20_cifar10jpg.pt", weights_only=True)["state_dict"])
+        fm.load_state_dict(
+            torch.load(data.data_root() / "weights" / "resnet20_cifar10jpg.pt", weights_only=True)[
+                "state_dict"
+            ]
+        )
     q = xnnq.QuantTrainModule(fm, torch.randn(1, 3, 32, 32)).eval()
     for spot in q.plan.weights:
         conv = q.module.get_submodule(spot.name)

@@ -1,4 +1,5 @@
 """The observer injected into PACT2: RangeTracker (QAT) or HistogramObserver (calibration), one quantizer class."""
+
 import torch
 
 import xnnq
@@ -35,7 +36,9 @@ def test_state_dicts_saved_with_the_old_tracker_name_load():
 
 
 def test_histogram_observer_passes_float_until_settled():
-    p = PACT2(signed=None, name="c", observer=HistogramObserver(method="max", name="c", sample_size=0)).train()
+    p = PACT2(
+        signed=None, name="c", observer=HistogramObserver(method="max", name="c", sample_size=0)
+    ).train()
     x = torch.tensor([-1.0, 0.5, 3.0])
     assert torch.equal(p(x), x) and not p.observed  # float pass-through, nothing decided yet
     assert p.settle_range() == 4.0 and p.observed and p.data_signed is True

@@ -5,6 +5,7 @@ Properties: idempotence; |x - q(x)| <= scale/2 inside the range; saturation outs
 power-of-2 scales that cover the range; per-channel equals per-tensor on one channel; the STE gradient
 mask; the trimmed extremes of RangeTracker; a non-finite batch never reaches a range.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,22 +16,37 @@ import torch
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
 from torch import nn
 
-from xnnq.layers import (PACT2, QuantConv2d, RangeTracker, activation_scale, fake_quantize, quant_bounds, quantize_bias,
-                         weight_scale)
+from xnnq.calibrate import METHODS, Histogram, HistogramObserver, choose_range
+from xnnq.layers import (
+    PACT2,
+    QuantConv2d,
+    RangeTracker,
+    activation_scale,
+    fake_quantize,
+    quant_bounds,
+    quantize_bias,
+    weight_scale,
+)
 from xnnq.layers.fake_quant import MIN_RANGE
+
+from conftest import is_pow2
 
 SETTINGS = settings(deadline=None, max_examples=60)
 
 # examples hypothesis might not find by itself
-POWER_OF_2_WEIGHTS = [np.array([[1.0]], np.float32), np.array([[1.0 + 2.0 ** -8, -0.5]], np.float32),
-                      np.array([[-1.0, 0.25], [2.0, 0.0]], np.float32)]
+POWER_OF_2_WEIGHTS = [
+    np.array([[1.0]], np.float32),
+    np.array([[1.0 + 2.0**-8, -0.5]], np.float32),
+    np.array([[-1.0, 0.25], [2.0, 0.0]], np.float32),
+]
 
 bits_st = st.sampled_from([8, 16])
 exp_st = st.integers(-12, 4)  # power-of-2 scales 2^-12 .. 2^4
-any_scale_st = st.floats(0.0009765625, 10.0, allow_nan=False, allow_infinity=False, width=32, exclude_max=True)
+any_scale_st = st.floats(
+    0.0009765625, 10.0, allow_nan=False, allow_infinity=False, width=32, exclude_max=True
+)
 vec_st = arrays(np.float32, st.integers(1, 64), elements=st.floats(-1e3, 1e3, width=32))
 
 
@@ -38,26 +54,27 @@ def t(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def is_pow2(v: torch.Tensor) -> bool:
-    m, _ = torch.frexp(v)
-    return bool((m == 0.5).all())
-
-
 # -------------------------------------------------------------------------------------- fake_quantize
 @SETTINGS
 @given(vec_st, bits_st, st.booleans(), exp_st, any_scale_st, st.booleans())
 def test_fake_quantize_is_idempotent(x, bits, signed, e, s_any, pow2):
-    s = torch.tensor(2.0 ** e if pow2 else s_any)
+    s = torch.tensor(2.0**e if pow2 else s_any)
     qmin, qmax = quant_bounds(bits, signed)
     q = fake_quantize(t(x), s, qmin, qmax)
     assert torch.equal(fake_quantize(q, s, qmin, qmax), q)
 
 
 @SETTINGS
-@given(arrays(np.float32, st.integers(1, 64), elements=st.floats(0.0, 1.0, width=32)), bits_st, st.booleans(),
-       exp_st, any_scale_st, st.booleans())
+@given(
+    arrays(np.float32, st.integers(1, 64), elements=st.floats(0.0, 1.0, width=32)),
+    bits_st,
+    st.booleans(),
+    exp_st,
+    any_scale_st,
+    st.booleans(),
+)
 def test_error_at_most_half_a_step_inside_the_range(u, bits, signed, e, s_any, pow2):
-    s = 2.0 ** e if pow2 else float(s_any)
+    s = 2.0**e if pow2 else float(s_any)
     qmin, qmax = quant_bounds(bits, signed)
     x = (qmin * s + t(u).double() * (qmax - qmin) * s).float().clamp(qmin * s, qmax * s)
     q = fake_quantize(x, torch.tensor(s), qmin, qmax)
@@ -71,7 +88,7 @@ def test_error_at_most_half_a_step_inside_the_range(u, bits, signed, e, s_any, p
 @SETTINGS
 @given(st.data(), bits_st, st.booleans(), exp_st)
 def test_saturation_outside_the_range(data, bits, signed, e):
-    s = 2.0 ** e
+    s = 2.0**e
     qmin, qmax = quant_bounds(bits, signed)
     over = data.draw(arrays(np.float32, st.integers(1, 32), elements=st.floats(1.0, 1e3, width=32)))
     x_hi = qmax * s + t(over) * s
@@ -84,7 +101,7 @@ def test_saturation_outside_the_range(data, bits, signed, e):
 @given(st.lists(st.integers(-100, 99), min_size=1, max_size=32), exp_st)
 def test_round_half_to_even(ks, e):
     """Ties go to the even code, as torch.fake_quantize_* and ONNX QuantizeLinear do."""
-    s = 2.0 ** e
+    s = 2.0**e
     k = torch.tensor(ks, dtype=torch.float32)
     q = fake_quantize((k + 0.5) * s, torch.tensor(s), -128, 127)
     expected = torch.where(k % 2 == 0, k, k + 1) * s
@@ -95,7 +112,7 @@ def test_round_half_to_even(ks, e):
 @given(vec_st, bits_st, st.booleans(), exp_st)
 def test_ste_gradient_mask(x, bits, signed, e):
     """The gradient passes unchanged where the rounded code is inside [qmin, qmax] and is 0 where it saturates."""
-    s = 2.0 ** e
+    s = 2.0**e
     qmin, qmax = quant_bounds(bits, signed)
     x = t(x).requires_grad_(True)
     g = torch.randn_like(x)
@@ -106,13 +123,18 @@ def test_ste_gradient_mask(x, bits, signed, e):
 
 
 @SETTINGS
-@given(arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 16)), elements=st.floats(-50, 50, width=32)),
-       st.lists(exp_st, min_size=6, max_size=6), bits_st)
+@given(
+    arrays(
+        np.float32, st.tuples(st.integers(1, 6), st.integers(1, 16)), elements=st.floats(-50, 50, width=32)
+    ),
+    st.lists(exp_st, min_size=6, max_size=6),
+    bits_st,
+)
 def test_per_channel_equals_per_tensor_channel_by_channel(x, exps, bits):
     """Per-channel fake quantization of C channels == per-tensor on each channel alone (C = 1 included)."""
     x = t(x)
     c = x.shape[0]
-    scales = torch.tensor([2.0 ** e for e in exps[:c]])
+    scales = torch.tensor([2.0**e for e in exps[:c]])
     qmin, qmax = quant_bounds(bits, True)
     per_ch = fake_quantize(x, scales, qmin, qmax, axis=0)
     for i in range(c):
@@ -120,14 +142,23 @@ def test_per_channel_equals_per_tensor_channel_by_channel(x, exps, bits):
 
 
 @SETTINGS
-@given(arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)),
-              elements=st.floats(-10, 10, width=32)), bits_st, st.booleans())
+@given(
+    arrays(
+        np.float32,
+        st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)),
+        elements=st.floats(-10, 10, width=32),
+    ),
+    bits_st,
+    st.booleans(),
+)
 def test_weight_scale_per_channel_equals_per_tensor_on_one_channel(w, bits, power2):
     w = t(w)
     for i in range(w.shape[0]):
-        one = w[i:i + 1]
-        assert torch.equal(weight_scale(one, bits, axis=0, power2=power2).reshape(()),
-                           weight_scale(one, bits, axis=None, power2=power2))
+        one = w[i : i + 1]
+        assert torch.equal(
+            weight_scale(one, bits, axis=0, power2=power2).reshape(()),
+            weight_scale(one, bits, axis=None, power2=power2),
+        )
 
 
 # --------------------------------------------------------------------------------------- scales
@@ -150,8 +181,13 @@ def test_activation_scale_without_power2_maps_the_range_to_the_largest_code(r, b
 
 
 @SETTINGS
-@given(arrays(np.float32, st.tuples(st.integers(1, 8), st.integers(1, 9)), elements=st.floats(-20, 20, width=32)),
-       bits_st, st.sampled_from([None, 0]))
+@given(
+    arrays(
+        np.float32, st.tuples(st.integers(1, 8), st.integers(1, 9)), elements=st.floats(-20, 20, width=32)
+    ),
+    bits_st,
+    st.sampled_from([None, 0]),
+)
 @example(POWER_OF_2_WEIGHTS[0], 8, None)
 @example(POWER_OF_2_WEIGHTS[1], 8, None)
 @example(POWER_OF_2_WEIGHTS[2], 16, 0)
@@ -181,7 +217,7 @@ def test_weight_scale_power2_bounds_the_error_and_is_stable_under_requantization
 @given(arrays(np.float32, st.integers(1, 32), elements=st.floats(-1e3, 1e3, width=32)), st.integers(-20, 4))
 def test_quantize_bias_on_the_accumulator_grid(b, e):
     """Inside the int32 accumulator range (|b| <= 1e3 < 2^31 * 2^-20)."""
-    s = torch.tensor(2.0 ** e)
+    s = torch.tensor(2.0**e)
     b = t(b).requires_grad_(True)
     q = quantize_bias(b, s)
     assert ((q - b).abs() <= s / 2).all()
@@ -193,17 +229,20 @@ def test_quantize_bias_on_the_accumulator_grid(b, e):
 @SETTINGS
 @given(st.floats(1.0, 1e3), st.booleans())
 def test_quantize_bias_saturates_at_int32(mag, neg):
-    s = torch.tensor(2.0 ** -30)
+    s = torch.tensor(2.0**-30)
     b = torch.tensor([-mag if neg else mag])  # |b| / s >= 2^30 * 1 ... up to 1e3 * 2^30 > 2^31
     q = quantize_bias(b, s)
-    assert (q / s).abs().item() <= 2.0 ** 31
+    assert (q / s).abs().item() <= 2.0**31
     if mag >= 2.0:
-        assert (q / s).abs().item() >= 2.0 ** 31 - 1
+        assert (q / s).abs().item() >= 2.0**31 - 1
 
 
 # --------------------------------------------------------------------------- weight quantizers (layers)
-conv_w_st = arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 3), st.just(3), st.just(3)),
-                   elements=st.floats(-5, 5, width=32))
+conv_w_st = arrays(
+    np.float32,
+    st.tuples(st.integers(1, 4), st.integers(1, 3), st.just(3), st.just(3)),
+    elements=st.floats(-5, 5, width=32),
+)
 
 
 def qconv(w: torch.Tensor, bits: int, per_channel: bool) -> QuantConv2d:
@@ -223,7 +262,7 @@ def test_conv_weight_quantizer_is_idempotent_and_per_channel_is_per_tensor_per_c
     assert is_pow2(scale[scale > 0]) if scale.dim() else is_pow2(scale)
     if per_channel:
         for i in range(w.shape[0]):
-            one = qconv(w[i:i + 1], bits, per_channel=False)
+            one = qconv(w[i : i + 1], bits, per_channel=False)
             assert torch.equal(one.quantize_weight(one.weight)[0][0], wq[i])
     else:
         one = qconv(w, bits, per_channel=True) if w.shape[0] == 1 else None
@@ -233,8 +272,10 @@ def test_conv_weight_quantizer_is_idempotent_and_per_channel_is_per_tensor_per_c
 
 # ----------------------------------------------------------------------------------- RangeTracker
 @SETTINGS
-@given(arrays(np.float32, st.integers(2, 4000), elements=st.floats(-1e3, 1e3, width=32)),
-       st.sampled_from([0.0, 1e-3, 1e-2, 0.1]))
+@given(
+    arrays(np.float32, st.integers(2, 4000), elements=st.floats(-1e3, 1e3, width=32)),
+    st.sampled_from([0.0, 1e-3, 1e-2, 0.1]),
+)
 def test_tracker_trims_exactly_the_tail(x, tail):
     """The trimmed max leaves fewer than k = max(1, tail*n) values above it and at least k at or above it
     (likewise for the min): an order statistic, not an estimate."""
@@ -248,8 +289,14 @@ def test_tracker_trims_exactly_the_tail(x, tail):
 
 
 @SETTINGS
-@given(st.lists(arrays(np.float32, st.integers(1, 64), elements=st.floats(-1e3, 1e3, width=32)),
-                min_size=1, max_size=8), st.sampled_from([0.01, 0.25, 0.5]))
+@given(
+    st.lists(
+        arrays(np.float32, st.integers(1, 64), elements=st.floats(-1e3, 1e3, width=32)),
+        min_size=1,
+        max_size=8,
+    ),
+    st.sampled_from([0.01, 0.25, 0.5]),
+)
 def test_tracker_cumulative_then_ema(batches, alpha):
     """tail 0: the range is the mean of the batch extremes for the first 1/alpha batches, then an EMA."""
     rt = RangeTracker(tail=0.0, ema_alpha=alpha)
@@ -280,8 +327,12 @@ def test_tracker_skips_a_nonfinite_batch(good, bad, value, pos):
 
 # ------------------------------------------------------------------------------------------ PACT2
 @SETTINGS
-@given(arrays(np.float32, st.integers(2, 256), elements=st.floats(-100, 100, width=32)), bits_st,
-       st.sampled_from([False, True, None]), st.sampled_from([None, 6.0]))
+@given(
+    arrays(np.float32, st.integers(2, 256), elements=st.floats(-100, 100, width=32)),
+    bits_st,
+    st.sampled_from([False, True, None]),
+    st.sampled_from([None, 6.0]),
+)
 def test_pact2_output_on_a_power2_grid_within_the_clip_and_idempotent(x, bits, signed, cap):
     assume(not (cap is not None and signed is not False))
     x = t(x)
@@ -331,24 +382,16 @@ def test_zero_range_gives_the_smallest_scale_not_nan():
 
 
 # ------------------------------------------------------------------------------------ calibrators
-try:
-    from xnnq.calibrate import METHODS, Histogram, HistogramObserver, choose_range
-except ImportError:  # built by another engineer; these properties wait for it
-    METHODS = ()
-    HistogramObserver = Histogram = choose_range = None
-needs_calib = pytest.mark.skipif(Histogram is None, reason="xnnq.calibrate (Histogram, choose_range, HistogramObserver) "
-                                                           "is not available in this tree yet")
 calib_st = arrays(np.float32, st.integers(16, 1000), elements=st.floats(-1e3, 1e3, width=32))
 
 
-def histogram_of(*xs: torch.Tensor) -> "Histogram":
+def histogram_of(*xs: torch.Tensor) -> Histogram:
     h = Histogram(sample_size=0)
     for x in xs:
         h(x)
     return h
 
 
-@needs_calib
 @SETTINGS
 @given(calib_st, calib_st, st.floats(1.0, 16.0))
 def test_histogram_counts_every_value_and_covers_the_extremes(a, b, grow):
@@ -362,9 +405,8 @@ def test_histogram_counts_every_value_and_covers_the_extremes(a, b, grow):
     assert math.log2(h.width) == round(math.log2(h.width))  # bin width is a power of 2
 
 
-@needs_calib
 @SETTINGS
-@given(calib_st, st.sampled_from(METHODS or ("max",)), bits_st, st.booleans())
+@given(calib_st, st.sampled_from(METHODS), bits_st, st.booleans())
 def test_calibrated_range_is_a_power2_within_the_data(x, method, bits, signed):
     """Every method picks a power of 2 between the bin width and the range that holds every value;
     ``max`` picks exactly the latter."""
@@ -379,19 +421,17 @@ def test_calibrated_range_is_a_power2_within_the_data(x, method, bits, signed):
         assert r == cover
 
 
-@needs_calib
 @SETTINGS
-@given(calib_st, st.sampled_from(METHODS or ("max",)), bits_st, st.booleans(), st.integers(-6, 6))
+@given(calib_st, st.sampled_from(METHODS), bits_st, st.booleans(), st.integers(-6, 6))
 def test_calibrated_range_scales_with_the_data_by_powers_of_2(x, method, bits, signed, k):
     """Scaling the data by 2^k scales every method's power-of-2 range by exactly 2^k (no hidden constants)."""
     x = t(x)
     assume(float(x.abs().max()) > 1e-2)
     r1 = choose_range(histogram_of(x), method, bits, signed, power2=True)
-    r2 = choose_range(histogram_of(x * 2.0 ** k), method, bits, signed, power2=True)
-    assert r2 == r1 * 2.0 ** k
+    r2 = choose_range(histogram_of(x * 2.0**k), method, bits, signed, power2=True)
+    assert r2 == r1 * 2.0**k
 
 
-@needs_calib
 @SETTINGS
 @given(calib_st, st.floats(50.0, 100.0), st.floats(50.0, 100.0))
 def test_percentile_range_covers_p_percent_and_grows_with_p(x, p1, p2):
@@ -405,15 +445,16 @@ def test_percentile_range_covers_p_percent_and_grows_with_p(x, p1, p2):
     assert inside >= hi_p - 1e-6
 
 
-@needs_calib
 @SETTINGS
-@given(calib_st, st.sampled_from(METHODS or ("max",)), bits_st, st.sampled_from([False, True, None]))
+@given(calib_st, st.sampled_from(METHODS), bits_st, st.sampled_from([False, True, None]))
 def test_calib_pact2_output_is_idempotent_on_its_grid(x, method, bits, signed):
     """After calibration the quantizer is a plain PACT2: outputs on a power-of-2 grid inside the clip,
     idempotent, within half a step of the input inside the range."""
     x = t(x)
     assume(float(x.abs().max()) > 1e-2)
-    p = PACT2(bits=bits, signed=signed, name="c", observer=HistogramObserver(method=method, name="c", sample_size=0))
+    p = PACT2(
+        bits=bits, signed=signed, name="c", observer=HistogramObserver(method=method, name="c", sample_size=0)
+    )
     p.train()
     y_float = p(x)
     assert torch.equal(y_float, p.float_forward(x))  # calibration passes the float values through
@@ -431,17 +472,20 @@ def test_calib_pact2_output_is_idempotent_on_its_grid(x, method, bits, signed):
     assert ((y - xin).abs()[inside] <= scale / 2).all()
 
 
-@needs_calib
 @SETTINGS
 @given(conv_w_st, bits_st, st.booleans())
 def test_mse_weight_clipping_never_worse_and_per_channel_is_per_tensor_on_one_channel(w, bits, per_channel):
     from xnnq.calibrate import mse_weight_shift
+
     w = t(w)
     layer = qconv(w, bits, per_channel)
     if not hasattr(layer, "weight_range_shift"):
         pytest.skip("QuantConv2d has no weight_range_shift in this tree")
     err = {}
-    for label, shift in (("max", torch.zeros_like(layer.weight_range_shift)), ("mse", mse_weight_shift(layer, None))):
+    for label, shift in (
+        ("max", torch.zeros_like(layer.weight_range_shift)),
+        ("mse", mse_weight_shift(layer, None)),
+    ):
         layer.weight_range_shift.copy_(shift)
         wq, _ = layer.quantize_weight(layer.weight)
         err[label] = ((wq - w) ** 2).sum(dim=[1, 2, 3])

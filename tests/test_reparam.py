@@ -1,4 +1,5 @@
 """Re-parameterized blocks and networks: the deploy form computes the eval-mode function of the training form."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,22 +14,9 @@ from xnnq.models.reparam import identity_kernel, pad_kernel, reparameterize
 from xnnq.models.repvgg import RepVGGBlock, repvgg_cifar
 from xnnq.models.zoo import MODELS, checkpoint_path, get_model, load_pretrained
 
+from conftest import randomize_bn, rel_err
+
 SMALL = {"widths": (8, 16, 24), "depths": (1, 2, 1)}
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters, so that fusion errors show."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            for t, lo, hi in ((m.running_mean, -1, 1), (m.running_var, 0.2, 3), (m.weight.data, -1.5, 1.5),
-                              (m.bias.data, -0.5, 0.5)):
-                t.copy_(torch.empty(t.shape).uniform_(lo, hi, generator=g))
-    return model.eval()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().abs().max() / b.detach().abs().max())
 
 
 def test_kernel_helpers():
@@ -43,14 +31,41 @@ def test_kernel_helpers():
         pad_kernel(torch.randn(1, 1, 2, 2), 3)
 
 
-@pytest.mark.parametrize("block", [
-    lambda: RepVGGBlock(6, 6), lambda: RepVGGBlock(6, 8, stride=2), lambda: RepVGGBlock(6, 6, groups=3),
-    lambda: QARepVGGBlock(6, 6), lambda: QARepVGGBlock(6, 12, stride=2), lambda: QARepVGGBlock(6, 6, groups=2),
-    lambda: MobileOneBlock(6, 6, 3, groups=6, branches=3), lambda: MobileOneBlock(6, 6, 3, 2, groups=6),
-    lambda: MobileOneBlock(6, 10, 1, branches=4), lambda: MobileOneBlock(6, 6, 1, branches=1),
-    lambda: ConvBNReLU(6, 6, 3, groups=6), lambda: ConvBNReLU(6, 9, 1),
-], ids=["repvgg-id", "repvgg-s2", "repvgg-g3", "qarep-id", "qarep-s2", "qarep-g2", "mobileone-dw",
-        "mobileone-dw-s2", "mobileone-pw", "mobileone-pw-id", "convbnrelu-dw", "convbnrelu-pw"])
+# the re-parameterizable CIFAR-10 nets of the zoo (the task models have their own tests)
+CIFAR_NETS = ("mobilenetv1", "mobileone", "qarepvgg", "repvgg")
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        lambda: RepVGGBlock(6, 6),
+        lambda: RepVGGBlock(6, 8, stride=2),
+        lambda: RepVGGBlock(6, 6, groups=3),
+        lambda: QARepVGGBlock(6, 6),
+        lambda: QARepVGGBlock(6, 12, stride=2),
+        lambda: QARepVGGBlock(6, 6, groups=2),
+        lambda: MobileOneBlock(6, 6, 3, groups=6, branches=3),
+        lambda: MobileOneBlock(6, 6, 3, 2, groups=6),
+        lambda: MobileOneBlock(6, 10, 1, branches=4),
+        lambda: MobileOneBlock(6, 6, 1, branches=1),
+        lambda: ConvBNReLU(6, 6, 3, groups=6),
+        lambda: ConvBNReLU(6, 9, 1),
+    ],
+    ids=[
+        "repvgg-id",
+        "repvgg-s2",
+        "repvgg-g3",
+        "qarep-id",
+        "qarep-s2",
+        "qarep-g2",
+        "mobileone-dw",
+        "mobileone-dw-s2",
+        "mobileone-pw",
+        "mobileone-pw-id",
+        "convbnrelu-dw",
+        "convbnrelu-pw",
+    ],
+)
 def test_block_deploy_equivalence(block):
     torch.manual_seed(0)
     b = randomize_bn(block())
@@ -61,11 +76,15 @@ def test_block_deploy_equivalence(block):
     assert rel_err(deploy(x), b(x)) <= 1e-5
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", CIFAR_NETS)
 def test_network_reparameterize(name):
     torch.manual_seed(0)
-    build = {"repvgg": repvgg_cifar, "qarepvgg": qarepvgg_cifar, "mobileone": mobileone_cifar,
-             "mobilenetv1": mobilenetv1_cifar}[name]
+    build = {
+        "repvgg": repvgg_cifar,
+        "qarepvgg": qarepvgg_cifar,
+        "mobileone": mobileone_cifar,
+        "mobilenetv1": mobilenetv1_cifar,
+    }[name]
     model = randomize_bn(build(**SMALL))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     deploy = reparameterize(model)
@@ -87,7 +106,7 @@ def test_reparameterize_keeps_mode_and_trains():
 
 
 def test_zoo():
-    assert set(MODELS) == {"repvgg", "qarepvgg", "mobileone", "mobilenetv1"}
+    assert set(MODELS) == {*CIFAR_NETS, "mosaic_detector", "mosaic_segmenter"}
     assert isinstance(get_model("qarepvgg").stem, QARepVGGBlock)
     with pytest.raises(KeyError, match="choose one of"):
         get_model("resnet50")
@@ -95,7 +114,7 @@ def test_zoo():
 
 @pytest.mark.data
 @pytest.mark.skipif(not cifar10_available(), reason="needs ../shared/data/cifar10 (CIFAR-10 JPEG)")
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", CIFAR_NETS)
 def test_committed_checkpoint(name):
     if not checkpoint_path(name).is_file():
         pytest.skip(f"checkpoint {checkpoint_path(name).name} not trained/committed yet")
@@ -106,4 +125,3 @@ def test_committed_checkpoint(name):
         y, yd = model(x), reparameterize(model)(x)
     assert rel_err(yd, y) <= 1e-4
     assert float((y.argmax(1) == labels).float().mean()) > 0.4  # trained (chance is 0.1)
-

@@ -1,4 +1,5 @@
 """The range tracker's sample and order statistics (xnnq.layers.sampling): exact, no copy of the tensor."""
+
 from __future__ import annotations
 
 import numpy as np

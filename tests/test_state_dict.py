@@ -58,7 +58,9 @@ def test_freeze_bn_plain_model():
 
 def test_freeze_schedule_by_epoch():
     q = xnnq.QuantTrainModule(resnet20(), torch.randn(1, 3, 32, 32)).train()
-    states = [xnnq.utils.apply_freeze_schedule(q, e, freeze_bn_epoch=2, freeze_range_epoch=3) for e in range(4)]
+    states = [
+        xnnq.utils.apply_freeze_schedule(q, e, freeze_bn_epoch=2, freeze_range_epoch=3) for e in range(4)
+    ]
     assert [s["bn_frozen"] for s in states] == [False, False, True, True]
     assert [s["range_frozen"] for s in states] == [False, False, False, True]
     assert q.bn_frozen and all(p.frozen for p in q.quantizers().values())

@@ -124,7 +124,9 @@ def test_untraceable_names_module_line_and_fix():
     assert q(torch.randn(2, 3, 4, 4)).shape == (2, 3, 4, 4)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_5", "googlenet"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_5", "googlenet"]
+)
 def test_torchvision_models(name):
     torch.set_num_threads(2)
     kw = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
@@ -171,9 +173,27 @@ def test_operators_become_modules_with_quantizers():
     q = xnnq.QuantTrainModule(Ops(), torch.randn(1, 3, 16, 16))
     mods = dict(q.module.named_modules())
     kinds = {type(m).__name__ for m in mods.values()}
-    assert {"AddBlock", "MultBlock", "CatBlock", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Flatten", "Sigmoid"} <= kinds
+    assert {
+        "AddBlock",
+        "MultBlock",
+        "CatBlock",
+        "MaxPool2d",
+        "AvgPool2d",
+        "AdaptiveAvgPool2d",
+        "Flatten",
+        "Sigmoid",
+    } <= kinds
     reasons = {a.reason for a in q.plan.acts}
-    assert {"input", "AddBlock", "MultBlock", "CatBlock", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Linear"} <= reasons
+    assert {
+        "input",
+        "AddBlock",
+        "MultBlock",
+        "CatBlock",
+        "MaxPool2d",
+        "AvgPool2d",
+        "AdaptiveAvgPool2d",
+        "Linear",
+    } <= reasons
     assert not [n for n in q.module.graph.nodes if n.op == "call_function"]
     q.train()
     assert q(torch.randn(2, 3, 16, 16)).shape == (2, 5)

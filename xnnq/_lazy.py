@@ -1,8 +1,10 @@
 """Module-level ``__getattr__`` for names whose modules are imported on first use."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import import_module
-from typing import Any, Callable
+from typing import Any
 
 
 def lazy_getattr(package: str, names: dict[str, tuple[str, str]]) -> Callable[[str], Any]:

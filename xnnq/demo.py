@@ -1,8 +1,9 @@
-"""``xnnq demo``: the whole flow in under a minute with no data or weights.
+"""``xnnq demo``: the whole flow on a small CNN, with no data or weights.
 
 A small CNN learns to tell four orientations of noisy coloured gratings (generated here), then QAT,
 export in both ONNX formats, an onnxruntime check of each against PyTorch, and the per-layer analysis.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,9 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data
-from .cli_steps import check_onnx, export_both, train_qat, write_analysis
+from .cli.steps import check_onnx, export_both, write_analysis
+from .quantize import QuantTrainModule
+from .recipes import qat_finetune
 
 CLASSES = ("horizontal", "diagonal", "vertical", "anti-diagonal")
 
@@ -62,9 +65,18 @@ def gratings(n: int, size: int = 16, seed: int = 0, noise: float = 0.6) -> tuple
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
-def train_float(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 3,
-                batch_size: int = 64, lr: float = 3e-3, seed: int = 0, progress: bool = True) -> nn.Module:
-    """Plain float training with Adam (a few seconds for the demo network)."""
+def train_float(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int = 3,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
+    """Plain float training with Adam."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -79,8 +91,16 @@ def train_float(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
     return model.eval()
 
 
-def run_demo(out: Path, *, train_images: int = 2048, test_images: int = 512, epochs: int = 3,
-             qat_epochs: float = 1.0, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    out: Path,
+    *,
+    train_images: int = 2048,
+    test_images: int = 512,
+    epochs: int = 3,
+    qat_epochs: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train, QAT, export, check and analyze; write everything to ``out`` and return the summary."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -90,29 +110,41 @@ def run_demo(out: Path, *, train_images: int = 2048, test_images: int = 512, epo
     dummy = torch.randn(1, 3, 16, 16)
     model = train_float(TinyCNN(len(CLASSES)), x_tr, y_tr, epochs=epochs, seed=seed, progress=progress)
     float_acc = data.evaluate(model, x_te, y_te)
-    q = train_qat(model, dummy, x_tr, y_tr, epochs=qat_epochs, lr=5e-3, batch_size=64, kwargs={}, seed=seed,
-                  progress=progress, augment=False)
+    train = data.Batches(x_tr, y_tr, 64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    q = qat_finetune(QuantTrainModule(model, dummy), train, epochs=qat_epochs, lr=5e-3, progress=progress)
     qat_acc = data.evaluate(q, x_te, y_te)
     torch.save(model.state_dict(), out / "float_weights.pt")
     paths = export_both(q, dummy, out, stem="demo", progress=progress)
     onnx = check_onnx(paths, q, x_te, y_te, progress=progress)
-    analysis = write_analysis(q, model, x_te[:256], y_te[:256], out / "analysis", sensitivity_batches=2,
-                              progress=progress)
-    summary = {"float_accuracy": float_acc, "qat_accuracy": qat_acc, "onnx": onnx, "analysis": analysis,
-               "test_images": test_images, "seconds": round(time.perf_counter() - t0, 1), "out": str(out)}
+    analysis = write_analysis(
+        q, model, x_te[:256], y_te[:256], out / "analysis", sensitivity_batches=2, progress=progress
+    )
+    summary = {
+        "float_accuracy": float_acc,
+        "qat_accuracy": qat_acc,
+        "onnx": onnx,
+        "analysis": analysis,
+        "test_images": test_images,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "out": str(out),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def format_summary(s: dict[str, Any]) -> str:
     """The demo's closing summary, a few lines of text."""
-    lines = [f"xnnq demo — synthetic 4-class gratings, {s['test_images']} test images, {s['seconds']} s",
-             f"  float accuracy        {s['float_accuracy']:6.2f} %",
-             f"  QAT (8-bit) accuracy  {s['qat_accuracy']:6.2f} %"]
+    lines = [
+        f"xnnq demo — synthetic 4-class gratings, {s['test_images']} test images, {s['seconds']} s",
+        f"  float accuracy        {s['float_accuracy']:6.2f} %",
+        f"  QAT (8-bit) accuracy  {s['qat_accuracy']:6.2f} %",
+    ]
     for fmt, r in s["onnx"].items():
         lsb = f", max diff {r['max_lsb_diff']:.2f} LSB" if r.get("max_lsb_diff") is not None else ""
-        lines.append(f"  ONNX {fmt:4s} onnxruntime {r['accuracy']:6.2f} %, top-1 agreement with PyTorch "
-                     f"{r['top1_agreement_pct']:.2f} %{lsb}  ({r['path']})")
+        lines.append(
+            f"  ONNX {fmt:4s} onnxruntime {r['accuracy']:6.2f} %, top-1 agreement with PyTorch "
+            f"{r['top1_agreement_pct']:.2f} %{lsb}  ({r['path']})"
+        )
     a = s["analysis"]
     lines.append(f"  most sensitive layers {', '.join(a['most_sensitive'][:3])}; report {a['report']}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ run on the same batches; forward hooks on the quantized model's PACT2 modules se
 (for clipping) and output (quantized), and compare the output with the float tensor recorded for that
 spot. Sums are accumulated as tensors on the model's device and read once at the end.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -63,9 +64,12 @@ class _SpotAccumulator:
         return {
             "act_sqnr": sqnr_db(v[F2], v[E2]) if paired else None,
             "act_cosine": cosine(v[FQ], v[F2], v[Q2]) if paired else None,
-            "float_min": float(self.fmin) if paired else None, "float_max": float(self.fmax) if paired else None,
-            "clip_lo": self.lo, "clip_hi": self.hi,
-            "clip_pct": 100.0 * v[CLIP] / max(v[N], 1.0), "sat_pct": 100.0 * v[SAT] / max(v[N], 1.0),
+            "float_min": float(self.fmin) if paired else None,
+            "float_max": float(self.fmax) if paired else None,
+            "clip_lo": self.lo,
+            "clip_hi": self.hi,
+            "clip_pct": 100.0 * v[CLIP] / max(v[N], 1.0),
+            "sat_pct": 100.0 * v[SAT] / max(v[N], 1.0),
         }
 
 
@@ -78,8 +82,9 @@ def _first_tensor(out: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def activation_stats(qmodel: QuantBaseModule, float_gm: torch.fx.GraphModule, batches: Iterable[tuple],
-                     progress: bool = True) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def activation_stats(
+    qmodel: QuantBaseModule, float_gm: torch.fx.GraphModule, batches: Iterable[tuple], progress: bool = True
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """({quantizer name: stats}, whole-output stats) over ``batches`` of ``(inputs tuple, labels or None)``.
 
     The whole-output stats compare the float model's output with the quantized model's: ``output_sqnr``,
@@ -99,6 +104,7 @@ def activation_stats(qmodel: QuantBaseModule, float_gm: torch.fx.GraphModule, ba
             f = ref.get(float_of.get(name) or "")
             if f is not None and f.shape == output.shape:
                 a.add_pair(f, output)
+
         return fn
 
     handles = [quantizers[n].register_forward_hook(hook(n)) for n in acc]
@@ -124,7 +130,10 @@ def activation_stats(qmodel: QuantBaseModule, float_gm: torch.fx.GraphModule, ba
         ref = {}
     v = out_sums.tolist()
     n = max(v[5], 1.0)
-    whole = {"output_sqnr": sqnr_db(v[0], v[1]), "agreement": 100.0 * v[2] / n if v[5] else None,
-             "acc_float": 100.0 * v[3] / n if has_labels else None,
-             "acc_quant": 100.0 * v[4] / n if has_labels else None}
+    whole = {
+        "output_sqnr": sqnr_db(v[0], v[1]),
+        "agreement": 100.0 * v[2] / n if v[5] else None,
+        "acc_float": 100.0 * v[3] / n if has_labels else None,
+        "acc_quant": 100.0 * v[4] / n if has_labels else None,
+    }
     return {name: a.result() for name, a in acc.items()}, whole

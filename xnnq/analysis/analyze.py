@@ -1,4 +1,5 @@
 """``analyze(qmodel, float_model, batches)``: per-layer quantization statistics, ranked by sensitivity."""
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,9 @@ from .sensitivity import sensitivity as sensitivity_pass
 from .weights import weight_stats
 
 
-def _as_pairs(batches: Iterable[Any], device: torch.device) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor | None]]:
+def _as_pairs(
+    batches: Iterable[Any], device: torch.device
+) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor | None]]:
     """Batches given as ``x``, ``(x, y)`` or ``((x1, x2), y)`` → ``[(inputs tuple, labels or None)]``."""
     pairs = []
     for b in batches:
@@ -27,17 +30,28 @@ def _as_pairs(batches: Iterable[Any], device: torch.device) -> list[tuple[tuple[
             x, y = b
             x = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         else:
-            raise TypeError("analyze: each batch must be a tensor or an (inputs, labels) pair, "
-                            f"got {type(b).__name__}")
+            raise TypeError(
+                f"analyze: each batch must be a tensor or an (inputs, labels) pair, got {type(b).__name__}"
+            )
         pairs.append((tuple(t.to(device) for t in x), y.to(device) if isinstance(y, torch.Tensor) else None))
     if not pairs:
-        raise ValueError("analyze: `batches` is empty; pass a few batches of real inputs (e.g. 4 x 32 images)")
+        raise ValueError(
+            "analyze: `batches` is empty; pass a few batches of real inputs (e.g. 4 x 32 images)"
+        )
     return pairs
 
 
-def analyze(qmodel: QuantBaseModule, float_model: nn.Module, batches: Iterable[Any], *, sensitivity: bool = True,
-            sensitivity_batches: int = 4, js_bins: int = 512, leaf_modules: Iterable[str | type] | None = None,
-            progress: bool = True) -> AnalysisResult:
+def analyze(
+    qmodel: QuantBaseModule,
+    float_model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    sensitivity: bool = True,
+    sensitivity_batches: int = 4,
+    js_bins: int = 512,
+    leaf_modules: Iterable[str | type] | None = None,
+    progress: bool = True,
+) -> AnalysisResult:
     """Per-layer quantization analysis of ``qmodel`` (an xnnq wrapper with observed ranges) against ``float_model``.
 
     Args:
@@ -55,15 +69,23 @@ def analyze(qmodel: QuantBaseModule, float_model: nn.Module, batches: Iterable[A
     (most sensitive first), or by weight SQNR when ``sensitivity=False``.
     """
     if leaf_modules is not None:
-        warnings.warn("analyze(leaf_modules=...) is deprecated and ignored: the float model is traced with the "
-                      "wrapper's own leaf_modules", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "analyze(leaf_modules=...) is deprecated and ignored: the float model is traced with the "
+            "wrapper's own leaf_modules",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     if not isinstance(qmodel, QuantBaseModule):
-        raise TypeError(f"analyze: qmodel must be an xnnq wrapper (QuantTrainModule/QuantTestModule), got "
-                        f"{type(qmodel).__name__}. Wrap the float model first: xnnq.QuantTrainModule(model, dummy_input).")
+        raise TypeError(
+            f"analyze: qmodel must be an xnnq wrapper (QuantTrainModule/QuantTestModule), got "
+            f"{type(qmodel).__name__}. Wrap the float model first: xnnq.QuantTrainModule(model, dummy_input)."
+        )
     unobserved = [n for n, q in qmodel.quantizers().items() if not q.observed]
     if unobserved:
-        raise RuntimeError(f"analyze: activation quantizers {unobserved[:5]} have no range yet. Calibrate "
-                           "(forward passes in training mode) or train the model before analysing it.")
+        raise RuntimeError(
+            f"analyze: activation quantizers {unobserved[:5]} have no range yet. Calibrate "
+            "(forward passes in training mode) or train the model before analysing it."
+        )
     device = next(iter(qmodel.parameters())).device
     pairs = _as_pairs(batches, device)
     was_training = qmodel.training
@@ -75,7 +97,7 @@ def analyze(qmodel: QuantBaseModule, float_model: nn.Module, batches: Iterable[A
         units = layer_units(qmodel)
         sens: dict[str, dict[str, Any]] = {}
         total: dict[str, Any] = {}
-        sens_inputs = [x for x, _ in pairs[:max(1, sensitivity_batches)]]
+        sens_inputs = [x for x, _ in pairs[: max(1, sensitivity_batches)]]
         if sensitivity:
             sens, total = sensitivity_pass(qmodel, units, sens_inputs, progress)
     finally:
@@ -94,13 +116,19 @@ def analyze(qmodel: QuantBaseModule, float_model: nn.Module, batches: Iterable[A
             row.act_bits = max(quantizers[q].bits for q in u.quantizers)
         row.__dict__.update(sens.get(u.name, {}))
         layers.append(row)
-    key = (lambda s: -(s.sens_noise or 0.0)) if sensitivity else (lambda s: s.weight_sqnr if s.weight_sqnr is not None else math.inf)
+    key = (
+        (lambda s: -(s.sens_noise or 0.0))
+        if sensitivity
+        else (lambda s: s.weight_sqnr if s.weight_sqnr is not None else math.inf)
+    )
     for rank, row in enumerate(sorted(layers, key=key), 1):
         row.rank = rank
-    summary = {"samples": sum(int(x[0].shape[0]) for x, _ in pairs), **whole,
-               "sensitivity_samples": sum(int(x[0].shape[0]) for x in sens_inputs) if sensitivity else 0,
-               "output_sqnr_all_quantized_vs_quant_off": total.get("sens_sqnr"),
-               "agreement_all_quantized_vs_quant_off": total.get("sens_agree"),
-               "noise_all_quantized_vs_quant_off": total.get("sens_noise")}
+    summary = {
+        "samples": sum(int(x[0].shape[0]) for x, _ in pairs),
+        **whole,
+        "sensitivity_samples": sum(int(x[0].shape[0]) for x in sens_inputs) if sensitivity else 0,
+        "output_sqnr_all_quantized_vs_quant_off": total.get("sens_sqnr"),
+        "agreement_all_quantized_vs_quant_off": total.get("sens_agree"),
+        "noise_all_quantized_vs_quant_off": total.get("sens_noise"),
+    }
     return AnalysisResult(layers, summary)
-

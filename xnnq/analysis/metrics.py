@@ -1,4 +1,5 @@
 """Error measures between a float tensor and its quantized version (plain tensor maths, no model)."""
+
 from __future__ import annotations
 
 import math

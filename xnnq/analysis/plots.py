@@ -1,4 +1,5 @@
 """PNG plots of an analysis (matplotlib, Agg backend): SQNR per layer, activation range vs clip, a weight histogram."""
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,10 @@ from .weights import folded_weights
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -31,11 +34,28 @@ def plot_sqnr(result: AnalysisResult, path: str | Path) -> Path:
     rows = result.layers
     x = list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(rows) + 2), 4.2), dpi=90)
-    ax.bar([i - 0.2 for i in x], [_finite(r.weight_sqnr) for r in rows], 0.4, label="weights SQNR", color="#4477aa")
-    ax.bar([i + 0.2 for i in x], [_finite(r.act_sqnr) for r in rows], 0.4, label="activation SQNR", color="#ee8866")
+    ax.bar(
+        [i - 0.2 for i in x],
+        [_finite(r.weight_sqnr) for r in rows],
+        0.4,
+        label="weights SQNR",
+        color="#4477aa",
+    )
+    ax.bar(
+        [i + 0.2 for i in x],
+        [_finite(r.act_sqnr) for r in rows],
+        0.4,
+        label="activation SQNR",
+        color="#ee8866",
+    )
     sens = [(i, r.sens_sqnr) for i, r in zip(x, rows) if r.sens_sqnr is not None]
     if sens:
-        ax.plot([i for i, _ in sens], [_finite(v) for _, v in sens], "k.", label="output SQNR, only this layer quantized")
+        ax.plot(
+            [i for i, _ in sens],
+            [_finite(v) for _, v in sens],
+            "k.",
+            label="output SQNR, only this layer quantized",
+        )
     ax.set_xticks(x, [r.name for r in rows], rotation=90, fontsize=7)
     ax.set_ylabel("SQNR (dB)")
     ax.set_title("Per-layer SQNR (higher is better)")
@@ -53,12 +73,23 @@ def plot_activation_ranges(result: AnalysisResult, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(rows) + 2), 4.2), dpi=90)
     lo = [r.float_min if r.float_min is not None else 0.0 for r in rows]
     hi = [r.float_max if r.float_max is not None else 0.0 for r in rows]
-    ax.bar(x, [h - l for l, h in zip(lo, hi)], 0.6, bottom=lo, color="#99ccee", label="float range (observed)")
-    ax.hlines([r.clip_hi for r in rows], [i - 0.4 for i in x], [i + 0.4 for i in x], colors="#cc3311", label="clip")
+    ax.bar(
+        x,
+        [h - lo_ for lo_, h in zip(lo, hi)],
+        0.6,
+        bottom=lo,
+        color="#99ccee",
+        label="float range (observed)",
+    )
+    ax.hlines(
+        [r.clip_hi for r in rows], [i - 0.4 for i in x], [i + 0.4 for i in x], colors="#cc3311", label="clip"
+    )
     ax.hlines([r.clip_lo for r in rows], [i - 0.4 for i in x], [i + 0.4 for i in x], colors="#cc3311")
     for i, r in zip(x, rows):
         if (r.clip_pct or 0.0) >= 0.01:
-            ax.annotate(f"{r.clip_pct:.2g}%", (i, max(hi[i], r.clip_hi)), fontsize=6, ha="center", va="bottom")
+            ax.annotate(
+                f"{r.clip_pct:.2g}%", (i, max(hi[i], r.clip_hi)), fontsize=6, ha="center", va="bottom"
+            )
     ax.set_xticks(x, [r.name for r in rows], rotation=90, fontsize=7)
     ax.set_ylabel("value")
     ax.set_title("Activation range vs clip interval (labels: % clipped, when >= 0.01%)")
@@ -87,11 +118,21 @@ def plot_weight_histogram(qmodel: QuantBaseModule, layer: str, path: str | Path,
         lo_c = int(torch.floor(w.min() / scale).clamp(min=qmin))
         hi_c = int(torch.ceil(w.max() / scale).clamp(max=qmax))
         levels = torch.arange(lo_c, hi_c + 1, dtype=w.dtype, device=w.device) * scale
-        ax.vlines(levels.cpu().numpy(), 0, 1, transform=ax.get_xaxis_transform(), colors="#cc3311",
-                  linewidth=0.4, alpha=0.5, label=f"{mod.weight_bits}-bit levels (step {float(scale):.3g})")
+        ax.vlines(
+            levels.cpu().numpy(),
+            0,
+            1,
+            transform=ax.get_xaxis_transform(),
+            colors="#cc3311",
+            linewidth=0.4,
+            alpha=0.5,
+            label=f"{mod.weight_bits}-bit levels (step {float(scale):.3g})",
+        )
     vals, counts = torch.unique(wq.flatten(), return_counts=True)
     ax2 = ax.twinx()
-    ax2.plot(vals.cpu().numpy(), counts.cpu().numpy(), ".", color="#cc3311", markersize=3, label="quantized counts")
+    ax2.plot(
+        vals.cpu().numpy(), counts.cpu().numpy(), ".", color="#cc3311", markersize=3, label="quantized counts"
+    )
     ax2.set_ylabel("count per level", fontsize=8)
     ax.set_xlabel("weight value")
     ax.set_ylabel("count per bin")
@@ -103,8 +144,9 @@ def plot_weight_histogram(qmodel: QuantBaseModule, layer: str, path: str | Path,
     return _save(fig, path)
 
 
-def save_plots(result: AnalysisResult, qmodel: QuantBaseModule, out_dir: str | Path,
-               layer: str | None = None) -> list[Path]:
+def save_plots(
+    result: AnalysisResult, qmodel: QuantBaseModule, out_dir: str | Path, layer: str | None = None
+) -> list[Path]:
     """Write ``sqnr.png``, ``act_ranges.png`` and ``weights_<layer>.png`` (default: the most sensitive weight layer)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,5 +163,6 @@ def _save(fig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     import matplotlib.pyplot as plt
+
     plt.close(fig)
     return path

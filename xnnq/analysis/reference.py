@@ -11,6 +11,7 @@ counterpart, the plan's ``ActSpot.tensor``:
 :class:`NodeTap` runs the float graph with ``torch.fx.Interpreter`` and keeps only the requested node
 outputs, so it also reaches values of ``call_function`` nodes that have no module to hook.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable

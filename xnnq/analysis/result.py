@@ -1,4 +1,5 @@
 """The analysis result: one row per layer, ranked by sensitivity, as Markdown or JSON."""
+
 from __future__ import annotations
 
 import json
@@ -45,13 +46,15 @@ class LayerStats:
     rank: int | None = None
 
 
-LEGEND = ("Sensitivity (sens): the network output when only that layer (weights + output activation) is "
-          "quantized, vs the output with quantization off: output SQNR (dB, lower = more sensitive) and % of "
-          "top-1 decisions unchanged. W: folded weights vs their quantized values (dB); W clip %: weights "
-          "changed by the outlier clipping (constrain_weights); INT/POT/FLOAT: the same weights in each format "
-          "at the layer's bitwidth; W JS: Jensen-Shannon divergence of the weight histograms (512 bins). A: the "
-          "layer's quantized output vs the float model's tensor at the same place (cumulative error of "
-          "everything before it); clip %: inputs beyond the clip interval; sat %: outputs on the extreme code.")
+LEGEND = (
+    "Sensitivity (sens): the network output when only that layer (weights + output activation) is "
+    "quantized, vs the output with quantization off: output SQNR (dB, lower = more sensitive) and % of "
+    "top-1 decisions unchanged. W: folded weights vs their quantized values (dB); W clip %: weights "
+    "changed by the outlier clipping (constrain_weights); INT/POT/FLOAT: the same weights in each format "
+    "at the layer's bitwidth; W JS: Jensen-Shannon divergence of the weight histograms (512 bins). A: the "
+    "layer's quantized output vs the float model's tensor at the same place (cumulative error of "
+    "everything before it); clip %: inputs beyond the clip interval; sat %: outputs on the extreme code."
+)
 
 
 def _clean(v: Any) -> Any:
@@ -115,30 +118,81 @@ class AnalysisResult:
         """A summary and the ranked per-layer table (the ``top`` most sensitive rows, default all)."""
         s = self.summary
         lines = ["## Quantization analysis", ""]
-        facts = [("samples", s.get("samples")), ("output SQNR (all quantized), dB", _fmt(s.get("output_sqnr"))),
-                 ("top-1 agreement with float, %", _fmt(s.get("agreement"), ".2f"))]
+        facts = [
+            ("samples", s.get("samples")),
+            ("output SQNR (all quantized), dB", _fmt(s.get("output_sqnr"))),
+            ("top-1 agreement with float, %", _fmt(s.get("agreement"), ".2f")),
+        ]
         if s.get("acc_float") is not None:
-            facts += [("accuracy float / quantized, %", f"{_fmt(s['acc_float'], '.2f')} / {_fmt(s['acc_quant'], '.2f')}")]
+            facts += [
+                (
+                    "accuracy float / quantized, %",
+                    f"{_fmt(s['acc_float'], '.2f')} / {_fmt(s['acc_quant'], '.2f')}",
+                )
+            ]
         facts += [("sensitivity samples (per layer pass)", s.get("sensitivity_samples"))]
         lines += [f"- {k}: {v}" for k, v in facts if v is not None] + [""]
         lines += [LEGEND, ""]
-        head = ["#", "layer", "kind", "bits W/A", "sens SQNR", "agree %", "W SQNR", "W clip %", "INT", "POT",
-                "FLOAT", "W JS", "A SQNR", "A cos", "float range", "clip", "clip %", "sat %"]
+        head = [
+            "#",
+            "layer",
+            "kind",
+            "bits W/A",
+            "sens SQNR",
+            "agree %",
+            "W SQNR",
+            "W clip %",
+            "INT",
+            "POT",
+            "FLOAT",
+            "W JS",
+            "A SQNR",
+            "A cos",
+            "float range",
+            "clip",
+            "clip %",
+            "sat %",
+        ]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         rows = self.ranked()[:top] if top else self.ranked()
         for r in rows:
             bits = f"{r.weight_bits or '–'}/{r.act_bits or '–'}"
-            rng = f"[{_fmt(r.float_min, '.3g')}, {_fmt(r.float_max, '.3g')}]" if r.float_min is not None else "–"
+            rng = (
+                f"[{_fmt(r.float_min, '.3g')}, {_fmt(r.float_max, '.3g')}]"
+                if r.float_min is not None
+                else "–"
+            )
             clip = f"[{_fmt(r.clip_lo, '.3g')}, {_fmt(r.clip_hi, '.3g')}]" if r.clip_lo is not None else "–"
             sc = r.scheme_sqnr or {}
-            cells = [_fmt(r.rank, "d") if r.rank is not None else "–", f"`{r.name}`", r.kind, bits, _fmt(r.sens_sqnr),
-                     _fmt(r.sens_agree, ".1f"), _fmt(r.weight_sqnr), _fmt(r.weight_clip_pct, ".3f"),
-                     _fmt(sc.get("INT")), _fmt(sc.get("POT")), _fmt(sc.get("FLOAT")), _fmt(r.weight_js, ".4f"), _fmt(r.act_sqnr), _fmt(r.act_cosine, ".4f"),
-                     rng, clip, _fmt(r.clip_pct, ".3f"), _fmt(r.sat_pct, ".3f")]
+            cells = [
+                _fmt(r.rank, "d") if r.rank is not None else "–",
+                f"`{r.name}`",
+                r.kind,
+                bits,
+                _fmt(r.sens_sqnr),
+                _fmt(r.sens_agree, ".1f"),
+                _fmt(r.weight_sqnr),
+                _fmt(r.weight_clip_pct, ".3f"),
+                _fmt(sc.get("INT")),
+                _fmt(sc.get("POT")),
+                _fmt(sc.get("FLOAT")),
+                _fmt(r.weight_js, ".4f"),
+                _fmt(r.act_sqnr),
+                _fmt(r.act_cosine, ".4f"),
+                rng,
+                clip,
+                _fmt(r.clip_pct, ".3f"),
+                _fmt(r.sat_pct, ".3f"),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         sug = s.get("suggest_16bit")
         if sug:
             names = ", ".join(f"`{n}`" for n in sug["layers"]) or "none"
-            lines += ["", (f"Suggested 16-bit layers ({sug.get('rule')}): {names} — estimated top-1 agreement "
-                           f"drop left: {_fmt(sug.get('estimated_drop'), '.2f')} points.")]
+            lines += [
+                "",
+                (
+                    f"Suggested 16-bit layers ({sug.get('rule')}): {names} — estimated top-1 agreement "
+                    f"drop left: {_fmt(sug.get('estimated_drop'), '.2f')} points."
+                ),
+            ]
         return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@
 Each function returns the de-quantized tensor (float, the input's shape); ``axis`` gives per-channel
 scales along that dimension (``None``: one scale per tensor).
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,7 +50,7 @@ def quantize_pot(w: torch.Tensor, bits: int, axis: int | None = None) -> torch.T
     top = pow2_ceil(_absmax(w, axis))
     n_exp = (1 << (bits - 1)) - 1
     a = (w.abs() / top).clamp(max=1.0)
-    e = torch.floor(torch.log2(a.clamp(min=MIN_RANGE ** 2))).clamp(min=-(n_exp - 1))
+    e = torch.floor(torch.log2(a.clamp(min=MIN_RANGE**2))).clamp(min=-(n_exp - 1))
     low = torch.exp2(e)
     mag = torch.where(a >= 1.5 * low, 2.0 * low, low).clamp(max=1.0)
     mag = torch.where(a < 0.5 * torch.exp2(torch.tensor(-(n_exp - 1.0))), torch.zeros_like(mag), mag)
@@ -59,7 +60,7 @@ def quantize_pot(w: torch.Tensor, bits: int, axis: int | None = None) -> torch.T
 def minifloat_max(exp_bits: int, man_bits: int) -> float:
     """Largest finite value of the mini-float (all exponent codes finite)."""
     bias = (1 << (exp_bits - 1)) - 1
-    return (2.0 - 2.0 ** -man_bits) * 2.0 ** ((1 << exp_bits) - 1 - bias)
+    return (2.0 - 2.0**-man_bits) * 2.0 ** ((1 << exp_bits) - 1 - bias)
 
 
 def round_minifloat(x: torch.Tensor, exp_bits: int, man_bits: int) -> torch.Tensor:
@@ -79,8 +80,14 @@ def quantize_float(w: torch.Tensor, bits: int, axis: int | None = None) -> torch
     return round_minifloat(w / scale, exp_bits, man_bits) * scale
 
 
-def quantize_scheme(w: torch.Tensor, scheme: str, bits: int, axis: int | None = None,
-                    power2: bool = True, shift: torch.Tensor | None = None) -> torch.Tensor:
+def quantize_scheme(
+    w: torch.Tensor,
+    scheme: str,
+    bits: int,
+    axis: int | None = None,
+    power2: bool = True,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``w`` under ``scheme`` ("INT", "POT" or "FLOAT"); ``shift`` applies to INT (see :func:`quantize_int`)."""
     if scheme == "INT":
         return quantize_int(w, bits, axis, power2, shift)

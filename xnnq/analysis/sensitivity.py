@@ -5,6 +5,7 @@ function with its own weights), the reference outputs are recorded on a few batc
 at a time, only that layer's modules (its conv/linear weights and its output quantizer(s)) are switched on
 for one pass over the same batches. The flags are restored afterwards.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -70,13 +71,21 @@ def _output_error(outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) ->
             sums[3] += (o.argmax(1) == r.argmax(1)).sum()
             sums[4] += r.shape[0]
     f2, e2, kl, agree, n = sums.tolist()
-    return {"sens_noise": e2 / f2 if f2 > 0 else None, "sens_sqnr": sqnr_db(f2, e2),
-            "sens_kl": kl / n if n else None, "sens_agree": 100.0 * agree / n if n else None}
+    return {
+        "sens_noise": e2 / f2 if f2 > 0 else None,
+        "sens_sqnr": sqnr_db(f2, e2),
+        "sens_kl": kl / n if n else None,
+        "sens_agree": 100.0 * agree / n if n else None,
+    }
 
 
 @torch.no_grad()
-def sensitivity(qmodel: QuantBaseModule, units: list[Unit], inputs: Sequence[tuple[torch.Tensor, ...]],
-                progress: bool = True) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def sensitivity(
+    qmodel: QuantBaseModule,
+    units: list[Unit],
+    inputs: Sequence[tuple[torch.Tensor, ...]],
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """({unit name: output error with only that unit quantized}, output error with everything quantized)."""
     gm = qmodel.module
     flags = {m: m.quant_enabled for m in gm.modules() if hasattr(m, "quant_enabled")}

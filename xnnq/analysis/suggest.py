@@ -7,6 +7,7 @@ The error is expressed as the top-1 disagreement with the quantization-free outp
 measured on the analysis batches. It is an estimate: verify the suggestion by building the model with
 ``bitwidth_overrides={name: 16 for name in layers}`` and evaluating it.
 """
+
 from __future__ import annotations
 
 from .result import AnalysisResult
@@ -23,8 +24,13 @@ def estimated_drop(result: AnalysisResult, sixteen_bit: list[str]) -> float | No
     return (100.0 - drop_all) * left / total
 
 
-def suggest_16bit(result: AnalysisResult, *, target_drop: float | None = None, count: int | None = None,
-                  weight_layers_only: bool = False) -> list[str]:
+def suggest_16bit(
+    result: AnalysisResult,
+    *,
+    target_drop: float | None = None,
+    count: int | None = None,
+    weight_layers_only: bool = False,
+) -> list[str]:
     """Layers to put in 16 bits, most sensitive first.
 
     Give ``count`` (the ``count`` most sensitive layers) or ``target_drop`` (the fewest layers, in ranking
@@ -32,7 +38,9 @@ def suggest_16bit(result: AnalysisResult, *, target_drop: float | None = None, c
     ``weight_layers_only`` keeps conv/linear layers only. The names work as ``bitwidth_overrides`` keys.
     """
     if (target_drop is None) == (count is None):
-        raise ValueError("suggest_16bit: give exactly one of target_drop (points of top-1 agreement) or count")
+        raise ValueError(
+            "suggest_16bit: give exactly one of target_drop (points of top-1 agreement) or count"
+        )
     ranked = [s for s in result.ranked() if s.sens_noise is not None]
     if not ranked:
         raise ValueError("suggest_16bit: the analysis has no sensitivity; run analyze(..., sensitivity=True)")

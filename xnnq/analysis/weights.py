@@ -1,4 +1,5 @@
 """Weight statistics per conv/linear layer: the deployed (folded, quantized) weights against the float ones."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,8 +16,10 @@ def folded_weights(qmodel: QuantBaseModule, name: str) -> tuple[torch.Tensor, to
     """(float folded weight, quantized folded weight) of weight layer ``name``, as the export computes them."""
     spot = next((w for w in qmodel.plan.weights if w.name == name), None)
     if spot is None:
-        raise KeyError(f"{name!r} is not a quantized weight layer; weight layers: "
-                       f"{', '.join(w.name for w in qmodel.plan.weights)}")
+        raise KeyError(
+            f"{name!r} is not a quantized weight layer; weight layers: "
+            f"{', '.join(w.name for w in qmodel.plan.weights)}"
+        )
     layer = qmodel.module.get_submodule(name)
     bn = qmodel.module.get_submodule(spot.bn) if spot.bn else None
     w, _ = layer.folded_weight_bias(bn)
@@ -41,9 +44,20 @@ def weight_stats(qmodel: QuantBaseModule, js_bins: int = 512) -> dict[str, dict[
         layer = qmodel.module.get_submodule(spot.name)
         w, wq = folded_weights(qmodel, spot.name)
         wc = layer.constrain(w)
-        schemes = {s: sqnr(w, quantize_scheme(wc, s, layer.weight_bits, layer.weight_axis(), layer.power2,
-                                              layer.weight_range_shift)) for s in SCHEMES}
-        out[spot.name] = {"weight_sqnr": sqnr(w, wq), "weight_js": weight_js(w, wq, js_bins),
-                          "weight_clip_pct": 100.0 * float((wc != w).double().mean()),
-                          "scheme_sqnr": schemes, "weight_bits": layer.weight_bits}
+        schemes = {
+            s: sqnr(
+                w,
+                quantize_scheme(
+                    wc, s, layer.weight_bits, layer.weight_axis(), layer.power2, layer.weight_range_shift
+                ),
+            )
+            for s in SCHEMES
+        }
+        out[spot.name] = {
+            "weight_sqnr": sqnr(w, wq),
+            "weight_js": weight_js(w, wq, js_bins),
+            "weight_clip_pct": 100.0 * float((wc != w).double().mean()),
+            "scheme_sqnr": schemes,
+            "weight_bits": layer.weight_bits,
+        }
     return out

@@ -1,4 +1,5 @@
 """Post-training calibration: histogram-based activation ranges, MSE weight clipping, bias correction."""
+
 from .bias_correction import InputMean, weight_error_mean
 from .histogram import Histogram
 from .methods import METHODS, choose_range
@@ -7,13 +8,13 @@ from .observer import HistogramObserver, HistogramRanges
 from .weight_clip import mse_weight_shift
 
 __all__ = [
-           "METHODS",
-           "Histogram",
-           "HistogramObserver",
-           "HistogramRanges",
-           "InputMean",
-           "QuantCalibrateModule",
-           "choose_range",
-           "mse_weight_shift",
-           "weight_error_mean",
+    "METHODS",
+    "Histogram",
+    "HistogramObserver",
+    "HistogramRanges",
+    "InputMean",
+    "QuantCalibrateModule",
+    "choose_range",
+    "mse_weight_shift",
+    "weight_error_mean",
 ]

@@ -16,6 +16,7 @@ upstream weights), mixed into every layer's bias along the network, and depends 
 batches. Here the float input is used, so each layer's correction is the mean error it causes itself,
 computed once in closed form; upstream layers correct their own.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,9 +43,11 @@ class InputMean(nn.Module):
         s = x.sum(0).double()  # the batch summed in float32 (the input's dtype), accumulated in float64
         if self.total.shape != s.shape:
             if self.total.numel():
-                raise ValueError(f"{getattr(module, 'name', '') or type(module).__name__}: calibration inputs change "
-                                 f"shape ({tuple(self.total.shape)} -> {tuple(s.shape)}); bias correction needs "
-                                 "calibration batches of one input size (or bias_correction=False).")
+                raise ValueError(
+                    f"{getattr(module, 'name', '') or type(module).__name__}: calibration inputs change "
+                    f"shape ({tuple(self.total.shape)} -> {tuple(s.shape)}); bias correction needs "
+                    "calibration batches of one input size (or bias_correction=False)."
+                )
             self.total = torch.zeros_like(s)
         self.total += s
         self.count += x.shape[0]
@@ -66,7 +69,9 @@ def _channel_mean(y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def weight_error_mean(layer: nn.Module, mean_input: torch.Tensor, bn: nn.Module | None) -> torch.Tensor | None:
+def weight_error_mean(
+    layer: nn.Module, mean_input: torch.Tensor, bn: nn.Module | None
+) -> torch.Tensor | None:
     """Per-output-channel shift of ``layer``'s output mean caused by its weight quantization.
 
     ``layer`` is a :class:`~xnnq.layers.QuantConv2d` / :class:`~xnnq.layers.QuantLinear`; its

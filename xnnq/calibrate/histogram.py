@@ -13,11 +13,13 @@ ops (pad, reshape-sum), so the counts stay on the device.
 Host sync: one per batch (the batch's absolute maximum, to decide the span). Calibration is not the QAT
 hot path and the sync buys a histogram whose shape is always known on the host.
 
-Cost: the exact minimum and maximum are taken over the whole tensor; the counts over a sample of at most
-``sample_size`` elements per batch, taken as evenly spaced runs of 16 contiguous elements
-(:func:`~xnnq.layers.sampling.block_sample`: the same sample size for a sixteenth of the memory traffic of
-a single-element stride, and ``torch.histc`` reads it contiguously).
+Cost: one pass over the tensor, the exact minimum and maximum (``torch.aminmax``, reading it once); the
+counts over a sample of at most ``sample_size`` elements per batch, taken as evenly spaced runs of 16
+contiguous elements (:func:`~xnnq.layers.sampling.block_sample`: the same sample size for a sixteenth of the
+memory traffic of a single-element stride), binned by :func:`bin_counts` (histc's counts, vectorized). A
+``cap`` (ReLU6) is applied to the extremes and the sample, not to the tensor.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,6 +34,15 @@ from ..layers.sampling import block_sample, flat_view
 
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+def bin_counts(sample: torch.Tensor, r: float, bins: int) -> torch.Tensor:
+    """``torch.histc(sample, bins, -r, r)`` for a power-of-2 ``r`` and ``bins`` and values within ``[-r, r]``,
+    the same counts (int64) at a third of the cost: the bin is ``floor((x + r) · bins / 2r)``, rounded as
+    histc rounds it (``x + r`` in float32), the value ``r`` in the last bin."""
+    return torch.bincount(
+        sample.add(r).mul_(bins / (2.0 * r)).floor_().clamp_(max=bins - 1).long(), minlength=bins
+    )
 
 
 class Histogram(nn.Module):
@@ -49,7 +60,9 @@ class Histogram(nn.Module):
         if not _is_pow2(bins) or bins < 2048:
             raise ValueError(f"{name or 'Histogram'}: bins must be a power of two >= 2048, got {bins}")
         if not _is_pow2(max_bins) or max_bins < bins:
-            raise ValueError(f"{name or 'Histogram'}: max_bins must be a power of two >= bins ({bins}), got {max_bins}")
+            raise ValueError(
+                f"{name or 'Histogram'}: max_bins must be a power of two >= bins ({bins}), got {max_bins}"
+            )
         self.bins, self.max_bins, self.sample_size, self.name = bins, max_bins, sample_size, name
         self.exponent: int | None = None  # span R = 2^exponent; None until the first batch
         self.register_buffer("counts", torch.zeros(0, dtype=torch.float64), persistent=False)
@@ -104,16 +117,21 @@ class Histogram(nn.Module):
         self.exponent += 1
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Count ``x`` in; returns ``x`` unchanged."""
+    def forward(self, x: torch.Tensor, cap: float | None = None) -> torch.Tensor:
+        """Count ``x`` in (``min(x, cap)`` when ``cap`` is given); returns ``x`` unchanged."""
         flat = flat_view(x.detach())
         if flat.numel() == 0:
             return x
         lo, hi = torch.aminmax(flat)
-        amax = max(-float(lo), float(hi))  # the one host sync per batch
+        if cap is not None:  # the extremes and the sample of min(x, cap), without a pass to clamp x
+            lo, hi = lo.clamp(max=cap), hi.clamp(max=cap)
+        lo_f, hi_f = torch.stack([lo, hi]).tolist()  # the one host sync per batch
+        amax = max(-lo_f, hi_f)
         if not math.isfinite(amax):
-            raise FloatingPointError(f"{self.name or 'Histogram'}: the calibration tensor holds NaN or Inf. "
-                                     "Check the calibration data and the model (run it in float first).")
+            raise FloatingPointError(
+                f"{self.name or 'Histogram'}: the calibration tensor holds NaN or Inf. "
+                "Check the calibration data and the model (run it in float first)."
+            )
         k = math.ceil(math.log2(max(amax, MIN_RANGE)))
         if self.exponent is None:
             self.exponent = k
@@ -125,8 +143,9 @@ class Histogram(nn.Module):
             torch.minimum(self.min_val, lo.float(), out=self.min_val)
             torch.maximum(self.max_val, hi.float(), out=self.max_val)
         sample = block_sample(flat, self.sample_size).float()
-        r = self.span
-        self.counts += torch.histc(sample, bins=self.counts.numel(), min=-r, max=r).double()
+        if cap is not None:
+            sample = sample.clamp(max=cap)
+        self.counts += bin_counts(sample, self.span, self.counts.numel())
         return x
 
     def extra_repr(self) -> str:

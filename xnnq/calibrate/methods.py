@@ -25,6 +25,7 @@ holding every value down to the bin width) by its own objective, not by rounding
 Without power-of-2 ranges: ``max`` is the absolute maximum, ``percentile`` interpolates inside the bin, and
 ``mse``/``entropy`` search up to ``search_points`` thresholds on bin edges.
 """
+
 from __future__ import annotations
 
 import math
@@ -101,7 +102,11 @@ def percentile_of(h: torch.Tensor, width: float, p: float) -> float:
     """``p``-th percentile of the non-negative histogram ``h`` (linear inside the bin)."""
     cum = torch.cumsum(h, 0)
     target = p / 100.0 * float(cum[-1])
-    j = int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype, device=cum.device)).clamp(max=len(h) - 1))
+    j = int(
+        torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype, device=cum.device)).clamp(
+            max=len(h) - 1
+        )
+    )
     before = float(cum[j - 1]) if j > 0 else 0.0
     inside = float(h[j])
     frac = (target - before) / inside if inside > 0 else 1.0
@@ -109,8 +114,15 @@ def percentile_of(h: torch.Tensor, width: float, p: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------ choice
-def choose_range(hist: Histogram, method: str, bits: int, signed: bool, power2: bool = True,
-                 percentile: float = 99.99, search_points: int = 512) -> float:
+def choose_range(
+    hist: Histogram,
+    method: str,
+    bits: int,
+    signed: bool,
+    power2: bool = True,
+    percentile: float = 99.99,
+    search_points: int = 512,
+) -> float:
     """The range ``R`` that ``method`` picks for a quantizer of ``bits`` and signedness ``signed``."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
@@ -131,7 +143,8 @@ def choose_range(hist: Histogram, method: str, bits: int, signed: bool, power2: 
         need = percentile / 100.0 * float(cum[-1])
         best = None
         for r in pow2_candidates(hist, absmax):  # largest first: keep the last that still covers p %
-            if float(cum[min(round(r / hist.width), len(h)) - 1]) >= need * (1 - 1e-12):
+            # only whole bins below r count: the bin that holds r may hold values above it
+            if float(cum[max(min(math.floor(r / hist.width + 1e-9), len(h)) - 1, 0)]) >= need * (1 - 1e-12):
                 best = r
         return best
     if method == "mse":

@@ -1,4 +1,5 @@
 """QuantCalibrateModule: post-training calibration (PTQ) on the graph machinery of QuantTrainModule."""
+
 from __future__ import annotations
 
 import warnings
@@ -50,19 +51,43 @@ class QuantCalibrateModule(QuantBaseModule):
         config, leaf_modules, verbose, **settings: as :class:`~xnnq.quantize.wrapper.QuantBaseModule`; the
             settings are :class:`~xnnq.quantize.config.QuantConfig`'s fields (``bitwidth_weights``,
             ``bitwidth_activations``, ``per_channel_q`` — e.g. ``"depthwise"`` —, ``power2_weight_range``,
-            ``power2_activation_range``, ``constrain_weights``, ``trim_fraction`` (here: the negative fraction
+            ``power2_activation_range``, ``target`` (a TIDL chip whose numerics the unset ones follow), ``constrain_weights``, ``trim_fraction`` (here: the negative fraction
             above which an activation of unknown sign is signed), ``clip_ranges``).
     """
 
-    def __init__(self, model: nn.Module, dummy_input: Any, config: QuantConfig | None = None, *, method: str = "mse",
-                 percentile: float = 99.99, bias_correction: bool = True, weight_clipping: str | None = None,
-                 bins: int = 2048, max_bins: int = 1 << 16, sample_size: int = 1 << 16,
-                 leaf_modules: Iterable[str | type] = (), verbose: bool = False, **settings: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        dummy_input: Any,
+        config: QuantConfig | None = None,
+        *,
+        method: str = "mse",
+        percentile: float = 99.99,
+        bias_correction: bool = True,
+        weight_clipping: str | None = None,
+        bins: int = 2048,
+        max_bins: int = 1 << 16,
+        sample_size: int = 1 << 16,
+        leaf_modules: Iterable[str | type] = (),
+        verbose: bool = False,
+        **settings: Any,
+    ):
         if weight_clipping not in WEIGHT_CLIPPING:
-            raise ValueError(f"QuantCalibrateModule: weight_clipping must be None or 'mse', got {weight_clipping!r}")
+            raise ValueError(
+                f"QuantCalibrateModule: weight_clipping must be None or 'mse', got {weight_clipping!r}"
+            )
         if "activation_observer" in settings:
-            raise TypeError("QuantCalibrateModule observes activations with histograms; choose the range with "
-                            "method= (and percentile=, bins=...), not activation_observer=")
+            raise TypeError(
+                "QuantCalibrateModule observes activations with histograms; choose the range with "
+                "method= (and percentile=, bins=...), not activation_observer="
+            )
+        if settings.get("range_learning", "statistics") != "statistics" or (
+            config is not None and config.range_learning != "statistics"
+        ):
+            raise ValueError(
+                "QuantCalibrateModule does not train, so it cannot learn ranges: use "
+                "range_learning='statistics' here (learned thresholds are for QuantTrainModule)"
+            )
         ranges = HistogramRanges(method, percentile, bins, max_bins, sample_size)
         config = QuantConfig.from_settings(config, **settings, activation_observer=ranges)
         super().__init__(model, dummy_input, config, leaf_modules=leaf_modules, verbose=verbose)
@@ -80,7 +105,11 @@ class QuantCalibrateModule(QuantBaseModule):
     # ------------------------------------------------------------------------------------ modes
     def _layers(self):
         for spot in self.plan.weights:
-            yield spot, self.module.get_submodule(spot.name), (self.module.get_submodule(spot.bn) if spot.bn else None)
+            yield (
+                spot,
+                self.module.get_submodule(spot.name),
+                (self.module.get_submodule(spot.bn) if spot.bn else None),
+            )
 
     @property
     def calibrating(self) -> bool:
@@ -111,7 +140,9 @@ class QuantCalibrateModule(QuantBaseModule):
         saved = self._weight_quant_saved or {}
         self._weight_quant_saved = None
         ranges = {n: q.settle_range() for n, q in self.quantizers().items()}
-        seen = any(r is not None for r in ranges.values()) or any(int(m.count) for m in self.input_means.values())
+        seen = any(r is not None for r in ranges.values()) or any(
+            int(m.count) for m in self.input_means.values()
+        )
         shifts, corrections = {}, {}
         for spot, layer, bn in self._layers():
             layer.quant_enabled = saved.get(spot.name, layer.quant_enabled)
@@ -123,14 +154,22 @@ class QuantCalibrateModule(QuantBaseModule):
             if self.use_bias_correction:
                 mean = self.input_means[spot.name.replace(".", "/")].mean()
                 corr = weight_error_mean(layer, mean, bn) if mean is not None else None
-                layer.bias_correction.copy_(corr if corr is not None else torch.zeros_like(layer.bias_correction))
+                layer.bias_correction.copy_(
+                    corr if corr is not None else torch.zeros_like(layer.bias_correction)
+                )
                 corrections[spot.name] = None if corr is None else float(corr.abs().max())
-        self.calibration_report = {"ranges": ranges, "weight_range_shift": shifts,
-                                   "bias_correction_max_abs": corrections}
+        self.calibration_report = {
+            "ranges": ranges,
+            "weight_range_shift": shifts,
+            "bias_correction_max_abs": corrections,
+        }
         return self.calibration_report
 
     def finalize(self) -> dict[str, Any]:
         """Deprecated name of :meth:`end_calibration`."""
-        warnings.warn("QuantCalibrateModule.finalize() is deprecated; use end_calibration() (or eval())",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "QuantCalibrateModule.finalize() is deprecated; use end_calibration() (or eval())",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.end_calibration()

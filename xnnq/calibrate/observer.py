@@ -1,4 +1,5 @@
 """HistogramObserver: the calibration observer of a PACT2 — a histogram of the data, a range chosen at the end."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,8 +45,17 @@ class HistogramObserver(RangeObserver):
 
     float_while_observing = True
 
-    def __init__(self, method: str = "mse", percentile: float = 99.99, bins: int = 2048, max_bins: int = 1 << 16,
-                 sample_size: int = 1 << 16, tail: float = 1e-4, cap: float | None = None, name: str = ""):
+    def __init__(
+        self,
+        method: str = "mse",
+        percentile: float = 99.99,
+        bins: int = 2048,
+        max_bins: int = 1 << 16,
+        sample_size: int = 1 << 16,
+        tail: float = 1e-4,
+        cap: float | None = None,
+        name: str = "",
+    ):
         super().__init__()
         check_method(method, percentile, name or "HistogramObserver")
         self.method, self.percentile, self.tail, self.cap = method, percentile, tail, cap
@@ -53,7 +63,7 @@ class HistogramObserver(RangeObserver):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Count ``x`` in; returns ``x`` unchanged."""
-        self.histogram(x.clamp(max=self.cap) if self.cap is not None else x)
+        self.histogram(x, self.cap)
         return x
 
     def data_is_signed(self) -> bool:
@@ -76,7 +86,9 @@ class HistogramObserver(RangeObserver):
         return r, decided
 
     def extra_repr(self) -> str:
-        return f"method={self.method}" + (f", percentile={self.percentile}" if self.method == "percentile" else "")
+        return f"method={self.method}" + (
+            f", percentile={self.percentile}" if self.method == "percentile" else ""
+        )
 
 
 @dataclass(frozen=True)
@@ -93,5 +105,13 @@ class HistogramRanges:
         check_method(self.method, self.percentile, "QuantCalibrateModule")
 
     def __call__(self, spot: ActSpot, config: QuantConfig) -> HistogramObserver:
-        return HistogramObserver(self.method, self.percentile, self.bins, self.max_bins, self.sample_size,
-                                 tail=config.trim_fraction, cap=spot.cap, name=spot.name)
+        return HistogramObserver(
+            self.method,
+            self.percentile,
+            self.bins,
+            self.max_bins,
+            self.sample_size,
+            tail=config.trim_fraction,
+            cap=spot.cap,
+            name=spot.name,
+        )

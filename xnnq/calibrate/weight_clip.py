@@ -1,4 +1,5 @@
 """MSE-optimal power-of-2 weight clipping: choose how many times to halve the max rule's weight range."""
+
 from __future__ import annotations
 
 import torch
@@ -20,6 +21,10 @@ def mse_weight_shift(layer: nn.Module, bn: nn.Module | None, max_shift: int = 2)
     base = weight_scale(w, layer.weight_bits, axis, layer.power2)
     qmin, qmax = quant_bounds(layer.weight_bits, True)
     dims = [d for d in range(w.dim()) if d != axis] if axis is not None else list(range(w.dim()))
-    errs = torch.stack([((fake_quantize(w, base / 2 ** k, qmin, qmax, axis) - w) ** 2).sum(dim=dims)
-                        for k in range(max_shift + 1)])
+    errs = torch.stack(
+        [
+            ((fake_quantize(w, base / 2**k, qmin, qmax, axis) - w) ** 2).sum(dim=dims)
+            for k in range(max_shift + 1)
+        ]
+    )
     return errs.argmin(0)

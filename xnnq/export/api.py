@@ -1,4 +1,5 @@
 """``xnnq.export_onnx``: the TIDL-ready float ONNX or an ONNX QDQ model, plus its TIDL options JSON."""
+
 from __future__ import annotations
 
 import warnings
@@ -12,13 +13,17 @@ from torch import fx
 
 from ..quantize.capture import check_dummy_input
 from ..quantize.plan import Plan, WeightSpot
-from .allowlist import warn_unsupported
+from ..targets import KNOWN_OPTIONS, Quantity, Target, compile_options, get_target, refuse
+from .argmax import normalize_argmax_axis, with_argmax
 from .graph import ClipInfo, LayerInfo, build_export_graph
 from .onnx_graph import initializers, op_counts
-from .options import scale_type, tidl_runtime_options, write_options
+from .options import tidl_runtime_options, untargeted_scale_type, write_options
 from .qdq import ActQuant, WeightQuant, to_qdq
+from .quant_params import ActRange, model_layers, tensor_ranges, write_quant_params
+from .quant_params import build_message as quant_params_message
 from .tidl import DEFAULT_OPSET, clip_order, name_clips, tidy_and_check, torch_to_onnx
 from .tidl import simplify as onnxsim_simplify
+from .tidl_check import Violation, quant_params_violations, report, tidl_check, tidl_fix, warn_unsupported
 
 FORMATS = ("tidl", "qdq")
 
@@ -30,9 +35,15 @@ class ExportResult:
     path: Path
     options_path: Path
     model: onnx.ModelProto
-    module: fx.GraphModule                    # the float export graph (PyTorch), what the "tidl" ONNX computes
+    module: fx.GraphModule  # the float export graph (PyTorch), what the "tidl" ONNX computes
     activation_ranges: dict[str, tuple[float, float]]
     unsupported: list[tuple[str, str]] = field(default_factory=list)
+    target: str | None = None  # the TIDL chip the export was made for (None: no target)
+    flow: str | None = None  # "tidl", "qdq" or "quant_params" (mixed 8/16-bit, see docs)
+    violations: list[Violation] = field(default_factory=list)  # TIDL importer rules the file breaks
+    fixes: list[str] = field(default_factory=list)  # exact fixes applied (tidl_fix)
+    quant_params_path: Path | None = None  # TIDL quantization-parameters file (flow "quant_params")
+    reference_model: onnx.ModelProto | None = None  # QDQ graph onnxruntime runs (int16 where 16-bit)
 
     def op_counts(self) -> dict[str, int]:
         return dict(op_counts(self.model))
@@ -41,9 +52,11 @@ class ExportResult:
 def _qmodule(qmodel: Any) -> tuple[torch.nn.Module, fx.GraphModule]:
     gm = getattr(qmodel, "module", None)
     if not isinstance(gm, fx.GraphModule) or not hasattr(qmodel, "plan"):
-        raise TypeError(f"export_onnx expects an xnnq wrapper (QuantTrainModule, QuantTestModule or "
-                        f"QuantCalibrateModule), got {type(qmodel).__name__}. Wrap the float model first: "
-                        "qmodel = xnnq.QuantTestModule(model, dummy_input); qmodel.load_state_dict(...).")
+        raise TypeError(
+            f"export_onnx expects an xnnq wrapper (QuantTrainModule, QuantTestModule or "
+            f"QuantCalibrateModule), got {type(qmodel).__name__}. Wrap the float model first: "
+            "qmodel = xnnq.QuantTestModule(model, dummy_input); qmodel.load_state_dict(...)."
+        )
     return qmodel, gm
 
 
@@ -61,7 +74,9 @@ def export_graph(qmodel: Any) -> tuple[fx.GraphModule, list[ClipInfo], list[Laye
 
 def export_module(qmodel: Any) -> tuple[fx.GraphModule, list[ClipInfo], list[LayerInfo]]:
     """Deprecated name of :func:`export_graph`."""
-    warnings.warn("xnnq.export.export_module is deprecated; use export_graph", DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "xnnq.export.export_module is deprecated; use export_graph", DeprecationWarning, stacklevel=2
+    )
     return export_graph(qmodel)
 
 
@@ -81,9 +96,24 @@ def _layer_output(model: onnx.ModelProto, spot: WeightSpot, tensors: dict[str, s
     return next(n for n in model.graph.node if len(n.input) > 1 and n.input[1] == weight).output[0]
 
 
-def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str = "tidl", opset: int | None = None,
-                simplify: bool = True, check: bool = True, exporter: str = "torchscript",
-                input_names: list[str] | None = None, output_names: list[str] | None = None) -> ExportResult:
+def export_onnx(
+    qmodel: Any,
+    dummy_input: Any,
+    path: str | Path,
+    *,
+    format: str | None = None,
+    target: str | Target | None = None,
+    strict: bool = False,
+    tidl_options: dict[str, Any] | None = None,
+    quant_params: dict[str, str] | None = None,
+    opset: int | None = None,
+    simplify: bool = True,
+    check: bool = True,
+    exporter: str = "torchscript",
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+    argmax: bool = False,
+) -> ExportResult:
     """Export an xnnq model for TIDL.
 
     Args:
@@ -93,36 +123,68 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
         format: ``"tidl"`` — float graph, BN folded, weights/biases on their grid, a ``Clip`` with the
             power-of-2 range after every quantized activation (compile with ``accuracy_level`` 0);
             ``"qdq"`` — QuantizeLinear/DequantizeLinear with power-of-2 scales and zero-point 0, int8/int16
-            weights, int32 biases (TIDL's pre-quantized model option).
+            weights, int32 biases (TIDL's pre-quantized model option). Default: the target's first
+            documented format (TDA4VM: "tidl", the others: "qdq"), "tidl" without a target.
+        target: the TIDL chip (``"TDA4VM"``/``"J721E"``, ``"AM68A"``/``"TDA4VL"``, ``"AM69A"``/``"TDA4VH"``,
+            ``"AM62A"``, ``"AM67A"``/``"J722S"``; default: the wrapper's ``target``, else none). With a target
+            the default format is the chip's, numerics it cannot run are refused (:class:`~xnnq.targets.
+            TargetError`), exact fixes are applied (``xnnq.export.tidl_check.tidl_fix``), the compile options
+            follow the chip, TIDL's importer rules are checked, and 16-bit layers in ``format="qdq"`` go
+            through TIDL's quantization-parameters file (``<stem>.quant_params.prototxt``) with the float
+            graph, since TIDL's pre-quantized QDQ import is 8-bit only. Without a target: today's behaviour
+            (TDA4VM-like options, only the unsupported-op warning).
+        strict: raise :class:`~xnnq.export.tidl_check.TIDLImportError` on importer-rule errors (default: warn).
+        tidl_options: further compile options for the JSON (names from ``xnnq.targets.KNOWN_OPTIONS``).
+        quant_params: ``{"bit_depth": "bits"|"bytes", "layer_names": "output"|"node"}`` for the
+            quantization-parameters file (see :mod:`xnnq.export.quant_params`).
         opset: ONNX opset (default 18; QDQ with 16-bit tensors is raised to 21).
         simplify: run onnxsim (constant folding, no shape arithmetic left).
         check: ``onnx.checker`` (full) on the result.
         exporter: ``"torchscript"`` (default: fast, and onnxsim leaves the same graph) or ``"dynamo"``.
+        argmax: end the graph with ``ArgMax`` over the channel axis (keepdims, int64) of the first output,
+            as TI's segmentation models are exported: the device writes a one-channel class-index map.
     """
+    tname = target if target is not None else getattr(qmodel, "target", None)
+    tgt = get_target(tname) if tname is not None else None
+    format = format or (tgt.formats[0] if tgt is not None else "tidl")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    where = f"export_onnx({Path(path).name})"
     args = tuple(a.detach().cpu() for a in check_dummy_input(dummy_input))
     plan: Plan = _qmodule(qmodel)[0].plan
-    non_power2 = [a.name for a in plan.acts if not a.power2]
-    scale = scale_type(format, all(w.power2 for w in plan.weights), non_power2 or True)
+    scale = None  # with a target, refuse() and compile_options() decide
+    if tgt is None:
+        non_power2 = [a.name for a in plan.acts if not a.power2]
+        scale = untargeted_scale_type(format, all(w.power2 for w in plan.weights), non_power2)
     gm, clips, layers = export_graph(qmodel)
+    if tgt is not None:
+        refuse(tgt, format, _quantities(clips, layers), where)
     gm = gm.cpu()
     with torch.no_grad():
         sample = gm(*args)
     input_names = input_names or (["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))])
     output_names = output_names or _output_names(sample)
-    model = torch_to_onnx(gm, args, opset or DEFAULT_OPSET, exporter, input_names, output_names)
+    head = with_argmax(gm) if argmax else gm
+    model = torch_to_onnx(head, args, opset or DEFAULT_OPSET, exporter, input_names, output_names)
+    if argmax:
+        normalize_argmax_axis(model)
     tensors = name_clips(model, clip_order(gm), clips)
     if simplify:
         model = onnxsim_simplify(model)
     model = tidy_and_check(model, check)
+    fixes: list[str] = []
+    if tgt is not None:
+        model, fixes = tidl_fix(model, tgt)
+        model = tidy_and_check(model, check)
 
     inits = initializers(model.graph)
     weights = {}
     for layer in layers:
         w = f"{layer.name}.weight"
         if w not in inits:
-            raise RuntimeError(f"export: the weight of layer `{layer.name}` is not the initializer {w!r} in the ONNX graph")
+            raise RuntimeError(
+                f"export: the weight of layer `{layer.name}` is not the initializer {w!r} in the ONNX graph"
+            )
         weights[w] = layer
     # TIDL's 16-bit lists: views of the plan, in ONNX tensor names (exported quantizers, graph order)
     feature_16 = [t for q, t in tensors.items() if plan.act(q).bits == 16]
@@ -131,27 +193,143 @@ def export_onnx(qmodel: Any, dummy_input: Any, path: str | Path, *, format: str 
     if tensor_bits == 16:
         feature_16, params_16 = [], []
 
-    if format == "qdq":
-        acts = {tensors[c.name]: ActQuant(c.bits, c.power2, c.scale) for c in clips}
-        wq = {w: WeightQuant(layer.bits, layer.per_channel, layer.power2, layer.scale.numpy(),
-                             tensors.get(layer.input_quant or ""))
-              for w, layer in weights.items() if layer.scale is not None}
-        model = tidy_and_check(to_qdq(model, acts, wq), check)
-
-    bad = warn_unsupported(model, f"export_onnx({Path(path).name})")
+    sixteen = any(c.bits == 16 for c in clips) or any(layer.bits == 16 for layer in layers)
+    flow = format if tgt is None or format == "tidl" or not sixteen else "quant_params"
     path = Path(path)
+    reference = None
+    acts = {tensors[c.name]: ActQuant(c.bits, c.power2, c.scale) for c in clips}
+    wq = {
+        w: WeightQuant(
+            layer.bits,
+            layer.per_channel,
+            layer.power2,
+            layer.scale.numpy(),
+            tensors.get(layer.input_quant or ""),
+        )
+        for w, layer in weights.items()
+        if layer.scale is not None
+    }
+    if format == "qdq":
+        reference = tidy_and_check(to_qdq(model, acts, wq), check)
+        if flow == "qdq":
+            model = reference
+
+    qp_path, qp_msg = None, None
+    if flow == "quant_params":
+        qp_path = path.with_name(path.stem + ".quant_params.prototxt")
+        qp_layers, qp_per_channel = _quant_params_layers(model, tensors, clips, weights, quant_params or {})
+        qp_msg = quant_params_message(
+            qp_layers, per_channel=qp_per_channel, bit_depth=(quant_params or {}).get("bit_depth", "bits")
+        )
+    if tgt is None:
+        runtime_options = tidl_runtime_options(format, tensor_bits, feature_16, params_16, scale)
+        runtime_options.update(_extra_options(tidl_options))
+        violations: list[Violation] = []
+        bad = warn_unsupported(model, where)
+    else:
+        runtime_options = compile_options(
+            tgt,
+            flow,
+            tensor_bits=tensor_bits,
+            per_channel=any(layer.per_channel for layer in layers),
+            all_power2=all(c.power2 for c in clips) and all(layer.power2 for layer in layers),
+            feature_16bit=feature_16,
+            params_16bit=params_16,
+            quant_params_path=qp_path.name if qp_path else None,
+            extra=tidl_options,
+        )
+        in_memory = {
+            k: v for k, v in runtime_options.items() if k != "advanced_options:quant_params_proto_path"
+        }
+        violations = tidl_check(model, tgt, options=in_memory)
+        if flow != "qdq" and tgt.bias_bits is not None:  # bias codes are explicit in the QDQ form only
+            twin = reference if reference is not None else to_qdq(model, acts, wq)
+            violations += [v for v in tidl_check(twin, tgt) if v.rule == "Bias.width"]
+        if qp_msg is not None:
+            names = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
+            violations += quant_params_violations(qp_msg, names, qp_path.name)
+        bad = [(v.node, v.op) for v in violations if v.rule == "graph.unsupported_op"]
+        report(violations, where, strict)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
+    if qp_msg is not None:
+        write_quant_params(
+            qp_path,
+            qp_layers,
+            per_channel=qp_per_channel,
+            bit_depth=(quant_params or {}).get("bit_depth", "bits"),
+        )
     ranges = {tensors[c.name]: (c.lo, c.hi) for c in clips}
     content = {
         "format": format,
         "model": path.name,
-        "runtime_options": tidl_runtime_options(format, tensor_bits, feature_16, params_16, scale),
+        **({"target": tgt.name, "flow": flow} if tgt is not None else {}),
+        **({"quant_params": qp_path.name} if qp_path else {}),
+        "argmax": bool(argmax),
+        "runtime_options": runtime_options,
         "activation_ranges": {t: [lo, hi] for t, (lo, hi) in ranges.items()},
         "activation_scales": {tensors[c.name]: c.scale for c in clips},
         "activation_bits": {tensors[c.name]: c.bits for c in clips},
-        "weights": {w: {"bits": l.bits, "per_channel": l.per_channel, "power2": l.power2} for w, l in weights.items()},
+        "weights": {
+            w: {"bits": li.bits, "per_channel": li.per_channel, "power2": li.power2}
+            for w, li in weights.items()
+        },
         "quantizers": tensors,
+        **({"fixes": fixes, "violations": [v.to_dict() for v in violations]} if tgt is not None else {}),
     }
     opts = write_options(path, content)
-    return ExportResult(path, opts, model, gm, ranges, bad)
+    return ExportResult(
+        path,
+        opts,
+        model,
+        gm,
+        ranges,
+        bad,
+        tgt.name if tgt else None,
+        flow,
+        violations,
+        fixes,
+        qp_path,
+        reference,
+    )
+
+
+def _quantities(clips: list[ClipInfo], layers: list[LayerInfo]) -> list[Quantity]:
+    return [Quantity(c.name, "activation", c.bits, c.power2) for c in clips] + [
+        Quantity(layer.name, "weight", layer.bits, layer.power2, layer.per_channel)
+        for layer in layers
+        if layer.scale is not None
+    ]
+
+
+def _extra_options(extra: dict[str, Any] | None) -> dict[str, Any]:
+    unknown = sorted(set(extra or {}) - set(KNOWN_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"unknown TIDL compile option(s) {unknown}; known: {', '.join(sorted(KNOWN_OPTIONS))}"
+        )
+    return dict(extra or {})
+
+
+def _quant_params_layers(
+    model: onnx.ModelProto,
+    tensors: dict[str, str],
+    clips: list[ClipInfo],
+    weights: dict[str, LayerInfo],
+    opts: dict[str, str],
+):
+    """The quantization-parameters layers of the float ``model``: the simulation's ranges and weights."""
+    unknown = set(opts) - {"bit_depth", "layer_names"}
+    if unknown:
+        raise ValueError(f"quant_params: unknown keys {sorted(unknown)}; use 'bit_depth' and 'layer_names'")
+    clip_ranges = {tensors[c.name]: ActRange(c.bits, c.signed, c.scale) for c in clips}
+    ranges = tensor_ranges(model, clip_ranges)
+    scales = {w: layer.scale.numpy() for w, layer in weights.items() if layer.scale is not None}
+    layers = model_layers(
+        model,
+        ranges,
+        {w: layer.bits for w, layer in weights.items()},
+        scales,
+        layer_names=opts.get("layer_names", "output"),
+    )
+    return layers, any(layer.per_channel for layer in weights.values())

@@ -9,6 +9,7 @@ activation scales from the Clip bounds, 16-bit where the options' 16-bit lists s
 result as an ONNX QDQ model that onnxruntime runs. If the export is right, the re-quantized weights are
 the exported ones bit for bit and the emulation computes what the PyTorch simulation computed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -18,16 +19,10 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from ..targets import SCALE_TYPE_P2
 from .check import onnx_accuracy
 from .onnx_graph import consumers
-from .options import (
-    FEATURE_16BIT_OPTION,
-    PARAMS_16BIT_OPTION,
-    SCALE_TYPE_OPTION,
-    SCALE_TYPE_POWER2,
-    read_options,
-    split_names,
-)
+from .options import FEATURE_16BIT_OPTION, PARAMS_16BIT_OPTION, SCALE_TYPE_OPTION, read_options, split_names
 from .qdq import ActQuant, WeightQuant, grid_error, to_qdq
 
 
@@ -40,18 +35,23 @@ def tidl_emulation(path: str | Path, per_channel: bool | Iterable[str] | None = 
     model = onnx.load(str(path))
     opts = read_options(path)
     if opts.get("format") != "tidl":
-        raise ValueError(f"{path}: TIDL emulation takes a format='tidl' export, this one is {opts.get('format')!r}")
+        raise ValueError(
+            f"{path}: TIDL emulation takes a format='tidl' export, this one is {opts.get('format')!r}"
+        )
     ro = opts["runtime_options"]
     bits = int(ro.get("tensor_bits", 8))
-    weights_power2 = ro.get(SCALE_TYPE_OPTION, SCALE_TYPE_POWER2) == SCALE_TYPE_POWER2  # feature maps: always
+    weights_power2 = ro.get(SCALE_TYPE_OPTION, SCALE_TYPE_P2) == SCALE_TYPE_P2  # feature maps: always
     feature_16 = set(split_names(ro.get(FEATURE_16BIT_OPTION)))
     params_16 = set(split_names(ro.get(PARAMS_16BIT_OPTION)))
     if per_channel is None:
         per_channel = {w for w, spec in opts.get("weights", {}).items() if spec.get("per_channel")}
     graph = model.graph
     users = consumers(graph)
-    acts = {n.output[0]: ActQuant(16 if n.output[0] in feature_16 else bits)
-            for n in graph.node if n.op_type == "Clip"}
+    acts = {
+        n.output[0]: ActQuant(16 if n.output[0] in feature_16 else bits)
+        for n in graph.node
+        if n.op_type == "Clip"
+    }
     init_names = {t.name for t in graph.initializer}
     weights = {}
     for n in graph.node:
@@ -73,7 +73,9 @@ def requantization_error(path: str | Path) -> dict[str, float]:
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     out = {}
     for t in onnx.load(str(path)).graph.initializer:
-        dq = next((n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == t.name), None)
+        dq = next(
+            (n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == t.name), None
+        )
         if dq is None:
             continue
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)

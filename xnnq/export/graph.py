@@ -14,6 +14,7 @@ never by editing the quantized model:
 The result is a ``GraphModule`` in eval mode with no parameters that require grad, plus the list of
 :class:`ClipInfo` (one per quantized activation) that the range table and the QDQ conversion read.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,35 +48,39 @@ class Clip(nn.Module):
 class ClipInfo:
     """One quantized activation of the export graph."""
 
-    name: str        # PACT2 module path (also the ONNX tensor name given to its output)
+    name: str  # PACT2 module path (also the ONNX tensor name given to its output)
     lo: float
     hi: float
     bits: int
     signed: bool
     power2: bool
-    scale: float     # the quantizer's scale (power of 2 when power2)
+    scale: float  # the quantizer's scale (power of 2 when power2)
 
 
 @dataclass
 class LayerInfo:
     """One weight layer of the export graph."""
 
-    name: str                 # module path of the conv/linear
+    name: str  # module path of the conv/linear
     bits: int
     per_channel: bool
     power2: bool
-    input_quant: str | None   # PACT2 name of its input quantizer
+    input_quant: str | None  # PACT2 name of its input quantizer
     scale: torch.Tensor | None = None  # its weight scale (0-d or per output channel); None: not quantized
 
 
 def _check_ready(name: str, q: PACT2) -> None:
     if q.quant_enabled and not q.observed:
-        raise RuntimeError(f"{name}: no activation range has been observed yet; run forward passes in training mode "
-                           "(QAT or calibration) or load a trained state_dict before exporting.")
+        raise RuntimeError(
+            f"{name}: no activation range has been observed yet; run forward passes in training mode "
+            "(QAT or calibration) or load a trained state_dict before exporting."
+        )
 
 
 @torch.no_grad()
-def build_export_graph(qmodule: fx.GraphModule, plan: Plan) -> tuple[fx.GraphModule, list[ClipInfo], list[LayerInfo]]:
+def build_export_graph(
+    qmodule: fx.GraphModule, plan: Plan
+) -> tuple[fx.GraphModule, list[ClipInfo], list[LayerInfo]]:
     """The float export graph of an xnnq ``GraphModule`` and its plan (see the module docstring)."""
     src = qmodule
     graph = copy.deepcopy(src.graph)
@@ -94,14 +99,27 @@ def build_export_graph(qmodule: fx.GraphModule, plan: Plan) -> tuple[fx.GraphMod
             bn = src.get_submodule(spot.bn) if spot.bn else None
             in_q: PACT2 | None = src.get_submodule(spot.input_quant) if spot.input_quant else None
             if bn is not None and bn.training:
-                raise RuntimeError(f"{node.target}: its BatchNorm is in training mode; call qmodel.eval() before export.")
+                raise RuntimeError(
+                    f"{node.target}: its BatchNorm is in training mode; call qmodel.eval() before export."
+                )
             w, b = layer.quantized_weight_bias(bn, in_q)
-            scale = (layer.quantize_weight(layer.folded_weight_bias(bn)[0])[1].detach().cpu()
-                     if layer.quant_enabled else None)
+            scale = (
+                layer.quantize_weight(layer.folded_weight_bias(bn)[0])[1].detach().cpu()
+                if layer.quant_enabled
+                else None
+            )
             mods[node.target] = _plain_layer(layer, w, b)
             node.args = node.args[:1]  # (x, bn, input_quant) -> (x,)
-            layers.append(LayerInfo(node.target, spot.bits, spot.per_channel, spot.power2,
-                                    spot.input_quant if in_q is not None and in_q.quant_enabled else None, scale))
+            layers.append(
+                LayerInfo(
+                    node.target,
+                    spot.bits,
+                    spot.per_channel,
+                    spot.power2,
+                    spot.input_quant if in_q is not None and in_q.quant_enabled else None,
+                    scale,
+                )
+            )
         elif node.target in act_spots:
             spot = act_spots[node.target]
             _check_ready(node.target, mod)
@@ -111,8 +129,11 @@ def build_export_graph(qmodule: fx.GraphModule, plan: Plan) -> tuple[fx.GraphMod
                 mods[node.target] = Clip(lo, hi)
                 clips.append(ClipInfo(node.target, lo, hi, spot.bits, qmin < 0, spot.power2, float(scale)))
             elif mod.signed is False:
-                mods[node.target] = (nn.ReLU6() if mod.cap == 6.0 else
-                                 (Clip(0.0, float(mod.cap)) if mod.cap is not None else nn.ReLU()))
+                mods[node.target] = (
+                    nn.ReLU6()
+                    if mod.cap == 6.0
+                    else (Clip(0.0, float(mod.cap)) if mod.cap is not None else nn.ReLU())
+                )
             else:
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
@@ -139,8 +160,19 @@ def build_export_graph(qmodule: fx.GraphModule, plan: Plan) -> tuple[fx.GraphMod
 
 def _plain_layer(mod: QuantConv2d | QuantLinear, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
     if isinstance(mod, QuantConv2d):
-        out = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-                        mod.groups, b is not None, mod.padding_mode, device=w.device, dtype=w.dtype)
+        out = nn.Conv2d(
+            mod.in_channels,
+            mod.out_channels,
+            mod.kernel_size,
+            mod.stride,
+            mod.padding,
+            mod.dilation,
+            mod.groups,
+            b is not None,
+            mod.padding_mode,
+            device=w.device,
+            dtype=w.dtype,
+        )
     else:
         out = nn.Linear(mod.in_features, mod.out_features, b is not None, device=w.device, dtype=w.dtype)
     out.weight = nn.Parameter(w.detach().clone(), requires_grad=False)

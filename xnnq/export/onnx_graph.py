@@ -1,4 +1,5 @@
 """Small helpers over an ONNX graph: producers, consumers, initializers, renaming, node-type counts."""
+
 from __future__ import annotations
 
 from collections import Counter

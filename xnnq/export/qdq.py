@@ -13,6 +13,7 @@ TIDL emulation).
   that feeds the layer: the plan's, given by the export; otherwise found through the range-preserving
   ops of :mod:`xnnq.quantize.preserving`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,11 +26,15 @@ from onnx import TensorProto, helper, numpy_helper
 from ..layers.fake_quant import activation_scale, quant_bounds, weight_scale
 from .onnx_graph import clip_bounds, drop_unused_initializers, find_source, initializers
 
-QDQ_MIN_OPSET = 13       # per-channel DequantizeLinear
-QDQ_16BIT_OPSET = 21     # int16/uint16 QuantizeLinear / DequantizeLinear
+QDQ_MIN_OPSET = 13  # per-channel DequantizeLinear
+QDQ_16BIT_OPSET = 21  # int16/uint16 QuantizeLinear / DequantizeLinear
 
-_INT_TYPES = {(8, True): TensorProto.INT8, (8, False): TensorProto.UINT8,
-              (16, True): TensorProto.INT16, (16, False): TensorProto.UINT16}
+_INT_TYPES = {
+    (8, True): TensorProto.INT8,
+    (8, False): TensorProto.UINT8,
+    (16, True): TensorProto.INT16,
+    (16, False): TensorProto.UINT16,
+}
 _NP_TYPES = {(8, True): np.int8, (8, False): np.uint8, (16, True): np.int16, (16, False): np.uint16}
 
 
@@ -50,7 +55,9 @@ class WeightQuant:
     per_channel: bool = False
     power2: bool = True
     scale: np.ndarray | None = None  # the layer's own scale; None: xnnq's rule on the float weight
-    input: str | None = None  # the quantized activation feeding the layer (the plan's); None: found in the graph
+    input: str | None = (
+        None  # the quantized activation feeding the layer (the plan's); None: found in the graph
+    )
 
 
 def act_qparams(lo: float, hi: float, q: ActQuant) -> tuple[float, int, int, bool]:
@@ -78,11 +85,13 @@ def quantize_weight_array(w: np.ndarray, q: WeightQuant, axis: int) -> tuple[np.
 
 
 def grid_error(w: np.ndarray, codes: np.ndarray, scale: np.ndarray, axis: int) -> float:
-    """max |codes · scale − w|: 0.0 when ``w`` was already on the grid."""
+    """max |codes · scale − w| with the product in float32, as the layer computes it: 0.0 when ``w`` was
+    already on the grid (also for a non-power-of-2 scale, whose products are not exact in float64 terms)."""
     shape = [1] * w.ndim
     if scale.ndim == 1:
         shape[axis] = -1
-    return float(np.abs(codes.astype(np.float64) * scale.astype(np.float64).reshape(shape) - w).max())
+    deq = codes.astype(np.float32) * scale.astype(np.float32).reshape(shape)
+    return float(np.abs(deq.astype(np.float64) - np.asarray(w, dtype=np.float64)).max())
 
 
 class _Builder:
@@ -91,7 +100,11 @@ class _Builder:
         self.graph = model.graph
         self.inits = initializers(self.graph)
         self.new_inits: list[onnx.TensorProto] = []
-        self.names = {o for n in self.graph.node for o in n.output} | set(self.inits) | {i.name for i in self.graph.input}
+        self.names = (
+            {o for n in self.graph.node for o in n.output}
+            | set(self.inits)
+            | {i.name for i in self.graph.input}
+        )
 
     def unique(self, base: str) -> str:
         name, i = base, 1
@@ -105,13 +118,19 @@ class _Builder:
         self.new_inits.append(numpy_helper.from_array(value, name))
         return name
 
-    def dq(self, codes_name: str, scale_name: str, zp_name: str | None, out: str, axis: int | None) -> onnx.NodeProto:
+    def dq(
+        self, codes_name: str, scale_name: str, zp_name: str | None, out: str, axis: int | None
+    ) -> onnx.NodeProto:
         inputs = [codes_name, scale_name] + ([zp_name] if zp_name else [])
         kw = {"axis": axis} if axis is not None else {}
-        return helper.make_node("DequantizeLinear", inputs, [out], name=self.unique(out + "_DequantizeLinear"), **kw)
+        return helper.make_node(
+            "DequantizeLinear", inputs, [out], name=self.unique(out + "_DequantizeLinear"), **kw
+        )
 
 
-def to_qdq(model: onnx.ModelProto, acts: dict[str, ActQuant], weights: dict[str, WeightQuant]) -> onnx.ModelProto:
+def to_qdq(
+    model: onnx.ModelProto, acts: dict[str, ActQuant], weights: dict[str, WeightQuant]
+) -> onnx.ModelProto:
     """Return a QDQ copy of the float ``model`` (see the module docstring).
 
     ``acts``: {Clip output tensor: ActQuant} — the Clips to turn into Q/DQ (others are left as they are).
@@ -147,10 +166,12 @@ def to_qdq(model: onnx.ModelProto, acts: dict[str, ActQuant], weights: dict[str,
         w = numpy_helper.to_array(b.inits[wname])
         codes, s = quantize_weight_array(w, q, axis)
         # a power-of-2 grid holds the float32 weights exactly; another one up to float32 rounding of code · scale
-        tol = 0.0 if q.power2 else float(np.abs(w).max()) * 2.0 ** -23
+        tol = 0.0 if q.power2 else float(np.abs(w).max()) * 2.0**-23
         if q.scale is not None and grid_error(w, codes, s, axis) > tol:
-            raise RuntimeError(f"to_qdq: weight {wname!r} is not on the grid of its layer's scale (max error "
-                               f"{grid_error(w, codes, s, axis):.3g}); the export graph and the layer disagree.")
+            raise RuntimeError(
+                f"to_qdq: weight {wname!r} is not on the grid of its layer's scale (max error "
+                f"{grid_error(w, codes, s, axis):.3g}); the export graph and the layer disagree."
+            )
         codes_name = b.const(wname + "_quantized", codes)
         scale_name = b.const(wname + "_scale", s)
         zp_name = b.const(wname + "_zero_point", np.zeros(s.shape, dtype=codes.dtype))
@@ -159,16 +180,22 @@ def to_qdq(model: onnx.ModelProto, acts: dict[str, ActQuant], weights: dict[str,
         for node in users:  # biases: per layer (onnxsim may share one initializer between layers)
             bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
             src = find_source(graph, node.input[0], set(act_scale))
-            if q.input is not None:  # the plan's input quantizer; the graph walk, when it finds one, must agree
+            if (
+                q.input is not None
+            ):  # the plan's input quantizer; the graph walk, when it finds one, must agree
                 if src is not None and src != q.input:
-                    raise RuntimeError(f"to_qdq: the input of the layer of {wname!r} is quantized by {q.input!r} "
-                                       f"(the plan) but the graph leads to {src!r}; please report it with the model.")
+                    raise RuntimeError(
+                        f"to_qdq: the input of the layer of {wname!r} is quantized by {q.input!r} "
+                        f"(the plan) but the graph leads to {src!r}; please report it with the model."
+                    )
                 src = q.input if q.input in act_scale else None
             if bias_name is None or bias_name not in b.inits or src is None:
                 continue
             bias = numpy_helper.to_array(b.inits[bias_name]).astype(np.float64)
             bscale = (act_scale[src] * s.astype(np.float64)).astype(np.float32)
-            bcodes = np.clip(np.round(bias / bscale.astype(np.float64)), -2.0 ** 31, 2.0 ** 31 - 1).astype(np.int32)
+            bcodes = np.clip(np.round(bias / bscale.astype(np.float64)), -(2.0**31), 2.0**31 - 1).astype(
+                np.int32
+            )
             base = f"{wname.removesuffix('.weight')}.bias"
             bc = b.const(base + "_quantized", bcodes)
             bs = b.const(base + "_scale", bscale)
@@ -187,7 +214,9 @@ def to_qdq(model: onnx.ModelProto, acts: dict[str, ActQuant], weights: dict[str,
         lo, hi, (scale, qmin, qmax, signed) = act_params[out]
         bits = acts[out].bits
         x = node.input[0]
-        if lo > qmin * scale or hi < qmax * scale:  # the clip cuts inside the grid: keep it
+        if np.float32(lo) > np.float32(qmin * scale) or np.float32(hi) < np.float32(
+            qmax * scale
+        ):  # cuts inside
             clipped = b.unique(out + "_clipped")
             node.output[0] = clipped
             out_nodes.append(node)
@@ -195,8 +224,11 @@ def to_qdq(model: onnx.ModelProto, acts: dict[str, ActQuant], weights: dict[str,
         s_name = b.const(out + "_scale", np.array(scale, dtype=np.float32))
         z_name = b.const(out + "_zero_point", np.zeros((), dtype=_NP_TYPES[(bits, signed)]))
         qname = b.unique(out + "_quantized")
-        out_nodes.append(helper.make_node("QuantizeLinear", [x, s_name, z_name], [qname],
-                                          name=b.unique(out + "_QuantizeLinear")))
+        out_nodes.append(
+            helper.make_node(
+                "QuantizeLinear", [x, s_name, z_name], [qname], name=b.unique(out + "_QuantizeLinear")
+            )
+        )
         out_nodes.append(b.dq(qname, s_name, z_name, out, None))
     del graph.node[:]
     graph.node.extend(new_nodes + out_nodes)

@@ -5,6 +5,7 @@ each quantizer's ``Clip`` output tensor renamed to the quantizer's name (so the 
 lists and Netron all speak the model's module paths) → onnxsim (constant folding: no
 Shape/Gather/Concat arithmetic is left, e.g. around ``Resize``) → shape inference → ``onnx.checker``.
 """
+
 from __future__ import annotations
 
 import io
@@ -22,8 +23,14 @@ DEFAULT_OPSET = 18
 EXPORTERS = ("torchscript", "dynamo")
 
 
-def torch_to_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], opset: int, exporter: str = "torchscript",
-                  input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None) -> onnx.ModelProto:
+def torch_to_onnx(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    opset: int,
+    exporter: str = "torchscript",
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> onnx.ModelProto:
     """Export ``module`` (eval mode) with static shapes; ``exporter`` is "torchscript" (fast) or "dynamo"."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
@@ -31,12 +38,35 @@ def torch_to_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], opset
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
-            prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=input_names,
-                                     output_names=output_names, verbose=False)
+            prog = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                input_names=input_names,
+                output_names=output_names,
+                verbose=False,
+            )
             return prog.model_proto
-        torch.onnx.export(module, args, buf, dynamo=False, opset_version=opset, input_names=input_names,
-                          output_names=output_names, do_constant_folding=True)
-    return onnx.load_from_string(buf.getvalue())
+        # keep_initializers_as_inputs: torch would otherwise merge initializers of equal value (a conv shared
+        # across call sites, two zero-initialised layers) and a layer's weight would lose its own name
+        torch.onnx.export(
+            module,
+            args,
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            do_constant_folding=True,
+            keep_initializers_as_inputs=True,
+        )
+    model = onnx.load_from_string(buf.getvalue())
+    inits = {t.name for t in model.graph.initializer}
+    kept = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    return model
 
 
 def clip_order(gm: torch.fx.GraphModule) -> list[tuple[str, float, float]]:
@@ -50,7 +80,9 @@ def clip_order(gm: torch.fx.GraphModule) -> list[tuple[str, float, float]]:
     return out
 
 
-def name_clips(model: onnx.ModelProto, order: list[tuple[str, float, float]], clips: list[ClipInfo]) -> dict[str, str]:
+def name_clips(
+    model: onnx.ModelProto, order: list[tuple[str, float, float]], clips: list[ClipInfo]
+) -> dict[str, str]:
     """Rename each quantizer's ``Clip`` output to the quantizer's name; returns {quantizer: tensor name}.
 
     The ONNX ``Clip`` nodes come in the export graph's execution order; each is matched to the next
@@ -67,8 +99,8 @@ def name_clips(model: onnx.ModelProto, order: list[tuple[str, float, float]], cl
             continue
         name, lo, hi = order[i]
         b_lo, b_hi = clip_bounds(graph, node)
-        lo32, hi32 = float(np.float32(lo)), float(np.float32(hi))  # ONNX holds the bounds in float32
-        if abs(b_lo - lo32) > 1e-12 * max(1.0, abs(lo32)) or abs(b_hi - hi32) > 1e-12 * max(1.0, abs(hi32)):
+        # the ONNX bounds are float32: compare there (a non-power-of-2 bound is not exact in float32)
+        if np.float32(b_lo) != np.float32(lo) or np.float32(b_hi) != np.float32(hi):
             continue
         i += 1
         if name not in quantized:
@@ -81,15 +113,19 @@ def name_clips(model: onnx.ModelProto, order: list[tuple[str, float, float]], cl
         mapping[name] = out
     missing = [c.name for c in clips if c.name not in mapping]
     if missing:
-        raise RuntimeError(f"export: the ONNX graph has no Clip for the quantizer(s) {missing[:5]}; the exporter "
-                           "changed the graph in a way xnnq does not follow. Please report it with the model.")
+        raise RuntimeError(
+            f"export: the ONNX graph has no Clip for the quantizer(s) {missing[:5]}; the exporter "
+            "changed the graph in a way xnnq does not follow. Please report it with the model."
+        )
     return mapping
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxsim with static shapes; raises if the simplified graph differs from the original."""
     import onnxsim
-    out, ok = onnxsim.simplify(model)
+
+    # every layer keeps its own weight initializer (a conv shared across call sites is one layer per call)
+    out, ok = onnxsim.simplify(model, skipped_optimizers=["eliminate_duplicate_initializer"])
     if not ok:
         raise RuntimeError("onnxsim could not validate the simplified model against the original")
     return out

@@ -1,4 +1,5 @@
 """Modules for the tensor operators that change a range, so each can carry its own quantizer."""
+
 from __future__ import annotations
 
 import torch

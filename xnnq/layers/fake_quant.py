@@ -5,7 +5,8 @@ Numerics (TIDL's): symmetric, zero-point 0.
 * signed:   ``q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1) * s``
 * unsigned: ``q = clamp(round(x / s), 0, 2^b - 1) * s``
 * ``round`` is round-half-to-even (``torch.round``, the same as ``torch.fake_quantize_*`` and ONNX
-  ``QuantizeLinear``), so the simulation, onnxruntime and the exported grid agree bit for bit.
+  ``QuantizeLinear``) unless another mode of :mod:`xnnq.layers.rounding` is asked for (PACT2 asks for
+  TIDL's by default: see :class:`~xnnq.layers.PACT2`).
 * Power-of-2 range: a range ``r`` is rounded *up* to ``R = 2^ceil(log2 r)``; the scale is
   ``R / 2^(b-1)`` signed or ``R / 2^b`` unsigned, so the largest code is ``R - s``.
 * Gradient: straight-through estimator, masked to the codes that did not saturate (the gradient of
@@ -22,12 +23,15 @@ Kernels (all give the same values, bit for bit; tested):
   instead of becoming a code.
 * Otherwise (16-bit, per-channel): :class:`_FakeQuantSTE`, four element-wise passes.
 """
+
 from __future__ import annotations
 
 import functools
 import warnings
 
 import torch
+
+from .rounding import Rounding, resolve, round_tensor_
 
 _QDQ_DTYPES = {(0, 255): getattr(torch, "quint8", None), (-128, 127): getattr(torch, "qint8", None)}
 _HAS_QDQ = hasattr(torch, "quantize_per_tensor") and all(_QDQ_DTYPES.values())
@@ -36,7 +40,7 @@ if _HAS_QDQ:  # spend torch's once-per-process deprecation warning here, silence
         warnings.simplefilter("ignore")
         torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
 
-MIN_RANGE = 2.0 ** -24  # a range below this (an all-zero tensor) is treated as this
+MIN_RANGE = 2.0**-24  # a range below this (an all-zero tensor) is treated as this
 
 
 def quant_bounds(bits: int, signed: bool) -> tuple[int, int]:
@@ -55,7 +59,9 @@ def grid_levels(bits: int, signed: bool, power2: bool = True) -> int:
 
 def check_bits(bits: int, where: str = "") -> None:
     if bits not in (8, 16):
-        raise ValueError(f"{where + ': ' if where else ''}bitwidth {bits} is not supported; TIDL quantizes to 8 or 16 bits")
+        raise ValueError(
+            f"{where + ': ' if where else ''}bitwidth {bits} is not supported; TIDL quantizes to 8 or 16 bits"
+        )
 
 
 def pow2_ceil(r: torch.Tensor) -> torch.Tensor:
@@ -90,8 +96,9 @@ def weight_scale(w: torch.Tensor, bits: int, axis: int | None = None, power2: bo
     return weight_scale_from_max(max_abs(w, axis), bits, power2)
 
 
-def weight_scale_from_max(m: torch.Tensor, bits: int, power2: bool = True,
-                          shift: torch.Tensor | None = None) -> torch.Tensor:
+def weight_scale_from_max(
+    m: torch.Tensor, bits: int, power2: bool = True, shift: torch.Tensor | None = None
+) -> torch.Tensor:
     """Weight scale from the largest magnitude ``m``, divided by ``2^shift`` when given.
 
     Power-of-2 rule, chosen so that re-quantizing the quantized weights with the same rule changes
@@ -112,7 +119,7 @@ def weight_scale_from_max(m: torch.Tensor, bits: int, power2: bool = True,
     return torch.exp2(e if shift is None else e - shift)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mask_bounds(qmin: int, qmax: int) -> tuple[float, float]:
     """Open interval of codes ``x / s`` whose rounded code is in ``[qmin, qmax]``, for the even ``qmin`` and
     odd ``qmax`` of every bitwidth: round-half-to-even keeps ``qmin - 0.5`` (-> qmin) and sends ``qmax + 0.5``
@@ -128,10 +135,17 @@ class _FakeQuantSTE(torch.autograd.Function):
     saturate)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        qmin: int,
+        qmax: int,
+        rounding: Rounding = Rounding.HALF_EVEN,
+    ) -> torch.Tensor:
         codes = torch.mul(x, 1.0 / scale)
         out = torch.clamp(codes, qmin, qmax)
-        out.round_().mul_(scale)
+        round_tensor_(out, rounding).mul_(scale)
         ctx.save_for_backward(codes)
         ctx.bounds = _mask_bounds(qmin, qmax)
         return out
@@ -139,7 +153,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (codes,) = ctx.saved_tensors
-        return torch.ops.aten.hardtanh_backward(grad, codes, *ctx.bounds), None, None, None
+        return torch.ops.aten.hardtanh_backward(grad, codes, *ctx.bounds), None, None, None, None
 
 
 class _FakeQuantQDQ(torch.autograd.Function):
@@ -175,7 +189,9 @@ class _ClipFakeQuantSTE(torch.autograd.Function):
     one saved boolean tensor instead of clamp's five-op backward)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bound: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, bound: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int
+    ) -> torch.Tensor:
         codes = torch.clamp(x, -bound, bound).mul_(1.0 / scale)
         lo, hi = _mask_bounds(qmin, qmax)
         ctx.save_for_backward((x.abs() <= bound) & (codes > lo) & (codes < hi))
@@ -187,32 +203,50 @@ class _ClipFakeQuantSTE(torch.autograd.Function):
         return torch.where(mask, grad, 0.0), None, None, None, None
 
 
-def clip_fake_quantize(x: torch.Tensor, bound: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
-                       axis: int | None = None) -> torch.Tensor:
+def clip_fake_quantize(
+    x: torch.Tensor, bound: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: int | None = None
+) -> torch.Tensor:
     """:func:`fake_quantize` of ``clamp(x, -bound, bound)`` (``bound`` a 0-d tensor), with the gradient of
     the clamp and the straight-through estimator together. For weight tensors (the element-wise path)."""
     return _ClipFakeQuantSTE.apply(x, bound, _along(scale, x, axis), int(qmin), int(qmax))
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+    rounding: Rounding | str = Rounding.HALF_EVEN,
+) -> torch.Tensor:
     """Quantize-dequantize ``x`` with zero-point 0 and a straight-through gradient.
 
     ``scale`` is a 0-d tensor (per tensor) or a 1-d tensor along ``axis`` (per channel). ``qmin``/``qmax``
-    are the integer code bounds.
+    are the integer code bounds. ``rounding``: a concrete mode of :mod:`xnnq.layers.rounding`
+    (``half_even``: the fused/vectorized torch kernels; any other mode: the element-wise path).
     """
+    rounding = resolve(rounding)
+    if rounding is not Rounding.HALF_EVEN:
+        return _FakeQuantSTE.apply(x, _along(scale, x, axis), int(qmin), int(qmax), rounding)
     if x.is_cuda and x.dtype == torch.float32:
         if axis is None:
             zp = torch.zeros((), dtype=torch.int32, device=x.device)
             return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()).float(), zp, qmin, qmax)
         zp = torch.zeros(scale.numel(), dtype=torch.int32, device=x.device)
         return torch.fake_quantize_per_channel_affine(x, scale.float(), zp, axis, qmin, qmax)
-    if (axis is None and _HAS_QDQ and x.device.type == "cpu" and x.dtype == torch.float32
-            and (qmin, qmax) in _QDQ_DTYPES and not torch.isnan(x.sum())):
+    if (
+        axis is None
+        and _HAS_QDQ
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and (qmin, qmax) in _QDQ_DTYPES
+        and not torch.isnan(x.sum())
+    ):
         return _FakeQuantQDQ.apply(x, float(scale), int(qmin), int(qmax))
     return _FakeQuantSTE.apply(x, _along(scale, x, axis), int(qmin), int(qmax))
 
 
 def quantize_bias(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Bias on the accumulator grid ``scale = s_in * s_w`` (int32 codes), straight-through gradient."""
-    q = torch.round(b / scale).clamp(-(2.0 ** 31), 2.0 ** 31 - 1) * scale
+    q = torch.round(b / scale).clamp(-(2.0**31), 2.0**31 - 1) * scale
     return b + (q - b).detach()

@@ -1,9 +1,13 @@
-"""Explicit freezing of activation ranges (``train()``/``eval()`` never change it)."""
+"""Explicit switches over every quantizer of a model: range freezing (``train()``/``eval()`` never change
+it; learned thresholds included), quantization on/off, the rounding mode."""
+
 from __future__ import annotations
 
 from torch import nn
 
 from .pact2 import PACT2
+from .rounding import Rounding, as_rounding
+from .tqt import LearnedRange
 
 
 def _set(model: nn.Module, frozen: bool) -> int:
@@ -12,16 +16,20 @@ def _set(model: nn.Module, frozen: bool) -> int:
         if isinstance(m, PACT2):
             m.frozen = frozen
             n += 1
+        elif isinstance(m, LearnedRange):
+            m.frozen = frozen
     return n
 
 
 def freeze_quant_range(model: nn.Module) -> int:
-    """Stop updating every activation range in ``model``; returns how many quantizers were frozen."""
+    """Stop updating every activation range in ``model`` (and every learned threshold: its value in force is
+    kept whatever the optimizer still does to it); returns how many activation quantizers were frozen."""
     return _set(model, True)
 
 
 def unfreeze_quant_range(model: nn.Module) -> int:
-    """Resume range tracking (in training mode) for every activation quantizer in ``model``."""
+    """Resume range tracking (in training mode) for every activation quantizer in ``model``, and learning
+    of learned thresholds (from their frozen values)."""
     return _set(model, False)
 
 
@@ -30,3 +38,16 @@ def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
     for m in model.modules():
         if hasattr(m, "quant_enabled"):
             m.quant_enabled = enabled
+
+
+def set_rounding(model: nn.Module, rounding: Rounding | str) -> int:
+    """Round every activation quantizer of ``model`` with ``rounding`` (:mod:`xnnq.layers.rounding`):
+    ``"tidl"`` (the default: what TIDL computes) or ``"half_even"`` (what onnxruntime computes for the
+    exported QDQ file), ``"half_up"``, ``"half_away"``, ``"floor"``. Returns how many quantizers changed."""
+    mode = as_rounding(rounding)
+    n = 0
+    for m in model.modules():
+        if isinstance(m, PACT2):
+            m.rounding = mode
+            n += 1
+    return n

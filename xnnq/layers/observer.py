@@ -5,6 +5,7 @@ its range is not frozen. Two exist: :class:`~xnnq.layers.RangeTracker` (QAT: a r
 quantizer computes with it at every step) and :class:`~xnnq.calibrate.HistogramObserver` (calibration:
 the quantizer passes its input through in float, the range is chosen from a histogram at the end).
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,14 +1,19 @@
 """PACT2: the activation quantizer that replaces ReLU/ReLU6 and follows every range-changing op."""
+
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from .fake_quant import activation_scale, check_bits, fake_quantize, grid_levels, quant_bounds
+from .fused import fake_quantize_activation
 from .observer import RangeObserver
 from .range_tracker import RangeTracker
+from .rounding import DEFAULT, Rounding, Site, as_rounding, resolve
+from .tqt import LearnedRange
 
 
 class PACT2(nn.Module):
@@ -27,6 +32,13 @@ class PACT2(nn.Module):
             training mode; default a :class:`RangeTracker` with ``tail`` and ``ema_alpha`` (QAT).
         tail, ema_alpha: of the default :class:`RangeTracker`.
         name: the module's path in the model, used in error messages.
+        rounding: how codes are rounded (:mod:`xnnq.layers.rounding`); default ``"half_even"``, what
+            onnxruntime computes for the exported QDQ file; ``"tidl"``: TIDL's rule at this quantizer's
+            ``site`` (``"requant"``; the wrappers set ``"input"`` on the network-input quantizer and
+            ``"resize"`` after a linear resize). Set it on a whole model with :func:`xnnq.layers.set_rounding`.
+        learned_range: a :class:`~xnnq.layers.tqt.LearnedRange`: the range is a learned power-of-2
+            threshold (TQT), set from the observer's range during its first batches and trained from then on
+            (the observer is called only until then); ``None``: the range is the observer's.
 
     The range is observed in training mode unless frozen (:func:`freeze_quant_range`); ``train()`` and
     ``eval()`` never change the frozen state. An observer that works in float while observing (calibration)
@@ -34,19 +46,38 @@ class PACT2(nn.Module):
     ``quant_enabled`` and ``data_signed`` (saved in the state dict as extra state).
     """
 
-    def __init__(self, bits: int = 8, signed: bool | None = None, clip_range: float | None = None,
-                 cap: float | None = None, power2: bool = True, tail: float = 1e-4, ema_alpha: float = 0.01,
-                 name: str = "", observer: RangeObserver | None = None):
+    def __init__(
+        self,
+        bits: int = 8,
+        signed: bool | None = None,
+        clip_range: float | None = None,
+        cap: float | None = None,
+        power2: bool = True,
+        tail: float = 1e-4,
+        ema_alpha: float = 0.01,
+        name: str = "",
+        observer: RangeObserver | None = None,
+        rounding: Rounding | str = DEFAULT,
+        learned_range: LearnedRange | None = None,
+    ):
         super().__init__()
         check_bits(bits, name)
         if clip_range is not None and clip_range <= 0:
             raise ValueError(f"{name or 'PACT2'}: clip_range must be > 0, got {clip_range}")
         self.bits, self.signed, self.clip_range, self.cap, self.power2 = bits, signed, clip_range, cap, power2
         self.name = name
-        self.observer = observer if observer is not None else RangeTracker(tail=tail, ema_alpha=ema_alpha,
-                                                                           track_min=signed is not False)
+        self.rounding: Rounding = as_rounding(rounding)
+        self.site: Site = Site.REQUANT
+        self.observer = (
+            observer
+            if observer is not None
+            else RangeTracker(tail=tail, ema_alpha=ema_alpha, track_min=signed is not False)
+        )
         if clip_range is not None:  # a fixed range lives in the same buffers, never updated
             self.observer.set_range(clip_range, signed is not False)
+        if learned_range is not None and clip_range is not None:
+            raise ValueError(f"{name or 'PACT2'}: a fixed clip_range is not learned; give one or the other")
+        self.learned_range = learned_range
         self.frozen = False
         self.observed = clip_range is not None
         self.quant_enabled = True
@@ -54,14 +85,21 @@ class PACT2(nn.Module):
 
     # ----------------------------------------------------------------------------------------- state
     def get_extra_state(self) -> dict[str, Any]:
-        return {"frozen": self.frozen, "observed": self.observed, "quant_enabled": self.quant_enabled,
-                "data_signed": self.data_signed, "bits": self.bits}
+        return {
+            "frozen": self.frozen,
+            "observed": self.observed,
+            "quant_enabled": self.quant_enabled,
+            "data_signed": self.data_signed,
+            "bits": self.bits,
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("bits", self.bits) != self.bits:
-            raise ValueError(f"{self.name or 'PACT2'}: the state dict was saved with {state['bits']}-bit activations, "
-                             f"this model quantizes to {self.bits} bits. Build the wrapper with the same bitwidth "
-                             "settings (bitwidth_activations / bitwidth_overrides) as the saved one.")
+            raise ValueError(
+                f"{self.name or 'PACT2'}: the state dict was saved with {state['bits']}-bit activations, "
+                f"this model quantizes to {self.bits} bits. Build the wrapper with the same bitwidth "
+                "settings (bitwidth_activations / bitwidth_overrides) as the saved one."
+            )
         self.frozen = bool(state["frozen"])
         self.observed = bool(state["observed"])
         self.quant_enabled = bool(state["quant_enabled"])
@@ -70,13 +108,26 @@ class PACT2(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         old = prefix + "tracker."  # the observer's name in state dicts saved before it was injectable
         for key in [k for k in state_dict if k.startswith(old)]:
-            state_dict[prefix + "observer." + key[len(old):]] = state_dict.pop(key)
+            state_dict[prefix + "observer." + key[len(old) :]] = state_dict.pop(key)
+        LearnedRange.check_state_dict(
+            state_dict, prefix, self.learned_range, self.name or "PACT2", strict=args[1]
+        )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def observing(self) -> bool:
-        """True when a forward call feeds the observer: training mode, not frozen, no fixed range."""
-        return self.training and not self.frozen and self.clip_range is None
+        """True when a forward call feeds the observer: training mode, not frozen, no fixed range (and, with a
+        learned range, only while it is set from statistics)."""
+        return (
+            self.training
+            and not self.frozen
+            and self.clip_range is None
+            and (self.learned_range is None or self.learned_range.initializing)
+        )
+
+    def log2_cap(self) -> float | None:
+        """``log2`` of the cap: the bound of a learned threshold (its power of two stays ``>= cap``'s)."""
+        return None if self.cap is None else math.log2(self.cap)
 
     # ------------------------------------------------------------------------------------ numerics
     def range_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +142,10 @@ class PACT2(nn.Module):
 
     def qparams(self) -> tuple[torch.Tensor, int, int]:
         """``(scale, qmin, qmax)``: a 0-d scale tensor on the module's device and integer code bounds."""
+        if self.learned_range is not None:
+            signed = self.resolved_signed()
+            qmin, qmax = quant_bounds(self.bits, signed)
+            return self.learned_range.scale(self.bits, signed, self.log2_cap()), qmin, qmax
         lo, hi = self.range_tensors()
         r = torch.maximum(-lo, hi)
         if self.cap is not None:
@@ -133,27 +188,46 @@ class PACT2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self.observer(x)
-            if x.device.type == "cpu" and bool(self.observer.nonfinite_batches):  # free on CPU; elsewhere counted only
+            if x.device.type == "cpu" and bool(
+                self.observer.nonfinite_batches
+            ):  # free on CPU; elsewhere counted only
                 self.observer.nonfinite_batches.zero_()
                 raise FloatingPointError(
                     f"{self.name or 'PACT2'}: the activation holds NaN or Inf; the range was not updated. "
-                    "Check the input data and the learning rate (lower it, or clip gradients).")
+                    "Check the input data and the learning rate (lower it, or clip gradients)."
+                )
             if self.observer.float_while_observing:
                 return self.float_forward(x)
             if self.signed is None and self.data_signed is None:
                 # decided by the first batch that decides it (a skipped non-finite batch decides nothing)
                 self.data_signed = self.observer.observed_signed()
             self.observed = True
+            if self.learned_range is not None:
+                lo, hi = self.range_tensors()
+                r = torch.maximum(-lo, hi)
+                self.learned_range.init_from(r if self.cap is None else r.clamp(max=self.cap))
         if not self.quant_enabled:
             return self.float_forward(x)
         if not self.observed:
             raise RuntimeError(
                 f"{self.name or 'PACT2'}: no activation range has been observed yet. Run forward passes in "
-                "training mode (QAT or calibration) before evaluating or exporting, or load a state dict.")
+                "training mode (QAT or calibration) before evaluating or exporting, or load a state dict."
+            )
+        rounding = resolve(self.rounding, self.site)
+        if self.learned_range is not None:
+            if self.cap is not None:
+                x = x.clamp(
+                    max=self.cap
+                )  # the cap (6 for ReLU6) is on the grid of every power-of-2 range >= it
+            return self.learned_range.fake_quantize(
+                x, self.bits, self.resolved_signed(), log2_max=self.log2_cap(), rounding=rounding
+            )
         scale, qmin, qmax = self.qparams()
+        if rounding is Rounding.HALF_EVEN:  # the fused one-pass kernels round half to even
+            return fake_quantize_activation(x, scale, qmin, qmax, self.cap)
         if self.cap is not None:
-            x = x.clamp(max=self.cap)  # the cap (6 for ReLU6) is on the grid of every power-of-2 range >= it
-        return fake_quantize(x, scale, qmin, qmax)
+            x = x.clamp(max=self.cap)
+        return fake_quantize(x, scale, qmin, qmax, rounding=rounding)
 
     def extra_repr(self) -> str:
         s = f"bits={self.bits}, signed={self.signed}, power2={self.power2}"
@@ -161,4 +235,6 @@ class PACT2(nn.Module):
             s += f", clip_range={self.clip_range}"
         if self.cap is not None:
             s += f", cap={self.cap}"
+        if self.rounding is not DEFAULT or self.site is not Site.REQUANT:
+            s += f", rounding={self.rounding.value}@{self.site.value}"
         return s + (", frozen" if self.frozen else "")

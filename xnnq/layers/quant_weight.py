@@ -24,7 +24,13 @@ RepVGG/MobileOne kernel (up to one per output channel, often beyond 15σ) are ke
 that would inflate the power-of-2 range of the whole tensor is clipped.
 
 The bias is quantized on the accumulator grid ``s_in · s_w`` (int32), ``s_in`` from the input quantizer.
+
+Learned weight ranges (``learned_range``, :mod:`xnnq.layers.tqt`): the threshold is set from the max rule
+during its first training batches and learned from then on; its power of two is capped at the max rule's
+(a larger range only loses resolution, and TIDL's own power-of-2 rule on the exported weights would choose
+the smaller one), so the exported weights re-quantize to themselves.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -34,8 +40,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bn_fold import bn_scale, fold_bn
-from .fake_quant import (check_bits, clip_fake_quantize, fake_quantize, max_abs, quant_bounds, quantize_bias,
-                         weight_scale_from_max)
+from .fake_quant import (
+    check_bits,
+    clip_fake_quantize,
+    fake_quantize,
+    max_abs,
+    quant_bounds,
+    quantize_bias,
+    weight_scale_from_max,
+)
+from .tqt import LearnedRange
 
 
 class _FoldedWeightMixin:
@@ -44,8 +58,18 @@ class _FoldedWeightMixin:
     weight: nn.Parameter
     bias: nn.Parameter | None
 
-    def _init_quant(self, bits: int, per_channel: bool, power2: bool, constrain_weights: bool,
-                    outlier_ratio: float, name: str) -> None:
+    learned_range: LearnedRange | None
+
+    def _init_quant(
+        self,
+        bits: int,
+        per_channel: bool,
+        power2: bool,
+        constrain_weights: bool,
+        outlier_ratio: float,
+        name: str,
+        learned_range: LearnedRange | None = None,
+    ) -> None:
         check_bits(bits, name)
         self.weight_bits, self.per_channel, self.power2 = bits, per_channel, power2
         self.constrain_weights, self.outlier_ratio, self.name = constrain_weights, outlier_ratio, name
@@ -53,30 +77,51 @@ class _FoldedWeightMixin:
         # set by calibration (xnnq.calibrate); zeros leave the layer unchanged
         out, dev = self.weight.shape[0], self.weight.device
         self.register_buffer("bias_correction", torch.zeros(out, dtype=self.weight.dtype, device=dev))
-        self.register_buffer("weight_range_shift", torch.zeros((out,) if per_channel else (), dtype=torch.long, device=dev))
+        self.register_buffer(
+            "weight_range_shift", torch.zeros((out,) if per_channel else (), dtype=torch.long, device=dev)
+        )
+        if learned_range is not None and tuple(learned_range.log2_t.shape) != ((out,) if per_channel else ()):
+            raise ValueError(
+                f"{name}: a learned weight range needs shape {(out,) if per_channel else ()}, "
+                f"got {tuple(learned_range.log2_t.shape)}"
+            )
+        self.learned_range = learned_range.to(dev) if learned_range is not None else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for k in ("bias_correction", "weight_range_shift"):  # absent from state dicts saved before they existed
+        for k in (
+            "bias_correction",
+            "weight_range_shift",
+        ):  # absent from state dicts saved before they existed
             state_dict.setdefault(prefix + k, getattr(self, k))
+        owner = self.name or type(self).__name__
+        LearnedRange.check_state_dict(state_dict, prefix, self.learned_range, owner, strict=args[1])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"quant_enabled": self.quant_enabled, "bits": self.weight_bits, "per_channel": self.per_channel}
+        return {
+            "quant_enabled": self.quant_enabled,
+            "bits": self.weight_bits,
+            "per_channel": self.per_channel,
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         saved = (state.get("bits", self.weight_bits), state.get("per_channel", self.per_channel))
         if saved != (self.weight_bits, self.per_channel):
-            raise ValueError(f"{self.name or type(self).__name__}: the state dict was saved with {saved[0]}-bit "
-                             f"{'per-channel' if saved[1] else 'per-tensor'} weights, this model has {self.weight_bits}-bit "
-                             f"{'per-channel' if self.per_channel else 'per-tensor'}. Build the wrapper with the same "
-                             "bitwidth_weights / per_channel_q / bitwidth_overrides as the saved one.")
+            raise ValueError(
+                f"{self.name or type(self).__name__}: the state dict was saved with {saved[0]}-bit "
+                f"{'per-channel' if saved[1] else 'per-tensor'} weights, this model has {self.weight_bits}-bit "
+                f"{'per-channel' if self.per_channel else 'per-tensor'}. Build the wrapper with the same "
+                "bitwidth_weights / per_channel_q / bitwidth_overrides as the saved one."
+            )
         self.quant_enabled = bool(state["quant_enabled"])
 
     # ------------------------------------------------------------------------------------- folding
     def _channel_view(self, v: torch.Tensor) -> torch.Tensor:
         return v.view(-1, *([1] * (self.weight.dim() - 1)))
 
-    def folded_weight_bias(self, bn: nn.modules.batchnorm._BatchNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def folded_weight_bias(
+        self, bn: nn.modules.batchnorm._BatchNorm | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Float weight and bias with ``bn`` (running statistics) folded in, minus ``bias_correction``.
 
         ``bias_correction`` (calibration's estimate of the output-mean shift caused by weight quantization)
@@ -99,7 +144,12 @@ class _FoldedWeightMixin:
         sigma = torch.linalg.vector_norm(wd - wd.mean()) * (1.0 / max(1, wd.numel() - 1)) ** 0.5
         t = self.outlier_ratio * sigma
         isolated = (wd.abs() > t).sum(dtype=torch.int32) <= max(1, w.shape[0] // 16)
-        return torch.where(isolated, t, float("inf"))  # many outliers are structure (identity taps): keep them
+        isolated &= (
+            t > 0
+        )  # σ = 0 (constant or single weights): nothing is an outlier, nothing is clipped to 0
+        return torch.where(
+            isolated, t, float("inf")
+        )  # many outliers are structure (identity taps): keep them
 
     def constrain(self, w: torch.Tensor) -> torch.Tensor:
         """Clip isolated weight outliers (see the module docstring for the rule)."""
@@ -109,18 +159,36 @@ class _FoldedWeightMixin:
         return torch.clamp(w, -t, t)
 
     def grid_scale(self, w: torch.Tensor) -> torch.Tensor:
-        """The scale of the grid :meth:`quantize_weight` puts the folded weight ``w`` on: the rule's scale of
-        the outlier-constrained ``w``, divided by ``2^weight_range_shift`` (a shift > 0 clips the largest
-        weights)."""
+        """The scale of the grid :meth:`quantize_weight` puts the folded weight ``w`` on (outlier-constrained,
+        divided by ``2^weight_range_shift``, or the learned range's)."""
+        return self.quantize_weight(w.detach())[1]
+
+    def _rule_range(self, w: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(outlier bound or None, max |constrain(w)|, log2 of the max rule's power-of-2 range) of a folded
+        weight."""
         axis = self.weight_axis()
-        m = max_abs(w, axis)
-        if self.constrain_weights:
-            m = torch.minimum(m, self.clip_threshold(w))
-        return weight_scale_from_max(m, self.weight_bits, self.power2, self.weight_range_shift)
+        t = self.clip_threshold(w) if self.constrain_weights else None
+        m = max_abs(w, axis) if t is None else torch.minimum(max_abs(w, axis), t)
+        rule = weight_scale_from_max(m, self.weight_bits, self.power2, self.weight_range_shift)
+        return t, m, torch.log2(rule) + (self.weight_bits - 1)
+
+    def init_learned_range(self, w: torch.Tensor) -> None:
+        """One initialising step of the learned range from the folded weight ``w``: the max rule's range."""
+        _, m, log2_rule = self._rule_range(w.detach())
+        self.learned_range.init_from(torch.minimum(m, torch.exp2(log2_rule)))
 
     def quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(quantized weight, its scale) from a folded float weight: ``constrain``, then the scale of the
         constrained weights (``max |constrain(w)| = min(t, max |w|)``, no second pass)."""
+        if self.learned_range is not None:
+            t, _, log2_rule = self._rule_range(w)
+            if t is not None:
+                w = torch.clamp(w, -t, t)
+            bits, axis = self.weight_bits, self.weight_axis()
+            return (
+                self.learned_range.fake_quantize(w, bits, True, axis, log2_max=log2_rule),
+                self.learned_range.scale(bits, True, log2_rule),
+            )
         axis, (qmin, qmax) = self.weight_axis(), quant_bounds(self.weight_bits, True)
         t = self.clip_threshold(w) if self.constrain_weights else None
         m = max_abs(w, axis) if t is None else torch.minimum(max_abs(w, axis), t)
@@ -142,7 +210,13 @@ class _FoldedWeightMixin:
     def layer_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, bn: nn.Module | None = None, input_quant: nn.Module | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, bn: nn.Module | None = None, input_quant: nn.Module | None = None
+    ) -> torch.Tensor:
+        learned = self.learned_range
+        if learned is not None and self.training and self.quant_enabled and learned.initializing:
+            with torch.no_grad():
+                self.init_learned_range(self.folded_weight_bias(bn)[0])
         if bn is None or not bn.training:
             w, b = self.quantized_weight_bias(bn, input_quant)
             return self.layer_forward(x, w, b)
@@ -163,12 +237,32 @@ class QuantConv2d(_FoldedWeightMixin, nn.Conv2d):
     """``nn.Conv2d`` whose forward folds the following BatchNorm and fake-quantizes weights and bias."""
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, *, bits: int = 8, per_channel: bool = False, power2: bool = True,
-                   constrain_weights: bool = True, outlier_ratio: float = 15.0, name: str = "") -> "QuantConv2d":
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+    def from_float(
+        cls,
+        conv: nn.Conv2d,
+        *,
+        bits: int = 8,
+        per_channel: bool = False,
+        power2: bool = True,
+        constrain_weights: bool = True,
+        outlier_ratio: float = 15.0,
+        name: str = "",
+        learned_range: LearnedRange | None = None,
+    ) -> QuantConv2d:
+        q = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device="meta",
+        )
         q.weight, q.bias = conv.weight, conv.bias
-        q._init_quant(bits, per_channel, power2, constrain_weights, outlier_ratio, name)
+        q._init_quant(bits, per_channel, power2, constrain_weights, outlier_ratio, name, learned_range)
         return q
 
     def layer_forward(self, x, w, b):
@@ -179,11 +273,21 @@ class QuantLinear(_FoldedWeightMixin, nn.Linear):
     """``nn.Linear`` whose forward folds a following BatchNorm1d and fake-quantizes weights and bias."""
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, *, bits: int = 8, per_channel: bool = False, power2: bool = True,
-                   constrain_weights: bool = True, outlier_ratio: float = 15.0, name: str = "") -> "QuantLinear":
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        *,
+        bits: int = 8,
+        per_channel: bool = False,
+        power2: bool = True,
+        constrain_weights: bool = True,
+        outlier_ratio: float = 15.0,
+        name: str = "",
+        learned_range: LearnedRange | None = None,
+    ) -> QuantLinear:
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         q.weight, q.bias = linear.weight, linear.bias
-        q._init_quant(bits, per_channel, power2, constrain_weights, outlier_ratio, name)
+        q._init_quant(bits, per_channel, power2, constrain_weights, outlier_ratio, name, learned_range)
         return q
 
     def layer_forward(self, x, w, b):

@@ -13,6 +13,7 @@ rank 0's statistics silently win).
 Across batches: a cumulative mean for the first ``1/ema_alpha`` batches, then an exponential average
 with weight ``ema_alpha`` for the new batch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,9 @@ class RangeTracker(RangeObserver):
         track_min: ``False`` skips the lower tail (the minimum is known to be 0, e.g. after ReLU).
     """
 
-    def __init__(self, tail: float = 1e-4, ema_alpha: float = 0.01, sample_size: int = 1 << 16,
-                 track_min: bool = True):
+    def __init__(
+        self, tail: float = 1e-4, ema_alpha: float = 0.01, sample_size: int = 1 << 16, track_min: bool = True
+    ):
         super().__init__()
         if not 0.0 <= tail < 0.5:
             raise ValueError(f"tail must be in [0, 0.5), got {tail}")

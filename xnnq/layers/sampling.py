@@ -11,6 +11,7 @@ order statistics of it.
   that can hold the top ``k`` values: exact (each of the top-``k`` values lies in a row whose extreme is
   at least the ``k``-th value, and there are at most ``k`` such rows), and it ranks far fewer values.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,9 +65,13 @@ def tail_extremes(sample: torch.Tensor, k: int, track_min: bool = True) -> tuple
     rows = n // _ROW
     if rows <= k:  # small: rank everything
         hi = torch.topk(sample, k, sorted=False).values.amin()
-        lo = torch.topk(sample, k, largest=False, sorted=False).values.amax() if track_min else sample.new_zeros(())
+        lo = (
+            torch.topk(sample, k, largest=False, sorted=False).values.amax()
+            if track_min
+            else sample.new_zeros(())
+        )
         return lo, hi
-    head, rest = sample[: rows * _ROW].view(rows, _ROW), sample[rows * _ROW:]
+    head, rest = sample[: rows * _ROW].view(rows, _ROW), sample[rows * _ROW :]
     row_hi = head.amax(dim=1)  # two reductions: aminmax(dim=1) is ~4x slower on CPU than amax + amin
     row_lo = head.amin(dim=1) if track_min else None
 

@@ -2,6 +2,7 @@
 
 They never get a quantizer of their own: their output is on the grid of their input.
 """
+
 from __future__ import annotations
 
 from typing import Any

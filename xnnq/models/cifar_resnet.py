@@ -3,13 +3,15 @@
 Written the classic way (``F.relu``, ``out += shortcut``, a lambda zero-pad shortcut) on purpose: it is
 the kind of model xnnq's graph surgery has to turn into modules.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..utils.io import load_state_dict_file
 
 
 class LambdaLayer(nn.Module):
@@ -33,7 +35,9 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
             pad = planes // 4
-            self.shortcut = LambdaLayer(lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad), "constant", 0))
+            self.shortcut = LambdaLayer(
+                lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad), "constant", 0)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -74,26 +78,6 @@ class CifarResNet(nn.Module):
 
 def resnet20(num_classes: int = 10) -> CifarResNet:
     return CifarResNet((3, 3, 3), num_classes)
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict saved as a plain dict or under ``state_dict`` (keys may carry ``module.``).
-
-    Loads with ``weights_only=True``: a file holding pickled code is refused.
-    """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # pickle with code, or not a torch file
-        raise ValueError(f"{path}: not a loadable weights file with weights_only=True ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}). Save it with torch.save(model.state_dict(), path).") from e
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors. "
-                         "Save it with torch.save(model.state_dict(), path).")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def resnet20_cifar10(weights: str | Path | None = None) -> CifarResNet:

@@ -3,6 +3,7 @@
 Its :class:`ConvBNReLU` units are :class:`~xnnq.models.reparam.Reparameterizable`, so
 :func:`~xnnq.models.reparam.reparameterize` gives the BN-folded deploy form like for the other nets.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ class ConvBNReLU(Reparameterizable):
 
     def deploy_module(self) -> nn.Module:
         with torch.no_grad():
-            return deploy_sequential(fused_conv(self.conv, *fold_bn(self.conv.weight, self.conv.bias, self.bn)),
-                                     self.act)
+            return deploy_sequential(
+                fused_conv(self.conv, *fold_bn(self.conv.weight, self.conv.bias, self.bn)), self.act
+            )
 
 
 def separable_unit(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -42,5 +44,11 @@ def mobilenetv1_cifar(num_classes: int = 10, widths=(64, 128, 256), depths=(2, 2
     """MobileNetV1 for 32x32 inputs: a 3x3 stride-2 conv stem (32 wide) and stages of separable units
     at 16, 8, 4 px."""
     stem_width = 32
-    return RepNet(separable_unit, widths, depths, num_classes, stem=ConvBNReLU(3, stem_width, 3, 2),
-                  stem_width=stem_width)
+    return RepNet(
+        separable_unit,
+        widths,
+        depths,
+        num_classes,
+        stem=ConvBNReLU(3, stem_width, 3, 2),
+        stem_width=stem_width,
+    )

@@ -4,6 +4,7 @@
 and a BN skip branch (when shapes allow), then applies ReLU; it fuses to one k×k conv. A MobileOne unit
 is a depthwise 3x3 block followed by a pointwise 1x1 block.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,9 @@ from .repvgg import RepNet, conv_bn
 class MobileOneBlock(Reparameterizable):
     """ReLU(Σ_b BN_b(conv_k×k,b(x)) + BN(conv1x1(x)) + BN(x))."""
 
-    def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
-                 branches: int = 2):
+    def __init__(
+        self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, groups: int = 1, branches: int = 2
+    ):
         super().__init__()
         if branches < 1:
             raise ValueError(f"MobileOneBlock: branches must be >= 1, got {branches}")
@@ -63,10 +65,18 @@ def mobileone_unit(cin: int, cout: int, stride: int = 1, branches: int = 2) -> n
     return seq
 
 
-def mobileone_cifar(num_classes: int = 10, widths=(64, 128, 256), depths=(2, 2, 2), branches: int = 2) -> RepNet:
+def mobileone_cifar(
+    num_classes: int = 10, widths=(64, 128, 256), depths=(2, 2, 2), branches: int = 2
+) -> RepNet:
     """MobileOne for 32x32 inputs: a 3x3 stride-2 MobileOne stem (32 wide) and stages of depthwise+pointwise
     units at 16, 8, 4 px."""
     stem_width = 32
     stem = MobileOneBlock(3, stem_width, 3, 2, groups=1, branches=branches)
-    return RepNet(lambda cin, cout, stride: mobileone_unit(cin, cout, stride, branches), widths, depths,
-                  num_classes, stem=stem, stem_width=stem_width)
+    return RepNet(
+        lambda cin, cout, stride: mobileone_unit(cin, cout, stride, branches),
+        widths,
+        depths,
+        num_classes,
+        stem=stem,
+        stem_width=stem_width,
+    )

@@ -4,6 +4,7 @@ BN(conv3x3+BN (x) + conv1x1(x) + x) then ReLU: the 1x1 and identity branches car
 identity-BN channel of near-zero variance can blow up the fused kernel) and one BatchNorm after the sum
 controls the variance growth of the summed branches. Trained with plain weight decay (no custom L2).
 """
+
 from __future__ import annotations
 
 import torch

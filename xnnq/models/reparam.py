@@ -9,6 +9,7 @@ The kernel arithmetic the blocks share lives here: padding a kernel to a larger 
 of an identity branch; folding a BatchNorm into a kernel is :func:`xnnq.layers.bn_fold.fold_bn` (the
 quantized layers' formula), re-exported here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,8 +42,14 @@ def pad_kernel(weight: torch.Tensor, size: int) -> torch.Tensor:
 def identity_kernel(channels: int, groups: int, size: int, like: torch.Tensor | None = None) -> torch.Tensor:
     """Kernel (channels × channels/groups × size × size) of a grouped conv that is the identity."""
     per_group = channels // groups
-    w = torch.zeros(channels, per_group, size, size,
-                    dtype=like.dtype if like is not None else None, device=like.device if like is not None else None)
+    w = torch.zeros(
+        channels,
+        per_group,
+        size,
+        size,
+        dtype=like.dtype if like is not None else None,
+        device=like.device if like is not None else None,
+    )
     idx = torch.arange(channels, device=w.device)
     w[idx, idx % per_group, size // 2, size // 2] = 1.0
     return w
@@ -51,8 +58,18 @@ def identity_kernel(channels: int, groups: int, size: int, like: torch.Tensor | 
 def fused_conv(like: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
     """A biased conv with the geometry (stride, padding, groups, ...) of ``like`` and the given tensors."""
     k = weight.shape[-1]
-    conv = nn.Conv2d(like.in_channels, like.out_channels, k, like.stride, k // 2 * like.dilation[0],
-                     like.dilation, like.groups, bias=True, device=weight.device, dtype=weight.dtype)
+    conv = nn.Conv2d(
+        like.in_channels,
+        like.out_channels,
+        k,
+        like.stride,
+        k // 2 * like.dilation[0],
+        like.dilation,
+        like.groups,
+        bias=True,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
     with torch.no_grad():
         conv.weight.copy_(weight)
         conv.bias.copy_(bias)

@@ -3,6 +3,7 @@
 :class:`RepVGGBlock` fuses to one 3x3 conv (:func:`xnnq.models.reparam.reparameterize`).
 :func:`repvgg_cifar` is a small CIFAR-10 network of such blocks (stage widths near ResNet-20's).
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,8 +60,16 @@ class RepNet(nn.Module):
     (with ``stem_width`` output channels) is given.
     """
 
-    def __init__(self, block, widths: tuple[int, ...], depths: tuple[int, ...], num_classes: int = 10,
-                 stem: nn.Module | None = None, stem_width: int | None = None, stem_stride: int = 1):
+    def __init__(
+        self,
+        block,
+        widths: tuple[int, ...],
+        depths: tuple[int, ...],
+        num_classes: int = 10,
+        stem: nn.Module | None = None,
+        stem_width: int | None = None,
+        stem_stride: int = 1,
+    ):
         super().__init__()
         stem_width = stem_width or widths[0]
         self.stem = stem if stem is not None else block(3, stem_width, stem_stride)

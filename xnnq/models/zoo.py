@@ -1,9 +1,11 @@
-"""Registry of xnnq's small re-parameterizable CIFAR-10 networks and their committed checkpoints.
+"""Registry of xnnq's small networks (CIFAR-10 classifiers, the Mosaic-10 detector and segmenter) and their
+committed checkpoints.
 
 ``get_model(name)`` builds a network in its training form; ``load_pretrained(name)`` also loads the
 state dict committed in ``xnnq/models/checkpoints/<name>.pt`` (read with ``weights_only=True``), whose
 accuracy, epochs and training time are in ``<name>.json`` (``checkpoint_info(name)``).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,11 +14,13 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .cifar_resnet import load_state_dict_file
+from ..utils.io import load_state_dict_file
+from .detector import mosaic_detector
 from .mobilenetv1 import mobilenetv1_cifar
 from .mobileone import mobileone_cifar
 from .qarepvgg import qarepvgg_cifar
 from .repvgg import repvgg_cifar
+from .segmenter import mosaic_segmenter
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 
@@ -25,7 +29,17 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "qarepvgg": qarepvgg_cifar,
     "mobileone": mobileone_cifar,
     "mobilenetv1": mobilenetv1_cifar,
+    "mosaic_detector": mosaic_detector,  # SSD detector for Mosaic-10 (scripts/train_detector.py)
+    "mosaic_segmenter": mosaic_segmenter,  # UNet/DeepLabV3-lite for Mosaic-10 (scripts/train_segmenter.py)
 }
+
+
+def _train_command(name: str) -> str:
+    if name == "mosaic_detector":
+        return "scripts/train_detector.py --save"
+    if name == "mosaic_segmenter":
+        return "scripts/train_segmenter.py --save"
+    return f"scripts/train_cifar.py --model {name} --save"
 
 
 def get_model(name: str) -> nn.Module:
@@ -44,15 +58,15 @@ def checkpoint_info(name: str) -> dict:
     """The JSON record (test accuracy, epochs, seconds, ...) saved next to the checkpoint of ``name``."""
     path = CHECKPOINTS / f"{name}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint record {path}: train it with scripts/train_cifar.py --model {name}")
+        raise FileNotFoundError(f"no checkpoint record {path}: train it with {_train_command(name)}")
     return json.loads(path.read_text())
 
 
 def load_pretrained(name: str) -> nn.Module:
-    """Network ``name`` with its committed CIFAR-10 weights (training form, eval mode)."""
+    """Network ``name`` with its committed weights (training form, eval mode)."""
     path = checkpoint_path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint {path}: train it with scripts/train_cifar.py --model {name} --save")
+        raise FileNotFoundError(f"no checkpoint {path}: train it with {_train_command(name)}")
     model = get_model(name)
     model.load_state_dict(load_state_dict_file(path))
     return model.eval()

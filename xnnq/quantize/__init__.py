@@ -1,4 +1,5 @@
 """The quantization pipeline: capture → surgery → plan → build, and the wrappers."""
+
 from .capture import CaptureError
 from .config import QuantConfig
 from .plan import ActSpot, Plan, WeightSpot
@@ -6,4 +7,13 @@ from .evaluation import QuantTestModule
 from .train import QuantTrainModule
 from .wrapper import QuantBaseModule
 
-__all__ = ["QuantConfig", "QuantTrainModule", "QuantTestModule", "QuantBaseModule", "CaptureError", "Plan", "ActSpot", "WeightSpot"]
+__all__ = [
+    "QuantConfig",
+    "QuantTrainModule",
+    "QuantTestModule",
+    "QuantBaseModule",
+    "CaptureError",
+    "Plan",
+    "ActSpot",
+    "WeightSpot",
+]

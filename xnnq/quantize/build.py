@@ -3,6 +3,7 @@
 A folded layer's graph node calls it as ``layer(x, bn, input_quant)`` (the BatchNorm and the quantizer of
 its input as ``get_attr`` arguments, both named by the plan's :class:`~xnnq.quantize.plan.WeightSpot`).
 """
+
 from __future__ import annotations
 
 import torch.fx as fx
@@ -10,6 +11,9 @@ from torch import nn
 
 from ..layers.pact2 import PACT2
 from ..layers.quant_weight import QuantConv2d, QuantLinear
+from ..layers.resize import ResizeWith
+from ..layers.rounding import Site
+from ..layers.tqt import LearnedRange
 from .config import QuantConfig
 from .plan import ActSpot, Plan
 from .surgery import Change
@@ -17,12 +21,34 @@ from .surgery import Change
 
 def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantConfig) -> None:
     """Insert the quantizers of ``plan`` into ``gm`` (in place), made as ``config`` says."""
-    def make(spot: ActSpot) -> PACT2:
-        return PACT2(bits=spot.bits, signed=spot.signed, cap=spot.cap, power2=spot.power2,
-                     clip_range=config.clip_ranges.get(spot.name), name=spot.name,
-                     observer=config.activation_observer(spot, config))
     nodes = {n.name: n for n in gm.graph.nodes}
     graph = gm.graph
+
+    def make(spot: ActSpot) -> PACT2:
+        clip_range = config.clip_ranges.get(spot.name)
+        learned = (
+            LearnedRange(init_batches=config.range_init_batches, name=spot.name)
+            if config.learn_activation_ranges and clip_range is None
+            else None
+        )
+        q = PACT2(
+            bits=spot.bits,
+            signed=spot.signed,
+            cap=spot.cap,
+            power2=spot.power2,
+            clip_range=clip_range,
+            name=spot.name,
+            observer=config.activation_observer(spot, config),
+            rounding=config.rounding,
+            learned_range=learned,
+        )
+        # where TIDL rounds differently from a requantization (xnnq.layers.rounding.Site)
+        src = gm.get_submodule(nodes[spot.node].target) if nodes[spot.node].op == "call_module" else None
+        if spot.reason == "input":
+            q.site = Site.INPUT
+        elif isinstance(src, ResizeWith) and "linear" in src.mode:
+            q.site = Site.RESIZE
+        return q
 
     for spot in plan.acts:
         node = nodes[spot.node]
@@ -31,8 +57,13 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
             owner, _, leaf = spot.name.rpartition(".")
             parent = gm.get_submodule(owner) if owner else gm
             setattr(parent, leaf, make(spot))
-            report.append(Change("replace", spot.name, f"{type(old).__name__} -> PACT2(unsigned"
-                                 f"{', cap 6' if spot.cap else ''})"))
+            report.append(
+                Change(
+                    "replace",
+                    spot.name,
+                    f"{type(old).__name__} -> PACT2(unsigned{', cap 6' if spot.cap else ''})",
+                )
+            )
         elif spot.how == "after":
             gm.add_submodule(spot.name, make(spot))
             users = list(node.users)
@@ -52,8 +83,24 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
         node = next(n for n in graph.nodes if n.op == "call_module" and n.target == w.name)
         float_mod = gm.get_submodule(w.name)
         cls = QuantConv2d if isinstance(float_mod, nn.Conv2d) else QuantLinear
-        qmod = cls.from_float(float_mod, bits=w.bits, per_channel=w.per_channel, power2=w.power2,
-                              constrain_weights=config.constrain_weights, name=w.name)
+        learned = (
+            LearnedRange(
+                (float_mod.weight.shape[0],) if w.per_channel else (),
+                init_batches=config.range_init_batches,
+                name=w.name,
+            )
+            if config.learn_weight_ranges
+            else None
+        )
+        qmod = cls.from_float(
+            float_mod,
+            bits=w.bits,
+            per_channel=w.per_channel,
+            power2=w.power2,
+            constrain_weights=config.constrain_weights,
+            name=w.name,
+            learned_range=learned,
+        )
         owner, _, leaf = w.name.rpartition(".")
         setattr(gm.get_submodule(owner) if owner else gm, leaf, qmod)
         with graph.inserting_before(node):
@@ -64,9 +111,19 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
             bn_node = next(n for n in graph.nodes if n.op == "call_module" and n.target == w.bn)
             bn_node.replace_all_uses_with(node)
             graph.erase_node(bn_node)
-            report.append(Change("fold", w.name, f"{w.bn} folded on the fly; weights {w.bits}-bit "
-                                 f"{'per-channel' if w.per_channel else 'per-tensor'}"))
+            report.append(
+                Change(
+                    "fold",
+                    w.name,
+                    f"{w.bn} folded on the fly; weights {w.bits}-bit "
+                    f"{'per-channel' if w.per_channel else 'per-tensor'}",
+                )
+            )
         else:
-            report.append(Change("fold", w.name, f"weights {w.bits}-bit {'per-channel' if w.per_channel else 'per-tensor'}"))
+            report.append(
+                Change(
+                    "fold", w.name, f"weights {w.bits}-bit {'per-channel' if w.per_channel else 'per-tensor'}"
+                )
+            )
     graph.lint()
     gm.recompile()

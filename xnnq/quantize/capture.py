@@ -1,9 +1,11 @@
 """Capture: trace the float model with torch.fx and record every node's value on ``dummy_input``."""
+
 from __future__ import annotations
 
 import traceback
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -48,11 +50,15 @@ def check_dummy_input(dummy_input: Any) -> tuple[torch.Tensor, ...]:
     """``dummy_input`` as a tuple of tensors, or a clear error."""
     args = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
-        raise TypeError(f"dummy_input must be a tensor (or a tuple of tensors) shaped like one real input batch, "
-                        f"got {type(dummy_input).__name__}. Example: torch.randn(1, 3, 32, 32).")
+        raise TypeError(
+            f"dummy_input must be a tensor (or a tuple of tensors) shaped like one real input batch, "
+            f"got {type(dummy_input).__name__}. Example: torch.randn(1, 3, 32, 32)."
+        )
     for a in args:
         if not a.is_floating_point():
-            raise TypeError(f"dummy_input has dtype {a.dtype}; pass a float tensor shaped like a normalized input batch.")
+            raise TypeError(
+                f"dummy_input has dtype {a.dtype}; pass a float tensor shaped like a normalized input batch."
+            )
     return args
 
 
@@ -69,7 +75,11 @@ def trace(model: nn.Module, leaf_modules: Iterable[str | type] = ()) -> fx.Graph
         graph = tracer.trace(model)
     except Exception as e:  # fx raises TraceError, TypeError, RuntimeError... on dynamic code
         where = tracer.path[-1] if tracer.path else ""
-        mod = f"module `{where}` ({type(known[where]).__name__})" if where in known else "the model's top-level forward"
+        mod = (
+            f"module `{where}` ({type(known[where]).__name__})"
+            if where in known
+            else "the model's top-level forward"
+        )
         line = _user_frame(e)
         raise CaptureError(
             f"xnnq could not trace {mod}{' at ' + line if line else ''}: {type(e).__name__}: {e}\n"
@@ -109,7 +119,9 @@ def record_values(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> dict[fx
         rec = _Recorder(gm)
         n_in = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
         if n_in != len(args):
-            raise CaptureError(f"the model's forward takes {n_in} input(s) but dummy_input gives {len(args)}.")
+            raise CaptureError(
+                f"the model's forward takes {n_in} input(s) but dummy_input gives {len(args)}."
+            )
         rec.run(*args)
         return rec.values
     finally:

@@ -5,14 +5,13 @@ it instead of a dozen threaded keyword arguments. Settings that are not about qu
 submodules stay opaque to tracing, verbosity) stay keyword arguments of the wrappers.
 
 Adding a setting: a field here with its default and check in ``__post_init__``, and the stage that
-reads it (the plan for what a tensor's quantizer is, the build for how its modules are made). Planned:
+reads it (the plan for what a tensor's quantizer is, the build for how its modules are made).
 
-* ``target``: the TIDL device ("TDA4VM", "AM69A", ...): a table of per-chip facts that sets the
-  defaults of the numeric fields below and is read by the plan (what is allowed) and the export
-  (options JSON).
-* ``range_learning``: how activation ranges are learned in QAT (learned thresholds): read by the
-  build when it makes each PACT2, next to ``activation_observer`` (which would initialize them).
+``range_learning`` (statistics or learned power-of-2 thresholds) is read by the build: with ``"tqt"`` it
+gives each PACT2 and each conv/linear a :class:`~xnnq.layers.tqt.LearnedRange`, initialised from the
+observer's range (activations) or the max rule (weights) over the first ``range_init_batches`` batches.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,11 +23,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..layers.fake_quant import check_bits
 from ..layers.observer import RangeObserver
 from ..layers.range_tracker import RangeTracker
+from ..layers.rounding import DEFAULT as DEFAULT_ROUNDING
+from ..layers.rounding import as_rounding
+from ..targets import NUMERIC_KEYS, resolve_numerics
 
 if TYPE_CHECKING:
     from .plan import ActSpot
 
 PER_CHANNEL_Q = (False, "depthwise", "all", True)  # True is accepted as "all"
+RANGE_LEARNING = ("statistics", "tqt", "tqt-activations")
 
 
 class ObserverFactory(Protocol):
@@ -42,7 +45,9 @@ class TrackedRanges:
     """QAT: each quantizer's range is a running tail-trimmed range (:class:`~xnnq.layers.RangeTracker`)."""
 
     def __call__(self, spot: ActSpot, config: QuantConfig) -> RangeObserver:
-        return RangeTracker(tail=config.trim_fraction, ema_alpha=config.ema_alpha, track_min=spot.signed is not False)
+        return RangeTracker(
+            tail=config.trim_fraction, ema_alpha=config.ema_alpha, track_min=spot.signed is not False
+        )
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,18 @@ class QuantConfig:
         activation_observer: makes the observer that sets each activation quantizer's range from data:
             :class:`TrackedRanges` (QAT, default) or :class:`~xnnq.calibrate.HistogramRanges` (calibration,
             set by ``QuantCalibrateModule``).
+        target: a TIDL chip ("TDA4VM", "AM69A", ... see :mod:`xnnq.targets`): the numeric settings not given
+            explicitly follow the chip; explicit ones it cannot run are refused. ``None``: today's defaults.
+        rounding: how activation codes are rounded (:mod:`xnnq.layers.rounding`): ``"half_even"`` (default,
+            onnxruntime's), ``"tidl"`` (TIDL's rule: half up, half away from zero at the network input,
+            floor after a linear resize), ``"half_up"``, ``"half_away"``, ``"floor"``.
+        range_learning: ``"statistics"`` (default: every range follows the data as observed, weights by the
+            max rule) or ``"tqt"``: learned power-of-2 thresholds (:mod:`xnnq.layers.tqt`, Jain et al. 2019)
+            for activations and weights (per channel where the plan quantizes per channel);
+            ``"tqt-activations"`` learns the activation thresholds only. Train ``qmodel.range_parameters()``
+            as their own parameter group (see the README).
+        range_init_batches: with learned thresholds, the number of first training batches whose statistics
+            set them (activations: the observer's running range; weights: the max rule); learned from then on.
     """
 
     bitwidth_weights: int = 8
@@ -78,6 +95,10 @@ class QuantConfig:
     trim_fraction: float = 1e-4
     ema_alpha: float = 0.01
     activation_observer: ObserverFactory = TrackedRanges()
+    target: str | None = None
+    rounding: str = DEFAULT_ROUNDING.value
+    range_learning: str = "statistics"
+    range_init_batches: int = 20
 
     def __post_init__(self) -> None:
         check_bits(self.bitwidth_weights, "bitwidth_weights")
@@ -88,6 +109,20 @@ class QuantConfig:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         if not 0.0 < self.ema_alpha <= 1.0:
             raise ValueError(f"ema_alpha must be in (0, 1], got {self.ema_alpha}")
+        object.__setattr__(self, "rounding", as_rounding(self.rounding).value)
+        if self.range_learning not in RANGE_LEARNING:
+            raise ValueError(
+                f"range_learning must be one of {', '.join(map(repr, RANGE_LEARNING))}, got "
+                f"{self.range_learning!r}"
+            )
+        power2 = self.power2_activation_range and self.power2_weight_range
+        if self.range_learning != "statistics" and not power2:
+            raise ValueError(
+                f"range_learning={self.range_learning!r} learns power-of-2 thresholds; it cannot "
+                "be combined with power2_activation_range=False or power2_weight_range=False"
+            )
+        if self.range_init_batches < 1:
+            raise ValueError(f"range_init_batches must be >= 1, got {self.range_init_batches}")
         # None (the wrappers' old default) means "none"; copies, so the caller's dicts can change freely
         object.__setattr__(self, "bitwidth_overrides", dict(self.bitwidth_overrides or {}))
         object.__setattr__(self, "clip_ranges", dict(self.clip_ranges or {}))
@@ -96,6 +131,14 @@ class QuantConfig:
     def per_channel_all(self) -> bool:
         return self.per_channel_q in ("all", True)
 
+    @property
+    def learn_activation_ranges(self) -> bool:
+        return self.range_learning in ("tqt", "tqt-activations")
+
+    @property
+    def learn_weight_ranges(self) -> bool:
+        return self.range_learning == "tqt"
+
     @classmethod
     def from_settings(cls, config: QuantConfig | None = None, **settings: Any) -> QuantConfig:
         """``config`` (or the defaults) with ``settings`` (field names) replacing its fields.
@@ -103,15 +146,27 @@ class QuantConfig:
         ``histogram_tail`` is accepted as the deprecated name of ``trim_fraction``.
         """
         if "histogram_tail" in settings:
-            warnings.warn("histogram_tail is deprecated; it is the trim fraction: use trim_fraction=",
-                          DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                "histogram_tail is deprecated; it is the trim fraction: use trim_fraction=",
+                DeprecationWarning,
+                stacklevel=3,
+            )
             if "trim_fraction" in settings:
                 raise TypeError("give trim_fraction or its deprecated name histogram_tail, not both")
             settings["trim_fraction"] = settings.pop("histogram_tail")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(settings) - names)
         if unknown:
-            raise TypeError(f"unknown quantization setting(s) {', '.join(unknown)}; the settings are "
-                            f"{', '.join(sorted(names))} (see xnnq.quantize.QuantConfig)")
+            raise TypeError(
+                f"unknown quantization setting(s) {', '.join(unknown)}; the settings are "
+                f"{', '.join(sorted(names))} (see xnnq.quantize.QuantConfig)"
+            )
         base = config if config is not None else cls()
+        target = settings.get("target", base.target)
+        if target is not None:  # numerics not given follow the chip; explicit ones are checked against it
+            given = {
+                k: settings.get(k, getattr(base, k) if config is not None else None) for k in NUMERIC_KEYS
+            }
+            num = resolve_numerics(target, **given)
+            settings.update({k: num[k] for k in NUMERIC_KEYS}, target=num["target"])
         return dataclasses.replace(base, **settings) if settings else base

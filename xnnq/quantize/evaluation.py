@@ -1,4 +1,5 @@
 """QuantTestModule: the same numerics, evaluation only."""
+
 from __future__ import annotations
 
 from typing import Any

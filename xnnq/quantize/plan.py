@@ -3,6 +3,7 @@
 The plan is data computed once from the graph after surgery; building the modules, the export (its
 16-bit lists and range table) and the analysis all read it instead of re-deriving it from module types.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -22,30 +23,30 @@ from .preserving import is_preserving, value_source
 class ActSpot:
     """One quantized activation tensor."""
 
-    name: str                 # module path of its PACT2
-    node: str                 # graph node whose output it quantizes (or the ReLU it replaces)
-    how: str                  # "replace" (a ReLU/ReLU6), "after" a node, or "before" a weight layer's input
-    reason: str               # "input", "ReLU", "ReLU6", "Conv2d+BN", "AddBlock", "output", ...
-    layer: str                # the layer whose output this is (for overrides and the 16-bit lists)
+    name: str  # module path of its PACT2
+    node: str  # graph node whose output it quantizes (or the ReLU it replaces)
+    how: str  # "replace" (a ReLU/ReLU6), "after" a node, or "before" a weight layer's input
+    reason: str  # "input", "ReLU", "ReLU6", "Conv2d+BN", "AddBlock", "output", ...
+    layer: str  # the layer whose output this is (for overrides and the 16-bit lists)
     signed: bool | None = None  # None: decided from the data (the quantizer's ``data_signed``)
     cap: float | None = None
     bits: int = 8
-    power2: bool = True       # power-of-2 scale
-    tensor: str = ""          # graph node (after surgery) whose output value it quantizes: the float counterpart
+    power2: bool = True  # power-of-2 scale
+    tensor: str = ""  # graph node (after surgery) whose output value it quantizes: the float counterpart
 
 
 @dataclass
 class WeightSpot:
     """One conv/linear layer whose (folded) weights are quantized."""
 
-    name: str                 # module path of the conv/linear (unchanged)
-    bn: str | None            # module path of the folded BatchNorm
-    kind: str                 # "Conv2d" / "Linear"
+    name: str  # module path of the conv/linear (unchanged)
+    bn: str | None  # module path of the folded BatchNorm
+    kind: str  # "Conv2d" / "Linear"
     depthwise: bool
     bits: int = 8
     per_channel: bool = False
-    power2: bool = True       # power-of-2 scale
-    input_quant: str | None = None   # the ActSpot quantizing its input (its scale is the bias grid's)
+    power2: bool = True  # power-of-2 scale
+    input_quant: str | None = None  # the ActSpot quantizing its input (its scale is the bias grid's)
     output_quant: str | None = None  # the ActSpot right after it (TIDL names the layer by that tensor)
 
 
@@ -70,12 +71,16 @@ class Plan:
         """The weight spot of layer ``name``."""
         spot = next((w for w in self.weights if w.name == name), None)
         if spot is None:
-            raise KeyError(f"{name!r} is not a quantized weight layer; weight layers: "
-                           f"{', '.join(w.name for w in self.weights)}")
+            raise KeyError(
+                f"{name!r} is not a quantized weight layer; weight layers: "
+                f"{', '.join(w.name for w in self.weights)}"
+            )
         return spot
 
     def sixteen_bit_layers(self) -> list[str]:
-        return sorted({w.name for w in self.weights if w.bits == 16} | {a.layer for a in self.acts if a.bits == 16})
+        return sorted(
+            {w.name for w in self.weights if w.bits == 16} | {a.layer for a in self.acts if a.bits == 16}
+        )
 
 
 RELU_LIKE = (nn.ReLU, nn.ReLU6)
@@ -119,8 +124,21 @@ def make_plan(gm: fx.GraphModule, values: dict[fx.Node, Any], config: QuantConfi
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             if is_tensor(n):
-                add(n, ActSpot("input_q" if n.name in ("x", "input") else f"{n.name}_q", n.name, "after",
-                               "input", "input", None, None, a_bits, a_pow2, n.name))
+                add(
+                    n,
+                    ActSpot(
+                        "input_q" if n.name in ("x", "input") else f"{n.name}_q",
+                        n.name,
+                        "after",
+                        "input",
+                        "input",
+                        None,
+                        None,
+                        a_bits,
+                        a_pow2,
+                        n.name,
+                    ),
+                )
         elif n.op == "call_module":
             m = mods[n.target]
             if isinstance(m, RELU_LIKE):
@@ -128,20 +146,48 @@ def make_plan(gm: fx.GraphModule, values: dict[fx.Node, Any], config: QuantConfi
                 layer = src.target if isinstance(src, fx.Node) and src.op == "call_module" else n.target
                 if isinstance(src, fx.Node) and src in conv_of_bn:
                     layer = conv_of_bn[src]
-                add(n, ActSpot(n.target, n.name, "replace", type(m).__name__, layer, False, relu_cap(m), a_bits,
-                               a_pow2, n.name))
+                add(
+                    n,
+                    ActSpot(
+                        n.target,
+                        n.name,
+                        "replace",
+                        type(m).__name__,
+                        layer,
+                        False,
+                        relu_cap(m),
+                        a_bits,
+                        a_pow2,
+                        n.name,
+                    ),
+                )
             elif isinstance(m, WEIGHT_LAYERS):
                 out, bn = n, None
                 users = list(n.users)
-                if len(users) == 1 and users[0].op == "call_module" and isinstance(mods[users[0].target], BATCHNORMS):
+                if (
+                    len(users) == 1
+                    and users[0].op == "call_module"
+                    and isinstance(mods[users[0].target], BATCHNORMS)
+                ):
                     bn = users[0]
                     out = bn
                     conv_of_bn[bn] = n.target
                 out_of[n.target] = out
-                depthwise = isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+                depthwise = (
+                    isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+                )
                 per_ch = config.per_channel_all or (config.per_channel_q == "depthwise" and depthwise)
-                plan.weights.append(WeightSpot(n.target, bn.target if bn is not None else None, type(m).__name__,
-                                               depthwise, config.bitwidth_weights, per_ch, config.power2_weight_range))
+                plan.weights.append(
+                    WeightSpot(
+                        n.target,
+                        bn.target if bn is not None else None,
+                        type(m).__name__,
+                        depthwise,
+                        config.bitwidth_weights,
+                        per_ch,
+                        config.power2_weight_range,
+                    )
+                )
                 if relu_user(out) is None:
                     add_after(out, type(m).__name__ + ("+BN" if bn is not None else ""), n.target)
             elif isinstance(m, BATCHNORMS) and n in conv_of_bn:
@@ -158,8 +204,21 @@ def make_plan(gm: fx.GraphModule, values: dict[fx.Node, Any], config: QuantConfi
             for o in outs:
                 if isinstance(o, fx.Node) and is_tensor(o) and value_source(gm, o) not in quant_of:
                     src = value_source(gm, o)
-                    add(src, ActSpot("output_q" if len(outs) == 1 else f"{src.name}_output_q", src.name,
-                                     "after", "output", "output", None, None, a_bits, a_pow2, src.name))
+                    add(
+                        src,
+                        ActSpot(
+                            "output_q" if len(outs) == 1 else f"{src.name}_output_q",
+                            src.name,
+                            "after",
+                            "output",
+                            "output",
+                            None,
+                            None,
+                            a_bits,
+                            a_pow2,
+                            src.name,
+                        ),
+                    )
     # every weight layer's input must be a quantized tensor; its quantizer and the one after it are recorded
     for w in plan.weights:
         node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == w.name)
@@ -168,9 +227,20 @@ def make_plan(gm: fx.GraphModule, values: dict[fx.Node, Any], config: QuantConfi
             w.input_quant = quant_of[src]
         else:
             w.input_quant = f"{w.name}_input_q"
-            plan.acts.append(ActSpot(w.input_quant, node.name, "before", "weight-layer input", src.name
-                                     if src.op != "call_module" else src.target, None, None, a_bits, a_pow2,
-                                     node.args[0].name))
+            plan.acts.append(
+                ActSpot(
+                    w.input_quant,
+                    node.name,
+                    "before",
+                    "weight-layer input",
+                    src.name if src.op != "call_module" else src.target,
+                    None,
+                    None,
+                    a_bits,
+                    a_pow2,
+                    node.args[0].name,
+                )
+            )
         out = out_of[w.name]
         relu = relu_user(out)
         w.output_quant = quant_of.get(relu if relu is not None else out)

@@ -8,6 +8,7 @@ ops it is exported as (``tests/test_preserving.py`` exports every torch form and
 Pooling by maximum also returns input values, but it is not in the table: the plan gives it its own
 quantizer (a range that tracks its smaller output), and the ONNX side follows the plan.
 """
+
 from __future__ import annotations
 
 import operator
@@ -31,18 +32,32 @@ class PreservingOp:
 
 
 PRESERVING_OPS: tuple[PreservingOp, ...] = (
-    PreservingOp("flatten / reshape", (nn.Flatten, nn.Unflatten, Reshape), ("flatten", "view", "reshape"),
-                 (torch.flatten, torch.reshape), ("Flatten", "Reshape")),
+    PreservingOp(
+        "flatten / reshape",
+        (nn.Flatten, nn.Unflatten, Reshape),
+        ("flatten", "view", "reshape"),
+        (torch.flatten, torch.reshape),
+        ("Flatten", "Reshape"),
+    ),
     PreservingOp("index / slice", (Slice,), (), (operator.getitem,), ("Slice", "Gather", "Squeeze")),
     PreservingOp("split", (), ("chunk", "split"), (torch.chunk, torch.split), ("Split", "Slice")),
-    PreservingOp("transpose", (), ("transpose", "permute", "t"), (torch.transpose, torch.permute), ("Transpose",)),
-    PreservingOp("squeeze", (), ("squeeze", "unsqueeze"), (torch.squeeze, torch.unsqueeze), ("Squeeze", "Unsqueeze")),
+    PreservingOp(
+        "transpose", (), ("transpose", "permute", "t"), (torch.transpose, torch.permute), ("Transpose",)
+    ),
+    PreservingOp(
+        "squeeze", (), ("squeeze", "unsqueeze"), (torch.squeeze, torch.unsqueeze), ("Squeeze", "Unsqueeze")
+    ),
     PreservingOp("pad", (Pad,), (), (), ("Pad",)),
     PreservingOp("expand", (), ("expand",), (), ("Expand",)),
     PreservingOp("repeat", (), ("repeat",), (), ("Tile",)),
     PreservingOp("channel shuffle", (nn.ChannelShuffle,), (), (), ("Reshape", "Transpose")),
-    PreservingOp("identity / dropout", (nn.Identity, nn.Dropout, nn.Dropout2d), ("contiguous",),
-                 (torch.nn.functional.dropout,), ("Identity", "Dropout")),
+    PreservingOp(
+        "identity / dropout",
+        (nn.Identity, nn.Dropout, nn.Dropout2d),
+        ("contiguous",),
+        (torch.nn.functional.dropout,),
+        ("Identity", "Dropout"),
+    ),
     # shape queries: their results are not tensors and are never quantized; no ONNX value op
     PreservingOp("shape query", (), ("size", "dim"), (getattr,), ()),
 )

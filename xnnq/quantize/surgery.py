@@ -4,12 +4,14 @@ After surgery every op that changes a range is a ``call_module`` node of its own
 quantizer to it, and no module object is called twice. Parameter names never change: modules are only
 added (under the module whose ``forward`` held the functional) or copied (re-used parameter-free modules).
 """
+
 from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -19,7 +21,6 @@ from torch import nn
 from ..layers.blocks import AddBlock, CatBlock, MultBlock, ReduceMean
 from ..layers.resize import ResizeWith
 from ..layers.shape_ops import Pad, Reshape, Slice
-from .capture import CaptureError
 
 
 @dataclass
@@ -89,35 +90,84 @@ FUNCTION_RULES: dict[Any, _Rule] = {
     torch.sigmoid: (["input"], {}, lambda p, o, i: nn.Sigmoid()),
     F.sigmoid: (["input"], {}, lambda p, o, i: nn.Sigmoid()),
     torch.tanh: (["input"], {}, lambda p, o, i: nn.Tanh()),
-    F.leaky_relu: (["input", "negative_slope", "inplace"], {"negative_slope": 0.01},
-                   lambda p, o, i: nn.LeakyReLU(p["negative_slope"])),
-    F.avg_pool2d: (["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
-                   {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None},
-                   lambda p, o, i: nn.AvgPool2d(p["kernel_size"], p["stride"], p["padding"], p["ceil_mode"],
-                                                p["count_include_pad"], p["divisor_override"])),
-    F.max_pool2d: (["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
-                   {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False},
-                   lambda p, o, i: nn.MaxPool2d(p["kernel_size"], p["stride"], p["padding"], p["dilation"],
-                                                ceil_mode=p["ceil_mode"])),
-    F.adaptive_avg_pool2d: (["input", "output_size"], {}, lambda p, o, i: nn.AdaptiveAvgPool2d(p["output_size"])),
-    F.adaptive_max_pool2d: (["input", "output_size"], {}, lambda p, o, i: nn.AdaptiveMaxPool2d(p["output_size"])),
-    F.interpolate: (["input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"],
-                    {"mode": "nearest", "align_corners": None}, _resize),
-    F.pad: (["input", "pad", "mode", "value"], {"mode": "constant", "value": None},
-            lambda p, o, i: Pad(p["pad"], p["mode"], p["value"])),
-    torch.flatten: (["input", "start_dim", "end_dim"], {"start_dim": 0, "end_dim": -1},
-                    lambda p, o, i: nn.Flatten(p["start_dim"], p["end_dim"])),
+    F.leaky_relu: (
+        ["input", "negative_slope", "inplace"],
+        {"negative_slope": 0.01},
+        lambda p, o, i: nn.LeakyReLU(p["negative_slope"]),
+    ),
+    F.avg_pool2d: (
+        ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
+        {
+            "stride": None,
+            "padding": 0,
+            "ceil_mode": False,
+            "count_include_pad": True,
+            "divisor_override": None,
+        },
+        lambda p, o, i: nn.AvgPool2d(
+            p["kernel_size"],
+            p["stride"],
+            p["padding"],
+            p["ceil_mode"],
+            p["count_include_pad"],
+            p["divisor_override"],
+        ),
+    ),
+    F.max_pool2d: (
+        ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
+        {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False},
+        lambda p, o, i: nn.MaxPool2d(
+            p["kernel_size"], p["stride"], p["padding"], p["dilation"], ceil_mode=p["ceil_mode"]
+        ),
+    ),
+    F.adaptive_avg_pool2d: (
+        ["input", "output_size"],
+        {},
+        lambda p, o, i: nn.AdaptiveAvgPool2d(p["output_size"]),
+    ),
+    F.adaptive_max_pool2d: (
+        ["input", "output_size"],
+        {},
+        lambda p, o, i: nn.AdaptiveMaxPool2d(p["output_size"]),
+    ),
+    F.interpolate: (
+        ["input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"],
+        {"mode": "nearest", "align_corners": None},
+        _resize,
+    ),
+    F.pad: (
+        ["input", "pad", "mode", "value"],
+        {"mode": "constant", "value": None},
+        lambda p, o, i: Pad(p["pad"], p["mode"], p["value"]),
+    ),
+    torch.flatten: (
+        ["input", "start_dim", "end_dim"],
+        {"start_dim": 0, "end_dim": -1},
+        lambda p, o, i: nn.Flatten(p["start_dim"], p["end_dim"]),
+    ),
     torch.reshape: (["input", "shape"], {}, _reshape),
-    torch.mean: (["input", "dim", "keepdim"], {"keepdim": False},
-                 lambda p, o, i: ReduceMean(p["dim"] if isinstance(p["dim"], (tuple, list)) else (p["dim"],), p["keepdim"])
-                 if "dim" in p else None),
+    torch.mean: (
+        ["input", "dim", "keepdim"],
+        {"keepdim": False},
+        lambda p, o, i: (
+            ReduceMean(p["dim"] if isinstance(p["dim"], (tuple, list)) else (p["dim"],), p["keepdim"])
+            if "dim" in p
+            else None
+        ),
+    ),
 }
 METHOD_RULES: dict[str, _Rule] = {
-    "relu": FUNCTION_RULES[torch.relu], "relu_": FUNCTION_RULES[torch.relu],
-    "sigmoid": FUNCTION_RULES[torch.sigmoid], "tanh": FUNCTION_RULES[torch.tanh],
-    "flatten": (["input", "start_dim", "end_dim"], {"start_dim": 0, "end_dim": -1},
-                lambda p, o, i: nn.Flatten(p["start_dim"], p["end_dim"])),
-    "view": (["input"], {}, _reshape), "reshape": (["input"], {}, _reshape),
+    "relu": FUNCTION_RULES[torch.relu],
+    "relu_": FUNCTION_RULES[torch.relu],
+    "sigmoid": FUNCTION_RULES[torch.sigmoid],
+    "tanh": FUNCTION_RULES[torch.tanh],
+    "flatten": (
+        ["input", "start_dim", "end_dim"],
+        {"start_dim": 0, "end_dim": -1},
+        lambda p, o, i: nn.Flatten(p["start_dim"], p["end_dim"]),
+    ),
+    "view": (["input"], {}, _reshape),
+    "reshape": (["input"], {}, _reshape),
     "mean": FUNCTION_RULES[torch.mean],
 }
 ADD_OPS = {operator.add, operator.iadd, torch.add}
@@ -140,8 +190,15 @@ def _add_module(gm: fx.GraphModule, owner: str, kind: str, module: nn.Module) ->
     return name
 
 
-def _replace(gm: fx.GraphModule, node: fx.Node, module: nn.Module, inputs: list, kind: str, report: list[Change],
-             values: dict) -> None:
+def _replace(
+    gm: fx.GraphModule,
+    node: fx.Node,
+    module: nn.Module,
+    inputs: list,
+    kind: str,
+    report: list[Change],
+    values: dict,
+) -> None:
     desc = f"{type(module).__name__} from {node.op} `{getattr(node.target, '__name__', node.target)}` ({node.name})"
     name = _add_module(gm, _owner(node), kind, module)
     with gm.graph.inserting_before(node):
@@ -162,11 +219,21 @@ def functionals_to_modules(gm: fx.GraphModule, values: dict, report: list[Change
         args = [_concrete(values, a) for a in node.args]
         kwargs = {k: _concrete(values, v) for k, v in node.kwargs.items()}
         out = values.get(node)
-        if node.op == "call_function" and tgt in ADD_OPS or node.op == "call_method" and tgt in ("add", "add_"):
+        if (
+            node.op == "call_function"
+            and tgt in ADD_OPS
+            or node.op == "call_method"
+            and tgt in ("add", "add_")
+        ):
             if len(args) == 2 and all(_is_tensor(values, a) for a in args) and not kwargs:
                 _replace(gm, node, AddBlock(), args, "add", report, values)
             continue
-        if node.op == "call_function" and tgt in MUL_OPS or node.op == "call_method" and tgt in ("mul", "mul_"):
+        if (
+            node.op == "call_function"
+            and tgt in MUL_OPS
+            or node.op == "call_method"
+            and tgt in ("mul", "mul_")
+        ):
             if len(args) == 2 and all(_is_tensor(values, a) for a in args) and not kwargs:
                 _replace(gm, node, MultBlock(), args, "mul", report, values)
             continue
@@ -196,8 +263,22 @@ def functionals_to_modules(gm: fx.GraphModule, values: dict, report: list[Change
     gm.graph.eliminate_dead_code()
 
 
+def _shared_copy(mod: nn.Module) -> nn.Module:
+    """A new module object holding the very same parameter and buffer tensors as ``mod`` (weights stay shared)."""
+    new = copy.copy(mod)
+    new._parameters = dict(mod._parameters)
+    new._buffers = dict(mod._buffers)
+    new._modules = {k: None if m is None else _shared_copy(m) for k, m in mod._modules.items()}
+    return new
+
+
 def split_reused_modules(gm: fx.GraphModule, report: list[Change]) -> None:
-    """Give every call of a re-used parameter-free module (a shared ReLU) its own copy."""
+    """Give every call of a re-used module its own module, so each call site gets its own quantizers.
+
+    A parameter-free module (a shared ReLU) is deep-copied; a module with parameters (a head conv shared
+    across FPN levels) becomes a second module object holding the same parameter and buffer tensors, so the
+    weights stay shared in training while each call's activations are quantized on their own.
+    """
     seen: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -207,14 +288,11 @@ def split_reused_modules(gm: fx.GraphModule, report: list[Change]) -> None:
         if count == 0:
             continue
         mod = gm.get_submodule(node.target)
-        if any(True for _ in mod.parameters()):
-            raise CaptureError(
-                f"module `{node.target}` ({type(mod).__name__}) is called more than once and has parameters "
-                f"(shared weights). xnnq quantizes each call site on its own. Fix: give each call its own module, "
-                f"or list it in leaf_modules of an enclosing module.")
+        shared = any(True for _ in mod.parameters())
         owner, _, leaf = node.target.rpartition(".")
-        name = _add_module(gm, owner, leaf, copy.deepcopy(mod))
-        report.append(Change("split", node.target, f"call #{count + 1} now uses its own copy `{name}`"))
+        name = _add_module(gm, owner, leaf, _shared_copy(mod) if shared else copy.deepcopy(mod))
+        what = "a copy sharing its parameters and buffers" if shared else "its own copy"
+        report.append(Change("split", node.target, f"call #{count + 1} now uses {what} `{name}`"))
         node.target = name
 
 

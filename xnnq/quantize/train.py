@@ -1,4 +1,5 @@
 """QuantTrainModule: quantization-aware training."""
+
 from __future__ import annotations
 
 from .wrapper import QuantBaseModule
@@ -15,6 +16,8 @@ class QuantTrainModule(QuantBaseModule):
     Settings: a :class:`~xnnq.quantize.config.QuantConfig` as ``config``, or its fields as keyword
     arguments: ``bitwidth_weights``/``bitwidth_activations`` (8 or 16), ``per_channel_q`` (False,
     "depthwise" or "all"), ``power2_weight_range``/``power2_activation_range`` (default True: TIDL),
+    ``target`` (a TIDL chip, e.g. ``"AM69A"``: the three settings before it default to the chip's numerics,
+    settings it cannot run are refused; see ``xnnq/targets.py``),
     ``constrain_weights`` (clip weight outliers, default True), ``bitwidth_overrides``
     (``{"layer or glob": 16}``, ``"first"``/``"last"``), ``trim_fraction`` (fraction trimmed each side of
     a range, 1e-4; ``histogram_tail`` is its deprecated name), ``ema_alpha``, ``clip_ranges``

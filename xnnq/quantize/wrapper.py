@@ -1,14 +1,17 @@
 """The pipeline every wrapper shares: capture → surgery → plan → build."""
+
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from ..layers.pact2 import PACT2
+from ..layers.tqt import LearnedRange
 from . import surgery
 from .build import build
 from .capture import CaptureError, check_dummy_input, record_values, trace
@@ -16,8 +19,12 @@ from .config import QuantConfig
 from .plan import Plan, make_plan
 
 
-def convert(model: nn.Module, args: tuple[torch.Tensor, ...], leaf_modules: Iterable[str | type],
-            report: list[surgery.Change]) -> tuple[fx.GraphModule, dict[fx.Node, Any]]:
+def convert(
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    leaf_modules: Iterable[str | type],
+    report: list[surgery.Change],
+) -> tuple[fx.GraphModule, dict[fx.Node, Any]]:
     """Capture and surgery: ``model`` (changed: pass a copy) traced, run on ``args`` (every node's value
     kept) and converted; the graph the plan is made on."""
     gm = trace(model, leaf_modules)
@@ -43,14 +50,25 @@ class QuantBaseModule(nn.Module):
 
     module: fx.GraphModule
 
-    def __init__(self, model: nn.Module, dummy_input: Any, config: QuantConfig | None = None, *,
-                 leaf_modules: Iterable[str | type] = (), verbose: bool = False, **settings: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        dummy_input: Any,
+        config: QuantConfig | None = None,
+        *,
+        leaf_modules: Iterable[str | type] = (),
+        verbose: bool = False,
+        **settings: Any,
+    ):
         super().__init__()
         if isinstance(model, QuantBaseModule) or any(isinstance(m, PACT2) for m in model.modules()):
-            raise TypeError(f"the model is already wrapped/quantized by xnnq ({type(model).__name__}); wrap the float "
-                            "model once. To test a QAT model use QuantTestModule(float_model, dummy_input) and load "
-                            "the QAT state_dict into it.")
+            raise TypeError(
+                f"the model is already wrapped/quantized by xnnq ({type(model).__name__}); wrap the float "
+                "model once. To test a QAT model use QuantTestModule(float_model, dummy_input) and load "
+                "the QAT state_dict into it."
+            )
         self.config: QuantConfig = QuantConfig.from_settings(config, **settings)
+        self.target: str | None = self.config.target
         args = check_dummy_input(dummy_input)
         float_model = copy.deepcopy(model)
         param = next(float_model.parameters(), None)
@@ -107,6 +125,22 @@ class QuantBaseModule(nn.Module):
     def quantizers(self) -> dict[str, PACT2]:
         """The activation quantizers by module path."""
         return {n: m for n, m in self.module.named_modules() if isinstance(m, PACT2)}
+
+    def learned_ranges(self) -> dict[str, LearnedRange]:
+        """The learned thresholds (``range_learning="tqt"``) by the path of their quantizer or layer."""
+        mods = self.module.named_modules()
+        return {n.rpartition(".")[0]: m for n, m in mods if isinstance(m, LearnedRange)}
+
+    def range_parameters(self) -> list[nn.Parameter]:
+        """The learned log2 thresholds (empty unless ``range_learning`` learns them), for their own parameter
+        group: e.g. ``torch.optim.Adam(qmodel.range_parameters(), lr=1e-2)`` beside the weights' optimizer
+        over :meth:`non_range_parameters` (no weight decay on thresholds)."""
+        return [m.log2_t for m in self.learned_ranges().values()]
+
+    def non_range_parameters(self) -> list[nn.Parameter]:
+        """Every parameter except :meth:`range_parameters` (the model's own weights, biases, BN affine...)."""
+        ranges = {id(p) for p in self.range_parameters()}
+        return [p for p in self.parameters() if id(p) not in ranges]
 
 
 __all__ = ["QuantBaseModule", "CaptureError"]

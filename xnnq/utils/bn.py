@@ -1,4 +1,5 @@
 """Freeze / unfreeze BatchNorm: use and keep the running statistics."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -8,6 +9,7 @@ _BN = nn.modules.batchnorm._BatchNorm
 
 def _set_frozen(model: nn.Module, frozen: bool) -> int:
     from ..quantize.wrapper import QuantBaseModule
+
     if isinstance(model, QuantBaseModule):
         model.bn_frozen = frozen
     bns = [m for m in model.modules() if isinstance(m, _BN)]

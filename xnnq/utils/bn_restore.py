@@ -5,6 +5,7 @@ The inserted BatchNorm has the statistics of the conv's output measured on calib
 parameters then describe each channel's pre-activation distribution (mean β, standard deviation |γ|),
 which is what cross-layer equalization's high-bias absorption and BN-aware QAT need.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -44,10 +45,12 @@ class _StatsProbe(nn.Module):
         """``Sequential(conv, bn)`` with the identity BatchNorm built from the gathered statistics."""
         n = float(self.count)
         if n < 2:
-            raise ValueError(f"{self.conv}: saw {n:.0f} output values per channel during calibrate_func; "
-                             "make calibrate_func run the model on data that reaches it, or leave it out of layers=")
+            raise ValueError(
+                f"{self.conv}: saw {n:.0f} output values per channel during calibrate_func; "
+                "make calibrate_func run the model on data that reaches it, or leave it out of layers="
+            )
         mean = self.total / n
-        var = ((self.total_sq / n - mean * mean).clamp_min(0.0) * (n / (n - 1)))  # unbiased, like BatchNorm
+        var = (self.total_sq / n - mean * mean).clamp_min(0.0) * (n / (n - 1))  # unbiased, like BatchNorm
         w = self.conv.weight
         bn = _BN_FOR[type(self.conv)](self.conv.out_channels, eps=eps, device=w.device, dtype=w.dtype)
         with torch.no_grad():
@@ -72,7 +75,9 @@ def _chosen(model: nn.Module, layers: Iterable[str] | None) -> list[str]:
         if name not in modules:
             raise KeyError(f"model_restore_bn: no module named {name!r} in the model")
         if not isinstance(modules[name], CONVS):
-            raise TypeError(f"model_restore_bn: {name!r} is a {type(modules[name]).__name__}, not a Conv1d/2d/3d")
+            raise TypeError(
+                f"model_restore_bn: {name!r} is a {type(modules[name]).__name__}, not a Conv1d/2d/3d"
+            )
     return names
 
 
@@ -82,8 +87,12 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def model_restore_bn(model: nn.Module, calibrate_func: Callable[[nn.Module], object],
-                     layers: Iterable[str] | None = None, eps: float = 1e-5) -> nn.Module:
+def model_restore_bn(
+    model: nn.Module,
+    calibrate_func: Callable[[nn.Module], object],
+    layers: Iterable[str] | None = None,
+    eps: float = 1e-5,
+) -> nn.Module:
     """Insert an identity BatchNorm with measured statistics after each chosen conv of ``model`` (in place).
 
     ``calibrate_func(model)`` runs forward passes on calibration data. During it every chosen conv (by
@@ -102,8 +111,11 @@ def model_restore_bn(model: nn.Module, calibrate_func: Callable[[nn.Module], obj
     if not names:
         raise ValueError("model_restore_bn: the model has no Conv1d/2d/3d to restore a BatchNorm after")
     was_training = model.training
-    kept = {k: v.clone() for k, v in model.state_dict().items()
-            if k.rpartition(".")[2] in ("running_mean", "running_var", "num_batches_tracked")}
+    kept = {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if k.rpartition(".")[2] in ("running_mean", "running_var", "num_batches_tracked")
+    }
     probes = {}
     for name in names:
         probes[name] = _StatsProbe(model.get_submodule(name))
@@ -131,8 +143,13 @@ def fold_restored_bn(model: nn.Module) -> nn.Module:
     from ..layers.bn_fold import fold_bn
 
     for name, m in list(model.named_modules()):
-        if (isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(getattr(m, "conv", None), CONVS)
-                and isinstance(getattr(m, "bn", None), nn.modules.batchnorm._BatchNorm) and name):
+        if (
+            isinstance(m, nn.Sequential)
+            and len(m) == 2
+            and isinstance(getattr(m, "conv", None), CONVS)
+            and isinstance(getattr(m, "bn", None), nn.modules.batchnorm._BatchNorm)
+            and name
+        ):
             conv = m.conv
             w, b = fold_bn(conv.weight, conv.bias, m.bn)
             if conv.bias is None:

@@ -19,6 +19,7 @@ act(x − c) + c = act(x), i.e. for pre-activations ≥ c. A constant shift of c
 when conv2 has no zero padding (1x1 convs, linear layers): padded conv2s are skipped unless
 ``hba_padded=True`` (then the border outputs change).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -39,13 +40,16 @@ def _bn_scale(bn: nn.Module | None, like: torch.Tensor) -> torch.Tensor:
 
 def _channel_ranges_out(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """max |w| per output channel of the folded kernel ``weight * scale``."""
-    return (weight.flatten(1).abs().amax(1) * scale.abs())
+    return weight.flatten(1).abs().amax(1) * scale.abs()
 
 
 def _channel_ranges_in(weight: torch.Tensor, groups: int, scale: torch.Tensor) -> torch.Tensor:
     """max |w| per *input channel of the layer before* (C = groups × in-group channels), folded kernel."""
-    w = (weight.abs() * scale.abs().view(-1, *([1] * (weight.dim() - 1)))).flatten(2).amax(2) if weight.dim() > 2 \
+    w = (
+        (weight.abs() * scale.abs().view(-1, *([1] * (weight.dim() - 1)))).flatten(2).amax(2)
+        if weight.dim() > 2
         else weight.abs() * scale.abs().view(-1, 1)
+    )
     o, per_group = w.shape
     return w.view(groups, o // groups, per_group).amax(1).reshape(groups * per_group)
 
@@ -64,14 +68,18 @@ def _groups(layer: nn.Module) -> int:
 def _check_pair(pair: LayerPair, conv1: nn.Module, bn1: nn.Module | None, conv2: nn.Module) -> bool:
     c = conv1.weight.shape[0]
     if conv2.weight.shape[1] * _groups(conv2) != c:
-        raise ValueError(f"{pair.conv1} has {c} output channels but {pair.conv2} takes "
-                         f"{conv2.weight.shape[1] * _groups(conv2)}: the graph is not a chain of these layers")
+        raise ValueError(
+            f"{pair.conv1} has {c} output channels but {pair.conv2} takes "
+            f"{conv2.weight.shape[1] * _groups(conv2)}: the graph is not a chain of these layers"
+        )
     # a BN without affine parameters or running statistics cannot carry the scaling
     return bn1 is None or (bn1.affine and bn1.running_var is not None)
 
 
 @torch.no_grad()
-def equalize_pair(model: nn.Module, pair: LayerPair, threshold: float, max_scale: float) -> torch.Tensor | None:
+def equalize_pair(
+    model: nn.Module, pair: LayerPair, threshold: float, max_scale: float
+) -> torch.Tensor | None:
     """Equalize one pair in place; returns the scales s (None when the pair cannot be rescaled)."""
     conv1, conv2 = model.get_submodule(pair.conv1), model.get_submodule(pair.conv2)
     bn1 = model.get_submodule(pair.bn1) if pair.bn1 else None
@@ -124,8 +132,16 @@ def _run(model: nn.Module, dummy_input: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cross_layer_equalize(model: nn.Module, dummy_input: Any, *, iterations: int = 2, threshold: float = 1e-6,
-                         max_scale: float = 1e3, hba: bool = True, hba_padded: bool = False) -> nn.Module:
+def cross_layer_equalize(
+    model: nn.Module,
+    dummy_input: Any,
+    *,
+    iterations: int = 2,
+    threshold: float = 1e-6,
+    max_scale: float = 1e3,
+    hba: bool = True,
+    hba_padded: bool = False,
+) -> nn.Module:
     """Cross-layer equalization (and high-bias absorption) of ``model`` in place; returns ``model``.
 
     ``iterations`` sweeps over all pairs (a layer in two pairs is rescaled by both, so sweeps converge
@@ -151,9 +167,11 @@ def cross_layer_equalize(model: nn.Module, dummy_input: Any, *, iterations: int 
         out = _run(model, dummy_input)
         err = float((out - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
         if not err <= 1e-3:
-            raise RuntimeError(f"cross_layer_equalize changed the output of {type(model).__name__} by {err:.3g} "
-                               "(relative): the model has a layer between a pair that is not positive-homogeneous "
-                               "or uses a module twice; please report it with the model")
+            raise RuntimeError(
+                f"cross_layer_equalize changed the output of {type(model).__name__} by {err:.3g} "
+                "(relative): the model has a layer between a pair that is not positive-homogeneous "
+                "or uses a module twice; please report it with the model"
+            )
         if hba:
             for pair in pairs:
                 absorb_high_bias(model, pair, hba_padded)

@@ -6,6 +6,7 @@ PReLU, Identity or none. ReLU6 / Hardtanh / clamps are *not* (their clipping lev
 with each channel) and stop a pair. A BatchNorm right after conv2 is recorded too, because the
 quantized kernel of conv2 is the BN-folded one.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -44,7 +45,12 @@ def _act_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
         m = modules[node.target]
         if isinstance(m, HOMOGENEOUS_MODULES):
             return {nn.ReLU: "relu", nn.PReLU: "prelu", nn.Identity: "identity"}[type(m)]
-    elif node.op == "call_function" and node.target in HOMOGENEOUS_FUNCTIONS or node.op == "call_method" and node.target == "relu":
+    elif (
+        node.op == "call_function"
+        and node.target in HOMOGENEOUS_FUNCTIONS
+        or node.op == "call_method"
+        and node.target == "relu"
+    ):
         return "relu"
     return None
 
@@ -58,9 +64,11 @@ def find_layer_pairs(model: nn.Module) -> list[LayerPair]:
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # data-dependent control flow and the like
-        raise TypeError(f"cross-layer equalization needs a torch.fx-traceable model; tracing "
-                        f"{type(model).__name__} failed: {type(e).__name__}: {e}. Make the forward free of "
-                        "tensor-dependent control flow, or equalize a traceable sub-module.") from e
+        raise TypeError(
+            f"cross-layer equalization needs a torch.fx-traceable model; tracing "
+            f"{type(model).__name__} failed: {type(e).__name__}: {e}. Make the forward free of "
+            "tensor-dependent control flow, or equalize a traceable sub-module."
+        ) from e
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     pairs = []

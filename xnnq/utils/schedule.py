@@ -1,4 +1,5 @@
 """Freeze BatchNorm and activation ranges by an epoch number the caller passes (no hidden counters)."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -7,8 +8,9 @@ from ..layers.freeze import freeze_quant_range, unfreeze_quant_range
 from .bn import freeze_bn, unfreeze_bn
 
 
-def apply_freeze_schedule(model: nn.Module, epoch: int, *, freeze_bn_epoch: int | None = None,
-                          freeze_range_epoch: int | None = None) -> dict[str, bool]:
+def apply_freeze_schedule(
+    model: nn.Module, epoch: int, *, freeze_bn_epoch: int | None = None, freeze_range_epoch: int | None = None
+) -> dict[str, bool]:
     """Freeze BN from ``freeze_bn_epoch`` on and ranges from ``freeze_range_epoch`` on (``None``: never).
 
     Call it at the start of every epoch with the epoch index you are about to train; it is idempotent and

@@ -1,4 +1,6 @@
-"""Model and data loading for the ``xnnq`` command line: ``resnet20``, a torchvision name or ``module:attr``."""
+"""Model and data loading for the ``xnnq`` command line: ``resnet20``, a torchvision name or
+``module:attr``."""
+
 from __future__ import annotations
 
 import importlib
@@ -8,12 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import data
-from .models.cifar_resnet import load_state_dict_file, resnet20
-
-
-class CliError(Exception):
-    """A bad argument or input; the command line prints the message and exits with status 2."""
+from .. import data
+from ..models.cifar_resnet import resnet20
+from ..utils.io import load_state_dict_file
+from .errors import CliError
 
 
 def _call_factory(factory, num_classes: int | None, what: str) -> nn.Module:
@@ -39,17 +39,22 @@ def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
         try:
             mod = importlib.import_module(mod_name)
         except ImportError as e:
-            raise CliError(f"--model {spec}: cannot import module {mod_name!r} ({e}). Put it on PYTHONPATH.") from e
+            raise CliError(
+                f"--model {spec}: cannot import module {mod_name!r} ({e}). Put it on PYTHONPATH."
+            ) from e
         obj = getattr(mod, attr, None)
         if obj is None:
             raise CliError(f"--model {spec}: module {mod_name!r} has no attribute {attr!r}")
         return obj if isinstance(obj, nn.Module) else _call_factory(obj, num_classes, spec)
     import torchvision
+
     names = torchvision.models.list_models()
     if spec not in names:
         close = [n for n in names if spec.lower() in n][:8]
-        raise CliError(f"--model {spec!r} is not 'resnet20', a torchvision model name or 'module:attr'"
-                       + (f"; did you mean one of {close}?" if close else "; see torchvision.models.list_models()"))
+        raise CliError(
+            f"--model {spec!r} is not 'resnet20', a torchvision model name or 'module:attr'"
+            + (f"; did you mean one of {close}?" if close else "; see torchvision.models.list_models()")
+        )
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     return torchvision.models.get_model(spec, weights=None, **kwargs)
 
@@ -72,7 +77,9 @@ def load_model(spec: str, weights: str | None, num_classes: int | None) -> nn.Mo
             model.load_state_dict(sd)
         except RuntimeError as e:
             first = str(e).splitlines()
-            raise CliError(f"--weights {weights} does not fit --model {spec}: {' '.join(first[:3])[:400]}") from e
+            raise CliError(
+                f"--weights {weights} does not fit --model {spec}: {' '.join(first[:3])[:400]}"
+            ) from e
     return model.eval()
 
 
@@ -89,6 +96,7 @@ def default_input_size(spec: str, folder: Path) -> int:
     if ":" not in spec:
         return 224
     from PIL import Image
+
     for p in sorted(folder.rglob("*")):
         if p.suffix.lower() in data.IMG_EXTENSIONS:
             with Image.open(p) as img:
@@ -101,7 +109,9 @@ def split_dirs(root: str | Path) -> tuple[Path, Path]:
     ``root`` for both."""
     root = Path(root)
     if not root.is_dir():
-        raise CliError(f"--data {root}: no such directory (an ImageFolder tree: <class>/<image>, or train/ and test/)")
+        raise CliError(
+            f"--data {root}: no such directory (an ImageFolder tree: <class>/<image>, or train/ and test/)"
+        )
     train = root / "train" if (root / "train").is_dir() else root
     test = next((root / s for s in ("test", "val", "validation") if (root / s).is_dir()), train)
     return train, test

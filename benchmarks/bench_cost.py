@@ -1,0 +1,330 @@
+"""Cost of quantization at real resolution (issue 16): train step, peak memory and calibration, per model.
+
+    python benchmarks/bench_cost.py [--threads 2] [--models resnet20 mobilenet_v2 ...] [--steps 9] [--record]
+
+Models: ResNet-20 (32x32, batch 128; the CIFAR-10 weights and images when $XNNQ_DATA has them, else random),
+torchvision ``mobilenet_v2``, ``resnet18``, ``efficientnet_b0`` (224x224, batch 16, ``weights=None``), and the
+Mosaic detector (128x128, batch 16) when ``xnnq.models.zoo`` registers ``"mosaic_detector"``.
+
+Per model, in one process:
+
+* **Train step** (SGD with momentum, model in training mode, BatchNorm updating): the float model, the
+  same model in ``QuantTrainModule`` and in torch.ao ``prepare_qat_fx`` (``get_default_qat_qconfig_mapping
+  ("x86")``, the peer). After two warm-up steps each, ``--steps`` rounds run one step of every variant in
+  turn (the order rotates each round, so slow drifts of a shared machine hit all variants alike); the
+  medians of wall time (``*_ms``) and of process CPU time (``*_cpu_ms``, all threads) are reported.
+* **Peak memory of a step**: one more step of each variant under ``torch.profiler`` with
+  ``profile_memory=True``. Every CPU allocation and free made by torch during that step is reported by its
+  allocator with its size; the running sum over the step, in time order, is the memory the step holds
+  above what existed before it (activations saved for backward, masks, temporaries, gradients and optimizer
+  work), and its maximum is the step's peak (``*_peak_mb``). Gradients are released (``zero_grad(set_to_none=
+  True)``) before the profiled step starts, so both variants start from the same state; the parameters and
+  optimizer state that persist across steps are not counted. This is exact and independent of the
+  process's RSS (which the C allocator does not return promptly). On CUDA ``torch.cuda.max_memory_allocated``
+  above the step's starting level is used instead.
+* **Calibration**: ``QuantCalibrateModule`` in calibration mode vs the float model in eval mode, both under
+  ``torch.no_grad``, over the same ``--calib-images`` images (1000 for ResNet-20, 64 otherwise),
+  interleaved batch by batch, ``--calib-passes`` passes; ``calib_over_float`` is the ratio of the median
+  pass times (wall), ``calib_over_float_cpu`` of process CPU time. ``finalize()`` (range choice, bias correction) is timed once, apart.
+
+The machine's load (``os.getloadavg()``) is reported before and after each model. One JSON line per model
+on stdout; ``--record`` also appends them to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import xnnq
+from xnnq import data
+from xnnq.calibrate import QuantCalibrateModule
+
+from common import RESULTS, machine
+
+GOAL_STEP, GOAL_CALIB, GOAL_MEM = 1.30, 1.10, 1.30
+MODELS = ("resnet20", "mobilenet_v2", "resnet18", "efficientnet_b0", "mosaic_detector")
+
+
+# ------------------------------------------------------------------------------------------- models
+def _model_spec(name: str) -> dict[str, Any] | None:
+    """``{"model": nn.Module, "batch": int, "size": int, "classes": int | None, "source": str}`` or None."""
+    if name == "resnet20":
+        from xnnq.models.cifar_resnet import resnet20_cifar10
+
+        w = data.data_root() / "weights" / "resnet20_cifar10jpg.pt"
+        return {
+            "model": resnet20_cifar10(w if w.is_file() else None),
+            "batch": 128,
+            "size": 32,
+            "classes": 10,
+            "source": "CIFAR-10 weights" if w.is_file() else "random init",
+        }
+    if name in ("mobilenet_v2", "resnet18", "efficientnet_b0"):
+        import torchvision
+
+        torch.manual_seed(0)
+        return {
+            "model": getattr(torchvision.models, name)(weights=None),
+            "batch": 16,
+            "size": 224,
+            "classes": 1000,
+            "source": "random init",
+        }
+    if name == "mosaic_detector":
+        from xnnq.models import zoo
+
+        if name not in zoo.MODELS:
+            return None
+        torch.manual_seed(0)
+        return {
+            "model": zoo.get_model(name),
+            "batch": 16,
+            "size": 128,
+            "classes": None,
+            "source": "random init",
+        }
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def _inputs(spec: dict, batches: int, seed: int) -> list[torch.Tensor]:
+    """``batches`` input batches: CIFAR-10 training images for ResNet-20 when available, else N(0, 1)."""
+    b, s = spec["batch"], spec["size"]
+    if s == 32 and data.cifar10_available():
+        x, y = data.cifar10("train")
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(y), generator=g)[: b * batches]
+        return [xb for xb, _ in data.batches(x[idx], y[idx], b)]
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 3, s, s, generator=g) for _ in range(batches)]
+
+
+def _loss(out: Any, y: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(out, torch.Tensor) and y is not None:
+        return F.cross_entropy(out, y)
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return sum(o.float().pow(2).mean() for o in outs)
+
+
+# ------------------------------------------------------------------------------------------- step
+class Variant:
+    """One trainable variant of the model with its optimizer."""
+
+    def __init__(self, name: str, model: nn.Module):
+        self.name, self.model = name, model.train()
+        self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        _loss(self.model(x), y).backward()
+        self.opt.step()
+
+
+def _timed(fn: Callable[[], None]) -> tuple[float, float]:
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def peak_step_bytes(v: Variant, x: torch.Tensor, y: torch.Tensor | None) -> int:
+    """Peak bytes a train step allocates above its starting level (see the module docstring)."""
+    v.opt.zero_grad(set_to_none=True)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _loss(v.model(x), y).backward()
+        v.opt.step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _loss(v.model(x), y).backward()
+        v.opt.step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
+
+
+def _torch_ao_qat(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prepare_qat_fx(model, get_default_qat_qconfig_mapping("x86"), (example,))
+
+
+def measure_steps(spec: dict, steps: int, skip_ao: bool) -> dict[str, Any]:
+    x = _inputs(spec, 1, seed=0)[0]
+    y = (
+        torch.randint(0, spec["classes"], (x.shape[0],), generator=torch.Generator().manual_seed(1))
+        if spec["classes"]
+        else None
+    )
+    float_model = spec["model"]
+    dummy = x[:1]
+    variants = [
+        Variant("float", copy.deepcopy(float_model)),
+        Variant("xnnq", xnnq.QuantTrainModule(float_model, dummy)),
+    ]
+    res: dict[str, Any] = {}
+    if not skip_ao:
+        try:
+            variants.append(Variant("torch_ao", _torch_ao_qat(copy.deepcopy(float_model).train(), dummy)))
+        except Exception as e:  # noqa: BLE001 - a peer that cannot trace the model is reported, not fatal
+            res["torch_ao_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    for _ in range(2):
+        for v in variants:
+            v.step(x, y)
+    wall: dict[str, list[float]] = {v.name: [] for v in variants}
+    cpu: dict[str, list[float]] = {v.name: [] for v in variants}
+    for r in range(steps):
+        for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
+            w, c = _timed(lambda v=v: v.step(x, y))
+            wall[v.name].append(w)
+            cpu[v.name].append(c)
+    for v in variants:
+        res[f"{v.name}_step_ms"] = round(statistics.median(wall[v.name]) * 1e3, 1)
+        res[f"{v.name}_step_cpu_ms"] = round(statistics.median(cpu[v.name]) * 1e3, 1)
+    for v in variants[1:]:
+        res[f"{v.name}_over_float"] = round(res[f"{v.name}_step_ms"] / res["float_step_ms"], 3)
+        res[f"{v.name}_over_float_cpu"] = round(res[f"{v.name}_step_cpu_ms"] / res["float_step_cpu_ms"], 3)
+    for v in variants:
+        res[f"{v.name}_peak_mb"] = round(peak_step_bytes(v, x, y) / 2**20, 1)
+    for v in variants[1:]:
+        res[f"{v.name}_mem_over_float"] = round(res[f"{v.name}_peak_mb"] / res["float_peak_mb"], 3)
+    return res
+
+
+def measure_calibration(spec: dict, images: int, passes: int) -> dict[str, Any]:
+    b = spec["batch"] if spec["size"] != 32 else 100
+    spec = {**spec, "batch": b}
+    xs = _inputs(spec, max(1, images // b), seed=2)
+    float_model = copy.deepcopy(spec["model"]).eval()
+    calib = QuantCalibrateModule(spec["model"], xs[0][:1]).train()
+    t_float, t_calib, c_float, c_calib = [], [], [], []
+    with torch.no_grad():
+        float_model(xs[0]), calib(xs[0])  # warm-up (first-batch work: histogram allocation, signedness)
+        for _ in range(passes):
+            tf = tc = cf = cc = 0.0
+            for xb in xs:
+                w, c = _timed(lambda xb=xb: float_model(xb))
+                tf, cf = tf + w, cf + c
+                w, c = _timed(lambda xb=xb: calib(xb))
+                tc, cc = tc + w, cc + c
+            t_float.append(tf)
+            t_calib.append(tc)
+            c_float.append(cf)
+            c_calib.append(cc)
+    fin = _timed(calib.eval)[0]
+    mf, mc = statistics.median(t_float), statistics.median(t_calib)
+    cf, cc = statistics.median(c_float), statistics.median(c_calib)
+    return {
+        "calib_images": len(xs) * b,
+        "float_forward_s": round(mf, 3),
+        "calib_forward_s": round(mc, 3),
+        "calib_over_float": round(mc / mf, 3),
+        "float_forward_cpu_s": round(cf, 3),
+        "calib_forward_cpu_s": round(cc, 3),
+        "calib_over_float_cpu": round(cc / cf, 3),
+        "finalize_s": round(fin, 3),
+    }
+
+
+def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    spec = _model_spec(name)
+    if spec is None:
+        return {"model": name, "skipped": "xnnq.models.zoo has no 'mosaic_detector' in this checkout"}
+    res: dict[str, Any] = {
+        "model": name,
+        "input": [spec["batch"], 3, spec["size"], spec["size"]],
+        "weights": spec["source"],
+        "threads": torch.get_num_threads(),
+        "load_before": [round(v, 2) for v in os.getloadavg()],
+    }
+    t0 = time.perf_counter()
+    res.update(measure_steps(spec, args.steps, args.skip_ao))
+    if not args.skip_calib:
+        n = args.calib_images or (1000 if spec["size"] == 32 else 64)
+        res.update(measure_calibration(spec, n, args.calib_passes))
+    res["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    res["goals"] = {
+        "step<=1.30": res["xnnq_over_float"] <= GOAL_STEP,
+        "mem<=1.3": res["xnnq_mem_over_float"] <= GOAL_MEM,
+    }
+    if "calib_over_float" in res:
+        res["goals"]["calib<=1.10"] = res["calib_over_float"] <= GOAL_CALIB
+    return res
+
+
+def _table(rows: list[dict]) -> str:
+    head = (
+        "| model | threads | float step ms | xnnq / float | torch.ao / float | peak MB float / xnnq (ratio) "
+        "| calib / float fwd | load (1 min) |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['model']} | — | skipped: {r['skipped']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['threads']} | {r['float_step_ms']} | {r['xnnq_over_float']} | "
+            f"{r.get('torch_ao_over_float', '—')} | {r['float_peak_mb']} / {r['xnnq_peak_mb']} "
+            f"({r['xnnq_mem_over_float']}) | {r.get('calib_over_float', '—')} | "
+            f"{r['load_before'][0]}–{r['load_after'][0]} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=9, help="timed rounds (one step of every variant each)")
+    ap.add_argument("--calib-images", type=int, default=0, help="0: 1000 for ResNet-20, 64 otherwise")
+    ap.add_argument("--calib-passes", type=int, default=3)
+    ap.add_argument("--skip-ao", action="store_true", help="leave out the torch.ao peer")
+    ap.add_argument("--skip-calib", action="store_true")
+    ap.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models:
+        r = run_model(name, args)
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+    if args.record:
+        date = datetime.datetime.now().isoformat(timespec="seconds")
+        cmd = "python benchmarks/bench_cost.py " + " ".join(sys.argv[1:])
+        with RESULTS.open("a") as f:
+            f.write(
+                f"\n### bench_cost — {date}\n\n`{cmd}`; {json.dumps(machine())}\n\n{_table(rows)}\n\n"
+                "<details><summary>JSON lines</summary>\n\n```json\n"
+                + "\n".join(json.dumps(r) for r in rows)
+                + "\n```\n</details>\n"
+            )
+
+
+if __name__ == "__main__":
+    main()

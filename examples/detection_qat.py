@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""QAT of an SSD detector for TIDL, with its object-detection export (ONNX + options + meta-arch prototxt).
+
+    load_pretrained("mosaic_detector") → QuantTrainModule → train with the SSD loss → freeze → evaluate
+    → detection.export(format="tidl" | "qdq") → evaluate the ONNX files (onnxruntime / TIDL emulation)
+
+    python examples/detection_qat.py --train-images 1024 --eval-images 200 --out out/detector
+
+Any COCO-format set works (``--data`` with ``train/`` and ``val/``, each ``images/`` + ``instances.json``);
+the default is Mosaic-10 under ``$XNNQ_DATA``. A different number of classes needs a detector trained for it
+(``scripts/train_detector.py --data ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+import xnnq
+from xnnq.data import data_root
+from xnnq.models.zoo import load_pretrained
+from xnnq.tasks import detection
+from xnnq.tasks.ssd import multibox_loss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help="folder with train/ and val/ (default $XNNQ_DATA/mosaic10)")
+    ap.add_argument("--train-images", type=int, default=1024, help="6000 = one Mosaic-10 epoch")
+    ap.add_argument("--eval-images", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--out", default="out/detector")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    root = Path(args.data) if args.data else data_root() / "mosaic10"
+    train, val = root / "train" / "instances.json", root / "val" / "instances.json"
+
+    model = load_pretrained("mosaic_detector")  # float SSD core, eval mode, model.meta_arch
+    meta = model.meta_arch
+    print("float   ", detection.evaluate(model, val, limit=args.eval_images))
+
+    qmodel = xnnq.QuantTrainModule(model, torch.zeros(1, 3, meta.in_height, meta.in_width)).train()
+    xnnq.utils.freeze_bn(qmodel)  # BN folded with its running statistics
+    opt = torch.optim.AdamW(qmodel.parameters(), lr=args.lr, weight_decay=0.0)
+    steps = math.ceil(args.train_images / args.batch_size)
+    for step, (images, targets) in enumerate(
+        detection.batches(train, batch_size=args.batch_size, train=True, limit=args.train_images)
+    ):
+        if step == steps // 2:
+            xnnq.layers.freeze_quant_range(qmodel)  # activation ranges fixed from here on
+        for g in opt.param_groups:
+            g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss, _ = multibox_loss(meta, qmodel(images), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            print(f"step {step}/{steps} loss {loss.item():.3f}", flush=True)
+    qmodel.eval()
+    print("QAT     ", detection.evaluate(qmodel, val, limit=args.eval_images, meta_arch=meta))
+
+    out = Path(args.out)
+    for fmt in ("tidl", "qdq"):
+        path = detection.export(qmodel, out / f"mosaic_detector_{fmt}.onnx", format=fmt, meta_arch=meta)
+        print(
+            f"{fmt:8s}",
+            detection.evaluate(path, val, limit=args.eval_images),
+            "<-",
+            path,
+            path.with_suffix(".prototxt").name,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""Learned power-of-2 thresholds (TQT, Jain et al. 2019): forward, the paper's gradients, finite differences
+on the smooth parts, numerical safety, and the LearnedRange state (freeze, state dict)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from xnnq.layers.fake_quant import fake_quantize, quant_bounds
+from xnnq.layers.tqt import LOG2_MAX, LOG2_MIN, LearnedRange, tqt_fake_quantize, tqt_scale
+
+CASES = [(8, True), (8, False), (16, True), (16, False)]
+
+
+def levels(bits: int, signed: bool) -> int:
+    return 1 << (bits - 1 if signed else bits)
+
+
+def paper_grads(x: torch.Tensor, u: float, g: torch.Tensor, bits: int, signed: bool):
+    """The paper's equations element by element in float64: (dL/dx, dL/du) with s = 2^ceil(u) / levels."""
+    qmin, qmax = quant_bounds(bits, signed)
+    s = 2.0 ** math.ceil(u) / levels(bits, signed)
+    xd, gd = x.double(), g.double()
+    z = xd / s
+    r = torch.round(z)
+    inside = (r >= qmin) & (r <= qmax)
+    dq_du = s * math.log(2) * torch.where(inside, r - z, torch.where(r < qmin, float(qmin), float(qmax)))
+    return gd * inside, (gd * dq_du).sum()
+
+
+def data(bits: int, signed: bool, n: int = 20000) -> torch.Tensor:
+    """Values around a range of ~5 (so u = 2.3 clips some of them), with exact ties and exact boundaries."""
+    x = torch.randn(n) * 2.5
+    if not signed:
+        x = x.abs() * 1.3 - 0.2  # mostly positive, some negatives (clipped to 0)
+    s = 2.0**3 / levels(bits, signed)
+    qmin, qmax = quant_bounds(bits, signed)
+    special = torch.tensor([0.5, 1.5, -0.5, qmax + 0.5, qmax - 0.5, qmin - 0.5, qmin + 0.5, qmax, qmin]) * s
+    return torch.cat([x, special])
+
+
+@pytest.mark.parametrize("bits,signed", CASES)
+def test_forward_is_fake_quantize_with_the_power_of_2_above_the_threshold(bits, signed):
+    x = data(bits, signed)
+    qmin, qmax = quant_bounds(bits, signed)
+    for u in (2.3, 3.0, -1.7, 0.0):
+        s = tqt_scale(torch.tensor(u), bits, signed)
+        assert s.item() == 2.0 ** math.ceil(u) / levels(bits, signed)
+        y = tqt_fake_quantize(x, torch.tensor(u), bits, signed)
+        assert torch.equal(y, fake_quantize(x, s, qmin, qmax))
+        assert y.max() <= qmax * s and y.min() >= qmin * s
+
+
+@pytest.mark.parametrize("bits,signed", CASES)
+@pytest.mark.parametrize("u", [2.3, 3.0, 1.01])
+def test_gradients_equal_the_paper_formulas(bits, signed, u):
+    x = data(bits, signed).requires_grad_()
+    log2_t = torch.tensor(u, requires_grad=True)
+    g = torch.randn(x.shape)
+    tqt_fake_quantize(x, log2_t, bits, signed).backward(g)
+    gx, gu = paper_grads(x.detach(), u, g, bits, signed)
+    assert torch.equal(x.grad, gx.float())
+    torch.testing.assert_close(log2_t.grad.double(), gu, rtol=1e-5, atol=1e-6)
+    # both kinds of element contribute: the test data clip and round
+    s = 2.0 ** math.ceil(u) / levels(bits, signed)
+    qmin, qmax = quant_bounds(bits, signed)
+    r = torch.round(x.detach() / s)
+    assert ((r > qmax) | (r < qmin)).any() and ((r >= qmin) & (r <= qmax)).any()
+
+
+def test_gradient_signs_trade_range_against_resolution():
+    """In-range elements under an L2 loss push the threshold down (resolution), clipped ones push it up."""
+    x = torch.linspace(-3.9, 3.9, 1001)  # all inside the range 4 (u = 2)
+    u = torch.tensor(2.0, requires_grad=True)
+    ((tqt_fake_quantize(x, u, 8, True) - x) ** 2).sum().backward()
+    assert u.grad > 0  # descent lowers t
+    x = torch.linspace(-40.0, 40.0, 1001)  # mostly clipped
+    u = torch.tensor(2.0, requires_grad=True)
+    ((tqt_fake_quantize(x, u, 8, True) - x) ** 2).sum().backward()
+    assert u.grad < 0  # descent raises t
+
+
+def test_matches_torch_learnable_fake_quant_kernel():
+    """An independent implementation: torch's learnable-scale fake quantization (LSQ) has dq/ds equal to the
+    TQT dq/du divided by s·ln2 (the chain rule through s = 2^ceil(u)/levels with a straight-through ceil)."""
+    fn = getattr(torch, "_fake_quantize_learnable_per_tensor_affine", None)
+    if fn is None:
+        pytest.skip("this torch build has no _fake_quantize_learnable_per_tensor_affine")
+    for bits, signed in CASES:
+        x = data(bits, signed).requires_grad_()
+        u = torch.tensor(2.3, requires_grad=True)
+        g = torch.randn(x.shape)
+        y = tqt_fake_quantize(x, u, bits, signed)
+        y.backward(g)
+        s = tqt_scale(u, bits, signed).reshape(1).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        qmin, qmax = quant_bounds(bits, signed)
+        ref = fn(x2, s, torch.zeros(1), qmin, qmax, 1.0)
+        ref.backward(g)
+        assert torch.equal(y, ref)
+        assert torch.equal(x.grad, x2.grad)
+        torch.testing.assert_close(
+            u.grad, (s.grad * s.detach() * math.log(2)).reshape(()), rtol=1e-5, atol=1e-6
+        )
+
+
+@pytest.mark.parametrize("bits,signed", CASES)
+def test_finite_differences_on_the_smooth_parts(bits, signed):
+    """Central differences of the smooth functions the gradients differentiate, at an integer u (where
+    2^ceil(u) = 2^u): clipped elements, q = qmax·s(u) or qmin·s(u), are smooth in u as they are; in-range
+    elements are differentiated with round straight-through, i.e. the function x/s(u)·s(u) + r·s(u) with the
+    rounding residual r held fixed; both in u with s(u) = 2^u / levels."""
+    qmin, qmax = quant_bounds(bits, signed)
+    u0, eps = 2.0, 1e-3
+    x = data(bits, signed).double()
+    s0 = 2.0**u0 / levels(bits, signed)
+    r0 = torch.round(x / s0)
+    inside = (r0 >= qmin) & (r0 <= qmax)
+    resid = torch.where(inside, r0 - x / s0, torch.zeros_like(x))
+    g = torch.randn(x.shape, dtype=torch.float64)
+    ones = torch.ones_like(x)
+
+    def surrogate(u: float) -> torch.Tensor:
+        s = 2.0**u / levels(bits, signed)
+        clipped = torch.where(r0 < qmin, qmin * s * ones, qmax * s * ones)
+        # x/s(u)·s(u) = x does not depend on u: left out, or it swamps the difference in float64 rounding
+        return (g * torch.where(inside, resid * s, clipped)).sum()
+
+    fd = (surrogate(u0 + eps) - surrogate(u0 - eps)) / (2 * eps)
+    u = torch.tensor(u0, requires_grad=True)
+    tqt_fake_quantize(x.float(), u, bits, signed).backward(g.float())
+    torch.testing.assert_close(u.grad.double(), fd, rtol=1e-5, atol=1e-5)
+    # the input: the same surrogate in x has slope 1 inside and 0 where clipped (away from the boundaries)
+    xs = x.clone().requires_grad_()
+    tqt_fake_quantize(xs.float(), torch.tensor(u0), bits, signed).backward(g.float())
+    away = (x / s0 - qmax - 0.5).abs().gt(1e-3) & (x / s0 - qmin + 0.5).abs().gt(1e-3)
+    fd_x = torch.where(inside, g.float().double(), torch.zeros_like(g))
+    assert torch.equal(xs.grad[away], fd_x[away])
+
+
+@pytest.mark.parametrize("bits,signed", CASES)
+def test_per_channel_equals_per_tensor_on_each_channel(bits, signed):
+    w = torch.randn(4, 3, 3, 3) * torch.tensor([0.1, 1.0, 5.0, 0.01]).view(4, 1, 1, 1)
+    u = torch.tensor([-3.2, 0.4, 2.0, -6.5], requires_grad=True)
+    g = torch.randn(w.shape)
+    wc = w.clone().requires_grad_()
+    tqt_fake_quantize(wc, u, bits, signed, axis=0).backward(g)
+    for c in range(4):
+        wi = w[c].clone().requires_grad_()
+        ui = u.detach()[c].clone().requires_grad_()
+        tqt_fake_quantize(wi, ui, bits, signed).backward(g[c])
+        assert torch.equal(wc.grad[c], wi.grad)
+        torch.testing.assert_close(u.grad[c], ui.grad, rtol=1e-6, atol=1e-7)
+
+
+def mse_best_exponent(x: torch.Tensor, bits: int, signed: bool) -> int:
+    qmin, qmax = quant_bounds(bits, signed)
+    errs = {
+        e: float(
+            ((fake_quantize(x, torch.tensor(2.0**e / levels(bits, signed)), qmin, qmax) - x) ** 2).mean()
+        )
+        for e in range(-6, 12)
+    }
+    return min(errs, key=errs.get)
+
+
+@pytest.mark.parametrize("start", [LOG2_MIN, -5.0, 2.6, 12.0])
+def test_learning_reaches_the_mse_optimal_power_of_2_from_anywhere(start):
+    """The paper's toy problem: minimizing ||q(x) − x||² over log2 t alone with a normalized-gradient
+    optimizer (Adam) ends at the power-of-2 threshold of least error (brute force), from far below, far above
+    or a max-based start — including the clamp's bound, from which the gradient leads back inside."""
+    torch.manual_seed(0)
+    x = torch.cat(
+        [torch.randn(20000), torch.randn(20) * 8]
+    )  # Gaussian with a few outliers: the max is wasteful
+    best = mse_best_exponent(x, 4 + 4, True)
+    assert best < math.ceil(math.log2(x.abs().max()))  # clipping the outliers is better than covering them
+    u = torch.tensor(start, requires_grad=True)
+    opt = torch.optim.Adam([u], lr=0.1, betas=(0.9, 0.99))
+    bins = []
+    for _ in range(1000):
+        opt.zero_grad()
+        ((tqt_fake_quantize(x, u, 8, True) - x) ** 2).mean().backward()
+        opt.step()
+        bins.append(math.ceil(u.item()))
+    # near the optimum it may step across a bin edge now and then: the last 200 steps mostly in the best bin
+    assert bins[-200:].count(best) > 150
+
+
+def test_no_nan_for_zero_tiny_huge_and_infinite_thresholds():
+    x = torch.cat([torch.randn(1000) * 3, torch.zeros(10), torch.tensor([1e30, -1e30])])
+    for u0 in (float("-inf"), -1e6, LOG2_MIN, -30.0, 0.0, LOG2_MAX, 1e6, float("inf")):
+        for bits, signed in CASES:
+            u = torch.tensor(u0, requires_grad=True)
+            xs = x.clone().requires_grad_()
+            y = tqt_fake_quantize(xs, u, bits, signed)
+            y.backward(torch.ones_like(y))
+            assert torch.isfinite(y).all(), (u0, bits, signed)
+            assert torch.isfinite(u.grad) and torch.isfinite(xs.grad).all(), (u0, bits, signed)
+            s = tqt_scale(torch.tensor(u0), bits, signed)
+            assert torch.isfinite(s) and s > 0
+            e = math.log2(s.item()) + (bits - 1 if signed else bits)
+            assert LOG2_MIN <= e <= LOG2_MAX
+
+
+def test_outside_the_clamp_only_the_way_back_passes():
+    x = torch.randn(1000) * 3
+    # far below the clamp with everything clipped: an L2 loss wants t up -> gradient passes (negative)
+    u = torch.tensor(-100.0, requires_grad=True)
+    ((tqt_fake_quantize(x, u, 8, True) - x) ** 2).sum().backward()
+    assert u.grad < 0
+    # far below, but a loss that wants t even lower: blocked
+    u = torch.tensor(-100.0, requires_grad=True)
+    (-((tqt_fake_quantize(x, u, 8, True) - x) ** 2).sum()).backward()
+    assert u.grad == 0
+    # above a cap (log2_max): clipping wants t up: blocked; resolution wants it down: passes
+    x = torch.rand(1000) * 6
+    u = torch.tensor(5.0, requires_grad=True)
+    ((tqt_fake_quantize(x, u, 8, False, log2_max=math.log2(6)) - x) ** 2).sum().backward()
+    assert u.grad > 0
+    assert tqt_scale(u, 8, False, math.log2(6)) == 8.0 / 256  # ceil(log2 6) = 3
+
+
+@pytest.mark.parametrize("mode", ["half_up", "half_away", "floor", "half_even"])
+def test_other_rounding_modes_forward_and_residual(mode):
+    """TIDL's rounding modes: the forward is fake_quantize's with that mode, and the in-range gradient uses
+    that mode's residual round(x/s) − x/s."""
+    from xnnq.layers.rounding import round_tensor
+
+    x = data(8, True).requires_grad_()
+    u = torch.tensor(2.3, requires_grad=True)
+    g = torch.randn(x.shape)
+    y = tqt_fake_quantize(x, u, 8, True, rounding=mode)
+    s = tqt_scale(u, 8, True)
+    assert torch.equal(y, fake_quantize(x.detach(), s, -128, 127, rounding=mode))
+    y.backward(g)
+    z = x.detach().double() / s.double()
+    inside = (torch.round(z) >= -128) & (torch.round(z) <= 127)  # the STE mask (fake_quant's)
+    r = round_tensor(z, mode).clamp(-128, 127)
+    dq_du = s.double() * math.log(2) * torch.where(inside, r - z, r)
+    torch.testing.assert_close(u.grad.double(), (g.double() * dq_du).sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_all_zero_input_gives_zero_threshold_gradient():
+    u = torch.tensor(1.5, requires_grad=True)
+    tqt_fake_quantize(torch.zeros(100), u, 8, False).sum().backward()
+    assert u.grad == 0
+
+
+def test_frozen_value_is_used_and_the_gradient_is_zero_not_none():
+    x = torch.randn(100) * 3
+    u = torch.tensor(2.3, requires_grad=True)
+    y = tqt_fake_quantize(x, u, 8, True, frozen_value=torch.tensor(0.5))
+    assert torch.equal(y, fake_quantize(x, torch.tensor(2.0 / 128), -128, 127))  # ceil(0.5) = 1: range 2
+    y.sum().backward()
+    assert u.grad is not None and u.grad == 0
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="per-tensor"):
+        tqt_fake_quantize(torch.randn(4, 3), torch.zeros(4), 8, True)
+    with pytest.raises(ValueError, match="per-channel"):
+        tqt_fake_quantize(torch.randn(4, 3), torch.zeros(3), 8, True, axis=0)
+    with pytest.raises(ValueError, match="8 or 16"):
+        tqt_fake_quantize(torch.randn(4), torch.zeros(()), 4, True)
+
+
+def test_bfloat16_input_accumulates_in_float32():
+    x = torch.randn(5000) * 3
+    u = torch.tensor(2.3, requires_grad=True)
+    tqt_fake_quantize(x.bfloat16(), u, 8, True).float().sum().backward()
+    ub = u.grad.clone()
+    u.grad = None
+    tqt_fake_quantize(x.bfloat16().float(), u, 8, True).sum().backward()
+    torch.testing.assert_close(ub, u.grad, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_matches_cpu():
+    x = torch.randn(10000) * 3
+    g = torch.randn(10000)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        u = torch.tensor(2.3, device=dev, requires_grad=True)
+        xs = x.to(dev).requires_grad_()
+        y = tqt_fake_quantize(xs, u, 8, True)
+        y.backward(g.to(dev))
+        out[dev] = (y.cpu(), xs.grad.cpu(), u.grad.cpu())
+    assert torch.equal(out["cpu"][0], out["cuda"][0]) and torch.equal(out["cpu"][1], out["cuda"][1])
+    torch.testing.assert_close(out["cpu"][2], out["cuda"][2], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- LearnedRange
+def test_learned_range_init_then_learn():
+    lr = LearnedRange(init_batches=2)
+    assert lr.initializing
+    lr.init_from(torch.tensor(5.0))
+    assert lr.log2_t.item() == pytest.approx(math.log2(5.0)) and lr.initializing
+    lr.init_from(torch.tensor(0.0))  # an all-zero tensor: the smallest range, not -inf
+    assert lr.log2_t.item() == LOG2_MIN and not lr.initializing
+    assert lr.range(8, True) == 2.0**LOG2_MIN
+
+
+def test_frozen_threshold_ignores_optimizer_momentum_and_unfreeze_resumes_from_it():
+    lr = LearnedRange()
+    lr.init_from(torch.tensor(5.0))
+    opt = torch.optim.Adam(lr.parameters(), lr=0.2)
+    x = torch.randn(1000) * 3
+    for _ in range(3):
+        opt.zero_grad()
+        ((lr.fake_quantize(x, 8, True) - x) ** 2).sum().backward()
+        opt.step()
+    lr.frozen = True
+    held = lr.log2_t.detach().clone()
+    scale = lr.scale(8, True)
+    for _ in range(20):  # momentum keeps moving log2_t; the threshold in force does not move
+        opt.zero_grad()
+        y = lr.fake_quantize(x, 8, True)
+        ((y - x) ** 2).sum().backward()
+        assert lr.log2_t.grad == 0
+        opt.step()
+        assert torch.equal(lr.scale(8, True), scale)
+    assert not torch.equal(lr.log2_t.detach(), held)  # the optimizer did move the parameter
+    lr.frozen = False
+    assert torch.equal(lr.log2_t.detach(), held)  # learning resumes from the frozen value
+
+
+def test_learned_range_state_dict_round_trip():
+    a = LearnedRange((3,), init_batches=4)
+    a.init_from(torch.tensor([1.0, 2.0, 3.0]))
+    a.frozen = True
+    with torch.no_grad():
+        a.log2_t.add_(0.3)  # drifted after freezing
+    b = LearnedRange((3,), init_batches=4)
+    b.load_state_dict(a.state_dict())
+    assert b.frozen and b.init_steps == 1
+    assert torch.equal(b.log2_t, a.log2_t) and torch.equal(b.frozen_log2_t, a.frozen_log2_t)
+    assert torch.equal(b.scale(8, True), a.scale(8, True))

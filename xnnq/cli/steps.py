@@ -1,0 +1,193 @@
+"""The steps the ``xnnq`` commands chain: wrapper options, PTQ, save/reload, export both formats, check,
+analyze.
+
+QAT is :func:`xnnq.recipes.qat_finetune`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .. import data
+from ..quantize import QuantTestModule
+from .errors import CliError
+
+STATE_FILE, CONFIG_FILE = "quant_state.pt", "quant_config.json"
+
+
+def wrapper_kwargs(
+    bits: int, per_channel: str, sixteen_bit: list[str] | None, constrain_weights: bool = True
+) -> dict[str, Any]:
+    """QuantBaseModule keyword arguments from the command-line options."""
+    kw: dict[str, Any] = {
+        "bitwidth_weights": bits,
+        "bitwidth_activations": bits,
+        "per_channel_q": False if per_channel == "none" else per_channel,
+        "constrain_weights": constrain_weights,
+    }
+    if sixteen_bit:
+        kw["bitwidth_overrides"] = {name: 16 for name in sixteen_bit}
+    return kw
+
+
+def calibrate_ptq(
+    model: nn.Module,
+    dummy: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int,
+    method: str,
+    kwargs: dict[str, Any],
+    progress: bool = True,
+) -> nn.Module:
+    """Post-training calibration (:class:`xnnq.calibrate.QuantCalibrateModule`) on ``images``; eval mode."""
+    from ..calibrate import QuantCalibrateModule
+
+    q = QuantCalibrateModule(model.eval(), dummy, method=method, **kwargs)
+    q.train()
+    n = (len(labels) + batch_size - 1) // batch_size
+    with torch.no_grad():
+        for x, _ in tqdm(
+            data.batches(images, labels, batch_size), total=n, desc="calibrate", disable=not progress
+        ):
+            q(x)
+    return q.eval()
+
+
+def save_quant(q: nn.Module, out: Path, config: dict[str, Any]) -> None:
+    """Write the wrapper's state dict and the options needed to rebuild it (see :func:`load_quant`)."""
+    torch.save(q.state_dict(), out / STATE_FILE)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+
+
+def read_config(quant_dir: str | Path) -> dict[str, Any]:
+    path = Path(quant_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CliError(f"--quant-dir {quant_dir}: no {CONFIG_FILE}; give the --out folder of `xnnq quantize`")
+    return json.loads(path.read_text())
+
+
+def load_quant(model: nn.Module, dummy: torch.Tensor, quant_dir: str | Path) -> nn.Module:
+    """Rebuild the model written by ``xnnq quantize --out quant_dir`` around ``model``; eval mode."""
+    cfg = read_config(quant_dir)
+    state = torch.load(Path(quant_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    if cfg["mode"] == "ptq":
+        from ..calibrate import QuantCalibrateModule
+
+        q = QuantCalibrateModule(model.eval(), dummy, method=cfg.get("method", "mse"), **cfg["kwargs"])
+    else:
+        q = QuantTestModule(model, dummy, **cfg["kwargs"])
+    try:
+        q.load_state_dict(state)
+    except RuntimeError as e:
+        raise CliError(
+            f"{quant_dir}/{STATE_FILE} does not fit --model {cfg['model']}: {str(e).splitlines()[0][:300]}"
+        ) from e
+    return q.eval()
+
+
+def export_both(
+    q: nn.Module, dummy: torch.Tensor, out: Path, stem: str = "model", progress: bool = True
+) -> dict[str, Path]:
+    """``<stem>_tidl.onnx`` and ``<stem>_qdq.onnx`` (each with its ``.tidl.json`` options) in ``out``."""
+    from ..export import export_onnx
+
+    paths = {}
+    for fmt in tqdm(("tidl", "qdq"), desc="export", leave=False, disable=not progress):
+        paths[fmt] = export_onnx(q, dummy, out / f"{stem}_{fmt}.onnx", format=fmt).path
+    return paths
+
+
+def check_onnx(
+    paths: dict[str, Path],
+    q: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 100,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Per format: onnxruntime against the PyTorch quantized model (top-1 agreement, max |diff|, LSBs) and
+    the ONNX model's accuracy."""
+    from ..export.check import onnx_accuracy, onnx_check
+
+    n = (len(labels) + batch_size - 1) // batch_size
+
+    def bar(desc: str):
+        return tqdm(
+            data.batches(images, labels, batch_size), total=n, desc=desc, leave=False, disable=not progress
+        )
+
+    res = {}
+    for fmt, path in paths.items():
+        chk = onnx_check(path, q, bar(f"onnxruntime check ({fmt})"))
+        acc = onnx_accuracy(path, bar(f"onnxruntime accuracy ({fmt})"))
+        res[fmt] = {
+            "path": str(path),
+            "top1_agreement_pct": 100.0 * (chk.top1_agreement or 0.0),
+            "max_abs_diff": chk.max_abs_diff,
+            "max_lsb_diff": chk.max_lsb_diff,
+            "accuracy": acc,
+        }
+        if chk.rounding is not None:  # QDQ: the integer reference beside onnxruntime (xnnq.export.reference)
+            res[fmt].update(
+                reference_rounding=chk.rounding,
+                reference_exact_vs_model=chk.ref_frac_exact_vs_sim,
+                reference_exact_vs_onnxruntime=chk.ref_frac_exact_vs_ort,
+                first_divergence=chk.first_divergence,
+            )
+    return res
+
+
+def write_analysis(
+    q: nn.Module,
+    float_model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    out: Path,
+    *,
+    batch_size: int = 64,
+    sensitivity_batches: int = 4,
+    target_drop: float | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run :func:`xnnq.analysis.analyze`, write ``report.md``, ``report.json`` and the PNGs to ``out``."""
+    from ..analysis import analyze, estimated_drop, suggest_16bit
+    from ..analysis.plots import save_plots
+
+    res = analyze(
+        q,
+        float_model,
+        list(data.batches(images, labels, batch_size)),
+        sensitivity_batches=sensitivity_batches,
+        progress=progress,
+    )
+    if target_drop is not None:
+        layers = suggest_16bit(res, target_drop=target_drop)
+        rule = f"target drop {target_drop} points"
+    else:
+        layers = suggest_16bit(res, count=min(3, len(res.layers)))
+        rule = "3 most sensitive"
+    res.summary["suggest_16bit"] = {
+        "rule": rule,
+        "layers": layers,
+        "estimated_drop": estimated_drop(res, layers),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(res.to_markdown())
+    res.to_json(out / "report.json")
+    pngs = save_plots(res, q, out)
+    return {
+        "report": str(out / "report.md"),
+        "json": str(out / "report.json"),
+        "plots": [str(p) for p in pngs],
+        "suggest_16bit": res.summary["suggest_16bit"],
+        "output_sqnr": res.summary.get("output_sqnr"),
+        "most_sensitive": [r.name for r in res.ranked()[:5]],
+    }

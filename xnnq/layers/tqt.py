@@ -1,0 +1,306 @@
+"""Learned power-of-2 ranges: trained quantization thresholds (TQT; Jain, Gural, Wu, Dick, "Trained
+Quantization Thresholds for Accurate and Efficient Fixed-Point Inference of Deep Neural Networks",
+MLSys 2020, arXiv:1903.08066).
+
+The threshold ``t`` of a quantizer is learned as ``u = log2 t``; the forward uses the power of two above
+it, so every scale stays what TIDL accepts:
+
+* ``s = 2^ceil(u) / 2^(b-1)`` signed (codes ``[-2^(b-1), 2^(b-1)-1]``), ``2^ceil(u) / 2^b`` unsigned
+  (codes ``[0, 2^b-1]``) — the numerics of :func:`~xnnq.layers.fake_quant.activation_scale` for the range
+  ``2^ceil(u)``, so ``q(x)`` is bit for bit :func:`~xnnq.layers.fake_quant.fake_quantize` with that scale.
+* Gradients (straight-through for ``round`` and ``ceil``; the paper's equations):
+
+  - input: 1 where the rounded code is in ``[qmin, qmax]``, else 0 (the existing STE mask);
+  - ``u``: ``∂q/∂u = s·ln2·(round(x/s) − x/s)`` where the code is in range (pushes ``t`` down: resolution),
+    ``s·ln2·qmin`` below and ``s·ln2·qmax`` above (pushes ``t`` up: less clipping). The sum over the
+    tensor (per channel: over everything but the channel axis) reaches ``u``, times ``grad_scale``.
+
+* Why ``log2 t`` (the paper's argument for log-domain training): ``∂L/∂u = t·ln2·∂L/∂t``, so a gradient step
+  on ``u`` changes ``t`` *relatively*, the same way for a layer whose values are 1e-3 as for one whose values
+  are 1e3; and if a layer's values are scaled by ``k`` (and the next layer's weights by ``1/k``) the gradient
+  of ``u`` does not change. What still varies across layers is the gradient's magnitude (it is a sum over all
+  elements of the tensor, and the clipped elements weigh ``qmax``, i.e. ~2^(b-1), against ≤ 0.5 for the
+  in-range ones): the paper therefore trains thresholds with a normalized-gradient optimizer (Adam; the
+  authors' Graffitist recipe: lr 1e-2 for thresholds, separate from the weights). ``grad_scale`` multiplies
+  the gradient for optimizers that do not normalize (see :class:`LearnedRange`).
+* Numerically safe: ``u`` is clamped to ``[LOG2_MIN, LOG2_MAX]`` (and to an optional per-quantizer upper
+  bound) in the forward; outside the clamp its gradient only passes in the direction back inside, so a
+  threshold of 0 (``u = -inf``), a tiny or a huge one never produces NaN or Inf and never gets stuck.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .fake_quant import MIN_RANGE, _along, _mask_bounds, check_bits, fake_quantize, quant_bounds
+from .rounding import Rounding, resolve, round_tensor_
+
+LOG2_MIN = math.log2(MIN_RANGE)  # -24: the smallest range xnnq represents (as pow2_ceil)
+LOG2_MAX = 64.0  # far above any activation or weight range; keeps 2^u finite in float32
+_LN2 = math.log(2.0)
+
+
+def _levels_log2(bits: int, signed: bool) -> int:
+    """log2 of the number of steps in the range ``2^e``: the scale is ``2^(e - levels_log2)``."""
+    return bits - 1 if signed else bits
+
+
+def effective_log2(log2_t: torch.Tensor, log2_max: torch.Tensor | float | None = None) -> torch.Tensor:
+    """``u`` clamped to ``[LOG2_MIN, min(LOG2_MAX, log2_max)]`` (NaN-free for finite or infinite ``u``)."""
+    u = log2_t.clamp(LOG2_MIN, LOG2_MAX)
+    if log2_max is not None:
+        u = torch.minimum(u, torch.as_tensor(log2_max, dtype=u.dtype, device=u.device))
+    return u
+
+
+def _upper(log2_max: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor:
+    """The upper clamp of ``u``: ``min(LOG2_MAX, log2_max)`` as a tensor like ``like``."""
+    hi = torch.full_like(like, LOG2_MAX)
+    return (
+        hi
+        if log2_max is None
+        else torch.minimum(hi, torch.as_tensor(log2_max, dtype=like.dtype, device=like.device))
+    )
+
+
+def tqt_scale(
+    log2_t: torch.Tensor, bits: int, signed: bool, log2_max: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """The power-of-2 scale in force for the log2 threshold ``log2_t`` (detached; same shape)."""
+    e = torch.ceil(effective_log2(log2_t.detach(), log2_max))
+    return torch.exp2(e - _levels_log2(bits, signed))
+
+
+class _TQTFakeQuant(torch.autograd.Function):
+    """Forward: ``clamp(round(x / s), qmin, qmax) · s`` with ``s = tqt_scale(u)``; backward: the TQT gradients
+    (module docstring). Saves the codes ``x / s`` (one tensor of ``x``'s size, as the STE of fake_quant)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        log2_t: torch.Tensor,
+        value: torch.Tensor | None,
+        bits: int,
+        signed: bool,
+        axis: int | None,
+        grad_scale: float,
+        log2_max: torch.Tensor | float | None,
+        rounding: Rounding,
+    ) -> torch.Tensor:
+        qmin, qmax = quant_bounds(bits, signed)
+        u = log2_t.detach() if value is None else value.detach()
+        scale = tqt_scale(u, bits, signed, log2_max).to(x.dtype)
+        s = _along(scale, x, axis)
+        codes = torch.mul(x, 1.0 / s)
+        out = round_tensor_(torch.clamp(codes, qmin, qmax), rounding).mul_(s)
+        ctx.save_for_backward(codes, scale, u, _upper(log2_max, u))
+        ctx.qrange, ctx.axis, ctx.rounding = (qmin, qmax), axis, rounding
+        ctx.grad_scale = 0.0 if value is not None else float(grad_scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        codes, scale, u, hi_u = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        lo, hi = _mask_bounds(qmin, qmax)
+        grad_x = torch.ops.aten.hardtanh_backward(grad, codes, lo, hi)  # 1 where the code is in range
+        grad_u = None
+        if ctx.needs_input_grad[1] and ctx.grad_scale == 0.0:
+            grad_u = torch.zeros_like(u)
+        elif ctx.needs_input_grad[1]:
+            g, c = grad, codes
+            if g.dtype != torch.float32:  # accumulate half / bfloat16 in float32
+                g, c = g.float(), c.float()
+            # q − x/s in range, qmin / qmax where clipped: round(clamp(c)) minus c where in range
+            inner = round_tensor_(c.clamp(qmin, qmax), ctx.rounding).sub_(
+                torch.ops.aten.hardtanh_backward(c, c, lo, hi)
+            )
+            if ctx.axis is None:
+                total = torch.dot(g.reshape(-1), inner.reshape(-1))
+            else:
+                total = (g * inner).sum([d for d in range(c.dim()) if d != ctx.axis])
+            grad_u = (total * scale.float() * (_LN2 * ctx.grad_scale)).to(u.dtype).reshape(u.shape)
+            # outside the clamp only a step back inside passes (descent moves u by -grad)
+            outward = ((u > hi_u) & (grad_u < 0)) | ((u < LOG2_MIN) & (grad_u > 0))
+            grad_u = torch.where(outward, torch.zeros_like(grad_u), grad_u)
+        return grad_x if ctx.needs_input_grad[0] else None, grad_u, None, None, None, None, None, None, None
+
+
+def tqt_fake_quantize(
+    x: torch.Tensor,
+    log2_t: torch.Tensor,
+    bits: int,
+    signed: bool,
+    axis: int | None = None,
+    grad_scale: float = 1.0,
+    log2_max: torch.Tensor | float | None = None,
+    frozen_value: torch.Tensor | None = None,
+    rounding: Rounding | str = Rounding.HALF_EVEN,
+) -> torch.Tensor:
+    """Fake-quantize ``x`` with the learned power-of-2 threshold ``2^log2_t`` (TQT gradients to ``log2_t``).
+
+    Args:
+        x: the tensor.
+        log2_t: ``log2`` of the threshold: 0-d (per tensor) or 1-d along ``axis`` (per channel).
+        bits, signed: 8 or 16; signed codes ``[-2^(b-1), 2^(b-1)-1]`` or unsigned ``[0, 2^b-1]``.
+        grad_scale: multiplies the gradient of ``log2_t``.
+        log2_max: an upper bound on the threshold's log2 (a scalar or one per channel), e.g. ``log2 6``
+            under a ReLU6 cap.
+        frozen_value: when given, the forward uses it instead of ``log2_t``, and ``log2_t`` gets a zero
+            gradient (it stays in the graph: DDP expects a gradient for every parameter in every step).
+        rounding: a concrete mode of :mod:`xnnq.layers.rounding` (default half to even); the in-range gradient
+            uses the same rounding residual.
+    """
+    check_bits(bits)
+    if axis is None and log2_t.dim() != 0:
+        raise ValueError(
+            f"tqt_fake_quantize: a per-tensor log2 threshold must be 0-d, got shape {tuple(log2_t.shape)}"
+        )
+    if axis is not None and (log2_t.dim() != 1 or log2_t.numel() != x.shape[axis]):
+        raise ValueError(
+            f"tqt_fake_quantize: per-channel log2 thresholds need shape ({x.shape[axis]},) along "
+            f"axis {axis}, got {tuple(log2_t.shape)}"
+        )
+    return _TQTFakeQuant.apply(
+        x, log2_t, frozen_value, int(bits), bool(signed), axis, grad_scale, log2_max, resolve(rounding)
+    )
+
+
+def log2_of_range(r: torch.Tensor) -> torch.Tensor:
+    """``log2`` of a range, for initialising a threshold: ranges below ``MIN_RANGE`` (0) give ``LOG2_MIN``."""
+    return torch.log2(r.detach().float().clamp(min=MIN_RANGE)).clamp(LOG2_MIN, LOG2_MAX)
+
+
+class LearnedRange(nn.Module):
+    """The learned log2 threshold of one quantizer (a tensor's range, or one per channel).
+
+    State: the parameter ``log2_t``; the buffer ``frozen_log2_t`` (the value in force while frozen); extra
+    state ``frozen`` and ``init_steps`` (training forwards that have set the threshold from statistics).
+
+    * Initialisation: for the first ``init_batches`` training forwards the owner passes the range its
+      statistics give (:meth:`init_from`) and the threshold is set to it; from then on it is learned. The
+      parameter takes part in every forward (DDP sees it used and all-reduces its gradient).
+    * Freezing (``frozen = True``, :func:`~xnnq.layers.freeze_quant_range`): the threshold in force is copied
+      to ``frozen_log2_t`` and used from then on, whatever the optimizer still does to ``log2_t`` (momentum,
+      weight decay); ``log2_t`` gets a zero gradient. Unfreezing copies the frozen value back and learning
+      resumes from it.
+    * ``grad_scale`` multiplies the gradient of ``log2_t`` (1: the paper's gradient, for Adam).
+    """
+
+    def __init__(
+        self, shape: tuple[int, ...] = (), init_batches: int = 1, grad_scale: float = 1.0, name: str = ""
+    ):
+        super().__init__()
+        if init_batches < 1:
+            raise ValueError(f"{name or 'LearnedRange'}: init_batches must be >= 1, got {init_batches}")
+        self.log2_t = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("frozen_log2_t", torch.zeros(shape))
+        self.init_batches, self.grad_scale, self.name = int(init_batches), float(grad_scale), name
+        self.init_steps = 0
+        self._frozen = False
+
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        value = bool(value)
+        with torch.no_grad():
+            if value and not self._frozen:
+                self.frozen_log2_t.copy_(self.log2_t)
+            elif not value and self._frozen:
+                self.log2_t.copy_(self.frozen_log2_t)
+        self._frozen = value
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"frozen": self._frozen, "init_steps": self.init_steps}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._frozen = bool(state["frozen"])  # not the setter: both tensors were loaded as saved
+        self.init_steps = int(state["init_steps"])
+
+    @staticmethod
+    def check_state_dict(
+        state_dict: dict, prefix: str, learned: LearnedRange | None, owner: str, strict: bool = True
+    ) -> None:
+        """Refuse, naming the module and the fix, a state dict whose learned thresholds do not match the
+        owner's settings (``prefix`` is the owner's; its LearnedRange is the child ``learned_range``)."""
+        if not strict:
+            return
+        has = prefix + "learned_range.log2_t" in state_dict
+        if has and learned is None:
+            raise ValueError(
+                f"{owner}: the state dict holds a learned range threshold (saved with "
+                "range_learning='tqt'); build this wrapper with the same range_learning as the saved one."
+            )
+        if learned is not None and not has:
+            raise ValueError(
+                f"{owner}: this model learns its range (range_learning='tqt'...) but the state dict has "
+                "no learned threshold for it; build the wrapper with the range_learning the state dict "
+                "was saved with."
+            )
+
+    # ------------------------------------------------------------------------------- initialisation
+    @property
+    def initializing(self) -> bool:
+        """True while the threshold is still set from statistics (no host sync: a Python count)."""
+        return not self._frozen and self.init_steps < self.init_batches
+
+    @torch.no_grad()
+    def init_from(self, r: torch.Tensor) -> None:
+        """Set the threshold to the range ``r`` (same shape as ``log2_t``) and count one initialising step."""
+        self.log2_t.copy_(log2_of_range(r).reshape(self.log2_t.shape))
+        self.init_steps += 1
+
+    # ------------------------------------------------------------------------------------- numerics
+    def in_force(self) -> torch.Tensor:
+        """The log2 threshold the forward uses (detached): the frozen copy while frozen, else ``log2_t``."""
+        return (self.frozen_log2_t if self._frozen else self.log2_t).detach()
+
+    def scale(self, bits: int, signed: bool, log2_max: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The power-of-2 scale in force (detached)."""
+        return tqt_scale(self.in_force(), bits, signed, log2_max)
+
+    def range(self, bits: int, signed: bool, log2_max: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The power-of-2 range ``2^ceil(log2 t)`` in force (detached)."""
+        return self.scale(bits, signed, log2_max) * float(1 << _levels_log2(bits, signed))
+
+    def fake_quantize(
+        self,
+        x: torch.Tensor,
+        bits: int,
+        signed: bool,
+        axis: int | None = None,
+        log2_max: torch.Tensor | float | None = None,
+        rounding: Rounding | str = Rounding.HALF_EVEN,
+    ) -> torch.Tensor:
+        """``x`` quantized with the threshold in force; without autograd the faster kernels of
+        :func:`~xnnq.layers.fake_quant.fake_quantize` (the same values, bit for bit)."""
+        if not torch.is_grad_enabled():
+            return fake_quantize(
+                x, self.scale(bits, signed, log2_max), *quant_bounds(bits, signed), axis, rounding=rounding
+            )
+        return tqt_fake_quantize(
+            x,
+            self.log2_t,
+            bits,
+            signed,
+            axis,
+            self.grad_scale,
+            log2_max,
+            frozen_value=self.frozen_log2_t if self._frozen else None,
+            rounding=rounding,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"shape={tuple(self.log2_t.shape)}, init_batches={self.init_batches}, "
+            f"grad_scale={self.grad_scale}" + (", frozen" if self._frozen else "")
+        )

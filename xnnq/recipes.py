@@ -1,0 +1,161 @@
+"""Training recipes on top of the wrappers: one QAT fine-tuning loop for any model, task and loss.
+
+qmodel = xnnq.QuantTrainModule(model, dummy_input)
+qmodel = xnnq.recipes.qat_finetune(qmodel, train_batches, epochs=1, lr=1e-4)
+xnnq.export_onnx(qmodel, dummy_input, "model.onnx")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .layers.freeze import freeze_quant_range
+from .layers.pact2 import PACT2
+from .utils.bn import freeze_bn
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+__all__ = ["qat_finetune", "to_device"]
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor in it (also inside lists, tuples and dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return type(obj)({k: to_device(v, device) for k, v in obj.items()})
+    if isinstance(obj, (list, tuple)):
+        moved = [to_device(v, device) for v in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
+    return obj
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _check_fraction(name: str, value: float | None) -> None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"{name} is a fraction of the training steps in [0, 1] (or None: never), got {value}"
+        )
+
+
+def qat_finetune(
+    qmodel: nn.Module,
+    train_batches: Iterable[tuple[Any, Any]],
+    *,
+    epochs: float = 1.0,
+    steps: int | None = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_schedule: str = "cosine",
+    loss_fn: LossFn | None = None,
+    freeze_bn_at: float | None = 0.0,
+    freeze_range_at: float | None = 0.5,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "QAT",
+) -> nn.Module:
+    """Fine-tune a QAT wrapper (``xnnq.QuantTrainModule``) and return it in eval mode (what TIDL computes).
+
+    ``train_batches`` yields ``(inputs, targets)``; it is iterated once per epoch, so give a re-iterable
+    (a ``DataLoader``, a list, :class:`xnnq.data.Batches`). A one-shot generator works with ``steps`` no
+    larger than its length. ``loss_fn(qmodel(inputs), targets)`` is the loss (default cross-entropy);
+    targets may be tensors or nested lists/dicts of tensors (detection), moved to the model's device.
+
+    Recipe: ``steps`` optimizer steps (default ``round(epochs * len(train_batches))``); SGD (momentum 0.9,
+    Nesterov, ``lr`` default 1e-4, ``weight_decay`` default 5e-4) unless ``optimizer`` is given;
+    ``lr_schedule`` "cosine" (``CosineAnnealingLR`` to 0 over the steps) or "constant"; BatchNorm frozen
+    (running statistics, :func:`xnnq.utils.freeze_bn`) from step ``freeze_bn_at * steps`` and activation
+    ranges frozen (:func:`xnnq.layers.freeze_quant_range`) from step ``freeze_range_at * steps``
+    (fractions; ``None`` never freezes). ``device`` moves the model there first; batches follow the model.
+    Nothing is ever un-frozen. Seed the global RNG and your batches' generator for a reproducible run.
+    """
+    inner = (
+        qmodel.module
+        if isinstance(qmodel, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+        else qmodel
+    )
+    if not any(isinstance(m, PACT2) for m in inner.modules()):
+        raise TypeError(
+            f"qat_finetune: {type(inner).__name__} holds no activation quantizer; wrap the float model "
+            "first: qmodel = xnnq.QuantTrainModule(model, dummy_input)"
+        )
+    if optimizer is not None and (lr is not None or weight_decay is not None):
+        raise ValueError(
+            "qat_finetune: give either optimizer= or lr=/weight_decay= (they configure the default SGD)"
+        )
+    if lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"qat_finetune: lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+    _check_fraction("freeze_bn_at", freeze_bn_at)
+    _check_fraction("freeze_range_at", freeze_range_at)
+    if steps is None:
+        if not hasattr(train_batches, "__len__"):
+            raise TypeError(
+                "qat_finetune: train_batches has no len(); pass steps= or a sized re-iterable "
+                "(a DataLoader, a list, xnnq.data.Batches)"
+            )
+        if epochs <= 0:
+            raise ValueError(f"qat_finetune: epochs must be > 0, got {epochs}")
+        steps = max(1, round(epochs * len(train_batches)))
+    elif steps <= 0:
+        raise ValueError(f"qat_finetune: steps must be > 0, got {steps}")
+    loss_fn = loss_fn or F.cross_entropy
+
+    if device is not None:
+        qmodel.to(device)
+    target = _model_device(qmodel)
+    qmodel.train()
+    if optimizer is None:
+        optimizer = torch.optim.SGD(
+            qmodel.parameters(),
+            lr=1e-4 if lr is None else lr,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=5e-4 if weight_decay is None else weight_decay,
+        )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if lr_schedule == "cosine" else None
+    bn_step = None if freeze_bn_at is None else int(freeze_bn_at * steps)
+    range_step = None if freeze_range_at is None else int(freeze_range_at * steps)
+
+    step = 0
+    with tqdm(total=steps, desc=desc, disable=not progress) as bar:
+        while step < steps:
+            seen = False
+            for inputs, targets in train_batches:
+                seen = True
+                if step == bn_step:
+                    freeze_bn(inner)
+                if step == range_step:
+                    freeze_quant_range(inner)
+                inputs, targets = to_device(inputs, target), to_device(targets, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(qmodel(inputs), targets)
+                loss.backward()
+                optimizer.step()
+                if sched is not None:
+                    sched.step()
+                step += 1
+                bar.update()
+                if progress and step % 20 == 0:  # a host sync every 20 steps, only when the bar is shown
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                if step >= steps:
+                    break
+            if not seen:
+                raise ValueError(
+                    f"qat_finetune: train_batches yielded no batch after {step} of {steps} steps "
+                    "(an exhausted generator? give a re-iterable or fewer steps)"
+                )
+    return qmodel.eval()
