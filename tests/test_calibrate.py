@@ -310,9 +310,13 @@ def test_calibration_grid_is_the_core_grid():
     """The methods score candidate ranges on the grid PACT2 then uses (one definition of the grid)."""
     for bits in (8, 16):
         for signed in (True, False):
-            for r in (2.0 ** -3, 1.0, 8.0):  # power-of-2 candidates: the same step exactly
-                assert grid_step(r, bits, signed, True) == float(xnnq.layers.activation_scale(
-                    torch.tensor(r), bits, signed, True))
-            for r in (0.3, 1.7, 5.0):       # free ranges: the same step (float64 here, float32 there)
-                assert math.isclose(grid_step(r, bits, signed, False), float(xnnq.layers.activation_scale(
-                    torch.tensor(r), bits, signed, False)), rel_tol=1e-6)
+            for r in (2.0**-3, 1.0, 8.0):  # power-of-2 candidates: the same step exactly
+                assert grid_step(r, bits, signed, True) == float(
+                    xnnq.layers.activation_scale(torch.tensor(r), bits, signed, True)
+                )
+            for r in (0.3, 1.7, 5.0):  # free ranges: the same step (float64 here, float32 there)
+                assert math.isclose(
+                    grid_step(r, bits, signed, False),
+                    float(xnnq.layers.activation_scale(torch.tensor(r), bits, signed, False)),
+                    rel_tol=1e-6,
+                )

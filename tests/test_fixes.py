@@ -1,4 +1,5 @@
 """Regression tests of issue 12's fixes (each failed before its fix)."""
+
 import copy
 import json
 
@@ -54,8 +55,9 @@ def test_torchvision_zero_init_residual_qat_step_is_finite():
 # ------------------------------------------------------------ calibrating from construction
 def toy():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(8 * 8 * 8, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 5)
+    )
 
 
 def test_calibration_wrapper_of_an_eval_model_calibrates_from_the_first_batch():
@@ -64,8 +66,8 @@ def test_calibration_wrapper_of_an_eval_model_calibrates_from_the_first_batch():
     from_train = QuantCalibrateModule(toy().train(), torch.randn(1, 3, 8, 8))
     assert from_eval.calibrating and from_eval.training
     with torch.no_grad():
-        from_eval(data[0])            # no train() needed
-        from_eval.train()             # harmless: the same calibration continues
+        from_eval(data[0])  # no train() needed
+        from_eval.train()  # harmless: the same calibration continues
         for x in data[1:]:
             from_eval(x)
         for x in data:
@@ -100,10 +102,16 @@ def _trained(**kw):
     return q.eval()
 
 
-@pytest.mark.parametrize("kw, fmt, want", [({}, "tidl", 1), ({}, "qdq", 1),
-                                           ({"power2_weight_range": False}, "tidl", 0),
-                                           ({"power2_weight_range": False}, "qdq", 0),
-                                           ({"power2_activation_range": False}, "qdq", 0)])
+@pytest.mark.parametrize(
+    "kw, fmt, want",
+    [
+        ({}, "tidl", 1),
+        ({}, "qdq", 1),
+        ({"power2_weight_range": False}, "tidl", 0),
+        ({"power2_weight_range": False}, "qdq", 0),
+        ({"power2_activation_range": False}, "qdq", 0),
+    ],
+)
 def test_scale_type_matches_the_scales(tmp_path, kw, fmt, want):
     res = export_onnx(_trained(**kw), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx", format=fmt)
     opts = json.loads(res.options_path.read_text())
@@ -121,7 +129,9 @@ def test_float_export_with_non_power2_activations_is_refused(tmp_path):
 def test_int_column_is_the_deployed_grid_after_mse_weight_clipping():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
-    with torch.no_grad():  # one weight just above 0.25: halving the range 0.5 clips it a little, the rest gain
+    with (
+        torch.no_grad()
+    ):  # one weight just above 0.25: halving the range 0.5 clips it a little, the rest gain
         for conv in (m[0], m[2]):
             conv.weight.normal_(0.0, 0.02)
             conv.weight.view(-1)[0] = 0.26

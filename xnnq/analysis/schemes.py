@@ -37,8 +37,13 @@ def _absmax(w: torch.Tensor, axis: int | None) -> torch.Tensor:
     return w.abs().amax(dim=dims, keepdim=True) if dims else w.abs()
 
 
-def quantize_int(w: torch.Tensor, bits: int, axis: int | None = None, power2: bool = True,
-                 shift: torch.Tensor | None = None) -> torch.Tensor:
+def quantize_int(
+    w: torch.Tensor,
+    bits: int,
+    axis: int | None = None,
+    power2: bool = True,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Uniform symmetric ``bits``-bit quantization (TIDL's weight grid); ``shift``: a layer's
     ``weight_range_shift`` (the scale divided by ``2^shift``, as the layer deploys it)."""
     qmin, qmax = quant_bounds(bits, True)

@@ -3,6 +3,7 @@
 ``bn(conv(x; W, b)) = conv(x; W·c, β + (b − μ)·c)`` with ``c = γ / sqrt(σ² + ε)`` per output channel
 (``γ = 1``, ``β = 0`` without affine parameters), from the running statistics (eval mode).
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,14 +13,17 @@ from torch import nn
 def bn_scale(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     """``c = γ / sqrt(running_var + eps)`` per channel (``1 / sqrt(...)`` without affine parameters)."""
     if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(f"{bn}: BatchNorm without running statistics cannot be folded "
-                         "(construct it with track_running_stats=True)")
+        raise ValueError(
+            f"{bn}: BatchNorm without running statistics cannot be folded "
+            "(construct it with track_running_stats=True)"
+        )
     inv_std = torch.rsqrt(bn.running_var + bn.eps)
     return bn.weight * inv_std if bn.affine else inv_std
 
 
-def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None,
-            bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_bn(
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of ``bn(layer(x))`` for a conv/linear layer with ``weight`` / ``bias`` (bias may be None)."""
     c = bn_scale(bn)
     b = bias if bias is not None else torch.zeros_like(bn.running_mean)

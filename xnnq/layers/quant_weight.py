@@ -192,7 +192,9 @@ class _FoldedWeightMixin:
         axis, (qmin, qmax) = self.weight_axis(), quant_bounds(self.weight_bits, True)
         t = self.clip_threshold(w) if self.constrain_weights else None
         m = max_abs(w, axis) if t is None else torch.minimum(max_abs(w, axis), t)
-        scale = weight_scale_from_max(m, self.weight_bits, self.power2, self.weight_range_shift)  # = grid_scale(w)
+        scale = weight_scale_from_max(
+            m, self.weight_bits, self.power2, self.weight_range_shift
+        )  # = grid_scale(w)
         if t is None:
             return fake_quantize(w, scale, qmin, qmax, axis), scale
         return clip_fake_quantize(w, t, scale, qmin, qmax, axis), scale

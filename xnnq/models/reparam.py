@@ -84,8 +84,15 @@ def deploy_sequential(conv: nn.Conv2d, act: nn.Module) -> nn.Sequential:
     return seq
 
 
-__all__ = ["Reparameterizable", "deploy_sequential", "fold_bn", "fused_conv", "identity_kernel", "pad_kernel",
-           "reparameterize"]
+__all__ = [
+    "Reparameterizable",
+    "deploy_sequential",
+    "fold_bn",
+    "fused_conv",
+    "identity_kernel",
+    "pad_kernel",
+    "reparameterize",
+]
 
 
 def _blocks(model: nn.Module) -> Iterator[tuple[nn.Module, str, Reparameterizable]]:

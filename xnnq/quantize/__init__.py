@@ -2,8 +2,8 @@
 
 from .capture import CaptureError
 from .config import QuantConfig
-from .plan import ActSpot, Plan, WeightSpot
 from .evaluation import QuantTestModule
+from .plan import ActSpot, Plan, WeightSpot
 from .train import QuantTrainModule
 from .wrapper import QuantBaseModule
 
