@@ -15,7 +15,7 @@ Each row is exported with ``export_onnx(target=...)`` and its QDQ file run in on
 importer-rule violations and the compile options. Prints JSON; ``--record`` appends a table to
 benchmarks/RESULTS.md.
 
-    python benchmarks/bench_targets.py [--threads 1] [--test-images 10000] [--ort-images 10000] [--record]
+    python benchmarks/bench_targets.py [--threads 1] [--test-images 10000] [--ort-images 10000] [--resume F] [--record]
 """
 
 from __future__ import annotations
@@ -82,9 +82,11 @@ def run_row(model, calib, test, ort_test, target: str, label: str, kw: dict, out
     q.eval()
     calib_s = time.process_time() - t0
     acc = evaluate(q, *test)
+    stem = f"{target}_{len(list(out.iterdir()))}"
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        res = export_onnx(q, DUMMY, out / f"{target}_{len(list(out.iterdir()))}.onnx", format="qdq")
+        res = export_onnx(q, DUMMY, out / f"{stem}.onnx", format="qdq")  # the file for TIDL
+        batched = export_onnx(q, DUMMY.expand(500, -1, -1, -1), out / f"{stem}_b500.onnx", format="qdq")
     opts = json.loads(res.options_path.read_text())
     row = {
         "target": target,
@@ -94,10 +96,10 @@ def run_row(model, calib, test, ort_test, target: str, label: str, kw: dict, out
         "calib_cpu_s": calib_s,
         "flow": res.flow,
         "runtime_options": opts["runtime_options"],
-        "violations": sorted({f"{v.severity}:{v.rule}" for v in res.violations}),
         "fixes": res.fixes,
+        "violations": sorted({f"{v.severity}:{v.rule}" for v in res.violations}),
     }
-    row.update(ort_row(res.path, q, *ort_test))
+    row.update(ort_row(batched.path, q, *ort_test))  # the same graph with a static batch of 500 (faster)
     return row
 
 
@@ -137,6 +139,9 @@ def main() -> None:
     ap.add_argument(
         "--record", action="store_true", help="append the table and JSON to benchmarks/RESULTS.md"
     )
+    ap.add_argument(
+        "--resume", help="JSON file of finished rows: written after each row, finished rows skipped"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not cifar10_available():
@@ -151,18 +156,24 @@ def main() -> None:
         "fp32_acc": evaluate(model, x, y),
         "rows": [],
     }
+    done = json.loads(Path(args.resume).read_text()) if args.resume and Path(args.resume).is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for target, label, kw in ROWS:
-            row = run_row(
-                model,
-                calib,
-                (x, y),
-                (x[: args.ort_images], y[: args.ort_images]),
-                target,
-                label,
-                kw,
-                Path(tmp),
-            )
+            key = f"{target}: {label}"
+            if key not in done:
+                done[key] = run_row(
+                    model,
+                    calib,
+                    (x, y),
+                    (x[: args.ort_images], y[: args.ort_images]),
+                    target,
+                    label,
+                    kw,
+                    Path(tmp),
+                )
+                if args.resume:
+                    Path(args.resume).write_text(json.dumps(done, indent=1))
+            row = done[key]
             print(json.dumps({k: row[k] for k in ("target", "numerics", "acc", "ort_acc")}), flush=True)
             result["rows"].append(row)
     if args.record:
