@@ -25,7 +25,7 @@ Per model, in one process:
 * **Calibration**: ``QuantCalibrateModule`` in calibration mode vs the float model in eval mode, both under
   ``torch.no_grad``, over the same ``--calib-images`` images (1000 for ResNet-20, 64 otherwise),
   interleaved batch by batch, ``--calib-passes`` passes; ``calib_over_float`` is the ratio of the median
-  pass times. ``finalize()`` (range choice, bias correction) is timed once, apart.
+  pass times (wall), ``calib_over_float_cpu`` of process CPU time. ``finalize()`` (range choice, bias correction) is timed once, apart.
 
 The machine's load (``os.getloadavg()``) is reported before and after each model. One JSON line per model
 on stdout; ``--record`` also appends them to benchmarks/RESULTS.md.
@@ -222,23 +222,31 @@ def measure_calibration(spec: dict, images: int, passes: int) -> dict[str, Any]:
     xs = _inputs(spec, max(1, images // b), seed=2)
     float_model = copy.deepcopy(spec["model"]).eval()
     calib = QuantCalibrateModule(spec["model"], xs[0][:1]).train()
-    t_float, t_calib = [], []
+    t_float, t_calib, c_float, c_calib = [], [], [], []
     with torch.no_grad():
         float_model(xs[0]), calib(xs[0])  # warm-up (first-batch work: histogram allocation, signedness)
         for _ in range(passes):
-            tf = tc = 0.0
+            tf = tc = cf = cc = 0.0
             for xb in xs:
-                tf += _timed(lambda xb=xb: float_model(xb))[0]
-                tc += _timed(lambda xb=xb: calib(xb))[0]
+                w, c = _timed(lambda xb=xb: float_model(xb))
+                tf, cf = tf + w, cf + c
+                w, c = _timed(lambda xb=xb: calib(xb))
+                tc, cc = tc + w, cc + c
             t_float.append(tf)
             t_calib.append(tc)
+            c_float.append(cf)
+            c_calib.append(cc)
     fin = _timed(calib.eval)[0]
     mf, mc = statistics.median(t_float), statistics.median(t_calib)
+    cf, cc = statistics.median(c_float), statistics.median(c_calib)
     return {
         "calib_images": len(xs) * b,
         "float_forward_s": round(mf, 3),
         "calib_forward_s": round(mc, 3),
         "calib_over_float": round(mc / mf, 3),
+        "float_forward_cpu_s": round(cf, 3),
+        "calib_forward_cpu_s": round(cc, 3),
+        "calib_over_float_cpu": round(cc / cf, 3),
         "finalize_s": round(fin, 3),
     }
 

@@ -49,16 +49,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def random_crop(
-    x: torch.Tensor, m: torch.Tensor, size: int, g: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same random ``size`` x ``size`` window of every image and its mask (one window per batch)."""
-    h, w = x.shape[-2:]
-    top = int(torch.randint(0, h - size + 1, (1,), generator=g))
-    left = int(torch.randint(0, w - size + 1, (1,), generator=g))
-    return x[..., top : top + size, left : left + size], m[..., top : top + size, left : left + size]
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="default $XNNQ_DATA/mosaic10")
@@ -121,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         bar = tqdm(it, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", mininterval=30)
         for i, (x, m) in enumerate(bar):
             if args.crop:
-                x, m = random_crop(x, m, args.crop, g)
+                x, m = seg.random_crop(x, m, args.crop, g)
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch * steps_per_epoch + i, total, args.lr)
             loss = F.cross_entropy(model(x), m, ignore_index=seg.IGNORE_INDEX)

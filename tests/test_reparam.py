@@ -106,7 +106,7 @@ def test_reparameterize_keeps_mode_and_trains():
 
 
 def test_zoo():
-    assert set(MODELS) == {*CIFAR_NETS, "mosaic_detector"}
+    assert set(MODELS) == {*CIFAR_NETS, "mosaic_detector", "mosaic_segmenter"}
     assert isinstance(get_model("qarepvgg").stem, QARepVGGBlock)
     with pytest.raises(KeyError, match="choose one of"):
         get_model("resnet50")

@@ -64,7 +64,7 @@ def test_concat_requantizes_each_input_to_the_output_scale(setup, tmp_path):
     assert (float(scale), qmin, qmax) == (1 / 32, 0, 255)  # one output scale for the whole Concat
     assert float(quant["ra"].qparams()[0]) == 1 / 128 and float(quant["rb"].qparams()[0]) == 1 / 32
     # the single weight 0.75 is on its power-of-2 grid and kept (a σ = 0 tensor has no outliers to clip)
-    assert float(xnnq.export.export_module(q)[0].conv.weight) == 0.75
+    assert float(xnnq.export.export_graph(q)[0].conv.weight) == 0.75
 
     # by hand: A on its own grid (1/128), then requantized onto the Concat grid (1/32); B already on it
     a_in = a  # exactly on a_q's grid

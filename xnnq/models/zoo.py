@@ -1,4 +1,5 @@
-"""Registry of xnnq's small networks (CIFAR-10 classifiers, the Mosaic-10 detector) and their committed checkpoints.
+"""Registry of xnnq's small networks (CIFAR-10 classifiers, the Mosaic-10 detector and segmenter) and their
+committed checkpoints.
 
 ``get_model(name)`` builds a network in its training form; ``load_pretrained(name)`` also loads the
 state dict committed in ``xnnq/models/checkpoints/<name>.pt`` (read with ``weights_only=True``), whose
@@ -19,6 +20,7 @@ from .mobilenetv1 import mobilenetv1_cifar
 from .mobileone import mobileone_cifar
 from .qarepvgg import qarepvgg_cifar
 from .repvgg import repvgg_cifar
+from .segmenter import mosaic_segmenter
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 
@@ -28,12 +30,15 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "mobileone": mobileone_cifar,
     "mobilenetv1": mobilenetv1_cifar,
     "mosaic_detector": mosaic_detector,  # SSD detector for Mosaic-10 (scripts/train_detector.py)
+    "mosaic_segmenter": mosaic_segmenter,  # UNet/DeepLabV3-lite for Mosaic-10 (scripts/train_segmenter.py)
 }
 
 
 def _train_command(name: str) -> str:
     if name == "mosaic_detector":
         return "scripts/train_detector.py --save"
+    if name == "mosaic_segmenter":
+        return "scripts/train_segmenter.py --save"
     return f"scripts/train_cifar.py --model {name} --save"
 
 
