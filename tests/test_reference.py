@@ -433,3 +433,33 @@ def test_traces_layout_and_compare(tiny_seg, tmp_path):
     raw.tofile(victim)
     bad = first_mismatch(compare_traces(a, b))
     assert bad is not None and bad.data_id_a == 2 and bad.mismatches == 1 and bad.max_abs_diff == 1
+
+
+@pytest.mark.parametrize("name", ["segmenter", "detector"])
+def test_mosaic_task_models_three_way(name, tmp_path):
+    """The task models (random weights): the segmenter exported with ArgMax at the end (the class map),
+    the SSD detector's six head outputs; half to even: reference == onnxruntime; TIDL's rule: reference ==
+    simulation."""
+    from xnnq.models.segmenter import mosaic_segmenter
+    from xnnq.models.zoo import get_model
+
+    torch.manual_seed(0)
+    model = (mosaic_segmenter() if name == "segmenter" else get_model("mosaic_detector")).eval()
+    shape = (1, 3, 64, 64)
+    q = observed(xnnq.QuantTrainModule(model, torch.randn(shape), rounding="tidl"), shape)
+    kw = {"argmax": True} if name == "segmenter" else {}
+    path = xnnq.export_onnx(q, torch.randn(shape), tmp_path / f"{name}.onnx", format="qdq", **kw).path
+    x = torch.randn(2, *shape[1:])
+    sess = ort_session(path)
+    names = [o.name for o in sess.get_outputs()]
+    ort_out = [
+        np.concatenate(v) for v in zip(*[sess.run(None, {"input": x[i : i + 1].numpy()}) for i in range(2)])
+    ]
+    for a, b in zip(run(path, x, rounding="half_even"), ort_out, strict=True):
+        assert np.array_equal(a, b), names
+    with torch.no_grad():
+        sim = q(x)
+    sims = [sim] if isinstance(sim, torch.Tensor) else list(sim)
+    for a, s in zip(run(path, x), sims, strict=True):
+        s = s.argmax(1, keepdim=True) if a.dtype == np.int64 else s  # the segmenter's class map
+        assert np.array_equal(a, s.numpy()), names
