@@ -8,8 +8,9 @@ every row. Calibration: the first ``--calib-images`` train images, no augmentati
 
 * PTQ: ``QuantCalibrateModule`` (8-bit power-of-2 per-tensor, bias correction) for each ``--methods``;
   the best one again with 16-bit for the first conv and the head convs (``bitwidth_overrides``).
-* QAT: ``QuantTrainModule`` from the float model, BN frozen, ``--qat-epochs`` over the train set with
-  the training augmentation, AdamW at ``--qat-lr`` (cosine), ranges frozen at half of the run; the SSD loss.
+* QAT: ``QuantTrainModule`` from the float model through the generic loop ``xnnq.recipes.qat_finetune``
+  (BN frozen from the start, ranges frozen at half of the run, cosine) with the SSD loss and AdamW at
+  ``--qat-lr``, ``--qat-epochs`` over the train set with the training augmentation.
 * Export of the QAT model: ``format="qdq"`` in onnxruntime and ``format="tidl"`` through the TIDL
   emulation (``xnnq.export.emulate``), compared with the QAT model in PyTorch.
 * Peers on the same float model and images: torch.ao FX PTQ (``get_default_qconfig_mapping("x86")``)
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import tempfile
 import time
@@ -64,39 +64,25 @@ def ptq(model, calib, **kw):
 
 
 def qat(model, train_json: Path, *, epochs: float, lr: float, batch_size: int, limit: int | None):
-    from tqdm.auto import tqdm
-
+    """The generic recipe (``xnnq.recipes.qat_finetune``) with the SSD loss and AdamW."""
     q = xnnq.QuantTrainModule(model, torch.zeros(1, 3, 128, 128))
-    xnnq.utils.freeze_bn(q)
+    train = detection.batches(train_json, batch_size=batch_size, train=True, limit=limit, seed=1)
     opt = torch.optim.AdamW(q.parameters(), lr=lr, weight_decay=0.0)
-    n = limit or 6000
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = max(1, round(epochs * steps_per_epoch))
-    step, t0 = 0, time.process_time()
-    bar = tqdm(total=total, desc="QAT", mininterval=30)
-    q.train()
-    for epoch in range(math.ceil(epochs)):
-        for images, targets in detection.batches(
-            train_json, batch_size=batch_size, train=True, epoch=epoch, limit=limit, seed=1
-        ):
-            if step == total:
-                break
-            if step == total // 2:
-                xnnq.layers.freeze_quant_range(q)
-            for g in opt.param_groups:
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            loss, _ = multibox_loss(model.meta_arch, q(images), targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            bar.update(1)
-    bar.close()
-    return q.eval(), {"steps": total, "cpu_s": time.process_time() - t0}
+    t0 = time.process_time()
+    q = xnnq.recipes.qat_finetune(
+        q,
+        train,
+        epochs=epochs,
+        optimizer=opt,
+        loss_fn=lambda out, targets: multibox_loss(model.meta_arch, out, targets)[0],
+    )
+    return q, {"steps": max(1, round(epochs * len(train))), "cpu_s": time.process_time() - t0}
 
 
 def step_times(model, train_json: Path, batch_size: int, steps: int) -> dict:
-    images, targets = next(detection.batches(train_json, batch_size=batch_size, train=True, limit=batch_size))
+    images, targets = next(
+        iter(detection.batches(train_json, batch_size=batch_size, train=True, limit=batch_size))
+    )
     out = {}
     for name, net in (
         ("float", copy.deepcopy(model).train()),

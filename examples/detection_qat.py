@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """QAT of an SSD detector for TIDL, with its object-detection export (ONNX + options + meta-arch prototxt).
 
-    load_pretrained("mosaic_detector") → QuantTrainModule → train with the SSD loss → freeze → evaluate
+    load_pretrained("mosaic_detector") → QuantTrainModule → xnnq.recipes.qat_finetune (SSD loss) → evaluate
     → detection.export(format="tidl" | "qdq") → evaluate the ONNX files (onnxruntime / TIDL emulation)
 
     python examples/detection_qat.py --train-images 1024 --eval-images 200 --out out/detector
@@ -14,7 +14,6 @@ the default is Mosaic-10 under ``$XNNQ_DATA``. A different number of classes nee
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -43,24 +42,15 @@ def main() -> None:
     meta = model.meta_arch
     print("float   ", detection.evaluate(model, val, limit=args.eval_images))
 
-    qmodel = xnnq.QuantTrainModule(model, torch.zeros(1, 3, meta.in_height, meta.in_width)).train()
-    xnnq.utils.freeze_bn(qmodel)  # BN folded with its running statistics
-    opt = torch.optim.AdamW(qmodel.parameters(), lr=args.lr, weight_decay=0.0)
-    steps = math.ceil(args.train_images / args.batch_size)
-    for step, (images, targets) in enumerate(
-        detection.batches(train, batch_size=args.batch_size, train=True, limit=args.train_images)
-    ):
-        if step == steps // 2:
-            xnnq.layers.freeze_quant_range(qmodel)  # activation ranges fixed from here on
-        for g in opt.param_groups:
-            g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        loss, _ = multibox_loss(meta, qmodel(images), targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 10 == 0:
-            print(f"step {step}/{steps} loss {loss.item():.3f}", flush=True)
-    qmodel.eval()
+    qmodel = xnnq.QuantTrainModule(model, torch.zeros(1, 3, meta.in_height, meta.in_width))
+    train_batches = detection.batches(train, batch_size=args.batch_size, train=True, limit=args.train_images)
+    qmodel = xnnq.recipes.qat_finetune(  # BN frozen, ranges frozen at half, cosine; returns eval mode
+        qmodel,
+        train_batches,
+        epochs=1,
+        optimizer=torch.optim.AdamW(qmodel.parameters(), lr=args.lr, weight_decay=0),
+        loss_fn=lambda outputs, targets: multibox_loss(meta, outputs, targets)[0],
+    )
     print("QAT     ", detection.evaluate(qmodel, val, limit=args.eval_images, meta_arch=meta))
 
     out = Path(args.out)

@@ -31,6 +31,7 @@ def qat_export_check(core, meta, size: int, tmp_path, formats=("qdq", "tidl")):
     changed = sum(not torch.equal(before[k], v) for k, v in q.state_dict().items() if k in before)
     assert changed > 0.9 * len(before)  # the QAT steps trained (almost) every weight
     q.eval()
+    xnnq.layers.set_rounding(q, "half_even")  # onnxruntime's rounding, for bit-exact comparisons
     with torch.no_grad():
         ref = q(x[:1])
     for fmt in formats:
@@ -108,6 +109,7 @@ def test_shared_conv_keeps_one_weight_and_quantizes_each_call(tmp_path):
         opt.step()
     assert heads[0].weight is heads[1].weight and not torch.equal(heads[0].weight, model.head.weight)
     q.eval()
+    xnnq.layers.set_rounding(q, "half_even")  # onnxruntime's rounding, for bit-exact comparisons
     scales = [float(q.module.head_q.qparams()[0]), float(q.module.head_1_q.qparams()[0])]
     assert scales[1] > scales[0]  # each call's output has its own range (the second sees a 64x larger input)
     result = xnnq.export_onnx(q, x[:1], tmp_path / "shared.onnx", format="qdq")

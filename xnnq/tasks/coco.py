@@ -186,10 +186,12 @@ def iterate(
     scale: tuple[float, float] = (0.75, 1.25),
     mean=MEAN,
     std=STD,
+    generator: torch.Generator | None = None,
 ) -> Iterator[tuple[Tensor, list[dict]]]:
-    """Batches of ``(normalised images, targets)``; ``train`` shuffles (by ``seed`` and ``epoch``) and augments."""
+    """Batches of ``(normalised images, targets)``; ``train`` shuffles and augments with ``generator``
+    (default: a new one seeded by ``seed`` and ``epoch``)."""
     n = len(ds)
-    gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed * 100003 + epoch)
     order = torch.randperm(n, generator=gen).tolist() if train else list(range(n))
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
@@ -201,3 +203,20 @@ def iterate(
         if train:
             images, targets = augment(images, targets, gen, scale=scale)
         yield images, targets
+
+
+class CocoBatches:
+    """Re-iterable batches of a :class:`CocoSet` with a length (what ``xnnq.recipes.qat_finetune`` and a
+    ``DataLoader``-style loop take). Every pass is one epoch; with ``train=True`` the passes draw their
+    shuffles and augmentations from one generator seeded by ``seed`` and ``epoch``, so the sequence of
+    epochs is reproducible and each epoch differs."""
+
+    def __init__(self, ds: CocoSet, *, batch_size: int, train: bool = False, seed: int = 0, epoch: int = 0):
+        self.ds, self.batch_size, self.train = ds, batch_size, train
+        self.generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+
+    def __len__(self) -> int:
+        return (len(self.ds) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[Tensor, list[dict]]]:
+        return iterate(self.ds, batch_size=self.batch_size, train=self.train, generator=self.generator)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from .coco import CocoSet, iterate, load_coco
+from .coco import CocoBatches, CocoSet, iterate, load_coco
 from .ssd import SSDMetaArch, decode, flatten_outputs, priors_and_variances
 
 __all__ = ["batches", "coco_map", "evaluate", "export", "find_meta_arch", "postprocess"]
@@ -39,16 +38,18 @@ def batches(
     size: int | tuple[int, int] | None = None,
     seed: int = 0,
     epoch: int = 0,
-) -> Iterator[tuple[Tensor, list]]:
+) -> CocoBatches:
     """``(images, targets)`` of a COCO detection set, images normalised exactly as the detector takes them.
 
+    A re-iterable with ``len()`` (one pass = one epoch), as ``xnnq.recipes.qat_finetune`` takes it.
+
     ``targets[i]``: ``boxes`` (M x 4 corners in input pixels), ``labels`` (index into the sorted category
-    ids), ``image_id``, ``scale`` (input / original size). ``train=True`` shuffles (by ``seed``,
-    ``epoch``) and augments (horizontal flip, scale 0.75-1.25, translation ±10 %, boxes kept right).
+    ids), ``image_id``, ``scale`` (input / original size). ``train=True`` shuffles (seeded by ``seed``
+    and ``epoch``; every pass differs) and augments (horizontal flip, scale 0.75-1.25, translation ±10 %, boxes kept right).
     ``size`` resizes every image (needed when the set's images differ in size).
     """
     ds = load_coco(instances_json, size=size, limit=limit)
-    return iterate(ds, batch_size=batch_size, train=train, seed=seed, epoch=epoch)
+    return CocoBatches(ds, batch_size=batch_size, train=train, seed=seed, epoch=epoch)
 
 
 def find_meta_arch(model: Any, meta_arch: SSDMetaArch | None = None) -> SSDMetaArch:
