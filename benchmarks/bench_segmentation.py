@@ -154,35 +154,62 @@ def ort_quantize_static(model, calib: list[torch.Tensor], tmp: Path) -> Path:
 
     fp32, pre, out = tmp / "fp32.onnx", tmp / "pre.onnx", tmp / "ort_int8.onnx"
     batch = calib[0].shape[0]  # static shapes (the Slice/Pad/Resize shape arithmetic folds away)
-    torch.onnx.export(copy.deepcopy(model).eval(), (torch.zeros(batch, 3, 128, 128),), str(fp32), dynamo=False,
-                      opset_version=17, input_names=["input"], output_names=["logits"])
+    torch.onnx.export(
+        copy.deepcopy(model).eval(),
+        (torch.zeros(batch, 3, 128, 128),),
+        str(fp32),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["logits"],
+    )
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+    quantize_static(
+        str(pre),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
     return out
 
 
 def table(r: dict) -> str:
     fp = r["rows"]["FP32"]["mIoU"]
-    lines = [f"| Mosaic-10 val ({r['eval_images']} images, 128x128) | mIoU | pixel acc. | mIoU drop vs FP32 | goal |",
-             "|---|---|---|---|---|"]
-    goals = {"xnnq PTQ": f"drop ≤ {GOALS['ptq_drop']}", "xnnq QAT": f"drop ≤ {GOALS['qat_drop']}",
-             "QDQ export (onnxruntime)": f"within {GOALS['export_diff']} of QAT",
-             "tidl export (TIDL emulation)": f"within {GOALS['export_diff']} of QAT"}
+    lines = [
+        f"| Mosaic-10 val ({r['eval_images']} images, 128x128) | mIoU | pixel acc. | mIoU drop vs FP32 | goal |",
+        "|---|---|---|---|---|",
+    ]
+    goals = {
+        "xnnq PTQ": f"drop ≤ {GOALS['ptq_drop']}",
+        "xnnq QAT": f"drop ≤ {GOALS['qat_drop']}",
+        "QDQ export (onnxruntime)": f"within {GOALS['export_diff']} of QAT",
+        "tidl export (TIDL emulation)": f"within {GOALS['export_diff']} of QAT",
+    }
     for name, row in r["rows"].items():
         drop = "—" if name == "FP32" else f"{fp - row['mIoU']:+.2f}"
-        lines.append(f"| {name} | {row['mIoU']:.2f} | {row['pixel_acc']:.2f} | {drop} | {goals.get(name, '')} |")
+        lines.append(
+            f"| {name} | {row['mIoU']:.2f} | {row['pixel_acc']:.2f} | {drop} | {goals.get(name, '')} |"
+        )
     st, g = r["step_time"], r["goals"]
     lines.append("")
-    lines.append(f"QAT: {r['qat']['steps']} steps of batch {r['batch_size']} ({r['qat']['epochs']} epoch, "
-                 f"{r['crop']}x{r['crop']} crops), AdamW lr {r['qat']['lr']} cosine, BN frozen, ranges frozen at "
-                 f"half; {r['qat']['cpu_s']:.0f} CPU s. PTQ: {r['calib_images']} images, method "
-                 f"{r['ptq_method']}, bias correction.")
-    lines.append(f"QAT step / float step (batch {r['batch_size']}, median CPU time): {st['qat'] * 1e3:.0f} / "
-                 f"{st['float'] * 1e3:.0f} ms = **{st['ratio']:.2f}x**.")
-    lines.append("Goals: " + ", ".join(f"{k} {'met' if v['met'] else 'NOT met'} ({v['value']:+.2f})"
-                                       for k, v in g.items()))
+    lines.append(
+        f"QAT: {r['qat']['steps']} steps of batch {r['batch_size']} ({r['qat']['epochs']} epoch, "
+        f"{r['crop']}x{r['crop']} crops), AdamW lr {r['qat']['lr']} cosine, BN frozen, ranges frozen at "
+        f"half; {r['qat']['cpu_s']:.0f} CPU s. PTQ: {r['calib_images']} images, method "
+        f"{r['ptq_method']}, bias correction."
+    )
+    lines.append(
+        f"QAT step / float step (batch {r['batch_size']}, median CPU time): {st['qat'] * 1e3:.0f} / "
+        f"{st['float'] * 1e3:.0f} ms = **{st['ratio']:.2f}x**."
+    )
+    lines.append(
+        "Goals: "
+        + ", ".join(f"{k} {'met' if v['met'] else 'NOT met'} ({v['value']:+.2f})" for k, v in g.items())
+    )
     return "\n".join(lines)
 
 
@@ -233,15 +260,23 @@ def main() -> None:
     fp, qt = rows["FP32"]["mIoU"], rows["xnnq QAT"]["mIoU"]
     goals = {
         "QAT drop": {"value": fp - qt, "met": fp - qt <= GOALS["qat_drop"]},
-        "PTQ drop": {"value": fp - rows["xnnq PTQ"]["mIoU"], "met": fp - rows["xnnq PTQ"]["mIoU"] <= GOALS["ptq_drop"]},
+        "PTQ drop": {
+            "value": fp - rows["xnnq PTQ"]["mIoU"],
+            "met": fp - rows["xnnq PTQ"]["mIoU"] <= GOALS["ptq_drop"],
+        },
     }
     for name in ("QDQ export (onnxruntime)", "tidl export (TIDL emulation)"):
         d = rows[name]["mIoU"] - qt
         goals[f"{name.split(' ')[0]} vs QAT"] = {"value": d, "met": abs(d) <= GOALS["export_diff"]}
     result = {
-        "model": "mosaic_segmenter", "checkpoint": checkpoint_info("mosaic_segmenter").get("val_mIoU"),
-        "rows": rows, "goals": goals, "batch_size": args.batch_size, "crop": args.crop,
-        "calib_images": args.calib_images, "ptq_method": args.ptq_method,
+        "model": "mosaic_segmenter",
+        "checkpoint": checkpoint_info("mosaic_segmenter").get("val_mIoU"),
+        "rows": rows,
+        "goals": goals,
+        "batch_size": args.batch_size,
+        "crop": args.crop,
+        "calib_images": args.calib_images,
+        "ptq_method": args.ptq_method,
         "eval_images": args.eval_images or seg.load_split(root, "val")[0].shape[0],
         "qat": {"epochs": args.qat_epochs, "steps": steps, "lr": args.qat_lr, "cpu_s": qat_cpu},
         "step_time": timing,

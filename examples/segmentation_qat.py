@@ -38,8 +38,9 @@ class Crops:
         return math.ceil(self.limit / self.batch_size)
 
     def __iter__(self):
-        it = seg.batches(self.root, "train", batch_size=self.batch_size, limit=self.limit, train=True,
-                         generator=self.g)
+        it = seg.batches(
+            self.root, "train", batch_size=self.batch_size, limit=self.limit, train=True, generator=self.g
+        )
         for x, m in it:
             yield seg.random_crop(x, m, self.crop, self.g)
 
@@ -64,14 +65,23 @@ def main() -> None:
 
     qmodel = xnnq.QuantTrainModule(model, dummy)
     opt = torch.optim.AdamW(qmodel.parameters(), lr=args.lr, weight_decay=1e-4)
-    xnnq.recipes.qat_finetune(qmodel, Crops(root, args.batch_size, args.crop, args.train_images), epochs=1,
-                              optimizer=opt, loss_fn=lambda y, m: F.cross_entropy(y, m, ignore_index=255))
+    xnnq.recipes.qat_finetune(
+        qmodel,
+        Crops(root, args.batch_size, args.crop, args.train_images),
+        epochs=1,
+        optimizer=opt,
+        loss_fn=lambda y, m: F.cross_entropy(y, m, ignore_index=255),
+    )
     print("QAT     ", seg.evaluate(qmodel, root, "val", limit=args.eval_images, progress=True))
 
     for fmt in ("tidl", "qdq"):
         path = seg.export(qmodel, out / f"mosaic_segmenter_{fmt}.onnx", format=fmt)  # + .tidl.json beside it
         how = "TIDL emulation" if fmt == "tidl" else "onnxruntime"
-        print(f"{fmt:8s}", seg.evaluate(path, root, "val", limit=args.eval_images, progress=True), f"({how}, {path})")
+        print(
+            f"{fmt:8s}",
+            seg.evaluate(path, root, "val", limit=args.eval_images, progress=True),
+            f"({how}, {path})",
+        )
 
 
 if __name__ == "__main__":

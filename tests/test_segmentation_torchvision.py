@@ -1,5 +1,6 @@
 """Structural tests on torchvision's segmentation models (random weights, 64x64 inputs): wrap, two QAT
 steps, export both formats (the tidl one with the ArgMax head), onnxruntime agreement with the simulation."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -121,15 +121,16 @@ def augment(
     return out_x, out_m
 
 
-def random_crop(images: torch.Tensor, masks: torch.Tensor, size: int, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def random_crop(
+    images: torch.Tensor, masks: torch.Tensor, size: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One random ``size`` x ``size`` window, the same for every image of the batch and its mask."""
     h, w = images.shape[-2:]
     if size > min(h, w):
         raise ValueError(f"random_crop: size {size} is larger than the images ({h} x {w})")
     top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
     left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
-    return images[..., top:top + size, left:left + size], masks[..., top:top + size, left:left + size]
+    return images[..., top : top + size, left : left + size], masks[..., top : top + size, left : left + size]
 
 
 def batches(
