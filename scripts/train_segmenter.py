@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="train on the first N images (smoke runs)")
-    ap.add_argument("--stem-stride", type=int, default=1, choices=(1, 2))
+    ap.add_argument("--stem-stride", type=int, default=2, choices=(1, 2))
     ap.add_argument(
-        "--crop", type=int, default=64, help="train on random crops of this size (0: whole images)"
+        "--crop", type=int, default=0, help="train on random crops of this size (0: whole images)"
     )
     ap.add_argument(
         "--init",

@@ -1,8 +1,8 @@
 """MosaicSegmenter: a small UNet/DeepLabV3-lite segmentation net for 128x128 Mosaic-10 images.
 
-Shaped like TI's "lite" segmentation models: a CIFAR ResNet-20 body (stem stride 1 by default, so the
-pasted CIFAR objects are seen near the 32-pixel scale the body was trained at; stride 2 halves the
-cost), a light ASPP on the last features (1x1 and dilated depthwise-separable branches joined by
+Shaped like TI's "lite" segmentation models: a CIFAR ResNet-20 body behind a stride-2 stem (the body
+runs at H/2: a quarter of the cost of ``stem_stride=1``, which sees the pasted CIFAR objects nearer the
+32-pixel scale the body was trained at), a light ASPP on the last features (1x1 and dilated depthwise-separable branches joined by
 ``torch.cat``), two decoder stages that resize x2 (bilinear, constant scale) and ``torch.cat`` a skip
 connection, a 1x1 classifier and, with a stride-2 stem, a final x2 resize to the input size. Only
 Conv/BatchNorm/ReLU, ``Resize`` with constant scales and ``Concat``: all TIDL-supported.
@@ -55,7 +55,7 @@ class LiteASPP(nn.Module):
 class MosaicSegmenter(nn.Module):
     """UNet/DeepLabV3-lite on a ResNet-20 body; logits at the input resolution."""
 
-    def __init__(self, num_classes: int = 11, resize_mode: str = "bilinear", stem_stride: int = 1):
+    def __init__(self, num_classes: int = 11, resize_mode: str = "bilinear", stem_stride: int = 2):
         super().__init__()
         if stem_stride not in (1, 2):
             raise ValueError(f"MosaicSegmenter: stem_stride must be 1 or 2, got {stem_stride}")
@@ -96,6 +96,6 @@ class MosaicSegmenter(nn.Module):
         return self
 
 
-def mosaic_segmenter(num_classes: int = 11, stem_stride: int = 1) -> MosaicSegmenter:
+def mosaic_segmenter(num_classes: int = 11, stem_stride: int = 2) -> MosaicSegmenter:
     """A freshly initialised :class:`MosaicSegmenter` (11 classes: background + the CIFAR-10 classes)."""
     return MosaicSegmenter(num_classes, stem_stride=stem_stride)
