@@ -9,10 +9,12 @@ from .range_tracker import RangeTracker
 from .resize import ResizeWith, resize_with
 from .rounding import Rounding
 from .shape_ops import Pad, Reshape, Slice
+from .tqt import LearnedRange, tqt_fake_quantize
 
 __all__ = [
     "AddBlock", "CatBlock", "MultBlock", "ReduceMean", "ResizeWith", "resize_with", "Pad", "Reshape", "Slice",
     "PACT2", "RangeObserver", "RangeTracker", "QuantConv2d", "QuantLinear",
     "fake_quantize", "quantize_bias", "quant_bounds", "pow2_ceil", "activation_scale", "weight_scale",
     "freeze_quant_range", "unfreeze_quant_range", "set_quant_enabled", "set_rounding", "Rounding",
+    "LearnedRange", "tqt_fake_quantize",
 ]
