@@ -327,6 +327,20 @@ def test_frozen_threshold_ignores_optimizer_momentum_and_unfreeze_resumes_from_i
     assert torch.equal(lr.log2_t.detach(), held)  # learning resumes from the frozen value
 
 
+def test_grad_scale_multiplies_the_threshold_gradient_only():
+    x = (torch.randn(1000) * 3).requires_grad_()
+    g = torch.randn(1000)
+    grads = []
+    for scale in (1.0, 0.25):
+        lr = LearnedRange(grad_scale=scale)
+        lr.init_from(torch.tensor(5.0))
+        xs = x.detach().clone().requires_grad_()
+        lr.fake_quantize(xs, 8, True).backward(g)
+        grads.append((lr.log2_t.grad.clone(), xs.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0] * 0.25)
+    assert torch.equal(grads[1][1], grads[0][1])
+
+
 def test_learned_range_state_dict_round_trip():
     a = LearnedRange((3,), init_batches=4)
     a.init_from(torch.tensor([1.0, 2.0, 3.0]))

@@ -10,6 +10,7 @@ from .range_tracker import RangeTracker
 from .resize import ResizeWith, resize_with
 from .rounding import Rounding
 from .shape_ops import Pad, Reshape, Slice
+from .tqt import LearnedRange, tqt_fake_quantize
 
 __all__ = [
     "AddBlock",
@@ -37,4 +38,6 @@ __all__ = [
     "set_quant_enabled",
     "set_rounding",
     "Rounding",
+    "LearnedRange",
+    "tqt_fake_quantize",
 ]

@@ -21,6 +21,10 @@ class QuantTrainModule(QuantBaseModule):
     ``constrain_weights`` (clip weight outliers, default True), ``bitwidth_overrides``
     (``{"layer or glob": 16}``, ``"first"``/``"last"``), ``trim_fraction`` (fraction trimmed each side of
     a range, 1e-4; ``histogram_tail`` is its deprecated name), ``ema_alpha``, ``clip_ranges``
-    (``{quantizer name: fixed range}``). Also ``leaf_modules`` (submodules kept opaque) and ``verbose``
-    (print the surgery report).
+    (``{quantizer name: fixed range}``), ``range_learning`` (``"statistics"``, default: ranges follow the
+    data; ``"tqt"``: learned power-of-2 thresholds for activations and weights, ``"tqt-activations"``: for
+    activations only — train ``qmodel.range_parameters()`` with their own optimizer, e.g. Adam lr 1e-2, and
+    the rest, ``qmodel.non_range_parameters()``, as usual; see :mod:`xnnq.layers.tqt`),
+    ``range_init_batches`` (batches whose statistics initialise learned thresholds, 20). Also
+    ``leaf_modules`` (submodules kept opaque) and ``verbose`` (print the surgery report).
     """
