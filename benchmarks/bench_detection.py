@@ -298,11 +298,9 @@ def main() -> None:
     r["rows"] = rows
     md = table(r)
     print(md)
-    print(json.dumps(r, indent=1))
-    if args.record:
-        from common import emit
+    from common import emit
 
-        emit("bench_detection", r, md)
+    emit("bench_detection", r, md, record=args.record)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Prints JSON; appends a table to benchmarks/RESULTS.md only with ``--record``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -163,11 +162,13 @@ def main() -> None:
         f"(half-even); onnxruntime {seconds['ort']:.0f} s. First tensor where TIDL's rounding parts from "
         f"onnxruntime (first 100 images): `{first_tensor}`.\n"
     )
-    if args.record:
-        emit("bench_reference: simulation vs onnxruntime vs integer reference (ResNet-20)", res, table)
-    else:
-        print(json.dumps(res, indent=2))
-        print(table)
+    print(table)
+    emit(
+        "bench_reference: simulation vs onnxruntime vs integer reference (ResNet-20)",
+        res,
+        table,
+        record=args.record,
+    )
 
 
 if __name__ == "__main__":

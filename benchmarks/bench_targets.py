@@ -39,7 +39,7 @@ from xnnq.export import export_onnx
 from xnnq.export.check import OnnxRunner
 from xnnq.models.cifar_resnet import resnet20_cifar10
 
-from common import emit, machine
+from common import emit
 
 DUMMY = torch.zeros(1, 3, 32, 32)
 ROWS = [
@@ -176,11 +176,8 @@ def main() -> None:
             row = done[key]
             print(json.dumps({k: row[k] for k in ("target", "numerics", "acc", "ort_acc")}), flush=True)
             result["rows"].append(row)
-    if args.record:
-        emit("bench_targets", result, table(result))
-    else:
-        print(json.dumps({"benchmark": "bench_targets", **result, "machine": machine()}, indent=2))
-        print(table(result))
+    print(table(result))
+    emit("bench_targets", result, table(result), record=args.record)
 
 
 if __name__ == "__main__":

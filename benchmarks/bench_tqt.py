@@ -223,11 +223,8 @@ def main() -> None:
             f"{cell(t, row['fp32_top1'])} | {diff} | {moved} |"
         )
     md = "\n".join(lines) + "\n\n" + "; ".join(notes)
-    if args.record:
-        emit("Learned vs statistics ranges (TQT)", res, md)
-    else:
-        print(json.dumps(res, indent=1))
-        print(md)
+    print(md)
+    emit("Learned vs statistics ranges (TQT)", res, md, record=args.record)
 
 
 if __name__ == "__main__":

@@ -225,3 +225,21 @@ def test_models_train_bit_identically(fused_mode, make_model, shape, classes):
             assert torch.equal(
                 bits(u) if u.dtype == torch.float32 else u, bits(v) if v.dtype == torch.float32 else v
             )
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_an_in_place_op_after_the_kernel_is_allowed(fused_mode, layout):
+    """The result may be modified in place by the next op (``Hardswish(inplace=True)`` in MobileNetV3),
+    with the same values and gradient as the unfused path."""
+    x0 = torch.randn(2, 4, 8, 8) * 3
+    if layout == "channels_last":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    results = []
+    for mode in (False, True):
+        fused_mode(mode)
+        x = x0.clone().requires_grad_(True)
+        y = F.hardswish(fused.fake_quantize_activation(x, torch.tensor(2.0**-4), -128, 127), inplace=True)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), x.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])

@@ -27,9 +27,8 @@ gradient. The first call compiles (seconds; inductor caches the result on disk f
 
 Switch: ``XNNQ_FUSED`` = ``0`` (default: never compile), ``auto`` (compile; if compilation fails, warn
 once and use the unfused functions of :mod:`xnnq.layers.fake_quant`) or ``1`` (compile; a failure is an
-error); at run time :func:`set_fused`. Opt-in for now: the kernel's output is a view made inside a custom
-autograd function, so a following in-place op (``Hardswish(inplace=True)`` in MobileNetV3) is refused by
-autograd. Tensors the kernel does not cover (other dtypes than float32, a layout that
+error); at run time :func:`set_fused`. Opt-in: compiling needs a working C++ compiler (CPU) or Triton
+(CUDA) and costs seconds at the first call. Tensors the kernel does not cover (other dtypes than float32, a layout that
 is neither contiguous nor channels-last) take the unfused path; the values are the same either way.
 """
 
@@ -126,24 +125,20 @@ def _kernel_args(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap
 
 
 class _ActFakeQuant(torch.autograd.Function):
-    """Forward and backward through the compiled kernels; keeps the 1-byte mask for the backward."""
+    """Forward and backward through the compiled kernels on the flattened tensor; keeps the 1-byte mask
+    for the backward. Input and output are 1-d: the reshapes stay outside the function, so the result is
+    an ordinary view that a following in-place op (``Hardswish(inplace=True)``) may modify."""
 
     @staticmethod
-    def forward(ctx, x, scale, qmin: int, qmax: int, cap: float | None):
-        out, mask = _kernel("fwd")(_flat(x), *_kernel_args(x, scale, qmin, qmax, cap), with_mask=True)
+    def forward(ctx, flat, scale, consts):
+        out, mask = _kernel("fwd")(flat, scale, consts, with_mask=True)
         ctx.save_for_backward(mask)
-        ctx.shape, ctx.contiguous = x.shape, x.is_contiguous()
-        return _unflat(out, x)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        if ctx.contiguous:
-            return _kernel("bwd")(grad.contiguous().view(-1), mask).view(ctx.shape), None, None, None, None
-        n, c, h, w = ctx.shape
-        g = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1)
-        g = _kernel("bwd")(g, mask).view(n, h, w, c).permute(0, 3, 1, 2)
-        return g, None, None, None, None
+        return _kernel("bwd")(grad.contiguous(), mask), None, None
 
 
 def _unfused(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap: float | None) -> torch.Tensor:
@@ -160,9 +155,10 @@ def fake_quantize_activation(
     if not fused_enabled() or x.dtype != torch.float32 or _flat(x) is None or x.numel() == 0:
         return _unfused(x, scale, qmin, qmax, cap)
     try:
+        args = _kernel_args(x, scale, qmin, qmax, cap)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _ActFakeQuant.apply(x, scale, int(qmin), int(qmax), cap)
-        out, _ = _kernel("fwd")(_flat(x), *_kernel_args(x, scale, qmin, qmax, cap), with_mask=False)
+            return _unflat(_ActFakeQuant.apply(_flat(x), *args), x)
+        out, _ = _kernel("fwd")(_flat(x), *args, with_mask=False)
         return _unflat(out, x)
     except Exception as e:
         if _state["mode"] == "1":
