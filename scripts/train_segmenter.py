@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xnnq.data import data_root
 from xnnq.models.segmenter import mosaic_segmenter
 from xnnq.models.zoo import CHECKPOINTS
