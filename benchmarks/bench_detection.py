@@ -302,7 +302,7 @@ def main() -> None:
     if args.record:
         from common import emit
 
-        emit("bench_detection", r, md)
+        emit("bench_detection", r, md, record=True)
 
 
 if __name__ == "__main__":

@@ -224,7 +224,7 @@ def main() -> None:
         )
     md = "\n".join(lines) + "\n\n" + "; ".join(notes)
     if args.record:
-        emit("Learned vs statistics ranges (TQT)", res, md)
+        emit("Learned vs statistics ranges (TQT)", res, md, record=True)
     else:
         print(json.dumps(res, indent=1))
         print(md)
