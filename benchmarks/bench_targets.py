@@ -1,21 +1,30 @@
 #!/usr/bin/env python
-"""PTQ of ResNet-20 on CIFAR-10 with the numerics of each TIDL target (xnnq/targets.py).
+"""PTQ with the numerics of each TIDL target (xnnq/targets.py) on ResNet-20 (CIFAR-10) or the Mosaic-10 detector.
 
-Model: ``$XNNQ_DATA/weights/resnet20_cifar10jpg.pt``. Calibration: ``QuantCalibrateModule(method="mse")``
-(with its default bias correction) on ``--calib-images`` (1000) training images, drawn with
-``torch.manual_seed(0); torch.randperm(50000)``, batches of 100. Test: the first ``--test-images`` (all
-10k) JPEG test images, top-1 of the PyTorch simulation. Rows:
+Models and data: benchmarks/workloads.py. Calibration: ``QuantCalibrateModule(method="mse")`` (with its
+default bias correction), one per row, on ``--calib-images`` training images (ResNet-20: 1000 drawn with
+``torch.manual_seed(0); torch.randperm(50000)``, batches of 100; the detector: the first 512 Mosaic-10 train
+images, batches of 32). Rows:
 
 * ``TDA4VM``: the chip's numerics — power-of-2, per-tensor, symmetric (MMAv1);
 * ``AM69A`` (MMAv2; AM62A/AM67A/AM68A have the same numerics): its default — per-channel weights, free
   (non-power-of-2) scales — and the two halves of it (per-channel power-of-2; per-tensor free scales).
 
-Each row is exported with ``export_onnx(target=...)`` and its QDQ file run in onnxruntime on the first
-``--ort-images`` test images: top-1 of onnxruntime and its agreement with the simulation, the TIDL
-importer-rule violations and the compile options. Prints JSON; ``--record`` appends a table to
-benchmarks/RESULTS.md.
+Each row is exported with the row's target (``export_onnx`` / ``xnnq.tasks.detection.export``, QDQ) and
+the file run in onnxruntime; the TIDL importer-rule violations and the compile options are read from the
+export's JSON.
 
-    python benchmarks/bench_targets.py [--threads 1] [--test-images 10000] [--ort-images 10000] [--resume F] [--record]
+* ``--model resnet20``: top-1 of the PyTorch simulation on the first ``--test-images`` (all 10k) JPEG test
+  images; onnxruntime (on a batch-500 twin of the export, faster) on the first ``--ort-images``: its top-1
+  and its agreement with the simulation.
+* ``--model mosaic_detector``: COCO mAP@[.5:.95] and mAP@.5 (``xnnq.tasks.detection.evaluate``: caffe-SSD
+  decode + NMS, pycocotools) of the simulation and of onnxruntime on the first ``--eval-images`` (all 1000)
+  val images. About 3 CPU-min per row at 1 thread, ~14 CPU-min in all with the FP32 row.
+
+Prints JSON; ``--record`` appends a table to benchmarks/RESULTS.md.
+
+    python benchmarks/bench_targets.py [--model resnet20|mosaic_detector] [--threads 1]
+        [--test-images N | --eval-images N] [--ort-images N] [--resume F] [--record]
 """
 
 from __future__ import annotations
@@ -33,15 +42,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from xnnq.calibrate import QuantCalibrateModule
-from xnnq.data import batches, cifar10, cifar10_available, data_root, evaluate
+import workloads
+
+from xnnq.data import batches, cifar10, evaluate
 from xnnq.export import export_onnx
 from xnnq.export.check import OnnxRunner
-from xnnq.models.cifar_resnet import resnet20_cifar10
+from xnnq.export.options import read_options
+from xnnq.tasks import detection
 
-from common import emit
+from common import add_record_arg, emit
 
-DUMMY = torch.zeros(1, 3, 32, 32)
+MODELS = ("resnet20", "mosaic_detector")
+DEFAULTS = {"resnet20": (1000, 10000), "mosaic_detector": (512, 1000)}  # calibration, test images
 ROWS = [
     ("TDA4VM", "power-of-2, per-tensor (chip default)", {}),
     ("AM69A", "free scales, per-channel weights (chip default)", {}),
@@ -54,16 +66,9 @@ ROWS = [
 ]
 
 
-def calibration_batches(n: int, batch_size: int = 100) -> list[torch.Tensor]:
-    x, y = cifar10("train")
-    torch.manual_seed(0)
-    idx = torch.randperm(len(y))[:n]
-    return [xb for xb, _ in batches(x[idx], y[idx], batch_size)]
-
-
 @torch.no_grad()
-def ort_row(path: Path, q, x: torch.Tensor, y: torch.Tensor) -> dict:
-    runner = OnnxRunner(path, threads=1)
+def ort_top1(path: Path, q, x: torch.Tensor, y: torch.Tensor, threads: int) -> dict:
+    runner = OnnxRunner(path, threads=threads)
     correct = agree = 0
     for xb, yb in batches(x, y, 500):
         ort = runner(xb).argmax(1)
@@ -72,112 +77,173 @@ def ort_row(path: Path, q, x: torch.Tensor, y: torch.Tensor) -> dict:
     return {"ort_acc": 100.0 * correct / len(y), "ort_sim_top1_agreement": agree / len(y)}
 
 
-def run_row(model, calib, test, ort_test, target: str, label: str, kw: dict, out: Path) -> dict:
-    t0 = time.process_time()
-    q = QuantCalibrateModule(model, DUMMY, method="mse", target=target, **kw)
-    q.train()
-    with torch.no_grad():
-        for xb in calib:
-            q(xb)
-    q.eval()
-    calib_s = time.process_time() - t0
-    acc = evaluate(q, *test)
-    stem = f"{target}_{len(list(out.iterdir()))}"
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        res = export_onnx(q, DUMMY, out / f"{stem}.onnx", format="qdq")  # the file for TIDL
-        batched = export_onnx(q, DUMMY.expand(500, -1, -1, -1), out / f"{stem}_b500.onnx", format="qdq")
-    opts = json.loads(res.options_path.read_text())
-    row = {
-        "target": target,
-        "numerics": label,
-        "settings": kw,
-        "acc": acc,
-        "calib_cpu_s": calib_s,
-        "flow": res.flow,
-        "runtime_options": opts["runtime_options"],
-        "fixes": res.fixes,
-        "violations": sorted({f"{v.severity}:{v.rule}" for v in res.violations}),
-    }
-    row.update(ort_row(batched.path, q, *ort_test))  # the same graph with a static batch of 500 (faster)
+class Task:
+    """What differs between the models: the metric of the simulation and of the exported file."""
+
+    def __init__(self, w: workloads.Workload, args):
+        self.w, self.args = w, args
+        self.model = w.float_model()
+        if w.name == "resnet20":
+            self.x, self.y = cifar10("test", args.test_images)
+            self.ort_n = min(args.ort_images or len(self.y), len(self.y))
+
+    def evaluate(self, net) -> dict:
+        """The metric of a PyTorch model (float or simulation)."""
+        if self.w.name == "resnet20":
+            return {"acc": evaluate(net, self.x, self.y)}
+        t0 = time.process_time()
+        res = detection.evaluate(
+            net,
+            self.w.val_json,
+            limit=self.args.test_images,
+            meta_arch=self.model.meta_arch,
+            threads=self.args.threads,
+            progress=False,
+        )
+        return {"mAP": res["mAP"], "mAP50": res["mAP50"], "eval_cpu_s": time.process_time() - t0}
+
+    def export_and_run(self, q, out: Path) -> tuple[dict, dict]:
+        """Export ``q`` for its target (QDQ); the export's JSON and the metric of the file in onnxruntime."""
+        stem = f"{q.target}_{len(list(out.iterdir()))}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the violations are read from the JSON
+            if self.w.name == "resnet20":
+                path = export_onnx(q, self.w.dummy(), out / f"{stem}.onnx", format="qdq").path
+                twin = export_onnx(q, self.w.dummy(500), out / f"{stem}_b500.onnx", format="qdq").path
+            else:
+                path = detection.export(q, out / f"{stem}.onnx", format="qdq", meta_arch=self.model.meta_arch)
+        opts = read_options(path)
+        if self.w.name == "resnet20":
+            n = self.ort_n
+            return opts, ort_top1(twin, q, self.x[:n], self.y[:n], self.args.threads)
+        res = detection.evaluate(
+            path, self.w.val_json, limit=self.args.test_images, threads=self.args.threads, progress=False
+        )
+        return opts, {"ort_mAP": res["mAP"], "ort_mAP50": res["mAP50"]}
+
+
+def run_row(task: Task, calib, target: str, label: str, kw: dict, out: Path) -> dict:
+    q, calib_s = workloads.ptq(task.w, calib, task.model, method="mse", target=target, **kw)
+    row = {"target": target, "numerics": label, "settings": kw, **task.evaluate(q), "calib_cpu_s": calib_s}
+    opts, ort = task.export_and_run(q, out)
+    row.update(
+        flow=opts.get("flow"),
+        runtime_options=opts["runtime_options"],
+        fixes=opts.get("fixes", []),
+        violations=sorted({f"{v['severity']}:{v['rule']}" for v in opts.get("violations", [])}),
+        **ort,
+    )
     return row
 
 
 def table(result: dict) -> str:
-    fp = result["fp32_acc"]
-    head = (
-        f"ResNet-20 CIFAR-10, PTQ mse ({result['calib_images']} calibration images, bias correction), top-1 on "
-        f"{result['test_images']} test images (simulation) and {result['ort_images']} (onnxruntime QDQ). "
-        f"FP32 {fp:.2f} %."
-    )
-    lines = [
-        head,
-        "",
-        "| target | numerics | scale type | top-1 (sim) | drop | onnxruntime top-1 | ort/sim agreement |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['target']} | {r['numerics']} | {r['runtime_options']['advanced_options:quantization_scale_type']}"
-            f" | {r['acc']:.2f} | {fp - r['acc']:+.2f} pp | {r['ort_acc']:.2f} | "
-            f"{100 * r['ort_sim_top1_agreement']:.2f} % |"
+    detector = result.get("model") == "mosaic_detector"
+    if detector:
+        fp = result["fp32"]
+        head = (
+            f"Mosaic-10 SSD detector (`mosaic_detector`), PTQ mse ({result['calib_images']} calibration images, "
+            f"bias correction), COCO mAP@[.5:.95] / mAP@.5 on the first {result['test_images']} val images, "
+            f"PyTorch simulation and onnxruntime (QDQ). FP32 {fp['mAP']:.2f} / {fp['mAP50']:.2f}."
         )
+        cols = "| target | numerics | scale type | mAP (sim) | mAP@.5 (sim) | mAP drop | onnxruntime mAP | onnxruntime mAP@.5 |"
+    else:
+        fp = result["fp32_acc"]
+        head = (
+            f"ResNet-20 CIFAR-10, PTQ mse ({result['calib_images']} calibration images, bias correction), top-1 on "
+            f"{result['test_images']} test images (simulation) and {result['ort_images']} (onnxruntime QDQ). "
+            f"FP32 {fp:.2f} %."
+        )
+        cols = (
+            "| target | numerics | scale type | top-1 (sim) | drop | onnxruntime top-1 | ort/sim agreement |"
+        )
+    lines = [head, "", cols, "|---" * (cols.count("|") - 1) + "|"]
+    for r in result["rows"]:
+        cells = [
+            r["target"],
+            r["numerics"],
+            str(r["runtime_options"]["advanced_options:quantization_scale_type"]),
+        ]
+        if detector:
+            cells += [
+                f"{r['mAP']:.2f}",
+                f"{r['mAP50']:.2f}",
+                f"{fp['mAP'] - r['mAP']:+.2f}",
+                f"{r['ort_mAP']:.2f}",
+                f"{r['ort_mAP50']:.2f}",
+            ]
+        else:
+            cells += [
+                f"{r['acc']:.2f}",
+                f"{fp - r['acc']:+.2f} pp",
+                f"{r['ort_acc']:.2f}",
+                f"{100 * r['ort_sim_top1_agreement']:.2f} %",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
         "Importer-rule violations (every row): "
-        + ", ".join(sorted({v for r in result["rows"] for v in r["violations"]}))
+        + (", ".join(sorted({v for r in result["rows"] for v in r["violations"]})) or "none")
     )
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--calib-images", type=int, default=1000)
-    ap.add_argument("--test-images", type=int, default=10000)
-    ap.add_argument("--ort-images", type=int, default=10000)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", choices=MODELS, default="resnet20")
+    ap.add_argument("--calib-images", type=int, default=None, help="default 1000 (ResNet-20), 512 (detector)")
     ap.add_argument(
-        "--record", action="store_true", help="append the table and JSON to benchmarks/RESULTS.md"
+        "--test-images",
+        "--eval-images",
+        dest="test_images",
+        type=int,
+        default=None,
+        help="test / val images (default all: 10000 CIFAR-10, 1000 Mosaic-10)",
     )
+    ap.add_argument(
+        "--ort-images", type=int, default=None, help="ResNet-20: onnxruntime images (default all)"
+    )
+    ap.add_argument("--threads", type=int, default=1)
+    add_record_arg(ap)
     ap.add_argument(
         "--resume", help="JSON file of finished rows: written after each row, finished rows skipped"
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not cifar10_available():
-        sys.exit(f"CIFAR-10 not found under {data_root()} (set XNNQ_DATA)")
-    model = resnet20_cifar10(data_root() / "weights" / "resnet20_cifar10jpg.pt").eval()
-    calib = calibration_batches(args.calib_images)
-    x, y = cifar10("test", args.test_images)
-    result = {
-        "calib_images": args.calib_images,
-        "test_images": len(y),
-        "ort_images": min(args.ort_images, len(y)),
-        "fp32_acc": evaluate(model, x, y),
-        "rows": [],
-    }
+    w = workloads.get(args.model)
+    if (why := w.missing()) is not None:
+        sys.exit(why)
+    calib_n, test_n = DEFAULTS[w.name]
+    args.calib_images = args.calib_images or calib_n
+    args.test_images = args.test_images or test_n
+    task = Task(w, args)
+    calib = w.calibration_batches(args.calib_images)
+    result: dict = {"model": w.name, "calib_images": args.calib_images, "rows": []}
+    if w.name == "resnet20":
+        result.update(
+            test_images=len(task.y), ort_images=task.ort_n, fp32_acc=task.evaluate(task.model)["acc"]
+        )
+    else:
+        fp = task.evaluate(task.model)
+        result.update(test_images=args.test_images, fp32={k: fp[k] for k in ("mAP", "mAP50")})
     done = json.loads(Path(args.resume).read_text()) if args.resume and Path(args.resume).is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for target, label, kw in ROWS:
-            key = f"{target}: {label}"
+            key = f"{target}: {label}" if w.name == "resnet20" else f"{w.name} | {target}: {label}"
             if key not in done:
-                done[key] = run_row(
-                    model,
-                    calib,
-                    (x, y),
-                    (x[: args.ort_images], y[: args.ort_images]),
-                    target,
-                    label,
-                    kw,
-                    Path(tmp),
-                )
+                done[key] = run_row(task, calib, target, label, kw, Path(tmp))
                 if args.resume:
                     Path(args.resume).write_text(json.dumps(done, indent=1))
             row = done[key]
-            print(json.dumps({k: row[k] for k in ("target", "numerics", "acc", "ort_acc")}), flush=True)
+            metric = ("acc", "ort_acc") if w.name == "resnet20" else ("mAP", "mAP50", "ort_mAP", "ort_mAP50")
+            print(json.dumps({k: row[k] for k in ("target", "numerics", *metric)}), flush=True)
             result["rows"].append(row)
+    emit(
+        "bench_targets" if w.name == "resnet20" else f"bench_targets ({w.name})",
+        result,
+        table(result),
+        record=args.record,
+    )
     print(table(result))
-    emit("bench_targets", result, table(result), record=args.record)
 
 
 if __name__ == "__main__":
