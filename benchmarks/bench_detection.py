@@ -44,7 +44,10 @@ from xnnq.models.zoo import checkpoint_info, load_pretrained
 from xnnq.tasks import detection
 from xnnq.tasks.ssd import multibox_loss
 
+from common import emit, qat_finetune_timed, qat_optimizers, range_learning_kwargs
+
 GOALS = {"qat_drop": 0.5, "ptq_drop": 1.0, "export_diff": 0.1}
+QAT_LR, BATCH_SIZE = 1e-4, 32  # the QAT recipe's defaults (also benchmarks/bench_tqt.py's)
 HEADS_16 = {"first": 16, "heads.box.*": 16, "heads.cls.*": 16}
 
 
@@ -63,20 +66,38 @@ def ptq(model, calib, **kw):
     return q, time.process_time() - t0
 
 
-def qat(model, train_json: Path, *, epochs: float, lr: float, batch_size: int, limit: int | None):
-    """The generic recipe (``xnnq.recipes.qat_finetune``) with the SSD loss and AdamW."""
-    q = xnnq.QuantTrainModule(model, torch.zeros(1, 3, 128, 128))
+def qat(
+    model,
+    train_json: Path,
+    *,
+    epochs: float,
+    lr: float,
+    batch_size: int,
+    limit: int | None,
+    range_learning: str = "statistics",
+    init_batches: int = 20,
+    lr_th: float = 1e-2,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 50,
+):
+    """The generic recipe (``xnnq.recipes.qat_finetune``) with the SSD loss and AdamW; learned thresholds
+    (``range_learning="tqt"``, benchmarks/bench_tqt.py) get their own Adam at ``lr_th``. Resumable from
+    ``checkpoint``; ``cpu_s`` counts the sessions before a resume too."""
+    q = xnnq.QuantTrainModule(
+        model, torch.zeros(1, 3, 128, 128), **range_learning_kwargs(range_learning, init_batches)
+    )
     train = detection.batches(train_json, batch_size=batch_size, train=True, limit=limit, seed=1)
-    opt = torch.optim.AdamW(q.parameters(), lr=lr, weight_decay=0.0)
-    t0 = time.process_time()
-    q = xnnq.recipes.qat_finetune(
+    opts = qat_optimizers(q, lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0), lr_th)
+    q, cpu_s = qat_finetune_timed(
         q,
         train,
         epochs=epochs,
-        optimizer=opt,
+        optimizer=opts,
         loss_fn=lambda out, targets: multibox_loss(model.meta_arch, out, targets)[0],
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
     )
-    return q, {"steps": max(1, round(epochs * len(train))), "cpu_s": time.process_time() - t0}
+    return q, {"steps": max(1, round(epochs * len(train))), "cpu_s": cpu_s}
 
 
 def step_times(model, train_json: Path, batch_size: int, steps: int) -> dict:
@@ -186,9 +207,9 @@ def main() -> None:
     ap.add_argument("--calib-images", type=int, default=512)
     ap.add_argument("--methods", nargs="+", default=["mse", "percentile", "max"])
     ap.add_argument("--qat-epochs", type=float, default=1.0)
-    ap.add_argument("--qat-lr", type=float, default=1e-4)
+    ap.add_argument("--qat-lr", type=float, default=QAT_LR)
     ap.add_argument("--qat-images", type=int, default=None, help="train images per QAT epoch (default all)")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     ap.add_argument("--timing-steps", type=int, default=7)
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_detection"))
@@ -298,8 +319,6 @@ def main() -> None:
     r["rows"] = rows
     md = table(r)
     print(md)
-    from common import emit
-
     emit("bench_detection", r, md, record=args.record)
 
 

@@ -46,25 +46,35 @@ from xnnq.data import data_root  # noqa: E402
 from xnnq.models.zoo import checkpoint_info, load_pretrained  # noqa: E402
 from xnnq.tasks import segmentation as seg  # noqa: E402
 
-from common import add_record_arg, emit  # noqa: E402
+from common import (  # noqa: E402
+    add_record_arg,
+    emit,
+    qat_finetune_timed,
+    qat_optimizers,
+    range_learning_kwargs,
+)
 
 GOALS = {"qat_drop": 0.5, "ptq_drop": 1.0, "export_diff": 0.1}
 DUMMY = torch.zeros(1, 3, 128, 128)
+QAT_LR, BATCH_SIZE, CROP = 5e-5, 32, 64  # the QAT recipe's defaults (also benchmarks/bench_tqt.py's)
 
 
 class TrainCrops:
-    """Re-iterable training batches: augmented (scale, crop/pad, flip), then one random crop per batch."""
+    """Re-iterable training batches: augmented (scale, crop/pad, flip), then one random crop per batch;
+    ``limit``: the first ``limit`` training images only."""
 
-    def __init__(self, root: Path, batch_size: int, crop: int, seed: int = 0):
-        self.root, self.batch_size, self.crop = root, batch_size, crop
+    def __init__(self, root: Path, batch_size: int, crop: int, seed: int = 0, limit: int | None = None):
+        self.root, self.batch_size, self.crop, self.limit = root, batch_size, crop, limit
         self.g = torch.Generator().manual_seed(seed)
-        self.n = seg.load_split(root, "train")[0].shape[0]
+        self.n = seg.load_split(root, "train", limit)[0].shape[0]
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
 
     def __iter__(self):
-        for x, m in seg.batches(self.root, "train", batch_size=self.batch_size, train=True, generator=self.g):
+        for x, m in seg.batches(
+            self.root, "train", batch_size=self.batch_size, limit=self.limit, train=True, generator=self.g
+        ):
             yield seg.random_crop(x, m, self.crop, self.g) if self.crop else (x, m)
 
 
@@ -87,12 +97,35 @@ def ptq(model, calib: list[torch.Tensor], method: str):
     return q.eval()
 
 
-def qat(model, batches: TrainCrops, epochs: float, lr: float):
-    q = xnnq.QuantTrainModule(model, DUMMY)
-    opt = torch.optim.AdamW(q.parameters(), lr=lr, weight_decay=1e-4)
+def qat(
+    model,
+    batches: TrainCrops,
+    epochs: float,
+    lr: float,
+    *,
+    range_learning: str = "statistics",
+    init_batches: int = 20,
+    lr_th: float = 1e-2,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 50,
+):
+    """The library recipe with AdamW and cross-entropy (``ignore_index``); learned thresholds
+    (``range_learning="tqt"``, benchmarks/bench_tqt.py) get their own Adam at ``lr_th``. Resumable from
+    ``checkpoint``. Returns the model, the steps and the CPU seconds (the sessions before a resume too)."""
+    q = xnnq.QuantTrainModule(model, DUMMY, **range_learning_kwargs(range_learning, init_batches))
+    opts = qat_optimizers(q, lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=1e-4), lr_th)
     steps = max(1, round(epochs * len(batches)))
-    q = xnnq.recipes.qat_finetune(q, batches, steps=steps, optimizer=opt, loss_fn=loss_fn, desc="QAT")
-    return q, steps
+    q, cpu_s = qat_finetune_timed(
+        q,
+        batches,
+        steps=steps,
+        optimizer=opts,
+        loss_fn=loss_fn,
+        desc="QAT",
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+    )
+    return q, steps, cpu_s
 
 
 def step_times(model, batches: TrainCrops, steps: int) -> dict:
@@ -221,9 +254,9 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=None, help="first N val images (default: all 1000)")
     ap.add_argument("--ptq-method", default="mse")
     ap.add_argument("--qat-epochs", type=float, default=1.0)
-    ap.add_argument("--qat-lr", type=float, default=5e-5)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--crop", type=int, default=64)
+    ap.add_argument("--qat-lr", type=float, default=QAT_LR)
+    ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    ap.add_argument("--crop", type=int, default=CROP)
     ap.add_argument("--timing-steps", type=int, default=7)
     ap.add_argument("--skip-peers", action="store_true")
     add_record_arg(ap)
@@ -246,7 +279,7 @@ def main() -> None:
     q_ptq, cpu = timed(ptq, model, calib, args.ptq_method)
     row("xnnq PTQ", q_ptq, calib_cpu_s=round(cpu, 1))
     batches = TrainCrops(root, args.batch_size, args.crop)
-    (q_qat, steps), qat_cpu = timed(qat, model, batches, args.qat_epochs, args.qat_lr)
+    q_qat, steps, qat_cpu = qat(model, batches, args.qat_epochs, args.qat_lr)
     row("xnnq QAT", q_qat)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -4,27 +4,41 @@
 For each model, two QAT runs that differ only in ``range_learning``:
 
 * ``statistics``: ``QuantTrainModule(model, dummy)`` — PACT2 ranges tracked from the data, weights by the
-  max rule; one SGD optimizer over all parameters.
+  max rule; one optimizer over all parameters.
 * ``tqt``: ``QuantTrainModule(model, dummy, range_learning="tqt")`` — the same, plus learned log2 thresholds
   for every activation quantizer and weight tensor (initialised from the statistics of the first
   ``--init-batches`` batches), trained by their own Adam (``qmodel.range_parameters()``, lr ``--lr-th``, no
   weight decay, the same cosine schedule) — the optimizer the paper (and its Graffitist recipe) uses.
 
-Recipe (both runs): ``--images`` training images (50 000 = one epoch) of CIFAR-10 with flip/crop
-augmentation, batch 128, SGD nesterov momentum 0.9, weight decay 5e-4, cosine from the model's lr, BatchNorm
-frozen from the start, ranges / thresholds frozen half-way (``freeze_quant_range``), seed 0; top-1 on the
-10k JPEG test set.
+Both runs go through ``xnnq.recipes.qat_finetune`` (BatchNorm frozen from the start, ranges / thresholds
+frozen half-way, cosine to 0, 8-bit power-of-2 per-tensor, seed 0); per model the task's data, loss and
+metric:
 
-Models: ``resnet20`` (``$XNNQ_DATA/weights/resnet20_cifar10jpg.pt``, lr 6e-3 as benchmarks/bench_qat.py),
-``mobilenetv1`` (``xnnq.models.zoo.load_pretrained``, training form, per-tensor depthwise weights — the hard
-case for power-of-2 per-tensor scales; lr 1e-3), and ``mosaic_detector`` / ``mosaic_segmenter`` when the zoo
-has them (noted as absent otherwise).
+* ``resnet20`` (``$XNNQ_DATA/weights/resnet20_cifar10jpg.pt``, lr 6e-3 as benchmarks/bench_qat.py) and
+  ``mobilenetv1`` (``xnnq.models.zoo.load_pretrained``, training form, per-tensor depthwise weights — the
+  hard case for power-of-2 per-tensor scales; lr 1e-3): ``--images`` CIFAR-10 training images (50 000 =
+  one epoch) with flip/crop augmentation, batch 128, SGD Nesterov momentum 0.9, weight decay 5e-4,
+  cross-entropy; top-1 on the 10k JPEG test set.
+* ``mosaic_detector``: the QAT of benchmarks/bench_detection.py (``qat``: SSD multibox loss, AdamW lr 1e-4,
+  no weight decay, batch 32, Mosaic-10 train with the detection augmentation); COCO mAP@[.5:.95] and
+  mAP@.5 on Mosaic-10 val (``xnnq.tasks.detection.evaluate``).
+* ``mosaic_segmenter``: the QAT of benchmarks/bench_segmentation.py (``qat``: cross-entropy with
+  ``ignore_index``, AdamW lr 5e-5, weight decay 1e-4, batch 32 of 64x64 random crops of the augmented
+  Mosaic-10 train images); mIoU on Mosaic-10 val (``xnnq.tasks.segmentation.evaluate``).
 
-Every finished run is kept in ``--out`` (JSON) and reused; a run in progress checkpoints every
-``--ckpt-every`` steps and resumes bit-identically. Prints JSON; appends to benchmarks/RESULTS.md only with
-``--record``.
+The Mosaic-10 runs train on the first ``--task-images`` train images (default all 6000: one epoch, as the
+two task benchmarks; more than 6000 makes several epochs) and evaluate on the first ``--eval-images`` val
+images (default all 1000; CIFAR-10: test images, default all 10 000). The table gives the FP32 metric of
+the checkpoint, each mode's QAT metric and drop, learned − statistics, the goals of the issue (learned ≥
+statistics on every model; on the detector a learned-range QAT drop ≤ 0.3 mAP points) and how many
+activation thresholds ended on another power of 2 than the statistics give.
 
-    nice -n 10 python benchmarks/bench_tqt.py --threads 1 [--models resnet20] [--images 50000] [--record]
+Every finished run (and every FP32 metric) is kept in ``--out`` (JSON) and reused; a run in progress
+checkpoints every ``--ckpt-every`` steps and resumes bit-identically (``qat_finetune(checkpoint=...)``).
+Times are CPU seconds (process time). Prints the JSON and the table; appends them to
+benchmarks/RESULTS.md only with ``--record``.
+
+    nice -n 10 python benchmarks/bench_tqt.py --threads 1 [--models mosaic_detector] [--record]
 """
 
 from __future__ import annotations
@@ -38,22 +52,39 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import xnnq  # noqa: E402
-from xnnq import data  # noqa: E402
-from xnnq.layers import freeze_quant_range  # noqa: E402
-from xnnq.models import zoo  # noqa: E402
-from xnnq.utils import freeze_bn  # noqa: E402
+import xnnq
+from xnnq import data
+from xnnq.models import zoo
+from xnnq.tasks import detection
+from xnnq.tasks import segmentation as seg
 
-from common import emit  # noqa: E402
+import bench_detection
+import bench_segmentation
+from common import emit, qat_finetune_timed, qat_optimizers, range_learning_kwargs
 
 DUMMY = torch.zeros(1, 3, 32, 32)
-MODEL_LR = {"resnet20": 6e-3, "mobilenetv1": 1e-3}
+CIFAR_MODELS = ("resnet20", "mobilenetv1")
 TASK_MODELS = ("mosaic_detector", "mosaic_segmenter")
+MODEL_LR = {
+    "resnet20": 6e-3,
+    "mobilenetv1": 1e-3,
+    "mosaic_detector": bench_detection.QAT_LR,
+    "mosaic_segmenter": bench_segmentation.QAT_LR,
+}
+METRICS = {"mosaic_detector": ("mAP", "mAP50"), "mosaic_segmenter": ("mIoU",)}  # shown; default top1
+GOAL_DETECTOR_DROP = 0.3  # mAP points, learned ranges (issue 17)
+
+
+def mosaic_root() -> Path:
+    return data.data_root() / "mosaic10"
+
+
+def metrics_of(name: str) -> tuple[str, ...]:
+    return METRICS.get(name, ("top1",))
 
 
 def float_model(name: str) -> torch.nn.Module:
@@ -64,9 +95,35 @@ def float_model(name: str) -> torch.nn.Module:
     return zoo.load_pretrained(name).eval()
 
 
-def wrap(name: str, mode: str, init_batches: int) -> xnnq.QuantTrainModule:
-    kw = {} if mode == "statistics" else {"range_learning": mode, "range_init_batches": init_batches}
-    return xnnq.QuantTrainModule(float_model(name), DUMMY, per_channel_q=False, **kw)
+class Cifar:
+    """CIFAR-10, decoded on first use (the task models never pay for it)."""
+
+    def __init__(self):
+        self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getitem__(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in self._splits:
+            self._splits[split] = data.cifar10(split)
+        return self._splits[split]
+
+
+def evaluate(name: str, model: torch.nn.Module, args, cifar: Cifar) -> dict[str, float]:
+    """The task metric(s) of ``model`` (0-100) on the first ``--eval-images`` val / test images."""
+    model.eval()
+    if name == "mosaic_detector":
+        val = mosaic_root() / "val" / "instances.json"
+        meta = float_model(name).meta_arch  # the wrapper does not carry it
+        res = detection.evaluate(
+            model, val, limit=args.eval_images, meta_arch=meta, threads=args.threads, progress=False
+        )
+    elif name == "mosaic_segmenter":
+        res = seg.evaluate(model, mosaic_root(), "val", limit=args.eval_images)
+    else:
+        x, y = cifar["test"]
+        n = args.eval_images or len(y)
+        with torch.no_grad():
+            res = {"top1": data.evaluate(model, x[:n], y[:n])}
+    return {k: round(v, 3) for k, v in res.items()}
 
 
 def exponent_changes(q: xnnq.QuantTrainModule) -> dict:
@@ -87,144 +144,222 @@ def exponent_changes(q: xnnq.QuantTrainModule) -> dict:
     return {"activation_thresholds": total, "moved_from_statistics": moved, "moved_up": up}
 
 
-def run(name: str, mode: str, args, Xtr, Ytr, Xte, Yte, out: Path) -> dict:
-    lr = args.lr if args.lr else MODEL_LR[name]
+def task_images(args) -> tuple[int | None, float]:
+    """``(limit, epochs)`` of a Mosaic-10 run: the first ``--task-images`` train images once, or all of
+    them for ``--task-images / len(train)`` epochs when more are asked for."""
+    if args.task_images is None:
+        return None, 1.0
+    images = mosaic_root() / "train" / "images"
+    n = sum(1 for f in images.iterdir() if f.suffix.lower() in seg.IMAGE_EXTENSIONS)
+    return (args.task_images, 1.0) if args.task_images <= n else (None, args.task_images / n)
+
+
+def qat(name: str, mode: str, args, recipe: dict, ckpt: Path, cifar: Cifar):
+    """One QAT run through ``xnnq.recipes.qat_finetune``; returns ``(qmodel, steps, cpu_seconds)``."""
+    range_kw = {"range_learning": mode, "init_batches": args.init_batches, "lr_th": args.lr_th}
+    ckpt_kw = {"checkpoint": ckpt, "checkpoint_every": args.ckpt_every}
+    torch.manual_seed(0)
+    if name == "mosaic_detector":
+        limit, epochs = task_images(args)
+        q, info = bench_detection.qat(
+            float_model(name),
+            mosaic_root() / "train" / "instances.json",
+            epochs=epochs,
+            lr=recipe["lr"],
+            batch_size=recipe["batch_size"],
+            limit=limit,
+            **range_kw,
+            **ckpt_kw,
+        )
+        return q, info["steps"], info["cpu_s"]
+    if name == "mosaic_segmenter":
+        limit, epochs = task_images(args)
+        batches = bench_segmentation.TrainCrops(
+            mosaic_root(), recipe["batch_size"], recipe["crop"], seed=0, limit=limit
+        )
+        return bench_segmentation.qat(float_model(name), batches, epochs, recipe["lr"], **range_kw, **ckpt_kw)
+    q = xnnq.QuantTrainModule(
+        float_model(name), DUMMY, per_channel_q=False, **range_learning_kwargs(mode, args.init_batches)
+    )
+    lr = recipe["lr"]
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    train = data.Batches(
+        *cifar["train"], 128, shuffle=True, train_augment=True, generator=torch.Generator().manual_seed(0)
+    )
+    steps = math.ceil(args.images / 128)
+    q, cpu_s = qat_finetune_timed(
+        q, train, steps=steps, optimizer=qat_optimizers(q, sgd, args.lr_th), desc=f"{name}/{mode}", **ckpt_kw
+    )
+    return q, steps, cpu_s
+
+
+def recipe_of(name: str, mode: str, args) -> dict:
     recipe = {
         "model": name,
         "mode": mode,
-        "images": args.images,
-        "batch_size": 128,
-        "lr": lr,
+        "lr": args.lr or MODEL_LR[name],
         "seed": 0,
         "freeze_range_at": 0.5,
         "per_channel_q": False,
+        "eval_images": args.eval_images,
     }
+    if name == "mosaic_detector":
+        recipe.update(task_images=args.task_images, batch_size=bench_detection.BATCH_SIZE, optimizer="AdamW")
+    elif name == "mosaic_segmenter":
+        recipe.update(
+            task_images=args.task_images,
+            batch_size=bench_segmentation.BATCH_SIZE,
+            crop=bench_segmentation.CROP,
+            optimizer="AdamW",
+        )
+    else:
+        recipe.update(images=args.images, batch_size=128, optimizer="SGD")
     if mode != "statistics":
         recipe.update(lr_th=args.lr_th, init_batches=args.init_batches)
-    key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    done, ckpt = out / f"{name}_{mode}_{key}.json", out / f"{name}_{mode}_{key}.ckpt.pt"
+    return recipe
+
+
+def key_of(obj: dict) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def fp32(name: str, args, out: Path, cifar: Cifar) -> dict:
+    """The checkpoint's float metric(s), kept in ``out``."""
+    done = out / f"{name}_fp32_{key_of({'model': name, 'eval_images': args.eval_images})}.json"
     if done.is_file():
         return json.loads(done.read_text())
-    torch.manual_seed(0)
-    q = wrap(name, mode, args.init_batches).train()
-    freeze_bn(q)
-    opt = torch.optim.SGD(q.non_range_parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    opt_th = torch.optim.Adam(q.range_parameters(), lr=args.lr_th) if q.range_parameters() else None
-    steps = math.ceil(args.images / 128)
-    start, seconds = 0, 0.0
-    gen = torch.Generator().manual_seed(0)
-    gen_state = gen.get_state()
+    t0 = time.process_time()
+    res = evaluate(name, float_model(name), args, cifar)
+    res["eval_cpu_s"] = round(time.process_time() - t0, 1)
+    done.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def run(name: str, mode: str, args, out: Path, cifar: Cifar) -> dict:
+    recipe = recipe_of(name, mode, args)
+    stem = f"{name}_{mode}_{key_of(recipe)}"
+    done, ckpt = out / f"{stem}.json", out / f"{stem}.ckpt.pt"
+    if done.is_file():
+        return json.loads(done.read_text())
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=True)
-        q.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        if opt_th is not None:
-            opt_th.load_state_dict(state["opt_th"])
-        start, seconds = state["step"], state["seconds"]
-        print(f"{name}/{mode}: resumed at step {start}", file=sys.stderr)
-    gen.set_state(gen_state)
-    t0 = time.perf_counter()
-    it = data.batches(Xtr, Ytr, 128, shuffle=True, train_augment=True, generator=gen)
-    for step in range(steps):
-        xb, yb = next(it)
-        if step < start:
-            continue  # replay the data order and augmentation up to the checkpoint
-        if step == steps // 2:
-            freeze_quant_range(q)
-        cos = 0.5 * (1 + math.cos(math.pi * step / steps))
-        for g in opt.param_groups:
-            g["lr"] = lr * cos
-        opt.zero_grad(set_to_none=True)
-        if opt_th is not None:
-            for g in opt_th.param_groups:
-                g["lr"] = args.lr_th * cos
-            opt_th.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(q(xb), yb)
-        loss.backward()
-        opt.step()
-        if opt_th is not None:
-            opt_th.step()
-        if (step + 1) % args.ckpt_every == 0 and step + 1 < steps:
-            state = {
-                "model": q.state_dict(),
-                "opt": opt.state_dict(),
-                "step": step + 1,
-                "seconds": seconds + time.perf_counter() - t0,
-            }
-            if opt_th is not None:
-                state["opt_th"] = opt_th.state_dict()
-            torch.save(state, ckpt)
-            print(f"{name}/{mode}: step {step + 1}/{steps} loss {loss.item():.3f}", file=sys.stderr)
-    seconds += time.perf_counter() - t0
-    q.eval()
-    res = {"recipe": recipe, "top1": data.evaluate(q, Xte, Yte), "train_seconds": round(seconds, 1)}
+        print(f"{name}/{mode}: resuming from {ckpt}", file=sys.stderr)
+    q, steps, cpu_s = qat(name, mode, args, recipe, ckpt, cifar)
+    t0 = time.process_time()
+    res = {
+        "recipe": recipe,
+        "steps": steps,
+        **evaluate(name, q, args, cifar),
+        "train_cpu_s": round(cpu_s, 1),
+        "eval_cpu_s": round(time.process_time() - t0, 1),
+    }
     if mode != "statistics":
         res.update(exponent_changes(q))
     done.write_text(json.dumps(res, indent=1))
-    ckpt.unlink(missing_ok=True)
     return res
+
+
+def cell(r: dict | None, fp: dict, metric: str) -> str:
+    return f"{r[metric]:.2f} ({fp[metric] - r[metric]:+.2f})" if r else "—"
+
+
+def table(rows: list[dict], notes: list[str], args) -> str:
+    lines = [
+        "| model | metric | FP32 | statistics (drop) | learned TQT (drop) | learned − statistics "
+        "| goal | thresholds moved |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        name, fp, s, t = row["model"], row["fp32"], row.get("statistics"), row.get("tqt")
+        for i, metric in enumerate(metrics_of(name)):
+            goals = []
+            if s and t and i == 0:
+                goals.append(f"learned ≥ statistics: {'met' if t[metric] >= s[metric] else 'NOT met'}")
+            if t and name == "mosaic_detector" and metric == "mAP":
+                ok = fp[metric] - t[metric] <= GOAL_DETECTOR_DROP
+                goals.append(f"learned drop ≤ {GOAL_DETECTOR_DROP}: {'met' if ok else 'NOT met'}")
+            diff = f"{t[metric] - s[metric]:+.2f}" if s and t else "—"
+            moved = f"{t['moved_from_statistics']}/{t['activation_thresholds']}" if t and i == 0 else ""
+            lines.append(
+                f"| {name} | {metric} | {fp[metric]:.2f} | {cell(s, fp, metric)} | {cell(t, fp, metric)} "
+                f"| {diff} | {'; '.join(goals)} | {moved} |"
+            )
+    runs = [r for row in rows for r in (row.get("statistics"), row.get("tqt")) if r]
+    cpu = sum(r["train_cpu_s"] + r["eval_cpu_s"] for r in runs)
+    names = {row["model"] for row in rows}
+    sizes = []
+    if names & set(CIFAR_MODELS):
+        sizes.append(f"CIFAR-10 {args.images} training images")
+    if names & set(TASK_MODELS):
+        sizes.append(f"Mosaic-10 {args.task_images or 'all 6000'} training images")
+    lines += [
+        "",
+        f"Same recipe and seed for both modes (the script's docstring): {', '.join(sizes)}; metric on "
+        f"{args.eval_images or 'all'} val / test images. Learned thresholds: Adam lr {args.lr_th}, "
+        f"initialised over {args.init_batches} batch(es). {args.threads} thread(s); QAT + eval of these runs "
+        f"{cpu / 60:.1f} CPU-min.",
+    ]
+    if notes:
+        lines += ["", "; ".join(notes)]
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv1", *TASK_MODELS])
+    ap.add_argument("--models", nargs="+", default=[*CIFAR_MODELS, *TASK_MODELS])
     ap.add_argument("--modes", nargs="+", default=["statistics", "tqt"])
-    ap.add_argument("--images", type=int, default=50000, help="training images per run (50000 = one epoch)")
+    ap.add_argument(
+        "--images", type=int, default=50000, help="CIFAR-10 training images per run (50000 = 1 epoch)"
+    )
+    ap.add_argument(
+        "--task-images",
+        type=int,
+        default=None,
+        help="Mosaic-10 training images per run (default: all 6000 = one epoch; more: several epochs)",
+    )
+    ap.add_argument(
+        "--eval-images",
+        type=int,
+        default=None,
+        help="first N val / test images for the metric (default: all; 1000 Mosaic-10, 10000 CIFAR-10)",
+    )
     ap.add_argument("--lr", type=float, default=0.0, help="weights' lr (0: the model's default)")
     ap.add_argument("--lr-th", type=float, default=1e-2, help="Adam lr of the learned log2 thresholds")
     ap.add_argument("--init-batches", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--ckpt-every", type=int, default=50)
+    ap.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints of a run")
     ap.add_argument("--out", default="runs/bench_tqt")
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not data.cifar10_available():
-        sys.exit(f"shared data not found under {data.data_root()} (set XNNQ_DATA)")
+    unknown = set(args.models) - {*CIFAR_MODELS, *TASK_MODELS}
+    if unknown:
+        ap.error(f"unknown model(s) {sorted(unknown)}: choose from {[*CIFAR_MODELS, *TASK_MODELS]}")
+    if set(args.models) & set(CIFAR_MODELS) and not data.cifar10_available():
+        sys.exit(f"CIFAR-10 not found under {data.data_root()} (set XNNQ_DATA)")
+    if set(args.models) & set(TASK_MODELS) and not (mosaic_root() / "val" / "instances.json").is_file():
+        sys.exit(f"Mosaic-10 not found under {mosaic_root()} (set XNNQ_DATA)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    Xtr, Ytr = data.cifar10("train")
-    Xte, Yte = data.cifar10("test")
+    cifar = Cifar()
     rows, notes = [], []
     for name in args.models:
         if name in TASK_MODELS and name not in zoo.MODELS:
-            notes.append(
-                f"{name}: not in xnnq.models.zoo on this checkout (zoo has {', '.join(sorted(zoo.MODELS))}); "
-                "not measured"
-            )
+            notes.append(f"{name}: not in xnnq.models.zoo on this checkout; not measured")
             continue
+        row = {"model": name, "fp32": fp32(name, args, out, cifar)}
         if name in TASK_MODELS:
-            notes.append(
-                f"{name}: in the zoo but its task metric (mAP / mIoU) is not wired into this benchmark"
-            )
-            continue
-        fp32 = data.evaluate(float_model(name), Xte, Yte)
-        row = {"model": name, "fp32_top1": fp32}
+            row["checkpoint"] = zoo.checkpoint_info(name)
         for mode in args.modes:
-            r = run(name, mode, args, Xtr, Ytr, Xte, Yte, out)
-            row[mode] = r
-            print(json.dumps({name: {mode: r}}), file=sys.stderr)
+            row[mode] = run(name, mode, args, out, cifar)
+            print(json.dumps({name: {mode: row[mode]}}), file=sys.stderr, flush=True)
         rows.append(row)
     res = {"rows": rows, "notes": notes, "args": {k: v for k, v in vars(args).items() if k != "record"}}
-    lines = [
-        "| model | FP32 | statistics (drop) | learned TQT (drop) | learned − statistics | thresholds moved |",
-        "|---|---|---|---|---|---|",
-    ]
-
-    def cell(r: dict | None, fp32: float) -> str:
-        return f"{r['top1']:.2f} ({fp32 - r['top1']:+.2f})" if r else "—"
-
-    for row in rows:
-        s, t = row.get("statistics"), row.get("tqt")
-        diff = f"{t['top1'] - s['top1']:+.2f}" if s and t else "—"
-        moved = f"{t['moved_from_statistics']}/{t['activation_thresholds']}" if t else "—"
-        lines.append(
-            f"| {row['model']} | {row['fp32_top1']:.2f} | {cell(s, row['fp32_top1'])} | "
-            f"{cell(t, row['fp32_top1'])} | {diff} | {moved} |"
-        )
-    md = "\n".join(lines) + "\n\n" + "; ".join(notes)
-    print(md)
+    md = table(rows, notes, args)
     emit("Learned vs statistics ranges (TQT)", res, md, record=args.record)
+    print(md)
 
 
 if __name__ == "__main__":

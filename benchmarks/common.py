@@ -11,10 +11,14 @@ import datetime
 import json
 import os
 import platform
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from xnnq.recipes import qat_finetune
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -57,3 +61,34 @@ def emit(name: str, result: dict[str, Any], table_md: str, *, record: bool) -> d
                 "</details>\n"
             )
     return result
+
+
+def range_learning_kwargs(range_learning: str, init_batches: int) -> dict[str, Any]:
+    """``QuantTrainModule`` keyword arguments of a range-learning mode: none for ``"statistics"`` (the
+    default), else ``range_learning`` and ``range_init_batches``."""
+    if range_learning == "statistics":
+        return {}
+    return {"range_learning": range_learning, "range_init_batches": init_batches}
+
+
+def qat_optimizers(
+    qmodel, weights: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], lr_th: float
+) -> list[torch.optim.Optimizer]:
+    """``weights(qmodel.non_range_parameters())`` (every parameter with statistics ranges), and with learned
+    thresholds an Adam over ``qmodel.range_parameters()`` at ``lr_th`` without weight decay (the TQT
+    paper's optimizer); both follow the recipe's schedule in :func:`xnnq.recipes.qat_finetune`."""
+    opts = [weights(qmodel.non_range_parameters())]
+    if qmodel.range_parameters():
+        opts.append(torch.optim.Adam(qmodel.range_parameters(), lr=lr_th))
+    return opts
+
+
+def qat_finetune_timed(qmodel, train_batches: Iterable, *, checkpoint: Path | None = None, **kwargs):
+    """:func:`xnnq.recipes.qat_finetune` and its CPU seconds (process time), those of the sessions before a
+    resume from ``checkpoint`` included. Returns ``(qmodel, cpu_seconds)``."""
+    before = 0.0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        before = float(torch.load(checkpoint, map_location="cpu", weights_only=True)["cpu_seconds"])
+    t0 = time.process_time()
+    qmodel = qat_finetune(qmodel, train_batches, checkpoint=checkpoint, **kwargs)
+    return qmodel, before + time.process_time() - t0

@@ -196,6 +196,84 @@ def test_qat_improves_on_the_ranges_only_model():
         assert torch.equal(v, before[k]), k
 
 
+def tqt_run(ckpt, *, fail_at: int | None = None) -> xnnq.QuantTrainModule:
+    """Learned thresholds (their own Adam beside the weights' SGD), dropout (the global RNG), 1.5 epochs of
+    shuffled augmented batches; ``fail_at``: the loss raises at that step (a killed run)."""
+    x, y = images()
+    torch.manual_seed(0)
+    q = xnnq.QuantTrainModule(
+        tiny_convnet(num_classes=4, dropout=0.3), DUMMY, range_learning="tqt", range_init_batches=3
+    )
+    opts = [
+        torch.optim.SGD(q.non_range_parameters(), lr=5e-3, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        torch.optim.Adam(q.range_parameters(), lr=1e-2),
+    ]
+    calls = []
+
+    def loss_fn(out, target):
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return F.cross_entropy(out, target)
+
+    train = Batches(x, y, 16, shuffle=True, train_augment=True, generator=torch.Generator().manual_seed(3))
+    return qat_finetune(
+        q,
+        train,
+        steps=9,
+        optimizer=opts,
+        loss_fn=loss_fn,
+        checkpoint=ckpt,
+        checkpoint_every=2,
+        progress=False,
+    )
+
+
+@pytest.mark.parametrize("fail_at", [3, 7])
+def test_checkpoint_resume_with_two_optimizers_is_bit_identical(tmp_path, fail_at):
+    """Killed after a checkpoint (within the thresholds' initialising batches, or at an epoch boundary past
+    the range freeze), a fresh run with the same seeds resumes and ends bit-identical to an uninterrupted
+    run; the finished run deletes its checkpoint."""
+    ref = tqt_run(tmp_path / "ref.pt")
+    assert not (tmp_path / "ref.pt").exists()
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        tqt_run(ckpt, fail_at=fail_at)
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["step"] == fail_at - fail_at % 2 and saved["cpu_seconds"] >= 0
+    got = tqt_run(ckpt)
+    assert not ckpt.exists()
+    ref_sd, got_sd = ref.state_dict(), got.state_dict()
+    assert ref_sd.keys() == got_sd.keys() and any("log2_t" in k for k in ref_sd)
+    for k, v in ref_sd.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, got_sd[k]), k
+        else:
+            assert v == got_sd[k], k
+    init = xnnq.QuantTrainModule(tiny_convnet(num_classes=4), DUMMY, range_learning="tqt").state_dict()
+    assert not torch.equal(init["module.0.weight"], got_sd["module.0.weight"])
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    x, y = images(64)
+    ckpt = tmp_path / "ckpt.pt"
+    calls = []
+
+    def dies_at_step_2(out, target):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return F.cross_entropy(out, target)
+
+    with pytest.raises(KeyboardInterrupt):
+        kw = {"checkpoint": ckpt, "checkpoint_every": 1, "progress": False}
+        qat_finetune(wrapper(), Batches(x, y, 16), steps=4, loss_fn=dies_at_step_2, **kw)
+    with pytest.raises(ValueError, match="checkpoint of a run of 4 steps"):
+        qat_finetune(wrapper(), Batches(x, y, 16), steps=5, checkpoint=ckpt, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        qat_finetune(wrapper(), Batches(x, y, 16), steps=4, checkpoint=ckpt, checkpoint_every=0)
+
+
 def test_to_device_moves_nested_tensors():
     t = torch.zeros(2)
     moved = to_device({"a": [t, (t, 3)], "b": "text"}, torch.device("cpu"))

@@ -7,7 +7,10 @@ xnnq.export_onnx(qmodel, dummy_input, "model.onnx")
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,7 +62,7 @@ def qat_finetune(
     steps: int | None = None,
     lr: float | None = None,
     weight_decay: float | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     lr_schedule: str = "cosine",
     loss_fn: LossFn | None = None,
     freeze_bn_at: float | None = 0.0,
@@ -67,6 +70,8 @@ def qat_finetune(
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "QAT",
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 50,
 ) -> nn.Module:
     """Fine-tune a QAT wrapper (``xnnq.QuantTrainModule``) and return it in eval mode (what TIDL computes).
 
@@ -82,6 +87,20 @@ def qat_finetune(
     ranges frozen (:func:`xnnq.layers.freeze_quant_range`) from step ``freeze_range_at * steps``
     (fractions; ``None`` never freezes). ``device`` moves the model there first; batches follow the model.
     Nothing is ever un-frozen. Seed the global RNG and your batches' generator for a reproducible run.
+
+    ``optimizer`` may be a sequence of optimizers over disjoint parameters, stepped together, each on the
+    schedule — e.g. the weights' one over ``qmodel.non_range_parameters()`` and an Adam over the learned
+    thresholds, ``qmodel.range_parameters()`` (``range_learning="tqt"``).
+
+    ``checkpoint``: a file that makes the run resumable. Every ``checkpoint_every`` steps the model, the
+    optimizers, the schedules, the global RNG and the step are saved there (written to a temporary file,
+    then renamed); when the file exists at the call, the run resumes from it: ``train_batches`` is iterated
+    again from the start and the batches before the saved step are skipped (drawn, not trained on), so
+    batches that come out the same for the same seed give the uninterrupted run's numbers bit for bit.
+    Build the model and the optimizers as for a fresh run. The file is deleted when the run completes.
+    It also holds ``seconds`` and ``cpu_seconds``: the wall and process time of the training steps up to
+    the saved step, summed over the sessions. The CPU RNG is saved, not CUDA's; under DDP give every rank
+    its own file.
     """
     inner = (
         qmodel.module
@@ -112,6 +131,8 @@ def qat_finetune(
         steps = max(1, round(epochs * len(train_batches)))
     elif steps <= 0:
         raise ValueError(f"qat_finetune: steps must be > 0, got {steps}")
+    if checkpoint is not None and checkpoint_every < 1:
+        raise ValueError(f"qat_finetune: checkpoint_every must be >= 1, got {checkpoint_every}")
     loss_fn = loss_fn or F.cross_entropy
 
     if device is not None:
@@ -126,31 +147,92 @@ def qat_finetune(
             nesterov=True,
             weight_decay=5e-4 if weight_decay is None else weight_decay,
         )
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if lr_schedule == "cosine" else None
+    optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    if not optimizers:
+        raise ValueError("qat_finetune: optimizer= is an empty sequence")
+    scheds = (
+        [torch.optim.lr_scheduler.CosineAnnealingLR(o, steps) for o in optimizers]
+        if lr_schedule == "cosine"
+        else []
+    )
     bn_step = None if freeze_bn_at is None else int(freeze_bn_at * steps)
     range_step = None if freeze_range_at is None else int(freeze_range_at * steps)
 
+    start, seconds, cpu_seconds, rng = 0, 0.0, 0.0, None
+    ckpt = None if checkpoint is None else Path(checkpoint)
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if state["steps"] != steps or len(state["optimizers"]) != len(optimizers):
+            raise ValueError(
+                f"qat_finetune: {ckpt} is a checkpoint of a run of {state['steps']} steps with "
+                f"{len(state['optimizers'])} optimizer(s), not of this one ({steps} steps, {len(optimizers)}); "
+                "delete it or pass another checkpoint="
+            )
+        inner.load_state_dict(state["model"])
+        for o, s in zip(optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+        for sc, s in zip(scheds, state["schedulers"]):
+            sc.load_state_dict(s)
+        start, seconds, cpu_seconds, rng = state["step"], state["seconds"], state["cpu_seconds"], state["rng"]
+        # freezing is saved with a wrapper's state; a plain model with quantizers gets its BN frozen again
+        if bn_step is not None and bn_step < start:
+            freeze_bn(inner)
+        if range_step is not None and range_step < start:
+            freeze_quant_range(inner)
+
+    def save(step: int, wall: float, cpu: float) -> None:
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        torch.save(
+            {
+                "step": step,
+                "steps": steps,
+                "model": inner.state_dict(),
+                "optimizers": [o.state_dict() for o in optimizers],
+                "schedulers": [sc.state_dict() for sc in scheds],
+                "rng": torch.get_rng_state(),
+                "seconds": wall,
+                "cpu_seconds": cpu,
+            },
+            tmp,
+        )
+        os.replace(tmp, ckpt)
+
     step = 0
-    with tqdm(total=steps, desc=desc, disable=not progress) as bar:
+    t0, c0 = time.perf_counter(), time.process_time()
+    with tqdm(total=steps, initial=start, desc=desc, disable=not progress) as bar:
         while step < steps:
             seen = False
             for inputs, targets in train_batches:
                 seen = True
+                if step < start:  # resuming: replay the batches (their order and augmentation) unused
+                    step += 1
+                    if step == start:
+                        torch.set_rng_state(rng)
+                        t0, c0 = time.perf_counter(), time.process_time()
+                    continue
                 if step == bn_step:
                     freeze_bn(inner)
                 if step == range_step:
                     freeze_quant_range(inner)
                 inputs, targets = to_device(inputs, target), to_device(targets, target)
-                optimizer.zero_grad(set_to_none=True)
+                for o in optimizers:
+                    o.zero_grad(set_to_none=True)
                 loss = loss_fn(qmodel(inputs), targets)
                 loss.backward()
-                optimizer.step()
-                if sched is not None:
-                    sched.step()
+                for o in optimizers:
+                    o.step()
+                for sc in scheds:
+                    sc.step()
                 step += 1
                 bar.update()
                 if progress and step % 20 == 0:  # a host sync every 20 steps, only when the bar is shown
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                if ckpt is not None and step % checkpoint_every == 0 and step < steps:
+                    save(
+                        step,
+                        seconds + time.perf_counter() - t0,
+                        cpu_seconds + time.process_time() - c0,
+                    )
                 if step >= steps:
                     break
             if not seen:
@@ -158,4 +240,6 @@ def qat_finetune(
                     f"qat_finetune: train_batches yielded no batch after {step} of {steps} steps "
                     "(an exhausted generator? give a re-iterable or fewer steps)"
                 )
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
     return qmodel.eval()
