@@ -7,6 +7,8 @@ fixes (tidl_fix) are checked to compute the same outputs in onnxruntime and to c
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -729,6 +731,30 @@ class OptionA(torch.nn.Module):
         a = self.c1(x)
         pad = torch.nn.functional.pad(a[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2), "constant", 0)
         return torch.relu(self.c2(a) + pad)
+
+
+def test_channel_pad_fix_in_the_16bit_flows(tmp_path):
+    """A 16-bit input quantizer: the float graph lists the new Clip as 16-bit (emulation exact); the QDQ
+    format goes through the quantization-parameters file (the 1x1 MaxPool and the Conv have ranges)."""
+    torch.manual_seed(0)
+    shape = (1, 3, 8, 8)
+    q = xnnq.QuantTrainModule(OptionA().eval(), torch.randn(shape), bitwidth_overrides={"c1.2": 16})
+    q = observe(q, (torch.randn(4, *shape[1:]) for _ in range(2)), bn_frozen=True)
+    x = torch.randn(3, *shape[1:])
+    with torch.no_grad():
+        sim = q(x).numpy()
+    res = xnnq.export_onnx(q, torch.randn(shape), tmp_path / "t.onnx", target="TDA4VM", format="tidl")
+    clip = next(n for n in res.model.graph.node if n.op_type == "Clip" and "_as_conv" in n.name)
+    ro = json.loads(res.options_path.read_text())["runtime_options"]
+    assert clip.output[0] in ro["advanced_options:output_feature_16bit_names_list"].split(",")
+    assert np.array_equal(OnnxRunner(tidl_emulation(res.path))(x).numpy(), sim)
+    res = xnnq.export_onnx(q, torch.randn(shape), tmp_path / "q.onnx", target="AM68A", format="qdq")
+    assert res.flow == "quant_params" and res.quant_params_path.exists()
+    assert not [v for v in res.violations if v.rule.startswith("Pad.")]
+    onnx.save(res.reference_model, str(tmp_path / "ref.onnx"))
+    ort = OnnxRunner(tmp_path / "ref.onnx")(x).numpy()
+    assert np.array_equal(ort, sim)
+    assert np.array_equal(reference(tmp_path / "ref.onnx", x, rounding="half_even")[0], ort)
 
 
 @pytest.mark.parametrize("name", ["option_a", "resnet20"])

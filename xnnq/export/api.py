@@ -26,6 +26,7 @@ from .quant_params import build_message as quant_params_message
 from .tidl import DEFAULT_OPSET, clip_order, name_clips, tidy_and_check, torch_to_onnx
 from .tidl import simplify as onnxsim_simplify
 from .tidl_check import (
+    CHANNEL_PAD_GUARD,
     Violation,
     channel_pad_convs,
     quant_params_violations,
@@ -232,6 +233,8 @@ def export_onnx(
         model = _without_guards(model, fix_weights)
     if format == "qdq":
         reference = tidy_and_check(to_qdq(_without_guards(model, fix_weights), acts, wq), check)
+        if flow == "qdq":  # the written graph has plain zero rows and the weight scale
+            fixes = [_qdq_fix_text(f) for f in fixes]
         if flow == "qdq":
             model = reference
 
@@ -353,6 +356,13 @@ def _fixed_quantizers(
         fix_clips[clip.output[0]] = by_tensor[src]
         fix_weights[conv.input[1]] = by_tensor[src]
     return fix_clips, fix_weights
+
+
+def _qdq_fix_text(fix: str) -> str:
+    guard = f" but one {CHANNEL_PAD_GUARD} guard weight"
+    if guard not in fix:
+        return fix
+    return fix.replace(guard, "; weight code 2^(b-2) at scale 2^-(b-2), int32 zero bias")
 
 
 def _without_guards(model: onnx.ModelProto, fix_weights: dict[str, ClipInfo]) -> onnx.ModelProto:
