@@ -6,7 +6,8 @@ documented per-operator constraints ([tidl-ops]: edgeai-tidl-tools docs/operator
 ones read from the target table (:mod:`xnnq.targets`), the pre-quantized (QDQ) rules, and the
 consistency of the model with its compile options. ``tidl_fix`` applies the fixes that change nothing in
 what the graph computes (Resize sizes → scales, a strided Slice → a 1x1 MaxPool, a whole-plane
-AveragePool → GlobalAveragePool, the IR version stamp, shape inference). Severity ``"error"``: TIDL
+AveragePool → GlobalAveragePool, zero channels padded on a quantized unsigned tensor → an identity
+1x1 Conv + the input's range Clip, the IR version stamp, shape inference). Severity ``"error"``: TIDL
 rejects the node or does not offload it; ``"warning"``: outside what TI documents as validated.
 """
 
