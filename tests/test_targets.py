@@ -322,10 +322,10 @@ def test_tidl_options_are_validated(tmp_path):
 class ChannelPad(nn.Module):
     """ResNet option-A shortcut: a stride-2 slice and zero channels padded on."""
 
-    def __init__(self):
+    def __init__(self, relu: bool = True):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU() if relu else nn.Identity()
 
     def forward(self, x):
         y = self.relu(self.conv(x))
@@ -333,7 +333,13 @@ class ChannelPad(nn.Module):
 
 
 def test_export_checks_and_fixes_importer_rules(tmp_path):
+    # zero channels on an unsigned (ReLU) tensor: fixed exactly (identity 1x1 Conv), nothing left to report
     q = observed(xnnq.QuantTrainModule(ChannelPad(), torch.randn(SHAPE)))
+    res = export_onnx(q, torch.randn(SHAPE), tmp_path / "f.onnx", target="TDA4VM", strict=True)
+    assert res.violations == [] and "Pad" not in res.op_counts()
+    assert any("zero channels -> 1x1 Conv" in f for f in res.fixes)
+    # on a signed tensor the channel Pad stays (no exact fix under TIDL's weight rule) and is reported
+    q = observed(xnnq.QuantTrainModule(ChannelPad(relu=False), torch.randn(SHAPE)))
     with pytest.warns(
         UserWarning, match=r"\[error\] .*Pad.*Pad.axes: pads \[0, 2, 0, 0, 0, 2, 0, 0\] pad axis \[1\]"
     ):

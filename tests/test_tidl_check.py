@@ -7,13 +7,22 @@ fixes (tidl_fix) are checked to compute the same outputs in onnxruntime and to c
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from xnnq.export.check import ort_session
+import xnnq
+from xnnq.export.check import OnnxRunner, ort_session
+from xnnq.export.emulate import tidl_emulation
+from xnnq.export.reference import run as reference
 from xnnq.export.tidl_check import RULES, TIDL_ONNX_OPS, Violation, tidl_check, tidl_fix
+from xnnq.models.cifar_resnet import resnet20
+
+from conftest import observe
 
 F = TensorProto.FLOAT
 
@@ -656,3 +665,134 @@ def test_fix_leaves_what_it_cannot_fix():
     fixed, fixes = tidl_fix(model)
     assert not [f for f in fixes if not f.startswith("shape inference")]
     assert [n.op_type for n in fixed.graph.node] == ["Slice"]
+
+
+# ------------------------------------------------------------------- channel Pad -> identity 1x1 Conv
+def channel_pad(lo=0.0, hw=(0, 0, 0, 0)):
+    """Clip [lo, 4] then a Pad of 2 zero channels before and 3 after (and ``hw`` on H/W)."""
+    t, left, b, r = hw
+    return mk(
+        [
+            helper.make_node("Clip", ["x", "lo", "hi"], ["q"], name="q"),
+            helper.make_node("Pad", ["q", "pads"], ["y"], name="pad", mode="constant"),
+        ],
+        [vi("x", [1, 4, 5, 6])],
+        [vi("y", None)],
+        [
+            const("lo", lo, np.float32),
+            const("hi", 4.0, np.float32),
+            const("pads", [0, 2, t, left, 0, 3, b, r], np.int64),
+        ],
+    )
+
+
+@pytest.mark.parametrize("hw", [(0, 0, 0, 0), (1, 0, 2, 1)])
+def test_channel_pad_becomes_an_identity_conv(hw):
+    model = channel_pad(hw=hw)
+    before = [v for v in tidl_check(model) if v.rule == "Pad.axes"]
+    assert before and before[0].fixable
+    fixed, fixes = tidl_fix(model)
+    assert any("1x1 Conv" in f for f in fixes)
+    onnx.checker.check_model(fixed, full_check=True)
+    assert not [v for v in tidl_check(fixed) if v.rule.startswith("Pad.")]
+    ops = [n.op_type for n in fixed.graph.node]
+    assert ops == ["Clip", "Conv", "Clip"] + (["Pad"] if any(hw) else [])
+    conv = fixed.graph.node[1]
+    wt = numpy_helper.to_array(next(t for t in fixed.graph.initializer if t.name == conv.input[1]))
+    assert wt.shape == (9, 4, 1, 1)
+    np.testing.assert_array_equal(wt[2:6, :, 0, 0], np.eye(4, dtype=np.float32))
+    assert (wt[6:] == 0).all() and (wt[:2] <= 0).all()  # padded rows: zero but the guard weight
+    x = np.random.default_rng(1).uniform(-1, 5, (1, 4, 5, 6)).astype(np.float32)
+    np.testing.assert_array_equal(run(fixed, x), run(model, x))
+
+
+def test_channel_pad_of_a_signed_or_unquantized_tensor_is_left():
+    for model in (
+        channel_pad(lo=-4.0),
+        one("Pad", ["pads"], {}, [const("pads", [0, 1, 0, 0, 0, 1, 0, 0], np.int64)]),
+    ):
+        v = next(v for v in tidl_check(model) if v.rule == "Pad.axes")
+        assert not v.fixable
+        fixed, fixes = tidl_fix(model)
+        assert "Pad" in [n.op_type for n in fixed.graph.node]
+        assert not [f for f in fixes if "Conv" in f]
+
+
+class OptionA(torch.nn.Module):
+    """A conv branch plus ResNet's option-A shortcut (stride-2 slice, zero channels padded on)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.c1 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        a = self.c1(x)
+        pad = torch.nn.functional.pad(a[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2), "constant", 0)
+        return torch.relu(self.c2(a) + pad)
+
+
+def test_channel_pad_fix_in_the_16bit_flows(tmp_path):
+    """A 16-bit input quantizer: the float graph lists the new Clip as 16-bit (emulation exact); the QDQ
+    format goes through the quantization-parameters file (the 1x1 MaxPool and the Conv have ranges)."""
+    torch.manual_seed(0)
+    shape = (1, 3, 8, 8)
+    q = xnnq.QuantTrainModule(OptionA().eval(), torch.randn(shape), bitwidth_overrides={"c1.2": 16})
+    q = observe(q, (torch.randn(4, *shape[1:]) for _ in range(2)), bn_frozen=True)
+    x = torch.randn(3, *shape[1:])
+    with torch.no_grad():
+        sim = q(x).numpy()
+    res = xnnq.export_onnx(q, torch.randn(shape), tmp_path / "t.onnx", target="TDA4VM", format="tidl")
+    clip = next(n for n in res.model.graph.node if n.op_type == "Clip" and "_as_conv" in n.name)
+    ro = json.loads(res.options_path.read_text())["runtime_options"]
+    assert clip.output[0] in ro["advanced_options:output_feature_16bit_names_list"].split(",")
+    assert np.array_equal(OnnxRunner(tidl_emulation(res.path))(x).numpy(), sim)
+    res = xnnq.export_onnx(q, torch.randn(shape), tmp_path / "q.onnx", target="AM68A", format="qdq")
+    assert res.flow == "quant_params" and res.quant_params_path.exists()
+    assert not [v for v in res.violations if v.rule.startswith("Pad.")]
+    onnx.save(res.reference_model, str(tmp_path / "ref.onnx"))
+    ort = OnnxRunner(tmp_path / "ref.onnx")(x).numpy()
+    assert np.array_equal(ort, sim)
+    assert np.array_equal(reference(tmp_path / "ref.onnx", x, rounding="half_even")[0], ort)
+
+
+@pytest.mark.parametrize("name", ["option_a", "resnet20"])
+def test_channel_pad_fix_is_exact_in_both_formats(name, tmp_path):
+    torch.manual_seed(0)
+    model, shape = (OptionA(), (1, 3, 8, 8)) if name == "option_a" else (resnet20(), (1, 3, 32, 32))
+    q = xnnq.QuantTrainModule(model.eval(), torch.randn(shape))
+    q = observe(q, (torch.randn(4, *shape[1:]) for _ in range(2)), bn_frozen=True)
+    pads = 1 if name == "option_a" else 2
+    x = torch.randn(3, *shape[1:])
+    with torch.no_grad():
+        sim = q(x).numpy()
+    for target, fmt in (("TDA4VM", "tidl"), ("AM68A", "qdq")):
+        res = xnnq.export_onnx(q, torch.randn(shape), tmp_path / f"{fmt}.onnx", target=target, format=fmt)
+        assert not [v for v in res.violations if v.rule.startswith("Pad.")]
+        assert len([f for f in res.fixes if "zero channels -> 1x1 Conv" in f]) == pads
+        assert "Pad" not in [n.op_type for n in res.model.graph.node]
+        if fmt == "tidl":
+            assert np.array_equal(OnnxRunner(tidl_emulation(res.path))(x).numpy(), sim)
+            continue
+        ort = OnnxRunner(res.path)(x).numpy()
+        assert np.array_equal(ort, sim)
+        assert np.array_equal(reference(res.path, x, rounding="half_even")[0], ort)
+        g = res.model.graph
+        inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        prod = {o: n for n in g.node for o in n.output}
+        convs = [n for n in g.node if n.op_type == "Conv" and "_as_conv" in n.name]
+        assert len(convs) == pads
+        for conv in convs:
+            wdq, bdq = prod[conv.input[1]], prod[conv.input[2]]
+            codes, ws = inits[wdq.input[0]], inits[wdq.input[1]]
+            assert codes.dtype == np.int8 and set(np.unique(codes)) == {0, 64} and float(ws) == 2.0**-6
+            assert inits[bdq.input[0]].dtype == np.int32 and not inits[bdq.input[0]].any()
+            (qnode,) = [n for n in g.node if n.input and n.input[0] == conv.output[0]]
+            src = prod[conv.input[0]]
+            while src.op_type != "DequantizeLinear":
+                src = prod[src.input[0]]
+            assert qnode.op_type == "QuantizeLinear"
+            assert float(inits[qnode.input[1]]) == float(inits[src.input[1]])
+            assert float(inits[bdq.input[1]]) == float(inits[src.input[1]]) * 2.0**-6
+            assert inits[qnode.input[2]].dtype == inits[src.input[2]].dtype

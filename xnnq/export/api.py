@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import fx
 
 from ..quantize.capture import check_dummy_input
@@ -23,7 +25,16 @@ from .quant_params import ActRange, model_layers, tensor_ranges, write_quant_par
 from .quant_params import build_message as quant_params_message
 from .tidl import DEFAULT_OPSET, clip_order, name_clips, tidy_and_check, torch_to_onnx
 from .tidl import simplify as onnxsim_simplify
-from .tidl_check import Violation, quant_params_violations, report, tidl_check, tidl_fix, warn_unsupported
+from .tidl_check import (
+    CHANNEL_PAD_GUARD,
+    Violation,
+    channel_pad_convs,
+    quant_params_violations,
+    report,
+    tidl_check,
+    tidl_fix,
+    warn_unsupported,
+)
 
 FORMATS = ("tidl", "qdq")
 
@@ -173,9 +184,13 @@ def export_onnx(
         model = onnxsim_simplify(model)
     model = tidy_and_check(model, check)
     fixes: list[str] = []
+    # the Clips and weights tidl_fix adds (a channel Pad as an identity 1x1 Conv): {tensor: ClipInfo it copies}
+    fix_clips: dict[str, ClipInfo] = {}
+    fix_weights: dict[str, ClipInfo] = {}
     if tgt is not None:
         model, fixes = tidl_fix(model, tgt)
         model = tidy_and_check(model, check)
+        fix_clips, fix_weights = _fixed_quantizers(model, tensors, clips)
 
     inits = initializers(model.graph)
     weights = {}
@@ -188,6 +203,7 @@ def export_onnx(
         weights[w] = layer
     # TIDL's 16-bit lists: views of the plan, in ONNX tensor names (exported quantizers, graph order)
     feature_16 = [t for q, t in tensors.items() if plan.act(q).bits == 16]
+    feature_16 += [t for t, c in fix_clips.items() if c.bits == 16]
     params_16 = [_layer_output(model, w, tensors) for w in plan.weights if w.bits == 16]
     tensor_bits = 16 if tensors and all(plan.act(q).bits == 16 for q in tensors) else 8
     if tensor_bits == 16:
@@ -209,15 +225,25 @@ def export_onnx(
         for w, layer in weights.items()
         if layer.scale is not None
     }
+    for t, c in fix_clips.items():
+        acts[t] = ActQuant(c.bits, c.power2, c.scale)
+    for w, c in fix_weights.items():  # 1.0 exactly on a power-of-2 grid: code 2^(b-2) at scale 2^-(b-2)
+        wq[w] = WeightQuant(c.bits, False, True, np.float32(2.0 ** -(c.bits - 2)), tensors.get(c.name))
+    if fix_weights and not all(layer.power2 for layer in layers):  # TIDL's max/127 rule: max |w| = 1 is exact
+        model = _without_guards(model, fix_weights)
     if format == "qdq":
-        reference = tidy_and_check(to_qdq(model, acts, wq), check)
+        reference = tidy_and_check(to_qdq(_without_guards(model, fix_weights), acts, wq), check)
+        if flow == "qdq":  # the written graph has plain zero rows and the weight scale
+            fixes = [_qdq_fix_text(f) for f in fixes]
         if flow == "qdq":
             model = reference
 
     qp_path, qp_msg = None, None
     if flow == "quant_params":
         qp_path = path.with_name(path.stem + ".quant_params.prototxt")
-        qp_layers, qp_per_channel = _quant_params_layers(model, tensors, clips, weights, quant_params or {})
+        qp_layers, qp_per_channel = _quant_params_layers(
+            model, tensors, clips, weights, quant_params or {}, fix_clips, wq
+        )
         qp_msg = quant_params_message(
             qp_layers, per_channel=qp_per_channel, bit_depth=(quant_params or {}).get("bit_depth", "bits")
         )
@@ -260,6 +286,12 @@ def export_onnx(
             bit_depth=(quant_params or {}).get("bit_depth", "bits"),
         )
     ranges = {tensors[c.name]: (c.lo, c.hi) for c in clips}
+    ranges.update({t: (c.lo, c.hi) for t, c in fix_clips.items()})
+    act_scales = {tensors[c.name]: c.scale for c in clips} | {t: c.scale for t, c in fix_clips.items()}
+    act_bits = {tensors[c.name]: c.bits for c in clips} | {t: c.bits for t, c in fix_clips.items()}
+    weight_specs = {
+        w: {"bits": li.bits, "per_channel": li.per_channel, "power2": li.power2} for w, li in weights.items()
+    } | {w: {"bits": c.bits, "per_channel": False, "power2": True} for w, c in fix_weights.items()}
     content = {
         "format": format,
         "model": path.name,
@@ -268,12 +300,9 @@ def export_onnx(
         "argmax": bool(argmax),
         "runtime_options": runtime_options,
         "activation_ranges": {t: [lo, hi] for t, (lo, hi) in ranges.items()},
-        "activation_scales": {tensors[c.name]: c.scale for c in clips},
-        "activation_bits": {tensors[c.name]: c.bits for c in clips},
-        "weights": {
-            w: {"bits": li.bits, "per_channel": li.per_channel, "power2": li.power2}
-            for w, li in weights.items()
-        },
+        "activation_scales": act_scales,
+        "activation_bits": act_bits,
+        "weights": weight_specs,
         "quantizers": tensors,
         **({"fixes": fixes, "violations": [v.to_dict() for v in violations]} if tgt is not None else {}),
     }
@@ -311,24 +340,69 @@ def _extra_options(extra: dict[str, Any] | None) -> dict[str, Any]:
     return dict(extra or {})
 
 
+def _fixed_quantizers(
+    model: onnx.ModelProto, tensors: dict[str, str], clips: list[ClipInfo]
+) -> tuple[dict[str, ClipInfo], dict[str, ClipInfo]]:
+    """The range Clips and weights of the identity Convs ``tidl_fix`` put in place of channel Pads, each
+    with the quantizer whose range the Conv keeps: ({Clip output: ClipInfo}, {weight: ClipInfo})."""
+    by_tensor = {tensors[c.name]: c for c in clips}
+    fix_clips, fix_weights = {}, {}
+    for conv, clip, src in channel_pad_convs(model):
+        if clip is None or src not in by_tensor:
+            raise RuntimeError(
+                f"export: the Conv {conv.name!r} that replaces a channel Pad does not follow a quantizer "
+                f"(found {src!r}); please report it with the model."
+            )
+        fix_clips[clip.output[0]] = by_tensor[src]
+        fix_weights[conv.input[1]] = by_tensor[src]
+    return fix_clips, fix_weights
+
+
+def _qdq_fix_text(fix: str) -> str:
+    guard = f" but one {CHANNEL_PAD_GUARD} guard weight"
+    if guard not in fix:
+        return fix
+    return fix.replace(guard, "; weight code 2^(b-2) at scale 2^-(b-2), int32 zero bias")
+
+
+def _without_guards(model: onnx.ModelProto, fix_weights: dict[str, ClipInfo]) -> onnx.ModelProto:
+    """``model`` with the identity Convs of fixed channel Pads as plain identity / zero rows (without the
+    guard weight ``tidl_fix`` adds for TIDL's own power-of-2 weight quantization)."""
+    if not fix_weights:
+        return model
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for t in model.graph.initializer:
+        if t.name in fix_weights:
+            t.CopyFrom(numpy_helper.from_array(np.maximum(numpy_helper.to_array(t), 0.0), t.name))
+    return model
+
+
 def _quant_params_layers(
     model: onnx.ModelProto,
     tensors: dict[str, str],
     clips: list[ClipInfo],
     weights: dict[str, LayerInfo],
     opts: dict[str, str],
+    fix_clips: dict[str, ClipInfo] | None = None,
+    fix_weights: dict[str, WeightQuant] | None = None,
 ):
-    """The quantization-parameters layers of the float ``model``: the simulation's ranges and weights."""
+    """The quantization-parameters layers of the float ``model``: the simulation's ranges and weights
+    (``fix_clips`` / ``fix_weights``: those of the Convs ``tidl_fix`` added)."""
     unknown = set(opts) - {"bit_depth", "layer_names"}
     if unknown:
         raise ValueError(f"quant_params: unknown keys {sorted(unknown)}; use 'bit_depth' and 'layer_names'")
     clip_ranges = {tensors[c.name]: ActRange(c.bits, c.signed, c.scale) for c in clips}
+    clip_ranges.update({t: ActRange(c.bits, c.signed, c.scale) for t, c in (fix_clips or {}).items()})
     ranges = tensor_ranges(model, clip_ranges)
     scales = {w: layer.scale.numpy() for w, layer in weights.items() if layer.scale is not None}
+    bits = {w: layer.bits for w, layer in weights.items()}
+    for w, q in (fix_weights or {}).items():
+        if w not in weights and q.scale is not None:
+            scales[w], bits[w] = np.asarray(q.scale), q.bits
     layers = model_layers(
         model,
         ranges,
-        {w: layer.bits for w, layer in weights.items()},
+        bits,
         scales,
         layer_names=opts.get("layer_names", "output"),
     )

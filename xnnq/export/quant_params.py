@@ -170,7 +170,9 @@ def tensor_ranges(model: onnx.ModelProto, clip_ranges: Mapping[str, ActRange]) -
         if len(nxt) == 1 and nxt[0].op_type == "Clip" and nxt[0].output[0] in clip_ranges:
             return clip_ranges[nxt[0].output[0]]
         n = prod.get(t)
-        if n is not None and n.op_type in PRESERVING_ONNX_OPS and depth < 64:
+        # MaxPool returns input values: without a quantizer of its own (a strided Slice that tidl_fix made a
+        # 1x1 MaxPool) it carries its input's range
+        if n is not None and (n.op_type in PRESERVING_ONNX_OPS or n.op_type == "MaxPool") and depth < 64:
             return find(n.input[0], depth + 1)
         return None
 

@@ -6,7 +6,8 @@ documented per-operator constraints ([tidl-ops]: edgeai-tidl-tools docs/operator
 ones read from the target table (:mod:`xnnq.targets`), the pre-quantized (QDQ) rules, and the
 consistency of the model with its compile options. ``tidl_fix`` applies the fixes that change nothing in
 what the graph computes (Resize sizes → scales, a strided Slice → a 1x1 MaxPool, a whole-plane
-AveragePool → GlobalAveragePool, the IR version stamp, shape inference). Severity ``"error"``: TIDL
+AveragePool → GlobalAveragePool, zero channels padded on a quantized unsigned tensor → an identity
+1x1 Conv + the input's range Clip, the IR version stamp, shape inference). Severity ``"error"``: TIDL
 rejects the node or does not offload it; ``"warning"``: outside what TI documents as validated.
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..quantize.preserving import PRESERVING_ONNX_OPS
 from ..targets import SOURCES, Target, get_target
 from .onnx_graph import consumers, drop_unused_initializers, producers
 from .tidl_ops import FUSED_ONLY_OPS, TIDL_ONNX_OPS, unsupported_nodes
@@ -634,11 +636,18 @@ def _pad(c: _Ctx, n: onnx.NodeProto):
     padded = [int(a) % rank for a, lo, hi in zip(axes, pads[: len(axes)], pads[len(axes) :]) if lo or hi]
     bad = [a for a in padded if a < rank - 2]
     if bad:
+        src = None if c.qdq or _pad_spec(c, n) is None else _range_source(c, n.input[0])
+        fixable = (
+            src is not None and c.const(src.input[1]) is not None and float(c.const(src.input[1])) == 0.0
+        )
         yield c.v(
             n,
             "Pad.axes",
             f"pads {pads.tolist()} pad axis {bad}; padding is supported on width and height only",
-            "pad inside a conv (its pads), or move the extra channels into a 1x1 conv / a Concat",
+            "zero channels (axis 1) of a quantized unsigned tensor: tidl_fix makes the Pad an identity 1x1 Conv"
+            if fixable
+            else "pad inside a conv (its pads), or move the extra channels into a 1x1 conv / a Concat",
+            fixable=fixable,
         )
 
 
@@ -1123,6 +1132,144 @@ def _slice_as_pool(c: _Ctx, n: onnx.NodeProto) -> int | None:
     return 2
 
 
+CHANNEL_PAD_MARK = "xnnq.tidl_fix: channel Pad as an identity 1x1 Conv"
+# TIDL quantizes a float graph's weights itself, power-of-2 and symmetric on max |w| (xnnq.layers.
+# weight_scale_from_max): with max |w| = 1 the step is 2^-7 and 1.0 saturates to 127/128. One weight of -2
+# in a padded channel's row makes the step 2^-6 (1.0 = code 64, -2 = code -128, also in 16 bits); that
+# channel computes -2·x ≤ 0 on the unsigned input and the range Clip [0, hi] after the Conv (its uint
+# saturation in TIDL) gives 0, the padded zero. The QDQ export writes plain zero rows instead (its weight
+# scale is explicit).
+CHANNEL_PAD_GUARD = -2.0
+
+
+def _pad_spec(c: _Ctx, n: onnx.NodeProto) -> tuple[int, int, list[int]] | None:
+    """(channels before, channels after, H/W pads [top, left, bottom, right]) of a constant-zero Pad that
+    adds zero channels (axis 1) to a static 4-D tensor, no batch padding, no negative pads; else None."""
+    if _attr(n, "mode", "constant") != "constant":
+        return None
+    if len(n.input) > 2 and n.input[2]:
+        value = c.const(n.input[2])
+        if value is None or (value.size and float(value.reshape(-1)[0]) != 0.0):
+            return None
+    pads = c.const(n.input[1]) if len(n.input) > 1 and n.input[1] else np.asarray(_attr(n, "pads", []) or [])
+    x = c.shape(n.input[0])
+    if pads is None or x is None or len(x) != 4 or None in x:
+        return None
+    axes = c.const(n.input[3]) if len(n.input) > 3 and n.input[3] else np.arange(4)
+    if axes is None or len(pads) != 2 * len(axes):
+        return None
+    lo, hi = [0] * 4, [0] * 4
+    for a, b, e in zip(axes, pads[: len(axes)], pads[len(axes) :]):
+        lo[int(a) % 4], hi[int(a) % 4] = int(b), int(e)
+    if lo[0] or hi[0] or min(lo + hi) < 0 or not (lo[1] or hi[1]):
+        return None
+    return lo[1], hi[1], [lo[2], lo[3], hi[2], hi[3]]
+
+
+def _is_pass_through(c: _Ctx, n: onnx.NodeProto) -> bool:
+    """Ops whose outputs are input values: the range-preserving table and a 1x1 MaxPool (a fixed Slice)."""
+    if n.op_type == "MaxPool":
+        return list(_attr(n, "kernel_shape") or []) == [1, 1] and not any(_spatial(n, "pads", 0, 4))
+    return n.op_type in PRESERVING_ONNX_OPS
+
+
+def _range_source(c: _Ctx, tensor: str) -> onnx.NodeProto | None:
+    """The ``Clip`` whose output reaches ``tensor`` through pass-through ops only, else None."""
+    for _ in range(64):
+        n = c.prod.get(tensor)
+        if n is None:
+            return None
+        if n.op_type == "Clip":
+            return n
+        if not _is_pass_through(c, n):
+            return None
+        tensor = n.input[0]
+    return None
+
+
+def _channel_pad_fix(c: _Ctx, n: onnx.NodeProto, taken: set[str]):
+    """The nodes and initializers replacing a channel Pad of a float graph whose input is a quantized unsigned
+    tensor (identity 1x1 Conv with zero rows for the padded channels but the guard weight, a Clip with the
+    input's range, a width/height Pad if any), else None."""
+    spec = _pad_spec(c, n)
+    if spec is None or c.qdq:
+        return None
+    before, after, hw = spec
+    src = _range_source(c, n.input[0])
+    bounds = None
+    if src is not None:
+        lo = c.const(src.input[1]) if len(src.input) > 1 and src.input[1] else None
+        hi = c.const(src.input[2]) if len(src.input) > 2 and src.input[2] else None
+        lo = -math.inf if lo is None else float(np.asarray(lo).reshape(-1)[0])
+        hi = math.inf if hi is None else float(np.asarray(hi).reshape(-1)[0])
+        bounds = (lo, hi)
+    if bounds is None or bounds[0] != 0.0 or not bounds[1] > 0.0:
+        return None  # an unsigned quantized input only: see CHANNEL_PAD_GUARD
+
+    def unique(base: str) -> str:
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        return name
+
+    cin = int(c.shape(n.input[0])[1])
+    cout = before + cin + after
+    w = np.zeros((cout, cin, 1, 1), dtype=np.float32)
+    w[before + np.arange(cin), np.arange(cin), 0, 0] = 1.0
+    w[0 if before else cout - 1, 0, 0, 0] = CHANNEL_PAD_GUARD
+    base = f"{_name(n)}_as_conv"
+    wname, bname = unique(f"{base}.weight"), unique(f"{base}.bias")
+    inits = [numpy_helper.from_array(w, wname), numpy_helper.from_array(np.zeros(cout, np.float32), bname)]
+    out = n.output[0]
+    conv_out = unique(f"{out}_conv") if bounds is not None or any(hw) else out
+    conv = helper.make_node(
+        "Conv", [n.input[0], wname, bname], [conv_out], name=unique(base), kernel_shape=[1, 1]
+    )
+    conv.doc_string = CHANNEL_PAD_MARK
+    nodes = [conv]
+    if bounds is not None:
+        clip_out = unique(f"{out}_clip") if any(hw) else out
+        lo_name, hi_name = unique(f"{base}_clip_min"), unique(f"{base}_clip_max")
+        inits += [
+            numpy_helper.from_array(np.array(bounds[0], np.float32), lo_name),
+            numpy_helper.from_array(np.array(bounds[1], np.float32), hi_name),
+        ]
+        clip = helper.make_node("Clip", [conv_out, lo_name, hi_name], [clip_out], name=unique(f"{base}_clip"))
+        clip.doc_string = CHANNEL_PAD_MARK
+        nodes.append(clip)
+        conv_out = clip_out
+    if any(hw):
+        pname = unique(f"{base}_hw_pads")
+        inits.append(
+            numpy_helper.from_array(np.array([0, 0, hw[0], hw[1], 0, 0, hw[2], hw[3]], np.int64), pname)
+        )
+        nodes.append(helper.make_node("Pad", [conv_out, pname], [out], name=_name(n), mode="constant"))
+    what = (
+        f"{_name(n)}: Pad of {before}+{after} zero channels -> 1x1 Conv (identity on the {cin} input channels, "
+        f"zero rows for the padded ones but one {CHANNEL_PAD_GUARD} guard weight, bias 0)"
+        + (f" + Clip [{bounds[0]}, {bounds[1]}] (the input's range)" if bounds is not None else "")
+        + (f" + Pad {hw} of height/width" if any(hw) else "")
+    )
+    return nodes, inits, what
+
+
+def channel_pad_convs(
+    model: onnx.ModelProto,
+) -> list[tuple[onnx.NodeProto, onnx.NodeProto | None, str | None]]:
+    """The 1x1 Convs ``tidl_fix`` put in place of channel Pads of a float graph: (Conv, its range Clip or
+    None, the output tensor of the Clip whose range it keeps, or None)."""
+    c = _Ctx(model, None, None, None)
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "Conv" and n.doc_string == CHANNEL_PAD_MARK:
+            users = c.users.get(n.output[0], [])
+            clip = next((u for u in users if u.op_type == "Clip" and u.doc_string == CHANNEL_PAD_MARK), None)
+            src = _range_source(c, n.input[0])
+            out.append((n, clip, None if src is None else src.output[0]))
+    return out
+
+
 def tidl_fix(model: onnx.ModelProto, target: str | Target | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` with the exact fixes applied; returns it and one line per fix."""
     c = _Ctx(
@@ -1134,6 +1281,12 @@ def tidl_fix(model: onnx.ModelProto, target: str | Target | None = None) -> tupl
     model = c.model
     fixes: list[str] = []
     new_nodes, new_inits = [], []
+    taken = (
+        {o for n in c.graph.node for o in n.output}
+        | {n.name for n in c.graph.node}
+        | set(c.inits)
+        | {i.name for i in c.graph.input}
+    )
     for n in c.graph.node:
         if (
             n.op_type == "Resize"
@@ -1168,10 +1321,16 @@ def tidl_fix(model: onnx.ModelProto, target: str | Target | None = None) -> tupl
                 fixes.append(
                     f"{_name(n)}: AveragePool over the whole {x[2]}x{x[3]} input -> GlobalAveragePool"
                 )
+        elif n.op_type == "Pad" and (cp := _channel_pad_fix(c, n, taken)) is not None:
+            nodes, inits, what = cp
+            new_nodes.append((n, nodes))
+            new_inits.extend(inits)
+            fixes.append(what)
     for old, new in new_nodes:
         idx = list(c.graph.node).index(old)
         c.graph.node.remove(old)
-        c.graph.node.insert(idx, new)
+        for k, node in enumerate(new if isinstance(new, list) else [new]):
+            c.graph.node.insert(idx + k, node)
     c.graph.initializer.extend(new_inits)
     drop_unused_initializers(model)
     if model.ir_version > MAX_IR:
