@@ -29,7 +29,7 @@ from xnnq.layers import (
     quantize_bias,
     weight_scale,
 )
-from xnnq.layers.fake_quant import MIN_RANGE
+from xnnq.layers.fake_quant import MIN_RANGE, accumulator_headroom
 
 from conftest import is_pow2
 
@@ -232,9 +232,34 @@ def test_quantize_bias_saturates_at_int32(mag, neg):
     s = torch.tensor(2.0**-30)
     b = torch.tensor([-mag if neg else mag])  # |b| / s >= 2^30 * 1 ... up to 1e3 * 2^30 > 2^31
     q = quantize_bias(b, s)
-    assert (q / s).abs().item() <= 2.0**31
+    assert (q / s).abs().item() <= 2.0**31 - 1  # an int32 code, also positive (2^31 - 1 is not a float32)
     if mag >= 2.0:
-        assert (q / s).abs().item() >= 2.0**31 - 1
+        assert (q / s).abs().item() >= 2.0**31 - 128  # the largest float32 below 2^31
+
+
+@SETTINGS
+@given(
+    arrays(np.int8, st.tuples(st.integers(1, 4), st.integers(1, 64)), elements=st.integers(-128, 127)),
+    st.sampled_from([(8, 255), (8, 128), (16, 65535)]),
+    st.integers(-40, -20),
+    st.booleans(),
+)
+def test_quantize_bias_leaves_the_products_room_in_int32(codes, x_bits_max, e, neg):
+    """With 8-bit operands, bias + products of any input on the grid fit int32 (TIDL and onnxruntime's fused
+    kernels accumulate in int32); 16-bit operands (64-bit accumulators) saturate at int32 alone."""
+    x_bits, x_max = x_bits_max
+    w = torch.from_numpy(codes.astype(np.float32))
+    room = accumulator_headroom(w, 8, x_bits, x_max)
+    s = torch.tensor(2.0**e)
+    b = torch.full((w.shape[0],), -1e4 if neg else 1e4)  # beyond int32 at these scales
+    code = (quantize_bias(b, s, room) / s).double()
+    assert torch.equal(code, code.round())
+    worst = code.abs() + x_max * w.abs().sum(1).double()
+    if x_bits == 8:
+        assert (worst <= 2**31 - 1).all()
+        assert (worst > 2**31 - 1 - 256).all()  # and no more room than float32 needs
+    else:
+        assert (code.abs() >= 2.0**31 - 128).all()
 
 
 # --------------------------------------------------------------------------- weight quantizers (layers)

@@ -11,7 +11,8 @@ TIDL emulation).
   exported weights changes nothing.
 * every bias: int32 codes + ``DequantizeLinear`` with scale ``s_in · s_w`` (``s_in`` of the quantizer
   that feeds the layer: the plan's, given by the export; otherwise found through the range-preserving
-  ops of :mod:`xnnq.quantize.preserving`).
+  ops of :mod:`xnnq.quantize.preserving`), saturated as the layer does
+  (:func:`xnnq.layers.fake_quant.quantize_bias`: with 8-bit operands, bias + products stay in int32).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ..layers.fake_quant import activation_scale, quant_bounds, weight_scale
+from ..layers.fake_quant import accumulator_headroom, activation_scale, bias_limit, quant_bounds, weight_scale
 from .onnx_graph import clip_bounds, drop_unused_initializers, find_source, initializers
 
 QDQ_MIN_OPSET = 13  # per-channel DequantizeLinear
@@ -193,9 +194,12 @@ def to_qdq(
                 continue
             bias = numpy_helper.to_array(b.inits[bias_name]).astype(np.float64)
             bscale = (act_scale[src] * s.astype(np.float64)).astype(np.float32)
-            bcodes = np.clip(np.round(bias / bscale.astype(np.float64)), -(2.0**31), 2.0**31 - 1).astype(
-                np.int32
+            _, qmin, qmax, _ = act_params[src][2]
+            room = accumulator_headroom(
+                torch.from_numpy(codes), q.bits, acts[src].bits, max(-qmin, qmax), axis
             )
+            lim = bias_limit(room).double().numpy()
+            bcodes = np.clip(np.round(bias / bscale.astype(np.float64)), -lim, lim).astype(np.int32)
             base = f"{wname.removesuffix('.weight')}.bias"
             bc = b.const(base + "_quantized", bcodes)
             bs = b.const(base + "_scale", bscale)

@@ -246,7 +246,35 @@ def fake_quantize(
     return _FakeQuantSTE.apply(x, _along(scale, x, axis), int(qmin), int(qmax))
 
 
-def quantize_bias(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Bias on the accumulator grid ``scale = s_in * s_w`` (int32 codes), straight-through gradient."""
-    q = torch.round(b / scale).clamp(-(2.0**31), 2.0**31 - 1) * scale
-    return b + (q - b).detach()
+INT32_MAX = 2**31 - 1
+
+
+def accumulator_headroom(
+    w_codes: torch.Tensor, w_bits: int, x_bits: int, x_max_code: int, axis: int = 0
+) -> torch.Tensor | float:
+    """What the products of one output channel can add to its accumulator: ``max|x code| · Σ|w code|``
+    per channel along ``axis`` (a bound over every input on the grid) when both operands are 8-bit — TIDL
+    and onnxruntime's fused ``QLinearConv``/``QGemm`` add bias and products in int32 (the latter wraps on
+    overflow); 0 otherwise (16-bit operands accumulate in 64 bits)."""
+    if w_bits != 8 or x_bits != 8:
+        return 0.0
+    dims = tuple(d for d in range(w_codes.dim()) if d != axis)
+    return float(x_max_code) * w_codes.detach().abs().to(torch.float64).sum(dim=dims)
+
+
+def bias_limit(headroom: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """The largest |bias code| kept: ``INT32_MAX - headroom`` (so that bias + products stay in int32),
+    rounded down to a float32 value (the simulated bias is a float32; its code is the exported int32)."""
+    lim = (INT32_MAX - torch.as_tensor(headroom, dtype=torch.float64)).clamp_min(0.0)
+    lim32 = lim.float()
+    return torch.where(lim32.double() > lim, torch.nextafter(lim32, torch.zeros_like(lim32)), lim32)
+
+
+def quantize_bias(b: torch.Tensor, scale: torch.Tensor, headroom: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Bias on the accumulator grid ``scale = s_in * s_w`` (int32 codes), straight-through gradient.
+
+    The codes saturate at :func:`bias_limit` ``(headroom)``: with the :func:`accumulator_headroom` of the
+    layer, no input can take bias + products out of int32."""
+    lim = bias_limit(headroom).to(b.device)
+    q = torch.round(b / scale).clamp(-lim, lim) * scale
+    return q.detach() + (b - b.detach())  # exactly q (``b + (q - b)`` is not when q - b is large)

@@ -23,7 +23,10 @@ CIFAR-10: 4.3σ–10.8σ), so a normal model is unchanged; the identity taps of 
 RepVGG/MobileOne kernel (up to one per output channel, often beyond 15σ) are kept; a single wild weight
 that would inflate the power-of-2 range of the whole tensor is clipped.
 
-The bias is quantized on the accumulator grid ``s_in · s_w`` (int32), ``s_in`` from the input quantizer.
+The bias is quantized on the accumulator grid ``s_in · s_w`` (int32), ``s_in`` from the input quantizer;
+with 8-bit operands its codes saturate where bias + products can no longer leave int32
+(:func:`~xnnq.layers.fake_quant.accumulator_headroom`: TIDL and onnxruntime's fused kernels accumulate
+in int32).
 
 Learned weight ranges (``learned_range``, :mod:`xnnq.layers.tqt`): the threshold is set from the max rule
 during its first training batches and learned from then on; its power of two is capped at the max rule's
@@ -41,6 +44,7 @@ from torch import nn
 
 from .bn_fold import bn_scale, fold_bn
 from .fake_quant import (
+    accumulator_headroom,
     check_bits,
     clip_fake_quantize,
     fake_quantize,
@@ -206,7 +210,10 @@ class _FoldedWeightMixin:
             return w, b
         wq, ws = self.quantize_weight(w)
         if b is not None and input_quant is not None and input_quant.quant_enabled:
-            b = quantize_bias(b, input_quant.scale() * ws)
+            s_in, qmin, qmax = input_quant.qparams()
+            codes = torch.round(wq.detach() / (self._channel_view(ws) if ws.dim() else ws))
+            room = accumulator_headroom(codes, self.weight_bits, input_quant.bits, max(-qmin, qmax))
+            b = quantize_bias(b, s_in * ws, room)
         return wq, b
 
     def layer_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
