@@ -62,11 +62,6 @@ def edge_values(scale: float, qmin: int, qmax: int, shape=(4, 8, 16, 16)) -> tor
     return x
 
 
-@pytest.mark.xfail(
-    reason="open: the 16-bit unsigned case differs from the reference saved before the rounding-mode merge "
-    "(xnnq.layers.rounding); the 8-bit cases and the fused-vs-unfused tests hold",
-    strict=False,
-)
 def test_saved_reference_of_the_unfused_code():
     """Every configuration against outputs and gradients the code before the fused kernels computed
     (tests/data/make_fake_quant_reference.py)."""

@@ -145,7 +145,8 @@ class _FakeQuantSTE(torch.autograd.Function):
     ) -> torch.Tensor:
         codes = torch.mul(x, 1.0 / scale)
         out = torch.clamp(codes, qmin, qmax)
-        round_tensor_(out, rounding).mul_(scale)
+        # code 0 dequantizes to +0.0 (as an integer does, and as the 8-bit and fused paths give), not -0.0
+        round_tensor_(out, rounding).add_(0.0).mul_(scale)
         ctx.save_for_backward(codes)
         ctx.bounds = _mask_bounds(qmin, qmax)
         return out
