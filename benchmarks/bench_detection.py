@@ -44,7 +44,7 @@ from xnnq.models.zoo import checkpoint_info, load_pretrained
 from xnnq.tasks import detection
 from xnnq.tasks.ssd import multibox_loss
 
-from common import emit, qat_finetune_timed, qat_optimizers, range_learning_kwargs
+from common import emit, ort_calibration_reader, qat_finetune_timed, qat_optimizers, range_learning_kwargs
 
 GOALS = {"qat_drop": 0.5, "ptq_drop": 1.0, "export_diff": 0.1}
 QAT_LR, BATCH_SIZE = 1e-4, 32  # the QAT recipe's defaults (also benchmarks/bench_tqt.py's)
@@ -140,19 +140,11 @@ def torch_ao(model, calib):
 
 def ort_quantize_static(model, calib, tmp: Path) -> Path:
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         quant_pre_process,
         quantize_static,
     )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"input": x[i : i + 1].numpy()} for x in calib for i in range(len(x))])
-
-        def get_next(self):
-            return next(self.it, None)
 
     fp32, pre, out = tmp / "fp32.onnx", tmp / "pre.onnx", tmp / "ort_qdq.onnx"
     names = [f"out{i}" for i in range(6)]
@@ -169,7 +161,7 @@ def ort_quantize_static(model, calib, tmp: Path) -> Path:
     quantize_static(
         str(pre),
         str(out),
-        Reader(),
+        ort_calibration_reader([x[i : i + 1] for x in calib for i in range(len(x))]),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         calibrate_method=CalibrationMethod.MinMax,

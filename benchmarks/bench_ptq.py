@@ -39,7 +39,7 @@ from xnnq.data import batches, cifar10, cifar10_available, data_root, evaluate
 from xnnq.export.check import ort_session
 from xnnq.models.cifar_resnet import resnet20_cifar10
 
-from common import add_record_arg, emit
+from common import add_record_arg, emit, ort_calibration_reader
 
 DUMMY = torch.zeros(1, 3, 32, 32)
 GOAL_DROP, GOAL_SECONDS = 0.15, 1.0
@@ -104,19 +104,11 @@ def torch_ao_row(model, calib, test) -> dict:
 
 def onnx_rows(model, calib, test, threads: int) -> list[dict]:
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         quant_pre_process,
         quantize_static,
     )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"input": xb.numpy()} for xb in calib])
-
-        def get_next(self):
-            return next(self.it, None)
 
     def accuracy(path: Path) -> float:
         sess = ort_session(path, threads=threads)  # the exact int8 kernel on x86 without VNNI, as onnx_check
@@ -150,7 +142,7 @@ def onnx_rows(model, calib, test, threads: int) -> list[dict]:
             quantize_static(
                 str(pre),
                 str(out),
-                Reader(),
+                ort_calibration_reader(calib),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 calibrate_method=cm,

@@ -49,6 +49,7 @@ from xnnq.tasks import segmentation as seg  # noqa: E402
 from common import (  # noqa: E402
     add_record_arg,
     emit,
+    ort_calibration_reader,
     qat_finetune_timed,
     qat_optimizers,
     range_learning_kwargs,
@@ -170,20 +171,12 @@ def torch_ao(model, calib: list[torch.Tensor]):
 
 def ort_quantize_static(model, calib: list[torch.Tensor], tmp: Path) -> Path:
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
         quant_pre_process,
         quantize_static,
     )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"input": x.numpy()} for x in calib])
-
-        def get_next(self):
-            return next(self.it, None)
 
     fp32, pre, out = tmp / "fp32.onnx", tmp / "pre.onnx", tmp / "ort_int8.onnx"
     batch = calib[0].shape[0]  # static shapes (the Slice/Pad/Resize shape arithmetic folds away)
@@ -200,7 +193,7 @@ def ort_quantize_static(model, calib: list[torch.Tensor], tmp: Path) -> Path:
     quantize_static(
         str(pre),
         str(out),
-        Reader(),
+        ort_calibration_reader(calib),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         activation_type=QuantType.QUInt8,

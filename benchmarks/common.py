@@ -92,3 +92,18 @@ def qat_finetune_timed(qmodel, train_batches: Iterable, *, checkpoint: Path | No
     t0 = time.process_time()
     qmodel = qat_finetune(qmodel, train_batches, checkpoint=checkpoint, **kwargs)
     return qmodel, before + time.process_time() - t0
+
+
+def ort_calibration_reader(batches: Iterable[torch.Tensor]):
+    """An onnxruntime ``CalibrationDataReader`` that feeds ``batches`` to the graph input ``"input"`` once
+    (for the ``quantize_static`` peers)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": x.numpy()} for x in batches])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    return _Reader()

@@ -101,7 +101,8 @@ class Target:
         }
 
 
-_MMAV2_SOURCES = {
+# the same documents give every chip's facts (the reference keys are defined in SOURCES above)
+_FACT_SOURCES = {
     "accelerator": "modelopt-quant",
     "power2_only": "modelopt-quant",
     "per_channel_weights": "modelopt-quant",
@@ -131,7 +132,7 @@ def _mmav2(name: str, aliases: tuple[str, ...], *, small: bool, lut: bool) -> Ta
         numerics=_MMAV2_NUMERICS,
         conv_limits=limits,
         lut_activations=lut,
-        sources=_MMAV2_SOURCES,
+        sources=_FACT_SOURCES,
     )
 
 
@@ -150,17 +151,7 @@ TARGETS: dict[str, Target] = {
             free_scale_type=None,
             numerics=LEGACY_NUMERICS,
             lut_activations=True,
-            sources={
-                "accelerator": "modelopt-quant",
-                "power2_only": "modelopt-quant",
-                "per_channel_weights": "modelopt-quant",
-                "asymmetric": "tidl-quant",
-                "bias_bits": "benchmark-bias",
-                "formats": "tidl-quant",
-                "free_scale_type": "benchmark-presets",
-                "lut_activations": "tidl-ops-11.0",
-                "conv_limits": "tidl-ops",
-            },
+            sources=_FACT_SOURCES,
         ),
         _mmav2("AM68A", ("TDA4VL", "TDA4AL", "TDA4VE", "J721S2"), small=False, lut=True),
         _mmav2("AM69A", ("TDA4VH", "J784S4"), small=False, lut=True),

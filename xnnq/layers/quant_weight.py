@@ -64,6 +64,26 @@ class _FoldedWeightMixin:
 
     learned_range: LearnedRange | None
 
+    @classmethod
+    def from_float(
+        cls,
+        layer: nn.Module,
+        *,
+        bits: int = 8,
+        per_channel: bool = False,
+        power2: bool = True,
+        constrain_weights: bool = True,
+        outlier_ratio: float = 15.0,
+        name: str = "",
+        learned_range: LearnedRange | None = None,
+    ):
+        """The quantized layer sharing ``layer``'s weight and bias parameters (built on the meta device by
+        the subclass's ``_shell``, so nothing is allocated twice)."""
+        q = cls._shell(layer)
+        q.weight, q.bias = layer.weight, layer.bias
+        q._init_quant(bits, per_channel, power2, constrain_weights, outlier_ratio, name, learned_range)
+        return q
+
     def _init_quant(
         self,
         bits: int,
@@ -246,19 +266,8 @@ class QuantConv2d(_FoldedWeightMixin, nn.Conv2d):
     """``nn.Conv2d`` whose forward folds the following BatchNorm and fake-quantizes weights and bias."""
 
     @classmethod
-    def from_float(
-        cls,
-        conv: nn.Conv2d,
-        *,
-        bits: int = 8,
-        per_channel: bool = False,
-        power2: bool = True,
-        constrain_weights: bool = True,
-        outlier_ratio: float = 15.0,
-        name: str = "",
-        learned_range: LearnedRange | None = None,
-    ) -> QuantConv2d:
-        q = cls(
+    def _shell(cls, conv: nn.Conv2d) -> QuantConv2d:
+        return cls(
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
@@ -270,9 +279,6 @@ class QuantConv2d(_FoldedWeightMixin, nn.Conv2d):
             conv.padding_mode,
             device="meta",
         )
-        q.weight, q.bias = conv.weight, conv.bias
-        q._init_quant(bits, per_channel, power2, constrain_weights, outlier_ratio, name, learned_range)
-        return q
 
     def layer_forward(self, x, w, b):
         return self._conv_forward(x, w, b)
@@ -282,22 +288,8 @@ class QuantLinear(_FoldedWeightMixin, nn.Linear):
     """``nn.Linear`` whose forward folds a following BatchNorm1d and fake-quantizes weights and bias."""
 
     @classmethod
-    def from_float(
-        cls,
-        linear: nn.Linear,
-        *,
-        bits: int = 8,
-        per_channel: bool = False,
-        power2: bool = True,
-        constrain_weights: bool = True,
-        outlier_ratio: float = 15.0,
-        name: str = "",
-        learned_range: LearnedRange | None = None,
-    ) -> QuantLinear:
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
-        q.weight, q.bias = linear.weight, linear.bias
-        q._init_quant(bits, per_channel, power2, constrain_weights, outlier_ratio, name, learned_range)
-        return q
+    def _shell(cls, linear: nn.Linear) -> QuantLinear:
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
 
     def layer_forward(self, x, w, b):
         return F.linear(x, w, b)
