@@ -7,6 +7,9 @@ working directory); tests marked ``data`` are skipped, with the reason, when it 
 
 from __future__ import annotations
 
+import datetime
+import os
+import sys
 from collections.abc import Iterable
 
 import numpy as np
@@ -102,3 +105,20 @@ def is_pow2(v: torch.Tensor | np.ndarray | float) -> bool:
         v = v.detach().cpu().double().numpy()
     m, _ = np.frexp(np.asarray(v, dtype=np.float64))
     return bool(np.all(np.abs(m) == 0.5))
+
+
+# ------------------------------------------------------------------------------------------ DDP workers
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """In a spawned DDP test worker: one thread, the gloo process group on localhost (loopback on Linux)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )

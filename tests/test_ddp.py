@@ -16,10 +16,7 @@ statistics (``SyncBatchNorm`` needs a GPU), which a single process on the whole 
 
 from __future__ import annotations
 
-import datetime
-import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,7 +30,7 @@ import xnnq
 from xnnq.calibrate import QuantCalibrateModule
 from xnnq.utils import freeze_bn
 
-from conftest import observe, quantizer_ranges, tiny_convnet
+from conftest import init_gloo, observe, quantizer_ranges, tiny_convnet
 
 WORLD = 2
 STEPS = 4
@@ -115,16 +112,7 @@ def calibrate(data) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _worker(rank: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, WORLD, port)
     try:
         data = shard(global_batches(), rank)
         probe = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))

@@ -9,10 +9,7 @@ one process on the concatenated batches (BatchNorm frozen, see tests/test_ddp.py
 
 from __future__ import annotations
 
-import datetime
-import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import xnnq
 from xnnq.utils import freeze_bn
+
+from conftest import init_gloo
 
 WORLD, STEPS, PER_RANK = 2, 4, 4
 
@@ -87,16 +86,7 @@ def shard(batches, rank: int):
 
 
 def _worker(rank: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, WORLD, port)
     try:
         q = make()
         data = shard(global_batches(), rank)
