@@ -7,7 +7,7 @@ For each model, two QAT runs that differ only in ``range_learning``:
   max rule; one optimizer over all parameters.
 * ``tqt``: ``QuantTrainModule(model, dummy, range_learning="tqt")`` — the same, plus learned log2 thresholds
   for every activation quantizer and weight tensor (initialised from the statistics of the first
-  ``--init-batches`` batches), trained by their own Adam (``qmodel.range_parameters()``, lr ``--lr-th``, no
+  ``--init-batches`` batches, at the centre of their octave), trained by their own Adam (``qmodel.range_parameters()``, lr ``--lr-th``, no
   weight decay, the same cosine schedule) — the optimizer the paper (and its Graffitist recipe) uses.
 
 Both runs go through ``xnnq.recipes.qat_finetune`` (BatchNorm frozen from the start, ranges / thresholds
@@ -30,8 +30,9 @@ The Mosaic-10 runs train on the first ``--task-images`` train images (default al
 two task benchmarks; more than 6000 makes several epochs) and evaluate on the first ``--eval-images`` val
 images (default all 1000; CIFAR-10: test images, default all 10 000). The table gives the FP32 metric of
 the checkpoint, each mode's QAT metric and drop, learned − statistics, the goals of the issue (learned ≥
-statistics on every model; on the detector a learned-range QAT drop ≤ 0.3 mAP points) and how many
-activation thresholds ended on another power of 2 than the statistics give.
+statistics on every model; on the detector a learned-range QAT drop ≤ 0.3 mAP points), how many
+activation thresholds ended on another power of 2 than the statistics give and how many weight thresholds
+ended below the max rule's power of 2 (their upper bound).
 
 Every finished run (and every FP32 metric) is kept in ``--out`` (JSON) and reused; a run in progress
 checkpoints every ``--ckpt-every`` steps and resumes bit-identically (``qat_finetune(checkpoint=...)``).
@@ -141,7 +142,24 @@ def exponent_changes(q: xnnq.QuantTrainModule) -> dict:
         total += 1
         moved += e_learned != e_stat
         up += e_learned > e_stat
-    return {"activation_thresholds": total, "moved_from_statistics": moved, "moved_up": up}
+    w_moved, w_total = 0, 0
+    for spot in q.plan.weights:  # weights: the learned power of 2 vs the max rule's on the final weights
+        layer = q.module.get_submodule(spot.name)
+        if layer.learned_range is None:
+            continue
+        bn = q.module.get_submodule(spot.bn) if spot.bn else None
+        with torch.no_grad():
+            log2_rule = layer._rule_range(layer.folded_weight_bias(bn)[0])[2]
+            learned = layer.learned_range.range(layer.weight_bits, True, log2_rule)
+        w_total += learned.numel()
+        w_moved += int((torch.log2(learned) != log2_rule).sum())
+    return {
+        "activation_thresholds": total,
+        "moved_from_statistics": moved,
+        "moved_up": up,
+        "weight_thresholds": w_total,
+        "weight_moved_below_max_rule": w_moved,
+    }
 
 
 def task_images(args) -> tuple[int | None, float]:
@@ -218,7 +236,7 @@ def recipe_of(name: str, mode: str, args) -> dict:
     else:
         recipe.update(images=args.images, batch_size=128, optimizer="SGD")
     if mode != "statistics":
-        recipe.update(lr_th=args.lr_th, init_batches=args.init_batches)
+        recipe.update(lr_th=args.lr_th, init_batches=args.init_batches, init="octave-centre")
     return recipe
 
 
@@ -268,7 +286,7 @@ def cell(r: dict | None, fp: dict, metric: str) -> str:
 def table(rows: list[dict], notes: list[str], args) -> str:
     lines = [
         "| model | metric | FP32 | statistics (drop) | learned TQT (drop) | learned − statistics "
-        "| goal | thresholds moved |",
+        "| goal | thresholds moved (activations; weights) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -281,7 +299,11 @@ def table(rows: list[dict], notes: list[str], args) -> str:
                 ok = fp[metric] - t[metric] <= GOAL_DETECTOR_DROP
                 goals.append(f"learned drop ≤ {GOAL_DETECTOR_DROP}: {'met' if ok else 'NOT met'}")
             diff = f"{t[metric] - s[metric]:+.2f}" if s and t else "—"
-            moved = f"{t['moved_from_statistics']}/{t['activation_thresholds']}" if t and i == 0 else ""
+            moved = ""
+            if t and i == 0:
+                moved = f"{t['moved_from_statistics']}/{t['activation_thresholds']}"
+                if "weight_thresholds" in t:
+                    moved += f"; weights {t['weight_moved_below_max_rule']}/{t['weight_thresholds']}"
             lines.append(
                 f"| {name} | {metric} | {fp[metric]:.2f} | {cell(s, fp, metric)} | {cell(t, fp, metric)} "
                 f"| {diff} | {'; '.join(goals)} | {moved} |"

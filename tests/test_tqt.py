@@ -296,11 +296,22 @@ def test_cuda_matches_cpu():
 def test_learned_range_init_then_learn():
     lr = LearnedRange(init_batches=2)
     assert lr.initializing
-    lr.init_from(torch.tensor(5.0))
-    assert lr.log2_t.item() == pytest.approx(math.log2(5.0)) and lr.initializing
+    lr.init_from(torch.tensor(5.0))  # the centre of 5's octave (4, 8]: the statistics' range 8
+    assert lr.log2_t.item() == 2.5 and lr.initializing and lr.range(8, True) == 8.0
+    lr.init_from(torch.tensor(4.0))  # a power of two is the top of its own octave
+    assert lr.log2_t.item() == 1.5 and lr.range(8, True) == 4.0
     lr.init_from(torch.tensor(0.0))  # an all-zero tensor: the smallest range, not -inf
-    assert lr.log2_t.item() == LOG2_MIN and not lr.initializing
+    assert lr.log2_t.item() == LOG2_MIN - 0.5 and not lr.initializing
     assert lr.range(8, True) == 2.0**LOG2_MIN
+
+
+@pytest.mark.parametrize("r", [3e-4, 0.7, 1.0, 1.0001, 5.0, 6.0, 7.99, 1000.0])
+def test_initial_threshold_gives_the_statistics_power_of_2_with_half_an_octave_either_side(r):
+    lr = LearnedRange()
+    lr.init_from(torch.tensor(r))
+    e = math.ceil(math.log2(r))
+    assert lr.range(8, False) == 2.0**e  # the scale of the statistics (pow2 ceil of the range)
+    assert lr.log2_t.item() == e - 0.5  # 0.5 to the next power of two up and to the one down
 
 
 def test_frozen_threshold_ignores_optimizer_momentum_and_unfreeze_resumes_from_it():

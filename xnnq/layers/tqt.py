@@ -176,6 +176,14 @@ def log2_of_range(r: torch.Tensor) -> torch.Tensor:
     return torch.log2(r.detach().float().clamp(min=MIN_RANGE)).clamp(LOG2_MIN, LOG2_MAX)
 
 
+def octave_centre(log2_r: torch.Tensor) -> torch.Tensor:
+    """``ceil(log2 r) - 1/2``: the middle of the octave ``(e-1, e]`` whose power of two ``2^e`` the range ``r``
+    rounds up to. A threshold started there gives the statistics' scale and sits half an octave from both
+    neighbours, so only a gradient that keeps its sign over many steps moves it to another power of two; one
+    started at ``log2 r`` itself (often a hair below ``e``) flips to ``2^(e+1)`` on the first noisy steps."""
+    return torch.ceil(log2_r) - 0.5
+
+
 class LearnedRange(nn.Module):
     """The learned log2 threshold of one quantizer (a tensor's range, or one per channel).
 
@@ -183,7 +191,8 @@ class LearnedRange(nn.Module):
     state ``frozen`` and ``init_steps`` (training forwards that have set the threshold from statistics).
 
     * Initialisation: for the first ``init_batches`` training forwards the owner passes the range its
-      statistics give (:meth:`init_from`) and the threshold is set to it; from then on it is learned. The
+      statistics give (:meth:`init_from`) and the threshold is set to the centre of its octave
+      (:func:`octave_centre`); from then on it is learned. The
       parameter takes part in every forward (DDP sees it used and all-reduces its gradient).
     * Freezing (``frozen = True``, :func:`~xnnq.layers.freeze_quant_range`): the threshold in force is copied
       to ``frozen_log2_t`` and used from then on, whatever the optimizer still does to ``log2_t`` (momentum,
@@ -255,8 +264,10 @@ class LearnedRange(nn.Module):
 
     @torch.no_grad()
     def init_from(self, r: torch.Tensor) -> None:
-        """Set the threshold to the range ``r`` (same shape as ``log2_t``) and count one initialising step."""
-        self.log2_t.copy_(log2_of_range(r).reshape(self.log2_t.shape))
+        """Set the threshold from the range ``r`` (same shape as ``log2_t``) and count one initialising step:
+        ``log2_t`` becomes the centre of the octave of ``r`` (:func:`octave_centre`), so the scale in force is
+        the power of two the statistics give."""
+        self.log2_t.copy_(octave_centre(log2_of_range(r)).reshape(self.log2_t.shape))
         self.init_steps += 1
 
     # ------------------------------------------------------------------------------------- numerics
