@@ -11,7 +11,7 @@ For each model, two QAT runs that differ only in ``range_learning``:
   weight decay, the same cosine schedule) — the optimizer the paper (and its Graffitist recipe) uses.
 
 Both runs go through ``xnnq.recipes.qat_finetune`` (BatchNorm frozen from the start, ranges / thresholds
-frozen half-way, cosine to 0, 8-bit power-of-2 per-tensor, seed 0); per model the task's data, loss and
+frozen half-way, cosine to 0, 8-bit power-of-2 per-tensor, ``--seed``, default 0); per model the task's data, loss and
 metric:
 
 * ``resnet20`` (``$XNNQ_DATA/weights/resnet20_cifar10jpg.pt``, lr 6e-3 as benchmarks/bench_qat.py) and
@@ -176,7 +176,7 @@ def qat(name: str, mode: str, args, recipe: dict, ckpt: Path, cifar: Cifar):
     """One QAT run through ``xnnq.recipes.qat_finetune``; returns ``(qmodel, steps, cpu_seconds)``."""
     range_kw = {"range_learning": mode, "init_batches": args.init_batches, "lr_th": args.lr_th}
     ckpt_kw = {"checkpoint": ckpt, "checkpoint_every": args.ckpt_every}
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     if name == "mosaic_detector":
         limit, epochs = task_images(args)
         q, info = bench_detection.qat(
@@ -193,7 +193,7 @@ def qat(name: str, mode: str, args, recipe: dict, ckpt: Path, cifar: Cifar):
     if name == "mosaic_segmenter":
         limit, epochs = task_images(args)
         batches = bench_segmentation.TrainCrops(
-            mosaic_root(), recipe["batch_size"], recipe["crop"], seed=0, limit=limit
+            mosaic_root(), recipe["batch_size"], recipe["crop"], seed=args.seed, limit=limit
         )
         return bench_segmentation.qat(float_model(name), batches, epochs, recipe["lr"], **range_kw, **ckpt_kw)
     q = xnnq.QuantTrainModule(
@@ -205,7 +205,11 @@ def qat(name: str, mode: str, args, recipe: dict, ckpt: Path, cifar: Cifar):
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
     train = data.Batches(
-        *cifar["train"], 128, shuffle=True, train_augment=True, generator=torch.Generator().manual_seed(0)
+        *cifar["train"],
+        128,
+        shuffle=True,
+        train_augment=True,
+        generator=torch.Generator().manual_seed(args.seed),
     )
     steps = math.ceil(args.images / 128)
     q, cpu_s = qat_finetune_timed(
@@ -219,7 +223,7 @@ def recipe_of(name: str, mode: str, args) -> dict:
         "model": name,
         "mode": mode,
         "lr": args.lr or MODEL_LR[name],
-        "seed": 0,
+        "seed": args.seed,
         "freeze_range_at": 0.5,
         "per_channel_q": False,
         "eval_images": args.eval_images,
@@ -318,7 +322,7 @@ def table(rows: list[dict], notes: list[str], args) -> str:
         sizes.append(f"Mosaic-10 {args.task_images or 'all 6000'} training images")
     lines += [
         "",
-        f"Same recipe and seed for both modes (the script's docstring): {', '.join(sizes)}; metric on "
+        f"Same recipe and seed ({args.seed}) for both modes (the script's docstring): {', '.join(sizes)}; metric on "
         f"{args.eval_images or 'all'} val / test images. Learned thresholds: Adam lr {args.lr_th}, "
         f"initialised over {args.init_batches} batch(es). {args.threads} thread(s); QAT + eval of these runs "
         f"{cpu / 60:.1f} CPU-min.",
@@ -351,6 +355,12 @@ def main() -> None:
     ap.add_argument("--lr-th", type=float, default=1e-2, help="Adam lr of the learned log2 thresholds")
     ap.add_argument("--init-batches", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="torch's seed and the CIFAR-10 / segmentation data order (the detector's data order is fixed)",
+    )
     ap.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints of a run")
     ap.add_argument("--out", default="runs/bench_tqt")
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")

@@ -9,7 +9,7 @@ from torch import nn
 
 import xnnq
 from xnnq.calibrate import Histogram, HistogramObserver, QuantCalibrateModule
-from xnnq.calibrate.histogram import bin_counts
+from xnnq.calibrate.histogram import add_counts, bin_counts
 from xnnq.calibrate.methods import grid_step
 from xnnq.layers.fake_quant import grid_levels
 
@@ -320,3 +320,47 @@ def test_calibration_grid_is_the_core_grid():
                     float(xnnq.layers.activation_scale(torch.tensor(r), bits, signed, False)),
                     rel_tol=1e-6,
                 )
+
+
+@pytest.mark.parametrize("bins,n", [(2048, 60_000), (65536, 3000), (4096, 1024)])
+def test_sparse_and_dense_count_updates_are_histc_counts(bins, n):
+    """Both ways ``add_counts`` adds a sample (``bincount`` for a dense sample, ``index_add_`` for one much
+    smaller than the histogram) give histc's counts, accumulated exactly."""
+    r = 4.0
+    counts = torch.zeros(bins, dtype=torch.float64)
+    expected = torch.zeros(bins, dtype=torch.float64)
+    for seed in range(3):
+        x = (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * r / 3).clamp(-r, r)
+        add_counts(counts, x, r)
+        expected += torch.histc(x, bins=bins, min=-r, max=r).double()
+    assert torch.equal(counts, expected) and float(counts.sum()) == 3 * n
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_calibration_relu_works_in_place_exactly_when_the_float_model_did(inplace):
+    """A quantizer that replaced ``ReLU(inplace=True)`` clamps its input in place while calibrating (no new
+    activation-sized tensor), as the float model does; one that replaced an out-of-place ReLU leaves the
+    tensor it was given unchanged. The output is the float model's either way."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.relu = nn.ReLU6(inplace=inplace)
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.relu(self.conv(x)))
+
+    model = Net().eval()
+    calib = QuantCalibrateModule(model, torch.zeros(1, 3, 16, 16), bias_correction=False)
+    relu = calib.module.get_submodule("relu")
+    assert relu.inplace is inplace
+    seen = {}
+    relu.register_forward_pre_hook(lambda m, a: seen.update(x=a[0], before=a[0].clone()))
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        out = calib(x)
+    assert torch.equal(seen["x"], seen["before"].clamp(0, 6) if inplace else seen["before"])
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    assert type(model.relu) is nn.ReLU6 and model.relu.inplace is inplace  # the user's model is untouched

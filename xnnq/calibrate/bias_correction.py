@@ -40,17 +40,18 @@ class InputMean(nn.Module):
         if not self.training:
             return
         x = args[0].detach()
-        s = x.sum(0).double()  # the batch summed in float32 (the input's dtype), accumulated in float64
-        if self.total.shape != s.shape:
+        if self.total.shape != x.shape[1:]:
             if self.total.numel():
                 raise ValueError(
                     f"{getattr(module, 'name', '') or type(module).__name__}: calibration inputs change "
-                    f"shape ({tuple(self.total.shape)} -> {tuple(s.shape)}); bias correction needs "
+                    f"shape ({tuple(self.total.shape)} -> {tuple(x.shape[1:])}); bias correction needs "
                     "calibration batches of one input size (or bias_correction=False)."
                 )
-            self.total = torch.zeros_like(s)
-        self.total += s
-        self.count += x.shape[0]
+            self.total = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
+        # the batch summed in float32 (the input's dtype), accumulated in float64; in place (no module
+        # attribute assignment per batch)
+        self.total.add_(x.sum(0))
+        self.count.add_(x.shape[0])
 
     def mean(self) -> torch.Tensor | None:
         """``E[x]`` per position (float64), or ``None`` if nothing was seen; summed over ranks under torch.distributed."""

@@ -39,6 +39,8 @@ class PACT2(nn.Module):
         learned_range: a :class:`~xnnq.layers.tqt.LearnedRange`: the range is a learned power-of-2
             threshold (TQT), set from the observer's range during its first batches and trained from then on
             (the observer is called only until then); ``None``: the range is the observer's.
+        inplace: the float op this module replaced (a ReLU / ReLU6) worked in place: so does
+            :meth:`float_forward` (calibration, quantization off), as the float model would.
 
     The range is observed in training mode unless frozen (:func:`freeze_quant_range`); ``train()`` and
     ``eval()`` never change the frozen state. An observer that works in float while observing (calibration)
@@ -59,6 +61,7 @@ class PACT2(nn.Module):
         observer: RangeObserver | None = None,
         rounding: Rounding | str = DEFAULT,
         learned_range: LearnedRange | None = None,
+        inplace: bool = False,
     ):
         super().__init__()
         check_bits(bits, name)
@@ -78,6 +81,7 @@ class PACT2(nn.Module):
         if learned_range is not None and clip_range is not None:
             raise ValueError(f"{name or 'PACT2'}: a fixed clip_range is not learned; give one or the other")
         self.learned_range = learned_range
+        self.inplace = bool(inplace)
         self.frozen = False
         self.observed = clip_range is not None
         self.quant_enabled = True
@@ -166,8 +170,11 @@ class PACT2(nn.Module):
         return lo, hi
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """What this module computes with quantization switched off: the op it replaced."""
+        """What this module computes with quantization switched off: the op it replaced (in place when that
+        op was: no new activation-sized tensor)."""
         if self.signed is False:
+            if self.inplace:
+                return x.clamp_(min=0.0, max=self.cap) if self.cap is not None else torch.relu_(x)
             return x.clamp(min=0.0, max=self.cap) if self.cap is not None else torch.relu(x)
         return x
 
@@ -187,17 +194,16 @@ class PACT2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
-            self.observer(x)
-            if x.device.type == "cpu" and bool(
-                self.observer.nonfinite_batches
-            ):  # free on CPU; elsewhere counted only
-                self.observer.nonfinite_batches.zero_()
+            observer = self.observer
+            observer(x)
+            if observer.float_while_observing:  # calibration: the observer raises on NaN / Inf itself
+                return self.float_forward(x)
+            if x.device.type == "cpu" and bool(observer.nonfinite_batches):  # free on CPU; elsewhere counted
+                observer.nonfinite_batches.zero_()
                 raise FloatingPointError(
                     f"{self.name or 'PACT2'}: the activation holds NaN or Inf; the range was not updated. "
                     "Check the input data and the learning rate (lower it, or clip gradients)."
                 )
-            if self.observer.float_while_observing:
-                return self.float_forward(x)
             if self.signed is None and self.data_signed is None:
                 # decided by the first batch that decides it (a skipped non-finite batch decides nothing)
                 self.data_signed = self.observer.observed_signed()

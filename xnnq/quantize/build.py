@@ -24,7 +24,7 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
     nodes = {n.name: n for n in gm.graph.nodes}
     graph = gm.graph
 
-    def make(spot: ActSpot) -> PACT2:
+    def make(spot: ActSpot, inplace: bool = False) -> PACT2:
         clip_range = config.clip_ranges.get(spot.name)
         learned = (
             LearnedRange(init_batches=config.range_init_batches, name=spot.name)
@@ -41,6 +41,7 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
             observer=config.activation_observer(spot, config),
             rounding=config.rounding,
             learned_range=learned,
+            inplace=inplace,
         )
         # where TIDL rounds differently from a requantization (xnnq.layers.rounding.Site)
         src = gm.get_submodule(nodes[spot.node].target) if nodes[spot.node].op == "call_module" else None
@@ -56,7 +57,7 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
             old = gm.get_submodule(spot.name)
             owner, _, leaf = spot.name.rpartition(".")
             parent = gm.get_submodule(owner) if owner else gm
-            setattr(parent, leaf, make(spot))
+            setattr(parent, leaf, make(spot, inplace=bool(getattr(old, "inplace", False))))
             report.append(
                 Change(
                     "replace",
