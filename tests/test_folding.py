@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -98,3 +99,64 @@ def test_weight_clipping_keeps_structured_outliers():
     for c in range(16):
         w[c, c, 1, 1] = 1.0 + 0.1 * c  # ~100σ, 16 of them
     assert torch.equal(conv.constrain(w), w)
+
+
+class _BigConvNet(nn.Module):
+    """Two convolutions with >= 64K weights (recomputed in the backward) and a small depthwise one (kept)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 128, 3, padding=1, bias=False), nn.BatchNorm2d(128), nn.ReLU())
+        self.dw = nn.Sequential(
+            nn.Conv2d(128, 128, 3, padding=1, groups=128, bias=False), nn.BatchNorm2d(128)
+        )
+        self.big = nn.Sequential(
+            nn.Conv2d(128, 128, 3, padding=1, bias=False), nn.BatchNorm2d(128), nn.ReLU()
+        )
+        self.fc = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc(self.big(self.dw(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("range_learning", ["statistics", "tqt"])
+@pytest.mark.parametrize("bn_frozen", [False, True])
+def test_recomputed_weight_path_gives_bit_identical_outputs_and_gradients(
+    monkeypatch, range_learning, bn_frozen
+):
+    """Recomputing the weight path of large layers in the backward (to free its weight-sized intermediates)
+    changes no output and no gradient, bit for bit, for BN in training and frozen, statistics and TQT."""
+    import xnnq.layers.quant_weight as qw
+
+    torch.manual_seed(0)
+    model = _BigConvNet()
+    x, y = torch.randn(4, 3, 12, 12), torch.randint(0, 10, (4,))
+    results = []
+    for min_numel in (qw.RECOMPUTE_MIN_NUMEL, 1 << 62):  # recomputed / kept
+        monkeypatch.setattr(qw, "RECOMPUTE_MIN_NUMEL", min_numel)
+        torch.manual_seed(1)
+        q = xnnq.QuantTrainModule(model, x[:1], range_learning=range_learning)
+        q.train()
+        q(x)  # first batch: ranges (and thresholds) from statistics
+        if bn_frozen:
+            xnnq.utils.freeze_bn(q)
+        saved = []  # bytes of the tensors autograd keeps for the backward (not the parameters themselves)
+        params = {p.data_ptr() for p in q.parameters()}
+
+        def pack(t, saved=saved, params=params):
+            if t.data_ptr() not in params:
+                saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = q(x)
+        nn.functional.cross_entropy(out, y).backward()
+        grads = {n: p.grad.clone() for n, p in q.named_parameters() if p.grad is not None}
+        results.append((out.detach(), grads, sum(saved)))
+    (out_a, grads_a, saved_a), (out_b, grads_b, saved_b) = results
+    # the big layer's weight-sized intermediates are no longer kept (at least its 1-byte fake-quant mask)
+    assert saved_b - saved_a >= 128 * 128 * 9
+    assert torch.equal(out_a, out_b)
+    assert grads_a.keys() == grads_b.keys() and any("big" in n for n in grads_a)
+    for n in grads_a:
+        assert torch.equal(grads_a[n], grads_b[n]), n

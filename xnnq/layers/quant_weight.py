@@ -28,6 +28,13 @@ with 8-bit operands its codes saturate where bias + products can no longer leave
 (:func:`~xnnq.layers.fake_quant.accumulator_headroom`: TIDL and onnxruntime's fused kernels accumulate
 in int32).
 
+Memory: for a layer of at least ``RECOMPUTE_MIN_NUMEL`` weights the weight path (fold, quantize, unfold) is
+recomputed in the backward (``torch.utils.checkpoint``, non-reentrant) instead of keeping its intermediate
+weight-sized tensors (the folded copy, the fake-quant input) for it: the same operations run again, so the
+gradients are bit-identical; the cost is one more pass over the weights, small beside the convolution.
+Smaller layers (depthwise kernels) keep them: there the recomputation's per-layer overhead would cost more
+than the memory saved.
+
 Learned weight ranges (``learned_range``, :mod:`xnnq.layers.tqt`): the threshold is set from the max rule
 during its first training batches and learned from then on; its power of two is capped at the max rule's
 (a larger range only loses resolution, and TIDL's own power-of-2 rule on the exported weights would choose
@@ -41,6 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .bn_fold import bn_scale, fold_bn
 from .fake_quant import (
@@ -54,6 +62,8 @@ from .fake_quant import (
     weight_scale_from_max,
 )
 from .tqt import LearnedRange
+
+RECOMPUTE_MIN_NUMEL = 1 << 16  # weights from which the weight path is recomputed in the backward
 
 
 class _FoldedWeightMixin:
@@ -246,20 +256,32 @@ class _FoldedWeightMixin:
         if learned is not None and self.training and self.quant_enabled and learned.initializing:
             with torch.no_grad():
                 self.init_learned_range(self.folded_weight_bias(bn)[0])
+        recompute = (
+            torch.is_grad_enabled()
+            and self.weight.requires_grad
+            and self.weight.numel() >= RECOMPUTE_MIN_NUMEL
+        )
         if bn is None or not bn.training:
-            w, b = self.quantized_weight_bias(bn, input_quant)
+            if recompute:
+                w, b = checkpoint(self.quantized_weight_bias, bn, input_quant, use_reentrant=False)
+            else:
+                w, b = self.quantized_weight_bias(bn, input_quant)
             return self.layer_forward(x, w, b)
-        # conv(x, q(W·c)) / c == conv(x, q(W·c) / c): the per-channel division is done on the weights
         c = self._channel_view(bn_scale(bn))
+        w = checkpoint(self._train_weight, c, use_reentrant=False) if recompute else self._train_weight(c)
+        y = self.layer_forward(x, w, self.bias)
+        return bn(y)
+
+    def _train_weight(self, c: torch.Tensor) -> torch.Tensor:
+        """The weight of the BN-training forward: ``q(W·c) / c`` (``W`` where ``c == 0``)."""
+        # conv(x, q(W·c)) / c == conv(x, q(W·c) / c): the per-channel division is done on the weights
         w = self.weight * c
         if self.quant_enabled:
             w = self.quantize_weight(w)[0]
         # a channel with γ = 0 (zero-initialized residual BN, pruned channels) outputs β whatever its conv
         # computes; it keeps its float weights, so its batch statistics are the float model's (no 0 / 0)
         dead = c == 0
-        w = torch.where(dead, self.weight, w / torch.where(dead, 1.0, c))
-        y = self.layer_forward(x, w, self.bias)
-        return bn(y)
+        return torch.where(dead, self.weight, w / torch.where(dead, 1.0, c))
 
 
 class QuantConv2d(_FoldedWeightMixin, nn.Conv2d):
