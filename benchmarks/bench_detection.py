@@ -44,7 +44,14 @@ from xnnq.models.zoo import checkpoint_info, load_pretrained
 from xnnq.tasks import detection
 from xnnq.tasks.ssd import multibox_loss
 
-from common import emit, ort_calibration_reader, qat_finetune_timed, qat_optimizers, range_learning_kwargs
+from common import (
+    calibrate_timed,
+    emit,
+    ort_calibration_reader,
+    qat_finetune_timed,
+    qat_optimizers,
+    range_learning_kwargs,
+)
 
 GOALS = {"qat_drop": 0.5, "ptq_drop": 1.0, "export_diff": 0.1}
 QAT_LR, BATCH_SIZE = 1e-4, 32  # the QAT recipe's defaults (also benchmarks/bench_tqt.py's)
@@ -56,14 +63,7 @@ def calib_batches(train_json: Path, n: int, batch_size: int = 32) -> list[torch.
 
 
 def ptq(model, calib, **kw):
-    q = xnnq.QuantCalibrateModule(model, torch.zeros(1, 3, 128, 128), **kw)
-    t0 = time.process_time()
-    q.train()
-    with torch.no_grad():
-        for x in calib:
-            q(x)
-    q.eval()
-    return q, time.process_time() - t0
+    return calibrate_timed(model, torch.zeros(1, 3, 128, 128), calib, **kw)
 
 
 def qat(

@@ -48,6 +48,7 @@ from xnnq.tasks import segmentation as seg  # noqa: E402
 
 from common import (  # noqa: E402
     add_record_arg,
+    calibrate_timed,
     emit,
     ort_calibration_reader,
     qat_finetune_timed,
@@ -90,12 +91,7 @@ def timed(fn, *args, **kwargs):
 
 
 def ptq(model, calib: list[torch.Tensor], method: str):
-    q = xnnq.QuantCalibrateModule(model, DUMMY, method=method, bias_correction=True)
-    q.train()
-    with torch.no_grad():
-        for x in calib:
-            q(x)
-    return q.eval()
+    return calibrate_timed(model, DUMMY, calib, method=method, bias_correction=True)[0]
 
 
 def qat(

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from xnnq.calibrate import QuantCalibrateModule
 from xnnq.recipes import qat_finetune
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -92,6 +93,19 @@ def qat_finetune_timed(qmodel, train_batches: Iterable, *, checkpoint: Path | No
     t0 = time.process_time()
     qmodel = qat_finetune(qmodel, train_batches, checkpoint=checkpoint, **kwargs)
     return qmodel, before + time.process_time() - t0
+
+
+def calibrate_timed(model: torch.nn.Module, dummy: torch.Tensor, calib: Iterable[torch.Tensor], **settings):
+    """``QuantCalibrateModule(model, dummy, **settings)`` calibrated over the batches ``calib`` (train mode, no
+    grad), then in eval mode; returns ``(wrapper, cpu_seconds)`` (construction excluded)."""
+    q = QuantCalibrateModule(model, dummy, **settings)
+    t0 = time.process_time()
+    q.train()
+    with torch.no_grad():
+        for xb in calib:
+            q(xb)
+    q.eval()
+    return q, time.process_time() - t0
 
 
 def ort_calibration_reader(batches: Iterable[torch.Tensor]):

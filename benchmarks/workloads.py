@@ -15,7 +15,6 @@ calibration and test batches, the PTQ every script runs, and a task metric over 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-import xnnq
 from xnnq.data import batches, cifar10, cifar10_available, data_root
+
+from common import calibrate_timed
 
 MODELS = ("resnet20", "mosaic_detector", "mosaic_segmenter")
 
@@ -125,14 +125,7 @@ def get(name: str) -> Workload:
 def ptq(w: Workload, calib: Sequence[torch.Tensor], model: nn.Module | None = None, **settings):
     """``QuantCalibrateModule(method="mse", **settings)`` (bias correction on) over ``calib``; returns the
     calibrated wrapper in eval mode and the CPU seconds it took."""
-    t0 = time.process_time()
-    q = xnnq.QuantCalibrateModule(model if model is not None else w.float_model(), w.dummy(), **settings)
-    q.train()
-    with torch.no_grad():
-        for xb in calib:
-            q(xb)
-    q.eval()
-    return q, time.process_time() - t0
+    return calibrate_timed(model if model is not None else w.float_model(), w.dummy(), calib, **settings)
 
 
 class Metric:

@@ -16,7 +16,7 @@ hot path and the sync buys a histogram whose shape is always known on the host.
 Cost: one pass over the tensor, the exact minimum and maximum (``torch.aminmax``, reading it once); the
 counts over a sample of at most ``sample_size`` elements per batch, taken as evenly spaced runs of 16
 contiguous elements (:func:`~xnnq.layers.sampling.block_sample`: the same sample size for a sixteenth of the
-memory traffic of a single-element stride), binned by :func:`bin_counts` (histc's counts, vectorized). A
+memory traffic of a single-element stride), counted by :func:`add_counts` (histc's counts, vectorized). A
 ``cap`` (ReLU6) is applied to the extremes and the sample, not to the tensor.
 """
 
@@ -53,14 +53,12 @@ def add_counts(counts: torch.Tensor, sample: torch.Tensor, r: float) -> None:
     """Add the counts of ``sample`` over ``[-r, r]`` to ``counts`` (float64, in place): by ``bincount`` when the
     sample is not much smaller than the histogram, else by ``index_add_`` (no histogram-sized temporary to
     zero and add). The counts are integers either way (exact in float64 below 2^53)."""
-    bins = counts.numel()
-    idx = bin_index(sample, r, bins)
-    if 4 * idx.numel() >= bins:
-        counts.add_(torch.bincount(idx, minlength=bins))
+    bins, n = counts.numel(), sample.numel()
+    if 4 * n >= bins:
+        counts.add_(bin_counts(sample, r, bins))
     else:
-        counts.index_add_(
-            0, idx, torch.ones((), dtype=counts.dtype, device=counts.device).expand(idx.numel())
-        )
+        one = torch.ones((), dtype=counts.dtype, device=counts.device)
+        counts.index_add_(0, bin_index(sample, r, bins), one.expand(n))
 
 
 class Histogram(nn.Module):
