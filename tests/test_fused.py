@@ -222,10 +222,25 @@ def test_models_train_bit_identically(fused_mode, make_model, shape, classes):
             )
 
 
+def _graph_names(fn) -> set[str]:
+    """Names of the autograd nodes reachable from ``fn``."""
+    seen, stack = set(), [fn]
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        stack.extend(g for g, _ in f.next_functions)
+    return {type(f).__name__ for f in seen}
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_an_in_place_op_after_the_kernel_is_allowed(fused_mode, layout):
-    """The result may be modified in place by the next op (``Hardswish(inplace=True)`` in MobileNetV3),
-    with the same values and gradient as the unfused path."""
+@pytest.mark.parametrize("act", [F.hardswish, F.silu])
+def test_an_in_place_op_after_the_kernel_is_allowed(fused_mode, layout, act):
+    """The result may be modified in place by the next op (``Hardswish(inplace=True)`` in MobileNetV3,
+    ``SiLU(inplace=True)`` in EfficientNet), with the same values and gradient as the unfused path; the
+    fused result is a tensor of its own in the input's layout (not a view), so the in-place op costs no
+    view bookkeeping (a ``CopySlices`` node: a clone and a copy of the gradient per quantizer)."""
     x0 = torch.randn(2, 4, 8, 8) * 3
     if layout == "channels_last":
         x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -233,7 +248,12 @@ def test_an_in_place_op_after_the_kernel_is_allowed(fused_mode, layout):
     for mode in (False, True):
         fused_mode(mode)
         x = x0.clone().requires_grad_(True)
-        y = F.hardswish(fused.fake_quantize_activation(x, torch.tensor(2.0**-4), -128, 127), inplace=True)
+        q = fused.fake_quantize_activation(x, torch.tensor(2.0**-4), -128, 127)
+        if mode:
+            assert not q._is_view() and q.stride() == x0.stride()
+        y = act(q, inplace=True)
+        if mode:
+            assert "CopySlices" not in _graph_names(y.grad_fn)
         y.backward(torch.ones_like(y))
         results.append((y.detach(), x.grad))
     assert torch.equal(results[0][0], results[1][0])

@@ -124,21 +124,33 @@ def _kernel_args(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap
     return scale.reshape(()).to(torch.float32), _consts(int(qmin), int(qmax), cap, x.device)
 
 
+def _shaped(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``flat`` laid out as ``like`` (see :func:`_unflat`), as a tensor of its own over the same memory, not a
+    view: an in-place op that follows (``SiLU(inplace=True)``, ``out += identity``) then modifies it as it
+    would the float op's output, without autograd's view bookkeeping (a clone and a copy of the gradient in
+    the backward, per quantizer)."""
+    v = _unflat(flat, like)
+    return flat.new_empty(0).set_(flat.untyped_storage(), v.storage_offset(), v.size(), v.stride())
+
+
 class _ActFakeQuant(torch.autograd.Function):
-    """Forward and backward through the compiled kernels on the flattened tensor; keeps the 1-byte mask
-    for the backward. Input and output are 1-d: the reshapes stay outside the function, so the result is
-    an ordinary view that a following in-place op (``Hardswish(inplace=True)``) may modify."""
+    """Forward and backward through the compiled kernels on the tensor flattened in memory order; keeps the
+    1-byte mask for the backward. The output has the input's shape and layout and is not a view
+    (:func:`_shaped`)."""
 
     @staticmethod
-    def forward(ctx, flat, scale, consts):
-        out, mask = _kernel("fwd")(flat, scale, consts, with_mask=True)
+    def forward(ctx, x, scale, consts):
+        out, mask = _kernel("fwd")(_flat(x), scale, consts, with_mask=True)
         ctx.save_for_backward(mask)
-        return out
+        ctx.channels_last = not x.is_contiguous()
+        return _shaped(out, x)
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return _kernel("bwd")(grad.contiguous(), mask), None, None
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        grad = grad.contiguous(memory_format=fmt)  # the mask's memory order
+        return _unflat(_kernel("bwd")(_flat(grad), mask), grad), None, None
 
 
 def _unfused(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap: float | None) -> torch.Tensor:
@@ -157,7 +169,7 @@ def fake_quantize_activation(
     try:
         args = _kernel_args(x, scale, qmin, qmax, cap)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _unflat(_ActFakeQuant.apply(_flat(x), *args), x)
+            return _ActFakeQuant.apply(x, *args)
         out, _ = _kernel("fwd")(_flat(x), *args, with_mask=False)
         return _unflat(out, x)
     except Exception as e:
