@@ -28,6 +28,14 @@ Per model, in one process:
   interleaved batch by batch, ``--calib-passes`` passes; ``calib_over_float`` is the ratio of the median
   pass times (wall), ``calib_over_float_cpu`` of process CPU time. ``finalize()`` (range choice, bias correction) is timed once, apart.
 
+**Allocator** (``--malloc``): ``default`` leaves glibc as it is: a block over its mmap threshold (at most
+32 MB; a 224×224 activation at batch 16 is 13–80 MB) is mapped fresh for every allocation and returned at
+every free, so each large activation, gradient and temporary pays page faults on first touch (in both
+variants; a quarter of a float step here). ``keep`` (``mallopt``: mmap and trim thresholds 1 GiB) serves
+them from a heap that is kept between steps, as CUDA's caching allocator does where users train: the ratios
+then compare the work of the two steps rather than the kernel's page-fault handling. The mode is in each
+JSON line.
+
 The machine's load (``os.getloadavg()``) is reported before and after each model. One JSON line per model
 on stdout; ``--record`` also appends them to benchmarks/RESULTS.md.
 """
@@ -261,6 +269,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "input": [spec["batch"], 3, spec["size"], spec["size"]],
         "weights": spec["source"],
         "threads": torch.get_num_threads(),
+        "malloc": args.malloc,
         "load_before": [round(v, 2) for v in os.getloadavg()],
     }
     t0 = time.perf_counter()
@@ -281,21 +290,34 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def _table(rows: list[dict]) -> str:
     head = (
-        "| model | threads | float step ms | xnnq / float | torch.ao / float | peak MB float / xnnq (ratio) "
+        "| model | threads | malloc | float step ms | xnnq / float | torch.ao / float | peak MB float / xnnq (ratio) "
         "| calib / float fwd | load (1 min) |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['model']} | — | skipped: {r['skipped']} | | | | | |")
+            lines.append(f"| {r['model']} | — | — | skipped: {r['skipped']} | | | | | |")
             continue
         lines.append(
-            f"| {r['model']} | {r['threads']} | {r['float_step_ms']} | {r['xnnq_over_float']} | "
+            f"| {r['model']} | {r['threads']} | {r.get('malloc', 'default')} | {r['float_step_ms']} | {r['xnnq_over_float']} | "
             f"{r.get('torch_ao_over_float', '—')} | {r['float_peak_mb']} / {r['xnnq_peak_mb']} "
             f"({r['xnnq_mem_over_float']}) | {r.get('calib_over_float', '—')} | "
             f"{r['load_before'][0]}–{r['load_after'][0]} |"
         )
     return "\n".join(lines)
+
+
+def keep_heap() -> None:
+    """Keep freed memory in glibc's heap (``--malloc keep``): mmap and trim thresholds of 1 GiB."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError as e:
+        raise SystemExit(f"bench_cost: --malloc keep needs glibc (libc.so.6): {e}") from e
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30)):
+        raise SystemExit("bench_cost: mallopt refused the thresholds")
 
 
 def main() -> None:
@@ -312,8 +334,16 @@ def main() -> None:
     ap.add_argument("--calib-passes", type=int, default=3)
     ap.add_argument("--skip-ao", action="store_true", help="leave out the torch.ao peer")
     ap.add_argument("--skip-calib", action="store_true")
+    ap.add_argument(
+        "--malloc",
+        choices=("default", "keep"),
+        default="default",
+        help="keep: glibc keeps freed memory for reuse (see the docstring)",
+    )
     ap.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = ap.parse_args()
+    if args.malloc == "keep":
+        keep_heap()
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
