@@ -141,11 +141,14 @@ def choose_range(
             return max(percentile_of(h, hist.width, percentile), hist.width)
         cum = torch.cumsum(h, 0)
         need = percentile / 100.0 * float(cum[-1])
-        best = None
-        for r in pow2_candidates(hist, absmax):  # largest first: keep the last that still covers p %
+        cands = pow2_candidates(hist, absmax)
+        best = cands[0]  # holds every value (>= absmax), whatever the bins say: the fallback
+        for r in cands[1:]:  # largest first: keep the last that still covers p %
             # only whole bins below r count: the bin that holds r may hold values above it
             if float(cum[max(min(math.floor(r / hist.width + 1e-9), len(h)) - 1, 0)]) >= need * (1 - 1e-12):
                 best = r
+            else:
+                break  # coverage only shrinks with r
         return best
     if method == "mse":
         cands = pow2_candidates(hist, absmax) if power2 else edge_candidates(hist, absmax, 1, search_points)
