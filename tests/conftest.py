@@ -1,5 +1,9 @@
 """Shared test set-up: seeding, the shared-data skip, and the small nets and helpers several test files use.
 
+Property tests (hypothesis) draw the same examples on every run (profile ``default``: derandomized), so a
+clean checkout passes or fails the same way each time; ``HYPOTHESIS_PROFILE=explore pytest tests/test_properties.py``
+draws new random examples to look for failures, which then go in as explicit ``@example`` cases.
+
 Test modules import the helpers with ``from conftest import ...`` (pytest puts ``tests/`` on ``sys.path``).
 The shared data folder is :func:`xnnq.data.data_root` (``$XNNQ_DATA``, default ``../shared/data`` from the
 working directory); tests marked ``data`` are skipped, with the reason, when it is absent.
@@ -18,6 +22,15 @@ import torch
 from torch import nn
 
 from xnnq import data
+
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # the dev extra is not installed: the property tests are not collected either
+    _hypothesis_settings = None
+else:
+    _hypothesis_settings.register_profile("default", derandomize=True, database=None)
+    _hypothesis_settings.register_profile("explore", derandomize=False)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(autouse=True)
