@@ -177,7 +177,7 @@ def test_operators_become_modules_with_quantizers():
         "AddBlock",
         "MultBlock",
         "CatBlock",
-        "MaxPool2d",
+        "IndexMaxPool2d",  # F.max_pool2d -> nn.MaxPool2d, kept as the indices-only pool of the QAT graph
         "AvgPool2d",
         "AdaptiveAvgPool2d",
         "Flatten",

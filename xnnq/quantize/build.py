@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..layers.pact2 import PACT2
+from ..layers.pooling import IndexMaxPool2d
 from ..layers.quant_weight import QuantConv2d, QuantLinear
 from ..layers.resize import ResizeWith
 from ..layers.rounding import Site
@@ -125,6 +126,14 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
                 Change(
                     "fold", w.name, f"weights {w.bits}-bit {'per-channel' if w.per_channel else 'per-tensor'}"
                 )
+            )
+    for node in graph.nodes:  # max pools keep their indices, not their input, for the backward
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.MaxPool2d:
+            owner, _, leaf = node.target.rpartition(".")
+            setattr(
+                gm.get_submodule(owner) if owner else gm,
+                leaf,
+                IndexMaxPool2d.from_float(gm.get_submodule(node.target)),
             )
     graph.lint()
     gm.recompile()
