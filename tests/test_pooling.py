@@ -20,8 +20,8 @@ CONFIGS = [
 ]
 
 
-def _saved_bytes(fn) -> dict[torch.dtype, int]:
-    """Bytes autograd keeps for the backward while ``fn()`` runs, by dtype."""
+def _saved_bytes(fn, *args) -> tuple[torch.Tensor, dict[torch.dtype, int]]:
+    """``fn(*args)`` and the bytes autograd keeps for its backward, by dtype."""
     out: dict[torch.dtype, int] = {}
 
     def pack(t):
@@ -29,7 +29,7 @@ def _saved_bytes(fn) -> dict[torch.dtype, int]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn()
+        y = fn(*args)
     return y, out
 
 
@@ -45,7 +45,7 @@ def test_same_output_and_gradient_keeping_only_the_indices(cfg, layout):
     results = []
     for pool in (nn.MaxPool2d(**cfg), IndexMaxPool2d(**cfg)):
         x = x0.clone().requires_grad_(True)
-        y, saved = _saved_bytes(lambda: pool(x * 1.0))  # a non-leaf input, as in a network
+        y, saved = _saved_bytes(pool, x * 1.0)  # a non-leaf input, as in a network
         y.backward(g)
         results.append((y.detach(), x.grad, saved))
     (y_ref, g_ref, saved_ref), (y_new, g_new, saved_new) = results
