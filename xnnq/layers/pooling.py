@@ -6,7 +6,8 @@ values). In a float network the input is kept anyway (the ReLU before the pool k
 tensor); in the QAT graph the pool's input is a quantizer's output, which the quantizer does not keep (it
 keeps a 1-byte mask), so the pool alone holds a full-size float copy (ResNet's stem: 4 bytes × 64 × 112 ×
 112 per image). :class:`IndexMaxPool2d` keeps the indices only: same output, same gradient bit for bit
-(tests/test_pooling.py).
+(tests/test_pooling.py, CPU: the backward is given an uninitialised tensor of the input's sizes and
+strides; on CUDA the same ATen kernel signature, not tested here).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ class _MaxPool2dIndices(torch.autograd.Function):
 
 
 class IndexMaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` (same arguments, no state) whose training backward keeps the argmax indices instead
-    of the input. Elsewhere (eval, no grad, ``return_indices``) it is ``nn.MaxPool2d``."""
+    """``nn.MaxPool2d`` (same arguments, no state) that, when its input requires grad, keeps the argmax
+    indices for the backward instead of the input. Elsewhere (no grad, ``return_indices``, tracing or ONNX
+    export, not 4-d) it is ``nn.MaxPool2d``."""
 
     @classmethod
     def from_float(cls, pool: nn.MaxPool2d) -> IndexMaxPool2d:
