@@ -299,7 +299,7 @@ def _table(rows: list[dict]) -> str:
             lines.append(f"| {r['model']} | — | — | skipped: {r['skipped']} | | | | | |")
             continue
         lines.append(
-            f"| {r['model']} | {r['threads']} | {r.get('malloc', 'default')} | {r['float_step_ms']} | {r['xnnq_over_float']} | "
+            f"| {r['model']} | {r['threads']} | {r['malloc']} | {r['float_step_ms']} | {r['xnnq_over_float']} | "
             f"{r.get('torch_ao_over_float', '—')} | {r['float_peak_mb']} / {r['xnnq_peak_mb']} "
             f"({r['xnnq_mem_over_float']}) | {r.get('calib_over_float', '—')} | "
             f"{r['load_before'][0]}–{r['load_after'][0]} |"

@@ -107,6 +107,21 @@ def quantizer_ranges(qmodel: nn.Module) -> dict[str, tuple[torch.Tensor, torch.T
     }
 
 
+def saved_bytes(fn, *args, exclude: frozenset[int] | set[int] = frozenset()):
+    """``fn(*args)`` and the bytes autograd keeps for its backward, by dtype; tensors whose ``data_ptr`` is in
+    ``exclude`` (e.g. the parameters themselves) are not counted."""
+    by_dtype: dict[torch.dtype, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in exclude:
+            by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, by_dtype
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to max |b|."""
     return float((a - b).detach().abs().max() / b.detach().abs().max())

@@ -9,7 +9,7 @@ import xnnq
 from xnnq.layers import QuantConv2d
 from xnnq.models.cifar_resnet import resnet20
 
-from conftest import randomize_bn
+from conftest import randomize_bn, saved_bytes
 
 
 class CountConvs(TorchDispatchMode):
@@ -140,19 +140,11 @@ def test_recomputed_weight_path_gives_bit_identical_outputs_and_gradients(
         q(x)  # first batch: ranges (and thresholds) from statistics
         if bn_frozen:
             xnnq.utils.freeze_bn(q)
-        saved = []  # bytes of the tensors autograd keeps for the backward (not the parameters themselves)
-        params = {p.data_ptr() for p in q.parameters()}
-
-        def pack(t, saved=saved, params=params):
-            if t.data_ptr() not in params:
-                saved.append(t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = q(x)
+        # bytes of the tensors autograd keeps for the backward (not the parameters themselves)
+        out, saved = saved_bytes(q, x, exclude={p.data_ptr() for p in q.parameters()})
         nn.functional.cross_entropy(out, y).backward()
         grads = {n: p.grad.clone() for n, p in q.named_parameters() if p.grad is not None}
-        results.append((out.detach(), grads, sum(saved)))
+        results.append((out.detach(), grads, sum(saved.values())))
     (out_a, grads_a, saved_a), (out_b, grads_b, saved_b) = results
     # the big layer's weight-sized intermediates are no longer kept (at least its 1-byte fake-quant mask)
     assert saved_b - saved_a >= 128 * 128 * 9

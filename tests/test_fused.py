@@ -18,6 +18,8 @@ import xnnq
 from xnnq.layers import fused
 from xnnq.layers.fake_quant import _FakeQuantSTE, quant_bounds
 
+from conftest import saved_bytes
+
 REFERENCE = Path(__file__).parent / "data" / "fake_quant_reference.pt"
 
 
@@ -137,13 +139,8 @@ def test_keeps_one_byte_per_element_for_the_backward(fused_mode):
 
     for mode in (True, False):
         fused_mode(mode)
-
-        def pack(t, mode=mode):
-            saved[mode] = saved.get(mode, 0) + t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fused.fake_quantize_activation(x, torch.tensor(2.0**-5), 0, 255, 6.0)
+        _, by_dtype = saved_bytes(fused.fake_quantize_activation, x, torch.tensor(2.0**-5), 0, 255, 6.0)
+        saved[mode] = sum(by_dtype.values())
     assert saved[True] == x.numel()  # the uint8 mask
     assert saved[False] >= 2 * 4 * x.numel()  # the clamp's input and the clamped tensor
 

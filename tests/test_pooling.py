@@ -12,25 +12,14 @@ from torch import nn
 import xnnq
 from xnnq.layers.pooling import IndexMaxPool2d
 
+from conftest import saved_bytes
+
 CONFIGS = [
     dict(kernel_size=3, stride=2, padding=1),  # ResNet's stem: overlapping windows
     dict(kernel_size=2),  # stride None: the kernel
     dict(kernel_size=3, stride=2, ceil_mode=True),
     dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1)),
 ]
-
-
-def _saved_bytes(fn, *args) -> tuple[torch.Tensor, dict[torch.dtype, int]]:
-    """``fn(*args)`` and the bytes autograd keeps for its backward, by dtype."""
-    out: dict[torch.dtype, int] = {}
-
-    def pack(t):
-        out[t.dtype] = out.get(t.dtype, 0) + t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn(*args)
-    return y, out
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -45,7 +34,7 @@ def test_same_output_and_gradient_keeping_only_the_indices(cfg, layout):
     results = []
     for pool in (nn.MaxPool2d(**cfg), IndexMaxPool2d(**cfg)):
         x = x0.clone().requires_grad_(True)
-        y, saved = _saved_bytes(pool, x * 1.0)  # a non-leaf input, as in a network
+        y, saved = saved_bytes(pool, x * 1.0)  # a non-leaf input, as in a network
         y.backward(g)
         results.append((y.detach(), x.grad, saved))
     (y_ref, g_ref, saved_ref), (y_new, g_new, saved_new) = results
