@@ -146,11 +146,11 @@ def test_keeps_one_byte_per_element_for_the_backward(fused_mode):
 
 
 def test_a_compile_failure_falls_back_with_one_warning(fused_mode, monkeypatch):
-    def broken(name):
+    def broken(device):
         raise RuntimeError("no C++ compiler")
 
     fused_mode("auto")
-    monkeypatch.setattr(fused, "_kernel", broken)
+    monkeypatch.setattr(fused, "_kernels", broken)
     x = torch.randn(2, 4, 8, 8)
     with pytest.warns(RuntimeWarning, match="could not be compiled"):
         out = fused.fake_quantize_activation(x, torch.tensor(0.25), -128, 127)
@@ -160,6 +160,30 @@ def test_a_compile_failure_falls_back_with_one_warning(fused_mode, monkeypatch):
     fused_mode(True)
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         fused.fake_quantize_activation(x, torch.tensor(0.25), -128, 127)
+
+
+@pytest.mark.parametrize("nbits,signed,cap", [(8, False, 6.0), (8, True, None), (16, True, None)])
+def test_the_compiled_kernels_match_the_c_kernels(nbits, signed, cap):
+    """CPU tensors go through the C loops (xnnq/layers/cpu_kernels.py), other devices through the
+    torch.compile kernels: both, run here on CPU, give the same outputs, masks and gradients."""
+    qmin, qmax = quant_bounds(nbits, signed)
+    for scale in (2.0**-5, 4.0, 0.0371):
+        x = edge_values(scale, qmin, qmax).view(-1)
+        x[::37] = float("nan")
+        s = torch.tensor(scale)
+        (c_out, c_mask), (t_out, t_mask) = (
+            f(x, s, qmin, qmax, cap, True) for f in (fused._cpu_forward, fused._compiled_forward)
+        )
+        assert torch.equal(c_mask, t_mask) and c_mask.dtype == torch.uint8
+        assert torch.equal(torch.isnan(c_out), torch.isnan(x))
+        assert torch.equal(bits(c_out.nan_to_num()), bits(t_out.nan_to_num()))
+        assert torch.equal(
+            bits(fused._cpu_forward(x, s, qmin, qmax, cap, False)[0].nan_to_num()), bits(c_out.nan_to_num())
+        )
+        grad = torch.randn(x.shape)
+        assert torch.equal(
+            bits(fused.cpu_kernels.backward(grad, c_mask)), bits(fused._compiled_backward(grad, t_mask))
+        )
 
 
 def test_set_fused_rejects_unknown_modes():

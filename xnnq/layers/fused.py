@@ -34,11 +34,14 @@ is neither contiguous nor channels-last) take the unfused path; the values are t
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import warnings
 
 import torch
 
+from . import cpu_kernels
 from .fake_quant import _mask_bounds, fake_quantize
 
 FUSED_MODES = ("auto", "1", "0")
@@ -120,10 +123,6 @@ def _unflat(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
-def _kernel_args(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap: float | None) -> tuple:
-    return scale.reshape(()).to(torch.float32), _consts(int(qmin), int(qmax), cap, x.device)
-
-
 def _shaped(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``flat`` laid out as ``like`` (see :func:`_unflat`), as a tensor of its own over the same memory, not a
     view: an in-place op that follows (``SiLU(inplace=True)``, ``out += identity``) then modifies it as it
@@ -133,14 +132,43 @@ def _shaped(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.new_empty(0).set_(flat.untyped_storage(), v.storage_offset(), v.size(), v.stride())
 
 
+def _compiled_forward(flat, scale, qmin, qmax, cap, with_mask):
+    return _kernel("fwd")(
+        flat, scale.reshape(()).to(torch.float32), _consts(qmin, qmax, cap, flat.device), with_mask
+    )
+
+
+def _compiled_backward(grad, mask):
+    return _kernel("bwd")(grad, mask)
+
+
+@functools.cache
+def _cpu_consts(qmin: int, qmax: int, cap: float | None) -> tuple[float, ...]:
+    lo, hi = _mask_bounds(qmin, qmax)
+    return (float(qmin), float(qmax), lo, hi, math.inf if cap is None else float(cap))
+
+
+def _cpu_forward(flat, scale, qmin, qmax, cap, with_mask):
+    return cpu_kernels.forward(flat, scale.reshape(()).float(), _cpu_consts(qmin, qmax, cap), with_mask)
+
+
+def _kernels(device: torch.device):
+    """``(forward, backward)`` for tensors on ``device``: the C loops of :mod:`xnnq.layers.cpu_kernels` on CPU,
+    the ``torch.compile`` kernels elsewhere. ``forward(flat, scale, qmin, qmax, cap, with_mask) -> (out, mask)``,
+    ``backward(grad, mask) -> grad_in``, on tensors flattened in memory order."""
+    if device.type == "cpu":
+        return _cpu_forward, cpu_kernels.backward
+    return _compiled_forward, _compiled_backward
+
+
 class _ActFakeQuant(torch.autograd.Function):
-    """Forward and backward through the compiled kernels on the tensor flattened in memory order; keeps the
+    """Forward and backward through the fused kernels on the tensor flattened in memory order; keeps the
     1-byte mask for the backward. The output has the input's shape and layout and is not a view
     (:func:`_shaped`)."""
 
     @staticmethod
-    def forward(ctx, x, scale, consts):
-        out, mask = _kernel("fwd")(_flat(x), scale, consts, with_mask=True)
+    def forward(ctx, x, scale, qmin, qmax, cap):
+        out, mask = _kernels(x.device)[0](_flat(x), scale, qmin, qmax, cap, True)
         ctx.save_for_backward(mask)
         ctx.channels_last = not x.is_contiguous()
         return _shaped(out, x)
@@ -150,7 +178,7 @@ class _ActFakeQuant(torch.autograd.Function):
         (mask,) = ctx.saved_tensors
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
         grad = grad.contiguous(memory_format=fmt)  # the mask's memory order
-        return _unflat(_kernel("bwd")(_flat(grad), mask), grad), None, None
+        return _unflat(_kernels(grad.device)[1](_flat(grad), mask), grad), None, None, None, None
 
 
 def _unfused(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap: float | None) -> torch.Tensor:
@@ -167,10 +195,10 @@ def fake_quantize_activation(
     if not fused_enabled() or x.dtype != torch.float32 or _flat(x) is None or x.numel() == 0:
         return _unfused(x, scale, qmin, qmax, cap)
     try:
-        args = _kernel_args(x, scale, qmin, qmax, cap)
+        qmin, qmax = int(qmin), int(qmax)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _ActFakeQuant.apply(x, *args)
-        out, _ = _kernel("fwd")(_flat(x), *args, with_mask=False)
+            return _ActFakeQuant.apply(x, scale, qmin, qmax, cap)
+        out, _ = _kernels(x.device)[0](_flat(x), scale, qmin, qmax, cap, False)
         return _unflat(out, x)
     except Exception as e:
         if _state["mode"] == "1":

@@ -1,0 +1,146 @@
+"""The fused activation fake-quantization kernels for CPU tensors: a small C library built at first use.
+
+Two loops over a float32 array in memory order (see :mod:`xnnq.layers.fused` for what they compute):
+
+* ``xnnq_fq_forward``: ``out = round_half_even(clamp(min(x, cap) · inv, qmin, qmax)) · s`` (code 0 as +0.0)
+  and, when asked, the 1-byte straight-through mask ``(x < cap) & (lo < codes < hi)``;
+* ``xnnq_fq_backward``: ``mask ? grad : +0.0``.
+
+Why C and not the ``torch.compile`` kernels used on GPUs: inductor's CPU code loads the 1-byte mask eight
+elements at a time through a partial vector load, which made its backward several times slower than a copy of
+the gradient, and each call of a compiled function costs tens of microseconds in guards and wrappers. These
+loops are plain C that GCC/Clang vectorize (``-O3 -march=native``) and split over ``omp parallel for`` in
+the OpenMP runtime torch already loaded (the same ``libgomp.so.1``), with torch's thread count passed in.
+
+Build: ``$CC`` (default ``cc``) compiles the source below into a temporary directory once per process
+(a fraction of a second; nothing is cached on disk, so a library built for one CPU never runs on another).
+NaN propagates through the forward (a NaN input gives a NaN output; its mask byte is 0).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shlex
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = r"""
+#include <stdint.h>
+#include <math.h>
+
+#define BLOCK 16384
+#define PARALLEL_MIN 65536
+
+void xnnq_fq_forward(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t n,
+                     float scale, float inv, float qmin, float qmax, float lo, float hi, float cap,
+                     int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if (n > PARALLEL_MIN)
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        int64_t e = b + BLOCK < n ? b + BLOCK : n;
+        if (mask) {
+            for (int64_t i = b; i < e; i++) {
+                float xi = x[i];
+                float c = (xi > cap ? cap : xi) * inv;       /* NaN stays NaN */
+                float k = c < qmin ? qmin : c;
+                k = k > qmax ? qmax : k;
+                float q = nearbyintf(k);                     /* half to even */
+                out[i] = (q == 0.0f ? 0.0f : q) * scale;     /* code 0 is +0.0 */
+                mask[i] = (uint8_t)((xi < cap) & (c > lo) & (c < hi));
+            }
+        } else {
+            for (int64_t i = b; i < e; i++) {
+                float xi = x[i];
+                float c = (xi > cap ? cap : xi) * inv;
+                float k = c < qmin ? qmin : c;
+                k = k > qmax ? qmax : k;
+                float q = nearbyintf(k);
+                out[i] = (q == 0.0f ? 0.0f : q) * scale;
+            }
+        }
+    }
+}
+
+void xnnq_fq_backward(const float *restrict grad, const uint8_t *restrict mask, float *restrict out,
+                      int64_t n, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if (n > PARALLEL_MIN)
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        int64_t e = b + BLOCK < n ? b + BLOCK : n;
+        for (int64_t i = b; i < e; i++) out[i] = mask[i] ? grad[i] : 0.0f;
+    }
+}
+"""
+
+# tried in order: vectorized for this CPU and threaded; then plain (a compiler without OpenMP or -march=native,
+# e.g. Apple clang: the loops then run on one thread)
+FLAG_SETS = (
+    ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"),
+    ("-O3", "-fno-math-errno", "-shared", "-fPIC"),
+)
+_lib: ctypes.CDLL | None = None
+
+
+def _build() -> ctypes.CDLL:
+    """Compile :data:`SOURCE` with ``$CC`` and load it; raises ``RuntimeError`` with the compiler's message."""
+    cc = shlex.split(os.environ.get("CC", "cc"))
+    with tempfile.TemporaryDirectory(prefix="xnnq-kernels-") as tmp:
+        src, lib = Path(tmp) / "fq.c", Path(tmp) / "fq.so"
+        src.write_text(SOURCE)
+        for flags in FLAG_SETS:
+            try:
+                proc = subprocess.run([*cc, *flags, str(src), "-o", str(lib)], capture_output=True, text=True)
+            except OSError as e:
+                raise RuntimeError(f"no C compiler ({' '.join(cc)}: {e}); set CC") from e
+            if proc.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"{' '.join(cc)} failed: {proc.stderr.strip()[:500]}")
+        handle = ctypes.CDLL(str(lib))  # the file may go once loaded
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    handle.xnnq_fq_forward.argtypes = [p, p, p, i64, *([f32] * 7), i32]
+    handle.xnnq_fq_forward.restype = None
+    handle.xnnq_fq_backward.argtypes = [p, p, p, i64, i32]
+    handle.xnnq_fq_backward.restype = None
+    return handle
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernel library (built at the first call in the process)."""
+    global _lib
+    if _lib is None:
+        _lib = _build()
+    return _lib
+
+
+def forward(
+    flat: torch.Tensor, scale: torch.Tensor, consts: tuple[float, ...], with_mask: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(out, mask)`` for the contiguous 1-d float32 CPU tensor ``flat``; ``consts`` is ``(qmin, qmax, lo, hi,
+    cap)`` (``cap`` +inf when there is none). The reciprocal of ``scale`` is taken in float32, as torch does."""
+    lib = library()
+    s, inv = torch.stack([scale, 1.0 / scale]).tolist()
+    out = torch.empty_like(flat)
+    mask = torch.empty(flat.shape, dtype=torch.uint8) if with_mask else None
+    lib.xnnq_fq_forward(
+        flat.data_ptr(),
+        out.data_ptr(),
+        None if mask is None else mask.data_ptr(),
+        flat.numel(),
+        s,
+        inv,
+        *consts,
+        torch.get_num_threads(),
+    )
+    return out, mask
+
+
+def backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``where(mask, grad, 0)`` for contiguous 1-d CPU tensors (float32 ``grad``, uint8 ``mask``)."""
+    out = torch.empty_like(grad)
+    library().xnnq_fq_backward(
+        grad.data_ptr(), mask.data_ptr(), out.data_ptr(), grad.numel(), torch.get_num_threads()
+    )
+    return out
