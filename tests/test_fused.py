@@ -26,8 +26,9 @@ REFERENCE = Path(__file__).parent / "data" / "fake_quant_reference.pt"
 @pytest.fixture
 def fused_mode():
     """Restores the process-wide switch after a test that flips it."""
+    before = fused._state["mode"]
     yield fused.set_fused
-    fused.set_fused("0")
+    fused.set_fused(before)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -279,3 +280,13 @@ def test_an_in_place_op_after_the_kernel_is_allowed(fused_mode, layout, act):
         results.append((y.detach(), x.grad))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
+
+
+def test_the_default_is_the_c_kernels_on_cpu_only(fused_mode):
+    fused_mode("cpu")
+    assert fused.fused_enabled("cpu") and not fused.fused_enabled("cuda") and not fused.fused_enabled("meta")
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    out = fused.fake_quantize_activation(x, torch.tensor(2.0**-4), -128, 127)
+    assert type(out.grad_fn).__name__ == "_ActFakeQuantBackward"
+    fused_mode("auto")
+    assert fused.fused_enabled("cuda")
