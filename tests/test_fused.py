@@ -290,3 +290,50 @@ def test_the_default_is_the_c_kernels_on_cpu_only(fused_mode):
     assert type(out.grad_fn).__name__ == "_ActFakeQuantBackward"
     fused_mode("auto")
     assert fused.fused_enabled("cuda")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_in_place_gives_the_same_values_and_gradients_without_a_new_tensor(fused_mode, layout):
+    """``inplace=True`` (the quantizer replaced a ``ReLU(inplace=True)``): the C kernel writes into its input,
+    with the out-of-place result's values and gradient bit for bit; a view is never overwritten."""
+    fused_mode("cpu")
+    x0 = edge_values(2.0**-4, 0, 255)
+    if layout == "channels_last":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x0.shape)
+    results = []
+    for inplace in (False, True):
+        w = torch.ones((), requires_grad=True)
+        x = x0 * w  # a fresh non-leaf, as a layer's output
+        ptr = x.data_ptr()
+        out = fused.fake_quantize_activation(x, torch.tensor(2.0**-4), 0, 255, 6.0, inplace=inplace)
+        assert (out.data_ptr() == ptr) is inplace and out.stride() == x0.stride()
+        out.backward(grad)
+        results.append((out.detach().clone(), w.grad))
+        with torch.no_grad():
+            y = x0.clone()
+            q = fused.fake_quantize_activation(y, torch.tensor(2.0**-4), 0, 255, 6.0, inplace=inplace)
+            assert (q is y) is inplace and torch.equal(bits(q), bits(results[0][0]))
+    assert torch.equal(bits(results[0][0]), bits(results[1][0]))
+    assert torch.equal(bits(results[0][1]), bits(results[1][1]))
+    base = x0.clone()
+    view = base[:2]
+    out = fused.fake_quantize_activation(view, torch.tensor(2.0**-4), 0, 255, 6.0, inplace=True)
+    assert out.data_ptr() != view.data_ptr() and torch.equal(base, x0)
+
+
+def test_a_quantizer_with_a_hook_does_not_overwrite_its_input(fused_mode):
+    """PACT2(inplace=True) writes into its input, unless a forward hook could keep that input (the per-layer
+    analysis compares a quantizer's input with its output)."""
+    fused_mode("cpu")
+    q = xnnq.layers.PACT2(signed=False, inplace=True, clip_range=4.0).train()
+    x = torch.randn(2, 8, 16, 16) * 3
+    y = x.clone()
+    assert q(y) is y
+    seen = []
+    handle = q.register_forward_hook(lambda m, args, out: seen.append(args[0].clone() - out))
+    z = x.clone()
+    out = q(z)
+    handle.remove()
+    assert out is not z and torch.equal(z, x) and seen[0].abs().max() > 0
+    assert torch.equal(out, y)

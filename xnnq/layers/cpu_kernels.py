@@ -35,32 +35,43 @@ SOURCE = r"""
 #define BLOCK 16384
 #define PARALLEL_MIN 65536
 
+/* one element: the code of min(x, cap) (NaN stays NaN), rounded half to even, times the scale (code 0 as
+   +0.0); KEEP is the straight-through mask */
+#define FQ_ELEMENT(xi, OUT, KEEP)                                    \
+    {                                                                \
+        float c_ = ((xi) > cap ? cap : (xi)) * inv;                  \
+        float k_ = c_ < qmin ? qmin : c_;                            \
+        k_ = k_ > qmax ? qmax : k_;                                  \
+        float q_ = nearbyintf(k_);                                   \
+        OUT = (q_ == 0.0f ? 0.0f : q_) * scale;                      \
+        KEEP = (uint8_t)(((xi) < cap) & (c_ > lo) & (c_ < hi));      \
+    }
+
+#define FQ_LOOP(BODY)                                                                      \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (n > PARALLEL_MIN)") \
+    for (int64_t b = 0; b < n; b += BLOCK) {                                               \
+        int64_t e = b + BLOCK < n ? b + BLOCK : n;                                         \
+        for (int64_t i = b; i < e; i++) BODY                                               \
+    }
+
+/* out-of-place; mask may be NULL (no gradient wanted) */
 void xnnq_fq_forward(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t n,
                      float scale, float inv, float qmin, float qmax, float lo, float hi, float cap,
                      int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads) if (n > PARALLEL_MIN)
-    for (int64_t b = 0; b < n; b += BLOCK) {
-        int64_t e = b + BLOCK < n ? b + BLOCK : n;
-        if (mask) {
-            for (int64_t i = b; i < e; i++) {
-                float xi = x[i];
-                float c = (xi > cap ? cap : xi) * inv;       /* NaN stays NaN */
-                float k = c < qmin ? qmin : c;
-                k = k > qmax ? qmax : k;
-                float q = nearbyintf(k);                     /* half to even */
-                out[i] = (q == 0.0f ? 0.0f : q) * scale;     /* code 0 is +0.0 */
-                mask[i] = (uint8_t)((xi < cap) & (c > lo) & (c < hi));
-            }
-        } else {
-            for (int64_t i = b; i < e; i++) {
-                float xi = x[i];
-                float c = (xi > cap ? cap : xi) * inv;
-                float k = c < qmin ? qmin : c;
-                k = k > qmax ? qmax : k;
-                float q = nearbyintf(k);
-                out[i] = (q == 0.0f ? 0.0f : q) * scale;
-            }
-        }
+    if (mask) {
+        FQ_LOOP({ FQ_ELEMENT(x[i], out[i], mask[i]) })
+    } else {
+        FQ_LOOP({ uint8_t keep; FQ_ELEMENT(x[i], out[i], keep) (void)keep; })
+    }
+}
+
+/* in place: x is overwritten with its fake-quantized values */
+void xnnq_fq_forward_inplace(float *restrict x, uint8_t *restrict mask, int64_t n, float scale, float inv,
+                             float qmin, float qmax, float lo, float hi, float cap, int threads) {
+    if (mask) {
+        FQ_LOOP({ float xi = x[i]; FQ_ELEMENT(xi, x[i], mask[i]) })
+    } else {
+        FQ_LOOP({ float xi = x[i]; uint8_t keep; FQ_ELEMENT(xi, x[i], keep) (void)keep; })
     }
 }
 
@@ -104,6 +115,8 @@ def _build() -> ctypes.CDLL:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     handle.xnnq_fq_forward.argtypes = [p, p, p, i64, *([f32] * 7), i32]
     handle.xnnq_fq_forward.restype = None
+    handle.xnnq_fq_forward_inplace.argtypes = [p, p, i64, *([f32] * 7), i32]
+    handle.xnnq_fq_forward_inplace.restype = None
     handle.xnnq_fq_backward.argtypes = [p, p, p, i64, i32]
     handle.xnnq_fq_backward.restype = None
     return handle
@@ -118,24 +131,21 @@ def library() -> ctypes.CDLL:
 
 
 def forward(
-    flat: torch.Tensor, scale: torch.Tensor, consts: tuple[float, ...], with_mask: bool
+    flat: torch.Tensor, scale: torch.Tensor, consts: tuple[float, ...], with_mask: bool, inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(out, mask)`` for the contiguous 1-d float32 CPU tensor ``flat``; ``consts`` is ``(qmin, qmax, lo, hi,
-    cap)`` (``cap`` +inf when there is none). The reciprocal of ``scale`` is taken in float32, as torch does."""
+    cap)`` (``cap`` +inf when there is none). The reciprocal of ``scale`` is taken in float32, as torch does.
+    ``inplace``: ``out`` is ``flat``, overwritten."""
     lib = library()
     s, inv = torch.stack([scale, 1.0 / scale]).tolist()
-    out = torch.empty_like(flat)
     mask = torch.empty(flat.shape, dtype=torch.uint8) if with_mask else None
-    lib.xnnq_fq_forward(
-        flat.data_ptr(),
-        out.data_ptr(),
-        None if mask is None else mask.data_ptr(),
-        flat.numel(),
-        s,
-        inv,
-        *consts,
-        torch.get_num_threads(),
-    )
+    mask_ptr = None if mask is None else mask.data_ptr()
+    threads = torch.get_num_threads()
+    if inplace:
+        lib.xnnq_fq_forward_inplace(flat.data_ptr(), mask_ptr, flat.numel(), s, inv, *consts, threads)
+        return flat, mask
+    out = torch.empty_like(flat)
+    lib.xnnq_fq_forward(flat.data_ptr(), out.data_ptr(), mask_ptr, flat.numel(), s, inv, *consts, threads)
     return out, mask
 
 

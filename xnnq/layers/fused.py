@@ -138,7 +138,7 @@ def _shaped(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.new_empty(0).set_(flat.untyped_storage(), v.storage_offset(), v.size(), v.stride())
 
 
-def _compiled_forward(flat, scale, qmin, qmax, cap, with_mask):
+def _compiled_forward(flat, scale, qmin, qmax, cap, with_mask, inplace=False):  # out of place always
     return _kernel("fwd")(
         flat, scale.reshape(()).to(torch.float32), _consts(qmin, qmax, cap, flat.device), with_mask
     )
@@ -154,13 +154,16 @@ def _cpu_consts(qmin: int, qmax: int, cap: float | None) -> tuple[float, ...]:
     return (float(qmin), float(qmax), lo, hi, math.inf if cap is None else float(cap))
 
 
-def _cpu_forward(flat, scale, qmin, qmax, cap, with_mask):
-    return cpu_kernels.forward(flat, scale.reshape(()).float(), _cpu_consts(qmin, qmax, cap), with_mask)
+def _cpu_forward(flat, scale, qmin, qmax, cap, with_mask, inplace=False):
+    return cpu_kernels.forward(
+        flat, scale.reshape(()).float(), _cpu_consts(qmin, qmax, cap), with_mask, inplace
+    )
 
 
 def _kernels(device: torch.device):
     """``(forward, backward)`` for tensors on ``device``: the C loops of :mod:`xnnq.layers.cpu_kernels` on CPU,
-    the ``torch.compile`` kernels elsewhere. ``forward(flat, scale, qmin, qmax, cap, with_mask) -> (out, mask)``,
+    the ``torch.compile`` kernels elsewhere. ``forward(flat, scale, qmin, qmax, cap, with_mask, inplace) ->
+    (out, mask)`` (``out`` is ``flat`` when the kernel worked in place: only the C loops do),
     ``backward(grad, mask) -> grad_in``, on tensors flattened in memory order."""
     if device.type == "cpu":
         return _cpu_forward, cpu_kernels.backward
@@ -173,10 +176,14 @@ class _ActFakeQuant(torch.autograd.Function):
     (:func:`_shaped`)."""
 
     @staticmethod
-    def forward(ctx, x, scale, qmin, qmax, cap):
-        out, mask = _kernels(x.device)[0](_flat(x), scale, qmin, qmax, cap, True)
+    def forward(ctx, x, scale, qmin, qmax, cap, inplace):
+        flat = _flat(x)
+        out, mask = _kernels(x.device)[0](flat, scale, qmin, qmax, cap, True, inplace)
         ctx.save_for_backward(mask)
         ctx.channels_last = not x.is_contiguous()
+        if out is flat:  # written in place
+            ctx.mark_dirty(x)
+            return x
         return _shaped(out, x)
 
     @staticmethod
@@ -184,7 +191,7 @@ class _ActFakeQuant(torch.autograd.Function):
         (mask,) = ctx.saved_tensors
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
         grad = grad.contiguous(memory_format=fmt)  # the mask's memory order
-        return _unflat(_kernels(grad.device)[1](_flat(grad), mask), grad), None, None, None, None
+        return _unflat(_kernels(grad.device)[1](_flat(grad), mask), grad), None, None, None, None, None
 
 
 def _unfused(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap: float | None) -> torch.Tensor:
@@ -194,18 +201,31 @@ def _unfused(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap: fl
 
 
 def fake_quantize_activation(
-    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap: float | None = None
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    cap: float | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """``fake_quantize(x.clamp(max=cap), scale, qmin, qmax)`` (per tensor) with the same values and gradient,
-    in one fused kernel per direction when available (see the module docstring)."""
+    in one fused kernel per direction when available (see the module docstring).
+
+    ``inplace``: the caller allows ``x`` to be overwritten (nothing else reads it: a ``ReLU(inplace=True)``
+    was there, or ``x`` is a layer's fresh output that only this quantizer reads). The C kernels then write
+    the result into ``x`` and return it (no new activation-sized tensor); elsewhere, for a view, or for a
+    leaf that requires grad, the result is a new tensor as without ``inplace``."""
     if not fused_enabled(x.device) or x.dtype != torch.float32 or _flat(x) is None or x.numel() == 0:
         return _unfused(x, scale, qmin, qmax, cap)
     try:
         qmin, qmax = int(qmin), int(qmax)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _ActFakeQuant.apply(x, scale, qmin, qmax, cap)
-        out, _ = _kernels(x.device)[0](_flat(x), scale, qmin, qmax, cap, False)
-        return _unflat(out, x)
+        grad = torch.is_grad_enabled() and x.requires_grad
+        inplace = inplace and x._base is None and not (grad and x.is_leaf)
+        if grad:
+            return _ActFakeQuant.apply(x, scale, qmin, qmax, cap, inplace)
+        flat = _flat(x)
+        out, _ = _kernels(x.device)[0](flat, scale, qmin, qmax, cap, False, inplace)
+        return x if out is flat else _unflat(out, x)
     except Exception as e:
         if _state["mode"] == "1":
             raise

@@ -40,7 +40,9 @@ class PACT2(nn.Module):
             threshold (TQT), set from the observer's range during its first batches and trained from then on
             (the observer is called only until then); ``None``: the range is the observer's.
         inplace: the float op this module replaced (a ReLU / ReLU6) worked in place: so does
-            :meth:`float_forward` (calibration, quantization off), as the float model would.
+            :meth:`float_forward` (calibration, quantization off), as the float model would, and so does the
+            fused fake-quantization on CPU (:func:`~xnnq.layers.fused.fake_quantize_activation`) unless a
+            forward hook is registered on this module (a hook sees the input as it was).
 
     The range is observed in training mode unless frozen (:func:`freeze_quant_range`); ``train()`` and
     ``eval()`` never change the frozen state. An observer that works in float while observing (calibration)
@@ -230,10 +232,19 @@ class PACT2(nn.Module):
             )
         scale, qmin, qmax = self.qparams()
         if rounding is Rounding.HALF_EVEN:  # the fused one-pass kernels round half to even
-            return fake_quantize_activation(x, scale, qmin, qmax, self.cap)
+            return fake_quantize_activation(x, scale, qmin, qmax, self.cap, inplace=self._may_overwrite())
         if self.cap is not None:
             x = x.clamp(max=self.cap)
         return fake_quantize(x, scale, qmin, qmax, rounding=rounding)
+
+    def _may_overwrite(self) -> bool:
+        """The fake-quantized values may be written into the input: the float op was in place (so nothing
+        else reads its input in the user's model either) and no hook could keep the input to compare."""
+        return (
+            self.inplace
+            and not (self._forward_hooks or self._forward_pre_hooks)
+            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        )
 
     def extra_repr(self) -> str:
         s = f"bits={self.bits}, signed={self.signed}, power2={self.power2}"
