@@ -337,3 +337,68 @@ def test_a_quantizer_with_a_hook_does_not_overwrite_its_input(fused_mode):
     handle.remove()
     assert out is not z and torch.equal(z, x) and seen[0].abs().max() > 0
     assert torch.equal(out, y)
+
+
+class _SiLUBlock(torch.nn.Module):
+    """An EfficientNet-like block written for the test: conv-BN-SiLU(inplace), squeeze-excitation
+    (Sigmoid, whose backward reads its output), a linear projection and a residual add."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = torch.nn.Sequential(
+            torch.nn.Conv2d(3, c, 3, padding=1), torch.nn.BatchNorm2d(c), torch.nn.SiLU(inplace=True)
+        )
+        self.expand = torch.nn.Sequential(
+            torch.nn.Conv2d(c, 2 * c, 1), torch.nn.BatchNorm2d(2 * c), torch.nn.SiLU(inplace=True)
+        )
+        self.se = torch.nn.Sequential(
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Conv2d(2 * c, 4, 1),
+            torch.nn.SiLU(inplace=True),
+            torch.nn.Conv2d(4, 2 * c, 1),
+            torch.nn.Sigmoid(),
+        )
+        self.project = torch.nn.Sequential(torch.nn.Conv2d(2 * c, c, 1), torch.nn.BatchNorm2d(c))
+        self.head = torch.nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        e = self.expand(x)
+        x = x + self.project(e * self.se(e))
+        return self.head(x.mean((2, 3)))
+
+
+def test_quantizers_overwrite_fresh_layer_outputs_with_identical_training(fused_mode):
+    """The build lets a quantizer overwrite a conv's, an add's or an in-place SiLU's output that only it reads
+    (not a Sigmoid's: its backward reads it); training is bit-identical to the unfused path."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+    q = xnnq.QuantTrainModule(_SiLUBlock(), x[:1])
+    mods = dict(q.module.named_modules())
+    overwrites = {s.reason for s in q.plan.acts if mods[s.name]._producer_hooks is not None}
+    assert {"Conv2d+BN", "SiLU", "AddBlock"} <= overwrites and "Sigmoid" not in overwrites
+    fused_mode(False)
+    ref = _train(_SiLUBlock, x, y)
+    fused_mode("cpu")
+    new = _train(_SiLUBlock, x, y)
+    for a, b in zip(ref, new):
+        for u, v in zip(a, b):
+            assert torch.equal(
+                bits(u) if u.dtype == torch.float32 else u, bits(v) if v.dtype == torch.float32 else v
+            )
+
+
+def test_a_hook_on_the_layer_keeps_its_float_output(fused_mode):
+    """A forward hook on a layer whose output a quantizer would overwrite sees that output as the layer
+    computed it: with a hook registered, the quantizer writes a new tensor."""
+    fused_mode("cpu")
+    torch.manual_seed(0)
+    q = xnnq.QuantTrainModule(_SiLUBlock(), torch.randn(1, 3, 16, 16)).train()
+    q(torch.randn(4, 3, 16, 16))
+    conv = q.module.get_submodule("expand.0")
+    kept = []
+    handle = conv.register_forward_hook(lambda m, args, out: kept.append((out, out.clone())))
+    q(torch.randn(4, 3, 16, 16))
+    handle.remove()
+    out, copy_at_hook = kept[0]
+    assert torch.equal(out, copy_at_hook)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
+from ..layers.blocks import AddBlock
 from ..layers.pact2 import PACT2
 from ..layers.pooling import IndexMaxPool2d
 from ..layers.quant_weight import QuantConv2d, QuantLinear
@@ -135,5 +136,32 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
                 leaf,
                 IndexMaxPool2d.from_float(gm.get_submodule(node.target)),
             )
+    _allow_overwrites(gm)
     graph.lint()
     gm.recompile()
+
+
+def _fresh_output(node: fx.Node, mod: nn.Module) -> bool:
+    """``node``'s output is a tensor of its own whose producer's backward does not read it: a conv/linear
+    (with its BN), a sum of two or more tensors, or an in-place SiLU (whose backward keeps its own copy of
+    the input). Not a Sigmoid/ReLU-like op (their backward reads the output) nor anything that may return an
+    alias of its input."""
+    if isinstance(mod, (QuantConv2d, QuantLinear)):
+        return True
+    if isinstance(mod, AddBlock):
+        return len(node.args) >= 2
+    return type(mod) is nn.SiLU and mod.inplace
+
+
+def _allow_overwrites(gm: fx.GraphModule) -> None:
+    """Let each quantizer whose input is such a fresh output, read by nothing else, overwrite it (the fused
+    kernel on CPU then makes no activation-sized tensor; :meth:`PACT2.overwrite_output_of`)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), PACT2):
+            continue
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        producer = gm.get_submodule(src.target)
+        if _fresh_output(src, producer):
+            gm.get_submodule(node.target).overwrite_output_of(producer)
