@@ -402,3 +402,23 @@ def test_a_hook_on_the_layer_keeps_its_float_output(fused_mode):
     handle.remove()
     out, copy_at_hook = kept[0]
     assert torch.equal(out, copy_at_hook)
+
+
+@pytest.mark.parametrize("n", [10, 4096, 65536, 65537, 16 * 96 * 28 * 28])
+def test_the_c_sample_extremes_equal_the_torch_ones(n):
+    """The range tracker's tail-trimmed extremes from the C kernel (ranking the sampled runs where they lie)
+    equal those of the sample copy ranked by torch.topk, ties, infinities and tails from none to 30 %."""
+    from xnnq.layers.sampling import block_sample, sampled_tail_extremes, tail_extremes
+
+    g = torch.Generator().manual_seed(n)
+    for kind in ("normal", "ties", "inf"):
+        x = torch.randn(n, generator=g) if kind != "ties" else torch.randint(-3, 4, (n,), generator=g).float()
+        if kind == "inf":
+            x[n // 3], x[n // 2] = float("inf"), float("-inf")
+        for tail, track_min in itertools.product((0.0, 1e-4, 0.01, 0.3), (True, False)):
+            sample = block_sample(x, 1 << 16)
+            ref = tail_extremes(sample, max(1, int(tail * sample.numel())), track_min)
+            new = sampled_tail_extremes(x, 1 << 16, tail, track_min)
+            assert torch.equal(ref[0], new[0]) and torch.equal(ref[1], new[1]), (kind, tail, track_min)
+    x[n // 2] = float("nan")
+    assert torch.isnan(sampled_tail_extremes(x, n, 1e-4, True)[1])

@@ -85,6 +85,42 @@ void xnnq_fq_backward(const uint32_t *restrict grad, const uint8_t *restrict mas
         for (int64_t i = b; i < e; i++) out[i] = grad[i] & (0u - (uint32_t)mask[i]);
     }
 }
+
+/* top[0..k) sorted descending; v > top[k-1] takes its place */
+static void insert_desc(float *top, int64_t k, float v) {
+    int64_t j = k - 1;
+    while (j > 0 && top[j - 1] < v) { top[j] = top[j - 1]; j--; }
+    top[j] = v;
+}
+
+/* The k-th smallest (out[0]; 0 unless track_min) and k-th largest (out[1]) of the elements
+   x[r*stride + i], r < rows, i < len; both NaN when one of them is NaN. work: 2k floats. Each row's
+   extremes are taken first (vectorized); a row takes part in the ranking only if it can change it. */
+void xnnq_tail_extremes(const float *x, int64_t rows, int64_t len, int64_t stride, int64_t k,
+                        int track_min, float *work, float *out) {
+    float *hi = work, *neg_lo = work + k;   /* neg_lo: the negated smallest values, descending */
+    for (int64_t j = 0; j < k; j++) hi[j] = neg_lo[j] = -INFINITY;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *p = x + r * stride;
+        float bmax = -INFINITY, bmin = INFINITY;
+        int nan = 0;
+        for (int64_t i = 0; i < len; i++) {
+            float v = p[i];
+            bmax = v > bmax ? v : bmax;
+            bmin = v < bmin ? v : bmin;
+            nan |= v != v;
+        }
+        if (nan) { out[0] = out[1] = NAN; return; }
+        if (bmax > hi[k - 1])
+            for (int64_t i = 0; i < len; i++)
+                if (p[i] > hi[k - 1]) insert_desc(hi, k, p[i]);
+        if (track_min && -bmin > neg_lo[k - 1])
+            for (int64_t i = 0; i < len; i++)
+                if (-p[i] > neg_lo[k - 1]) insert_desc(neg_lo, k, -p[i]);
+    }
+    out[0] = track_min ? -neg_lo[k - 1] : 0.0f;
+    out[1] = hi[k - 1];
+}
 """
 
 # tried in order: vectorized for this CPU and threaded; then plain (a compiler without OpenMP or -march=native,
@@ -117,6 +153,8 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_fq_forward.restype = None
     handle.xnnq_fq_forward_inplace.argtypes = [p, p, i64, *([f32] * 7), i32]
     handle.xnnq_fq_forward_inplace.restype = None
+    handle.xnnq_tail_extremes.argtypes = [p, i64, i64, i64, i64, i32, p, p]
+    handle.xnnq_tail_extremes.restype = None
     handle.xnnq_fq_backward.argtypes = [p, p, p, i64, i32]
     handle.xnnq_fq_backward.restype = None
     return handle
@@ -156,3 +194,14 @@ def backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         grad.data_ptr(), mask.data_ptr(), out.data_ptr(), grad.numel(), torch.get_num_threads()
     )
     return out
+
+
+def tail_extremes(x: torch.Tensor, rows: int, length: int, stride: int, k: int, track_min: bool) -> torch.Tensor:
+    """``[k-th smallest, k-th largest]`` (float32, shape ``(2,)``) of the elements ``x[r·stride + i]``, ``r <
+    rows``, ``i < length``, of the contiguous 1-d float32 CPU tensor ``x`` (the k-th smallest is 0 when not
+    ``track_min``); both NaN when the elements hold a NaN."""
+    work = torch.empty(2 * k + 2)
+    library().xnnq_tail_extremes(
+        x.data_ptr(), rows, length, stride, k, int(track_min), work.data_ptr(), work.data_ptr() + 8 * k
+    )
+    return work[2 * k :]

@@ -227,14 +227,32 @@ def fake_quantize_activation(
         out, _ = _kernels(x.device)[0](flat, scale, qmin, qmax, cap, False, inplace)
         return x if out is flat else _unflat(out, x)
     except Exception as e:
-        if _state["mode"] == "1":
-            raise
-        _state["failed"] = True
-        warnings.warn(
-            f"xnnq: the fused fake-quantization kernels could not be compiled ({type(e).__name__}: "
-            f"{str(e)[:300]}); using the unfused functions (same numerics, slower). Set CC to a working "
-            "C compiler, or XNNQ_FUSED=0 to skip the attempt.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        _failed(e)
         return _unfused(x, scale, qmin, qmax, cap)
+
+
+def _failed(e: Exception) -> None:
+    """A kernel could not be built or run: raise in mode ``"1"``, else warn once and switch them off."""
+    if _state["mode"] == "1":
+        raise e
+    _state["failed"] = True
+    warnings.warn(
+        f"xnnq: the fused fake-quantization kernels could not be compiled ({type(e).__name__}: "
+        f"{str(e)[:300]}); using the unfused functions (same numerics, slower). Set CC to a working "
+        "C compiler, or XNNQ_FUSED=0 to skip the attempt.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def c_kernels_ready() -> bool:
+    """Whether the C kernels serve CPU tensors now: switched on (:func:`set_fused`) and built (built here at
+    the first call; a failure is handled as in :func:`fake_quantize_activation`)."""
+    if not fused_enabled("cpu"):
+        return False
+    try:
+        cpu_kernels.library()
+    except Exception as e:
+        _failed(e)
+        return False
+    return True

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from .observer import RangeObserver
-from .sampling import block_sample, flat_view, tail_extremes
+from .fused import c_kernels_ready
+from .sampling import block_sample, flat_view, sampled_tail_extremes, tail_extremes
 
 
 class RangeTracker(RangeObserver):
@@ -43,7 +44,10 @@ class RangeTracker(RangeObserver):
 
     def batch_extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tail-trimmed (min, max) of one tensor, as 0-d tensors on its device."""
-        sample = block_sample(flat_view(x.detach()), self.sample_size).float()
+        flat = flat_view(x.detach())
+        if flat.dtype == torch.float32 and flat.device.type == "cpu" and flat.is_contiguous() and c_kernels_ready():
+            return sampled_tail_extremes(flat, self.sample_size, self.tail, self.track_min)  # the same values
+        sample = block_sample(flat, self.sample_size).float()
         return tail_extremes(sample, max(1, int(self.tail * sample.numel())), self.track_min)
 
     @torch.no_grad()

@@ -84,3 +84,24 @@ def tail_extremes(sample: torch.Tensor, k: int, track_min: bool = True) -> tuple
     hi = kth(row_hi, True)
     lo = kth(row_lo, False) if track_min else sample.new_zeros(())
     return lo, hi
+
+
+def sampled_tail_extremes(
+    flat: torch.Tensor, size: int, tail: float, track_min: bool, block: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tail_extremes(block_sample(flat, size, block), k, track_min)`` with ``k = max(1, int(tail · sample
+    size))``, the same values, in one call of the C kernel (:mod:`xnnq.layers.cpu_kernels`) over the sampled
+    runs in place (no sample copy). ``flat``: a contiguous 1-d float32 CPU tensor. NaN in the sample: both
+    values NaN (the caller skips the batch either way)."""
+    from . import cpu_kernels
+
+    n = flat.numel()
+    if size <= 0 or n <= size:
+        rows, length, stride = 1, n, n
+    else:
+        runs = n // block
+        step = _non_aliasing(max(1, runs // max(1, size // block)))
+        rows, length, stride = (runs + step - 1) // step, block, step * block
+    k = max(1, int(tail * rows * length))
+    lo, hi = cpu_kernels.tail_extremes(flat, rows, length, stride, k, track_min).unbind()
+    return lo, hi
