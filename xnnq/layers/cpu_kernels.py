@@ -196,7 +196,9 @@ def backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def tail_extremes(x: torch.Tensor, rows: int, length: int, stride: int, k: int, track_min: bool) -> torch.Tensor:
+def tail_extremes(
+    x: torch.Tensor, rows: int, length: int, stride: int, k: int, track_min: bool
+) -> torch.Tensor:
     """``[k-th smallest, k-th largest]`` (float32, shape ``(2,)``) of the elements ``x[r·stride + i]``, ``r <
     rows``, ``i < length``, of the contiguous 1-d float32 CPU tensor ``x`` (the k-th smallest is 0 when not
     ``track_min``); both NaN when the elements hold a NaN."""

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .observer import RangeObserver
 from .fused import c_kernels_ready
+from .observer import RangeObserver
 from .sampling import block_sample, flat_view, sampled_tail_extremes, tail_extremes
 
 
@@ -45,7 +45,12 @@ class RangeTracker(RangeObserver):
     def batch_extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tail-trimmed (min, max) of one tensor, as 0-d tensors on its device."""
         flat = flat_view(x.detach())
-        if flat.dtype == torch.float32 and flat.device.type == "cpu" and flat.is_contiguous() and c_kernels_ready():
+        if (
+            flat.dtype == torch.float32
+            and flat.device.type == "cpu"
+            and flat.is_contiguous()
+            and c_kernels_ready()
+        ):
             return sampled_tail_extremes(flat, self.sample_size, self.tail, self.track_min)  # the same values
         sample = block_sample(flat, self.sample_size).float()
         return tail_extremes(sample, max(1, int(self.tail * sample.numel())), self.track_min)
