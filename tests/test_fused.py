@@ -422,3 +422,28 @@ def test_the_c_sample_extremes_equal_the_torch_ones(n):
             assert torch.equal(ref[0], new[0]) and torch.equal(ref[1], new[1]), (kind, tail, track_min)
     x[n // 2] = float("nan")
     assert torch.isnan(sampled_tail_extremes(x, n, 1e-4, True)[1])
+
+
+def test_without_a_c_compiler_the_torch_ops_take_over(fused_mode, monkeypatch):
+    """``CC`` naming no compiler: building the C kernels fails, one warning names the fix, and the quantizer
+    and the range tracker give the torch path's results."""
+    from xnnq.layers import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setenv("CC", "/nonexistent/xnnq-test-cc")
+    fused_mode("cpu")
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.warns(RuntimeWarning, match="Set CC to a working C compiler"):
+        out = fused.fake_quantize_activation(x, torch.tensor(0.25), -128, 127)
+    assert not fused.fused_enabled() and not fused.c_kernels_ready()
+    tracker = xnnq.layers.RangeTracker()
+    tracker(x)
+    fused_mode(False)
+    assert torch.equal(out, fused.fake_quantize_activation(x, torch.tensor(0.25), -128, 127))
+    ref = xnnq.layers.RangeTracker()
+    ref(x)
+    assert torch.equal(tracker.max_val, ref.max_val) and torch.equal(tracker.min_val, ref.min_val)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    fused_mode("1")
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        fused.fake_quantize_activation(x, torch.tensor(0.25), -128, 127)

@@ -24,6 +24,7 @@ import os
 import shlex
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -130,6 +131,7 @@ FLAG_SETS = (
     ("-O3", "-fno-math-errno", "-shared", "-fPIC"),
 )
 _lib: ctypes.CDLL | None = None
+_lock = threading.Lock()
 
 
 def _build() -> ctypes.CDLL:
@@ -164,7 +166,9 @@ def library() -> ctypes.CDLL:
     """The loaded kernel library (built at the first call in the process)."""
     global _lib
     if _lib is None:
-        _lib = _build()
+        with _lock:  # one build per process, also when threads start at once
+            if _lib is None:
+                _lib = _build()
     return _lib
 
 
