@@ -447,3 +447,33 @@ def test_without_a_c_compiler_the_torch_ops_take_over(fused_mode, monkeypatch):
     fused_mode("1")
     with pytest.raises(RuntimeError, match="no C compiler"):
         fused.fake_quantize_activation(x, torch.tensor(0.25), -128, 127)
+
+
+@pytest.mark.slow
+def test_torch_compile_of_the_qat_model_after_freeze_bn(fused_mode):
+    """``torch.compile(qmodel)`` once BN is frozen: the same forward as eager, bit for bit, and the same
+    gradients up to float rounding (inductor reorders sums), with the C kernels and the in-place quantizers
+    inside the compiled model."""
+    import copy
+
+    fused_mode("cpu")
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 8 * 8, 10),
+    )
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    q = xnnq.QuantTrainModule(m, x[:1]).train()
+    q(x)
+    xnnq.utils.freeze_bn(q)
+    qc = copy.deepcopy(q)
+    out_e, out_c = q(x), torch.compile(qc)(x)
+    assert torch.equal(out_e, out_c)
+    F.cross_entropy(out_e, y).backward()
+    F.cross_entropy(out_c, y).backward()
+    for a, b in zip(q.parameters(), qc.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)

@@ -37,7 +37,6 @@ neither contiguous nor channels-last) take the unfused path; the values are the 
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
@@ -148,10 +147,24 @@ def _compiled_backward(grad, mask):
     return _kernel("bwd")(grad, mask)
 
 
-@functools.cache
+_cpu_consts_cache: dict[tuple, tuple[float, ...]] = {}
+
+
 def _cpu_consts(qmin: int, qmax: int, cap: float | None) -> tuple[float, ...]:
-    lo, hi = _mask_bounds(qmin, qmax)
-    return (float(qmin), float(qmax), lo, hi, math.inf if cap is None else float(cap))
+    """``(qmin, qmax, lo, hi, cap)`` as floats for the C kernels (``cap`` +inf when there is none), cached (a
+    plain dict: ``torch.compile`` traces it without the warning a ``functools`` cache gets)."""
+    key = (qmin, qmax, cap)
+    c = _cpu_consts_cache.get(key)
+    if c is None:
+        lo, hi = _mask_bounds(qmin, qmax)
+        c = _cpu_consts_cache[key] = (
+            float(qmin),
+            float(qmax),
+            lo,
+            hi,
+            math.inf if cap is None else float(cap),
+        )
+    return c
 
 
 def _cpu_forward(flat, scale, qmin, qmax, cap, with_mask, inplace=False):
