@@ -192,7 +192,9 @@ def forward(
 
 
 def backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``where(mask, grad, 0)`` for contiguous 1-d CPU tensors (float32 ``grad``, uint8 ``mask``)."""
+    """``where(mask, grad, 0)`` for a float32 CPU ``grad`` dense in memory (contiguous or channels-last) and the
+    uint8 ``mask`` in the same memory order; the result is laid out as ``grad`` and is not a view (autograd
+    then sums it in place into another branch's gradient instead of allocating the sum)."""
     out = torch.empty_like(grad)
     library().xnnq_fq_backward(
         grad.data_ptr(), mask.data_ptr(), out.data_ptr(), grad.numel(), torch.get_num_threads()

@@ -204,7 +204,11 @@ class _ActFakeQuant(torch.autograd.Function):
         (mask,) = ctx.saved_tensors
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
         grad = grad.contiguous(memory_format=fmt)  # the mask's memory order
-        return _unflat(_kernels(grad.device)[1](_flat(grad), mask), grad), None, None, None, None, None
+        if grad.device.type == "cpu":  # the C loop reads the tensor in memory order, whatever its shape
+            grad_in = cpu_kernels.backward(grad, mask)
+        else:
+            grad_in = _unflat(_kernels(grad.device)[1](_flat(grad), mask), grad)
+        return grad_in, None, None, None, None, None
 
 
 def _unfused(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap: float | None) -> torch.Tensor:
