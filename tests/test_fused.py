@@ -477,3 +477,27 @@ def test_torch_compile_of_the_qat_model_after_freeze_bn(fused_mode):
     F.cross_entropy(out_c, y).backward()
     for a, b in zip(q.parameters(), qc.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("track_min", [True, False])
+def test_the_c_range_tracker_updates_its_buffers_as_the_torch_path(fused_mode, track_min):
+    """The tracker's batch on the C path (extremes, finite test and weight in one call) leaves every buffer
+    bit-identical to the torch path: cumulative then EMA phase, a NaN batch, an infinite batch, and extremes
+    whose sum overflows (counted as non-finite by both)."""
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(8, 16, 12, 12, generator=g) * s for s in (1.0, 3.0, 0.5, 2.0, 1.5, 4.0)]
+    batches.insert(2, batches[0].clone().index_fill_(0, torch.tensor([3]), float("nan")))
+    batches.insert(4, batches[1].clone().index_fill_(0, torch.tensor([1]), float("inf")))
+    batches.insert(5, torch.full((4, 4, 8, 8), 3e38))
+    states = []
+    for mode in ("0", "cpu"):
+        fused_mode(mode)
+        t = xnnq.layers.RangeTracker(tail=1e-3, ema_alpha=0.25, track_min=track_min)
+        for b in batches:
+            t(b)
+        states.append([t.min_val, t.max_val, t.num_batches, t.nonfinite_batches])
+    assert int(states[0][3]) == (3 if track_min else 2)  # without the minimum, 3e38 alone is finite
+    for a, b in zip(*states):
+        assert torch.equal(
+            bits(a) if a.dtype == torch.float32 else a, bits(b) if b.dtype == torch.float32 else b
+        )

@@ -122,6 +122,25 @@ void xnnq_tail_extremes(const float *x, int64_t rows, int64_t len, int64_t strid
     out[0] = track_min ? -neg_lo[k - 1] : 0.0f;
     out[1] = hi[k - 1];
 }
+
+/* One batch of the range tracker (xnnq/layers/range_tracker.py), as its torch ops compute it: the extremes,
+   finite = isfinite(lo + hi) (float32), alpha = max(1 / max(n, 1), ema) with n the finite batches including
+   this one; out = [lo or min_val, hi or max_val (a non-finite batch moves nothing), alpha];
+   inc = [finite, !finite] for the caller to add to its counters. The buffers are only read. */
+void xnnq_tracker_batch(const float *x, int64_t rows, int64_t len, int64_t stride, int64_t k, int track_min,
+                        float *work, float *out, int64_t *inc, const float *min_val, const float *max_val,
+                        const int64_t *num_batches, float ema) {
+    xnnq_tail_extremes(x, rows, len, stride, k, track_min, work, out);
+    float lo = out[0], hi = out[1];
+    int finite = isfinite(lo + hi);
+    int64_t n = *num_batches + finite;
+    float alpha = 1.0f / (float)(n < 1 ? 1 : n);
+    out[0] = finite ? lo : *min_val;
+    out[1] = finite ? hi : *max_val;
+    out[2] = alpha < ema ? ema : alpha;
+    inc[0] = finite;
+    inc[1] = !finite;
+}
 """
 
 # tried in order: vectorized for this CPU and threaded; then plain (a compiler without OpenMP or -march=native,
@@ -157,6 +176,8 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_fq_forward_inplace.restype = None
     handle.xnnq_tail_extremes.argtypes = [p, i64, i64, i64, i64, i32, p, p]
     handle.xnnq_tail_extremes.restype = None
+    handle.xnnq_tracker_batch.argtypes = [p, i64, i64, i64, i64, i32, p, p, p, p, p, p, f32]
+    handle.xnnq_tracker_batch.restype = None
     handle.xnnq_fq_backward.argtypes = [p, p, p, i64, i32]
     handle.xnnq_fq_backward.restype = None
     return handle
@@ -213,3 +234,39 @@ def tail_extremes(
         x.data_ptr(), rows, length, stride, k, int(track_min), work.data_ptr(), work.data_ptr() + 8 * k
     )
     return work[2 * k :]
+
+
+def tracker_batch(
+    x: torch.Tensor,
+    rows: int,
+    length: int,
+    stride: int,
+    k: int,
+    track_min: bool,
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+    num_batches: torch.Tensor,
+    ema: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One range-tracker batch (see the C source): ``(lo, hi, alpha, inc)``: the values to ``lerp_`` the range
+    towards (the current range for a non-finite batch), the weight, and ``[finite, non-finite]`` (int64) for
+    the counters. The 0-d CPU buffers ``min_val``/``max_val`` (float32) and ``num_batches`` (int64) are read."""
+    work = torch.empty(2 * k + 3)
+    inc = torch.empty(2, dtype=torch.int64)
+    library().xnnq_tracker_batch(
+        x.data_ptr(),
+        rows,
+        length,
+        stride,
+        k,
+        int(track_min),
+        work.data_ptr(),
+        work.data_ptr() + 8 * k,
+        inc.data_ptr(),
+        min_val.data_ptr(),
+        max_val.data_ptr(),
+        num_batches.data_ptr(),
+        ema,
+    )
+    lo, hi, alpha = work[2 * k :].unbind()
+    return lo, hi, alpha, inc

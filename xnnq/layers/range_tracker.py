@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import cpu_kernels
 from .fused import c_kernels_ready
 from .observer import RangeObserver
-from .sampling import block_sample, flat_view, sampled_tail_extremes, tail_extremes
+from .sampling import block_sample, flat_view, sample_geometry, sampled_tail_extremes, tail_extremes
 
 
 class RangeTracker(RangeObserver):
@@ -45,15 +46,43 @@ class RangeTracker(RangeObserver):
     def batch_extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tail-trimmed (min, max) of one tensor, as 0-d tensors on its device."""
         flat = flat_view(x.detach())
-        if (
+        if self._on_c_path(flat):
+            return sampled_tail_extremes(flat, self.sample_size, self.tail, self.track_min)  # the same values
+        sample = block_sample(flat, self.sample_size).float()
+        return tail_extremes(sample, max(1, int(self.tail * sample.numel())), self.track_min)
+
+    def _on_c_path(self, flat: torch.Tensor) -> bool:
+        """A float32 CPU tensor viewed flat without a copy, with the C kernels on (:mod:`xnnq.layers.fused`)."""
+        return (
             flat.dtype == torch.float32
             and flat.device.type == "cpu"
             and flat.is_contiguous()
             and c_kernels_ready()
-        ):
-            return sampled_tail_extremes(flat, self.sample_size, self.tail, self.track_min)  # the same values
-        sample = block_sample(flat, self.sample_size).float()
-        return tail_extremes(sample, max(1, int(self.tail * sample.numel())), self.track_min)
+        )
+
+    def _c_forward(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with the extremes, the finite test and the weight from one C call; the buffers are
+        written by the same ``add_`` / ``lerp_`` as the torch path (bit-identical; tests/test_fused.py)."""
+        rows, length, stride = sample_geometry(flat.numel(), self.sample_size)
+        k = max(1, int(self.tail * rows * length))
+        lo, hi, alpha, inc = cpu_kernels.tracker_batch(
+            flat,
+            rows,
+            length,
+            stride,
+            k,
+            self.track_min,
+            self.min_val,
+            self.max_val,
+            self.num_batches,
+            self.ema_alpha,
+        )
+        self.num_batches.add_(inc[0])
+        self.max_val.lerp_(hi, alpha)
+        if self.track_min:
+            self.min_val.lerp_(lo, alpha)
+        self.nonfinite_batches.add_(inc[1])
+        return x
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +91,12 @@ class RangeTracker(RangeObserver):
         A batch with a non-finite extreme is not averaged in (the range is not poisoned); it is counted in
         ``nonfinite_batches`` for the caller to report.
         """
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        flat = flat_view(x.detach())
+        if not distributed and self._on_c_path(flat):
+            return self._c_forward(flat, x)
         lo, hi = self.batch_extremes(x)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed:
             # every rank must quantize with the same range: reduce the batch extremes (no host sync)
             # a NaN does not survive MIN/MAX (gloo keeps the other rank's value): send it as -inf/+inf so
             # that every rank sees the non-finite batch and stops with the same error

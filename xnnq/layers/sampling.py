@@ -86,6 +86,16 @@ def tail_extremes(sample: torch.Tensor, k: int, track_min: bool = True) -> tuple
     return lo, hi
 
 
+def sample_geometry(n: int, size: int, block: int = 16) -> tuple[int, int, int]:
+    """``(rows, length, stride)`` of :func:`block_sample`'s sample of ``n`` elements: the elements
+    ``flat[r·stride + i]``, ``r < rows``, ``i < length``."""
+    if size <= 0 or n <= size:
+        return 1, n, n
+    runs = n // block
+    step = _non_aliasing(max(1, runs // max(1, size // block)))
+    return (runs + step - 1) // step, block, step * block
+
+
 def sampled_tail_extremes(
     flat: torch.Tensor, size: int, tail: float, track_min: bool, block: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,13 +105,7 @@ def sampled_tail_extremes(
     values NaN (the caller skips the batch either way)."""
     from . import cpu_kernels
 
-    n = flat.numel()
-    if size <= 0 or n <= size:
-        rows, length, stride = 1, n, n
-    else:
-        runs = n // block
-        step = _non_aliasing(max(1, runs // max(1, size // block)))
-        rows, length, stride = (runs + step - 1) // step, block, step * block
+    rows, length, stride = sample_geometry(flat.numel(), size, block)
     k = max(1, int(tail * rows * length))
     lo, hi = cpu_kernels.tail_extremes(flat, rows, length, stride, k, track_min).unbind()
     return lo, hi
