@@ -12,6 +12,10 @@ rank 0's statistics silently win).
 
 Across batches: a cumulative mean for the first ``1/ema_alpha`` batches, then an exponential average
 with weight ``ema_alpha`` for the new batch.
+
+On CPU with the C kernels on (:mod:`xnnq.layers.fused`; not under ``torch.distributed``) one call ranks the
+sampled runs where they lie and computes the finite test and the weight; the buffers are then written by the
+same ``add_`` / ``lerp_`` as on the torch path, with the same values bit for bit.
 """
 
 from __future__ import annotations
