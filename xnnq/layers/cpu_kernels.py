@@ -27,6 +27,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SOURCE = r"""
@@ -80,11 +81,7 @@ void xnnq_fq_forward_inplace(float *restrict x, uint8_t *restrict mask, int64_t 
    better than a float select of a byte mask) */
 void xnnq_fq_backward(const uint32_t *restrict grad, const uint8_t *restrict mask, uint32_t *restrict out,
                       int64_t n, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads) if (n > PARALLEL_MIN)
-    for (int64_t b = 0; b < n; b += BLOCK) {
-        int64_t e = b + BLOCK < n ? b + BLOCK : n;
-        for (int64_t i = b; i < e; i++) out[i] = grad[i] & (0u - (uint32_t)mask[i]);
-    }
+    FQ_LOOP({ out[i] = grad[i] & (0u - (uint32_t)mask[i]); })
 }
 
 /* top[0..k) sorted descending; v > top[k-1] takes its place */
@@ -200,7 +197,8 @@ def forward(
     cap)`` (``cap`` +inf when there is none). The reciprocal of ``scale`` is taken in float32, as torch does.
     ``inplace``: ``out`` is ``flat``, overwritten."""
     lib = library()
-    s, inv = torch.stack([scale, 1.0 / scale]).tolist()
+    s = scale.item()
+    inv = float(np.float32(1.0) / np.float32(s))  # float32 division, as torch's 1 / scale
     mask = torch.empty(flat.shape, dtype=torch.uint8) if with_mask else None
     mask_ptr = None if mask is None else mask.data_ptr()
     threads = torch.get_num_threads()

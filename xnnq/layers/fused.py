@@ -75,9 +75,8 @@ def _consts(qmin: int, qmax: int, cap: float | None, device: torch.device) -> to
     key = (qmin, qmax, cap, device)
     t = _consts_cache.get(key)
     if t is None:
-        lo, hi = _mask_bounds(qmin, qmax)
         t = _consts_cache[key] = torch.tensor(
-            [qmin, qmax, lo, hi, float("inf") if cap is None else cap], dtype=torch.float32, device=device
+            _cpu_consts(qmin, qmax, cap), dtype=torch.float32, device=device
         )
     return t
 
@@ -144,15 +143,16 @@ def _compiled_forward(flat, scale, qmin, qmax, cap, with_mask, inplace=False):  
 
 
 def _compiled_backward(grad, mask):
-    return _kernel("bwd")(grad, mask)
+    return _unflat(_kernel("bwd")(_flat(grad), mask), grad)
 
 
 _cpu_consts_cache: dict[tuple, tuple[float, ...]] = {}
 
 
 def _cpu_consts(qmin: int, qmax: int, cap: float | None) -> tuple[float, ...]:
-    """``(qmin, qmax, lo, hi, cap)`` as floats for the C kernels (``cap`` +inf when there is none), cached (a
-    plain dict: ``torch.compile`` traces it without the warning a ``functools`` cache gets)."""
+    """``(qmin, qmax, lo, hi, cap)`` as floats (``lo``/``hi`` the open bounds of unsaturated codes, ``cap`` +inf
+    when there is none), cached (a plain dict: ``torch.compile`` traces it without the warning a ``functools``
+    cache gets)."""
     key = (qmin, qmax, cap)
     c = _cpu_consts_cache.get(key)
     if c is None:
@@ -176,8 +176,9 @@ def _cpu_forward(flat, scale, qmin, qmax, cap, with_mask, inplace=False):
 def _kernels(device: torch.device):
     """``(forward, backward)`` for tensors on ``device``: the C loops of :mod:`xnnq.layers.cpu_kernels` on CPU,
     the ``torch.compile`` kernels elsewhere. ``forward(flat, scale, qmin, qmax, cap, with_mask, inplace) ->
-    (out, mask)`` (``out`` is ``flat`` when the kernel worked in place: only the C loops do),
-    ``backward(grad, mask) -> grad_in``, on tensors flattened in memory order."""
+    (out, mask)`` on the tensor flattened in memory order (``out`` is ``flat`` when the kernel worked in
+    place: only the C loops do); ``backward(grad, mask) -> grad_in`` with ``grad`` dense in the mask's memory
+    order and ``grad_in`` laid out as ``grad``."""
     if device.type == "cpu":
         return _cpu_forward, cpu_kernels.backward
     return _compiled_forward, _compiled_backward
@@ -204,11 +205,7 @@ class _ActFakeQuant(torch.autograd.Function):
         (mask,) = ctx.saved_tensors
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
         grad = grad.contiguous(memory_format=fmt)  # the mask's memory order
-        if grad.device.type == "cpu":  # the C loop reads the tensor in memory order, whatever its shape
-            grad_in = cpu_kernels.backward(grad, mask)
-        else:
-            grad_in = _unflat(_kernels(grad.device)[1](_flat(grad), mask), grad)
-        return grad_in, None, None, None, None, None
+        return _kernels(grad.device)[1](grad, mask), None, None, None, None, None
 
 
 def _unfused(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap: float | None) -> torch.Tensor:

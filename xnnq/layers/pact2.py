@@ -84,7 +84,7 @@ class PACT2(nn.Module):
             raise ValueError(f"{name or 'PACT2'}: a fixed clip_range is not learned; give one or the other")
         self.learned_range = learned_range
         self.inplace = bool(inplace)
-        self._producer_hooks: list[dict] | None = None  # see overwrite_output_of
+        self._producer_hooks: dict | None = None  # the producer's forward hooks; see overwrite_output_of
         self.frozen = False
         self.observed = clip_range is not None
         self.quant_enabled = True
@@ -242,7 +242,7 @@ class PACT2(nn.Module):
         """This quantizer's input is the fresh output of ``producer``, read by nothing else, and ``producer``'s
         backward does not need it (the build checks both): the fused kernel may write the quantized values
         into it, as long as no forward hook on ``producer`` (checked at every call) could have kept it."""
-        self._producer_hooks = [producer._forward_hooks]
+        self._producer_hooks = producer._forward_hooks  # the dict itself: hooks added later are seen
 
     def _may_overwrite(self) -> bool:
         """The fake-quantized values may be written into the input: the float op was in place (so nothing
@@ -252,7 +252,7 @@ class PACT2(nn.Module):
             return False
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return False
-        return self.inplace or (self._producer_hooks is not None and not any(self._producer_hooks))
+        return self.inplace or (self._producer_hooks is not None and not self._producer_hooks)
 
     def extra_repr(self) -> str:
         s = f"bits={self.bits}, signed={self.signed}, power2={self.power2}"

@@ -67,14 +67,9 @@ class RangeTracker(RangeObserver):
     def _c_forward(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` with the extremes, the finite test and the weight from one C call; the buffers are
         written by the same ``add_`` / ``lerp_`` as the torch path (bit-identical; tests/test_fused.py)."""
-        rows, length, stride = sample_geometry(flat.numel(), self.sample_size)
-        k = max(1, int(self.tail * rows * length))
         lo, hi, alpha, inc = cpu_kernels.tracker_batch(
             flat,
-            rows,
-            length,
-            stride,
-            k,
+            *sample_geometry(flat.numel(), self.sample_size, self.tail),
             self.track_min,
             self.min_val,
             self.max_val,

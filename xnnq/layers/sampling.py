@@ -86,26 +86,29 @@ def tail_extremes(sample: torch.Tensor, k: int, track_min: bool = True) -> tuple
     return lo, hi
 
 
-def sample_geometry(n: int, size: int, block: int = 16) -> tuple[int, int, int]:
-    """``(rows, length, stride)`` of :func:`block_sample`'s sample of ``n`` elements: the elements
-    ``flat[r·stride + i]``, ``r < rows``, ``i < length``."""
+def sample_geometry(n: int, size: int, tail: float, block: int = 16) -> tuple[int, int, int, int]:
+    """``(rows, length, stride, k)`` of :func:`block_sample`'s sample of ``n`` elements — the elements
+    ``flat[r·stride + i]``, ``r < rows``, ``i < length`` — and the rank ``k = max(1, int(tail · sample size))``
+    of its tail-trimmed extremes."""
     if size <= 0 or n <= size:
-        return 1, n, n
-    runs = n // block
-    step = _non_aliasing(max(1, runs // max(1, size // block)))
-    return (runs + step - 1) // step, block, step * block
+        rows, length, stride = 1, n, n
+    else:
+        runs = n // block
+        step = _non_aliasing(max(1, runs // max(1, size // block)))
+        rows, length, stride = (runs + step - 1) // step, block, step * block
+    return rows, length, stride, max(1, int(tail * rows * length))
 
 
 def sampled_tail_extremes(
     flat: torch.Tensor, size: int, tail: float, track_min: bool, block: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``tail_extremes(block_sample(flat, size, block), k, track_min)`` with ``k = max(1, int(tail · sample
-    size))``, the same values, in one call of the C kernel (:mod:`xnnq.layers.cpu_kernels`) over the sampled
-    runs in place (no sample copy). ``flat``: a contiguous 1-d float32 CPU tensor. NaN in the sample: both
-    values NaN (the caller skips the batch either way)."""
+    """``tail_extremes(block_sample(flat, size, block), k, track_min)`` with ``k`` of :func:`sample_geometry`,
+    the same values, in one call of the C kernel (:mod:`xnnq.layers.cpu_kernels`) over the sampled runs in
+    place (no sample copy). ``flat``: a contiguous 1-d float32 CPU tensor. NaN in the sample: both values NaN
+    (the caller skips the batch either way)."""
     from . import cpu_kernels
 
-    rows, length, stride = sample_geometry(flat.numel(), size, block)
-    k = max(1, int(tail * rows * length))
-    lo, hi = cpu_kernels.tail_extremes(flat, rows, length, stride, k, track_min).unbind()
+    lo, hi = cpu_kernels.tail_extremes(
+        flat, *sample_geometry(flat.numel(), size, tail, block), track_min
+    ).unbind()
     return lo, hi
