@@ -306,6 +306,27 @@ def test_calibration_forward_is_the_float_model():
         assert all(not bn.training for bn in q.modules() if isinstance(bn, nn.BatchNorm2d))
 
 
+def test_calibration_runs_dropout_and_stochastic_depth_as_in_inference():
+    """Dropout and StochasticDepth in the user's model (a torchvision EfficientNet has both) are off while
+    calibrating: two calibration forwards of one batch agree with each other and with the float model in eval
+    mode, and the model left to eval() is unchanged by it."""
+    import torchvision
+
+    torch.manual_seed(0)
+    m = torchvision.models.efficientnet_b0(weights=None, num_classes=10, stochastic_depth_prob=0.5)
+    m.train()
+    x = torch.randn(2, 3, 64, 64)
+    q = QuantCalibrateModule(m, x[:1])
+    assert q.training and q.calibrating
+    with torch.no_grad():
+        a, b = q(x), q(x)
+        ref = m.eval()(x)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-4)
+    assert all(not d.training for d in q.modules() if isinstance(d, nn.Dropout))
+    assert all(p.training for p in q.quantizers().values())
+
+
 def test_calibration_grid_is_the_core_grid():
     """The methods score candidate ranges on the grid PACT2 then uses (one definition of the grid)."""
     for bits in (8, 16):

@@ -501,3 +501,102 @@ def test_the_c_range_tracker_updates_its_buffers_as_the_torch_path(fused_mode, t
         assert torch.equal(
             bits(a) if a.dtype == torch.float32 else a, bits(b) if b.dtype == torch.float32 else b
         )
+
+
+@pytest.mark.parametrize("cap", [None, 6.0])
+@pytest.mark.parametrize("sample_size", [0, 1 << 12, 1 << 16])
+def test_the_c_histogram_counts_as_the_torch_path(fused_mode, cap, sample_size):
+    """Calibration's histogram on the C path (extremes in one pass, the sample binned where it lies) leaves the
+    counts, the span and the extremes bit-identical to the torch path: growing spans (bins added, then
+    merged), a capped range, a channels-last tensor, values on bin edges and at the span, sizes from below to
+    far above the sample."""
+    from xnnq.calibrate import Histogram
+
+    g = torch.Generator().manual_seed(sample_size + (cap is not None))
+    batches = [
+        torch.randn(4, 8, 16, 16, generator=g) * 0.3,
+        torch.randint(-64, 65, (3, 5, 7, 11), generator=g).float() / 16,  # bin edges and the span itself
+        torch.randn(16, 24, 28, 28, generator=g) * 5,
+        (torch.randn(2, 16, 9, 9, generator=g) * 40).to(memory_format=torch.channels_last),
+        torch.randn(1000, generator=g) * 300,
+        torch.randn(7, generator=g),
+    ]
+    states = []
+    for mode in ("0", "cpu"):
+        fused_mode(mode)
+        h = Histogram(bins=2048, max_bins=4096, sample_size=sample_size)
+        for b in batches:
+            h(b, cap)
+        states.append((h.exponent, h.counts, h.min_val, h.max_val))
+    assert states[0][0] == states[1][0] and states[0][1].numel() == 4096
+    assert states[0][1].sum() > 0
+    for a, b in zip(states[0][1:], states[1][1:]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    fused_mode("cpu")
+    bad = batches[2].clone()
+    bad[3, 4, 5, 6] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        Histogram(name="blk.relu")(bad, cap)
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "DEFAULT"),
+    reason="the C batch sum follows torch's order for 8-float vectors only (elsewhere torch's sum is used)",
+)
+def test_the_c_batch_sum_is_torchs_sum_bit_for_bit():
+    """Bias correction's running input sum: ``total += x.sum(0)`` in one C pass reproduces torch's float32 sum
+    order (a cascade of chunks; another scheme for the last columns) for batch sizes across the cascade's
+    levels, row lengths around the vector blocks, and 1-3 threads."""
+    from xnnq.layers import cpu_kernels
+
+    g = torch.Generator().manual_seed(3)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for rows, cols in itertools.product((1, 3, 16, 17, 100, 257, 4097), (8, 31, 32, 33, 300, 40001)):
+                x = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * 100
+                total = torch.randn(cols, dtype=torch.float64, generator=g)
+                ref = total + x.sum(0)
+                assert cpu_kernels.add_row_sum_applies(x)
+                cpu_kernels.add_row_sum(x, total)
+                assert torch.equal(ref, total), (threads, rows, cols)
+            x = torch.randn(16, 24, 28, 28, generator=g)
+            total = torch.zeros(24, 28, 28, dtype=torch.float64)
+            cpu_kernels.add_row_sum(x, total)
+            assert torch.equal(total, x.sum(0).double())
+    finally:
+        torch.set_num_threads(before)
+    assert not cpu_kernels.add_row_sum_applies(torch.randn(5, 7))  # too short for the vector loop
+
+
+def test_calibration_is_bit_identical_with_the_c_kernels(fused_mode):
+    """QuantCalibrateModule on a torchvision MobileNetV2 (ReLU6 caps, residual adds, depthwise layers): the
+    histograms and the bias-correction sums on the C path give the torch path's calibrated state dict, bit for
+    bit (ranges, weight shifts, bias corrections), and the same outputs."""
+    import torchvision
+
+    from xnnq.calibrate import QuantCalibrateModule
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None, num_classes=10).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 3, 64, 64, generator=g) * s for s in (1.0, 2.0, 0.5)]
+    results = []
+    for mode in ("0", "cpu"):
+        fused_mode(mode)
+        q = QuantCalibrateModule(model, batches[0][:1], weight_clipping="mse")
+        with torch.no_grad():
+            for b in batches:
+                q(b)
+        q.eval()
+        with torch.no_grad():
+            results.append((q.state_dict(), q(batches[0])))
+    (sd0, out0), (sd1, out1) = results
+    assert sd0.keys() == sd1.keys()
+    tensors = [k for k in sd0 if isinstance(sd0[k], torch.Tensor)]
+    assert len(tensors) > 100
+    for k in sd0:
+        assert torch.equal(sd0[k], sd1[k]) if k in tensors else sd0[k] == sd1[k], k
+    assert torch.equal(out0, out1)
+    assert any(sd1[k].abs().sum() > 0 for k in tensors if k.endswith("bias_correction"))

@@ -23,6 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..layers import cpu_kernels
+from ..layers.fused import c_kernels_ready
+
 
 class InputMean(nn.Module):
     """Running mean over the batch dimension of a layer's input (a forward pre-hook; state not saved).
@@ -49,8 +52,11 @@ class InputMean(nn.Module):
                 )
             self.total = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
         # the batch summed in float32 (the input's dtype), accumulated in float64; in place (no module
-        # attribute assignment per batch)
-        self.total.add_(x.sum(0))
+        # attribute assignment per batch). On CPU one C pass does both, with torch's summation order.
+        if cpu_kernels.add_row_sum_applies(x) and c_kernels_ready():
+            cpu_kernels.add_row_sum(x, self.total)
+        else:
+            self.total.add_(x.sum(0))
         self.count.add_(x.shape[0])
 
     def mean(self) -> torch.Tensor | None:

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..layers import cpu_kernels
 from ..layers.fake_quant import MIN_RANGE
-from ..layers.sampling import block_sample, flat_view
+from ..layers.fused import c_kernels_ready
+from ..layers.sampling import block_sample, flat_view, sample_geometry
 
 
 def _is_pow2(n: int) -> bool:
@@ -138,10 +141,18 @@ class Histogram(nn.Module):
         flat = flat_view(x.detach())
         if flat.numel() == 0:
             return x
-        lo, hi = torch.aminmax(flat)
-        if cap is not None:  # the extremes and the sample of min(x, cap), without a pass to clamp x
-            lo, hi = lo.clamp(max=cap), hi.clamp(max=cap)
-        lo_f, hi_f = torch.stack([lo, hi]).tolist()  # the one host sync per batch
+        on_c = flat.dtype == torch.float32 and flat.device.type == "cpu" and flat.is_contiguous()
+        on_c = on_c and c_kernels_ready()
+        if on_c:  # one C pass for the extremes, one C loop over the sample: the same values as below
+            lo_f, hi_f = cpu_kernels.minmax(flat)
+            if cap is not None:  # the cap in float32, as clamp applies it to a float32 tensor
+                cap = float(np.float32(cap))
+                lo_f, hi_f = min(lo_f, cap), min(hi_f, cap)  # NaN stays NaN (the first argument)
+        else:
+            lo, hi = torch.aminmax(flat)
+            if cap is not None:  # the extremes and the sample of min(x, cap), without a pass to clamp x
+                lo, hi = lo.clamp(max=cap), hi.clamp(max=cap)
+            lo_f, hi_f = torch.stack([lo, hi]).tolist()  # the one host sync per batch
         amax = max(-lo_f, hi_f)
         if not math.isfinite(amax):
             raise FloatingPointError(
@@ -152,12 +163,19 @@ class Histogram(nn.Module):
         if self.exponent is None:
             self.exponent = k
             self.counts = torch.zeros(self.bins, dtype=torch.float64, device=flat.device)
-            self.min_val, self.max_val = lo.float().clone(), hi.float().clone()
+            self.min_val = torch.tensor(lo_f, dtype=torch.float32, device=flat.device)
+            self.max_val = torch.tensor(hi_f, dtype=torch.float32, device=flat.device)
         else:
             while self.exponent < k:
                 self._double()
-            torch.minimum(self.min_val, lo.float(), out=self.min_val)
-            torch.maximum(self.max_val, hi.float(), out=self.max_val)
+            self.min_val.clamp_(max=lo_f)  # min(min_val, lo): neither is NaN
+            self.max_val.clamp_(min=hi_f)
+        if on_c:
+            rows, length, stride, _ = sample_geometry(flat.numel(), self.sample_size, 0.0)
+            cpu_kernels.hist_add(
+                flat, rows, length, stride, math.inf if cap is None else cap, self.span, self.counts
+            )
+            return x
         sample = block_sample(flat, self.sample_size).float()
         if cap is not None:
             sample = sample.clamp(max=cap)

@@ -32,7 +32,9 @@ class QuantCalibrateModule(QuantBaseModule):
     The wrapper is in calibration mode from construction (whatever mode the float model is in; ``train()``
     there changes nothing) until ``eval()``, which calls :meth:`end_calibration`; there is no counting of
     forward calls. Calling ``train()`` again and feeding more batches continues the same histograms.
-    BatchNorm is never updated (it is folded with its running statistics).
+    While calibrating, the model's own modules run in eval mode (Dropout, StochasticDepth and the like are
+    off: the histograms and means are those of inference); BatchNorm is never updated (it is folded with its
+    running statistics).
 
     Args:
         method: activation ranges by ``"max"``, ``"percentile"``, ``"mse"`` or ``"entropy"`` (KL, TensorRT);
@@ -120,6 +122,12 @@ class QuantCalibrateModule(QuantBaseModule):
         """``train()``: calibration mode (float forward, histograms count). ``eval()``: :meth:`end_calibration`,
         then TIDL's numerics."""
         super().train(mode)
+        if mode:
+            # the model runs as it infers (dropout, stochastic depth and any other training-only behaviour
+            # off: the ranges and means are those of inference); only the quantizers observe
+            self.module.train(False)
+            for q in self.quantizers().values():
+                q.train(True)
         if mode and not self.calibrating:
             self._weight_quant_saved = {}
             for spot, layer, _ in self._layers():

@@ -84,6 +84,116 @@ void xnnq_fq_backward(const uint32_t *restrict grad, const uint8_t *restrict mas
     FQ_LOOP({ out[i] = grad[i] & (0u - (uint32_t)mask[i]); })
 }
 
+/* The minimum (out[0]) and maximum (out[1]) of x[0..n); both NaN when x holds a NaN (`omp simd` lets the
+   compiler vectorize the reductions; the order of a min or max does not change its value). */
+void xnnq_minmax(const float *restrict x, int64_t n, float *out, int threads) {
+    float lo = INFINITY, hi = -INFINITY;
+    int nan = 0;
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (n > PARALLEL_MIN) reduction(min:lo) reduction(max:hi) reduction(|:nan)")
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        int64_t e = b + BLOCK < n ? b + BLOCK : n;
+        float bl = INFINITY, bh = -INFINITY;
+        int bad = 0;
+        _Pragma("omp simd reduction(min:bl) reduction(max:bh) reduction(|:bad)")
+        for (int64_t i = b; i < e; i++) {
+            float v = x[i];
+            bl = v < bl ? v : bl;
+            bh = v > bh ? v : bh;
+            bad |= v != v;
+        }
+        lo = bl < lo ? bl : lo;
+        hi = bh > hi ? bh : hi;
+        nan |= bad;
+    }
+    out[0] = nan ? NAN : lo;
+    out[1] = nan ? NAN : hi;
+}
+
+/* Histogram counts of the sample x[r*stride + i] (r < rows, i < len), each value taken as min(v, cap), on
+   bins equal bins over [-span, span] (span a power of 2, mul = bins / (2 span)): the bin of v is
+   (int64)((v + span) * mul) in float32, the last bin for v = span, as xnnq/calibrate/histogram.py's
+   bin_index computes it. Values must lie in [-span, span] and not be NaN. */
+void xnnq_hist_add(const float *x, int64_t rows, int64_t len, int64_t stride, float cap, float span,
+                   float mul, int64_t bins, double *counts) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *p = x + r * stride;
+        for (int64_t i = 0; i < len; i++) {
+            float v = p[i] > cap ? cap : p[i];
+            int64_t j = (int64_t)((v + span) * mul);
+            counts[j < bins - 1 ? j : bins - 1] += 1.0;
+        }
+    }
+}
+
+/* ATen's cascade sum of `size` float32 values at p[i * stride] (SumKernel.cpp multi_row_sum, one column):
+   chunks of 2^level_power values summed in turn into a cascade of four accumulators. */
+static float cascade_sum(const float *p, int64_t stride, int64_t size) {
+    int64_t ceil_log2 = 0;
+    while (((int64_t)1 << ceil_log2) < size) ceil_log2++;
+    const int64_t level_power = ceil_log2 / 4 > 4 ? ceil_log2 / 4 : 4;
+    const int64_t level_step = (int64_t)1 << level_power, level_mask = level_step - 1;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t i = 0;
+    while (i + level_step <= size) {
+        for (int64_t j = 0; j < level_step; j++, i++) acc[0] += p[i * stride];
+        for (int l = 1; l < 4; l++) {
+            acc[l] += acc[l - 1];
+            acc[l - 1] = 0.0f;
+            if ((i & (level_mask << (l * level_power))) != 0) break;
+        }
+    }
+    for (; i < size; i++) acc[0] += p[i * stride];
+    return ((acc[0] + acc[1]) + acc[2]) + acc[3];
+}
+
+/* total[c] += (double) x.sum(0)[c] for x of shape (rows, cols), contiguous, c < cols, with the float32 sum in
+   the order of torch's outer-dimension sum (ATen's vectorized_outer_sum with vectors of `vec` floats): the
+   cascade per column for the columns its blocks of four vectors cover (all but the last cols % (4 vec)), and
+   for those last ones ATen's row_sum: the column read as (rows / 4, 4), four cascades over its rows
+   i = k (mod 4), the rows left over added to the first, then the four summed. */
+void xnnq_add_row_sum(const float *restrict x, int64_t rows, int64_t cols, int64_t vec, double *restrict total,
+                      int threads) {
+    int64_t vcols = cols - cols % (4 * vec);
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * cols > PARALLEL_MIN)")
+    for (int64_t b = 0; b < vcols; b += 64) {
+        int64_t m = vcols - b < 64 ? vcols - b : 64;
+        float s[64];
+        for (int64_t k = 0; k < m; k++) s[k] = 0.0f;
+        /* the cascade for 64 columns at once, row by row (the columns are contiguous) */
+        int64_t ceil_log2 = 0;
+        while (((int64_t)1 << ceil_log2) < rows) ceil_log2++;
+        const int64_t level_power = ceil_log2 / 4 > 4 ? ceil_log2 / 4 : 4;
+        const int64_t level_step = (int64_t)1 << level_power, level_mask = level_step - 1;
+        float acc[4][64];
+        for (int l = 0; l < 4; l++)
+            for (int64_t k = 0; k < m; k++) acc[l][k] = 0.0f;
+        int64_t i = 0;
+        while (i + level_step <= rows) {
+            for (int64_t j = 0; j < level_step; j++, i++) {
+                const float *row = x + i * cols + b;
+                for (int64_t k = 0; k < m; k++) acc[0][k] += row[k];
+            }
+            for (int l = 1; l < 4; l++) {
+                for (int64_t k = 0; k < m; k++) { acc[l][k] += acc[l - 1][k]; acc[l - 1][k] = 0.0f; }
+                if ((i & (level_mask << (l * level_power))) != 0) break;
+            }
+        }
+        for (; i < rows; i++) {
+            const float *row = x + i * cols + b;
+            for (int64_t k = 0; k < m; k++) acc[0][k] += row[k];
+        }
+        for (int64_t k = 0; k < m; k++) s[k] = ((acc[0][k] + acc[1][k]) + acc[2][k]) + acc[3][k];
+        for (int64_t k = 0; k < m; k++) total[b + k] += (double)s[k];
+    }
+    for (int64_t c = vcols; c < cols; c++) {
+        int64_t quads = rows / 4;
+        float part[4];
+        for (int k = 0; k < 4; k++) part[k] = cascade_sum(x + (int64_t)k * cols + c, 4 * cols, quads);
+        for (int64_t i = quads * 4; i < rows; i++) part[0] += x[i * cols + c];
+        total[c] += (double)(((part[0] + part[1]) + part[2]) + part[3]);
+    }
+}
+
 /* top[0..k) sorted descending; v > top[k-1] takes its place */
 static void insert_desc(float *top, int64_t k, float v) {
     int64_t j = k - 1;
@@ -175,6 +285,12 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_tail_extremes.restype = None
     handle.xnnq_tracker_batch.argtypes = [p, i64, i64, i64, i64, i32, p, p, p, p, p, p, f32]
     handle.xnnq_tracker_batch.restype = None
+    handle.xnnq_minmax.argtypes = [p, i64, p, i32]
+    handle.xnnq_minmax.restype = None
+    handle.xnnq_hist_add.argtypes = [p, i64, i64, i64, f32, f32, f32, i64, p]
+    handle.xnnq_hist_add.restype = None
+    handle.xnnq_add_row_sum.argtypes = [p, i64, i64, i64, p, i32]
+    handle.xnnq_add_row_sum.restype = None
     handle.xnnq_fq_backward.argtypes = [p, p, p, i64, i32]
     handle.xnnq_fq_backward.restype = None
     return handle
@@ -268,3 +384,52 @@ def tracker_batch(
     )
     lo, hi, alpha = work[2 * k :].unbind()
     return lo, hi, alpha, inc
+
+
+def minmax(x: torch.Tensor) -> tuple[float, float]:
+    """``(min, max)`` of the contiguous 1-d float32 CPU tensor ``x`` (non-empty) as Python floats; both NaN when
+    ``x`` holds a NaN (as ``torch.aminmax``)."""
+    out = (ctypes.c_float * 2)()
+    library().xnnq_minmax(x.data_ptr(), x.numel(), out, torch.get_num_threads())
+    return out[0], out[1]
+
+
+def hist_add(
+    x: torch.Tensor, rows: int, length: int, stride: int, cap: float, span: float, counts: torch.Tensor
+) -> None:
+    """Add to ``counts`` (contiguous float64 CPU, ``bins`` long) the histogram counts over ``[-span, span]`` of
+    ``min(v, cap)`` for the elements ``v = x[r·stride + i]``, ``r < rows``, ``i < length``, of the contiguous
+    1-d float32 CPU tensor ``x`` (values within the span, no NaN): ``bin_counts`` of
+    :mod:`xnnq.calibrate.histogram`, the same counts."""
+    bins = counts.numel()
+    library().xnnq_hist_add(
+        x.data_ptr(), rows, length, stride, cap, span, bins / (2.0 * span), bins, counts.data_ptr()
+    )
+
+
+# torch's vector width of float32 on CPUs where its sum order is the one xnnq_add_row_sum follows (checked
+# bit for bit in tests/test_fused.py); elsewhere (AVX-512, ARM) torch's own sum is used
+_ROW_SUM_VEC = {"AVX2": 8, "DEFAULT": 8}
+
+
+def add_row_sum_applies(x: torch.Tensor) -> bool:
+    """Whether :func:`add_row_sum` reproduces torch's ``x.sum(0)`` for ``x`` (float32, CPU, contiguous, at least
+    8 values per row, on a CPU whose torch vector width it follows)."""
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.dim() >= 2
+        and x.is_contiguous()
+        and x[0].numel() >= 8
+        and torch.backends.cpu.get_cpu_capability() in _ROW_SUM_VEC
+    )
+
+
+def add_row_sum(x: torch.Tensor, total: torch.Tensor) -> None:
+    """``total += x.sum(0)`` for ``x`` where :func:`add_row_sum_applies` and a contiguous float64 ``total`` of
+    shape ``x.shape[1:]``: the float32 sum over the first dimension in torch's order (the same bits), added in
+    float64, in one pass without the float32 temporary."""
+    vec = _ROW_SUM_VEC[torch.backends.cpu.get_cpu_capability()]
+    library().xnnq_add_row_sum(
+        x.data_ptr(), x.shape[0], total.numel(), vec, total.data_ptr(), torch.get_num_threads()
+    )

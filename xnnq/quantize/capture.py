@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import traceback
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+
+from .preserving import stochastic_depth_modules
 
 _SKIP_FRAMES = (str(Path(torch.__file__).parent), str(Path(__file__).resolve().parents[1]))
 
@@ -28,6 +31,8 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        if isinstance(m, stochastic_depth_modules()):  # follows train()/eval() only as a module
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -87,7 +92,47 @@ def trace(model: nn.Module, leaf_modules: Iterable[str | type] = ()) -> fx.Graph
             f"leaf_modules=[{where!r}] to keep that submodule opaque (it then runs in float, unquantized inside), "
             f"or rewrite the code without branching on tensor values."
         ) from e
+    _check_mode_independent(model, graph, names, types)
     return fx.GraphModule(model, graph, model.__class__.__name__)
+
+
+def _check_mode_independent(
+    model: nn.Module, graph: fx.Graph, names: set[str], types: tuple[type, ...]
+) -> None:
+    """Warn when the model traces to another graph in the other mode: a forward that reads ``self.training``
+    has that value frozen into the graph (e.g. a train-only branch that would then also run in eval and
+    export). Names the first module whose ops differ and the fix."""
+    mode = model.training
+    model.train(not mode)
+    try:
+        other = _Tracer(names, types).trace(model)
+    except Exception:  # noqa: BLE001 - the other mode does not trace: nothing to compare
+        return
+    finally:
+        model.train(mode)
+
+    def by_module(g: fx.Graph) -> dict[str, list[tuple[str, str]]]:
+        ops: dict[str, list[tuple[str, str]]] = {}
+        for n in g.nodes:
+            stack = n.meta.get("nn_module_stack") or {}
+            path = next(reversed(stack.values()))[0] if stack else ""
+            ops.setdefault(path, []).append((n.op, str(n.target)))
+        return ops
+
+    a, b = by_module(graph), by_module(other)
+    if a == b:
+        return
+    differ = [p for p in (*a, *b) if a.get(p) != b.get(p)]
+    where = next((p for p in differ if p), "")
+    warnings.warn(
+        f"xnnq: the model traces to a different graph in {'eval' if mode else 'train'} mode"
+        f"{' in module ' + repr(where) if where else ''}: a forward reads self.training, "
+        f"and the graph keeps the {'train' if mode else 'eval'}-mode branch in every mode (also in eval and "
+        f"export). Fix: pass leaf_modules=[{where or '<that module>'!r}] so that it runs as a module and "
+        "follows train()/eval().",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 class _Recorder(fx.Interpreter):

@@ -12,6 +12,7 @@ quantizer (a range that tracks its smaller output), and the ONNX side follows th
 from __future__ import annotations
 
 import operator
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -68,10 +69,20 @@ PRESERVING_FUNCTIONS: frozenset[object] = frozenset(f for op in PRESERVING_OPS f
 PRESERVING_ONNX_OPS: frozenset[str] = frozenset(o for op in PRESERVING_OPS for o in op.onnx)
 
 
+def stochastic_depth_modules() -> tuple[type[nn.Module], ...]:
+    """torchvision's ``StochasticDepth`` when torchvision is loaded (a model holding one has loaded it): the
+    identity in inference, like dropout, so range-preserving as dropout is. The tracer keeps it a leaf module
+    so that it follows ``train()``/``eval()``: traced through, the ``self.training`` its forward reads would
+    be frozen into the graph as a constant (dropping residual branches at random in eval and export)."""
+    cls = getattr(sys.modules.get("torchvision.ops"), "StochasticDepth", None)
+    return (cls,) if isinstance(cls, type) else ()
+
+
 def is_preserving(gm: fx.GraphModule, n: fx.Node) -> bool:
     """Whether graph node ``n`` is a range-preserving op (see the module docstring)."""
     if n.op == "call_module":
-        return isinstance(gm.get_submodule(n.target), PRESERVING_MODULES)
+        m = gm.get_submodule(n.target)
+        return isinstance(m, PRESERVING_MODULES) or isinstance(m, stochastic_depth_modules())
     if n.op == "call_method":
         return n.target in PRESERVING_METHODS
     if n.op == "call_function":
