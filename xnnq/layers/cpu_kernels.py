@@ -117,6 +117,10 @@ void xnnq_hist_add(const float *x, int64_t rows, int64_t len, int64_t stride, fl
                    float mul, int64_t bins, double *counts) {
     for (int64_t r = 0; r < rows; r++) {
         const float *p = x + r * stride;
+        if (r + 16 < rows) { /* the run 16 rows ahead, both ends (it may straddle two cache lines) */
+            __builtin_prefetch(p + 16 * stride);
+            __builtin_prefetch(p + 16 * stride + len - 1);
+        }
         for (int64_t i = 0; i < len; i++) {
             float v = p[i] > cap ? cap : p[i];
             int64_t j = (int64_t)((v + span) * mul);
@@ -210,6 +214,10 @@ void xnnq_tail_extremes(const float *x, int64_t rows, int64_t len, int64_t strid
     for (int64_t j = 0; j < k; j++) hi[j] = neg_lo[j] = -INFINITY;
     for (int64_t r = 0; r < rows; r++) {
         const float *p = x + r * stride;
+        if (r + 16 < rows) { /* the run 16 rows ahead, both ends (it may straddle two cache lines) */
+            __builtin_prefetch(p + 16 * stride);
+            __builtin_prefetch(p + 16 * stride + len - 1);
+        }
         float bmax = -INFINITY, bmin = INFINITY;
         int nan = 0;
         for (int64_t i = 0; i < len; i++) {
