@@ -420,6 +420,11 @@ def hist_add(
 _ROW_SUM_VEC = {"AVX2": 8, "DEFAULT": 8}
 
 
+def _row_sum_vec() -> int | None:
+    """torch's float32 vector width where :func:`add_row_sum` follows its sum order, else ``None``."""
+    return _ROW_SUM_VEC.get(torch.backends.cpu.get_cpu_capability())
+
+
 def add_row_sum_applies(x: torch.Tensor) -> bool:
     """Whether :func:`add_row_sum` reproduces torch's ``x.sum(0)`` for ``x`` (float32, CPU, contiguous, at least
     8 values per row, on a CPU whose torch vector width it follows)."""
@@ -428,8 +433,9 @@ def add_row_sum_applies(x: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dim() >= 2
         and x.is_contiguous()
-        and x[0].numel() >= 8
-        and torch.backends.cpu.get_cpu_capability() in _ROW_SUM_VEC
+        and x.shape[0] > 0
+        and x.numel() // x.shape[0] >= 8
+        and _row_sum_vec() is not None
     )
 
 
@@ -437,7 +443,6 @@ def add_row_sum(x: torch.Tensor, total: torch.Tensor) -> None:
     """``total += x.sum(0)`` for ``x`` where :func:`add_row_sum_applies` and a contiguous float64 ``total`` of
     shape ``x.shape[1:]``: the float32 sum over the first dimension in torch's order (the same bits), added in
     float64, in one pass without the float32 temporary."""
-    vec = _ROW_SUM_VEC[torch.backends.cpu.get_cpu_capability()]
     library().xnnq_add_row_sum(
-        x.data_ptr(), x.shape[0], total.numel(), vec, total.data_ptr(), torch.get_num_threads()
+        x.data_ptr(), x.shape[0], total.numel(), _row_sum_vec(), total.data_ptr(), torch.get_num_threads()
     )
