@@ -377,6 +377,10 @@ def test_quantizers_overwrite_fresh_layer_outputs_with_identical_training(fused_
     mods = dict(q.module.named_modules())
     overwrites = {s.reason for s in q.plan.acts if mods[s.name]._producer_hooks is not None}
     assert {"Conv2d+BN", "SiLU", "AddBlock"} <= overwrites and "Sigmoid" not in overwrites
+    # gradients masked in place: outputs read only by a conv/linear or an activation, not by an add or by two
+    owned = {n for n, m in q.quantizers().items() if m._consumer_hooks is not None}
+    assert {"stem.1_q", "se.3_q", "mul_q", "reducemean_q"} <= owned
+    assert not owned & {"stem.2_q", "expand.2_q", "project.1_q", "head_q"}
     fused_mode(False)
     ref = _train(_SiLUBlock, x, y)
     fused_mode("cpu")
@@ -600,3 +604,37 @@ def test_calibration_is_bit_identical_with_the_c_kernels(fused_mode):
         assert torch.equal(sd0[k], sd1[k]) if k in tensors else sd0[k] == sd1[k], k
     assert torch.equal(out0, out1)
     assert any(sd1[k].abs().sum() > 0 for k in tensors if k.endswith("bias_correction"))
+
+
+def test_owned_gradients_are_masked_in_place_unless_a_hook_could_keep_them(fused_mode, monkeypatch):
+    """A quantizer whose output only a conv reads masks that conv's input gradient in place (the C backward
+    runs in place, training stays bit-identical: the test above); with a forward pre-hook on the conv that
+    keeps the gradient of its input (Grad-CAM style), the gradient the hook kept is not touched."""
+    from xnnq.layers import cpu_kernels
+
+    fused_mode("cpu")
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+    q = xnnq.QuantTrainModule(_SiLUBlock(), x[:1]).train()
+    calls = []
+    real = cpu_kernels.backward_inplace
+    monkeypatch.setattr(cpu_kernels, "backward_inplace", lambda g_, m_: calls.append(1) or real(g_, m_))
+    F.cross_entropy(q(x), y).backward()
+    assert len(calls) >= 4
+    conv = q.module.get_submodule("project.0")
+    kept = []
+
+    def keep_input_grad(module, args):
+        args[0].register_hook(lambda grad: kept.append((grad, grad.clone())))
+
+    handle = conv.register_forward_pre_hook(keep_input_grad)
+    assert not q.module.get_submodule("mul_q")._may_overwrite_gradient()
+    xnnq.layers.freeze_quant_range(q)
+    observer = q.module.get_submodule("mul_q").observer
+    observer.min_val.mul_(0.125), observer.max_val.mul_(0.125)  # a narrow range: the mask clips
+    F.cross_entropy(q(x), y).backward()
+    handle.remove()
+    grad, copy_at_hook = kept[0]
+    assert torch.equal(grad, copy_at_hook) and bool((grad != 0).any())
+    assert q.module.get_submodule("mul_q")._may_overwrite_gradient()

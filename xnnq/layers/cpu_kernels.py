@@ -198,6 +198,11 @@ void xnnq_add_row_sum(const float *restrict x, int64_t rows, int64_t cols, int64
     }
 }
 
+/* in place: grad[i] = mask[i] ? grad[i] : +0.0 */
+void xnnq_fq_backward_inplace(uint32_t *restrict grad, const uint8_t *restrict mask, int64_t n, int threads) {
+    FQ_LOOP({ grad[i] &= 0u - (uint32_t)mask[i]; })
+}
+
 /* top[0..k) sorted descending; v > top[k-1] takes its place */
 static void insert_desc(float *top, int64_t k, float v) {
     int64_t j = k - 1;
@@ -299,6 +304,8 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_hist_add.restype = None
     handle.xnnq_add_row_sum.argtypes = [p, i64, i64, i64, p, i32]
     handle.xnnq_add_row_sum.restype = None
+    handle.xnnq_fq_backward_inplace.argtypes = [p, p, i64, i32]
+    handle.xnnq_fq_backward_inplace.restype = None
     handle.xnnq_fq_backward.argtypes = [p, p, p, i64, i32]
     handle.xnnq_fq_backward.restype = None
     return handle
@@ -343,6 +350,14 @@ def backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         grad.data_ptr(), mask.data_ptr(), out.data_ptr(), grad.numel(), torch.get_num_threads()
     )
     return out
+
+
+def backward_inplace(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`backward` written into ``grad`` (dense, in the mask's memory order), which is returned."""
+    library().xnnq_fq_backward_inplace(
+        grad.data_ptr(), mask.data_ptr(), grad.numel(), torch.get_num_threads()
+    )
+    return grad
 
 
 def tail_extremes(

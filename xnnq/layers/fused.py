@@ -190,11 +190,12 @@ class _ActFakeQuant(torch.autograd.Function):
     (:func:`_shaped`)."""
 
     @staticmethod
-    def forward(ctx, x, scale, qmin, qmax, cap, inplace):
+    def forward(ctx, x, scale, qmin, qmax, cap, inplace, grad_inplace):
         flat = _flat(x)
         out, mask = _kernels(x.device)[0](flat, scale, qmin, qmax, cap, True, inplace)
         ctx.save_for_backward(mask)
         ctx.channels_last = not x.is_contiguous()
+        ctx.grad_inplace = grad_inplace
         if out is flat:  # written in place
             ctx.mark_dirty(x)
             return x
@@ -204,8 +205,16 @@ class _ActFakeQuant(torch.autograd.Function):
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        if (
+            ctx.grad_inplace
+            and grad.device.type == "cpu"
+            and not grad.requires_grad
+            and grad._base is None
+            and grad.is_contiguous(memory_format=fmt)
+        ):  # the gradient is this quantizer's own (see fake_quantize_activation): no new tensor
+            return cpu_kernels.backward_inplace(grad, mask), None, None, None, None, None, None
         grad = grad.contiguous(memory_format=fmt)  # the mask's memory order
-        return _kernels(grad.device)[1](grad, mask), None, None, None, None, None
+        return _kernels(grad.device)[1](grad, mask), None, None, None, None, None, None
 
 
 def _unfused(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap: float | None) -> torch.Tensor:
@@ -221,6 +230,7 @@ def fake_quantize_activation(
     qmax: int,
     cap: float | None = None,
     inplace: bool = False,
+    grad_inplace: bool = False,
 ) -> torch.Tensor:
     """``fake_quantize(x.clamp(max=cap), scale, qmin, qmax)`` (per tensor) with the same values and gradient,
     in one fused kernel per direction when available (see the module docstring).
@@ -228,7 +238,12 @@ def fake_quantize_activation(
     ``inplace``: the caller allows ``x`` to be overwritten (nothing else reads it: a ``ReLU(inplace=True)``
     was there, or ``x`` is a layer's fresh output that only this quantizer reads). The C kernels then write
     the result into ``x`` and return it (no new activation-sized tensor); elsewhere, for a view, or for a
-    leaf that requires grad, the result is a new tensor as without ``inplace``."""
+    leaf that requires grad, the result is a new tensor as without ``inplace``.
+
+    ``grad_inplace``: the caller allows the backward to overwrite the gradient it receives (the output's only
+    reader makes a gradient tensor of its own for it and nothing can keep that tensor: see
+    :meth:`~xnnq.layers.PACT2.own_gradient_from`). The C backward then masks it in place (dense in the mask's
+    memory order, not a view, no higher-order graph); otherwise it writes a new tensor."""
     if not fused_enabled(x.device) or x.dtype != torch.float32 or _flat(x) is None or x.numel() == 0:
         return _unfused(x, scale, qmin, qmax, cap)
     try:
@@ -236,7 +251,7 @@ def fake_quantize_activation(
         grad = torch.is_grad_enabled() and x.requires_grad
         inplace = inplace and x._base is None and not (grad and x.is_leaf)
         if grad:
-            return _ActFakeQuant.apply(x, scale, qmin, qmax, cap, inplace)
+            return _ActFakeQuant.apply(x, scale, qmin, qmax, cap, inplace, grad_inplace)
         flat = _flat(x)
         out, _ = _kernels(x.device)[0](flat, scale, qmin, qmax, cap, False, inplace)
         return x if out is flat else _unflat(out, x)

@@ -85,6 +85,7 @@ class PACT2(nn.Module):
         self.learned_range = learned_range
         self.inplace = bool(inplace)
         self._producer_hooks: dict | None = None  # the producer's forward hooks; see overwrite_output_of
+        self._consumer_hooks: tuple[dict, ...] | None = None  # the consumer's hooks; see own_gradient_from
         self.frozen = False
         self.observed = clip_range is not None
         self.quant_enabled = True
@@ -233,7 +234,15 @@ class PACT2(nn.Module):
             )
         scale, qmin, qmax = self.qparams()
         if rounding is Rounding.HALF_EVEN:  # the fused one-pass kernels round half to even
-            return fake_quantize_activation(x, scale, qmin, qmax, self.cap, inplace=self._may_overwrite())
+            return fake_quantize_activation(
+                x,
+                scale,
+                qmin,
+                qmax,
+                self.cap,
+                inplace=self._may_overwrite(),
+                grad_inplace=self._may_overwrite_gradient(),
+            )
         if self.cap is not None:
             x = x.clamp(max=self.cap)
         return fake_quantize(x, scale, qmin, qmax, rounding=rounding)
@@ -253,6 +262,32 @@ class PACT2(nn.Module):
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return False
         return self.inplace or (self._producer_hooks is not None and not self._producer_hooks)
+
+    def own_gradient_from(self, consumer: nn.Module) -> None:
+        """This quantizer's output is read only by ``consumer``, whose backward makes a gradient tensor of its
+        own for it (a conv/linear or an element-wise activation; the build checks both): the fused backward may
+        mask that gradient in place, as long as no hook on ``consumer`` (checked at every call) could keep it."""
+        self._consumer_hooks = (
+            consumer._forward_pre_hooks,
+            consumer._forward_hooks,
+            consumer._backward_pre_hooks,
+            consumer._backward_hooks,
+        )  # the dicts themselves: hooks added later are seen
+
+    def _may_overwrite_gradient(self) -> bool:
+        """The backward may overwrite its incoming gradient: :meth:`own_gradient_from` allowed it and no hook on
+        this quantizer, its consumer or every module could keep the output or its gradient."""
+        if self._consumer_hooks is None or any(self._consumer_hooks):
+            return False
+        if self._forward_hooks or self._backward_hooks or self._backward_pre_hooks:
+            return False
+        m = nn.modules.module
+        return not (
+            m._global_forward_hooks
+            or m._global_forward_pre_hooks
+            or m._global_backward_hooks
+            or m._global_backward_pre_hooks
+        )
 
     def extra_repr(self) -> str:
         s = f"bits={self.bits}, signed={self.signed}, power2={self.power2}"

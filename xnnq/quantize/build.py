@@ -137,6 +137,7 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
                 IndexMaxPool2d.from_float(gm.get_submodule(node.target)),
             )
     _allow_overwrites(gm)
+    _allow_gradient_overwrites(gm)
     graph.lint()
     gm.recompile()
 
@@ -165,3 +166,32 @@ def _allow_overwrites(gm: fx.GraphModule) -> None:
         producer = gm.get_submodule(src.target)
         if _fresh_output(src, producer):
             gm.get_submodule(node.target).overwrite_output_of(producer)
+
+
+# element-wise activations whose backward returns a new gradient tensor for their input
+_FRESH_GRADIENT_ACTIVATIONS = (nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Hardsigmoid, nn.GELU, nn.Tanh, nn.Mish)
+
+
+def _fresh_gradient(mod: nn.Module) -> bool:
+    """``mod``'s backward makes a gradient tensor of its own for its first input: a conv/linear (with its BN)
+    or an element-wise activation. Not an add (both inputs get the same tensor), a view, a concatenation
+    (slices of one tensor) or anything else that may pass its gradient on as it is."""
+    return isinstance(mod, (QuantConv2d, QuantLinear)) or type(mod) in _FRESH_GRADIENT_ACTIVATIONS
+
+
+def _allow_gradient_overwrites(gm: fx.GraphModule) -> None:
+    """Let each quantizer whose output is read only by such a layer, as its first input and nowhere else in the
+    call, mask its incoming gradient in place in the backward (:meth:`PACT2.own_gradient_from`)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), PACT2):
+            continue
+        if len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if user.op != "call_module" or not user.args or user.args[0] is not node:
+            continue
+        if node in user.args[1:] or node in user.kwargs.values():
+            continue
+        consumer = gm.get_submodule(user.target)
+        if _fresh_gradient(consumer):
+            gm.get_submodule(node.target).own_gradient_from(consumer)
