@@ -526,16 +526,27 @@ def test_the_c_histogram_counts_as_the_torch_path(fused_mode, cap, sample_size):
         torch.randn(7, generator=g),
     ]
     states = []
-    for mode in ("0", "cpu"):
-        fused_mode(mode)
-        h = Histogram(bins=2048, max_bins=4096, sample_size=sample_size)
-        for b in batches:
-            h(b, cap)
-        states.append((h.exponent, h.counts, h.min_val, h.max_val))
-    assert states[0][0] == states[1][0] and states[0][1].numel() == 4096
-    assert states[0][1].sum() > 0
-    for a, b in zip(states[0][1:], states[1][1:]):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    before = torch.get_num_threads()
+    try:
+        for mode, threads in (
+            ("0", 2),
+            ("cpu", 1),
+            ("cpu", 2),
+            ("cpu", 3),
+        ):  # the C counts split over threads
+            fused_mode(mode)
+            torch.set_num_threads(threads)
+            h = Histogram(bins=2048, max_bins=4096, sample_size=sample_size)
+            for b in batches:
+                h(b, cap)
+            states.append((h.exponent, h.counts, h.min_val, h.max_val))
+    finally:
+        torch.set_num_threads(before)
+    assert states[0][1].numel() == 4096 and states[0][1].sum() > 0
+    for other in states[1:]:
+        assert states[0][0] == other[0]
+        for a, b in zip(states[0][1:], other[1:]):
+            assert a.dtype == b.dtype and torch.equal(a, b)
     fused_mode("cpu")
     bad = batches[2].clone()
     bad[3, 4, 5, 6] = float("nan")

@@ -32,7 +32,11 @@ import torch
 
 SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define BLOCK 16384
 #define PARALLEL_MIN 65536
@@ -113,20 +117,47 @@ void xnnq_minmax(const float *restrict x, int64_t n, float *out, int threads) {
    bins equal bins over [-span, span] (span a power of 2, mul = bins / (2 span)): the bin of v is
    (int64)((v + span) * mul) in float32, the last bin for v = span, as xnnq/calibrate/histogram.py's
    bin_index computes it. Values must lie in [-span, span] and not be NaN. */
-void xnnq_hist_add(const float *x, int64_t rows, int64_t len, int64_t stride, float cap, float span,
-                   float mul, int64_t bins, double *counts) {
-    for (int64_t r = 0; r < rows; r++) {
+static void hist_rows(const float *x, int64_t r0, int64_t r1, int64_t i0, int64_t i1, int64_t stride, float cap,
+                      float span, float mul, int64_t bins, double *counts) {
+    for (int64_t r = r0; r < r1; r++) {
         const float *p = x + r * stride;
-        if (r + 16 < rows) { /* the run 16 rows ahead, both ends (it may straddle two cache lines) */
+        if (r + 16 < r1) { /* the run 16 rows ahead, both ends (it may straddle two cache lines) */
             __builtin_prefetch(p + 16 * stride);
-            __builtin_prefetch(p + 16 * stride + len - 1);
+            __builtin_prefetch(p + 16 * stride + i1 - 1);
         }
-        for (int64_t i = 0; i < len; i++) {
+        for (int64_t i = i0; i < i1; i++) {
             float v = p[i] > cap ? cap : p[i];
             int64_t j = (int64_t)((v + span) * mul);
             counts[j < bins - 1 ? j : bins - 1] += 1.0;
         }
     }
+}
+
+/* Split over threads (each its own counts, added at the end: integer-valued, so the sum is exact in any
+   order) when the sample is large and the histogram small. */
+void xnnq_hist_add(const float *x, int64_t rows, int64_t len, int64_t stride, float cap, float span,
+                   float mul, int64_t bins, double *counts, int threads) {
+#ifdef _OPENMP
+    if (threads > 1 && rows * len >= 16384 && bins <= 16384) {
+        double *part = calloc((size_t)(threads - 1) * (size_t)bins, sizeof(double));
+        if (part) {
+            _Pragma("omp parallel num_threads(threads)")
+            {
+                int64_t id = omp_get_thread_num(), nt = omp_get_num_threads();
+                double *c = id == 0 ? counts : part + (id - 1) * bins;
+                if (rows >= nt)
+                    hist_rows(x, rows * id / nt, rows * (id + 1) / nt, 0, len, stride, cap, span, mul, bins, c);
+                else /* fewer runs than threads (one long run): split along the runs */
+                    hist_rows(x, 0, rows, len * id / nt, len * (id + 1) / nt, stride, cap, span, mul, bins, c);
+            }
+            for (int64_t t = 0; t < threads - 1; t++)
+                for (int64_t j = 0; j < bins; j++) counts[j] += part[t * bins + j];
+            free(part);
+            return;
+        }
+    }
+#endif
+    hist_rows(x, 0, rows, 0, len, stride, cap, span, mul, bins, counts);
 }
 
 /* ATen's cascade sum of `size` float32 values at p[i * stride] (SumKernel.cpp multi_row_sum, one column):
@@ -300,7 +331,7 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_tracker_batch.restype = None
     handle.xnnq_minmax.argtypes = [p, i64, p, i32]
     handle.xnnq_minmax.restype = None
-    handle.xnnq_hist_add.argtypes = [p, i64, i64, i64, f32, f32, f32, i64, p]
+    handle.xnnq_hist_add.argtypes = [p, i64, i64, i64, f32, f32, f32, i64, p, i32]
     handle.xnnq_hist_add.restype = None
     handle.xnnq_add_row_sum.argtypes = [p, i64, i64, i64, p, i32]
     handle.xnnq_add_row_sum.restype = None
@@ -426,7 +457,16 @@ def hist_add(
     :mod:`xnnq.calibrate.histogram`, the same counts."""
     bins = counts.numel()
     library().xnnq_hist_add(
-        x.data_ptr(), rows, length, stride, cap, span, bins / (2.0 * span), bins, counts.data_ptr()
+        x.data_ptr(),
+        rows,
+        length,
+        stride,
+        cap,
+        span,
+        bins / (2.0 * span),
+        bins,
+        counts.data_ptr(),
+        torch.get_num_threads(),
     )
 
 
