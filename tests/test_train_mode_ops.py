@@ -18,10 +18,11 @@ def efficientnet() -> nn.Module:
     return torchvision.models.efficientnet_b0(weights=None, num_classes=10, stochastic_depth_prob=0.5).train()
 
 
-def test_stochastic_depth_follows_the_wrappers_mode():
+def test_stochastic_depth_follows_the_wrappers_mode(tmp_path):
     """A torchvision EfficientNet wrapped in train mode (as constructed): its StochasticDepth stays a module, so
     eval is deterministic (no residual branch dropped at random) and training still drops branches; the plan
-    gives it no quantizer of its own (the identity in inference, like dropout)."""
+    gives it no quantizer of its own (the identity in inference, like dropout), and the exported graph holds
+    no random op."""
     m = efficientnet()
     x = torch.randn(8, 3, 64, 64)
     with warnings.catch_warnings():
@@ -44,6 +45,13 @@ def test_stochastic_depth_follows_the_wrappers_mode():
         a, b = q(x), q(x)
     assert torch.equal(a, b) and torch.equal(seen[0], seen[1])
     assert all(int((s.flatten(1).abs().sum(1) == 0).sum()) == 0 for s in seen)
+    import onnx
+
+    from xnnq.export.api import export_onnx
+
+    export_onnx(q, x[:1], tmp_path / "m.onnx")
+    ops = {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
+    assert "Conv" in ops and not ops & {"Dropout", "Bernoulli", "RandomUniformLike", "RandomUniform"}
 
 
 class TrainOnlyScale(nn.Module):
