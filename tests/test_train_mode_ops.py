@@ -95,3 +95,13 @@ def test_a_forward_reading_self_training_is_named_with_the_fix(mode):
         q.eval()
         y_eval = block(x)
     torch.testing.assert_close(y_train, 2 * y_eval)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "convnext_tiny"])
+def test_torchvision_models_in_train_mode_wrap_without_a_mode_warning(name):
+    """No false alarm: torchvision models as constructed (train mode; Dropout, StochasticDepth) trace to the
+    same graph in both modes."""
+    m = getattr(torchvision.models, name)(weights=None, num_classes=10).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        xnnq.QuantTrainModule(m, torch.randn(1, 3, 32, 32))
