@@ -649,3 +649,43 @@ def test_owned_gradients_are_masked_in_place_unless_a_hook_could_keep_them(fused
     grad, copy_at_hook = kept[0]
     assert torch.equal(grad, copy_at_hook) and bool((grad != 0).any())
     assert q.module.get_submodule("mul_q")._may_overwrite_gradient()
+
+
+def test_an_add_writes_into_its_quantized_first_operand_unless_a_hook_could_keep_it(fused_mode):
+    """Residual adds of a QAT ResNet-18 write the sum into the quantizer output they alone read (as the float
+    model's ``out += identity``): the same values and gradients as the out-of-place sum; a forward hook on
+    that quantizer, an operand of another dtype or a broadcast larger than the first keep it out of place."""
+    import torchvision
+
+    from xnnq.layers.blocks import AddBlock
+
+    fused_mode("cpu")
+    torch.manual_seed(0)
+    q = xnnq.QuantTrainModule(
+        torchvision.models.resnet18(weights=None, num_classes=10), torch.randn(1, 3, 32, 32)
+    )
+    adds = {n: m for n, m in q.module.named_modules() if isinstance(m, AddBlock)}
+    assert len(adds) == 8 and all(m._first_hooks is not None for m in adds.values())
+    quantizer = xnnq.layers.PACT2(signed=True).train()
+    add = AddBlock()
+    add.accumulate_into_first(quantizer)
+    g = torch.Generator().manual_seed(0)
+    inp = torch.randn(2, 4, 6, 6, generator=g, requires_grad=True)
+    other = torch.randn(2, 4, 6, 6, generator=g, requires_grad=True)
+    results = []
+    for allowed in (True, False):
+        x = quantizer(inp * 1.0)
+        handle = None if allowed else quantizer.register_forward_hook(lambda m, a, out: None)
+        out = add(x, other)
+        if handle is not None:
+            handle.remove()
+        assert (out.data_ptr() == x.data_ptr()) is allowed
+        out.pow(2).sum().backward()
+        results.append((out.detach().clone(), inp.grad.clone(), other.grad.clone()))
+        inp.grad = other.grad = None
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    x = quantizer(inp * 1.0)
+    assert add(x, other.double()).dtype == torch.float64  # promoted: out of place
+    x = quantizer(inp[:, :1] * 1.0)
+    assert add(x, other).shape == other.shape  # broadcast beyond the first operand: out of place

@@ -7,9 +7,47 @@ from torch import nn
 
 
 class AddBlock(nn.Module):
-    """``x + y`` (and ``x + y + ...``) as a module."""
+    """``x + y`` (and ``x + y + ...``) as a module.
+
+    In training, where the build allowed it (:meth:`accumulate_into_first`), the sum is written into ``x``, as
+    a float model's ``out += identity`` does: no new activation-sized tensor.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._first_hooks: tuple[dict, ...] | None = None  # see accumulate_into_first
+
+    def accumulate_into_first(self, quantizer: nn.Module) -> None:
+        """``x`` is the output of ``quantizer`` and read by nothing else (the build checks): the sum may be
+        written into it when it is the fused kernel's own output (whose backward keeps only a mask) and no hook
+        on ``quantizer`` (checked at every call) could have kept it."""
+        self._first_hooks = (quantizer._forward_hooks,)  # the dict itself: hooks added later are seen
+
+    def _may_accumulate(self, x: torch.Tensor) -> bool:
+        if (
+            self._first_hooks is None
+            or any(self._first_hooks)
+            or self._forward_pre_hooks
+            or self._forward_hooks
+        ):
+            return False
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return False
+        from .fused import _ActFakeQuant  # the fused kernel's autograd node: the output is its own
+
+        return x.requires_grad and x._base is None and type(x.grad_fn) is _ActFakeQuant._backward_cls
 
     def forward(self, x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        same = all(
+            isinstance(o, torch.Tensor)
+            and o.dtype == x.dtype
+            and torch.broadcast_shapes(x.shape, o.shape) == x.shape
+            for o in others
+        )  # the in-place sum has the out-of-place sum's shape and dtype
+        if others and same and self._may_accumulate(x):
+            for o in others:
+                x = x.add_(o)
+            return x
         for o in others:
             x = x + o
         return x

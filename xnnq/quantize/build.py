@@ -138,6 +138,7 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
             )
     _allow_overwrites(gm)
     _allow_gradient_overwrites(gm)
+    _allow_add_accumulation(gm)
     graph.lint()
     gm.recompile()
 
@@ -195,3 +196,20 @@ def _allow_gradient_overwrites(gm: fx.GraphModule) -> None:
         consumer = gm.get_submodule(user.target)
         if _fresh_gradient(consumer):
             gm.get_submodule(node.target).own_gradient_from(consumer)
+
+
+def _allow_add_accumulation(gm: fx.GraphModule) -> None:
+    """Let each add whose first operand is a quantizer's output read by nothing else write the sum into it
+    (:meth:`AddBlock.accumulate_into_first`)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or len(node.args) < 2:
+            continue
+        add = gm.get_submodule(node.target)
+        first = node.args[0]
+        if not isinstance(add, AddBlock) or not isinstance(first, fx.Node) or first.op != "call_module":
+            continue
+        if len(first.users) != 1 or first in node.args[1:]:
+            continue
+        q = gm.get_submodule(first.target)
+        if isinstance(q, PACT2):
+            add.accumulate_into_first(q)
