@@ -31,7 +31,7 @@ from torch import nn
 
 from ..layers import cpu_kernels
 from ..layers.fake_quant import MIN_RANGE
-from ..layers.fused import c_kernels_ready
+from ..layers.fused import on_c_path
 from ..layers.sampling import block_sample, flat_view, sample_geometry
 
 
@@ -141,8 +141,7 @@ class Histogram(nn.Module):
         flat = flat_view(x.detach())
         if flat.numel() == 0:
             return x
-        on_c = flat.dtype == torch.float32 and flat.device.type == "cpu" and flat.is_contiguous()
-        on_c = on_c and c_kernels_ready()
+        on_c = on_c_path(flat)
         if on_c:  # one C pass for the extremes, one C loop over the sample: the same values as below
             lo_f, hi_f = cpu_kernels.minmax(flat)
             if cap is not None:  # the cap in float32, as clamp applies it to a float32 tensor

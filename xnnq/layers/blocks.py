@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .hooks import unhooked
+
 
 class AddBlock(nn.Module):
     """``x + y`` (and ``x + y + ...``) as a module.
@@ -23,28 +25,24 @@ class AddBlock(nn.Module):
         on ``quantizer`` (checked at every call) could have kept it."""
         self._first_hooks = (quantizer._forward_hooks,)  # the dict itself: hooks added later are seen
 
-    def _may_accumulate(self, x: torch.Tensor) -> bool:
-        if (
-            self._first_hooks is None
-            or any(self._first_hooks)
-            or self._forward_pre_hooks
-            or self._forward_hooks
+    def _may_accumulate(self, x: torch.Tensor, others: tuple[torch.Tensor, ...]) -> bool:
+        if self._first_hooks is None or not unhooked(
+            *self._first_hooks, self._forward_pre_hooks, self._forward_hooks
         ):
-            return False
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return False
         from .fused import _ActFakeQuant  # the fused kernel's autograd node: the output is its own
 
-        return x.requires_grad and x._base is None and type(x.grad_fn) is _ActFakeQuant._backward_cls
-
-    def forward(self, x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-        same = all(
+        if not (x.requires_grad and x._base is None and type(x.grad_fn) is _ActFakeQuant._backward_cls):
+            return False
+        return all(  # the in-place sum has the out-of-place sum's shape and dtype
             isinstance(o, torch.Tensor)
             and o.dtype == x.dtype
             and torch.broadcast_shapes(x.shape, o.shape) == x.shape
             for o in others
-        )  # the in-place sum has the out-of-place sum's shape and dtype
-        if others and same and self._may_accumulate(x):
+        )
+
+    def forward(self, x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        if others and self._may_accumulate(x, others):
             for o in others:
                 x = x.add_(o)
             return x

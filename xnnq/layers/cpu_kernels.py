@@ -41,6 +41,14 @@ SOURCE = r"""
 #define BLOCK 16384
 #define PARALLEL_MIN 65536
 
+/* in a loop over sampled runs (row r of rows at p, stride apart, `end` long): the run 16 rows ahead, both ends
+   (it may straddle two cache lines) */
+#define PREFETCH_RUN(r, rows, p, stride, end)              \
+    if ((r) + 16 < (rows)) {                               \
+        __builtin_prefetch((p) + 16 * (stride));           \
+        __builtin_prefetch((p) + 16 * (stride) + (end) - 1); \
+    }
+
 /* one element: the code of min(x, cap) (NaN stays NaN), rounded half to even, times the scale (code 0 as
    +0.0); KEEP is the straight-through mask */
 #define FQ_ELEMENT(xi, OUT, KEEP)                                    \
@@ -121,10 +129,7 @@ static void hist_rows(const float *x, int64_t r0, int64_t r1, int64_t i0, int64_
                       float span, float mul, int64_t bins, double *counts) {
     for (int64_t r = r0; r < r1; r++) {
         const float *p = x + r * stride;
-        if (r + 16 < r1) { /* the run 16 rows ahead, both ends (it may straddle two cache lines) */
-            __builtin_prefetch(p + 16 * stride);
-            __builtin_prefetch(p + 16 * stride + i1 - 1);
-        }
+        PREFETCH_RUN(r, r1, p, stride, i1);
         for (int64_t i = i0; i < i1; i++) {
             float v = p[i] > cap ? cap : p[i];
             int64_t j = (int64_t)((v + span) * mul);
@@ -160,25 +165,29 @@ void xnnq_hist_add(const float *x, int64_t rows, int64_t len, int64_t stride, fl
     hist_rows(x, 0, rows, 0, len, stride, cap, span, mul, bins, counts);
 }
 
-/* ATen's cascade sum of `size` float32 values at p[i * stride] (SumKernel.cpp multi_row_sum, one column):
-   chunks of 2^level_power values summed in turn into a cascade of four accumulators. */
-static float cascade_sum(const float *p, int64_t stride, int64_t size) {
+/* ATen's cascade sums (SumKernel.cpp multi_row_sum) of m <= 64 contiguous columns starting at p, down `rows`
+   rows row_stride apart: chunks of 2^level_power rows summed in turn into a cascade of four accumulators per
+   column; out[k] the sum of column k. */
+static void cascade_sums(const float *p, int64_t row_stride, int64_t rows, int64_t m, float *out) {
     int64_t ceil_log2 = 0;
-    while (((int64_t)1 << ceil_log2) < size) ceil_log2++;
+    while (((int64_t)1 << ceil_log2) < rows) ceil_log2++;
     const int64_t level_power = ceil_log2 / 4 > 4 ? ceil_log2 / 4 : 4;
     const int64_t level_step = (int64_t)1 << level_power, level_mask = level_step - 1;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float acc[4][64];
+    for (int l = 0; l < 4; l++)
+        for (int64_t k = 0; k < m; k++) acc[l][k] = 0.0f;
     int64_t i = 0;
-    while (i + level_step <= size) {
-        for (int64_t j = 0; j < level_step; j++, i++) acc[0] += p[i * stride];
+    while (i + level_step <= rows) {
+        for (int64_t j = 0; j < level_step; j++, i++)
+            for (int64_t k = 0; k < m; k++) acc[0][k] += p[i * row_stride + k];
         for (int l = 1; l < 4; l++) {
-            acc[l] += acc[l - 1];
-            acc[l - 1] = 0.0f;
+            for (int64_t k = 0; k < m; k++) { acc[l][k] += acc[l - 1][k]; acc[l - 1][k] = 0.0f; }
             if ((i & (level_mask << (l * level_power))) != 0) break;
         }
     }
-    for (; i < size; i++) acc[0] += p[i * stride];
-    return ((acc[0] + acc[1]) + acc[2]) + acc[3];
+    for (; i < rows; i++)
+        for (int64_t k = 0; k < m; k++) acc[0][k] += p[i * row_stride + k];
+    for (int64_t k = 0; k < m; k++) out[k] = ((acc[0][k] + acc[1][k]) + acc[2][k]) + acc[3][k];
 }
 
 /* total[c] += (double) x.sum(0)[c] for x of shape (rows, cols), contiguous, c < cols, with the float32 sum in
@@ -193,37 +202,13 @@ void xnnq_add_row_sum(const float *restrict x, int64_t rows, int64_t cols, int64
     for (int64_t b = 0; b < vcols; b += 64) {
         int64_t m = vcols - b < 64 ? vcols - b : 64;
         float s[64];
-        for (int64_t k = 0; k < m; k++) s[k] = 0.0f;
-        /* the cascade for 64 columns at once, row by row (the columns are contiguous) */
-        int64_t ceil_log2 = 0;
-        while (((int64_t)1 << ceil_log2) < rows) ceil_log2++;
-        const int64_t level_power = ceil_log2 / 4 > 4 ? ceil_log2 / 4 : 4;
-        const int64_t level_step = (int64_t)1 << level_power, level_mask = level_step - 1;
-        float acc[4][64];
-        for (int l = 0; l < 4; l++)
-            for (int64_t k = 0; k < m; k++) acc[l][k] = 0.0f;
-        int64_t i = 0;
-        while (i + level_step <= rows) {
-            for (int64_t j = 0; j < level_step; j++, i++) {
-                const float *row = x + i * cols + b;
-                for (int64_t k = 0; k < m; k++) acc[0][k] += row[k];
-            }
-            for (int l = 1; l < 4; l++) {
-                for (int64_t k = 0; k < m; k++) { acc[l][k] += acc[l - 1][k]; acc[l - 1][k] = 0.0f; }
-                if ((i & (level_mask << (l * level_power))) != 0) break;
-            }
-        }
-        for (; i < rows; i++) {
-            const float *row = x + i * cols + b;
-            for (int64_t k = 0; k < m; k++) acc[0][k] += row[k];
-        }
-        for (int64_t k = 0; k < m; k++) s[k] = ((acc[0][k] + acc[1][k]) + acc[2][k]) + acc[3][k];
+        cascade_sums(x + b, cols, rows, m, s);
         for (int64_t k = 0; k < m; k++) total[b + k] += (double)s[k];
     }
     for (int64_t c = vcols; c < cols; c++) {
         int64_t quads = rows / 4;
         float part[4];
-        for (int k = 0; k < 4; k++) part[k] = cascade_sum(x + (int64_t)k * cols + c, 4 * cols, quads);
+        for (int k = 0; k < 4; k++) cascade_sums(x + (int64_t)k * cols + c, 4 * cols, quads, 1, part + k);
         for (int64_t i = quads * 4; i < rows; i++) part[0] += x[i * cols + c];
         total[c] += (double)(((part[0] + part[1]) + part[2]) + part[3]);
     }
@@ -250,10 +235,7 @@ void xnnq_tail_extremes(const float *x, int64_t rows, int64_t len, int64_t strid
     for (int64_t j = 0; j < k; j++) hi[j] = neg_lo[j] = -INFINITY;
     for (int64_t r = 0; r < rows; r++) {
         const float *p = x + r * stride;
-        if (r + 16 < rows) { /* the run 16 rows ahead, both ends (it may straddle two cache lines) */
-            __builtin_prefetch(p + 16 * stride);
-            __builtin_prefetch(p + 16 * stride + len - 1);
-        }
+        PREFETCH_RUN(r, rows, p, stride, len);
         float bmax = -INFINITY, bmin = INFINITY;
         int nan = 0;
         for (int64_t i = 0; i < len; i++) {

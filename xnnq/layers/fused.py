@@ -274,6 +274,17 @@ def _failed(e: Exception) -> None:
     )
 
 
+def on_c_path(flat: torch.Tensor) -> bool:
+    """``flat`` (a 1-d view in memory order) is served by the C kernels now: float32, CPU, contiguous, and the
+    kernels switched on and built (:func:`c_kernels_ready`)."""
+    return (
+        flat.dtype == torch.float32
+        and flat.device.type == "cpu"
+        and flat.is_contiguous()
+        and c_kernels_ready()
+    )
+
+
 def c_kernels_ready() -> bool:
     """Whether the C kernels serve CPU tensors now: switched on (:func:`set_fused`) and built (built here at
     the first call; a failure is handled as in :func:`fake_quantize_activation`)."""

@@ -10,6 +10,7 @@ from torch import nn
 
 from .fake_quant import activation_scale, check_bits, fake_quantize, grid_levels, quant_bounds
 from .fused import fake_quantize_activation
+from .hooks import unhooked
 from .observer import RangeObserver
 from .range_tracker import RangeTracker
 from .rounding import DEFAULT, Rounding, Site, as_rounding, resolve
@@ -257,9 +258,7 @@ class PACT2(nn.Module):
         """The fake-quantized values may be written into the input: the float op was in place (so nothing
         else reads its input in the user's model either) or :meth:`overwrite_output_of` allowed it, and no
         hook could keep the input to compare."""
-        if self._forward_hooks or self._forward_pre_hooks:
-            return False
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        if not unhooked(self._forward_hooks, self._forward_pre_hooks):
             return False
         return self.inplace or (self._producer_hooks is not None and not self._producer_hooks)
 
@@ -277,16 +276,12 @@ class PACT2(nn.Module):
     def _may_overwrite_gradient(self) -> bool:
         """The backward may overwrite its incoming gradient: :meth:`own_gradient_from` allowed it and no hook on
         this quantizer, its consumer or every module could keep the output or its gradient."""
-        if self._consumer_hooks is None or any(self._consumer_hooks):
-            return False
-        if self._forward_hooks or self._backward_hooks or self._backward_pre_hooks:
-            return False
-        m = nn.modules.module
-        return not (
-            m._global_forward_hooks
-            or m._global_forward_pre_hooks
-            or m._global_backward_hooks
-            or m._global_backward_pre_hooks
+        return self._consumer_hooks is not None and unhooked(
+            *self._consumer_hooks,
+            self._forward_hooks,
+            self._backward_hooks,
+            self._backward_pre_hooks,
+            backward=True,
         )
 
     def extra_repr(self) -> str:

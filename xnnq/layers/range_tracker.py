@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_kernels
-from .fused import c_kernels_ready
+from .fused import on_c_path
 from .observer import RangeObserver
 from .sampling import block_sample, flat_view, sample_geometry, sampled_tail_extremes, tail_extremes
 
@@ -50,19 +50,10 @@ class RangeTracker(RangeObserver):
     def batch_extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tail-trimmed (min, max) of one tensor, as 0-d tensors on its device."""
         flat = flat_view(x.detach())
-        if self._on_c_path(flat):
+        if on_c_path(flat):
             return sampled_tail_extremes(flat, self.sample_size, self.tail, self.track_min)  # the same values
         sample = block_sample(flat, self.sample_size).float()
         return tail_extremes(sample, max(1, int(self.tail * sample.numel())), self.track_min)
-
-    def _on_c_path(self, flat: torch.Tensor) -> bool:
-        """A float32 CPU tensor viewed flat without a copy, with the C kernels on (:mod:`xnnq.layers.fused`)."""
-        return (
-            flat.dtype == torch.float32
-            and flat.device.type == "cpu"
-            and flat.is_contiguous()
-            and c_kernels_ready()
-        )
 
     def _c_forward(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` with the extremes, the finite test and the weight from one C call; the buffers are
@@ -92,7 +83,7 @@ class RangeTracker(RangeObserver):
         """
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         flat = flat_view(x.detach())
-        if not distributed and self._on_c_path(flat):
+        if not distributed and on_c_path(flat):
             return self._c_forward(flat, x)
         lo, hi = self.batch_extremes(x)
         if distributed:

@@ -137,8 +137,7 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
                 IndexMaxPool2d.from_float(gm.get_submodule(node.target)),
             )
     _allow_overwrites(gm)
-    _allow_gradient_overwrites(gm)
-    _allow_add_accumulation(gm)
+    _allow_sole_reader_reuse(gm)
     graph.lint()
     gm.recompile()
 
@@ -180,36 +179,22 @@ def _fresh_gradient(mod: nn.Module) -> bool:
     return isinstance(mod, (QuantConv2d, QuantLinear)) or type(mod) in _FRESH_GRADIENT_ACTIVATIONS
 
 
-def _allow_gradient_overwrites(gm: fx.GraphModule) -> None:
-    """Let each quantizer whose output is read only by such a layer, as its first input and nowhere else in the
-    call, mask its incoming gradient in place in the backward (:meth:`PACT2.own_gradient_from`)."""
+def _allow_sole_reader_reuse(gm: fx.GraphModule) -> None:
+    """For each quantizer whose output one call reads, as its first operand and nowhere else in the call: let the
+    quantizer mask its incoming gradient in place when that reader makes a gradient of its own for it
+    (:meth:`PACT2.own_gradient_from`), or let the reader, an add of two or more operands, write its sum into it
+    (:meth:`AddBlock.accumulate_into_first`)."""
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), PACT2):
+        if node.op != "call_module" or len(node.users) != 1:
             continue
-        if len(node.users) != 1:
-            continue
+        q = gm.get_submodule(node.target)
         user = next(iter(node.users))
-        if user.op != "call_module" or not user.args or user.args[0] is not node:
+        if not isinstance(q, PACT2) or user.op != "call_module" or not user.args or user.args[0] is not node:
             continue
         if node in user.args[1:] or node in user.kwargs.values():
             continue
-        consumer = gm.get_submodule(user.target)
-        if _fresh_gradient(consumer):
-            gm.get_submodule(node.target).own_gradient_from(consumer)
-
-
-def _allow_add_accumulation(gm: fx.GraphModule) -> None:
-    """Let each add whose first operand is a quantizer's output read by nothing else write the sum into it
-    (:meth:`AddBlock.accumulate_into_first`)."""
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or len(node.args) < 2:
-            continue
-        add = gm.get_submodule(node.target)
-        first = node.args[0]
-        if not isinstance(add, AddBlock) or not isinstance(first, fx.Node) or first.op != "call_module":
-            continue
-        if len(first.users) != 1 or first in node.args[1:]:
-            continue
-        q = gm.get_submodule(first.target)
-        if isinstance(q, PACT2):
-            add.accumulate_into_first(q)
+        reader = gm.get_submodule(user.target)
+        if _fresh_gradient(reader):
+            q.own_gradient_from(reader)
+        elif isinstance(reader, AddBlock) and len(user.args) >= 2:
+            reader.accumulate_into_first(q)
