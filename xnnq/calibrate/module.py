@@ -97,10 +97,13 @@ class QuantCalibrateModule(QuantBaseModule):
         self.use_bias_correction, self.weight_clipping = bias_correction, weight_clipping
         self.bn_frozen = True
         self.input_means = nn.ModuleDict()
-        for spot in self.plan.weights:
+        for spot in self.plan.weights if bias_correction else ():
+            layer = self.module.get_submodule(spot.name)
+            if getattr(layer, "bias", None) is None and spot.bn is None:
+                continue  # no bias after folding: nothing to correct
             rec = InputMean()
             self.input_means[spot.name.replace(".", "/")] = rec
-            self.module.get_submodule(spot.name).register_forward_pre_hook(rec.hook)
+            layer.register_forward_pre_hook(rec.hook)
         self._weight_quant_saved: dict[str, bool] | None = None
         self.train()  # calibrating from construction, whatever mode the float model was in
 
@@ -145,6 +148,13 @@ class QuantCalibrateModule(QuantBaseModule):
         Quantizers that saw no data are left unobserved (their forward raises a clear error). Without any
         calibration data (e.g. a calibrated state dict was loaded instead) weights and biases are left as they are.
         """
+        means = {key: rec.mean() for key, rec in self.input_means.items()} if self.use_bias_correction else {}
+        for key, mean in means.items():  # before anything is changed: the module stays calibrating
+            if mean is not None and not bool(torch.isfinite(mean).all()):
+                raise FloatingPointError(
+                    f"{key.replace('/', '.')}: its calibration input held NaN or Inf (seen by bias correction's "
+                    "input mean). Check the calibration data and the model (run it in float first)."
+                )
         saved = self._weight_quant_saved or {}
         self._weight_quant_saved = None
         ranges = {n: q.settle_range() for n, q in self.quantizers().items()}
@@ -160,7 +170,7 @@ class QuantCalibrateModule(QuantBaseModule):
                 layer.weight_range_shift.copy_(mse_weight_shift(layer, bn))
                 shifts[spot.name] = layer.weight_range_shift.tolist()
             if self.use_bias_correction:
-                mean = self.input_means[spot.name.replace(".", "/")].mean()
+                mean = means.get(spot.name.replace(".", "/"))
                 corr = weight_error_mean(layer, mean, bn) if mean is not None else None
                 layer.bias_correction.copy_(
                     corr if corr is not None else torch.zeros_like(layer.bias_correction)

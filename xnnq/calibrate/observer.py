@@ -38,6 +38,9 @@ class HistogramObserver(RangeObserver):
     quantizer of unknown sign (``signed=None``) is made signed when more than ``tail`` of the values are
     negative; if not, its negative values count as clipped to 0.
 
+    The histogram spans the extremes of its sample (:class:`Histogram`), except for ``method="max"``, which
+    takes the exact extremes of every batch (one more pass over each tensor).
+
     Args: ``method`` (``"max"``, ``"percentile"``, ``"mse"``, ``"entropy"``; see
     :mod:`xnnq.calibrate.methods`), ``percentile``, ``bins``, ``max_bins``, ``sample_size`` (see
     :class:`Histogram`), ``tail``, ``cap``, and ``name`` (the quantizer's path, for error messages).
@@ -59,7 +62,8 @@ class HistogramObserver(RangeObserver):
         super().__init__()
         check_method(method, percentile, name or "HistogramObserver")
         self.method, self.percentile, self.tail, self.cap = method, percentile, tail, cap
-        self.histogram = Histogram(bins, max_bins, sample_size, name=name)
+        # "max" needs the exact extremes; the other methods choose from the counts of the sample
+        self.histogram = Histogram(bins, max_bins, sample_size, name=name, exact_extremes=method == "max")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Count ``x`` in; returns ``x`` unchanged."""
