@@ -428,7 +428,9 @@ def test_sampled_extremes_calibrate_as_the_exact_ones_on_resnet20_cifar10():
     batches = list(normalize(x).split(100))
     m = resnet20_cifar10(data_root() / "weights" / "resnet20_cifar10jpg.pt")
     for method in ("mse", "entropy"):
-        assert_same_state(calibrated_state(m, batches, method, False), calibrated_state(m, batches, method, True))
+        assert_same_state(
+            calibrated_state(m, batches, method, False), calibrated_state(m, batches, method, True)
+        )
 
 
 def test_method_max_takes_the_exact_extremes():

@@ -204,9 +204,8 @@ class Histogram(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return (
-            f"bins={self.bins}, max_bins={self.max_bins}, sample_size={self.sample_size}"
-            + (", exact_extremes=True" if self.exact_extremes else "")
+        return f"bins={self.bins}, max_bins={self.max_bins}, sample_size={self.sample_size}" + (
+            ", exact_extremes=True" if self.exact_extremes else ""
         )
 
 
