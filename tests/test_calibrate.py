@@ -452,3 +452,37 @@ def test_nan_the_samples_miss_is_caught_by_bias_correction():
     with pytest.raises(FloatingPointError, match=r"^0: its calibration input held NaN or Inf"):
         q.eval()
     assert q.calibrating
+
+
+def test_calibration_folds_each_layer_once_and_again_after_an_in_place_change():
+    """The calibration forward reuses a layer's folded weights while weight, bias and BatchNorm are unchanged,
+    and folds again after an in-place update of any of them (or a new storage, as ``.to()`` gives)."""
+    m = toy()
+    q = QuantCalibrateModule(m, torch.randn(1, 3, 8, 8)).train()
+    x = torch.randn(4, 3, 8, 8)
+    mod = q.module
+    layers = [m for m in mod.modules() if hasattr(m, "forget_float_weight_bias")]
+
+    def fresh():  # every layer folded anew
+        for layer in layers:
+            layer.forget_float_weight_bias()
+        return q(x)
+
+    with torch.no_grad():
+        before = q(x)
+        assert torch.allclose(before, m(x), atol=1e-5)  # the float model
+        body1, bn1 = mod.get_submodule("body1"), mod.get_submodule("bn1")
+        w_first = body1.float_weight_bias(bn1)[0]
+        assert body1.float_weight_bias(bn1)[0] is w_first  # kept, not folded again
+        for edit in (
+            lambda: body1.weight.mul_(1.5),
+            lambda: bn1.running_var.mul_(2.0),
+            lambda: bn1.bias.add_(0.3),
+            lambda: mod.get_submodule("stem").bias.sub_(0.1),
+            lambda: setattr(body1.weight, "data", body1.weight.data.clone() * 0.5),  # another storage
+        ):
+            edit()
+            after = q(x)
+            assert not torch.equal(after, before)
+            assert torch.equal(after, fresh())
+            before = after

@@ -162,14 +162,20 @@ class Histogram(nn.Module):
             return x
         on_c = on_c_path(flat)
         rows, length, stride, _ = sample_geometry(flat.numel(), self.sample_size, 0.0)
+        counted = False
         if on_c:  # the extremes and the counts by C loops: the same values as below
-            if self.exact_extremes:
-                lo_f, hi_f = cpu_kernels.minmax(flat)
-            else:
-                lo_f, hi_f = cpu_kernels.tail_extremes(flat, rows, length, stride, 1, True).tolist()
             if cap is not None:  # the cap in float32, as clamp applies it to a float32 tensor
                 cap = float(np.float32(cap))
-                lo_f, hi_f = min(lo_f, cap), min(hi_f, cap)  # NaN stays NaN (the first argument)
+            c_cap = math.inf if cap is None else cap
+            if self.exact_extremes:
+                lo_f, hi_f = cpu_kernels.minmax(flat)
+                if cap is not None:
+                    lo_f, hi_f = min(lo_f, cap), min(hi_f, cap)  # NaN stays NaN (the first argument)
+            else:  # one call: the sample's extremes, and its counts when the span already holds them
+                span = 0.0 if self.exponent is None else self.span
+                counted, lo_f, hi_f = cpu_kernels.hist_sample(
+                    flat, rows, length, stride, c_cap, span, self.counts
+                )
         else:
             sample = block_sample(flat, self.sample_size).float()
             lo, hi = torch.aminmax(flat if self.exact_extremes else sample)
@@ -194,9 +200,8 @@ class Histogram(nn.Module):
             self.min_val.clamp_(max=lo_f)  # min(min_val, lo): neither is NaN
             self.max_val.clamp_(min=hi_f)
         if on_c:
-            cpu_kernels.hist_add(
-                flat, rows, length, stride, math.inf if cap is None else cap, self.span, self.counts
-            )
+            if not counted:
+                cpu_kernels.hist_add(flat, rows, length, stride, c_cap, self.span, self.counts)
             return x
         if cap is not None:
             sample = sample.clamp(max=cap)

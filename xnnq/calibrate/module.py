@@ -136,6 +136,7 @@ class QuantCalibrateModule(QuantBaseModule):
             for spot, layer, _ in self._layers():
                 self._weight_quant_saved[spot.name] = layer.quant_enabled
                 layer.quant_enabled = False
+                layer.forget_float_weight_bias()  # folded once per session (weights may have changed since)
         elif not mode and self.calibrating:
             self.end_calibration()
         return self
@@ -164,6 +165,7 @@ class QuantCalibrateModule(QuantBaseModule):
         shifts, corrections = {}, {}
         for spot, layer, bn in self._layers():
             layer.quant_enabled = saved.get(spot.name, layer.quant_enabled)
+            layer.forget_float_weight_bias()
             if not seen:
                 continue
             if self.weight_clipping == "mse":

@@ -20,6 +20,7 @@ NaN propagates through the forward (a NaN input gives a NaN output; its mask byt
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import shlex
 import subprocess
@@ -163,6 +164,41 @@ void xnnq_hist_add(const float *x, int64_t rows, int64_t len, int64_t stride, fl
     }
 #endif
     hist_rows(x, 0, rows, 0, len, stride, cap, span, mul, bins, counts);
+}
+
+/* The histogram of a sample in one call: the extremes of its values (ext = [min(lo, cap), min(hi, cap), NaN
+   seen]), then, when no value is NaN and both lie within [-span, span] (span > 0), the counts of
+   xnnq_hist_add (the sample is still in cache). Returns 1 when counted, 0 when the caller must grow the span
+   (or stop at a NaN) first. Rows are split over threads when the sample is large. */
+int xnnq_hist_sample(const float *x, int64_t rows, int64_t len, int64_t stride, float cap, float span, float mul,
+                     int64_t bins, double *counts, float *ext, int threads) {
+    float lo = INFINITY, hi = -INFINITY;
+    int nan = 0;
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows > 1 && rows * len >= 16384) reduction(min:lo) reduction(max:hi) reduction(|:nan)")
+    for (int64_t r = 0; r < rows; r++) {
+        const float *p = x + r * stride;
+        PREFETCH_RUN(r, rows, p, stride, len);
+        float bl = INFINITY, bh = -INFINITY;
+        int bad = 0;
+        _Pragma("omp simd reduction(min:bl) reduction(max:bh) reduction(|:bad)")
+        for (int64_t i = 0; i < len; i++) {
+            float v = p[i];
+            bl = v < bl ? v : bl;
+            bh = v > bh ? v : bh;
+            bad |= v != v;
+        }
+        lo = bl < lo ? bl : lo;
+        hi = bh > hi ? bh : hi;
+        nan |= bad;
+    }
+    lo = lo > cap ? cap : lo;
+    hi = hi > cap ? cap : hi;
+    ext[0] = lo;
+    ext[1] = hi;
+    ext[2] = (float)nan;
+    if (nan || !(span > 0.0f) || -lo > span || hi > span) return 0;
+    xnnq_hist_add(x, rows, len, stride, cap, span, mul, bins, counts, threads);
+    return 1;
 }
 
 /* ATen's cascade sums (SumKernel.cpp multi_row_sum) of m <= 64 contiguous columns starting at p, down `rows`
@@ -315,6 +351,8 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_minmax.restype = None
     handle.xnnq_hist_add.argtypes = [p, i64, i64, i64, f32, f32, f32, i64, p, i32]
     handle.xnnq_hist_add.restype = None
+    handle.xnnq_hist_sample.argtypes = [p, i64, i64, i64, f32, f32, f32, i64, p, p, i32]
+    handle.xnnq_hist_sample.restype = i32
     handle.xnnq_add_row_sum.argtypes = [p, i64, i64, i64, p, i32]
     handle.xnnq_add_row_sum.restype = None
     handle.xnnq_fq_backward_inplace.argtypes = [p, p, i64, i32]
@@ -450,6 +488,33 @@ def hist_add(
         counts.data_ptr(),
         torch.get_num_threads(),
     )
+
+
+def hist_sample(
+    x: torch.Tensor, rows: int, length: int, stride: int, cap: float, span: float, counts: torch.Tensor
+) -> tuple[bool, float, float]:
+    """The sample ``v = x[r·stride + i]`` (as :func:`hist_add`) in one call: ``(counted, lo, hi)`` with ``lo``,
+    ``hi`` the extremes of ``min(v, cap)`` (both NaN when a value is NaN). When they lie within ``[-span,
+    span]`` (``span > 0``) the sample's counts are added to ``counts`` as :func:`hist_add` adds them and
+    ``counted`` is True; otherwise nothing is counted."""
+    ext = (ctypes.c_float * 3)()
+    bins = counts.numel()
+    counted = library().xnnq_hist_sample(
+        x.data_ptr(),
+        rows,
+        length,
+        stride,
+        cap,
+        span,
+        bins / (2.0 * span) if span > 0 else 0.0,
+        bins,
+        counts.data_ptr(),
+        ext,
+        torch.get_num_threads(),
+    )
+    if ext[2]:
+        return False, math.nan, math.nan
+    return bool(counted), ext[0], ext[1]
 
 
 # torch's vector width of float32 on CPUs where its sum order is the one xnnq_add_row_sum follows (checked

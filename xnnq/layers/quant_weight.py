@@ -235,6 +235,8 @@ class _FoldedWeightMixin:
 
     def quantized_weight_bias(self, bn=None, input_quant=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The folded, quantized (weight, bias) used in inference and written by the export."""
+        if not self.quant_enabled and not torch.is_grad_enabled():  # calibration's forward
+            return self.float_weight_bias(bn)
         w, b = self.folded_weight_bias(bn)
         if not self.quant_enabled:
             return w, b
@@ -245,6 +247,27 @@ class _FoldedWeightMixin:
             room = accumulator_headroom(codes, self.weight_bits, input_quant.bits, max(-qmin, qmax))
             b = quantize_bias(b, s_in * ws, room)
         return wq, b
+
+    def float_weight_bias(self, bn=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`folded_weight_bias` without gradients, folded again only when a tensor it reads has changed
+        (another storage or an in-place update; an edit through ``.data`` is not seen: call
+        :meth:`forget_float_weight_bias` after one). Calibration folds every layer once this way."""
+        tensors = (self.weight, self.bias, self.bias_correction)
+        if bn is not None:
+            tensors += (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = (id(bn), bn.eps if bn is not None else None) + tuple(
+            (t.data_ptr(), t._version) if t is not None else None for t in tensors
+        )
+        cached = self.__dict__.get("_float_fold")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, *self.folded_weight_bias(bn))
+            self.__dict__["_float_fold"] = cached
+        return cached[1], cached[2]
+
+    def forget_float_weight_bias(self) -> None:
+        """Drop what :meth:`float_weight_bias` keeps (the next call folds again)."""
+        self.__dict__.pop("_float_fold", None)
 
     def layer_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
