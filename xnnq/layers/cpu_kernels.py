@@ -6,6 +6,9 @@ Two loops over a float32 array in memory order (see :mod:`xnnq.layers.fused` for
   and, when asked, the 1-byte straight-through mask ``(x < cap) & (lo < codes < hi)``;
 * ``xnnq_fq_backward``: ``mask ? grad : +0.0`` (the mask bytes are 0 or 1).
 
+and the statistics loops of the range tracker and of calibration (each documented at its C function): sampled
+extremes, extremes, histogram counts (of a sample, with its extremes in the same call), batch sums.
+
 Why C and not the ``torch.compile`` kernels used on GPUs: inductor's CPU code loads the 1-byte mask eight
 elements at a time through a partial vector load, which made its backward several times slower than a copy of
 the gradient, and each call of a compiled function costs tens of microseconds in guards and wrappers. These
