@@ -468,6 +468,11 @@ def test_calibration_folds_each_layer_once_and_again_after_an_in_place_change():
             layer.forget_float_weight_bias()
         return q(x)
 
+    def sgd_step():  # an optimizer's in-place update
+        body2 = mod.get_submodule("body2")
+        body2.weight.grad = torch.full_like(body2.weight, 0.05)
+        torch.optim.SGD([body2.weight], lr=1.0).step()
+
     with torch.no_grad():
         before = q(x)
         assert torch.allclose(before, m(x), atol=1e-5)  # the float model
@@ -480,6 +485,10 @@ def test_calibration_folds_each_layer_once_and_again_after_an_in_place_change():
             lambda: bn1.bias.add_(0.3),
             lambda: mod.get_submodule("stem").bias.sub_(0.1),
             lambda: setattr(body1.weight, "data", body1.weight.data.clone() * 0.5),  # another storage
+            lambda: mod.load_state_dict(
+                {k: v * 1.1 if k == "body1.weight" else v for k, v in mod.state_dict().items()}
+            ),
+            sgd_step,
         ):
             edit()
             after = q(x)
