@@ -100,27 +100,29 @@ void xnnq_fq_backward(const uint32_t *restrict grad, const uint8_t *restrict mas
     FQ_LOOP({ out[i] = grad[i] & (0u - (uint32_t)mask[i]); })
 }
 
-/* The minimum (out[0]) and maximum (out[1]) of x[0..n); both NaN when x holds a NaN (`omp simd` lets the
-   compiler vectorize the reductions; the order of a min or max does not change its value). */
+/* The minimum and maximum of p[0..len) folded into *lo and *hi, a NaN among them into *nan (`omp simd` lets
+   the compiler vectorize the reductions; the order of a min or max does not change its value). */
+static inline void fold_extremes(const float *p, int64_t len, float *lo, float *hi, int *nan) {
+    float bl = INFINITY, bh = -INFINITY;
+    int bad = 0;
+    _Pragma("omp simd reduction(min:bl) reduction(max:bh) reduction(|:bad)")
+    for (int64_t i = 0; i < len; i++) {
+        float v = p[i];
+        bl = v < bl ? v : bl;
+        bh = v > bh ? v : bh;
+        bad |= v != v;
+    }
+    *lo = bl < *lo ? bl : *lo;
+    *hi = bh > *hi ? bh : *hi;
+    *nan |= bad;
+}
+
+/* The minimum (out[0]) and maximum (out[1]) of x[0..n); both NaN when x holds a NaN. */
 void xnnq_minmax(const float *restrict x, int64_t n, float *out, int threads) {
     float lo = INFINITY, hi = -INFINITY;
     int nan = 0;
     _Pragma("omp parallel for schedule(static) num_threads(threads) if (n > PARALLEL_MIN) reduction(min:lo) reduction(max:hi) reduction(|:nan)")
-    for (int64_t b = 0; b < n; b += BLOCK) {
-        int64_t e = b + BLOCK < n ? b + BLOCK : n;
-        float bl = INFINITY, bh = -INFINITY;
-        int bad = 0;
-        _Pragma("omp simd reduction(min:bl) reduction(max:bh) reduction(|:bad)")
-        for (int64_t i = b; i < e; i++) {
-            float v = x[i];
-            bl = v < bl ? v : bl;
-            bh = v > bh ? v : bh;
-            bad |= v != v;
-        }
-        lo = bl < lo ? bl : lo;
-        hi = bh > hi ? bh : hi;
-        nan |= bad;
-    }
+    for (int64_t b = 0; b < n; b += BLOCK) fold_extremes(x + b, b + BLOCK < n ? BLOCK : n - b, &lo, &hi, &nan);
     out[0] = nan ? NAN : lo;
     out[1] = nan ? NAN : hi;
 }
@@ -181,18 +183,7 @@ int xnnq_hist_sample(const float *x, int64_t rows, int64_t len, int64_t stride, 
     for (int64_t r = 0; r < rows; r++) {
         const float *p = x + r * stride;
         PREFETCH_RUN(r, rows, p, stride, len);
-        float bl = INFINITY, bh = -INFINITY;
-        int bad = 0;
-        _Pragma("omp simd reduction(min:bl) reduction(max:bh) reduction(|:bad)")
-        for (int64_t i = 0; i < len; i++) {
-            float v = p[i];
-            bl = v < bl ? v : bl;
-            bh = v > bh ? v : bh;
-            bad |= v != v;
-        }
-        lo = bl < lo ? bl : lo;
-        hi = bh > hi ? bh : hi;
-        nan |= bad;
+        fold_extremes(p, len, &lo, &hi, &nan);
     }
     lo = lo > cap ? cap : lo;
     hi = hi > cap ? cap : hi;
@@ -275,14 +266,9 @@ void xnnq_tail_extremes(const float *x, int64_t rows, int64_t len, int64_t strid
     for (int64_t r = 0; r < rows; r++) {
         const float *p = x + r * stride;
         PREFETCH_RUN(r, rows, p, stride, len);
-        float bmax = -INFINITY, bmin = INFINITY;
+        float bmin = INFINITY, bmax = -INFINITY;
         int nan = 0;
-        for (int64_t i = 0; i < len; i++) {
-            float v = p[i];
-            bmax = v > bmax ? v : bmax;
-            bmin = v < bmin ? v : bmin;
-            nan |= v != v;
-        }
+        fold_extremes(p, len, &bmin, &bmax, &nan);
         if (nan) { out[0] = out[1] = NAN; return; }
         if (bmax > hi[k - 1])
             for (int64_t i = 0; i < len; i++)
