@@ -567,8 +567,8 @@ def test_the_c_histogram_counts_as_the_torch_path(fused_mode, cap, sample_size, 
 
 
 @pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "DEFAULT"),
-    reason="the C batch sum follows torch's order for 8-float vectors only (elsewhere torch's sum is used)",
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512", "DEFAULT"),
+    reason="the C batch sum follows torch's order on x86 only (elsewhere torch's sum is used)",
 )
 def test_the_c_batch_sum_is_torchs_sum_bit_for_bit():
     """Bias correction's running input sum: ``total += x.sum(0)`` in one C pass reproduces torch's float32 sum
@@ -595,6 +595,57 @@ def test_the_c_batch_sum_is_torchs_sum_bit_for_bit():
     finally:
         torch.set_num_threads(before)
     assert not cpu_kernels.add_row_sum_applies(torch.randn(5, 7))  # too short for the vector loop
+
+
+def test_adds_write_into_their_first_operand_without_autograd_unless_a_hook_could_keep_it(monkeypatch):
+    """Calibration and evaluation (no autograd): each residual add of a ResNet-18 writes its sum into the
+    quantizer output it alone reads (that quantizer's input is a conv's fresh output, read by nothing else):
+    the same outputs and calibrated state as the out-of-place sums; a forward hook on the conv (it could keep
+    the output) keeps that add out of place and the kept tensor intact."""
+    import torchvision
+
+    from xnnq.calibrate import QuantCalibrateModule
+    from xnnq.layers.blocks import AddBlock
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(3)]
+    wrapped = [QuantCalibrateModule(model, xs[0][:1]).train() for _ in range(2)]
+    for m in wrapped[1].modules():
+        if isinstance(m, AddBlock):
+            m._first_input_hooks = None  # the out-of-place reference
+    decisions = []
+    real = AddBlock._may_accumulate
+    monkeypatch.setattr(
+        AddBlock, "_may_accumulate", lambda self, x, o: decisions.append(real(self, x, o)) or decisions[-1]
+    )
+    outs = [[], []]
+    with torch.no_grad():
+        for x in xs:
+            for k, q in enumerate(wrapped):
+                decisions.clear()
+                outs[k].append(q(x))
+                assert decisions == [k == 0] * 8
+        for q in wrapped:
+            q.eval()
+        for k, q in enumerate(wrapped):
+            decisions.clear()
+            outs[k].append(q(xs[0]))
+            assert decisions == [k == 0] * 8
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    sa, sb = (q.state_dict() for q in wrapped)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor))
+    kept = []
+    conv = wrapped[0].module.get_submodule("layer1.0.conv2")
+    handle = conv.register_forward_hook(lambda m, a, out: kept.append((out, out.clone())))
+    decisions.clear()
+    with torch.no_grad():
+        wrapped[0](xs[1])
+    handle.remove()
+    assert decisions == [False] + [True] * 7  # layer1.0's add is the first
+    assert torch.equal(*kept[0])
 
 
 def test_calibration_is_bit_identical_with_the_c_kernels(fused_mode):

@@ -11,28 +11,40 @@ from .hooks import unhooked
 class AddBlock(nn.Module):
     """``x + y`` (and ``x + y + ...``) as a module.
 
-    In training, where the build allowed it (:meth:`accumulate_into_first`), the sum is written into ``x``, as
-    a float model's ``out += identity`` does: no new activation-sized tensor.
+    Where the build allowed it (:meth:`accumulate_into_first`), the sum is written into ``x``, as a float
+    model's ``out += identity`` does: no new activation-sized tensor (in training, calibration and evaluation).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._first_hooks: tuple[dict, ...] | None = None  # see accumulate_into_first
+        self._first_input_hooks: tuple[dict, ...] | None = None  # see accumulate_into_first
 
     def accumulate_into_first(self, quantizer: nn.Module) -> None:
-        """``x`` is the output of ``quantizer`` and read by nothing else (the build checks): the sum may be
-        written into it when it is the fused kernel's own output (whose backward keeps only a mask) and no hook
-        on ``quantizer`` (checked at every call) could have kept it."""
+        """``x`` is the output of ``quantizer`` (a :class:`~xnnq.layers.PACT2`) and read by nothing else (the
+        build checks): the sum may be written into it when no hook on ``quantizer`` (checked at every call)
+        could have kept it and ``x`` is the quantizer's own: with autograd, the fused kernel's output (whose
+        backward keeps only a mask); without, whatever it returns (a new tensor, or its input passed through or
+        overwritten) when its input is its alone (:meth:`~xnnq.layers.PACT2.input_overwrite_hooks`)."""
         self._first_hooks = (quantizer._forward_hooks,)  # the dict itself: hooks added later are seen
+        self._first_input_hooks = quantizer.input_overwrite_hooks()
 
     def _may_accumulate(self, x: torch.Tensor, others: tuple[torch.Tensor, ...]) -> bool:
         if self._first_hooks is None or not unhooked(
             *self._first_hooks, self._forward_pre_hooks, self._forward_hooks
         ):
             return False
-        from .fused import _ActFakeQuant  # the fused kernel's autograd node: the output is its own
+        if x.requires_grad:
+            from .fused import _ActFakeQuant  # the fused kernel's autograd node: the output is its own
 
-        if not (x.requires_grad and x._base is None and type(x.grad_fn) is _ActFakeQuant._backward_cls):
+            if not (x._base is None and type(x.grad_fn) is _ActFakeQuant._backward_cls):
+                return False
+        elif (
+            x._base is not None
+            or self._first_input_hooks is None
+            or not unhooked(*self._first_input_hooks)
+            or (torch.is_grad_enabled() and any(getattr(o, "requires_grad", False) for o in others))
+        ):
             return False
         return all(  # the in-place sum has the out-of-place sum's shape and dtype
             isinstance(o, torch.Tensor)

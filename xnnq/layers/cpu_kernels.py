@@ -506,9 +506,11 @@ def hist_sample(
     return bool(counted), ext[0], ext[1]
 
 
-# torch's vector width of float32 on CPUs where its sum order is the one xnnq_add_row_sum follows (checked
-# bit for bit in tests/test_fused.py); elsewhere (AVX-512, ARM) torch's own sum is used
-_ROW_SUM_VEC = {"AVX2": 8, "DEFAULT": 8}
+# torch's vector width of float32 in its sum kernel, by CPU capability, where its sum order is the one
+# xnnq_add_row_sum follows (checked bit for bit in tests/test_fused.py); elsewhere (ARM, ...) torch's own sum
+# is used. AVX-512 CPUs run the AVX2 sum kernel (8 floats): ATen's SumKernel.cpp registers sum_stub with
+# REGISTER_DISPATCH, not ALSO_REGISTER_AVX512_DISPATCH ("these kernels are slower with AVX512 than with AVX2").
+_ROW_SUM_VEC = {"AVX2": 8, "AVX512": 8, "DEFAULT": 8}
 
 
 def _row_sum_vec() -> int | None:

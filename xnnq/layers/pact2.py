@@ -254,13 +254,20 @@ class PACT2(nn.Module):
         into it, as long as no forward hook on ``producer`` (checked at every call) could have kept it."""
         self._producer_hooks = producer._forward_hooks  # the dict itself: hooks added later are seen
 
+    def input_overwrite_hooks(self) -> tuple[dict, ...] | None:
+        """The hook dicts that must be empty (with no global hook) for the input to be overwritten, or ``None``
+        when it never may: it may when the float op was in place (so nothing else reads its input in the
+        user's model either) or :meth:`overwrite_output_of` allowed it, and no hook could keep the input."""
+        if self.inplace:
+            return self._forward_hooks, self._forward_pre_hooks
+        if self._producer_hooks is not None:
+            return self._forward_hooks, self._forward_pre_hooks, self._producer_hooks
+        return None
+
     def _may_overwrite(self) -> bool:
-        """The fake-quantized values may be written into the input: the float op was in place (so nothing
-        else reads its input in the user's model either) or :meth:`overwrite_output_of` allowed it, and no
-        hook could keep the input to compare."""
-        if not unhooked(self._forward_hooks, self._forward_pre_hooks):
-            return False
-        return self.inplace or (self._producer_hooks is not None and not self._producer_hooks)
+        """The fake-quantized values may be written into the input now (:meth:`input_overwrite_hooks`)."""
+        hooks = self.input_overwrite_hooks()
+        return hooks is not None and unhooked(*hooks)
 
     def own_gradient_from(self, consumer: nn.Module) -> None:
         """This quantizer's output is read only by ``consumer``, whose backward makes a gradient tensor of its

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from ..layers.blocks import AddBlock
+from ..layers.blocks import AddBlock, MultBlock
 from ..layers.pact2 import PACT2
 from ..layers.pooling import IndexMaxPool2d
 from ..layers.quant_weight import QuantConv2d, QuantLinear
@@ -144,13 +144,16 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
 
 def _fresh_output(node: fx.Node, mod: nn.Module) -> bool:
     """``node``'s output is a tensor of its own whose producer's backward does not read it: a conv/linear
-    (with its BN), a sum of two or more tensors, or an in-place SiLU (whose backward keeps its own copy of
-    the input). Not a Sigmoid/ReLU-like op (their backward reads the output) nor anything that may return an
-    alias of its input."""
+    (with its BN), a sum of two or more tensors, a product of two (a squeeze-excitation gate: its backward
+    reads the operands), or an in-place SiLU (whose backward keeps its own copy of the input). Not a
+    Sigmoid/ReLU-like op (their backward reads the output) nor anything that may return an alias of its
+    input."""
     if isinstance(mod, (QuantConv2d, QuantLinear)):
         return True
     if isinstance(mod, AddBlock):
         return len(node.args) >= 2
+    if isinstance(mod, MultBlock):
+        return True
     return type(mod) is nn.SiLU and mod.inplace
 
 
