@@ -369,14 +369,15 @@ class _SiLUBlock(torch.nn.Module):
 
 
 def test_quantizers_overwrite_fresh_layer_outputs_with_identical_training(fused_mode):
-    """The build lets a quantizer overwrite a conv's, an add's or an in-place SiLU's output that only it reads
-    (not a Sigmoid's: its backward reads it); training is bit-identical to the unfused path."""
+    """The build lets a quantizer overwrite a conv's, an add's, a product's (the squeeze-excitation gate) or an
+    in-place SiLU's output that only it reads (not a Sigmoid's: its backward reads it); training is
+    bit-identical to the unfused path."""
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
     q = xnnq.QuantTrainModule(_SiLUBlock(), x[:1])
     mods = dict(q.module.named_modules())
     overwrites = {s.reason for s in q.plan.acts if mods[s.name]._producer_hooks is not None}
-    assert {"Conv2d+BN", "SiLU", "AddBlock"} <= overwrites and "Sigmoid" not in overwrites
+    assert {"Conv2d+BN", "SiLU", "AddBlock", "MultBlock"} <= overwrites and "Sigmoid" not in overwrites
     # gradients masked in place: outputs read only by a conv/linear or an activation, not by an add or by two
     owned = {n for n, m in q.quantizers().items() if m._consumer_hooks is not None}
     assert {"stem.1_q", "se.3_q", "mul_q", "reducemean_q"} <= owned
