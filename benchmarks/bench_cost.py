@@ -36,6 +36,11 @@ them from a heap that is kept between steps, as CUDA's caching allocator does wh
 then compare the work of the two steps rather than the kernel's page-fault handling. The mode is in each
 JSON line.
 
+**Process per model**: each model is measured in a child process of its own (``--same-process``: all in
+this one). In one process, a model measured after the 224×224 ones inherits their heap (glibc's thresholds
+moved, memory fragmented): the detector's 2-thread step ratio was 1.42–1.55 there against 1.26–1.28 alone
+(2026-12-03), so a model's numbers depended on the list before it.
+
 The machine's load (``os.getloadavg()``) is reported before and after each model. One JSON line per model
 on stdout; ``--record`` also appends them to benchmarks/RESULTS.md.
 """
@@ -49,6 +54,7 @@ import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -320,6 +326,25 @@ def keep_heap() -> None:
         raise SystemExit("bench_cost: mallopt refused the thresholds")
 
 
+def _run_child(name: str) -> dict[str, Any]:
+    """``name`` measured by this script in a child process (the other arguments as given, no ``--record``)."""
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # drop --models and its values, and --record
+        if a.startswith("--"):
+            skip = a == "--models"
+            if skip or a == "--record":
+                continue
+        elif skip:
+            continue
+        argv.append(a)
+    cmd = [sys.executable, __file__, *argv, "--same-process", "--models", name]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or len(lines) != 1:
+        raise SystemExit(f"bench_cost: {name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return json.loads(lines[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -341,15 +366,26 @@ def main() -> None:
         help="keep: glibc keeps freed memory for reuse (see the docstring)",
     )
     ap.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
+    ap.add_argument(
+        "--same-process",
+        action="store_true",
+        help="measure every model in this process (default: one child process per model)",
+    )
     args = ap.parse_args()
-    if args.malloc == "keep":
-        keep_heap()
-    torch.set_num_threads(args.threads)
     rows = []
-    for name in args.models:
-        r = run_model(name, args)
-        print(json.dumps(r), flush=True)
-        rows.append(r)
+    if len(args.models) > 1 and not args.same_process:
+        for name in args.models:  # each model in a process of its own: its heap as fresh as the first's
+            r = _run_child(name)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    else:
+        if args.malloc == "keep":
+            keep_heap()
+        torch.set_num_threads(args.threads)
+        for name in args.models:
+            r = run_model(name, args)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
     if args.record:
         date = datetime.datetime.now().isoformat(timespec="seconds")
         cmd = "python benchmarks/bench_cost.py " + " ".join(sys.argv[1:])
