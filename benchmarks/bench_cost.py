@@ -37,9 +37,7 @@ then compare the work of the two steps rather than the kernel's page-fault handl
 JSON line.
 
 **Process per model**: each model is measured in a child process of its own (``--same-process``: all in
-this one). In one process, a model measured after the 224×224 ones inherits their heap (glibc's thresholds
-moved, memory fragmented): the detector's 2-thread step ratio was 1.42–1.55 there against 1.26–1.28 alone
-(2026-12-03), so a model's numbers depended on the list before it.
+this one), so that its numbers do not depend on the heap the models measured before it leave behind.
 
 The machine's load (``os.getloadavg()``) is reported before and after each model. One JSON line per model
 on stdout; ``--record`` also appends them to benchmarks/RESULTS.md.
