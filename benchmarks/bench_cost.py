@@ -324,18 +324,12 @@ def keep_heap() -> None:
         raise SystemExit("bench_cost: mallopt refused the thresholds")
 
 
-def _run_child(name: str) -> dict[str, Any]:
-    """``name`` measured by this script in a child process (the other arguments as given, no ``--record``)."""
-    argv, skip = [], False
-    for a in sys.argv[1:]:  # drop --models and its values, and --record
-        if a.startswith("--"):
-            skip = a == "--models"
-            if skip or a == "--record":
-                continue
-        elif skip:
-            continue
-        argv.append(a)
-    cmd = [sys.executable, __file__, *argv, "--same-process", "--models", name]
+def _run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``name`` measured by this script in a child process, with this run's settings (no ``--record``)."""
+    cmd = [sys.executable, __file__, "--same-process", "--models", name, "--threads", str(args.threads)]
+    cmd += ["--steps", str(args.steps), "--calib-images", str(args.calib_images)]
+    cmd += ["--calib-passes", str(args.calib_passes), "--malloc", args.malloc]
+    cmd += ["--skip-ao"] * args.skip_ao + ["--skip-calib"] * args.skip_calib
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or len(lines) != 1:
@@ -370,20 +364,16 @@ def main() -> None:
         help="measure every model in this process (default: one child process per model)",
     )
     args = ap.parse_args()
-    rows = []
-    if len(args.models) > 1 and not args.same_process:
-        for name in args.models:  # each model in a process of its own: its heap as fresh as the first's
-            r = _run_child(name)
-            print(json.dumps(r), flush=True)
-            rows.append(r)
-    else:
+    children = len(args.models) > 1 and not args.same_process  # each model's heap as fresh as the first's
+    if not children:
         if args.malloc == "keep":
             keep_heap()
         torch.set_num_threads(args.threads)
-        for name in args.models:
-            r = run_model(name, args)
-            print(json.dumps(r), flush=True)
-            rows.append(r)
+    rows = []
+    for name in args.models:
+        r = _run_child(name, args) if children else run_model(name, args)
+        print(json.dumps(r), flush=True)
+        rows.append(r)
     if args.record:
         date = datetime.datetime.now().isoformat(timespec="seconds")
         cmd = "python benchmarks/bench_cost.py " + " ".join(sys.argv[1:])
