@@ -299,6 +299,138 @@ void xnnq_tracker_batch(const float *x, int64_t rows, int64_t len, int64_t strid
     inc[0] = finite;
     inc[1] = !finite;
 }
+
+/* ---- the weight path of a quantized conv/linear (xnnq/layers/fused_weight.py), as its torch ops compute it ----
+   w: the folded float weight, rows x inner (rows = output channels), contiguous. */
+
+/* ceil(log2 m) for a positive finite m, from the binary exponent (fake_quant.py ceil_log2) */
+static inline int ceil_log2f(float m) {
+    int ex;
+    float mant = frexpf(m, &ex);
+    return mant == 0.5f ? ex - 1 : ex;
+}
+
+/* fake_quant.py weight_scale_from_max, power-of-2 rule: 2^(ceil(log2 m) - (bits - 1)), one step finer when
+   m <= (2^(bits-2) + 0.5) times that, divided by 2^shift; m below 2^-24 taken as 2^-24 */
+static inline float wq_scale_from_max(float m, int bits, int64_t shift) {
+    if (m < 0x1p-24f) m = 0x1p-24f;
+    int e = ceil_log2f(m) - (bits - 1);
+    if (m <= ((float)(1 << (bits - 2)) + 0.5f) * ldexpf(1.0f, e)) e -= 1;
+    return ldexpf(1.0f, e - (int)shift);
+}
+
+/* The clip bound and the scales of w (quant_weight.py constrain / quantize_weight): t = outlier_ratio * sigma
+   from the caller; the bound is t when at most `limit` weights have |w| > t and t > 0, else +inf (returned in
+   *bound); scale[r] (per channel: rows of them; else scale[0]) from min(max |w|, bound) and shift[r] (or
+   shift[0]). Returns 1 (and computes nothing) when w holds a NaN or an infinity. */
+int xnnq_wq_scale(const float *restrict w, int64_t rows, int64_t inner, float t, int64_t limit, int per_channel,
+                  int bits, const int64_t *restrict shift, float *restrict scale, float *restrict bound) {
+    int64_t over = 0;
+    int bad = 0;
+    float *mx = malloc((size_t)rows * sizeof(float));
+    if (!mx) return 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *p = w + r * inner;
+        float m = 0.0f;
+        _Pragma("omp simd reduction(max:m) reduction(+:over) reduction(|:bad)")
+        for (int64_t i = 0; i < inner; i++) {
+            float a = fabsf(p[i]);
+            m = a > m ? a : m;
+            over += a > t;
+            bad |= !(a <= INFINITY) | (a == INFINITY);
+        }
+        mx[r] = m;
+    }
+    if (bad) { free(mx); return 1; }
+    float b = (over <= limit && t > 0.0f) ? t : INFINITY;
+    *bound = b;
+    if (per_channel) {
+        for (int64_t r = 0; r < rows; r++) scale[r] = wq_scale_from_max(mx[r] < b ? mx[r] : b, bits, shift[r]);
+    } else {
+        float m = 0.0f;
+        for (int64_t r = 0; r < rows; r++) m = mx[r] > m ? mx[r] : m;
+        scale[0] = wq_scale_from_max(m < b ? m : b, bits, shift[0]);
+    }
+    free(mx);
+    return 0;
+}
+
+/* one weight: code of clamp(v, -bound, bound), its mask (|v| <= bound and the code does not saturate) and
+   the fake-quantized value, as fake_quant.py _ClipFakeQuantSTE (round half to even; -0.0 kept) */
+#define WQ_ELEMENT(v, Q, KEEP)                                                  \
+    {                                                                           \
+        float cl_ = (v) < -bound ? -bound : (v);                                \
+        cl_ = cl_ > bound ? bound : cl_;                                        \
+        float code_ = cl_ * inv;                                                \
+        KEEP = (fabsf(v) <= bound) & (code_ > lo) & (code_ < hi);               \
+        float k_ = code_ < qmin ? qmin : code_;                                 \
+        k_ = k_ > qmax ? qmax : k_;                                             \
+        Q = nearbyintf(k_) * s;                                                 \
+    }
+
+#define WQ_ROWS(...)                                                                            \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * inner > PARALLEL_MIN)") \
+    for (int64_t r = 0; r < rows; r++) {                                                        \
+        const float s = scale[per_channel ? r : 0], inv = 1.0f / s;                             \
+        __VA_ARGS__                                                                             \
+    }
+
+/* Forward. c NULL: out = q(w). c given (BatchNorm in training, quant_weight.py _train_weight), w = W * c per
+   row: out = W on rows with c == 0, else q(w) / c. */
+void xnnq_wq_forward(const float *restrict w, const float *restrict W, const float *restrict c, int64_t rows,
+                     int64_t inner, float bound, const float *restrict scale, int per_channel, float qmin,
+                     float qmax, float lo, float hi, float *restrict out, int threads) {
+    WQ_ROWS({
+        const float *p = w + r * inner;
+        float *o = out + r * inner;
+        if (!c) {
+            for (int64_t i = 0; i < inner; i++) { int keep; WQ_ELEMENT(p[i], o[i], keep) (void)keep; }
+        } else if (c[r] == 0.0f) {
+            for (int64_t i = 0; i < inner; i++) o[i] = W[r * inner + i];
+        } else {
+            const float cr = c[r];
+            for (int64_t i = 0; i < inner; i++) { int keep; float q; WQ_ELEMENT(p[i], q, keep) (void)keep; o[i] = q / cr; }
+        }
+    })
+}
+
+/* Backward, the gradients autograd computes for the forward above from the output gradient g:
+   c NULL: gw = mask ? g : +0.0 (the gradient of w).
+   c given, with w = W * c recomputed, d = (c == 0), cc = d ? 1 : c, g3 = d ? 0 : g, g1 = mask ? g3 / cc : 0:
+   gw = g1 * c + (d ? g : 0) (the gradient of W: the product's and the select's, added), p1 = g1 * W and
+   p2 = d ? 0 : -g3 * ((q / cc) / cc), the terms whose sums over each row (torch's, by the caller) are the
+   gradient of c. */
+void xnnq_wq_backward(const float *restrict g, const float *restrict w, const float *restrict W,
+                      const float *restrict c, int64_t rows, int64_t inner, float bound,
+                      const float *restrict scale, int per_channel, float qmin, float qmax, float lo, float hi,
+                      float *restrict gw, float *restrict p1, float *restrict p2, int threads) {
+    WQ_ROWS({
+        const float *gr = g + r * inner;
+        float *o = gw + r * inner;
+        if (!c) {
+            const float *p = w + r * inner;
+            for (int64_t i = 0; i < inner; i++) { int keep; float q; WQ_ELEMENT(p[i], q, keep) (void)q; o[i] = keep ? gr[i] : 0.0f; }
+        } else if (c[r] == 0.0f) {
+            for (int64_t i = 0; i < inner; i++) {
+                o[i] = 0.0f * c[r] + gr[i];
+                p1[r * inner + i] = 0.0f * W[r * inner + i];
+                p2[r * inner + i] = 0.0f;
+            }
+        } else {
+            const float cr = c[r];
+            const float *Wr = W + r * inner;
+            for (int64_t i = 0; i < inner; i++) {
+                float v = Wr[i] * cr, q, g1;
+                int keep;
+                WQ_ELEMENT(v, q, keep)
+                g1 = keep ? gr[i] / cr : 0.0f;
+                o[i] = g1 * cr + 0.0f;
+                p1[r * inner + i] = g1 * Wr[i];
+                p2[r * inner + i] = -gr[i] * ((q / cr) / cr);
+            }
+        }
+    })
+}
 """
 
 # tried in order: vectorized for this CPU and threaded; then plain (a compiler without OpenMP or -march=native,
@@ -348,6 +480,12 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_fq_backward_inplace.restype = None
     handle.xnnq_fq_backward.argtypes = [p, p, p, i64, i32]
     handle.xnnq_fq_backward.restype = None
+    handle.xnnq_wq_scale.argtypes = [p, i64, i64, f32, i64, i32, i32, p, p, p]
+    handle.xnnq_wq_scale.restype = i32
+    handle.xnnq_wq_forward.argtypes = [p, p, p, i64, i64, f32, p, i32, *([f32] * 4), p, i32]
+    handle.xnnq_wq_forward.restype = None
+    handle.xnnq_wq_backward.argtypes = [p, p, p, p, i64, i64, f32, p, i32, *([f32] * 4), p, p, p, i32]
+    handle.xnnq_wq_backward.restype = None
     return handle
 
 

@@ -64,9 +64,17 @@ def check_bits(bits: int, where: str = "") -> None:
         )
 
 
+def ceil_log2(r: torch.Tensor) -> torch.Tensor:
+    """``ceil(log2 r)`` exactly, for positive finite ``r`` (float, same dtype): from the binary exponent
+    (``torch.frexp``), not from ``torch.log2``, whose float32 result rounds to the integer ``k`` for values a
+    few ulps above ``2^k`` (``2^-5·(1 + 2^-23)`` gave ``ceil = -5``; it is ``-4``). NaN or ±inf give NaN."""
+    mant, ex = torch.frexp(r)
+    return (ex - (mant == 0.5).to(ex.dtype)).to(r.dtype) + (r - r)  # r - r: 0, or NaN where r is not finite
+
+
 def pow2_ceil(r: torch.Tensor) -> torch.Tensor:
     """Smallest power of two ``>= r`` (element-wise; ``r`` below ``MIN_RANGE`` gives ``MIN_RANGE``)."""
-    return torch.exp2(torch.ceil(torch.log2(r.clamp(min=MIN_RANGE))))
+    return torch.exp2(ceil_log2(r.clamp(min=MIN_RANGE)))
 
 
 def activation_scale(range_: torch.Tensor, bits: int, signed: bool, power2: bool = True) -> torch.Tensor:
@@ -113,7 +121,7 @@ def weight_scale_from_max(
     if not power2:
         s = m / float(grid_levels(bits, True, False))
         return s if shift is None else s * torch.exp2(-shift.to(s.dtype))
-    e = torch.ceil(torch.log2(m)) - (bits - 1)  # log2 of the scale of the range 2^ceil(log2 m)
+    e = ceil_log2(m) - (bits - 1)  # log2 of the scale of the range 2^ceil(log2 m)
     finer = m <= (float(1 << (bits - 2)) + 0.5) * torch.exp2(e)
     e = torch.where(finer, e - 1, e)
     return torch.exp2(e if shift is None else e - shift)

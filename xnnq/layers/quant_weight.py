@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import fused_weight
 from .bn_fold import bn_scale, fold_bn
 from .fake_quant import (
     accumulator_headroom,
@@ -170,13 +171,18 @@ class _FoldedWeightMixin:
     def weight_axis(self) -> int | None:
         return 0 if self.per_channel else None
 
+    def outlier_bound(self, w: torch.Tensor) -> torch.Tensor:
+        """``outlier_ratio·σ`` of ``w`` (0-d, detached), σ its sample standard deviation."""
+        wd = w.detach()
+        # σ as a two-pass norm (the sample standard deviation, as torch.std, in fewer kernels)
+        sigma = torch.linalg.vector_norm(wd - wd.mean()) * (1.0 / max(1, wd.numel() - 1)) ** 0.5
+        return self.outlier_ratio * sigma
+
     def clip_threshold(self, w: torch.Tensor) -> torch.Tensor:
         """The clipping bound of :meth:`constrain` for ``w`` (0-d, detached): ``outlier_ratio·σ`` when the
         weights beyond it are isolated, else ``inf`` (nothing clipped)."""
         wd = w.detach()
-        # σ as a two-pass norm (the sample standard deviation, as torch.std, in fewer kernels)
-        sigma = torch.linalg.vector_norm(wd - wd.mean()) * (1.0 / max(1, wd.numel() - 1)) ** 0.5
-        t = self.outlier_ratio * sigma
+        t = self.outlier_bound(wd)
         isolated = (wd.abs() > t).sum(dtype=torch.int32) <= max(1, w.shape[0] // 16)
         isolated &= (
             t > 0
@@ -223,6 +229,9 @@ class _FoldedWeightMixin:
                 self.learned_range.fake_quantize(w, bits, True, axis, log2_max=log2_rule),
                 self.learned_range.scale(bits, True, log2_rule),
             )
+        fused = fused_weight.quantize_weight(self, w)
+        if fused is not None:
+            return fused
         axis, (qmin, qmax) = self.weight_axis(), quant_bounds(self.weight_bits, True)
         t = self.clip_threshold(w) if self.constrain_weights else None
         m = max_abs(w, axis) if t is None else torch.minimum(max_abs(w, axis), t)
@@ -291,7 +300,9 @@ class _FoldedWeightMixin:
                 w, b = self.quantized_weight_bias(bn, input_quant)
             return self.layer_forward(x, w, b)
         c = self._channel_view(bn_scale(bn))
-        w = checkpoint(self._train_weight, c, use_reentrant=False) if recompute else self._train_weight(c)
+        w = fused_weight.train_weight(self, c) if self.quant_enabled else None  # keeps nothing weight-sized
+        if w is None:
+            w = checkpoint(self._train_weight, c, use_reentrant=False) if recompute else self._train_weight(c)
         y = self.layer_forward(x, w, self.bias)
         return bn(y)
 
