@@ -16,6 +16,7 @@ import xnnq
 from xnnq.layers import fused, fused_weight
 from xnnq.layers.fake_quant import ceil_log2, pow2_ceil, weight_scale_from_max
 from xnnq.layers.quant_weight import QuantConv2d, QuantLinear
+from xnnq.layers.tqt import octave_centre
 
 from conftest import saved_bytes
 
@@ -98,11 +99,18 @@ def _graph_names(t: torch.Tensor) -> set[str]:
 @pytest.mark.parametrize("case", ["plain", "outlier", "structure", "tiny", "pow2", "zeros"])
 @pytest.mark.parametrize(
     "kind,per_channel,nbits,shift",
-    [("conv", False, 8, 0), ("conv", True, 8, 1), ("depthwise", False, 8, 0), ("depthwise", True, 16, 0),
-     ("linear", False, 16, 2)],
+    [
+        ("conv", False, 8, 0),
+        ("conv", True, 8, 1),
+        ("depthwise", False, 8, 0),
+        ("depthwise", True, 16, 0),
+        ("linear", False, 16, 2),
+    ],
 )
 @pytest.mark.parametrize("bn_mode", ["train", "frozen", "none"])
-def test_a_layer_is_bit_identical_to_the_torch_ops(fused_mode, case, kind, per_channel, nbits, shift, bn_mode):
+def test_a_layer_is_bit_identical_to_the_torch_ops(
+    fused_mode, case, kind, per_channel, nbits, shift, bn_mode
+):
     layer, bn, x = _layer(kind, case, per_channel, nbits, shift, bn_mode)
     results = {}
     for mode in (False, True):
@@ -130,7 +138,10 @@ def test_models_with_per_channel_and_16_bit_layers_train_bit_identically(fused_m
         fused_mode(mode)
         torch.manual_seed(0)
         q = xnnq.QuantTrainModule(
-            copy.deepcopy(model), x[:1], per_channel_q="depthwise", bitwidth_overrides={"first": 16, "last": 16}
+            copy.deepcopy(model),
+            x[:1],
+            per_channel_q="depthwise",
+            bitwidth_overrides={"first": 16, "last": 16},
         ).train()
         opt = torch.optim.SGD(q.parameters(), lr=0.05, momentum=0.9)
         seen = []
@@ -182,6 +193,7 @@ def test_ceil_log2_is_exact_where_float32_log2_rounds():
         assert ceil_log2(p).item() == k
         assert ceil_log2(above).item() == k + 1
         assert pow2_ceil(above).item() == 2.0 ** max(k + 1, -24)  # ranges below 2^-24 are 2^-24
+        assert octave_centre(above).item() == max(k + 1, -24) - 0.5  # a learned threshold starts there
     assert ceil_log2(torch.tensor([float("nan"), float("inf")])).isnan().all()
     # a weight maximum one ulp above 2^-5 rounds to code 64 on the grid of 2^-4: the finer grid's scale
     m = torch.nextafter(torch.tensor(2.0**-5), torch.tensor(1.0))
@@ -201,5 +213,7 @@ def test_the_c_scales_are_weight_scale_from_max(fused_mode, per_channel, shift):
         layer.weight.copy_((torch.rand(layer.weight.shape, generator=g) - 0.5) * m.view(-1, 1, 1, 1))
         layer.weight.view(16, -1)[:, 0] = m
     wq, scale = fused_weight.quantize_weight(layer, layer.weight)
-    mx = layer.weight.detach().abs().amax(dim=(1, 2, 3)) if per_channel else layer.weight.detach().abs().amax()
+    mx = (
+        layer.weight.detach().abs().amax(dim=(1, 2, 3)) if per_channel else layer.weight.detach().abs().amax()
+    )
     assert torch.equal(scale, weight_scale_from_max(mx, 8, True, layer.weight_range_shift))

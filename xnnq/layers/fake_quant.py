@@ -65,11 +65,14 @@ def check_bits(bits: int, where: str = "") -> None:
 
 
 def ceil_log2(r: torch.Tensor) -> torch.Tensor:
-    """``ceil(log2 r)`` exactly, for positive finite ``r`` (float, same dtype): from the binary exponent
+    """``ceil(log2 r)`` exactly, for positive normal float32 ``r`` (same dtype): from the binary exponent
     (``torch.frexp``), not from ``torch.log2``, whose float32 result rounds to the integer ``k`` for values a
-    few ulps above ``2^k`` (``2^-5·(1 + 2^-23)`` gave ``ceil = -5``; it is ``-4``). NaN or ±inf give NaN."""
-    mant, ex = torch.frexp(r)
-    return (ex - (mant == 0.5).to(ex.dtype)).to(r.dtype) + (r - r)  # r - r: 0, or NaN where r is not finite
+    few ulps above ``2^k`` (``2^-5·(1 + 2^-23)`` gave ``ceil = -5``; it is ``-4``). NaN or ±inf give NaN.
+
+    ``r·(1 - 2^-24)`` lies in ``[2^(k-1), 2^k)`` for ``r`` in ``(2^(k-1), 2^k]`` (``2^k`` itself steps below it;
+    a value just above ``2^(k-1)`` rounds to it at most), where ``frexp``'s exponent is ``k``."""
+    _, ex = torch.frexp(r * (1.0 - 2.0**-24))
+    return ex.to(r.dtype) + (r - r)  # r - r: 0, or NaN where r is not finite
 
 
 def pow2_ceil(r: torch.Tensor) -> torch.Tensor:

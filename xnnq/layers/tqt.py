@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fake_quant import MIN_RANGE, _along, _mask_bounds, check_bits, fake_quantize, quant_bounds
+from .fake_quant import MIN_RANGE, _along, _mask_bounds, ceil_log2, check_bits, fake_quantize, quant_bounds
 from .rounding import Rounding, resolve, round_tensor_
 
 LOG2_MIN = math.log2(MIN_RANGE)  # -24: the smallest range xnnq represents (as pow2_ceil)
@@ -171,17 +171,13 @@ def tqt_fake_quantize(
     )
 
 
-def log2_of_range(r: torch.Tensor) -> torch.Tensor:
-    """``log2`` of a range, for initialising a threshold: ranges below ``MIN_RANGE`` (0) give ``LOG2_MIN``."""
-    return torch.log2(r.detach().float().clamp(min=MIN_RANGE)).clamp(LOG2_MIN, LOG2_MAX)
-
-
-def octave_centre(log2_r: torch.Tensor) -> torch.Tensor:
-    """``ceil(log2 r) - 1/2``: the middle of the octave ``(e-1, e]`` whose power of two ``2^e`` the range ``r``
-    rounds up to. A threshold started there gives the statistics' scale and sits half an octave from both
-    neighbours, so only a gradient that keeps its sign over many steps moves it to another power of two; one
-    started at ``log2 r`` itself (often a hair below ``e``) flips to ``2^(e+1)`` on the first noisy steps."""
-    return torch.ceil(log2_r) - 0.5
+def octave_centre(r: torch.Tensor) -> torch.Tensor:
+    """``ceil(log2 r) - 1/2`` of a range ``r`` (ranges below ``MIN_RANGE``, 0 included, as ``MIN_RANGE``): the
+    middle of the octave ``(e-1, e]`` whose power of two ``2^e`` the range rounds up to (:func:`pow2_ceil`'s).
+    A threshold started there gives the statistics' scale and sits half an octave from both neighbours, so
+    only a gradient that keeps its sign over many steps moves it to another power of two; one started at
+    ``log2 r`` itself (often a hair below ``e``) flips to ``2^(e+1)`` on the first noisy steps."""
+    return ceil_log2(r.detach().float().clamp(min=MIN_RANGE)).clamp(LOG2_MIN, LOG2_MAX) - 0.5
 
 
 class LearnedRange(nn.Module):
@@ -267,7 +263,7 @@ class LearnedRange(nn.Module):
         """Set the threshold from the range ``r`` (same shape as ``log2_t``) and count one initialising step:
         ``log2_t`` becomes the centre of the octave of ``r`` (:func:`octave_centre`), so the scale in force is
         the power of two the statistics give."""
-        self.log2_t.copy_(octave_centre(log2_of_range(r)).reshape(self.log2_t.shape))
+        self.log2_t.copy_(octave_centre(r).reshape(self.log2_t.shape))
         self.init_steps += 1
 
     # ------------------------------------------------------------------------------------- numerics
