@@ -66,9 +66,17 @@ def _scales(layer, w: torch.Tensor) -> tuple[float, torch.Tensor] | None:
     return None if bad else (bound.item(), scale)
 
 
+_consts_cache: dict[int, tuple[float, float, float, float]] = {}
+
+
 def _consts(bits: int) -> tuple[float, float, float, float]:
-    qmin, qmax = quant_bounds(bits, True)
-    return (float(qmin), float(qmax), *_mask_bounds(qmin, qmax))
+    """``(qmin, qmax, lo, hi)`` of signed ``bits``-bit weights as floats (a plain dict: ``torch.compile`` traces
+    it without the warning a ``functools`` cache gets)."""
+    c = _consts_cache.get(bits)
+    if c is None:
+        qmin, qmax = quant_bounds(bits, True)
+        c = _consts_cache[bits] = (float(qmin), float(qmax), *_mask_bounds(qmin, qmax))
+    return c
 
 
 class _WeightQuant(torch.autograd.Function):
