@@ -33,7 +33,8 @@ recomputed in the backward (``torch.utils.checkpoint``, non-reentrant) instead o
 weight-sized tensors (the folded copy, the fake-quant input) for it: the same operations run again, so the
 gradients are bit-identical; the cost is one more pass over the weights, small beside the convolution.
 Smaller layers (depthwise kernels) keep them: there the recomputation's per-layer overhead would cost more
-than the memory saved.
+than the memory saved. On CPU the C weight path (:mod:`xnnq.layers.fused_weight`, BatchNorm in training)
+keeps nothing weight-sized in the first place and is not recomputed.
 
 Learned weight ranges (``learned_range``, :mod:`xnnq.layers.tqt`): the threshold is set from the max rule
 during its first training batches and learned from then on; its power of two is capped at the max rule's
