@@ -324,11 +324,13 @@ static inline float wq_scale_from_max(float m, int bits, int64_t shift) {
    *bound); scale[r] (per channel: rows of them; else scale[0]) from min(max |w|, bound) and shift[r] (or
    shift[0]). Returns 1 (and computes nothing) when w holds a NaN or an infinity. */
 int xnnq_wq_scale(const float *restrict w, int64_t rows, int64_t inner, float t, int64_t limit, int per_channel,
-                  int bits, const int64_t *restrict shift, float *restrict scale, float *restrict bound) {
+                  int bits, const int64_t *restrict shift, float *restrict scale, float *restrict bound,
+                  int threads) {
     int64_t over = 0;
     int bad = 0;
     float *mx = malloc((size_t)rows * sizeof(float));
     if (!mx) return 2;
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * inner > PARALLEL_MIN) reduction(+:over) reduction(|:bad)")
     for (int64_t r = 0; r < rows; r++) {
         const float *p = w + r * inner;
         float m = 0.0f;
@@ -480,7 +482,7 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_fq_backward_inplace.restype = None
     handle.xnnq_fq_backward.argtypes = [p, p, p, i64, i32]
     handle.xnnq_fq_backward.restype = None
-    handle.xnnq_wq_scale.argtypes = [p, i64, i64, f32, i64, i32, i32, p, p, p]
+    handle.xnnq_wq_scale.argtypes = [p, i64, i64, f32, i64, i32, i32, p, p, p, i32]
     handle.xnnq_wq_scale.restype = i32
     handle.xnnq_wq_forward.argtypes = [p, p, p, i64, i64, f32, p, i32, *([f32] * 4), p, i32]
     handle.xnnq_wq_forward.restype = None

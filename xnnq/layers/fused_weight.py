@@ -62,6 +62,7 @@ def _scales(layer, w: torch.Tensor) -> tuple[float, torch.Tensor] | None:
         shift.data_ptr(),
         scale.data_ptr(),
         bound.data_ptr(),
+        torch.get_num_threads(),
     )
     return None if bad else (bound.item(), scale)
 
