@@ -16,8 +16,8 @@ options (power-of-2 scales, outlier clipping, no learned range):
 Values and gradients are those of the torch ops, bit for bit (tests/test_fused_weight.py): the same float
 operations in the same order per element, the same reductions by torch. Nothing weight-sized is kept for the
 backward (it recomputes from ``W`` and ``c``), so the large layers' recomputation (``RECOMPUTE_MIN_NUMEL``) is
-not needed on this path. A weight holding NaN or ±inf, other dtypes or devices, and ``XNNQ_FUSED=0`` take the
-torch ops.
+not needed on this path. A weight holding NaN or ±inf, learned ranges, ``constrain_weights=False``,
+``power2=False``, other dtypes or devices, and ``XNNQ_FUSED=0`` take the torch ops.
 """
 
 from __future__ import annotations
