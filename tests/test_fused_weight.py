@@ -48,7 +48,9 @@ def _weights(case: str, shape: tuple[int, ...]) -> torch.Tensor:
     return w
 
 
-def _layer(kind: str, case: str, per_channel: bool, nbits: int, shift: int, bn_mode: str):
+def _layer(
+    kind: str, case: str, per_channel: bool, nbits: int, shift: int, bn_mode: str, constrain: bool = True
+):
     if kind == "conv":
         float_layer, bn = nn.Conv2d(8, 16, 3, bias=False), nn.BatchNorm2d(16)
         x = torch.randn(4, 8, 10, 10)
@@ -66,7 +68,9 @@ def _layer(kind: str, case: str, per_channel: bool, nbits: int, shift: int, bn_m
         bn.running_mean.uniform_(-0.2, 0.2)
         bn.running_var.uniform_(0.5, 2.0)
     cls = QuantConv2d if kind != "linear" else QuantLinear
-    layer = cls.from_float(float_layer, bits=nbits, per_channel=per_channel, name=kind)
+    layer = cls.from_float(
+        float_layer, bits=nbits, per_channel=per_channel, constrain_weights=constrain, name=kind
+    )
     layer.weight_range_shift.fill_(shift)
     if bn_mode == "none":
         bn = None
@@ -108,10 +112,11 @@ def _graph_names(t: torch.Tensor) -> set[str]:
     ],
 )
 @pytest.mark.parametrize("bn_mode", ["train", "frozen", "none"])
+@pytest.mark.parametrize("constrain", [True, False], ids=["clip", "noclip"])
 def test_a_layer_is_bit_identical_to_the_torch_ops(
-    fused_mode, case, kind, per_channel, nbits, shift, bn_mode
+    fused_mode, case, kind, per_channel, nbits, shift, bn_mode, constrain
 ):
-    layer, bn, x = _layer(kind, case, per_channel, nbits, shift, bn_mode)
+    layer, bn, x = _layer(kind, case, per_channel, nbits, shift, bn_mode, constrain)
     results = {}
     for mode in (False, True):
         fused_mode(mode)

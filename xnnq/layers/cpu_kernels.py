@@ -358,7 +358,8 @@ int xnnq_wq_scale(const float *restrict w, int64_t rows, int64_t inner, float t,
 }
 
 /* one weight: code of clamp(v, -bound, bound), its mask (|v| <= bound and the code does not saturate) and
-   the fake-quantized value, as fake_quant.py _ClipFakeQuantSTE (round half to even; -0.0 kept) */
+   the fake-quantized value, as fake_quant.py _ClipFakeQuantSTE (round half to even; -0.0 kept) or, with
+   plus_zero (no outlier clipping: fake_quant.py fake_quantize), with code 0 as +0.0 */
 #define WQ_ELEMENT(v, Q, KEEP)                                                  \
     {                                                                           \
         float cl_ = (v) < -bound ? -bound : (v);                                \
@@ -367,7 +368,8 @@ int xnnq_wq_scale(const float *restrict w, int64_t rows, int64_t inner, float t,
         KEEP = (fabsf(v) <= bound) & (code_ > lo) & (code_ < hi);               \
         float k_ = code_ < qmin ? qmin : code_;                                 \
         k_ = k_ > qmax ? qmax : k_;                                             \
-        Q = nearbyintf(k_) * s;                                                 \
+        float r_ = nearbyintf(k_);                                              \
+        Q = (plus_zero && r_ == 0.0f ? 0.0f : r_) * s;                          \
     }
 
 #define WQ_ROWS(...)                                                                            \
@@ -380,7 +382,8 @@ int xnnq_wq_scale(const float *restrict w, int64_t rows, int64_t inner, float t,
 /* Forward. c NULL: out = q(w). c given (BatchNorm in training, quant_weight.py _train_weight), w = W * c per
    row: out = W on rows with c == 0, else q(w) / c. */
 void xnnq_wq_forward(const float *restrict w, const float *restrict W, const float *restrict c, int64_t rows,
-                     int64_t inner, float bound, const float *restrict scale, int per_channel, float qmin,
+                     int64_t inner, float bound, const float *restrict scale, int per_channel, int plus_zero,
+                     float qmin,
                      float qmax, float lo, float hi, float *restrict out, int threads) {
     WQ_ROWS({
         const float *p = w + r * inner;
@@ -404,7 +407,8 @@ void xnnq_wq_forward(const float *restrict w, const float *restrict W, const flo
    gradient of c. */
 void xnnq_wq_backward(const float *restrict g, const float *restrict w, const float *restrict W,
                       const float *restrict c, int64_t rows, int64_t inner, float bound,
-                      const float *restrict scale, int per_channel, float qmin, float qmax, float lo, float hi,
+                      const float *restrict scale, int per_channel, int plus_zero, float qmin, float qmax,
+                      float lo, float hi,
                       float *restrict gw, float *restrict p1, float *restrict p2, int threads) {
     WQ_ROWS({
         const float *gr = g + r * inner;
@@ -484,9 +488,9 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_fq_backward.restype = None
     handle.xnnq_wq_scale.argtypes = [p, i64, i64, f32, i64, i32, i32, p, p, p, i32]
     handle.xnnq_wq_scale.restype = i32
-    handle.xnnq_wq_forward.argtypes = [p, p, p, i64, i64, f32, p, i32, *([f32] * 4), p, i32]
+    handle.xnnq_wq_forward.argtypes = [p, p, p, i64, i64, f32, p, i32, i32, *([f32] * 4), p, i32]
     handle.xnnq_wq_forward.restype = None
-    handle.xnnq_wq_backward.argtypes = [p, p, p, p, i64, i64, f32, p, i32, *([f32] * 4), p, p, p, i32]
+    handle.xnnq_wq_backward.argtypes = [p, p, p, p, i64, i64, f32, p, i32, i32, *([f32] * 4), p, p, p, i32]
     handle.xnnq_wq_backward.restype = None
     return handle
 

@@ -4,10 +4,11 @@
 step: the outlier bound, the max, the power-of-2 scale, the clipped fake-quantization and (BatchNorm in training)
 the division by ``c = γ / sqrt(running_var + eps)``, and the backward of each. On the small tensors of a weight
 each torch op costs its dispatch more than its arithmetic. Here, for float32 CPU weights with the default
-options (power-of-2 scales, outlier clipping, no learned range):
+options (power-of-2 scales, no learned range; with or without outlier clipping):
 
 * torch computes what has an order-dependent sum: the folded weight ``W·c`` and its standard deviation (the
-  outlier bound ``outlier_ratio·σ``), and in the backward the per-channel sums of the gradient of ``c``;
+  outlier bound ``outlier_ratio·σ``, with ``constrain_weights``), and in the backward the per-channel sums of
+  the gradient of ``c``;
 * one C pass counts the weights beyond the bound and takes the max per channel (the scales follow,
   :func:`~xnnq.layers.fake_quant.weight_scale_from_max` exactly), one writes the quantized weight (``q(W·c) / c``
   with BatchNorm in training), and the backward recomputes the masks from ``W`` and ``c`` and writes the
@@ -16,11 +17,13 @@ options (power-of-2 scales, outlier clipping, no learned range):
 Values and gradients are those of the torch ops, bit for bit (tests/test_fused_weight.py): the same float
 operations in the same order per element, the same reductions by torch. Nothing weight-sized is kept for the
 backward (it recomputes from ``W`` and ``c``), so the large layers' recomputation (``RECOMPUTE_MIN_NUMEL``) is
-not needed on this path. A weight holding NaN or ±inf, learned ranges, ``constrain_weights=False``,
-``power2=False``, other dtypes or devices, and ``XNNQ_FUSED=0`` take the torch ops.
+not needed on this path. A weight holding NaN or ±inf, learned ranges, ``power2=False``, other dtypes or
+devices, and ``XNNQ_FUSED=0`` take the torch ops.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -33,7 +36,6 @@ def applies(layer, w: torch.Tensor) -> bool:
     """Whether ``layer``'s weight path can run here for the folded weight ``w``."""
     return (
         layer.power2
-        and layer.constrain_weights
         and layer.learned_range is None
         and w.dtype == torch.float32
         and w.device.type == "cpu"
@@ -47,7 +49,7 @@ def _scales(layer, w: torch.Tensor) -> tuple[float, torch.Tensor] | None:
     """(outlier bound, scale) of the folded weight ``w`` (detached, contiguous), or ``None`` when it holds a NaN
     or an infinity."""
     rows = w.shape[0]
-    t = float(layer.outlier_bound(w))
+    t = float(layer.outlier_bound(w)) if layer.constrain_weights else math.inf  # inf: nothing clipped
     scale = torch.empty(rows if layer.per_channel else (), dtype=torch.float32)
     shift = layer.weight_range_shift.contiguous()
     bound = torch.empty((), dtype=torch.float32)
@@ -80,11 +82,17 @@ def _consts(bits: int) -> tuple[float, float, float, float]:
     return c
 
 
+def _args(layer) -> tuple[bool, int, bool]:
+    """(per channel, bits, code 0 as +0.0): without outlier clipping the torch ops are ``fake_quantize``'s, whose
+    code 0 dequantizes to +0.0; with it, ``_ClipFakeQuantSTE``'s rounding keeps -0.0."""
+    return layer.per_channel, layer.weight_bits, not layer.constrain_weights
+
+
 class _WeightQuant(torch.autograd.Function):
     """``q(w)`` (``c`` None) or ``where(c == 0, W, q(W·c) / c)`` with ``w = W·c`` given (detached)."""
 
     @staticmethod
-    def forward(ctx, W, c, w, bound, scale, per_channel, bits):
+    def forward(ctx, W, c, w, bound, scale, per_channel, bits, plus_zero):
         out = torch.empty_like(w)
         rows = w.shape[0]
         cpu_kernels.library().xnnq_wq_forward(
@@ -96,18 +104,19 @@ class _WeightQuant(torch.autograd.Function):
             bound,
             scale.data_ptr(),
             int(per_channel),
+            int(plus_zero),
             *_consts(bits),
             out.data_ptr(),
             torch.get_num_threads(),
         )
         ctx.save_for_backward(W, c, w if c is None else None, scale)
-        ctx.args = (bound, int(per_channel), bits)
+        ctx.args = (bound, int(per_channel), bits, int(plus_zero))
         return out
 
     @staticmethod
     def backward(ctx, grad):
         W, c, w, scale = ctx.saved_tensors
-        bound, per_channel, bits = ctx.args
+        bound, per_channel, bits, plus_zero = ctx.args
         g = grad.contiguous()
         gw = torch.empty_like(g)
         p1 = p2 = None
@@ -124,6 +133,7 @@ class _WeightQuant(torch.autograd.Function):
             bound,
             scale.data_ptr(),
             per_channel,
+            plus_zero,
             *_consts(bits),
             gw.data_ptr(),
             None if p1 is None else p1.data_ptr(),
@@ -131,9 +141,9 @@ class _WeightQuant(torch.autograd.Function):
             torch.get_num_threads(),
         )
         if c is None:  # q(w): the gradient of w
-            return None, None, gw, None, None, None, None
+            return None, None, gw, None, None, None, None, None
         grad_c = p1.sum_to_size(c.shape) + p2.sum_to_size(c.shape)
-        return gw, grad_c, None, None, None, None, None
+        return gw, grad_c, None, None, None, None, None, None
 
 
 def quantize_weight(layer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -148,7 +158,7 @@ def quantize_weight(layer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         return None
     bound, scale = found
     src = w if w.is_contiguous() else w.contiguous()
-    out = _WeightQuant.apply(wd, None, src, bound, scale, layer.per_channel, layer.weight_bits)
+    out = _WeightQuant.apply(wd, None, src, bound, scale, *_args(layer))
     return out, scale
 
 
@@ -164,4 +174,4 @@ def train_weight(layer, c: torch.Tensor) -> torch.Tensor | None:
     if found is None:
         return None
     bound, scale = found
-    return _WeightQuant.apply(W, c, w, bound, scale, layer.per_channel, layer.weight_bits)
+    return _WeightQuant.apply(W, c, w, bound, scale, *_args(layer))
