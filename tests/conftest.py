@@ -50,6 +50,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def fused_mode():
+    """``xnnq.layers.fused.set_fused`` for a test that flips the process-wide switch; restored afterwards."""
+    from xnnq.layers import fused
+
+    before = fused._state["mode"]
+    yield fused.set_fused
+    fused.set_fused(before)
+
+
 # ------------------------------------------------------------------------------------------ small nets
 def tiny_convnet(num_classes: int = 4, dropout: float = 0.0) -> nn.Sequential:
     """Conv-BN-ReLU, strided conv-BN-ReLU6, global pool, (dropout), linear; 8x8 inputs are enough."""

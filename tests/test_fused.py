@@ -23,14 +23,6 @@ from conftest import saved_bytes
 REFERENCE = Path(__file__).parent / "data" / "fake_quant_reference.pt"
 
 
-@pytest.fixture
-def fused_mode():
-    """Restores the process-wide switch after a test that flips it."""
-    before = fused._state["mode"]
-    yield fused.set_fused
-    fused.set_fused(before)
-
-
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32)
 

@@ -13,19 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import xnnq
-from xnnq.layers import fused, fused_weight
+from xnnq.layers import fused_weight
 from xnnq.layers.fake_quant import ceil_log2, pow2_ceil, weight_scale_from_max
 from xnnq.layers.quant_weight import QuantConv2d, QuantLinear
 from xnnq.layers.tqt import octave_centre
 
 from conftest import saved_bytes
-
-
-@pytest.fixture
-def fused_mode():
-    before = fused._state["mode"]
-    yield fused.set_fused
-    fused.set_fused(before)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

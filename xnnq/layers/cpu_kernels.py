@@ -383,8 +383,7 @@ int xnnq_wq_scale(const float *restrict w, int64_t rows, int64_t inner, float t,
    row: out = W on rows with c == 0, else q(w) / c. */
 void xnnq_wq_forward(const float *restrict w, const float *restrict W, const float *restrict c, int64_t rows,
                      int64_t inner, float bound, const float *restrict scale, int per_channel, int plus_zero,
-                     float qmin,
-                     float qmax, float lo, float hi, float *restrict out, int threads) {
+                     float qmin, float qmax, float lo, float hi, float *restrict out, int threads) {
     WQ_ROWS({
         const float *p = w + r * inner;
         float *o = out + r * inner;
@@ -408,8 +407,8 @@ void xnnq_wq_forward(const float *restrict w, const float *restrict W, const flo
 void xnnq_wq_backward(const float *restrict g, const float *restrict w, const float *restrict W,
                       const float *restrict c, int64_t rows, int64_t inner, float bound,
                       const float *restrict scale, int per_channel, int plus_zero, float qmin, float qmax,
-                      float lo, float hi,
-                      float *restrict gw, float *restrict p1, float *restrict p2, int threads) {
+                      float lo, float hi, float *restrict gw, float *restrict p1, float *restrict p2,
+                      int threads) {
     WQ_ROWS({
         const float *gr = g + r * inner;
         float *o = gw + r * inner;

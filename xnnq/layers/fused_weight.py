@@ -23,6 +23,7 @@ devices, and ``XNNQ_FUSED=0`` take the torch ops.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -52,7 +53,7 @@ def _scales(layer, w: torch.Tensor) -> tuple[float, torch.Tensor] | None:
     t = float(layer.outlier_bound(w)) if layer.constrain_weights else math.inf  # inf: nothing clipped
     scale = torch.empty(rows if layer.per_channel else (), dtype=torch.float32)
     shift = layer.weight_range_shift.contiguous()
-    bound = torch.empty((), dtype=torch.float32)
+    bound = ctypes.c_float()
     bad = cpu_kernels.library().xnnq_wq_scale(
         w.data_ptr(),
         rows,
@@ -63,10 +64,10 @@ def _scales(layer, w: torch.Tensor) -> tuple[float, torch.Tensor] | None:
         layer.weight_bits,
         shift.data_ptr(),
         scale.data_ptr(),
-        bound.data_ptr(),
+        ctypes.byref(bound),
         torch.get_num_threads(),
     )
-    return None if bad else (bound.item(), scale)
+    return None if bad else (bound.value, scale)
 
 
 _consts_cache: dict[int, tuple[float, float, float, float]] = {}
@@ -88,8 +89,12 @@ def _args(layer) -> tuple[bool, int, bool]:
     return layer.per_channel, layer.weight_bits, not layer.constrain_weights
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 class _WeightQuant(torch.autograd.Function):
-    """``q(w)`` (``c`` None) or ``where(c == 0, W, q(W·c) / c)`` with ``w = W·c`` given (detached)."""
+    """``q(w)`` (``W`` and ``c`` None) or ``where(c == 0, W, q(W·c) / c)`` with ``w = W·c`` given (detached)."""
 
     @staticmethod
     def forward(ctx, W, c, w, bound, scale, per_channel, bits, plus_zero):
@@ -97,8 +102,8 @@ class _WeightQuant(torch.autograd.Function):
         rows = w.shape[0]
         cpu_kernels.library().xnnq_wq_forward(
             w.data_ptr(),
-            W.data_ptr(),
-            None if c is None else c.data_ptr(),
+            _ptr(W),
+            _ptr(c),
             rows,
             w.numel() // rows,
             bound,
@@ -125,9 +130,9 @@ class _WeightQuant(torch.autograd.Function):
         rows = g.shape[0]
         cpu_kernels.library().xnnq_wq_backward(
             g.data_ptr(),
-            None if w is None else w.data_ptr(),
-            W.data_ptr(),
-            None if c is None else c.data_ptr(),
+            _ptr(w),
+            _ptr(W),
+            _ptr(c),
             rows,
             g.numel() // rows,
             bound,
@@ -136,8 +141,8 @@ class _WeightQuant(torch.autograd.Function):
             plus_zero,
             *_consts(bits),
             gw.data_ptr(),
-            None if p1 is None else p1.data_ptr(),
-            None if p2 is None else p2.data_ptr(),
+            _ptr(p1),
+            _ptr(p2),
             torch.get_num_threads(),
         )
         if c is None:  # q(w): the gradient of w
@@ -151,15 +156,13 @@ def quantize_weight(layer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     apply (the caller then runs the torch ops)."""
     if not applies(layer, w):
         return None
-    wd = w.detach().contiguous()
+    w = w.contiguous()
     with torch.no_grad():
-        found = _scales(layer, wd)
+        found = _scales(layer, w.detach())
     if found is None:
         return None
     bound, scale = found
-    src = w if w.is_contiguous() else w.contiguous()
-    out = _WeightQuant.apply(wd, None, src, bound, scale, *_args(layer))
-    return out, scale
+    return _WeightQuant.apply(None, None, w, bound, scale, *_args(layer)), scale
 
 
 def train_weight(layer, c: torch.Tensor) -> torch.Tensor | None:
