@@ -53,7 +53,7 @@ def _scales(layer, w: torch.Tensor) -> tuple[float, torch.Tensor] | None:
     t = float(layer.outlier_bound(w)) if layer.constrain_weights else math.inf  # inf: nothing clipped
     scale = torch.empty(rows if layer.per_channel else (), dtype=torch.float32)
     shift = layer.weight_range_shift.contiguous()
-    bound = ctypes.c_float()
+    bound = (ctypes.c_float * 1)()
     bad = cpu_kernels.library().xnnq_wq_scale(
         w.data_ptr(),
         rows,
@@ -64,10 +64,10 @@ def _scales(layer, w: torch.Tensor) -> tuple[float, torch.Tensor] | None:
         layer.weight_bits,
         shift.data_ptr(),
         scale.data_ptr(),
-        ctypes.byref(bound),
+        bound,
         torch.get_num_threads(),
     )
-    return None if bad else (bound.value, scale)
+    return None if bad else (bound[0], scale)
 
 
 _consts_cache: dict[int, tuple[float, float, float, float]] = {}
