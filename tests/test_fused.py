@@ -566,7 +566,7 @@ def test_the_c_histogram_counts_as_the_torch_path(fused_mode, cap, sample_size, 
 def test_the_c_batch_sum_is_torchs_sum_bit_for_bit():
     """Bias correction's running input sum: ``total += x.sum(0)`` in one C pass reproduces torch's float32 sum
     order (a cascade of chunks; another scheme for the last columns) for batch sizes across the cascade's
-    levels, row lengths around the vector blocks, and 1-3 threads."""
+    levels, row lengths around the vector blocks and the column tiles, and 1-3 threads; the count follows."""
     from xnnq.layers import cpu_kernels
 
     g = torch.Generator().manual_seed(3)
@@ -578,9 +578,11 @@ def test_the_c_batch_sum_is_torchs_sum_bit_for_bit():
                 x = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * 100
                 total = torch.randn(cols, dtype=torch.float64, generator=g)
                 ref = total + x.sum(0)
+                count = torch.tensor(5)
                 assert cpu_kernels.add_row_sum_applies(x)
-                cpu_kernels.add_row_sum(x, total)
+                cpu_kernels.add_row_sum(x, total, count)
                 assert torch.equal(ref, total), (threads, rows, cols)
+                assert int(count) == 5 + rows
             x = torch.randn(16, 24, 28, 28, generator=g)
             total = torch.zeros(24, 28, 28, dtype=torch.float64)
             cpu_kernels.add_row_sum(x, total)

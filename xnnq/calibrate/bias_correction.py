@@ -38,11 +38,10 @@ class InputMean(nn.Module):
         self.register_buffer("total", torch.zeros(0), persistent=False)
         self.register_buffer("count", torch.zeros((), dtype=torch.long), persistent=False)
 
-    @torch.no_grad()
     def hook(self, module: nn.Module, args: tuple) -> None:
         if not self.training:
             return
-        x = args[0].detach()
+        x = args[0]
         if self.total.shape != x.shape[1:]:
             if self.total.numel():
                 raise ValueError(
@@ -54,10 +53,11 @@ class InputMean(nn.Module):
         # the batch summed in float32 (the input's dtype), accumulated in float64; in place (no module
         # attribute assignment per batch). On CPU one C pass does both, with torch's summation order.
         if cpu_kernels.add_row_sum_applies(x) and c_kernels_ready():
-            cpu_kernels.add_row_sum(x, self.total)
-        else:
-            self.total.add_(x.sum(0))
-        self.count.add_(x.shape[0])
+            cpu_kernels.add_row_sum(x, self.total, self.count)
+            return
+        with torch.no_grad():
+            self.total.add_(x.detach().sum(0))
+            self.count.add_(x.shape[0])
 
     def mean(self) -> torch.Tensor | None:
         """``E[x]`` per position (float64), or ``None`` if nothing was seen; summed over ranks under torch.distributed."""

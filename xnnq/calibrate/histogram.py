@@ -156,15 +156,18 @@ class Histogram(nn.Module):
         self.counts = grown
         self.exponent += 1
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor, cap: float | None = None) -> torch.Tensor:
-        """Count ``x`` in (``min(x, cap)`` when ``cap`` is given); returns ``x`` unchanged."""
-        flat = flat_view(x.detach())
+        """Count ``x`` in (``min(x, cap)`` when ``cap`` is given); returns ``x`` unchanged. Records nothing for
+        autograd (``x`` is read detached; the state is buffers)."""
+        # the C loops read memory order, so a contiguous tensor of any shape is read as it is (no view to make)
+        flat = x if x.is_contiguous() else flat_view(x.detach())
         if flat.numel() == 0:
             return x
         on_c = on_c_path(flat)
+        if not on_c:
+            flat = flat.detach().reshape(-1)
         rows, length, stride, _ = sample_geometry(flat.numel(), self.sample_size, 0.0)
-        counted = False
+        counted = running_set = False
         if on_c:  # the extremes and the counts by C loops: the same values as below
             if cap is not None:  # the cap in float32, as clamp applies it to a float32 tensor
                 cap = float(np.float32(cap))
@@ -173,11 +176,20 @@ class Histogram(nn.Module):
                 lo_f, hi_f = cpu_kernels.minmax(flat)
                 if cap is not None:
                     lo_f, hi_f = min(lo_f, cap), min(hi_f, cap)  # NaN stays NaN (the first argument)
-            else:  # one call: the sample's extremes, and its counts when the span already holds them
-                span = 0.0 if self.exponent is None else self.span
+            else:  # one call: the sample's extremes (into min_val / max_val after the first batch), and its
+                # counts when the span already holds them
+                first = self.exponent is None
                 counted, lo_f, hi_f = cpu_kernels.hist_sample(
-                    flat, rows, length, stride, c_cap, span, self.counts
+                    flat,
+                    rows,
+                    length,
+                    stride,
+                    c_cap,
+                    0.0 if first else self.span,
+                    self.counts,
+                    None if first else (self.min_val, self.max_val),
                 )
+                running_set = not first
         else:
             sample = block_sample(flat, self.sample_size).float()
             lo, hi = torch.aminmax(flat if self.exact_extremes else sample)
@@ -199,8 +211,9 @@ class Histogram(nn.Module):
         else:
             while self.exponent < k:
                 self._double()
-            self.min_val.clamp_(max=lo_f)  # min(min_val, lo): neither is NaN
-            self.max_val.clamp_(min=hi_f)
+            if not running_set:
+                self.min_val.clamp_(max=lo_f)  # min(min_val, lo): neither is NaN
+                self.max_val.clamp_(min=hi_f)
         if on_c:
             if not counted:
                 cpu_kernels.hist_add(flat, rows, length, stride, c_cap, self.span, self.counts)

@@ -67,7 +67,7 @@ class HistogramObserver(RangeObserver):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Count ``x`` in; returns ``x`` unchanged."""
-        self.histogram(x, self.cap)
+        self.histogram.forward(x, self.cap)  # an internal module: no hooks to run
         return x
 
     def data_is_signed(self) -> bool:

@@ -23,6 +23,7 @@ NaN propagates through the forward (a NaN input gives a NaN output; its mask byt
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import shlex
@@ -172,11 +173,12 @@ void xnnq_hist_add(const float *x, int64_t rows, int64_t len, int64_t stride, fl
 }
 
 /* The histogram of a sample in one call: the extremes of its values (ext = [min(lo, cap), min(hi, cap), NaN
-   seen]), then, when no value is NaN and both lie within [-span, span] (span > 0), the counts of
-   xnnq_hist_add (the sample is still in cache). Returns 1 when counted, 0 when the caller must grow the span
-   (or stop at a NaN) first. Rows are split over threads when the sample is large. */
+   seen]; when both are finite also folded into *run_min and *run_max, if given), then, when no value is
+   NaN and both lie within [-span, span] (span > 0), the counts of xnnq_hist_add (the sample is still in
+   cache). Returns 1 when counted, 0 when the caller must grow the span (or stop at a NaN) first. Rows are
+   split over threads when the sample is large. */
 int xnnq_hist_sample(const float *x, int64_t rows, int64_t len, int64_t stride, float cap, float span, float mul,
-                     int64_t bins, double *counts, float *ext, int threads) {
+                     int64_t bins, double *counts, float *ext, float *run_min, float *run_max, int threads) {
     float lo = INFINITY, hi = -INFINITY;
     int nan = 0;
     _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows > 1 && rows * len >= 16384) reduction(min:lo) reduction(max:hi) reduction(|:nan)")
@@ -190,58 +192,88 @@ int xnnq_hist_sample(const float *x, int64_t rows, int64_t len, int64_t stride, 
     ext[0] = lo;
     ext[1] = hi;
     ext[2] = (float)nan;
+    if (!nan && run_min && run_max && isfinite(lo) && isfinite(hi)) {
+        *run_min = lo < *run_min ? lo : *run_min;
+        *run_max = hi > *run_max ? hi : *run_max;
+    }
     if (nan || !(span > 0.0f) || -lo > span || hi > span) return 0;
     xnnq_hist_add(x, rows, len, stride, cap, span, mul, bins, counts, threads);
     return 1;
 }
 
-/* ATen's cascade sums (SumKernel.cpp multi_row_sum) of m <= 64 contiguous columns starting at p, down `rows`
-   rows row_stride apart: chunks of 2^level_power rows summed in turn into a cascade of four accumulators per
-   column; out[k] the sum of column k. */
-static void cascade_sums(const float *p, int64_t row_stride, int64_t rows, int64_t m, float *out) {
+/* ATen's cascade sums (SumKernel.cpp multi_row_sum) of m contiguous columns starting at p, down `rows` rows
+   row_stride apart: chunks of 2^level_power rows summed in turn into a cascade of four accumulators per
+   column (acc: 4 m floats of workspace); the sum of column k is left in acc[k]. Row by row, so each row's m
+   columns are one contiguous read. */
+static void cascade_sums(const float *p, int64_t row_stride, int64_t rows, int64_t m, float *acc) {
     int64_t ceil_log2 = 0;
     while (((int64_t)1 << ceil_log2) < rows) ceil_log2++;
     const int64_t level_power = ceil_log2 / 4 > 4 ? ceil_log2 / 4 : 4;
     const int64_t level_step = (int64_t)1 << level_power, level_mask = level_step - 1;
-    float acc[4][64];
-    for (int l = 0; l < 4; l++)
-        for (int64_t k = 0; k < m; k++) acc[l][k] = 0.0f;
+    float *lv[4] = {acc, acc + m, acc + 2 * m, acc + 3 * m};
+    for (int64_t k = 0; k < 4 * m; k++) acc[k] = 0.0f;
     int64_t i = 0;
     while (i + level_step <= rows) {
-        for (int64_t j = 0; j < level_step; j++, i++)
-            for (int64_t k = 0; k < m; k++) acc[0][k] += p[i * row_stride + k];
+        for (int64_t j = 0; j < level_step; j++, i++) {
+            const float *row = p + i * row_stride;
+            for (int64_t k = 0; k < m; k++) lv[0][k] += row[k];
+        }
         for (int l = 1; l < 4; l++) {
-            for (int64_t k = 0; k < m; k++) { acc[l][k] += acc[l - 1][k]; acc[l - 1][k] = 0.0f; }
+            float *lo = lv[l - 1], *hi = lv[l];
+            for (int64_t k = 0; k < m; k++) { hi[k] += lo[k]; lo[k] = 0.0f; }
             if ((i & (level_mask << (l * level_power))) != 0) break;
         }
     }
-    for (; i < rows; i++)
-        for (int64_t k = 0; k < m; k++) acc[0][k] += p[i * row_stride + k];
-    for (int64_t k = 0; k < m; k++) out[k] = ((acc[0][k] + acc[1][k]) + acc[2][k]) + acc[3][k];
+    for (; i < rows; i++) {
+        const float *row = p + i * row_stride;
+        for (int64_t k = 0; k < m; k++) lv[0][k] += row[k];
+    }
+    for (int64_t k = 0; k < m; k++) acc[k] = ((lv[0][k] + lv[1][k]) + lv[2][k]) + lv[3][k];
 }
+
+/* columns per cascade: its four accumulator rows (128 KiB) stay in a core's L2 cache */
+#define ROW_SUM_TILE 8192
 
 /* total[c] += (double) x.sum(0)[c] for x of shape (rows, cols), contiguous, c < cols, with the float32 sum in
    the order of torch's outer-dimension sum (ATen's vectorized_outer_sum with vectors of `vec` floats): the
    cascade per column for the columns its blocks of four vectors cover (all but the last cols % (4 vec)), and
    for those last ones ATen's row_sum: the column read as (rows / 4, 4), four cascades over its rows
-   i = k (mod 4), the rows left over added to the first, then the four summed. */
-void xnnq_add_row_sum(const float *restrict x, int64_t rows, int64_t cols, int64_t vec, double *restrict total,
-                      int threads) {
+   i = k (mod 4), the rows left over added to the first, then the four summed. *count += rows when given.
+   Returns 0, or -1 when the workspace could not be allocated (nothing is changed then). */
+int xnnq_add_row_sum(const float *restrict x, int64_t rows, int64_t cols, int64_t vec, double *restrict total,
+                     int64_t *count, int threads) {
     int64_t vcols = cols - cols % (4 * vec);
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if (rows * cols > PARALLEL_MIN)")
-    for (int64_t b = 0; b < vcols; b += 64) {
-        int64_t m = vcols - b < 64 ? vcols - b : 64;
-        float s[64];
-        cascade_sums(x + b, cols, rows, m, s);
-        for (int64_t k = 0; k < m; k++) total[b + k] += (double)s[k];
+    int64_t tiles = (vcols + ROW_SUM_TILE - 1) / ROW_SUM_TILE;
+    int nt = rows * cols > PARALLEL_MIN ? threads : 1;
+    float *work = malloc((size_t)nt * 4 * ROW_SUM_TILE * sizeof(float));
+    if (!work) return -1;
+    if (count) *count += rows;
+    _Pragma("omp parallel num_threads(nt) if (nt > 1)")
+    {
+#ifdef _OPENMP
+        float *acc = work + (int64_t)omp_get_thread_num() * 4 * ROW_SUM_TILE;
+#else
+        float *acc = work;
+#endif
+        _Pragma("omp for schedule(static)")
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t b = t * ROW_SUM_TILE, m = vcols - b < ROW_SUM_TILE ? vcols - b : ROW_SUM_TILE;
+            cascade_sums(x + b, cols, rows, m, acc);
+            for (int64_t k = 0; k < m; k++) total[b + k] += (double)acc[k];
+        }
     }
+    free(work);
     for (int64_t c = vcols; c < cols; c++) {
         int64_t quads = rows / 4;
-        float part[4];
-        for (int k = 0; k < 4; k++) cascade_sums(x + (int64_t)k * cols + c, 4 * cols, quads, 1, part + k);
+        float part[4], acc[4];
+        for (int k = 0; k < 4; k++) {
+            cascade_sums(x + (int64_t)k * cols + c, 4 * cols, quads, 1, acc);
+            part[k] = acc[0];
+        }
         for (int64_t i = quads * 4; i < rows; i++) part[0] += x[i * cols + c];
         total[c] += (double)(((part[0] + part[1]) + part[2]) + part[3]);
     }
+    return 0;
 }
 
 /* in place: grad[i] = mask[i] ? grad[i] : +0.0 */
@@ -477,10 +509,10 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_minmax.restype = None
     handle.xnnq_hist_add.argtypes = [p, i64, i64, i64, f32, f32, f32, i64, p, i32]
     handle.xnnq_hist_add.restype = None
-    handle.xnnq_hist_sample.argtypes = [p, i64, i64, i64, f32, f32, f32, i64, p, p, i32]
+    handle.xnnq_hist_sample.argtypes = [p, i64, i64, i64, f32, f32, f32, i64, p, p, p, p, i32]
     handle.xnnq_hist_sample.restype = i32
-    handle.xnnq_add_row_sum.argtypes = [p, i64, i64, i64, p, i32]
-    handle.xnnq_add_row_sum.restype = None
+    handle.xnnq_add_row_sum.argtypes = [p, i64, i64, i64, p, p, i32]
+    handle.xnnq_add_row_sum.restype = i32
     handle.xnnq_fq_backward_inplace.argtypes = [p, p, i64, i32]
     handle.xnnq_fq_backward_inplace.restype = None
     handle.xnnq_fq_backward.argtypes = [p, p, p, i64, i32]
@@ -492,6 +524,11 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_wq_backward.argtypes = [p, p, p, p, i64, i64, f32, p, i32, i32, *([f32] * 4), p, p, p, i32]
     handle.xnnq_wq_backward.restype = None
     return handle
+
+
+def built() -> bool:
+    """Whether the kernel library is built and loaded in this process."""
+    return _lib is not None
 
 
 def library() -> ctypes.CDLL:
@@ -623,12 +660,21 @@ def hist_add(
 
 
 def hist_sample(
-    x: torch.Tensor, rows: int, length: int, stride: int, cap: float, span: float, counts: torch.Tensor
+    x: torch.Tensor,
+    rows: int,
+    length: int,
+    stride: int,
+    cap: float,
+    span: float,
+    counts: torch.Tensor,
+    running: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[bool, float, float]:
-    """The sample ``v = x[r·stride + i]`` (as :func:`hist_add`) in one call: ``(counted, lo, hi)`` with ``lo``,
-    ``hi`` the extremes of ``min(v, cap)`` (both NaN when a value is NaN). When they lie within ``[-span,
-    span]`` (``span > 0``) the sample's counts are added to ``counts`` as :func:`hist_add` adds them and
-    ``counted`` is True; otherwise nothing is counted."""
+    """The sample ``v = x[r·stride + i]`` (as :func:`hist_add`; ``x`` contiguous float32 CPU, of any shape) in
+    one call: ``(counted, lo, hi)`` with ``lo``, ``hi`` the extremes of ``min(v, cap)`` (both NaN when a value
+    is NaN). When they lie within ``[-span, span]`` (``span > 0``) the sample's counts are added to ``counts``
+    as :func:`hist_add` adds them and ``counted`` is True; otherwise nothing is counted. ``running``: two
+    float32 CPU scalars, the running minimum and maximum, lowered / raised to ``lo`` / ``hi`` unless a value
+    is NaN (as ``clamp_`` would, without two more torch calls)."""
     ext = (ctypes.c_float * 3)()
     bins = counts.numel()
     counted = library().xnnq_hist_sample(
@@ -642,6 +688,8 @@ def hist_sample(
         bins,
         counts.data_ptr(),
         ext,
+        None if running is None else running[0].data_ptr(),
+        None if running is None else running[1].data_ptr(),
         torch.get_num_threads(),
     )
     if ext[2]:
@@ -656,6 +704,7 @@ def hist_sample(
 _ROW_SUM_VEC = {"AVX2": 8, "AVX512": 8, "DEFAULT": 8}
 
 
+@functools.cache
 def _row_sum_vec() -> int | None:
     """torch's float32 vector width where :func:`add_row_sum` follows its sum order, else ``None``."""
     return _ROW_SUM_VEC.get(torch.backends.cpu.get_cpu_capability())
@@ -665,8 +714,8 @@ def add_row_sum_applies(x: torch.Tensor) -> bool:
     """Whether :func:`add_row_sum` reproduces torch's ``x.sum(0)`` for ``x`` (float32, CPU, contiguous, at least
     8 values per row, on a CPU whose torch vector width it follows)."""
     return (
-        x.dtype == torch.float32
-        and x.device.type == "cpu"
+        x.is_cpu
+        and x.dtype == torch.float32
         and x.dim() >= 2
         and x.is_contiguous()
         and x.shape[0] > 0
@@ -675,10 +724,18 @@ def add_row_sum_applies(x: torch.Tensor) -> bool:
     )
 
 
-def add_row_sum(x: torch.Tensor, total: torch.Tensor) -> None:
+def add_row_sum(x: torch.Tensor, total: torch.Tensor, count: torch.Tensor | None = None) -> None:
     """``total += x.sum(0)`` for ``x`` where :func:`add_row_sum_applies` and a contiguous float64 ``total`` of
     shape ``x.shape[1:]``: the float32 sum over the first dimension in torch's order (the same bits), added in
-    float64, in one pass without the float32 temporary."""
-    library().xnnq_add_row_sum(
-        x.data_ptr(), x.shape[0], total.numel(), _row_sum_vec(), total.data_ptr(), torch.get_num_threads()
+    float64, in one pass without the float32 temporary. ``count`` (an int64 CPU scalar): ``+= x.shape[0]``."""
+    status = library().xnnq_add_row_sum(
+        x.data_ptr(),
+        x.shape[0],
+        total.numel(),
+        _row_sum_vec(),
+        total.data_ptr(),
+        None if count is None else count.data_ptr(),
+        torch.get_num_threads(),
     )
+    if status:
+        raise MemoryError("add_row_sum: no memory for the workspace of the batch sum")

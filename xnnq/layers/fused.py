@@ -65,7 +65,7 @@ def fused_enabled(device: torch.device | str = "cpu") -> bool:
     """Whether :func:`fake_quantize_activation` uses the fused kernels now for tensors on ``device``."""
     if _state["mode"] == "0" or _state["failed"]:
         return False
-    return _state["mode"] != "cpu" or torch.device(device).type == "cpu"
+    return device == "cpu" or _state["mode"] != "cpu" or torch.device(device).type == "cpu"
 
 
 def _consts(qmin: int, qmax: int, cap: float | None, device: torch.device) -> torch.Tensor:
@@ -277,12 +277,7 @@ def _failed(e: Exception) -> None:
 def on_c_path(flat: torch.Tensor) -> bool:
     """``flat`` (a 1-d view in memory order) is served by the C kernels now: float32, CPU, contiguous, and the
     kernels switched on and built (:func:`c_kernels_ready`)."""
-    return (
-        flat.dtype == torch.float32
-        and flat.device.type == "cpu"
-        and flat.is_contiguous()
-        and c_kernels_ready()
-    )
+    return flat.is_cpu and flat.dtype == torch.float32 and flat.is_contiguous() and c_kernels_ready()
 
 
 def c_kernels_ready() -> bool:
@@ -290,6 +285,8 @@ def c_kernels_ready() -> bool:
     the first call; a failure is handled as in :func:`fake_quantize_activation`)."""
     if not fused_enabled("cpu"):
         return False
+    if cpu_kernels.built():
+        return True
     try:
         cpu_kernels.library()
     except Exception as e:

@@ -200,7 +200,7 @@ class PACT2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             observer = self.observer
-            observer(x)
+            observer.forward(x)  # an internal module: no hooks to run
             if observer.float_while_observing:  # calibration: the observer raises on NaN / Inf itself
                 return self.float_forward(x)
             if x.device.type == "cpu" and bool(observer.nonfinite_batches):  # free on CPU; elsewhere counted
