@@ -75,6 +75,11 @@ def add_counts(counts: torch.Tensor, sample: torch.Tensor, r: float) -> None:
         counts.index_add_(0, bin_index(sample, r, bins), one.expand(n))
 
 
+def _c_cap(cap: float | None) -> float:
+    """A cap as the C loops take it: in float32 (as ``clamp`` applies it to a float32 tensor), +inf for none."""
+    return math.inf if cap is None else float(np.float32(cap))
+
+
 class Histogram(nn.Module):
     """Counts of the values seen, on ``bins`` equal bins over ``[-2^k, 2^k]`` (state is not saved in the state dict).
 
@@ -167,35 +172,62 @@ class Histogram(nn.Module):
         if not on_c:
             flat = flat.detach().reshape(-1)
         rows, length, stride, _ = sample_geometry(flat.numel(), self.sample_size, 0.0)
-        counted = running_set = False
-        if on_c:  # the extremes and the counts by C loops: the same values as below
-            if cap is not None:  # the cap in float32, as clamp applies it to a float32 tensor
-                cap = float(np.float32(cap))
-            c_cap = math.inf if cap is None else cap
-            if self.exact_extremes:
-                lo_f, hi_f = cpu_kernels.minmax(flat)
-                if cap is not None:
-                    lo_f, hi_f = min(lo_f, cap), min(hi_f, cap)  # NaN stays NaN (the first argument)
-            else:  # one call: the sample's extremes (into min_val / max_val after the first batch), and its
-                # counts when the span already holds them
-                first = self.exponent is None
-                counted, lo_f, hi_f = cpu_kernels.hist_sample(
-                    flat,
-                    rows,
-                    length,
-                    stride,
-                    c_cap,
-                    0.0 if first else self.span,
-                    self.counts,
-                    None if first else (self.min_val, self.max_val),
-                )
-                running_set = not first
+        c_cap = _c_cap(cap)
+        if on_c and not self.exact_extremes:
+            self._add_sample(flat, rows, length, stride, c_cap)
+        elif on_c:  # the exact extremes by a C pass, then the sample's counts
+            lo_f, hi_f = cpu_kernels.minmax(flat)
+            self._take_extremes(min(lo_f, c_cap), min(hi_f, c_cap), flat.device)  # NaN stays NaN
+            cpu_kernels.hist_add(flat, rows, length, stride, c_cap, self.span, self.counts)
         else:
             sample = block_sample(flat, self.sample_size).float()
             lo, hi = torch.aminmax(flat if self.exact_extremes else sample)
             if cap is not None:  # the extremes and the sample of min(x, cap), without a pass to clamp x
                 lo, hi = lo.clamp(max=cap), hi.clamp(max=cap)
-            lo_f, hi_f = torch.stack([lo, hi]).tolist()  # the one host sync per batch
+                sample = sample.clamp(max=cap)
+            self._take_extremes(*torch.stack([lo, hi]).tolist(), flat.device)  # the one host sync per batch
+            add_counts(self.counts, sample, self.span)
+        return x
+
+    def clamp_through(
+        self, x: torch.Tensor, cap: float | None, clamp_max: float | None, inplace: bool
+    ) -> torch.Tensor | None:
+        """``clamp(x, 0, clamp_max)`` (a ReLU when ``clamp_max`` is None; into ``x`` when ``inplace``) with ``x``
+        counted in as :meth:`forward` counts it (the same sample, before the clamp), in one C pass over ``x``
+        that copies the sampled runs as it goes: the counting then reads a compact sample instead of runs
+        spread over the whole tensor. ``None`` (nothing done) where that pass does not apply: the caller
+        counts and clamps separately."""
+        if self.exact_extremes or not x.is_contiguous() or x.numel() == 0 or not on_c_path(x):
+            return None
+        rows, length, stride, _ = sample_geometry(x.numel(), self.sample_size, 0.0)
+        out = x if inplace else torch.empty_like(x)
+        sample = cpu_kernels.act_sample(x, out, True, _c_cap(clamp_max), rows, length, stride)
+        self._add_sample(sample, rows, length, length, _c_cap(cap))
+        return out
+
+    def _add_sample(self, flat: torch.Tensor, rows: int, length: int, stride: int, c_cap: float) -> None:
+        """Count the runs ``flat[r·stride + i]`` by C loops (one call: their extremes, and their counts when the
+        span already holds them; the running extremes after the first batch)."""
+        first = self.exponent is None
+        counted, lo_f, hi_f = cpu_kernels.hist_sample(
+            flat,
+            rows,
+            length,
+            stride,
+            c_cap,
+            0.0 if first else self.span,
+            self.counts,
+            None if first else (self.min_val, self.max_val),
+        )
+        self._take_extremes(lo_f, hi_f, flat.device, running_set=not first)
+        if not counted:
+            cpu_kernels.hist_add(flat, rows, length, stride, c_cap, self.span, self.counts)
+
+    def _take_extremes(
+        self, lo_f: float, hi_f: float, device: torch.device, running_set: bool = False
+    ) -> None:
+        """Check a batch's extremes, grow the span to hold them (the first batch sets it) and fold them into
+        ``min_val``/``max_val`` (already done when ``running_set``)."""
         amax = max(-lo_f, hi_f)
         if not math.isfinite(amax):
             raise FloatingPointError(
@@ -205,23 +237,15 @@ class Histogram(nn.Module):
         k = math.ceil(math.log2(max(amax, MIN_RANGE)))
         if self.exponent is None:
             self.exponent = k
-            self.counts = torch.zeros(self.bins, dtype=torch.float64, device=flat.device)
-            self.min_val = torch.tensor(lo_f, dtype=torch.float32, device=flat.device)
-            self.max_val = torch.tensor(hi_f, dtype=torch.float32, device=flat.device)
-        else:
-            while self.exponent < k:
-                self._double()
-            if not running_set:
-                self.min_val.clamp_(max=lo_f)  # min(min_val, lo): neither is NaN
-                self.max_val.clamp_(min=hi_f)
-        if on_c:
-            if not counted:
-                cpu_kernels.hist_add(flat, rows, length, stride, c_cap, self.span, self.counts)
-            return x
-        if cap is not None:
-            sample = sample.clamp(max=cap)
-        add_counts(self.counts, sample, self.span)
-        return x
+            self.counts = torch.zeros(self.bins, dtype=torch.float64, device=device)
+            self.min_val = torch.tensor(lo_f, dtype=torch.float32, device=device)
+            self.max_val = torch.tensor(hi_f, dtype=torch.float32, device=device)
+            return
+        while self.exponent < k:
+            self._double()
+        if not running_set:
+            self.min_val.clamp_(max=lo_f)  # min(min_val, lo): neither is NaN
+            self.max_val.clamp_(min=hi_f)
 
     def extra_repr(self) -> str:
         return f"bins={self.bins}, max_bins={self.max_bins}, sample_size={self.sample_size}" + (

@@ -70,6 +70,10 @@ class HistogramObserver(RangeObserver):
         self.histogram.forward(x, self.cap)  # an internal module: no hooks to run
         return x
 
+    def observe_clamped(self, x: torch.Tensor, clamp_max: float | None, inplace: bool) -> torch.Tensor | None:
+        """Count ``x`` in and return the clamp in one pass over ``x`` (:meth:`Histogram.clamp_through`)."""
+        return self.histogram.clamp_through(x, self.cap, clamp_max, inplace)
+
     def data_is_signed(self) -> bool:
         """More than ``tail`` of the values counted are below zero."""
         h = self.histogram.counts

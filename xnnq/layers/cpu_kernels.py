@@ -38,6 +38,7 @@ import torch
 SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <math.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -276,6 +277,36 @@ int xnnq_add_row_sum(const float *restrict x, int64_t rows, int64_t cols, int64_
     return 0;
 }
 
+/* Calibration's one pass over a quantizer's input x[0..n): the sampled runs x[r*stride + i] (r < srows,
+   i < slen) copied into sample[r*slen + i] (as read, before the activation), and out[f] = the float op:
+   min(max(x, 0), cap) when act (torch's relu / clamp: NaN and -0.0 kept), else x (out may be x: in place).
+   Threads take ranges of whole sample strides, so a run never straddles two threads. */
+static void act_sample_range(const float *x, float *out, int64_t f0, int64_t f1, int act, float cap,
+                             int64_t srows, int64_t slen, int64_t stride, float *sample) {
+    for (int64_t r = f0 / stride; r < srows && r * stride < f1; r++) {
+        int64_t a = r * stride > f0 ? r * stride : f0, z = r * stride + slen < f1 ? r * stride + slen : f1;
+        for (int64_t f = a; f < z; f++) sample[r * slen + (f - r * stride)] = x[f];
+    }
+    if (act) {
+        for (int64_t f = f0; f < f1; f++) {
+            float v = x[f] < 0.0f ? 0.0f : x[f];
+            out[f] = v > cap ? cap : v;
+        }
+    } else if (out != x) {
+        memcpy(out + f0, x + f0, (size_t)(f1 - f0) * sizeof(float));
+    }
+}
+
+void xnnq_act_sample(const float *x, float *out, int64_t n, int act, float cap, int64_t srows, int64_t slen,
+                     int64_t stride, float *sample, int threads) {
+    int64_t strides = (n + stride - 1) / stride, chunk = 4096 / stride + 1;  /* >= 4096 elements a chunk */
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (n > PARALLEL_MIN)")
+    for (int64_t c = 0; c < strides; c += chunk) {
+        int64_t f0 = c * stride, f1 = (c + chunk) * stride < n ? (c + chunk) * stride : n;
+        act_sample_range(x, out, f0, f1, act, cap, srows, slen, stride, sample);
+    }
+}
+
 /* in place: grad[i] = mask[i] ? grad[i] : +0.0 */
 void xnnq_fq_backward_inplace(uint32_t *restrict grad, const uint8_t *restrict mask, int64_t n, int threads) {
     FQ_LOOP({ grad[i] &= 0u - (uint32_t)mask[i]; })
@@ -511,6 +542,8 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_hist_add.restype = None
     handle.xnnq_hist_sample.argtypes = [p, i64, i64, i64, f32, f32, f32, i64, p, p, p, p, i32]
     handle.xnnq_hist_sample.restype = i32
+    handle.xnnq_act_sample.argtypes = [p, p, i64, i32, f32, i64, i64, i64, p, i32]
+    handle.xnnq_act_sample.restype = None
     handle.xnnq_add_row_sum.argtypes = [p, i64, i64, i64, p, p, i32]
     handle.xnnq_add_row_sum.restype = i32
     handle.xnnq_fq_backward_inplace.argtypes = [p, p, i64, i32]
@@ -695,6 +728,29 @@ def hist_sample(
     if ext[2]:
         return False, math.nan, math.nan
     return bool(counted), ext[0], ext[1]
+
+
+def act_sample(
+    x: torch.Tensor, out: torch.Tensor, act: bool, cap: float, rows: int, length: int, stride: int
+) -> torch.Tensor:
+    """One pass over the contiguous float32 CPU ``x``: returns the sample ``x[r·stride + i]`` (``r < rows``,
+    ``i < length``; as read, before the activation) as a contiguous ``(rows · length,)`` tensor, and writes
+    into ``out`` (contiguous, ``x``'s size; may be ``x`` itself) ``clamp(x, 0, cap)`` when ``act`` (``cap``
+    +inf for a ReLU; torch's values bit for bit, NaN and -0.0 kept), else ``x``."""
+    sample = torch.empty(rows * length)
+    library().xnnq_act_sample(
+        x.data_ptr(),
+        out.data_ptr(),
+        x.numel(),
+        int(act),
+        cap,
+        rows,
+        length,
+        stride,
+        sample.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return sample
 
 
 # torch's vector width of float32 in its sum kernel, by CPU capability, where its sum order is the one

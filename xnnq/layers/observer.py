@@ -24,6 +24,7 @@ class RangeObserver(nn.Module):
 
     * ``float_while_observing``: the quantizer passes its input through in float while observing, and the
       range exists only after :meth:`settle`;
+    * :meth:`observe_clamped`: observe and apply the quantizer's ReLU / clamp in one pass (calibration);
     * :meth:`observed_signed`: whether the data has negative values, once it is known;
     * :meth:`settle`: choose the range from everything observed (called once after the last batch).
     """
@@ -42,6 +43,12 @@ class RangeObserver(nn.Module):
         """Make the range ``[-r, r]`` (``signed``) or ``[0, r]``."""
         self.max_val.fill_(float(r))
         self.min_val.fill_(-float(r) if signed else 0.0)
+
+    def observe_clamped(self, x: torch.Tensor, clamp_max: float | None, inplace: bool) -> torch.Tensor | None:
+        """For a ``float_while_observing`` observer: observe ``x`` and return ``clamp(x, 0, clamp_max)`` (a ReLU
+        when ``clamp_max`` is None; into ``x`` when ``inplace``) in one go, or ``None`` when it cannot (the
+        quantizer then calls :meth:`forward` and clamps itself)."""
+        return None
 
     def observed_signed(self) -> bool | None:
         """Signedness of the data seen so far; ``None`` while undecided."""

@@ -200,9 +200,16 @@ class PACT2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             observer = self.observer
-            observer.forward(x)  # an internal module: no hooks to run
             if observer.float_while_observing:  # calibration: the observer raises on NaN / Inf itself
+                if (
+                    self.signed is False and not x.requires_grad
+                ):  # the float op is a clamp: one pass may do both
+                    out = observer.observe_clamped(x, self.cap, self.inplace)
+                    if out is not None:
+                        return out
+                observer.forward(x)  # an internal module: no hooks to run
                 return self.float_forward(x)
+            observer.forward(x)
             if x.device.type == "cpu" and bool(observer.nonfinite_batches):  # free on CPU; elsewhere counted
                 observer.nonfinite_batches.zero_()
                 raise FloatingPointError(
