@@ -495,3 +495,73 @@ def test_calibration_folds_each_layer_once_and_again_after_an_in_place_change():
             assert not torch.equal(after, before)
             assert torch.equal(after, fresh())
             before = after
+
+
+# ------------------------------------------------------------------ bias correction: shared input means
+class TwoHeads(nn.Module):
+    """A stem whose ReLU output two conv heads read (as a detector's box and class heads), the second head
+    reading a copy when ``copy`` (so it has an input of its own), and the stem's output also returned."""
+
+    def __init__(self, copy: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.box = nn.Conv2d(8, 4, 3, padding=1)
+        self.cls = nn.Conv2d(8, 5, 1)
+        self.copy = copy
+
+    def forward(self, x):
+        f = self.relu(self.stem(x))
+        return self.box(f), self.cls(f.clone() if self.copy else f), f
+
+
+def test_layers_reading_one_tensor_share_its_mean_and_correct_as_with_their_own():
+    """Two heads reading the stem's output share one input mean (the tensor summed once per batch, counted once
+    per image); the bias corrections are bit for bit those of the same heads each reading a copy (means of
+    their own); the same input tensor fed twice is counted twice."""
+    torch.manual_seed(0)
+    shared_model, own_model = TwoHeads(), TwoHeads(copy=True)
+    own_model.load_state_dict(shared_model.state_dict())
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(4, 3, 16, 16, generator=g) for _ in range(3)] + [None]
+    batches[3] = batches[2]  # the same tensor again: a new batch, counted again
+    states = []
+    for model in (shared_model, own_model):
+        q = QuantCalibrateModule(model.eval(), batches[0][:1])
+        box, cls = q.input_means["box"], q.input_means["cls"]
+        assert (box is cls) is (model is shared_model)
+        with torch.no_grad():
+            for b in batches:
+                q(b)
+        assert int(box.count) == int(cls.count) == 16
+        q.eval()
+        states.append(q.state_dict())
+    for k in ("module.box.bias_correction", "module.cls.bias_correction"):
+        assert states[0][k].abs().sum() > 0
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_a_tensor_changed_between_two_layers_that_share_its_mean_is_an_error():
+    """Nothing in the graph can change the shared tensor between its readers; a forward hook that does (in place)
+    gets a clear error rather than one mean for two different inputs."""
+    q = QuantCalibrateModule(TwoHeads().eval(), torch.zeros(1, 3, 16, 16))
+    q.module.get_submodule("box").register_forward_hook(lambda m, a, out: a[0].mul_(1.0))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="changed in place between two layers"):
+        q(torch.randn(2, 3, 16, 16))
+
+
+def test_layers_reading_a_tensor_that_a_reader_may_change_keep_their_own_means():
+    """A reader that works in place (here a ReLU(inplace=True) after the shared tensor) could change it between
+    the layers reading it: each layer keeps an input mean of its own."""
+
+    class InplaceReader(TwoHeads):
+        def __init__(self):
+            super().__init__()
+            self.after = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            f = self.stem(x)
+            return self.box(f), self.cls(f), self.after(f)
+
+    q = QuantCalibrateModule(InplaceReader().eval(), torch.zeros(1, 3, 16, 16))
+    assert q.input_means["box"] is not q.input_means["cls"]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
+from ..layers import PACT2, QuantConv2d, QuantLinear
+from ..layers.blocks import AddBlock, CatBlock, MultBlock
 from ..quantize.config import QuantConfig
 from ..quantize.wrapper import QuantBaseModule
 from .bias_correction import InputMean, weight_error_mean
@@ -16,6 +20,32 @@ from .observer import HistogramRanges
 from .weight_clip import mse_weight_shift
 
 WEIGHT_CLIPPING = (None, "mse")
+# modules that read their inputs and change none of them (an AddBlock writes into its first input only when
+# that input has no other reader: never one that a layer also reads)
+_READERS = (
+    QuantConv2d,
+    QuantLinear,
+    AddBlock,
+    CatBlock,
+    MultBlock,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+)
+
+
+def _read_only_users(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Every user of ``node`` is the graph's output or a module that only reads it (a quantizer that works out
+    of place among them): nothing can change the tensor while the layers reading it run."""
+    for user in node.users:
+        if user.op == "output":
+            continue
+        if user.op != "call_module":
+            return False
+        mod = gm.get_submodule(user.target)
+        if not (isinstance(mod, _READERS) or (isinstance(mod, PACT2) and not mod.inplace)):
+            return False
+    return True
 
 
 class QuantCalibrateModule(QuantBaseModule):
@@ -97,15 +127,39 @@ class QuantCalibrateModule(QuantBaseModule):
         self.use_bias_correction, self.weight_clipping = bias_correction, weight_clipping
         self.bn_frozen = True
         self.input_means = nn.ModuleDict()
-        for spot in self.plan.weights if bias_correction else ():
-            layer = self.module.get_submodule(spot.name)
-            if getattr(layer, "bias", None) is None and spot.bn is None:
-                continue  # no bias after folding: nothing to correct
-            rec = InputMean()
-            self.input_means[spot.name.replace(".", "/")] = rec
-            layer.register_forward_pre_hook(rec.hook)
+        if bias_correction:
+            self._add_input_means()
         self._weight_quant_saved: dict[str, bool] | None = None
         self.train()  # calibrating from construction, whatever mode the float model was in
+
+    def _add_input_means(self) -> None:
+        """An :class:`InputMean` for each layer whose bias is corrected; layers reading the same tensor share one
+        (the tensor is summed once per batch) when nothing can change that tensor between them: every reader
+        is a module that only reads its inputs."""
+        gm = self.module
+        calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        node_of = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+        shared: dict[fx.Node, InputMean] = {}
+        for spot in self.plan.weights:
+            layer = gm.get_submodule(spot.name)
+            if getattr(layer, "bias", None) is None and spot.bn is None:
+                continue  # no bias after folding: nothing to correct
+            node = node_of.get(spot.name)
+            src = node.args[0] if node is not None and node.args else None
+            share = calls[spot.name] == 1 and isinstance(src, fx.Node) and _read_only_users(gm, src)
+            rec = shared.get(src) if share else None
+            if rec is None:
+                rec = InputMean()
+                if share:
+                    shared[src] = rec
+            self.input_means[spot.name.replace(".", "/")] = rec
+            layer.register_forward_pre_hook(rec.hook)
+        if self.input_means:
+            gm.register_forward_pre_hook(self._new_batch)
+
+    def _new_batch(self, module: nn.Module, args: tuple) -> None:
+        for rec in self.input_means.values():
+            rec.new_batch()
 
     # ------------------------------------------------------------------------------------ modes
     def _layers(self):
@@ -149,7 +203,8 @@ class QuantCalibrateModule(QuantBaseModule):
         Quantizers that saw no data are left unobserved (their forward raises a clear error). Without any
         calibration data (e.g. a calibrated state dict was loaded instead) weights and biases are left as they are.
         """
-        means = {key: rec.mean() for key, rec in self.input_means.items()} if self.use_bias_correction else {}
+        mean_of = {id(rec): rec.mean() for rec in self.input_means.values()}  # once per shared mean
+        means = {key: mean_of[id(rec)] for key, rec in self.input_means.items()}
         for key, mean in means.items():  # before anything is changed: the module stays calibrating
             if mean is not None and not bool(torch.isfinite(mean).all()):
                 raise FloatingPointError(

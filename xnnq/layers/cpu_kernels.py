@@ -202,6 +202,46 @@ int xnnq_hist_sample(const float *x, int64_t rows, int64_t len, int64_t stride, 
     return 1;
 }
 
+/* Calibration's pass over a quantizer's input x: the sampled runs x[r*stride + i] (r < srows, i < slen) copied
+   into sample[r*slen + i] (as read, before the activation), and out = the float op: min(max(x, 0), cap) when
+   act (torch's relu / clamp: NaN and -0.0 kept), else x (out may be x: in place). */
+typedef struct {
+    const float *x;
+    float *out;
+    int act;
+    float cap;
+    int64_t srows, slen, stride;
+    float *sample;
+} act_pass;
+
+/* the act_pass over the elements [f0, f1): the parts of sampled runs in it copied first, then the op written */
+static void act_sample_range(const act_pass *a, int64_t f0, int64_t f1) {
+    const float *x = a->x;
+    float *out = a->out;
+    const int64_t stride = a->stride, slen = a->slen;
+    const float cap = a->cap;
+    for (int64_t r = f0 / stride; r < a->srows && r * stride < f1; r++) {
+        int64_t b = r * stride > f0 ? r * stride : f0, z = r * stride + slen < f1 ? r * stride + slen : f1;
+        for (int64_t f = b; f < z; f++) a->sample[r * slen + (f - r * stride)] = x[f];
+    }
+    if (a->act && out == x) { /* one pointer: no overlap check for the compiler to fail on */
+        float *restrict y = out;
+        for (int64_t f = f0; f < f1; f++) {
+            float v = y[f] < 0.0f ? 0.0f : y[f];
+            y[f] = v > cap ? cap : v;
+        }
+    } else if (a->act) {
+        const float *restrict xr = x;
+        float *restrict y = out;
+        for (int64_t f = f0; f < f1; f++) {
+            float v = xr[f] < 0.0f ? 0.0f : xr[f];
+            y[f] = v > cap ? cap : v;
+        }
+    } else if (out != x) {
+        memcpy(out + f0, x + f0, (size_t)(f1 - f0) * sizeof(float));
+    }
+}
+
 /* ATen's cascade sums (SumKernel.cpp multi_row_sum) of m contiguous columns starting at p, down `rows` rows
    row_stride apart: chunks of 2^level_power rows summed in turn into a cascade of four accumulators per
    column (acc: 4 m floats of workspace); the sum of column k is left in acc[k]. Row by row, so each row's m
@@ -240,7 +280,7 @@ static void cascade_sums(const float *p, int64_t row_stride, int64_t rows, int64
    cascade per column for the columns its blocks of four vectors cover (all but the last cols % (4 vec)), and
    for those last ones ATen's row_sum: the column read as (rows / 4, 4), four cascades over its rows
    i = k (mod 4), the rows left over added to the first, then the four summed. *count += rows when given.
-   Returns 0, or -1 when the workspace could not be allocated (nothing is changed then). */
+   Returns 0, or -1 when the workspace could not be allocated (nothing is done then). */
 int xnnq_add_row_sum(const float *restrict x, int64_t rows, int64_t cols, int64_t vec, double *restrict total,
                      int64_t *count, int threads) {
     int64_t vcols = cols - cols % (4 * vec);
@@ -277,34 +317,14 @@ int xnnq_add_row_sum(const float *restrict x, int64_t rows, int64_t cols, int64_
     return 0;
 }
 
-/* Calibration's one pass over a quantizer's input x[0..n): the sampled runs x[r*stride + i] (r < srows,
-   i < slen) copied into sample[r*slen + i] (as read, before the activation), and out[f] = the float op:
-   min(max(x, 0), cap) when act (torch's relu / clamp: NaN and -0.0 kept), else x (out may be x: in place).
-   Threads take ranges of whole sample strides, so a run never straddles two threads. */
-static void act_sample_range(const float *x, float *out, int64_t f0, int64_t f1, int act, float cap,
-                             int64_t srows, int64_t slen, int64_t stride, float *sample) {
-    for (int64_t r = f0 / stride; r < srows && r * stride < f1; r++) {
-        int64_t a = r * stride > f0 ? r * stride : f0, z = r * stride + slen < f1 ? r * stride + slen : f1;
-        for (int64_t f = a; f < z; f++) sample[r * slen + (f - r * stride)] = x[f];
-    }
-    if (act) {
-        for (int64_t f = f0; f < f1; f++) {
-            float v = x[f] < 0.0f ? 0.0f : x[f];
-            out[f] = v > cap ? cap : v;
-        }
-    } else if (out != x) {
-        memcpy(out + f0, x + f0, (size_t)(f1 - f0) * sizeof(float));
-    }
-}
-
+/* The act_pass over all of x[0..n): threads take ranges of whole sample strides. */
 void xnnq_act_sample(const float *x, float *out, int64_t n, int act, float cap, int64_t srows, int64_t slen,
                      int64_t stride, float *sample, int threads) {
-    int64_t strides = (n + stride - 1) / stride, chunk = 4096 / stride + 1;  /* >= 4096 elements a chunk */
+    act_pass a = {x, out, act, cap, srows, slen, stride, sample};
+    int64_t strides = (n + stride - 1) / stride, chunk = 4096 / stride + 1; /* >= 4096 elements a chunk */
     _Pragma("omp parallel for schedule(static) num_threads(threads) if (n > PARALLEL_MIN)")
-    for (int64_t c = 0; c < strides; c += chunk) {
-        int64_t f0 = c * stride, f1 = (c + chunk) * stride < n ? (c + chunk) * stride : n;
-        act_sample_range(x, out, f0, f1, act, cap, srows, slen, stride, sample);
-    }
+    for (int64_t c = 0; c < strides; c += chunk)
+        act_sample_range(&a, c * stride, (c + chunk) * stride < n ? (c + chunk) * stride : n);
 }
 
 /* in place: grad[i] = mask[i] ? grad[i] : +0.0 */

@@ -24,7 +24,7 @@ class RangeObserver(nn.Module):
 
     * ``float_while_observing``: the quantizer passes its input through in float while observing, and the
       range exists only after :meth:`settle`;
-    * :meth:`observe_clamped`: observe and apply the quantizer's ReLU / clamp in one pass (calibration);
+    * :meth:`observe_float`: observe and apply the quantizer's float op in one pass (calibration);
     * :meth:`observed_signed`: whether the data has negative values, once it is known;
     * :meth:`settle`: choose the range from everything observed (called once after the last batch).
     """
@@ -44,10 +44,13 @@ class RangeObserver(nn.Module):
         self.max_val.fill_(float(r))
         self.min_val.fill_(-float(r) if signed else 0.0)
 
-    def observe_clamped(self, x: torch.Tensor, clamp_max: float | None, inplace: bool) -> torch.Tensor | None:
-        """For a ``float_while_observing`` observer: observe ``x`` and return ``clamp(x, 0, clamp_max)`` (a ReLU
-        when ``clamp_max`` is None; into ``x`` when ``inplace``) in one go, or ``None`` when it cannot (the
-        quantizer then calls :meth:`forward` and clamps itself)."""
+    def observe_float(
+        self, x: torch.Tensor, clamp: bool, clamp_max: float | None, inplace: bool
+    ) -> torch.Tensor | None:
+        """For a ``float_while_observing`` observer: observe ``x`` and return the quantizer's float op in one go —
+        ``clamp(x, 0, clamp_max)`` when ``clamp`` (a ReLU when ``clamp_max`` is None; into ``x`` when
+        ``inplace``), else ``x`` —, or ``None`` when it does not (the quantizer then calls :meth:`forward`, applies
+        its op)."""
         return None
 
     def observed_signed(self) -> bool | None:

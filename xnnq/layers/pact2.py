@@ -201,14 +201,13 @@ class PACT2(nn.Module):
         if self.observing:
             observer = self.observer
             if observer.float_while_observing:  # calibration: the observer raises on NaN / Inf itself
-                if (
-                    self.signed is False and not x.requires_grad
-                ):  # the float op is a clamp: one pass may do both
-                    out = observer.observe_clamped(x, self.cap, self.inplace)
-                    if out is not None:
-                        return out
-                observer.forward(x)  # an internal module: no hooks to run
-                return self.float_forward(x)
+                out = None
+                if not x.requires_grad:  # observed and passed through in one go where the observer can
+                    out = observer.observe_float(x, self.signed is False, self.cap, self.inplace)
+                if out is None:  # observed, then the float op
+                    observer.forward(x)  # an internal module: no hooks to run
+                    out = self.float_forward(x)
+                return out
             observer.forward(x)
             if x.device.type == "cpu" and bool(observer.nonfinite_batches):  # free on CPU; elsewhere counted
                 observer.nonfinite_batches.zero_()
