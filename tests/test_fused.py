@@ -643,44 +643,6 @@ def test_adds_write_into_their_first_operand_without_autograd_unless_a_hook_coul
     assert torch.equal(*kept[0])
 
 
-@pytest.mark.parametrize("inplace", [False, True])
-@pytest.mark.parametrize("clamp_max", [None, 6.0])
-@pytest.mark.parametrize("sample_size", [0, 1 << 12, 1 << 16])
-def test_the_one_pass_clamp_counts_and_clamps_as_two_passes(inplace, clamp_max, sample_size):
-    """Calibration's ReLU / ReLU6 quantizers: one C pass that copies the sampled runs and writes the clamp gives
-    the histogram of counting first and clamping after (counts, span, extremes) and torch's clamp bit for bit
-    (-0.0 kept), in place or not, on 1-3 threads, for tensors smaller and far larger than the sample."""
-    from xnnq.calibrate import Histogram
-
-    g = torch.Generator().manual_seed(sample_size + inplace)
-    batches = [
-        torch.randn(4, 8, 16, 16, generator=g) * 0.3,
-        torch.randint(-64, 65, (3, 5, 7, 11), generator=g).float() / 16,
-        torch.randn(16, 24, 28, 28, generator=g) * 5,
-        torch.randn(1000, generator=g) * 300,
-        torch.tensor([-0.0, 0.0, -3.0, 5.0, 7.5, 6.0, -1e-30, 1e30] * 3),
-    ]
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            ref, one = (Histogram(bins=2048, max_bins=4096, sample_size=sample_size) for _ in range(2))
-            for b in batches:
-                ref(b, clamp_max)
-                expected = b.clamp(min=0.0, max=clamp_max) if clamp_max else torch.relu(b)
-                x = b.clone()
-                out = one.clamp_through(x, clamp_max, clamp_max, inplace)
-                assert (out is x) == inplace and (inplace or torch.equal(x, b))
-                assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
-            assert ref.exponent == one.exponent
-            for a, c in ((ref.counts, one.counts), (ref.min_val, one.min_val), (ref.max_val, one.max_val)):
-                assert torch.equal(a, c)
-    finally:
-        torch.set_num_threads(before)
-    h = Histogram(sample_size=sample_size)
-    assert h.clamp_through(torch.randn(4, 6).t(), None, None, inplace) is None  # not contiguous: two passes
-
-
 def test_calibration_is_bit_identical_with_the_c_kernels(fused_mode):
     """QuantCalibrateModule on a torchvision MobileNetV2 (ReLU6 caps, residual adds, depthwise layers): the
     histograms and the bias-correction sums on the C path give the torch path's calibrated state dict, bit for

@@ -189,22 +189,6 @@ class Histogram(nn.Module):
             add_counts(self.counts, sample, self.span)
         return x
 
-    def clamp_through(
-        self, x: torch.Tensor, cap: float | None, clamp_max: float | None, inplace: bool
-    ) -> torch.Tensor | None:
-        """``clamp(x, 0, clamp_max)`` (a ReLU when ``clamp_max`` is None; into ``x`` when ``inplace``) with ``x``
-        counted in as :meth:`forward` counts it (the same sample, before the clamp), in one C pass over ``x``
-        that copies the sampled runs as it goes: the counting then reads a compact sample instead of runs
-        spread over the whole tensor. ``None`` (nothing done) where that pass does not apply: the caller
-        counts and clamps separately."""
-        if self.exact_extremes or not x.is_contiguous() or x.numel() == 0 or not on_c_path(x):
-            return None
-        rows, length, stride, _ = sample_geometry(x.numel(), self.sample_size, 0.0)
-        out = x if inplace else torch.empty_like(x)
-        sample = cpu_kernels.act_sample(x, out, True, _c_cap(clamp_max), rows, length, stride)
-        self._add_sample(sample, rows, length, length, _c_cap(cap))
-        return out
-
     def _add_sample(self, flat: torch.Tensor, rows: int, length: int, stride: int, c_cap: float) -> None:
         """Count the runs ``flat[r·stride + i]`` by C loops (one call: their extremes, and their counts when the
         span already holds them; the running extremes after the first batch)."""

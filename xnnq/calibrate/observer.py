@@ -70,14 +70,6 @@ class HistogramObserver(RangeObserver):
         self.histogram.forward(x, self.cap)  # an internal module: no hooks to run
         return x
 
-    def observe_float(
-        self, x: torch.Tensor, clamp: bool, clamp_max: float | None, inplace: bool
-    ) -> torch.Tensor | None:
-        """A ReLU / ReLU6 quantizer's input counted in and clamped in one C pass (:meth:`Histogram.clamp_through`);
-        ``None`` without a clamp (the sampled runs alone are read faster than a pass over the whole tensor) or
-        where the pass does not apply."""
-        return self.histogram.clamp_through(x, self.cap, clamp_max, inplace) if clamp else None
-
     def data_is_signed(self) -> bool:
         """More than ``tail`` of the values counted are below zero."""
         h = self.histogram.counts

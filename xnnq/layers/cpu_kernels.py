@@ -38,7 +38,6 @@ import torch
 SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <math.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -202,46 +201,6 @@ int xnnq_hist_sample(const float *x, int64_t rows, int64_t len, int64_t stride, 
     return 1;
 }
 
-/* Calibration's pass over a quantizer's input x: the sampled runs x[r*stride + i] (r < srows, i < slen) copied
-   into sample[r*slen + i] (as read, before the activation), and out = the float op: min(max(x, 0), cap) when
-   act (torch's relu / clamp: NaN and -0.0 kept), else x (out may be x: in place). */
-typedef struct {
-    const float *x;
-    float *out;
-    int act;
-    float cap;
-    int64_t srows, slen, stride;
-    float *sample;
-} act_pass;
-
-/* the act_pass over the elements [f0, f1): the parts of sampled runs in it copied first, then the op written */
-static void act_sample_range(const act_pass *a, int64_t f0, int64_t f1) {
-    const float *x = a->x;
-    float *out = a->out;
-    const int64_t stride = a->stride, slen = a->slen;
-    const float cap = a->cap;
-    for (int64_t r = f0 / stride; r < a->srows && r * stride < f1; r++) {
-        int64_t b = r * stride > f0 ? r * stride : f0, z = r * stride + slen < f1 ? r * stride + slen : f1;
-        for (int64_t f = b; f < z; f++) a->sample[r * slen + (f - r * stride)] = x[f];
-    }
-    if (a->act && out == x) { /* one pointer: no overlap check for the compiler to fail on */
-        float *restrict y = out;
-        for (int64_t f = f0; f < f1; f++) {
-            float v = y[f] < 0.0f ? 0.0f : y[f];
-            y[f] = v > cap ? cap : v;
-        }
-    } else if (a->act) {
-        const float *restrict xr = x;
-        float *restrict y = out;
-        for (int64_t f = f0; f < f1; f++) {
-            float v = xr[f] < 0.0f ? 0.0f : xr[f];
-            y[f] = v > cap ? cap : v;
-        }
-    } else if (out != x) {
-        memcpy(out + f0, x + f0, (size_t)(f1 - f0) * sizeof(float));
-    }
-}
-
 /* ATen's cascade sums (SumKernel.cpp multi_row_sum) of m contiguous columns starting at p, down `rows` rows
    row_stride apart: chunks of 2^level_power rows summed in turn into a cascade of four accumulators per
    column (acc: 4 m floats of workspace); the sum of column k is left in acc[k]. Row by row, so each row's m
@@ -348,16 +307,6 @@ int xnnq_add_row_sum(const float *restrict x, int64_t rows, int64_t cols, int64_
         total[c] += (double)(((part[0] + part[1]) + part[2]) + part[3]);
     }
     return 0;
-}
-
-/* The act_pass over all of x[0..n): threads take ranges of whole sample strides. */
-void xnnq_act_sample(const float *x, float *out, int64_t n, int act, float cap, int64_t srows, int64_t slen,
-                     int64_t stride, float *sample, int threads) {
-    act_pass a = {x, out, act, cap, srows, slen, stride, sample};
-    int64_t strides = (n + stride - 1) / stride, chunk = 4096 / stride + 1; /* >= 4096 elements a chunk */
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if (n > PARALLEL_MIN)")
-    for (int64_t c = 0; c < strides; c += chunk)
-        act_sample_range(&a, c * stride, (c + chunk) * stride < n ? (c + chunk) * stride : n);
 }
 
 /* in place: grad[i] = mask[i] ? grad[i] : +0.0 */
@@ -595,8 +544,6 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_hist_add.restype = None
     handle.xnnq_hist_sample.argtypes = [p, i64, i64, i64, f32, f32, f32, i64, p, p, p, p, i32]
     handle.xnnq_hist_sample.restype = i32
-    handle.xnnq_act_sample.argtypes = [p, p, i64, i32, f32, i64, i64, i64, p, i32]
-    handle.xnnq_act_sample.restype = None
     handle.xnnq_add_row_sum.argtypes = [p, i64, i64, i64, p, p, i32]
     handle.xnnq_add_row_sum.restype = i32
     handle.xnnq_fq_backward_inplace.argtypes = [p, p, i64, i32]
@@ -781,29 +728,6 @@ def hist_sample(
     if ext[2]:
         return False, math.nan, math.nan
     return bool(counted), ext[0], ext[1]
-
-
-def act_sample(
-    x: torch.Tensor, out: torch.Tensor, act: bool, cap: float, rows: int, length: int, stride: int
-) -> torch.Tensor:
-    """One pass over the contiguous float32 CPU ``x``: returns the sample ``x[r·stride + i]`` (``r < rows``,
-    ``i < length``; as read, before the activation) as a contiguous ``(rows · length,)`` tensor, and writes
-    into ``out`` (contiguous, ``x``'s size; may be ``x`` itself) ``clamp(x, 0, cap)`` when ``act`` (``cap``
-    +inf for a ReLU; torch's values bit for bit, NaN and -0.0 kept), else ``x``."""
-    sample = torch.empty(rows * length)
-    library().xnnq_act_sample(
-        x.data_ptr(),
-        out.data_ptr(),
-        x.numel(),
-        int(act),
-        cap,
-        rows,
-        length,
-        stride,
-        sample.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return sample
 
 
 # torch's vector width of float32 in its sum kernel, by CPU capability, where its sum order is the one

@@ -24,7 +24,6 @@ class RangeObserver(nn.Module):
 
     * ``float_while_observing``: the quantizer passes its input through in float while observing, and the
       range exists only after :meth:`settle`;
-    * :meth:`observe_float`: observe and apply the quantizer's float op in one pass (calibration);
     * :meth:`observed_signed`: whether the data has negative values, once it is known;
     * :meth:`settle`: choose the range from everything observed (called once after the last batch).
     """
@@ -43,15 +42,6 @@ class RangeObserver(nn.Module):
         """Make the range ``[-r, r]`` (``signed``) or ``[0, r]``."""
         self.max_val.fill_(float(r))
         self.min_val.fill_(-float(r) if signed else 0.0)
-
-    def observe_float(
-        self, x: torch.Tensor, clamp: bool, clamp_max: float | None, inplace: bool
-    ) -> torch.Tensor | None:
-        """For a ``float_while_observing`` observer: observe ``x`` and return the quantizer's float op in one go —
-        ``clamp(x, 0, clamp_max)`` when ``clamp`` (a ReLU when ``clamp_max`` is None; into ``x`` when
-        ``inplace``), else ``x`` —, or ``None`` when it does not (the quantizer then calls :meth:`forward`, applies
-        its op)."""
-        return None
 
     def observed_signed(self) -> bool | None:
         """Signedness of the data seen so far; ``None`` while undecided."""

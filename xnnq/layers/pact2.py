@@ -200,15 +200,9 @@ class PACT2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             observer = self.observer
+            observer.forward(x)  # an internal module: no hooks to run
             if observer.float_while_observing:  # calibration: the observer raises on NaN / Inf itself
-                out = None
-                if not x.requires_grad:  # observed and passed through in one go where the observer can
-                    out = observer.observe_float(x, self.signed is False, self.cap, self.inplace)
-                if out is None:  # observed, then the float op
-                    observer.forward(x)  # an internal module: no hooks to run
-                    out = self.float_forward(x)
-                return out
-            observer.forward(x)
+                return self.float_forward(x)
             if x.device.type == "cpu" and bool(observer.nonfinite_batches):  # free on CPU; elsewhere counted
                 observer.nonfinite_batches.zero_()
                 raise FloatingPointError(
