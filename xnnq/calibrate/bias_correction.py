@@ -47,37 +47,25 @@ class InputMean(nn.Module):
         """Forget which tensor was counted (a new forward pass of the model)."""
         self._summed = None
 
-    def _counted(self, x: torch.Tensor) -> bool:
-        if self._summed is None or self._summed[0]() is not x:
-            return False
-        if x._version != self._summed[1]:
-            raise RuntimeError(
-                "bias correction: a layer's input was changed in place between two layers that read it (a hook?); "
-                "calibrate with bias_correction=False, or without the hook"
-            )
-        return True
-
-    def _prepare(self, x: torch.Tensor, name: str) -> None:
-        if self.total.shape != x.shape[1:]:
-            if self.total.numel():
-                raise ValueError(
-                    f"{name}: calibration inputs change shape ({tuple(self.total.shape)} -> "
-                    f"{tuple(x.shape[1:])}); bias correction needs calibration batches of one input size "
-                    "(or bias_correction=False)."
-                )
-            self.total = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
-
-    def summed(self, x: torch.Tensor) -> None:
-        """``x`` was counted in this batch: the hooks of the other layers reading it skip it."""
-        self._summed = (weakref.ref(x), x._version)
-
     def hook(self, module: nn.Module, args: tuple) -> None:
         if not self.training:
             return
         x = args[0]
-        if self._counted(x):
+        if self._summed is not None and self._summed[0]() is x:  # counted in this batch by another reader
+            if x._version != self._summed[1]:
+                raise RuntimeError(
+                    "bias correction: a layer's input was changed in place between two layers that read it "
+                    "(a hook?); calibrate with bias_correction=False, or without the hook"
+                )
             return
-        self._prepare(x, getattr(module, "name", "") or type(module).__name__)
+        if self.total.shape != x.shape[1:]:
+            if self.total.numel():
+                raise ValueError(
+                    f"{getattr(module, 'name', '') or type(module).__name__}: calibration inputs change "
+                    f"shape ({tuple(self.total.shape)} -> {tuple(x.shape[1:])}); bias correction needs "
+                    "calibration batches of one input size (or bias_correction=False)."
+                )
+            self.total = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
         # the batch summed in float32 (the input's dtype), accumulated in float64; in place (no module
         # attribute assignment per batch). On CPU one C pass does both, with torch's summation order.
         if cpu_kernels.add_row_sum_applies(x) and c_kernels_ready():
@@ -86,7 +74,7 @@ class InputMean(nn.Module):
             with torch.no_grad():
                 self.total.add_(x.detach().sum(0))
                 self.count.add_(x.shape[0])
-        self.summed(x)
+        self._summed = (weakref.ref(x), x._version)
 
     def mean(self) -> torch.Tensor | None:
         """``E[x]`` per position (float64), or ``None`` if nothing was seen; summed over ranks under torch.distributed."""

@@ -158,6 +158,8 @@ class QuantCalibrateModule(QuantBaseModule):
             gm.register_forward_pre_hook(self._new_batch)
 
     def _new_batch(self, module: nn.Module, args: tuple) -> None:
+        if not self.calibrating:  # the means count only while calibrating
+            return
         for rec in self.input_means.values():
             rec.new_batch()
 

@@ -203,52 +203,30 @@ int xnnq_hist_sample(const float *x, int64_t rows, int64_t len, int64_t stride, 
 
 /* ATen's cascade sums (SumKernel.cpp multi_row_sum) of m contiguous columns starting at p, down `rows` rows
    row_stride apart: chunks of 2^level_power rows summed in turn into a cascade of four accumulators per
-   column (acc: 4 m floats of workspace); the sum of column k is left in acc[k]. Row by row, so each row's m
-   columns are one contiguous read. */
+   column (acc: 4 m floats of workspace); the sum of column k is left in acc[k]. A chunk's sum,
+   ((0 + row i) + row i+1) + ..., is taken in registers (16 columns a vector, then the last m % 16 one by one)
+   and only then added to the second accumulator, as ATen's first accumulator (which such chunks leave at
+   zero) would pass it on; rows after the last chunk go to the first accumulator. */
+typedef float xnnq_v16 __attribute__((vector_size(64), aligned(4)));
 static void cascade_sums(const float *p, int64_t row_stride, int64_t rows, int64_t m, float *acc) {
     int64_t ceil_log2 = 0;
     while (((int64_t)1 << ceil_log2) < rows) ceil_log2++;
     const int64_t level_power = ceil_log2 / 4 > 4 ? ceil_log2 / 4 : 4;
     const int64_t level_step = (int64_t)1 << level_power, level_mask = level_step - 1;
+    const int64_t mv = m - m % 16;
     float *lv[4] = {acc, acc + m, acc + 2 * m, acc + 3 * m};
     for (int64_t k = 0; k < 4 * m; k++) acc[k] = 0.0f;
     int64_t i = 0;
     while (i + level_step <= rows) {
-        for (int64_t j = 0; j < level_step; j++, i++) {
-            const float *row = p + i * row_stride;
-            for (int64_t k = 0; k < m; k++) lv[0][k] += row[k];
-        }
-        for (int l = 1; l < 4; l++) {
-            float *lo = lv[l - 1], *hi = lv[l];
-            for (int64_t k = 0; k < m; k++) { hi[k] += lo[k]; lo[k] = 0.0f; }
-            if ((i & (level_mask << (l * level_power))) != 0) break;
-        }
-    }
-    for (; i < rows; i++) {
-        const float *row = p + i * row_stride;
-        for (int64_t k = 0; k < m; k++) lv[0][k] += row[k];
-    }
-    for (int64_t k = 0; k < m; k++) acc[k] = ((lv[0][k] + lv[1][k]) + lv[2][k]) + lv[3][k];
-}
-
-/* cascade_sums for m a multiple of 16 (a vector of 16 floats): each chunk of level_step rows is summed in
-   registers, ((0 + row i) + row i+1) + ..., as the scalar cascade sums it in its first accumulator (which
-   such chunks leave at zero), and only then added to the second; the same sums, with a sixteenth of the
-   accumulator traffic. */
-typedef float xnnq_v16 __attribute__((vector_size(64), aligned(4)));
-static void cascade_sums16(const float *p, int64_t row_stride, int64_t rows, int64_t m, float *acc) {
-    int64_t ceil_log2 = 0;
-    while (((int64_t)1 << ceil_log2) < rows) ceil_log2++;
-    const int64_t level_power = ceil_log2 / 4 > 4 ? ceil_log2 / 4 : 4;
-    const int64_t level_step = (int64_t)1 << level_power, level_mask = level_step - 1;
-    float *lv[4] = {acc, acc + m, acc + 2 * m, acc + 3 * m};
-    for (int64_t k = 0; k < 4 * m; k++) acc[k] = 0.0f;
-    int64_t i = 0;
-    while (i + level_step <= rows) {
-        for (int64_t k = 0; k < m; k += 16) {
+        for (int64_t k = 0; k < mv; k += 16) {
             xnnq_v16 s = {0};
             for (int64_t j = 0; j < level_step; j++) s += *(const xnnq_v16 *)(p + (i + j) * row_stride + k);
             *(xnnq_v16 *)(lv[1] + k) += s;
+        }
+        for (int64_t k = mv; k < m; k++) {
+            float s = 0.0f;
+            for (int64_t j = 0; j < level_step; j++) s += p[(i + j) * row_stride + k];
+            lv[1][k] += s;
         }
         i += level_step;
         for (int l = 2; l < 4; l++) {
@@ -291,7 +269,7 @@ int xnnq_add_row_sum(const float *restrict x, int64_t rows, int64_t cols, int64_
         _Pragma("omp for schedule(static)")
         for (int64_t t = 0; t < tiles; t++) {
             int64_t b = t * ROW_SUM_TILE, m = vcols - b < ROW_SUM_TILE ? vcols - b : ROW_SUM_TILE;
-            cascade_sums16(x + b, cols, rows, m, acc);
+            cascade_sums(x + b, cols, rows, m, acc);
             for (int64_t k = 0; k < m; k++) total[b + k] += (double)acc[k];
         }
     }
