@@ -8,6 +8,7 @@ trained for two steps each way.
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -498,6 +499,110 @@ def test_the_c_range_tracker_updates_its_buffers_as_the_torch_path(fused_mode, t
         assert torch.equal(
             bits(a) if a.dtype == torch.float32 else a, bits(b) if b.dtype == torch.float32 else b
         )
+
+
+def _spread_batches(seed: int, n: int = 40) -> list[torch.Tensor]:
+    """Batches whose scales spread over four decades: consecutive extremes differ by as much as the range
+    itself, where rounding the product of ``lerp`` first or not gives another float often."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(2, 4, 30, 30, generator=g) * float(10 ** (torch.rand((), generator=g) * 4 - 2))
+        for _ in range(n)
+    ]
+
+
+def _tracker_states(batches, start=None) -> list[tuple[int, ...]]:
+    """The tracker's buffers (floats as their bits) after each batch."""
+    t = xnnq.layers.RangeTracker(tail=1e-3, ema_alpha=0.07)
+    if start is not None:  # a range set before tracking (a calibrated or loaded state, no batch counted)
+        t.set_range(*start)
+    states = []
+    for b in batches:
+        t(b)
+        states.append(
+            (
+                int(t.min_val.view(torch.int32)),
+                int(t.max_val.view(torch.int32)),
+                int(t.num_batches),
+                int(t.nonfinite_batches),
+            )
+        )
+    return states
+
+
+@pytest.mark.parametrize("start", [None, (2.75, True)])
+def test_the_c_range_tracker_rounds_its_running_range_as_torchs_lerp(fused_mode, start):
+    """Forty batches (weights 1, 1/2, ... down to the EMA's: both of torch's lerp formulas) from a zero or a set
+    range: after every batch the C tracker's running range is the torch path's ``lerp_`` bit for bit, in the
+    rounding this torch build uses (:func:`~xnnq.layers.cpu_kernels.lerp_fused`; the other rounding differs
+    on these batches: checked)."""
+    from xnnq.layers import cpu_kernels
+
+    batches = _spread_batches(11)
+    fused_mode("0")
+    ref = _tracker_states(batches, start)
+    fused_mode("cpu")
+    assert _tracker_states(batches, start) == ref
+    probed = cpu_kernels.lerp_fused()
+    try:
+        cpu_kernels._probed["lerp"] = not probed
+        assert _tracker_states(batches, start) != ref
+    finally:
+        cpu_kernels._probed["lerp"] = probed
+
+
+def test_the_c_range_tracker_matches_torch_built_without_fused_multiply_adds(tmp_path):
+    """With ATen's baseline kernels (``ATEN_CPU_CAPABILITY=default``: ``lerp_`` rounds the product first) the
+    probe picks the other rounding and the C tracker is still the torch path's bit for bit."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_fused import _spread_batches, _tracker_states\n"
+        "from xnnq.layers import cpu_kernels, fused\n"
+        "bs = _spread_batches(11)\n"
+        "fused.set_fused('0')\n"
+        "ref = _tracker_states(bs)\n"
+        "fused.set_fused('cpu')\n"
+        "print(torch.backends.cpu.get_cpu_capability(), cpu_kernels.lerp_fused(), _tracker_states(bs) == ref)\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["DEFAULT", "False", "True"], proc.stdout
+
+
+def test_the_c_activation_scale_equals_the_torch_ops():
+    """``PACT2.qparams``' scale from one C call equals ``activation_scale`` of the torch ops for ranges on,
+    one ulp around and between powers of two, below ``MIN_RANGE``, zero, infinite and NaN; with and without a
+    cap; power-of-2 or not; 8 and 16 bits; signed and unsigned."""
+    from xnnq.layers import cpu_kernels
+    from xnnq.layers.fake_quant import MIN_RANGE, activation_scale, grid_levels
+
+    p2 = torch.tensor([2.0**e for e in range(-30, 20)])
+    values = torch.cat(
+        [
+            p2,
+            torch.nextafter(p2, torch.tensor(0.0)),
+            torch.nextafter(p2, torch.tensor(float("inf"))),
+            torch.rand(200, generator=torch.Generator().manual_seed(0)) * 50,
+            torch.tensor([0.0, -0.0, MIN_RANGE / 3, 6.0, 5.999, float("inf"), float("nan")]),
+        ]
+    )
+    for lo_v, hi_v in itertools.product(values[::9], values[::4]):
+        lo, hi = -lo_v.reshape(()), hi_v.reshape(())
+        for cap, power2, nbits, signed in itertools.product(
+            (None, 6.0), (True, False), (8, 16), (True, False)
+        ):
+            r = torch.maximum(-lo, hi)
+            ref = activation_scale(r if cap is None else r.clamp(max=cap), nbits, signed, power2)
+            got = cpu_kernels.act_scale(lo, hi, cap, MIN_RANGE, power2, grid_levels(nbits, signed, power2))
+            assert torch.equal(got.view(torch.int32), ref.view(torch.int32)) or (
+                got.isnan() and ref.isnan()
+            ), (lo, hi, cap, power2, nbits, signed, got, ref)
 
 
 @pytest.mark.parametrize("exact", [False, True])

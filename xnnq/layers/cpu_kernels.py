@@ -32,7 +32,6 @@ import tempfile
 import threading
 from pathlib import Path
 
-import numpy as np
 import torch
 
 SOURCE = r"""
@@ -73,10 +72,11 @@ SOURCE = r"""
         for (int64_t i = b; i < e; i++) BODY                                               \
     }
 
-/* out-of-place; mask may be NULL (no gradient wanted) */
+/* out-of-place; mask may be NULL (no gradient wanted); the scale is read from scale_p, its reciprocal taken in
+   float32 (as torch's 1 / scale) */
 void xnnq_fq_forward(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t n,
-                     float scale, float inv, float qmin, float qmax, float lo, float hi, float cap,
-                     int threads) {
+                     const float *scale_p, float qmin, float qmax, float lo, float hi, float cap, int threads) {
+    const float scale = *scale_p, inv = 1.0f / scale;
     if (mask) {
         FQ_LOOP({ FQ_ELEMENT(x[i], out[i], mask[i]) })
     } else {
@@ -85,8 +85,9 @@ void xnnq_fq_forward(const float *restrict x, float *restrict out, uint8_t *rest
 }
 
 /* in place: x is overwritten with its fake-quantized values */
-void xnnq_fq_forward_inplace(float *restrict x, uint8_t *restrict mask, int64_t n, float scale, float inv,
+void xnnq_fq_forward_inplace(float *restrict x, uint8_t *restrict mask, int64_t n, const float *scale_p,
                              float qmin, float qmax, float lo, float hi, float cap, int threads) {
+    const float scale = *scale_p, inv = 1.0f / scale;
     if (mask) {
         FQ_LOOP({ float xi = x[i]; FQ_ELEMENT(xi, x[i], mask[i]) })
     } else {
@@ -324,23 +325,45 @@ void xnnq_tail_extremes(const float *x, int64_t rows, int64_t len, int64_t strid
     out[1] = hi[k - 1];
 }
 
-/* One batch of the range tracker (xnnq/layers/range_tracker.py), as its torch ops compute it: the extremes,
-   finite = isfinite(lo + hi) (float32), alpha = max(1 / max(n, 1), ema) with n the finite batches including
-   this one; out = [lo or min_val, hi or max_val (a non-finite batch moves nothing), alpha];
-   inc = [finite, !finite] for the caller to add to its counters. The buffers are only read. */
-void xnnq_tracker_batch(const float *x, int64_t rows, int64_t len, int64_t stride, int64_t k, int track_min,
-                        float *work, float *out, int64_t *inc, const float *min_val, const float *max_val,
-                        const int64_t *num_batches, float ema) {
+/* torch's lerp_(end, weight) of a float32 0-d tensor (aten/src/ATen/native/Lerp.h, the scalar loop): with fused
+   multiply-adds where torch's build contracts them (`fused`, probed from torch at load: cpu_kernels.lerp_fused),
+   else with the product rounded first (volatile: the compiler may not contract it either) */
+static float lerp_aten(float a, float b, float w, int fused) {
+    float d = b - a;
+    if (fabsf(w) < 0.5f) {
+        if (fused) return fmaf(w, d, a);
+        volatile float p = w * d;
+        return a + p;
+    }
+    float c = 1.0f - w;
+    if (fused) return fmaf(-d, c, b);
+    volatile float p = d * c;
+    return b - p;
+}
+
+/* One batch of the range tracker (xnnq/layers/range_tracker.py), as its torch ops compute it, written into its
+   0-d buffers: the extremes; finite = isfinite(lo + hi) (float32); num_batches += finite; alpha =
+   max(1 / max(num_batches, 1), ema); a finite batch lerps max_val (and min_val when track_min) towards its
+   extremes with weight alpha (a non-finite batch moves nothing); nonfinite += !finite. Returns finite, or -1
+   (nothing done) when the workspace of 2k floats cannot be allocated. */
+int xnnq_tracker_batch(const float *x, int64_t rows, int64_t len, int64_t stride, int64_t k, int track_min,
+                       float *min_val, float *max_val, int64_t *num_batches, int64_t *nonfinite, float ema,
+                       int fused) {
+    float out[2];
+    float *work = malloc(2 * k * sizeof(float));
+    if (!work) return -1;
     xnnq_tail_extremes(x, rows, len, stride, k, track_min, work, out);
-    float lo = out[0], hi = out[1];
-    int finite = isfinite(lo + hi);
-    int64_t n = *num_batches + finite;
-    float alpha = 1.0f / (float)(n < 1 ? 1 : n);
-    out[0] = finite ? lo : *min_val;
-    out[1] = finite ? hi : *max_val;
-    out[2] = alpha < ema ? ema : alpha;
-    inc[0] = finite;
-    inc[1] = !finite;
+    free(work);
+    int finite = isfinite(out[0] + out[1]);
+    *num_batches += finite;
+    *nonfinite += !finite;
+    if (finite) {
+        float alpha = 1.0f / (float)(*num_batches < 1 ? 1 : *num_batches);
+        if (alpha < ema) alpha = ema;
+        *max_val = lerp_aten(*max_val, out[1], alpha, fused);
+        if (track_min) *min_val = lerp_aten(*min_val, out[0], alpha, fused);
+    }
+    return finite;
 }
 
 /* ---- the weight path of a quantized conv/linear (xnnq/layers/fused_weight.py), as its torch ops compute it ----
@@ -351,6 +374,19 @@ static inline int ceil_log2f(float m) {
     int ex;
     float mant = frexpf(m, &ex);
     return mant == 0.5f ? ex - 1 : ex;
+}
+
+/* fake_quant.py activation_scale of the range r = min(max(-lo, hi), cap) (pact2.py qparams; cap +inf when there
+   is none; NaN propagates): max(r, min_range), rounded up to a power of two when power2 (a non-finite r gives
+   NaN, as ceil_log2), divided by levels */
+void xnnq_act_scale(const float *lo, const float *hi, float cap, float min_range, int power2, float levels,
+                    float *out) {
+    float a = -*lo, b = *hi;
+    float r = isnan(a) || isnan(b) ? NAN : (a > b ? a : b);
+    if (r > cap) r = cap;
+    if (r < min_range) r = min_range;
+    if (power2) r = isfinite(r) ? ldexpf(1.0f, ceil_log2f(r)) : NAN;
+    *out = r / levels;
 }
 
 /* fake_quant.py weight_scale_from_max, power-of-2 rule: 2^(ceil(log2 m) - (bits - 1)), one step finer when
@@ -508,14 +544,16 @@ def _build() -> ctypes.CDLL:
             raise RuntimeError(f"{' '.join(cc)} failed: {proc.stderr.strip()[:500]}")
         handle = ctypes.CDLL(str(lib))  # the file may go once loaded
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    handle.xnnq_fq_forward.argtypes = [p, p, p, i64, *([f32] * 7), i32]
+    handle.xnnq_fq_forward.argtypes = [p, p, p, i64, p, *([f32] * 5), i32]
     handle.xnnq_fq_forward.restype = None
-    handle.xnnq_fq_forward_inplace.argtypes = [p, p, i64, *([f32] * 7), i32]
+    handle.xnnq_fq_forward_inplace.argtypes = [p, p, i64, p, *([f32] * 5), i32]
     handle.xnnq_fq_forward_inplace.restype = None
     handle.xnnq_tail_extremes.argtypes = [p, i64, i64, i64, i64, i32, p, p]
     handle.xnnq_tail_extremes.restype = None
-    handle.xnnq_tracker_batch.argtypes = [p, i64, i64, i64, i64, i32, p, p, p, p, p, p, f32]
-    handle.xnnq_tracker_batch.restype = None
+    handle.xnnq_tracker_batch.argtypes = [p, i64, i64, i64, i64, i32, p, p, p, p, f32, i32]
+    handle.xnnq_tracker_batch.restype = i32
+    handle.xnnq_act_scale.argtypes = [p, p, f32, f32, i32, f32, p]
+    handle.xnnq_act_scale.restype = None
     handle.xnnq_minmax.argtypes = [p, i64, p, i32]
     handle.xnnq_minmax.restype = None
     handle.xnnq_hist_add.argtypes = [p, i64, i64, i64, f32, f32, f32, i64, p, i32]
@@ -555,20 +593,22 @@ def library() -> ctypes.CDLL:
 def forward(
     flat: torch.Tensor, scale: torch.Tensor, consts: tuple[float, ...], with_mask: bool, inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(out, mask)`` for the contiguous 1-d float32 CPU tensor ``flat``; ``consts`` is ``(qmin, qmax, lo, hi,
-    cap)`` (``cap`` +inf when there is none). The reciprocal of ``scale`` is taken in float32, as torch does.
-    ``inplace``: ``out`` is ``flat``, overwritten."""
+    """``(out, mask)`` for the contiguous 1-d float32 CPU tensor ``flat`` and the 0-d float32 CPU ``scale``;
+    ``consts`` is ``(qmin, qmax, lo, hi, cap)`` (``cap`` +inf when there is none). The reciprocal of ``scale``
+    is taken in float32, as torch does. ``inplace``: ``out`` is ``flat``, overwritten."""
     lib = library()
-    s = scale.item()
-    inv = float(np.float32(1.0) / np.float32(s))  # float32 division, as torch's 1 / scale
     mask = torch.empty(flat.shape, dtype=torch.uint8) if with_mask else None
     mask_ptr = None if mask is None else mask.data_ptr()
     threads = torch.get_num_threads()
     if inplace:
-        lib.xnnq_fq_forward_inplace(flat.data_ptr(), mask_ptr, flat.numel(), s, inv, *consts, threads)
+        lib.xnnq_fq_forward_inplace(
+            flat.data_ptr(), mask_ptr, flat.numel(), scale.data_ptr(), *consts, threads
+        )
         return flat, mask
     out = torch.empty_like(flat)
-    lib.xnnq_fq_forward(flat.data_ptr(), out.data_ptr(), mask_ptr, flat.numel(), s, inv, *consts, threads)
+    lib.xnnq_fq_forward(
+        flat.data_ptr(), out.data_ptr(), mask_ptr, flat.numel(), scale.data_ptr(), *consts, threads
+    )
     return out, mask
 
 
@@ -614,30 +654,63 @@ def tracker_batch(
     min_val: torch.Tensor,
     max_val: torch.Tensor,
     num_batches: torch.Tensor,
+    nonfinite: torch.Tensor,
     ema: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One range-tracker batch (see the C source): ``(lo, hi, alpha, inc)``: the values to ``lerp_`` the range
-    towards (the current range for a non-finite batch), the weight, and ``[finite, non-finite]`` (int64) for
-    the counters. The 0-d CPU buffers ``min_val``/``max_val`` (float32) and ``num_batches`` (int64) are read."""
-    work = torch.empty(2 * k + 3)
-    inc = torch.empty(2, dtype=torch.int64)
-    library().xnnq_tracker_batch(
+) -> bool:
+    """One range-tracker batch (see the C source) written into the tracker's 0-d CPU buffers ``min_val`` /
+    ``max_val`` (float32), ``num_batches`` / ``nonfinite`` (int64), with torch's ``lerp_`` rounding
+    (:func:`lerp_fused`); returns whether the batch was finite."""
+    finite = library().xnnq_tracker_batch(
         x.data_ptr(),
         rows,
         length,
         stride,
         k,
         int(track_min),
-        work.data_ptr(),
-        work.data_ptr() + 8 * k,
-        inc.data_ptr(),
         min_val.data_ptr(),
         max_val.data_ptr(),
         num_batches.data_ptr(),
+        nonfinite.data_ptr(),
         ema,
+        int(lerp_fused()),
     )
-    lo, hi, alpha = work[2 * k :].unbind()
-    return lo, hi, alpha, inc
+    if finite < 0:
+        raise MemoryError(f"xnnq: no memory for the range tracker's workspace ({2 * k} floats)")
+    return bool(finite)
+
+
+_probed: dict[
+    str, bool
+] = {}  # a plain dict: torch.compile traces it without the warning a functools cache gets
+
+
+def lerp_fused() -> bool:
+    """Whether torch's ``lerp_`` of a float32 CPU scalar rounds ``a + w·(b − a)`` once (a fused multiply-add:
+    builds for AVX2 / AVX-512 contract it) rather than after the product (the baseline build), probed once on
+    a triple where the two differ, so that the C tracker's running range is torch's bit for bit."""
+    fused = _probed.get("lerp")
+    if fused is None:
+        a, b, w = (torch.tensor(v) for v in (0.2856927514076233, 0.6898148655891418, 0.3968310058116913))
+        fused = _probed["lerp"] = not torch.equal(a.clone().lerp_(b, w), a + w * (b - a))
+    return fused
+
+
+def act_scale(
+    lo: torch.Tensor, hi: torch.Tensor, cap: float | None, min_range: float, power2: bool, levels: int
+) -> torch.Tensor:
+    """:func:`~xnnq.layers.fake_quant.activation_scale` of ``min(max(-lo, hi), cap)`` for the 0-d float32 CPU
+    tensors ``lo`` / ``hi`` (a quantizer's range), as a new 0-d tensor: the same value (every step is exact)."""
+    out = torch.empty(())
+    library().xnnq_act_scale(
+        lo.data_ptr(),
+        hi.data_ptr(),
+        math.inf if cap is None else cap,
+        min_range,
+        int(power2),
+        float(levels),
+        out.data_ptr(),
+    )
+    return out
 
 
 def minmax(x: torch.Tensor) -> tuple[float, float]:

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fake_quant import activation_scale, check_bits, fake_quantize, grid_levels, quant_bounds
-from .fused import fake_quantize_activation
+from . import cpu_kernels
+from .fake_quant import MIN_RANGE, activation_scale, check_bits, fake_quantize, grid_levels, quant_bounds
+from .fused import c_kernels_ready, fake_quantize_activation
 from .hooks import unhooked
 from .observer import RangeObserver
 from .range_tracker import RangeTracker
@@ -156,11 +157,14 @@ class PACT2(nn.Module):
             qmin, qmax = quant_bounds(self.bits, signed)
             return self.learned_range.scale(self.bits, signed, self.log2_cap()), qmin, qmax
         lo, hi = self.range_tensors()
+        signed = self.resolved_signed()
+        qmin, qmax = quant_bounds(self.bits, signed)
+        if hi.is_cpu and hi.dtype == torch.float32 and lo.dtype == torch.float32 and c_kernels_ready():
+            levels = grid_levels(self.bits, signed, self.power2)  # the same value in one C call
+            return cpu_kernels.act_scale(lo, hi, self.cap, MIN_RANGE, self.power2, levels), qmin, qmax
         r = torch.maximum(-lo, hi)
         if self.cap is not None:
             r = r.clamp(max=self.cap)
-        signed = self.resolved_signed()
-        qmin, qmax = quant_bounds(self.bits, signed)
         return activation_scale(r, self.bits, signed, self.power2), qmin, qmax
 
     def scale(self) -> torch.Tensor:

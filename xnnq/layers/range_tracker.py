@@ -14,8 +14,8 @@ Across batches: a cumulative mean for the first ``1/ema_alpha`` batches, then an
 with weight ``ema_alpha`` for the new batch.
 
 On CPU with the C kernels on (:mod:`xnnq.layers.fused`; not under ``torch.distributed``) one call ranks the
-sampled runs where they lie and computes the finite test and the weight; the buffers are then written by the
-same ``add_`` / ``lerp_`` as on the torch path, with the same values bit for bit.
+sampled runs where they lie and updates the buffers as the torch path does, with the same values bit for bit
+(torch's ``lerp_`` rounding included: :func:`~xnnq.layers.cpu_kernels.lerp_fused`).
 """
 
 from __future__ import annotations
@@ -56,22 +56,18 @@ class RangeTracker(RangeObserver):
         return tail_extremes(sample, max(1, int(self.tail * sample.numel())), self.track_min)
 
     def _c_forward(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` with the extremes, the finite test and the weight from one C call; the buffers are
-        written by the same ``add_`` / ``lerp_`` as the torch path (bit-identical; tests/test_fused.py)."""
-        lo, hi, alpha, inc = cpu_kernels.tracker_batch(
+        """:meth:`forward` in one C call that writes the buffers as the torch path's ``add_`` / ``lerp_`` do
+        (bit-identical; tests/test_fused.py)."""
+        cpu_kernels.tracker_batch(
             flat,
             *sample_geometry(flat.numel(), self.sample_size, self.tail),
             self.track_min,
             self.min_val,
             self.max_val,
             self.num_batches,
+            self.nonfinite_batches,
             self.ema_alpha,
         )
-        self.num_batches.add_(inc[0])
-        self.max_val.lerp_(hi, alpha)
-        if self.track_min:
-            self.min_val.lerp_(lo, alpha)
-        self.nonfinite_batches.add_(inc[1])
         return x
 
     @torch.no_grad()
@@ -83,7 +79,7 @@ class RangeTracker(RangeObserver):
         """
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         flat = flat_view(x.detach())
-        if not distributed and on_c_path(flat):
+        if not distributed and on_c_path(flat) and self.max_val.dtype == torch.float32:
             return self._c_forward(flat, x)
         lo, hi = self.batch_extremes(x)
         if distributed:
