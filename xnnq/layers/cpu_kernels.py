@@ -136,11 +136,12 @@ void xnnq_minmax(const float *restrict x, int64_t n, float *out, int threads) {
 /* counts[bin of min(v, cap)] += 1 for the elements v of rows [r0, r1), columns [i0, i1). A large run of
    elements is counted in 32-bit integers first and added once (exact either way): a double add per element
    waits for the previous one to the same bin, and a ReLU's zeros all fall in one; the bins of up to 64
-   elements are computed (vectorized) before they are counted. */
+   elements are computed (vectorized) before they are counted. Up to 16384 bins (64 KB of integers, served
+   by the heap; larger blocks are mapped and faulted in afresh by glibc at every call). */
 static void hist_rows(const float *x, int64_t r0, int64_t r1, int64_t i0, int64_t i1, int64_t stride, float cap,
                       float span, float mul, int64_t bins, double *counts) {
     int64_t n = (r1 - r0) * (i1 - i0);
-    uint32_t *c = 4 * n >= bins && n <= (int64_t)UINT32_MAX ? calloc((size_t)bins, sizeof(uint32_t)) : NULL;
+    uint32_t *c = 4 * n >= bins && bins <= 16384 && n <= (int64_t)UINT32_MAX ? calloc((size_t)bins, 4) : NULL;
     if (!c) {
         for (int64_t r = r0; r < r1; r++) {
             const float *p = x + r * stride;
