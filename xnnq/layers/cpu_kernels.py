@@ -133,44 +133,17 @@ void xnnq_minmax(const float *restrict x, int64_t n, float *out, int threads) {
    bins equal bins over [-span, span] (span a power of 2, mul = bins / (2 span)): the bin of v is
    (int64)((v + span) * mul) in float32, the last bin for v = span, as xnnq/calibrate/histogram.py's
    bin_index computes it. Values must lie in [-span, span] and not be NaN. */
-/* counts[bin of min(v, cap)] += 1 for the elements v of rows [r0, r1), columns [i0, i1). A large run of
-   elements is counted in 32-bit integers first and added once (exact either way): a double add per element
-   waits for the previous one to the same bin, and a ReLU's zeros all fall in one; the bins of up to 64
-   elements are computed (vectorized) before they are counted. Up to 16384 bins (64 KB of integers, served
-   by the heap; larger blocks are mapped and faulted in afresh by glibc at every call). */
 static void hist_rows(const float *x, int64_t r0, int64_t r1, int64_t i0, int64_t i1, int64_t stride, float cap,
                       float span, float mul, int64_t bins, double *counts) {
-    int64_t n = (r1 - r0) * (i1 - i0);
-    uint32_t *c = 4 * n >= bins && bins <= 16384 && n <= (int64_t)UINT32_MAX ? calloc((size_t)bins, 4) : NULL;
-    if (!c) {
-        for (int64_t r = r0; r < r1; r++) {
-            const float *p = x + r * stride;
-            PREFETCH_RUN(r, r1, p, stride, i1);
-            for (int64_t i = i0; i < i1; i++) {
-                float v = p[i] > cap ? cap : p[i];
-                int64_t j = (int64_t)((v + span) * mul);
-                counts[j < bins - 1 ? j : bins - 1] += 1.0;
-            }
-        }
-        return;
-    }
-    const int32_t last = (int32_t)(bins - 1);
-    int32_t ix[64];
     for (int64_t r = r0; r < r1; r++) {
         const float *p = x + r * stride;
         PREFETCH_RUN(r, r1, p, stride, i1);
-        for (int64_t i = i0; i < i1; i += 64) {
-            int64_t m = i1 - i < 64 ? i1 - i : 64;
-            for (int64_t k = 0; k < m; k++) {
-                float v = p[i + k] > cap ? cap : p[i + k];
-                int32_t j = (int32_t)((v + span) * mul);
-                ix[k] = j < last ? j : last;
-            }
-            for (int64_t k = 0; k < m; k++) c[ix[k]]++;
+        for (int64_t i = i0; i < i1; i++) {
+            float v = p[i] > cap ? cap : p[i];
+            int64_t j = (int64_t)((v + span) * mul);
+            counts[j < bins - 1 ? j : bins - 1] += 1.0;
         }
     }
-    for (int64_t j = 0; j < bins; j++) counts[j] += (double)c[j];
-    free(c);
 }
 
 /* Split over threads (each its own counts, added at the end: integer-valued, so the sum is exact in any
