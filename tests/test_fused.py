@@ -521,8 +521,8 @@ def _tracker_states(batches, start=None) -> list[tuple[int, ...]]:
         t(b)
         states.append(
             (
-                int(t.min_val.view(torch.int32)),
-                int(t.max_val.view(torch.int32)),
+                int(bits(t.min_val)),
+                int(bits(t.max_val)),
                 int(t.num_batches),
                 int(t.nonfinite_batches),
             )
@@ -600,9 +600,16 @@ def test_the_c_activation_scale_equals_the_torch_ops():
             r = torch.maximum(-lo, hi)
             ref = activation_scale(r if cap is None else r.clamp(max=cap), nbits, signed, power2)
             got = cpu_kernels.act_scale(lo, hi, cap, MIN_RANGE, power2, grid_levels(nbits, signed, power2))
-            assert torch.equal(got.view(torch.int32), ref.view(torch.int32)) or (
-                got.isnan() and ref.isnan()
-            ), (lo, hi, cap, power2, nbits, signed, got, ref)
+            assert torch.equal(bits(got), bits(ref)) or (got.isnan() and ref.isnan()), (
+                lo,
+                hi,
+                cap,
+                power2,
+                nbits,
+                signed,
+                got,
+                ref,
+            )
 
 
 @pytest.mark.parametrize("exact", [False, True])

@@ -326,7 +326,7 @@ void xnnq_tail_extremes(const float *x, int64_t rows, int64_t len, int64_t strid
 }
 
 /* torch's lerp_(end, weight) of a float32 0-d tensor (aten/src/ATen/native/Lerp.h, the scalar loop): with fused
-   multiply-adds where torch's build contracts them (`fused`, probed from torch at load: cpu_kernels.lerp_fused),
+   multiply-adds where torch's build contracts them (`fused`, probed from torch once: cpu_kernels.lerp_fused),
    else with the product rounded first (volatile: the compiler may not contract it either) */
 static float lerp_aten(float a, float b, float w, int fused) {
     float d = b - a;
@@ -656,10 +656,10 @@ def tracker_batch(
     num_batches: torch.Tensor,
     nonfinite: torch.Tensor,
     ema: float,
-) -> bool:
+) -> None:
     """One range-tracker batch (see the C source) written into the tracker's 0-d CPU buffers ``min_val`` /
-    ``max_val`` (float32), ``num_batches`` / ``nonfinite`` (int64), with torch's ``lerp_`` rounding
-    (:func:`lerp_fused`); returns whether the batch was finite."""
+    ``max_val`` (float32), ``num_batches`` / ``nonfinite`` (int64; a non-finite batch is counted there), with
+    torch's ``lerp_`` rounding (:func:`lerp_fused`)."""
     finite = library().xnnq_tracker_batch(
         x.data_ptr(),
         rows,
@@ -676,12 +676,10 @@ def tracker_batch(
     )
     if finite < 0:
         raise MemoryError(f"xnnq: no memory for the range tracker's workspace ({2 * k} floats)")
-    return bool(finite)
 
 
-_probed: dict[
-    str, bool
-] = {}  # a plain dict: torch.compile traces it without the warning a functools cache gets
+# a plain dict: torch.compile traces it without the warning a functools cache gets
+_probed: dict[str, bool] = {}
 
 
 def lerp_fused() -> bool:

@@ -168,8 +168,9 @@ def _cpu_consts(qmin: int, qmax: int, cap: float | None) -> tuple[float, ...]:
 
 
 def _cpu_forward(flat, scale, qmin, qmax, cap, with_mask, inplace=False):
-    s = scale if scale.dtype == torch.float32 and scale.dim() == 0 else scale.reshape(()).float()
-    return cpu_kernels.forward(flat, s, _cpu_consts(qmin, qmax, cap), with_mask, inplace)
+    return cpu_kernels.forward(
+        flat, scale.reshape(()).float(), _cpu_consts(qmin, qmax, cap), with_mask, inplace
+    )
 
 
 def _kernels(device: torch.device):
