@@ -46,10 +46,12 @@ class AddBlock(nn.Module):
             or (torch.is_grad_enabled() and any(getattr(o, "requires_grad", False) for o in others))
         ):
             return False
-        return all(  # the in-place sum has the out-of-place sum's shape and dtype
+        # the in-place sum has the out-of-place sum's shape and dtype (equal shapes are checked without
+        # broadcast_shapes, which is pure Python)
+        return all(
             isinstance(o, torch.Tensor)
             and o.dtype == x.dtype
-            and torch.broadcast_shapes(x.shape, o.shape) == x.shape
+            and (o.shape == x.shape or torch.broadcast_shapes(x.shape, o.shape) == x.shape)
             for o in others
         )
 
