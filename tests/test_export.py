@@ -309,6 +309,53 @@ def test_torchvision_both_formats(name, tmp_path):
         assert r.top1_agreement == 1.0
 
 
+class ShuffleBlock(nn.Module):
+    """A ShuffleNet-style unit: grouped 1x1 conv, channel shuffle in one of its torch forms, depthwise 3x3,
+    grouped 1x1 conv, residual add."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.g1 = nn.Sequential(nn.Conv2d(8, 8, 1, groups=2, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.shuffle = nn.ChannelShuffle(2) if form == "module" else None
+        self.form = form
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8))
+        self.g2 = nn.Sequential(nn.Conv2d(8, 8, 1, groups=2, bias=False), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.g1(x)
+        if self.form == "module":
+            y = self.shuffle(y)
+        elif self.form == "function":
+            y = torch.nn.functional.channel_shuffle(y, 2)
+        else:
+            y = torch.nn.functional.native_channel_shuffle(y, 2)
+        return torch.relu(x + self.g2(self.dw(y)))
+
+
+@pytest.mark.parametrize("form", ["module", "function", "native"])
+def test_channel_shuffle_exports_in_both_formats(form, tmp_path):
+    """torch.onnx cannot export aten::channel_shuffle: the surgery puts reshape-transpose-reshape in its place
+    (the same values), so a shuffle unit quantizes (no quantizer of its own: range-preserving) and exports to
+    TIDL's ops, the QDQ graph bit for bit; the user's model keeps its shuffle."""
+    torch.manual_seed(0)
+    model = ShuffleBlock(form).eval()
+    shape = (1, 3, 8, 8)
+    q = observed(xnnq.QuantTrainModule(model, torch.randn(shape)), shape)
+    assert not any("shuffle" in name for name in q.quantizers()), list(q.quantizers())
+    if form == "module":
+        assert type(model.shuffle) is nn.ChannelShuffle
+        assert "replace  shuffle: ChannelShuffle -> ChannelShuffle" in q.surgery_report()
+    x = torch.randn(2, 3, 8, 8)
+    tidl = check_tidl(export_onnx(q, torch.randn(shape), tmp_path / "s.onnx"), q, x, weight_layers=4)
+    assert {"Reshape", "Transpose"} <= set(counts(tidl))
+    model_qdq, r = check_qdq(
+        export_onnx(q, torch.randn(shape), tmp_path / "s_qdq.onnx", format="qdq"), q, x, weight_layers=4
+    )
+    assert {"Reshape", "Transpose"} <= set(counts(model_qdq))
+
+
 # ----------------------------------------------------------------------------------------- errors
 def test_warns_on_ops_outside_tidl_allow_list(tmp_path):
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softplus(), nn.Conv2d(4, 4, 1))

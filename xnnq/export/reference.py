@@ -243,11 +243,11 @@ class IntegerReference:
         if not allowzero:
             target = [x.shape[i] if s == 0 else s for i, s in enumerate(target)]
         if (
-            -1 not in target
-            and int(np.prod(target)) != x.size
-            and target
+            target
             and self.static_batch
             and target[0] == self.static_batch
+            and x.shape[0] != self.static_batch
+            and (-1 in target or int(np.prod(target)) != x.size)
         ):
             target[0] = x.shape[0]  # the graph's static batch: the reference runs any batch size
         return target

@@ -9,7 +9,7 @@ from .quant_weight import QuantConv2d, QuantLinear
 from .range_tracker import RangeTracker
 from .resize import ResizeWith, resize_with
 from .rounding import Rounding
-from .shape_ops import Pad, Reshape, Slice
+from .shape_ops import ChannelShuffle, Pad, Reshape, Slice
 from .tqt import LearnedRange, tqt_fake_quantize
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "ReduceMean",
     "ResizeWith",
     "resize_with",
+    "ChannelShuffle",
     "Pad",
     "Reshape",
     "Slice",

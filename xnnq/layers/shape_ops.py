@@ -52,3 +52,18 @@ class Reshape(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape=(N, {', '.join(map(str, self.shape))})"
+
+
+class ChannelShuffle(nn.Module):
+    """``F.channel_shuffle(x, groups)`` as reshape, transpose, reshape: the same values in the same order, in the
+    ops ONNX has (torch.onnx has no export of ``aten::channel_shuffle``). ``x`` is ``(N, C, *spatial)``."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = int(groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(1, (self.groups, -1)).transpose(1, 2).flatten(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ..layers.shape_ops import Pad, Reshape, Slice
+from ..layers.shape_ops import ChannelShuffle, Pad, Reshape, Slice
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ PRESERVING_OPS: tuple[PreservingOp, ...] = (
     PreservingOp(
         "flatten / reshape",
         (nn.Flatten, nn.Unflatten, Reshape),
-        ("flatten", "view", "reshape"),
+        ("flatten", "unflatten", "view", "reshape"),
         (torch.flatten, torch.reshape),
         ("Flatten", "Reshape"),
     ),
@@ -51,7 +51,13 @@ PRESERVING_OPS: tuple[PreservingOp, ...] = (
     PreservingOp("pad", (Pad,), (), (), ("Pad",)),
     PreservingOp("expand", (), ("expand",), (), ("Expand",)),
     PreservingOp("repeat", (), ("repeat",), (), ("Tile",)),
-    PreservingOp("channel shuffle", (nn.ChannelShuffle,), (), (), ("Reshape", "Transpose")),
+    PreservingOp(
+        "channel shuffle",
+        (nn.ChannelShuffle, ChannelShuffle),
+        (),
+        (torch.nn.functional.channel_shuffle, torch.nn.functional.native_channel_shuffle),
+        ("Reshape", "Transpose"),
+    ),
     PreservingOp(
         "identity / dropout",
         (nn.Identity, nn.Dropout, nn.Dropout2d),

@@ -1,8 +1,10 @@
 """Surgery: turn functionals and tensor operators into modules, split re-used modules.
 
 After surgery every op that changes a range is a ``call_module`` node of its own, so the plan can attach a
-quantizer to it, and no module object is called twice. Parameter names never change: modules are only
-added (under the module whose ``forward`` held the functional) or copied (re-used parameter-free modules).
+quantizer to it, and no module object is called twice; a channel shuffle (module or functional), which
+torch.onnx cannot export, is a module of reshape-transpose-reshape. Parameter names never change: modules are
+only added (under the module whose ``forward`` held the functional), copied (re-used parameter-free modules)
+or, when parameter-free (:data:`MODULE_RULES`), replaced under their own name.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 
 from ..layers.blocks import AddBlock, CatBlock, MultBlock, ReduceMean
 from ..layers.resize import ResizeWith
-from ..layers.shape_ops import Pad, Reshape, Slice
+from ..layers.shape_ops import ChannelShuffle, Pad, Reshape, Slice
 
 
 @dataclass
@@ -146,6 +148,8 @@ FUNCTION_RULES: dict[Any, _Rule] = {
         lambda p, o, i: nn.Flatten(p["start_dim"], p["end_dim"]),
     ),
     torch.reshape: (["input", "shape"], {}, _reshape),
+    F.channel_shuffle: (["input", "groups"], {}, lambda p, o, i: ChannelShuffle(p["groups"])),
+    F.native_channel_shuffle: (["input", "groups"], {}, lambda p, o, i: ChannelShuffle(p["groups"])),
     torch.mean: (
         ["input", "dim", "keepdim"],
         {"keepdim": False},
@@ -169,6 +173,11 @@ METHOD_RULES: dict[str, _Rule] = {
     "view": (["input"], {}, _reshape),
     "reshape": (["input"], {}, _reshape),
     "mean": FUNCTION_RULES[torch.mean],
+}
+# torch modules torch.onnx cannot export, each replaced (under its own name) by a module of the same values that
+# it can; exact types only (a subclass may compute something else)
+MODULE_RULES: dict[type[nn.Module], Callable[[Any], nn.Module]] = {
+    nn.ChannelShuffle: lambda m: ChannelShuffle(m.groups),
 }
 ADD_OPS = {operator.add, operator.iadd, torch.add}
 MUL_OPS = {operator.mul, operator.imul, torch.mul}
@@ -210,9 +219,26 @@ def _replace(
     report.append(Change("module", name, desc))
 
 
+def _replace_module(gm: fx.GraphModule, node: fx.Node, report: list[Change]) -> None:
+    """Swap the module ``node`` calls for its :data:`MODULE_RULES` replacement, under the same name."""
+    mod = gm.get_submodule(node.target)
+    rule = MODULE_RULES.get(type(mod))
+    if rule is None:
+        return
+    new = rule(mod)
+    owner, _, leaf = node.target.rpartition(".")
+    setattr(gm.get_submodule(owner) if owner else gm, leaf, new)
+    report.append(
+        Change("replace", node.target, f"{type(mod).__name__} -> {type(new).__name__} (exportable ops)")
+    )
+
+
 def functionals_to_modules(gm: fx.GraphModule, values: dict, report: list[Change]) -> None:
-    """Replace functionals and tensor operators by modules (see module docstring)."""
+    """Replace functionals and tensor operators by modules, and the modules of :data:`MODULE_RULES` by theirs
+    (see module docstring)."""
     for node in list(gm.graph.nodes):
+        if node.op == "call_module":
+            _replace_module(gm, node, report)
         if node.op not in ("call_function", "call_method"):
             continue
         tgt = node.target
