@@ -356,6 +356,76 @@ def test_channel_shuffle_exports_in_both_formats(form, tmp_path):
     assert {"Reshape", "Transpose"} <= set(counts(model_qdq))
 
 
+class ChannelsLastMLP(nn.Module):
+    """A ConvNeXt-style block: permute to channels-last, (LayerNorm,) Linear, ReLU, Linear on the 4-D tensor,
+    permute back, residual add; a Linear head."""
+
+    def __init__(self, norm: bool):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.LayerNorm(16) if norm else nn.Identity()
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.fc2(torch.relu(self.fc1(self.norm(x.permute(0, 2, 3, 1)))))
+        return self.head((x + y.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "layernorm"])
+def test_linear_on_a_4d_tensor_exports_as_gemm_on_rows(norm, tmp_path):
+    """torch.onnx writes a Linear on a tensor of more than two dimensions as MatMul with a transposed copy of
+    the weight; the export writes Reshape, Gemm on the weight initializer itself, Reshape: both formats export,
+    the QDQ graph bit for bit, and the integer reference runs it at another batch size than the export's."""
+    torch.manual_seed(0)
+    shape = (1, 3, 8, 8)
+    q = observed(xnnq.QuantTrainModule(ChannelsLastMLP(norm).eval(), torch.randn(shape)), shape)
+    x = torch.randn(2, 3, 8, 8)
+    tidl = check_tidl(export_onnx(q, torch.randn(shape), tmp_path / "m.onnx"), q, x, weight_layers=4)
+    model, r = check_qdq(
+        export_onnx(q, torch.randn(shape), tmp_path / "m_qdq.onnx", format="qdq"), q, x, weight_layers=4
+    )
+    for m in (tidl, model):
+        gemm_weights = {n.input[1] for n in m.graph.node if n.op_type == "Gemm"}
+        assert gemm_weights == {"fc1.weight", "fc2.weight", "head.weight"}
+        assert "MatMul" not in counts(m)
+    assert (r.reference_error is None) == (not norm)  # LayerNorm has no integer implementation
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, one nn.TransformerEncoderLayer (batch first), mean over tokens, Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_transformer_layers_export_outside_torchs_fused_inference_path(tmp_path):
+    """In eval mode torch runs nn.TransformerEncoderLayer / nn.MultiheadAttention through fused kernels that
+    torch.onnx cannot export; the export switches them off for its trace (and restores the setting): the layer
+    (a leaf, float inside) exports in ONNX ops, the QDQ graph computes the simulation, and the integer
+    reference says which layer it cannot run."""
+    torch.manual_seed(0)
+    shape = (1, 3, 16, 16)
+    q = observed(xnnq.QuantTrainModule(TinyViT().eval(), torch.randn(shape)), shape)
+    x = torch.randn(2, *shape[1:])
+    before = torch.backends.mha.get_fastpath_enabled()
+    res = export_onnx(q, torch.randn(shape), tmp_path / "vit.onnx")
+    assert torch.backends.mha.get_fastpath_enabled() == before
+    assert {"Softmax", "MatMul", "LayerNormalization"} <= set(counts(onnx.load(str(res.path))))
+    assert onnx_check(res.path, res.module, [x]).max_abs_diff <= 1e-4
+    res = export_onnx(q, torch.randn(shape), tmp_path / "vit_qdq.onnx", format="qdq")
+    with onnx_rounding(q):
+        r = onnx_check(res.path, q, [x])
+    assert r.max_abs_diff == 0.0, r
+    assert "float tensor" in r.reference_error and "encoder" in r.reference_error
+
+
 # ----------------------------------------------------------------------------------------- errors
 def test_warns_on_ops_outside_tidl_allow_list(tmp_path):
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softplus(), nn.Conv2d(4, 4, 1))

@@ -3,7 +3,8 @@
 Built from ``qmodel.module`` (a ``torch.fx.GraphModule``) and ``qmodel.plan`` by graph transformation,
 never by editing the quantized model:
 
-* every weight layer of the plan becomes a plain ``nn.Conv2d`` / ``nn.Linear`` holding
+* every weight layer of the plan becomes a plain ``nn.Conv2d`` / ``nn.Linear`` (:class:`RowsLinear`: on an
+  input of more than two dimensions it exports as Reshape, Gemm, Reshape) holding
   ``quantized_weight_bias(bn, input_quant)`` (the BatchNorm and input quantizer the plan names) —
   BatchNorm folded, weights and bias already on their quantization grid; the BatchNorm / quantizer
   ``get_attr`` arguments are dropped;
@@ -158,6 +159,18 @@ def build_export_graph(
     return gm, clips, layers
 
 
+class RowsLinear(nn.Linear):
+    """``nn.Linear`` that reads an input of more than two dimensions as rows (``(..., in) -> (-1, in)``, the linear
+    map, then back): it exports as Reshape, ``Gemm`` with the weight initializer itself (``transB=1``), Reshape.
+    (torch.onnx exports a plain ``nn.Linear`` on such an input as ``MatMul`` with a transposed copy of the
+    weight, which loses the weight's name and layout.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() <= 2:
+            return super().forward(x)
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
+
+
 def _plain_layer(mod: QuantConv2d | QuantLinear, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
     if isinstance(mod, QuantConv2d):
         out = nn.Conv2d(
@@ -174,7 +187,7 @@ def _plain_layer(mod: QuantConv2d | QuantLinear, w: torch.Tensor, b: torch.Tenso
             dtype=w.dtype,
         )
     else:
-        out = nn.Linear(mod.in_features, mod.out_features, b is not None, device=w.device, dtype=w.dtype)
+        out = RowsLinear(mod.in_features, mod.out_features, b is not None, device=w.device, dtype=w.dtype)
     out.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
     if b is not None:
         out.bias = nn.Parameter(b.detach().clone(), requires_grad=False)

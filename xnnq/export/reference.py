@@ -95,6 +95,7 @@ class IntegerReference:
         self.outputs = [o.name for o in g.output]
         dims = g.input[0].type.tensor_type.shape.dim if g.input else []
         self.static_batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+        self.batch: int | None = None  # the batch size of the pass being run (trace)
         self.consts: dict[str, object] = dict(self.inits)
         self.points: list[QuantPoint] = []
         users: dict[str, list[onnx.NodeProto]] = {}
@@ -168,6 +169,7 @@ class IntegerReference:
                 f"reference: the model takes {len(self.inputs)} input(s) {self.inputs}, got {len(inputs)}"
             )
         env: dict[str, object] = dict(self.consts)
+        self.batch = int(np.shape(inputs[0])[0]) if inputs and np.ndim(inputs[0]) else None
         for name, x in zip(self.inputs, inputs):
             env[name] = np.asarray(x)
         codes: dict[str, np.ndarray] = {}
@@ -242,14 +244,15 @@ class IntegerReference:
         target = [int(s) for s in shape]
         if not allowzero:
             target = [x.shape[i] if s == 0 else s for i, s in enumerate(target)]
-        if (
-            target
-            and self.static_batch
-            and target[0] == self.static_batch
-            and x.shape[0] != self.static_batch
-            and (-1 in target or int(np.prod(target)) != x.size)
-        ):
-            target[0] = x.shape[0]  # the graph's static batch: the reference runs any batch size
+        # the graph's static batch: the reference runs any batch size. A target whose first dimension is the
+        # batch gets the run's; one that folds the batch into its first dimension (the rows of a Gemm) that
+        # dimension scaled by the run's batch
+        b0, b = self.static_batch, self.batch
+        if target and b0 and b and b != b0:
+            if target[0] == b0 and (-1 in target or int(np.prod(target)) != x.size):
+                target[0] = b
+            elif -1 not in target and int(np.prod(target)) * b == x.size * b0 and target[0] * b % b0 == 0:
+                target[0] = target[0] * b // b0
         return target
 
 
@@ -404,11 +407,22 @@ def _global(kind: str):
     return handler
 
 
+def _quantized_operands(ins: list, where: str) -> None:
+    for i, name in ((0, "first input"), (1, "second input (the weight)")):
+        if not isinstance(ins[i], QTensor):
+            raise IntegerReferenceError(
+                f"{where}: its {name} is a float tensor (a layer xnnq did not quantize, e.g. inside a leaf "
+                "module); the integer reference runs quantized layers only"
+            )
+
+
 def _conv(ref: IntegerReference, ins: list, attrs: dict, where: str):
+    _quantized_operands(ins, where)
     return ops.conv(ins[0], ins[1], _const(ins, 2), attrs, where)
 
 
 def _gemm(ref: IntegerReference, ins: list, attrs: dict, where: str):
+    _quantized_operands(ins, where)
     c = _const(ins, 2)
     if c is not None and not isinstance(c, QTensor):
         raise IntegerReferenceError(f"{where}: the Gemm bias must be a quantized (DequantizeLinear) constant")

@@ -8,6 +8,7 @@ Shape/Gather/Concat arithmetic is left, e.g. around ``Resize``) → shape infere
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from collections.abc import Sequence
@@ -23,6 +24,20 @@ DEFAULT_OPSET = 18
 EXPORTERS = ("torchscript", "dynamo")
 
 
+@contextlib.contextmanager
+def _mha_fastpath(enabled: bool):
+    """torch's fused inference kernels of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` switched
+    (``torch.backends.mha``) for the block, restored after: torch.onnx cannot export the fused ones
+    (``aten::_native_multi_head_attention``, ``aten::_transformer_encoder_layer_fwd``); the others compute
+    the same layers in ops it can."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
 def torch_to_onnx(
     module: torch.nn.Module,
     args: tuple[torch.Tensor, ...],
@@ -35,7 +50,7 @@ def torch_to_onnx(
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _mha_fastpath(False):
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             prog = torch.onnx.export(
