@@ -445,6 +445,26 @@ def test_clear_errors(tmp_path):
         export_onnx(fresh, torch.randn(1, 3, 32, 32), tmp_path / "x.onnx", format="tflite")
 
 
+def test_an_adaptive_pool_onnx_cannot_express_is_named_with_the_fix(tmp_path):
+    """torchvision's VGG at 32x32: its AdaptiveAvgPool2d((7, 7)) gets a 1x1 map, which ONNX cannot pool to 7x7;
+    the export names the module and the fix instead of torch.onnx's internal error, and exports at 224x224."""
+    torch.manual_seed(0)
+    small = (1, 3, 32, 32)
+    q = observed(
+        xnnq.QuantTrainModule(torchvision.models.vgg11(num_classes=10).eval(), torch.randn(small)), small
+    )
+    with pytest.raises(
+        ValueError, match=r"`avgpool` \(AdaptiveAvgPool2d\) pools a 1x1 input to 7x7.*input size"
+    ):
+        export_onnx(q, torch.randn(small), tmp_path / "vgg.onnx")
+    assert not q.module.get_submodule("avgpool")._forward_hooks  # the export's check left nothing behind
+    tiny = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    q = observed(xnnq.QuantTrainModule(tiny.eval(), torch.randn(1, 3, 8, 8)), (1, 3, 8, 8))
+    assert export_onnx(q, torch.randn(1, 3, 8, 8), tmp_path / "tiny.onnx").path.exists()  # 8 -> 2 divides
+    with pytest.raises(ValueError, match=r"`2` \(AdaptiveAvgPool2d\) pools a 7x7 input to 2x2"):
+        export_onnx(q, torch.randn(1, 3, 7, 7), tmp_path / "tiny7.onnx")
+
+
 def test_export_leaves_the_model_unchanged(r20, tmp_path):
     r20.train()
     before = {k: v.clone() for k, v in r20.state_dict().items() if isinstance(v, torch.Tensor)}

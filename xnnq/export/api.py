@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,31 @@ def _layer_output(model: onnx.ModelProto, spot: WeightSpot, tensors: dict[str, s
     return next(n for n in model.graph.node if len(n.input) > 1 and n.input[1] == weight).output[0]
 
 
+@contextlib.contextmanager
+def _adaptive_pools_checked(gm: torch.nn.Module, where: str):
+    """Within the block, each adaptive 2-d pool of ``gm`` raises a ``ValueError`` naming it when its output size
+    does not divide its input size: ONNX has no such pooling (torch.onnx refuses it)."""
+
+    def check(mod: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        size_in, size_out = tuple(args[0].shape[-2:]), tuple(out.shape[-2:])
+        if any(o == 0 or i % o for i, o in zip(size_in, size_out)):
+            raise ValueError(
+                f"{where}: `{names[mod]}` ({type(mod).__name__}) pools a {size_in[0]}x{size_in[1]} input to "
+                f"{size_out[0]}x{size_out[1]}; ONNX (and TIDL) pool only to sizes that divide the input size. "
+                "Export with the input size the model is deployed at (e.g. 224x224 for torchvision's "
+                "classifiers), or give the model a pooling whose output divides its input."
+            )
+
+    pools = (torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveMaxPool2d)
+    names = {m: n for n, m in gm.named_modules() if isinstance(m, pools)}
+    handles = [m.register_forward_hook(check) for m in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def export_onnx(
     qmodel: Any,
     dummy_input: Any,
@@ -171,7 +197,7 @@ def export_onnx(
     if tgt is not None:
         refuse(tgt, format, _quantities(clips, layers), where)
     gm = gm.cpu()
-    with torch.no_grad():
+    with torch.no_grad(), _adaptive_pools_checked(gm, where):
         sample = gm(*args)
     input_names = input_names or (["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))])
     output_names = output_names or _output_names(sample)
