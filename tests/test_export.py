@@ -360,11 +360,12 @@ class ChannelsLastMLP(nn.Module):
     """A ConvNeXt-style block: permute to channels-last, (LayerNorm,) Linear, ReLU, Linear on the 4-D tensor,
     permute back, residual add; a Linear head."""
 
-    def __init__(self, norm: bool):
+    def __init__(self, norm: bool, bias: bool = True):
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
         self.norm = nn.LayerNorm(16) if norm else nn.Identity()
-        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 10)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16, bias=bias)
+        self.head = nn.Linear(16, 10, bias=bias)
 
     def forward(self, x):
         x = self.stem(x)
@@ -372,14 +373,17 @@ class ChannelsLastMLP(nn.Module):
         return self.head((x + y.permute(0, 3, 1, 2)).mean((2, 3)))
 
 
-@pytest.mark.parametrize("norm", [False, True], ids=["plain", "layernorm"])
-def test_linear_on_a_4d_tensor_exports_as_gemm_on_rows(norm, tmp_path):
-    """torch.onnx writes a Linear on a tensor of more than two dimensions as MatMul with a transposed copy of
-    the weight; the export writes Reshape, Gemm on the weight initializer itself, Reshape: both formats export,
-    the QDQ graph bit for bit, and the integer reference runs it at another batch size than the export's."""
+@pytest.mark.parametrize(
+    "norm, bias", [(False, True), (True, True), (False, False)], ids=["plain", "layernorm", "no-bias"]
+)
+def test_linear_on_a_4d_tensor_exports_as_gemm_on_rows(norm, bias, tmp_path):
+    """torch.onnx writes a Linear on a tensor of more than two dimensions, or one without bias, as MatMul with
+    a transposed copy of the weight; the export writes Gemm on the weight initializer itself (between two
+    Reshapes; with a zero bias): both formats export, the QDQ graph bit for bit, and the integer reference
+    runs it at another batch size than the export's."""
     torch.manual_seed(0)
     shape = (1, 3, 8, 8)
-    q = observed(xnnq.QuantTrainModule(ChannelsLastMLP(norm).eval(), torch.randn(shape)), shape)
+    q = observed(xnnq.QuantTrainModule(ChannelsLastMLP(norm, bias).eval(), torch.randn(shape)), shape)
     x = torch.randn(2, 3, 8, 8)
     tidl = check_tidl(export_onnx(q, torch.randn(shape), tmp_path / "m.onnx"), q, x, weight_layers=4)
     model, r = check_qdq(

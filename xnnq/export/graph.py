@@ -187,7 +187,11 @@ def _plain_layer(mod: QuantConv2d | QuantLinear, w: torch.Tensor, b: torch.Tenso
             dtype=w.dtype,
         )
     else:
-        out = RowsLinear(mod.in_features, mod.out_features, b is not None, device=w.device, dtype=w.dtype)
+        # a zero bias where there is none: torch.onnx writes a Linear without bias as MatMul with a transposed
+        # copy of the weight, with one as Gemm on the weight itself
+        out = RowsLinear(mod.in_features, mod.out_features, True, device=w.device, dtype=w.dtype)
+        if b is None:
+            b = torch.zeros(mod.out_features, device=w.device, dtype=w.dtype)
     out.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
     if b is not None:
         out.bias = nn.Parameter(b.detach().clone(), requires_grad=False)

@@ -182,6 +182,11 @@ class IntegerReference:
                 raise
             except (ValueError, IndexError, KeyError) as e:
                 raise IntegerReferenceError(f"{where}: {e}") from e
+            except AttributeError as e:  # a float array where the op reads a quantized tensor's fields
+                raise IntegerReferenceError(
+                    f"{where}: an input is a float tensor (a constant or a layer xnnq did not quantize) where "
+                    f"a quantized one is needed ({e}); the integer reference runs quantized graphs only"
+                ) from e
             for name, value in zip(node.output, outs):
                 env[name] = value
             if keep and node.op_type == "QuantizeLinear":
