@@ -4,7 +4,7 @@ Built from ``qmodel.module`` (a ``torch.fx.GraphModule``) and ``qmodel.plan`` by
 never by editing the quantized model:
 
 * every weight layer of the plan becomes a plain ``nn.Conv2d`` / ``nn.Linear`` (:class:`RowsLinear`: on an
-  input of more than two dimensions it exports as Reshape, Gemm, Reshape) holding
+  input of other than two dimensions it exports as Reshape, Gemm, Reshape) holding
   ``quantized_weight_bias(bn, input_quant)`` (the BatchNorm and input quantizer the plan names) —
   BatchNorm folded, weights and bias already on their quantization grid; the BatchNorm / quantizer
   ``get_attr`` arguments are dropped;
@@ -160,13 +160,13 @@ def build_export_graph(
 
 
 class RowsLinear(nn.Linear):
-    """``nn.Linear`` that reads an input of more than two dimensions as rows (``(..., in) -> (-1, in)``, the linear
-    map, then back): it exports as Reshape, ``Gemm`` with the weight initializer itself (``transB=1``), Reshape.
-    (torch.onnx exports a plain ``nn.Linear`` on such an input as ``MatMul`` with a transposed copy of the
-    weight, which loses the weight's name and layout.)"""
+    """``nn.Linear`` that reads an input of other than two dimensions as rows (``(..., in) -> (-1, in)``, the
+    linear map, then back): it exports as Reshape, ``Gemm`` with the weight initializer itself (``transB=1``),
+    Reshape. (torch.onnx exports a plain ``nn.Linear`` on such an input as ``MatMul`` with a transposed copy
+    of the weight, which loses the weight's name and layout.)"""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() <= 2:
+        if x.dim() == 2:
             return super().forward(x)
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
 

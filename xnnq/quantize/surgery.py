@@ -228,9 +228,8 @@ def _replace_module(gm: fx.GraphModule, node: fx.Node, report: list[Change]) -> 
     new = rule(mod)
     owner, _, leaf = node.target.rpartition(".")
     setattr(gm.get_submodule(owner) if owner else gm, leaf, new)
-    report.append(
-        Change("replace", node.target, f"{type(mod).__name__} -> {type(new).__name__} (exportable ops)")
-    )
+    what = f"torch.nn.{type(mod).__name__} -> xnnq.layers.{type(new).__name__} (ops torch.onnx exports)"
+    report.append(Change("replace", node.target, what))
 
 
 def functionals_to_modules(gm: fx.GraphModule, values: dict, report: list[Change]) -> None:
