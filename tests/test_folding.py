@@ -157,3 +157,39 @@ def test_recomputed_weight_path_gives_bit_identical_outputs_and_gradients(
     assert grads_a.keys() == grads_b.keys() and any("big" in n for n in grads_a)
     for n in grads_a:
         assert torch.equal(grads_a[n], grads_b[n]), n
+
+
+def test_torch_compile_trains_the_qat_model_with_batchnorm_in_training():
+    """``torch.compile(qmodel)`` with BatchNorm in training: BatchNorm updates its running variance in place
+    after the folded weight's graph read it; the compiled steps run (no autograd version error) and, with
+    torch's graph capture and autograd tracing but eager kernels (``aot_eager``), match eager steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    randomize_bn(model)
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)
+    ]
+    losses = {}
+    for mode in ("eager", "compiled"):
+        q = xnnq.QuantTrainModule(copy.deepcopy(model), torch.randn(1, 3, 8, 8)).train()
+        step = torch.compile(q, backend="aot_eager") if mode == "compiled" else q
+        opt = torch.optim.SGD(q.parameters(), lr=0.05)
+        losses[mode] = []
+        for x, y in batches:
+            loss = nn.functional.cross_entropy(step(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[mode].append(loss.item())
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5, abs=1e-6), losses
