@@ -14,7 +14,7 @@ process of its own, at the input size of its row:
 A row fails at the first step that raises (its stage and message are printed). Input sizes are the smallest
 the model takes without a degenerate feature map, 224 for the fixed-size vision transformers and for
 AlexNet, whose adaptive pool ONNX cannot express at a smaller input (that refusal is a row of its own:
-``vgg11_bn`` at 64). About 6 CPU-minutes at 1 thread.
+``vgg11_bn`` at 64). About 7 minutes at 1 thread.
 
     python benchmarks/bench_zoo.py [--models NAME ...] [--threads 1] [--record]
 """
