@@ -437,3 +437,41 @@ def test_calibrating_with_nonfinite_data_names_the_quantizer():
     with pytest.raises(FloatingPointError, match=r"^input_q: the calibration tensor holds NaN or Inf"):
         with torch.no_grad():
             q(x)
+
+
+class FloatBlocks(nn.Module):
+    """A conv, a transposed conv (upsampling) and a transformer layer: torch modules with weights xnnq does not
+    quantize, next to ones it does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.up(torch.relu(self.conv(x)))
+        return self.head(self.encoder(y.flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_modules_whose_weights_stay_float_are_named():
+    """Weights outside Conv2d / Linear (a ConvTranspose2d, a TransformerEncoderLayer run whole) are not quantized:
+    one RuntimeWarning names each module, its type and weights, and the fix; modules the user listed in
+    ``leaf_modules`` are left out, and a model of Conv2d / Linear layers gets no warning."""
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(RuntimeWarning, match="quantizes the weights of Conv2d and Linear") as rec:
+        xnnq.QuantTrainModule(FloatBlocks().eval(), x)
+    msg = str(next(w.message for w in rec if "Conv2d and Linear" in str(w.message)))
+    assert "`up` (ConvTranspose2d: weight)" in msg
+    assert "`encoder` (TransformerEncoderLayer: self_attn.in_proj_weight" in msg
+    assert "`conv`" not in msg and "`head`" not in msg and "tensor ops torch.fx traces" in msg
+    with pytest.warns(RuntimeWarning, match="Conv2d and Linear") as rec:
+        xnnq.QuantCalibrateModule(FloatBlocks().eval(), x, leaf_modules=["encoder"])
+    msg = str(next(w.message for w in rec if "Conv2d and Linear" in str(w.message)))
+    assert "`up`" in msg and "encoder" not in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xnnq.QuantTrainModule(
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)), x
+        )

@@ -88,6 +88,23 @@ WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
+def float_weight_modules(gm: fx.GraphModule, plan: Plan, skip: set[str]) -> list[tuple[str, str, list[str]]]:
+    """``(name, type, parameter names)`` of each module the graph calls whole whose parameters include a matrix
+    or a kernel (two or more dimensions) that no weight spot of ``plan`` quantizes: torch modules other than
+    Conv2d / Linear (ConvTranspose2d, Conv1d, MultiheadAttention, TransformerEncoderLayer, LSTM...), which run
+    in float. ``skip``: module names left out (the user's ``leaf_modules``, chosen knowingly)."""
+    quantized = {w.name for w in plan.weights}
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in quantized or node.target in skip:
+            continue
+        mod = gm.get_submodule(node.target)
+        names = [n for n, p in mod.named_parameters() if p.dim() >= 2]
+        if names:
+            out.append((node.target, type(mod).__name__, names))
+    return out
+
+
 def relu_cap(m: nn.Module) -> float | None:
     return 6.0 if isinstance(m, nn.ReLU6) else None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,7 +17,7 @@ from . import surgery
 from .build import build
 from .capture import CaptureError, check_dummy_input, record_values, trace
 from .config import QuantConfig
-from .plan import Plan, make_plan
+from .plan import Plan, float_weight_modules, make_plan
 
 
 def convert(
@@ -31,6 +32,26 @@ def convert(
     values = record_values(gm, args)
     surgery.run(gm, values, report)
     return gm, values
+
+
+def _warn_float_weights(gm: fx.GraphModule, plan: Plan, leaf_modules: tuple) -> None:
+    """One warning naming the modules whose weights stay float (:func:`~xnnq.quantize.plan.float_weight_modules`),
+    apart from the user's ``leaf_modules``."""
+    names = {m for m in leaf_modules if isinstance(m, str)}
+    types = tuple(m for m in leaf_modules if isinstance(m, type))
+    skip = names | {n for n, m in gm.named_modules() if types and isinstance(m, types)}
+    found = float_weight_modules(gm, plan, skip)
+    if not found:
+        return
+    listed = "; ".join(f"`{n}` ({t}: {', '.join(p[:3])}{', ...' if len(p) > 3 else ''})" for n, t, p in found)
+    warnings.warn(
+        f"xnnq quantizes the weights of Conv2d and Linear layers; these modules run whole, in float, and their "
+        f"weights stay float in the export, outside what QAT or calibration sees: {listed}. To quantize them, "
+        "write them with Conv2d / Linear layers and tensor ops torch.fx traces (e.g. attention as Linear, "
+        "matmul, softmax).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 class QuantBaseModule(nn.Module):
@@ -78,6 +99,7 @@ class QuantBaseModule(nn.Module):
         self.report: list[surgery.Change] = []
         gm, values = convert(float_model, args, self.leaf_modules, self.report)
         self.plan: Plan = make_plan(gm, values, self.config)
+        _warn_float_weights(gm, self.plan, self.leaf_modules)
         build(gm, self.plan, self.report, self.config)
         gm.delete_all_unused_submodules()
         self.module = gm
