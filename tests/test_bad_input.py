@@ -449,22 +449,25 @@ class FloatBlocks(nn.Module):
         self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
         self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
         self.head = nn.Linear(8, 4)
+        self.extra = nn.Parameter(torch.randn(4, 4))
 
     def forward(self, x):
         y = self.up(torch.relu(self.conv(x)))
-        return self.head(self.encoder(y.flatten(2).transpose(1, 2)).mean(1))
+        return F.linear(self.head(self.encoder(y.flatten(2).transpose(1, 2)).mean(1)), self.extra)
 
 
 def test_modules_whose_weights_stay_float_are_named():
-    """Weights outside Conv2d / Linear (a ConvTranspose2d, a TransformerEncoderLayer run whole) are not quantized:
-    one RuntimeWarning names each module, its type and weights, and the fix; modules the user listed in
-    ``leaf_modules`` are left out, and a model of Conv2d / Linear layers gets no warning."""
+    """Weights outside Conv2d / Linear modules (a ConvTranspose2d, a TransformerEncoderLayer run whole, a
+    parameter given to F.linear) are not quantized: one RuntimeWarning names each module or call, its weights
+    and the fix; modules the user listed in ``leaf_modules`` are left out, and a model of Conv2d / Linear
+    layers gets no warning."""
     x = torch.randn(1, 3, 8, 8)
     with pytest.warns(RuntimeWarning, match="quantizes the weights of Conv2d and Linear") as rec:
         xnnq.QuantTrainModule(FloatBlocks().eval(), x)
     msg = str(next(w.message for w in rec if "Conv2d and Linear" in str(w.message)))
     assert "`up` (ConvTranspose2d: weight)" in msg
     assert "`encoder` (TransformerEncoderLayer: self_attn.in_proj_weight" in msg
+    assert "`linear` (linear: extra)" in msg
     assert "`conv`" not in msg and "`head`" not in msg and "tensor ops torch.fx traces" in msg
     with pytest.warns(RuntimeWarning, match="Conv2d and Linear") as rec:
         xnnq.QuantCalibrateModule(FloatBlocks().eval(), x, leaf_modules=["encoder"])

@@ -92,7 +92,8 @@ def float_weight_modules(gm: fx.GraphModule, plan: Plan, skip: set[str]) -> list
     """``(name, type, parameter names)`` of each module the graph calls whole whose parameters include a matrix
     or a kernel (two or more dimensions) that no weight spot of ``plan`` quantizes: torch modules other than
     Conv2d / Linear (ConvTranspose2d, Conv1d, MultiheadAttention, TransformerEncoderLayer, LSTM...), which run
-    in float. ``skip``: module names left out (the user's ``leaf_modules``, chosen knowingly)."""
+    in float; and ``(node, function, parameter names)`` of each :data:`FUNCTIONAL_LAYERS` call given such a
+    parameter. ``skip``: module names left out (the user's ``leaf_modules``, chosen knowingly)."""
     quantized = {w.name for w in plan.weights}
     out = []
     for node in gm.graph.nodes:
@@ -102,7 +103,36 @@ def float_weight_modules(gm: fx.GraphModule, plan: Plan, skip: set[str]) -> list
         names = [n for n, p in mod.named_parameters() if p.dim() >= 2]
         if names:
             out.append((node.target, type(mod).__name__, names))
+    for node in gm.graph.nodes:  # a weight passed to a functional layer (F.conv2d(x, self.weight), ...)
+        if node.op != "call_function" or node.target not in FUNCTIONAL_LAYERS:
+            continue
+        names = [
+            a.target
+            for a in node.all_input_nodes
+            if a.op == "get_attr" and isinstance(p := _attr(gm, a.target), nn.Parameter) and p.dim() >= 2
+        ]
+        if names:
+            out.append((node.name, getattr(node.target, "__name__", str(node.target)), names))
     return out
+
+
+# functionals that apply a weight: a parameter passed to one is not quantized (only modules are)
+FUNCTIONAL_LAYERS = (
+    torch.nn.functional.linear,
+    torch.nn.functional.conv1d,
+    torch.nn.functional.conv2d,
+    torch.nn.functional.conv_transpose2d,
+    torch.matmul,
+    torch.mm,
+    torch.bmm,
+)
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def relu_cap(m: nn.Module) -> float | None:
