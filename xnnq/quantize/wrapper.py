@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,8 +52,17 @@ def _warn_float_weights(gm: fx.GraphModule, plan: Plan, leaf_modules: tuple) -> 
         f"or calibration sees: {listed}. To quantize them, write them with nn.Conv2d / nn.Linear modules and "
         "tensor ops torch.fx traces (e.g. attention as Linear, matmul, softmax).",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=_caller_level(),
     )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside xnnq (the user's line), seen from the caller."""
+    package = str(Path(__file__).resolve().parents[1])
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class QuantBaseModule(nn.Module):
