@@ -412,22 +412,11 @@ def _global(kind: str):
     return handler
 
 
-def _quantized_operands(ins: list, where: str) -> None:
-    for i, name in ((0, "first input"), (1, "second input (the weight)")):
-        if not isinstance(ins[i], QTensor):
-            raise IntegerReferenceError(
-                f"{where}: its {name} is a float tensor (a layer xnnq did not quantize, e.g. inside a leaf "
-                "module); the integer reference runs quantized layers only"
-            )
-
-
 def _conv(ref: IntegerReference, ins: list, attrs: dict, where: str):
-    _quantized_operands(ins, where)
     return ops.conv(ins[0], ins[1], _const(ins, 2), attrs, where)
 
 
 def _gemm(ref: IntegerReference, ins: list, attrs: dict, where: str):
-    _quantized_operands(ins, where)
     c = _const(ins, 2)
     if c is not None and not isinstance(c, QTensor):
         raise IntegerReferenceError(f"{where}: the Gemm bias must be a quantized (DequantizeLinear) constant")

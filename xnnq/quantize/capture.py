@@ -67,10 +67,17 @@ def check_dummy_input(dummy_input: Any) -> tuple[torch.Tensor, ...]:
     return args
 
 
+def leaf_names_types(leaf_modules: Iterable[str | type]) -> tuple[set[str], tuple[type, ...]]:
+    """``leaf_modules`` split into module names and module types."""
+    leaf_modules = tuple(leaf_modules)
+    return {m for m in leaf_modules if isinstance(m, str)}, tuple(
+        m for m in leaf_modules if isinstance(m, type)
+    )
+
+
 def trace(model: nn.Module, leaf_modules: Iterable[str | type] = ()) -> fx.GraphModule:
     """Symbolically trace ``model``; an untraceable model gives a :class:`CaptureError` naming the module and line."""
-    names = {m for m in leaf_modules if isinstance(m, str)}
-    types = tuple(m for m in leaf_modules if isinstance(m, type))
+    names, types = leaf_names_types(leaf_modules)
     known = dict(model.named_modules())
     missing = sorted(n for n in names if n not in known)
     if missing:

@@ -7,6 +7,7 @@ The plan is data computed once from the graph after surgery; building the module
 from __future__ import annotations
 
 import fnmatch
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -97,22 +98,21 @@ def float_weight_modules(gm: fx.GraphModule, plan: Plan, skip: set[str]) -> list
     quantized = {w.name for w in plan.weights}
     out = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or node.target in quantized or node.target in skip:
-            continue
-        mod = gm.get_submodule(node.target)
-        names = [n for n, p in mod.named_parameters() if p.dim() >= 2]
-        if names:
-            out.append((node.target, type(mod).__name__, names))
-    for node in gm.graph.nodes:  # a weight passed to a functional layer (F.conv2d(x, self.weight), ...)
-        if node.op != "call_function" or node.target not in FUNCTIONAL_LAYERS:
-            continue
-        names = [
-            a.target
-            for a in node.all_input_nodes
-            if a.op == "get_attr" and isinstance(p := _attr(gm, a.target), nn.Parameter) and p.dim() >= 2
-        ]
-        if names:
-            out.append((node.name, getattr(node.target, "__name__", str(node.target)), names))
+        if node.op == "call_module" and node.target not in quantized and node.target not in skip:
+            mod = gm.get_submodule(node.target)
+            names = [n for n, p in mod.named_parameters() if p.dim() >= 2]
+            if names:
+                out.append((node.target, type(mod).__name__, names))
+        elif node.op == "call_function" and node.target in FUNCTIONAL_LAYERS:  # F.conv2d(x, self.weight), ...
+            names = [
+                a.target
+                for a in node.all_input_nodes
+                if a.op == "get_attr"
+                and isinstance(p := operator.attrgetter(a.target)(gm), nn.Parameter)
+                and p.dim() >= 2
+            ]
+            if names:
+                out.append((node.name, getattr(node.target, "__name__", str(node.target)), names))
     return out
 
 
@@ -126,13 +126,6 @@ FUNCTIONAL_LAYERS = (
     torch.mm,
     torch.bmm,
 )
-
-
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def relu_cap(m: nn.Module) -> float | None:

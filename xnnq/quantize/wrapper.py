@@ -17,7 +17,7 @@ from ..layers.pact2 import PACT2
 from ..layers.tqt import LearnedRange
 from . import surgery
 from .build import build
-from .capture import CaptureError, check_dummy_input, record_values, trace
+from .capture import CaptureError, check_dummy_input, leaf_names_types, record_values, trace
 from .config import QuantConfig
 from .plan import Plan, float_weight_modules, make_plan
 
@@ -39,8 +39,7 @@ def convert(
 def _warn_float_weights(gm: fx.GraphModule, plan: Plan, leaf_modules: tuple) -> None:
     """One warning naming the modules whose weights stay float (:func:`~xnnq.quantize.plan.float_weight_modules`),
     apart from the user's ``leaf_modules``."""
-    names = {m for m in leaf_modules if isinstance(m, str)}
-    types = tuple(m for m in leaf_modules if isinstance(m, type))
+    names, types = leaf_names_types(leaf_modules)
     skip = names | {n for n, m in gm.named_modules() if types and isinstance(m, types)}
     found = float_weight_modules(gm, plan, skip)
     if not found:
