@@ -440,13 +440,13 @@ def test_calibrating_with_nonfinite_data_names_the_quantizer():
 
 
 class FloatBlocks(nn.Module):
-    """A conv, a transposed conv (upsampling) and a transformer layer: torch modules with weights xnnq does not
-    quantize, next to ones it does."""
+    """A conv, a grouped transposed conv (upsampling) and a transformer layer: torch modules with weights xnnq does
+    not quantize, next to ones it does."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2)
         self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
         self.head = nn.Linear(8, 4)
         self.extra = nn.Parameter(torch.randn(4, 4))
@@ -457,21 +457,23 @@ class FloatBlocks(nn.Module):
 
 
 def test_modules_whose_weights_stay_float_are_named():
-    """Weights outside Conv2d / Linear modules (a ConvTranspose2d, a TransformerEncoderLayer run whole, a
+    """Weights outside Conv2d / Linear / ConvTranspose2d modules (a grouped ConvTranspose2d, a TransformerEncoderLayer run whole, a
     parameter given to F.linear) are not quantized: one RuntimeWarning names each module or call, its weights
     and the fix; modules the user listed in ``leaf_modules`` are left out, and a model of Conv2d / Linear
     layers gets no warning."""
     x = torch.randn(1, 3, 8, 8)
-    with pytest.warns(RuntimeWarning, match="quantizes the weights of Conv2d and Linear") as rec:
+    with pytest.warns(
+        RuntimeWarning, match="quantizes the weights of Conv2d, Linear and ConvTranspose2d"
+    ) as rec:
         xnnq.QuantTrainModule(FloatBlocks().eval(), x)
-    msg = str(next(w.message for w in rec if "Conv2d and Linear" in str(w.message)))
+    msg = str(next(w.message for w in rec if "Conv2d, Linear and" in str(w.message)))
     assert "`up` (ConvTranspose2d: weight)" in msg
     assert "`encoder` (TransformerEncoderLayer: self_attn.in_proj_weight" in msg
     assert "`linear` (linear: extra)" in msg
     assert "`conv`" not in msg and "`head`" not in msg and "tensor ops torch.fx traces" in msg
-    with pytest.warns(RuntimeWarning, match="Conv2d and Linear") as rec:
+    with pytest.warns(RuntimeWarning, match="Conv2d, Linear and ConvTranspose2d") as rec:
         xnnq.QuantCalibrateModule(FloatBlocks().eval(), x, leaf_modules=["encoder"])
-    msg = str(next(w.message for w in rec if "Conv2d and Linear" in str(w.message)))
+    msg = str(next(w.message for w in rec if "Conv2d, Linear and" in str(w.message)))
     assert "`up`" in msg and "encoder" not in msg
     with warnings.catch_warnings():
         warnings.simplefilter("error")

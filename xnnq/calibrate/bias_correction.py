@@ -87,7 +87,7 @@ class InputMean(nn.Module):
 
 
 def _channel_mean(y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
         return y.mean(dim=[d for d in range(y.dim()) if d != 1])
     return y.reshape(-1, y.shape[-1]).mean(0)
 
@@ -98,7 +98,7 @@ def weight_error_mean(
 ) -> torch.Tensor | None:
     """Per-output-channel shift of ``layer``'s output mean caused by its weight quantization.
 
-    ``layer`` is a :class:`~xnnq.layers.QuantConv2d` / :class:`~xnnq.layers.QuantLinear`; its
+    ``layer`` is a :class:`~xnnq.layers.QuantConv2d` / ``QuantConvTranspose2d`` / ``QuantLinear``; its
     ``bias_correction`` is ignored here. ``None`` when the layer has no bias after folding.
     """
     saved = layer.bias_correction.clone()

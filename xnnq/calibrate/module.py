@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..layers import PACT2, QuantConv2d, QuantLinear
+from ..layers import PACT2, QuantConv2d, QuantConvTranspose2d, QuantLinear
 from ..layers.blocks import AddBlock, CatBlock, MultBlock
 from ..quantize.config import QuantConfig
 from ..quantize.wrapper import QuantBaseModule
@@ -24,6 +24,7 @@ WEIGHT_CLIPPING = (None, "mse")
 # that input has no other reader: never one that a layer also reads)
 _READERS = (
     QuantConv2d,
+    QuantConvTranspose2d,
     QuantLinear,
     AddBlock,
     CatBlock,

@@ -55,7 +55,11 @@ def tidl_emulation(path: str | Path, per_channel: bool | Iterable[str] | None = 
     init_names = {t.name for t in graph.initializer}
     weights = {}
     for n in graph.node:
-        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 2 or n.input[1] not in init_names:
+        if (
+            n.op_type not in ("Conv", "ConvTranspose", "Gemm")
+            or len(n.input) < 2
+            or n.input[1] not in init_names
+        ):
             continue
         out = n.output[0]
         nxt = users.get(out, [])
@@ -67,7 +71,7 @@ def tidl_emulation(path: str | Path, per_channel: bool | Iterable[str] | None = 
 
 
 def requantization_error(path: str | Path) -> dict[str, float]:
-    """Per Conv/Gemm weight of the float export at ``path``: max |w − requantized(w)| under the emulation's
+    """Per Conv/ConvTranspose/Gemm weight of the float export at ``path``: max |w − requantized(w)| under the emulation's
     rule (0.0 when the exported weight is already on its grid, as TIDL needs)."""
     model = tidl_emulation(path)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

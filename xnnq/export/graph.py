@@ -3,7 +3,7 @@
 Built from ``qmodel.module`` (a ``torch.fx.GraphModule``) and ``qmodel.plan`` by graph transformation,
 never by editing the quantized model:
 
-* every weight layer of the plan becomes a plain ``nn.Conv2d`` / ``nn.Linear`` (:class:`RowsLinear`: on an
+* every weight layer of the plan becomes a plain ``nn.Conv2d`` / ``nn.ConvTranspose2d`` / ``nn.Linear`` (:class:`RowsLinear`: on an
   input of other than two dimensions it exports as Reshape, Gemm, Reshape) holding
   ``quantized_weight_bias(bn, input_quant)`` (the BatchNorm and input quantizer the plan names) —
   BatchNorm folded, weights and bias already on their quantization grid; the BatchNorm / quantizer
@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from ..layers.pact2 import PACT2
-from ..layers.quant_weight import QuantConv2d, QuantLinear
+from ..layers.quant_weight import QuantConv2d, QuantConvTranspose2d, QuantLinear
 from ..quantize.plan import Plan
 
 DROPPED = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
@@ -96,7 +96,7 @@ def build_export_graph(
         mod = src.get_submodule(node.target)
         if node.target in weight_spots:
             spot = weight_spots[node.target]
-            layer: QuantConv2d | QuantLinear = mod
+            layer: QuantConv2d | QuantConvTranspose2d | QuantLinear = mod
             bn = src.get_submodule(spot.bn) if spot.bn else None
             in_q: PACT2 | None = src.get_submodule(spot.input_quant) if spot.input_quant else None
             if bn is not None and bn.training:
@@ -171,8 +171,24 @@ class RowsLinear(nn.Linear):
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
 
 
-def _plain_layer(mod: QuantConv2d | QuantLinear, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
-    if isinstance(mod, QuantConv2d):
+def _plain_layer(
+    mod: QuantConv2d | QuantConvTranspose2d | QuantLinear, w: torch.Tensor, b: torch.Tensor | None
+) -> nn.Module:
+    if isinstance(mod, QuantConvTranspose2d):
+        out = nn.ConvTranspose2d(
+            mod.in_channels,
+            mod.out_channels,
+            mod.kernel_size,
+            mod.stride,
+            mod.padding,
+            mod.output_padding,
+            mod.groups,
+            b is not None,
+            mod.dilation,
+            device=w.device,
+            dtype=w.dtype,
+        )
+    elif isinstance(mod, QuantConv2d):
         out = nn.Conv2d(
             mod.in_channels,
             mod.out_channels,

@@ -6,7 +6,7 @@ TIDL emulation).
   range over ``2^b`` (unsigned) or ``2^(b-1)`` (signed) — what :class:`~xnnq.layers.PACT2` computes.
   The ``Clip`` itself is dropped when the quantizer's saturation gives the same interval, and kept
   only where it cuts inside the grid (a ReLU6's 6 on a range of 8).
-* every Conv/Gemm weight: int8/int16 initializer + ``DequantizeLinear`` (per tensor, or per output
+* every Conv/ConvTranspose/Gemm weight: int8/int16 initializer + ``DequantizeLinear`` (per tensor, or per output
   channel), scale from :func:`xnnq.layers.weight_scale` — the rule under which re-quantizing the
   exported weights changes nothing.
 * every bias: int32 codes + ``DequantizeLinear`` with scale ``s_in · s_w`` (``s_in`` of the quantizer
@@ -50,7 +50,7 @@ class ActQuant:
 
 @dataclass
 class WeightQuant:
-    """How one Conv/Gemm weight initializer is quantized."""
+    """How one Conv/ConvTranspose/Gemm weight initializer is quantized."""
 
     bits: int = 8
     per_channel: bool = False
@@ -153,14 +153,20 @@ def to_qdq(
             act_scale[node.output[0]] = act_params[node.output[0]][2][0]
     weight_nodes: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 and node.input[1] in weights:
+        if (
+            node.op_type in ("Conv", "ConvTranspose", "Gemm")
+            and len(node.input) > 1
+            and node.input[1] in weights
+        ):
             weight_nodes.setdefault(node.input[1], []).append(node)
     for wname, q in weights.items():
         users = weight_nodes.get(wname)
         if not users or wname not in b.inits:
-            raise ValueError(f"to_qdq: weight {wname!r} is not the initializer of a Conv/Gemm weight input")
+            raise ValueError(
+                f"to_qdq: weight {wname!r} is not the initializer of a Conv/ConvTranspose/Gemm weight input"
+            )
         node = users[0]
-        axis = 0
+        axis = 1 if node.op_type == "ConvTranspose" else 0  # the output channels: [in, out, kH, kW] there
         if node.op_type == "Gemm":
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             axis = 0 if trans_b else 1

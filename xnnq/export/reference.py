@@ -7,7 +7,7 @@ activations, int8/int16 weights, int32 biases) with integer arithmetic only:
 * ``QuantizeLinear`` of the float network input: ``x / s`` (exact for a power-of-2 ``s``), rounded
   under the rounding mode at the ``input`` site, saturated to the code range.
 * every other ``DequantizeLinear → op(s) → QuantizeLinear`` chain: the op runs on the integer codes
-  with an exact int64 accumulator (Conv incl. grouped/depthwise, Gemm/MatMul, Add/Sub/Mul, Concat,
+  with an exact int64 accumulator (Conv incl. grouped/depthwise, ConvTranspose, Gemm/MatMul, Add/Sub/Mul, Concat,
   pools, Resize, Clip/Relu, shape ops); operands on different grids are brought to the finer one by
   left shifts (as TIDL multiplies each Add/Concat input by an integer factor before one shift); the
   ``QuantizeLinear`` shifts the accumulator right to its grid with the rounding mode at the
@@ -416,6 +416,10 @@ def _conv(ref: IntegerReference, ins: list, attrs: dict, where: str):
     return ops.conv(ins[0], ins[1], _const(ins, 2), attrs, where)
 
 
+def _conv_transpose(ref: IntegerReference, ins: list, attrs: dict, where: str):
+    return ops.conv_transpose(ins[0], ins[1], _const(ins, 2), attrs, where)
+
+
 def _gemm(ref: IntegerReference, ins: list, attrs: dict, where: str):
     c = _const(ins, 2)
     if c is not None and not isinstance(c, QTensor):
@@ -439,6 +443,7 @@ def _relu(ref: IntegerReference, ins: list, attrs: dict, where: str):
 
 _HANDLERS = {
     "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
     "MatMul": _gemm,
     "Add": lambda r, ins, a, w: ops.add(ins[0], ins[1], w),

@@ -298,6 +298,40 @@ def conv(x: QTensor, w: QTensor, b: QTensor | None, attrs: dict, where: str) -> 
     return y
 
 
+def conv_transpose(x: QTensor, w: QTensor, b: QTensor | None, attrs: dict, where: str) -> QTensor:
+    """ConvTranspose (group 1) as the Conv it equals: the input with ``stride − 1`` zeros between samples, padded
+    by ``dilation·(kernel − 1) − pads`` (plus ``output_padding`` at the end; cropped where that is negative),
+    convolved at stride 1 with the kernel flipped and its in/out axes swapped. Exact like :func:`conv`."""
+    if int(attrs.get("group", 1)) != 1:
+        raise IntegerReferenceError(
+            f"{where}: ConvTranspose with group > 1 is not supported (TIDL takes group 1)"
+        )
+    if attrs.get("output_shape") or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise IntegerReferenceError(
+            f"{where}: ConvTranspose with output_shape or auto_pad is not supported; export explicit pads"
+        )
+    if x.den != 1 or np.ndim(x.exp):
+        x = scalar_exp(x, where)
+    xn, wn = x.num, w.num
+    n = xn.ndim - 2
+    kernel = [int(k) for k in (attrs.get("kernel_shape") or wn.shape[2:])]
+    strides, dil = _ints(attrs.get("strides"), n, 1), _ints(attrs.get("dilations"), n, 1)
+    pads, extra = _ints(attrs.get("pads"), 2 * n, 0), _ints(attrs.get("output_padding"), n, 0)
+    up = np.zeros(xn.shape[:2] + tuple((h - 1) * s + 1 for h, s in zip(xn.shape[2:], strides)), xn.dtype)
+    up[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)] = xn
+    crop, conv_pads = [slice(None), slice(None)], [0] * (2 * n)
+    for i in range(n):
+        begin = dil[i] * (kernel[i] - 1) - pads[i]
+        end = dil[i] * (kernel[i] - 1) - pads[n + i] + extra[i]
+        crop.append(slice(max(-begin, 0), up.shape[2 + i] - max(-end, 0)))
+        conv_pads[i], conv_pads[n + i] = max(begin, 0), max(end, 0)
+    e = channel_exp(w, 1, where)  # one exponent per output channel (axis 1 of [in, out, ...])
+    flipped = np.ascontiguousarray(np.flip(np.swapaxes(wn, 0, 1), axis=tuple(range(2, 2 + n))))
+    w_conv = QTensor(flipped, e.reshape((-1,) + (1,) * (n + 1)) if e.ndim else int(e), w.den)
+    attrs_conv = {"kernel_shape": kernel, "strides": [1] * n, "dilations": dil, "pads": conv_pads, "group": 1}
+    return conv(replace(x, num=np.ascontiguousarray(up[tuple(crop)])), w_conv, b, attrs_conv, where)
+
+
 def channel_exp(t: QTensor, axis: int, where: str = "") -> np.ndarray:
     """The exponent of ``t`` as one value per index of ``axis`` (0-d when ``t`` has a single exponent)."""
     e = np.asarray(t.exp, dtype=np.int64)

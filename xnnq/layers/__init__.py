@@ -5,7 +5,7 @@ from .fake_quant import activation_scale, fake_quantize, pow2_ceil, quant_bounds
 from .freeze import freeze_quant_range, set_quant_enabled, set_rounding, unfreeze_quant_range
 from .observer import RangeObserver
 from .pact2 import PACT2
-from .quant_weight import QuantConv2d, QuantLinear
+from .quant_weight import QUANT_WEIGHT_LAYERS, QuantConv2d, QuantConvTranspose2d, QuantLinear
 from .range_tracker import RangeTracker
 from .resize import ResizeWith, resize_with
 from .rounding import Rounding
@@ -27,7 +27,9 @@ __all__ = [
     "RangeObserver",
     "RangeTracker",
     "QuantConv2d",
+    "QuantConvTranspose2d",
     "QuantLinear",
+    "QUANT_WEIGHT_LAYERS",
     "fake_quantize",
     "quantize_bias",
     "quant_bounds",

@@ -30,10 +30,13 @@ def _inv_std(running_var: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def fold_bn(
-    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm, axis: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``bn(layer(x))`` for a conv/linear layer with ``weight`` / ``bias`` (bias may be None)."""
+    """Weight and bias of ``bn(layer(x))`` for a conv/linear layer with ``weight`` / ``bias`` (bias may be None);
+    ``axis``: the weight's output-channel axis (1 for a transposed convolution)."""
     c = bn_scale(bn)
     b = bias if bias is not None else torch.zeros_like(bn.running_mean)
     shift = bn.bias if bn.affine else torch.zeros_like(c)
-    return weight * c.view(-1, *([1] * (weight.dim() - 1))), shift + (b - bn.running_mean) * c
+    view = [1] * weight.dim()
+    view[axis] = -1
+    return weight * c.view(view), shift + (b - bn.running_mean) * c

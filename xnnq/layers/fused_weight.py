@@ -37,6 +37,7 @@ def applies(layer, w: torch.Tensor) -> bool:
     """Whether ``layer``'s weight path can run here for the folded weight ``w``."""
     return (
         layer.power2
+        and layer.out_axis == 0  # rows are output channels (not a transposed convolution's [in, out, ...])
         and layer.learned_range is None
         and w.dtype == torch.float32
         and w.device.type == "cpu"

@@ -69,10 +69,12 @@ RECOMPUTE_MIN_NUMEL = 1 << 16  # weights from which the weight path is recompute
 
 
 class _FoldedWeightMixin:
-    """Shared folding and weight quantization for :class:`QuantConv2d` and :class:`QuantLinear`."""
+    """Shared folding and weight quantization for :class:`QuantConv2d`, :class:`QuantConvTranspose2d` and
+    :class:`QuantLinear`."""
 
     weight: nn.Parameter
     bias: nn.Parameter | None
+    out_axis: int = 0  # the weight's output-channel axis (1 for a transposed convolution's [in, out, kH, kW])
 
     learned_range: LearnedRange | None
 
@@ -111,7 +113,7 @@ class _FoldedWeightMixin:
         self.constrain_weights, self.outlier_ratio, self.name = constrain_weights, outlier_ratio, name
         self.quant_enabled = True
         # set by calibration (xnnq.calibrate); zeros leave the layer unchanged
-        out, dev = self.weight.shape[0], self.weight.device
+        out, dev = self.weight.shape[self.out_axis], self.weight.device
         self.register_buffer("bias_correction", torch.zeros(out, dtype=self.weight.dtype, device=dev))
         self.register_buffer(
             "weight_range_shift", torch.zeros((out,) if per_channel else (), dtype=torch.long, device=dev)
@@ -153,7 +155,8 @@ class _FoldedWeightMixin:
 
     # ------------------------------------------------------------------------------------- folding
     def _channel_view(self, v: torch.Tensor) -> torch.Tensor:
-        return v.view(-1, *([1] * (self.weight.dim() - 1)))
+        """``v`` (one value per output channel) shaped to broadcast along the weight's output-channel axis."""
+        return v.view(*([1] * self.out_axis), -1, *([1] * (self.weight.dim() - 1 - self.out_axis)))
 
     def folded_weight_bias(
         self, bn: nn.modules.batchnorm._BatchNorm | None
@@ -165,12 +168,13 @@ class _FoldedWeightMixin:
         """
         if bn is None:
             return self.weight, (self.bias - self.bias_correction if self.bias is not None else None)
-        w, b = fold_bn(self.weight, self.bias, bn)
+        w, b = fold_bn(self.weight, self.bias, bn, self.out_axis)
         return w, b - self.bias_correction
 
     # ------------------------------------------------------------------------------- quantization
     def weight_axis(self) -> int | None:
-        return 0 if self.per_channel else None
+        """The axis of per-channel weight scales (the output channels), ``None`` per tensor."""
+        return self.out_axis if self.per_channel else None
 
     def outlier_bound(self, w: torch.Tensor) -> torch.Tensor:
         """``outlier_ratio·σ`` of ``w`` (0-d, detached), σ its sample standard deviation."""
@@ -184,7 +188,7 @@ class _FoldedWeightMixin:
         weights beyond it are isolated, else ``inf`` (nothing clipped)."""
         wd = w.detach()
         t = self.outlier_bound(wd)
-        isolated = (wd.abs() > t).sum(dtype=torch.int32) <= max(1, w.shape[0] // 16)
+        isolated = (wd.abs() > t).sum(dtype=torch.int32) <= max(1, w.shape[self.out_axis] // 16)
         isolated &= (
             t > 0
         )  # σ = 0 (constant or single weights): nothing is an outlier, nothing is clipped to 0
@@ -254,7 +258,9 @@ class _FoldedWeightMixin:
         if b is not None and input_quant is not None and input_quant.quant_enabled:
             s_in, qmin, qmax = input_quant.qparams()
             codes = torch.round(wq.detach() / (self._channel_view(ws) if ws.dim() else ws))
-            room = accumulator_headroom(codes, self.weight_bits, input_quant.bits, max(-qmin, qmax))
+            room = accumulator_headroom(
+                codes, self.weight_bits, input_quant.bits, max(-qmin, qmax), self.out_axis
+            )
             b = quantize_bias(b, s_in * ws, room)
         return wq, b
 
@@ -341,6 +347,37 @@ class QuantConv2d(_FoldedWeightMixin, nn.Conv2d):
         return self._conv_forward(x, w, b)
 
 
+class QuantConvTranspose2d(_FoldedWeightMixin, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` (``groups=1``) whose forward folds the following BatchNorm and fake-quantizes
+    weights and bias; its weight is ``[in, out, kH, kW]``, so BatchNorm and per-channel scales act on axis 1.
+    The output size is the layer's own (``output_padding``; a call with ``output_size=`` stays float)."""
+
+    out_axis = 1
+
+    @classmethod
+    def _shell(cls, deconv: nn.ConvTranspose2d) -> QuantConvTranspose2d:
+        if deconv.groups != 1:
+            raise ValueError(f"QuantConvTranspose2d: groups must be 1, got {deconv.groups}")
+        return cls(
+            deconv.in_channels,
+            deconv.out_channels,
+            deconv.kernel_size,
+            deconv.stride,
+            deconv.padding,
+            deconv.output_padding,
+            deconv.groups,
+            deconv.bias is not None,
+            deconv.dilation,
+            deconv.padding_mode,
+            device="meta",
+        )
+
+    def layer_forward(self, x, w, b):
+        return F.conv_transpose2d(
+            x, w, b, self.stride, self.padding, self.output_padding, self.groups, self.dilation
+        )
+
+
 class QuantLinear(_FoldedWeightMixin, nn.Linear):
     """``nn.Linear`` whose forward folds a following BatchNorm1d and fake-quantizes weights and bias."""
 
@@ -350,3 +387,10 @@ class QuantLinear(_FoldedWeightMixin, nn.Linear):
 
     def layer_forward(self, x, w, b):
         return F.linear(x, w, b)
+
+
+QUANT_WEIGHT_LAYERS = (
+    QuantConv2d,
+    QuantConvTranspose2d,
+    QuantLinear,
+)  # every layer whose weights xnnq quantizes

@@ -12,7 +12,7 @@ from torch import nn
 from ..layers.blocks import AddBlock, MultBlock
 from ..layers.pact2 import PACT2
 from ..layers.pooling import IndexMaxPool2d
-from ..layers.quant_weight import QuantConv2d, QuantLinear
+from ..layers.quant_weight import QUANT_WEIGHT_LAYERS, QuantConv2d, QuantConvTranspose2d, QuantLinear
 from ..layers.resize import ResizeWith
 from ..layers.rounding import Site
 from ..layers.tqt import LearnedRange
@@ -85,10 +85,10 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
     for w in plan.weights:
         node = next(n for n in graph.nodes if n.op == "call_module" and n.target == w.name)
         float_mod = gm.get_submodule(w.name)
-        cls = QuantConv2d if isinstance(float_mod, nn.Conv2d) else QuantLinear
+        cls = _quant_class(float_mod)
         learned = (
             LearnedRange(
-                (float_mod.weight.shape[0],) if w.per_channel else (),
+                (float_mod.weight.shape[cls.out_axis],) if w.per_channel else (),
                 init_batches=config.range_init_batches,
                 name=w.name,
             )
@@ -142,13 +142,26 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
     gm.recompile()
 
 
+_QUANT_CLASS: dict[type, type] = {
+    nn.Conv2d: QuantConv2d,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
+    nn.Linear: QuantLinear,
+}
+
+
+def _quant_class(mod: nn.Module) -> type:
+    """The quantized class of a weight layer of the plan (an ``nn.Conv2d``, ``nn.ConvTranspose2d``, ``nn.Linear``
+    or a subclass of one)."""
+    return next(q for f, q in _QUANT_CLASS.items() if isinstance(mod, f))
+
+
 def _fresh_output(node: fx.Node, mod: nn.Module) -> bool:
     """``node``'s output is a tensor of its own whose producer's backward does not read it: a conv/linear
     (with its BN), a sum of two or more tensors, a product of two (a squeeze-excitation gate: its backward
     reads the operands), or an in-place SiLU (whose backward keeps its own copy of the input). Not a
     Sigmoid/ReLU-like op (their backward reads the output) nor anything that may return an alias of its
     input."""
-    if isinstance(mod, (QuantConv2d, QuantLinear)):
+    if isinstance(mod, QUANT_WEIGHT_LAYERS):
         return True
     if isinstance(mod, AddBlock):
         return len(node.args) >= 2
@@ -179,7 +192,7 @@ def _fresh_gradient(mod: nn.Module) -> bool:
     """``mod``'s backward makes a gradient tensor of its own for its first input: a conv/linear (with its BN)
     or an element-wise activation. Not an add (both inputs get the same tensor), a view, a concatenation
     (slices of one tensor) or anything else that may pass its gradient on as it is."""
-    return isinstance(mod, (QuantConv2d, QuantLinear)) or type(mod) in _FRESH_GRADIENT_ACTIVATIONS
+    return isinstance(mod, QUANT_WEIGHT_LAYERS) or type(mod) in _FRESH_GRADIENT_ACTIVATIONS
 
 
 def _allow_sole_reader_reuse(gm: fx.GraphModule) -> None:

@@ -85,15 +85,28 @@ class Plan:
 
 
 RELU_LIKE = (nn.ReLU, nn.ReLU6)
-WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
+WEIGHT_LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+
+def is_weight_layer(m: nn.Module, node: fx.Node) -> bool:
+    """``node`` calls ``m`` as a layer whose weights the plan quantizes: a Conv2d, a Linear, or a ConvTranspose2d
+    with ``groups=1`` (TIDL's deconvolution takes no other; docs/README_tidl.md) called on its input alone (a
+    call with ``output_size=`` stays float)."""
+    if not isinstance(m, WEIGHT_LAYERS):
+        return False
+    if isinstance(m, nn.ConvTranspose2d):
+        return m.groups == 1 and len(node.args) == 1 and not node.kwargs
+    return True
+
+
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def float_weight_modules(gm: fx.GraphModule, plan: Plan, skip: set[str]) -> list[tuple[str, str, list[str]]]:
     """``(name, type, parameter names)`` of each module the graph calls whole whose parameters include a matrix
     or a kernel (two or more dimensions) that no weight spot of ``plan`` quantizes: torch modules other than
-    Conv2d / Linear (ConvTranspose2d, Conv1d, MultiheadAttention, TransformerEncoderLayer, LSTM...), which run
-    in float; and ``(node, function, parameter names)`` of each :data:`FUNCTIONAL_LAYERS` call given such a
+    Conv2d / ConvTranspose2d / Linear (Conv1d, MultiheadAttention, TransformerEncoderLayer, LSTM, a grouped
+    ConvTranspose2d...), which run in float; and ``(node, function, parameter names)`` of each :data:`FUNCTIONAL_LAYERS` call given such a
     parameter. ``skip``: module names left out (the user's ``leaf_modules``, chosen knowingly)."""
     quantized = {w.name for w in plan.weights}
     out = []
@@ -201,7 +214,7 @@ def make_plan(gm: fx.GraphModule, values: dict[fx.Node, Any], config: QuantConfi
                         n.name,
                     ),
                 )
-            elif isinstance(m, WEIGHT_LAYERS):
+            elif is_weight_layer(m, n):
                 out, bn = n, None
                 users = list(n.users)
                 if (
