@@ -174,33 +174,20 @@ class RowsLinear(nn.Linear):
 def _plain_layer(
     mod: QuantConv2d | QuantConvTranspose2d | QuantLinear, w: torch.Tensor, b: torch.Tensor | None
 ) -> nn.Module:
-    if isinstance(mod, QuantConvTranspose2d):
-        out = nn.ConvTranspose2d(
+    if isinstance(mod, (QuantConv2d, QuantConvTranspose2d)):
+        transposed = isinstance(mod, QuantConvTranspose2d)
+        out = (nn.ConvTranspose2d if transposed else nn.Conv2d)(
             mod.in_channels,
             mod.out_channels,
             mod.kernel_size,
-            mod.stride,
-            mod.padding,
-            mod.output_padding,
-            mod.groups,
-            b is not None,
-            mod.dilation,
+            stride=mod.stride,
+            padding=mod.padding,
+            dilation=mod.dilation,
+            groups=mod.groups,
+            bias=b is not None,
             device=w.device,
             dtype=w.dtype,
-        )
-    elif isinstance(mod, QuantConv2d):
-        out = nn.Conv2d(
-            mod.in_channels,
-            mod.out_channels,
-            mod.kernel_size,
-            mod.stride,
-            mod.padding,
-            mod.dilation,
-            mod.groups,
-            b is not None,
-            mod.padding_mode,
-            device=w.device,
-            dtype=w.dtype,
+            **({"output_padding": mod.output_padding} if transposed else {"padding_mode": mod.padding_mode}),
         )
     else:
         # a zero bias where there is none: torch.onnx writes a Linear without bias as MatMul with a transposed
