@@ -146,31 +146,53 @@ static void hist_rows(const float *x, int64_t r0, int64_t r1, int64_t i0, int64_
     }
 }
 
-/* Split over threads (each its own counts, added at the end: integer-valued, so the sum is exact in any
-   order) when the sample is large and the histogram small. */
-void xnnq_hist_add(const float *x, int64_t rows, int64_t len, int64_t stride, float cap, float span,
-                   float mul, int64_t bins, double *counts, int threads) {
-#ifdef _OPENMP
-    if (threads > 1 && rows * len >= 16384 && bins <= 16384) {
-        double *part = calloc((size_t)(threads - 1) * (size_t)bins, sizeof(double));
-        if (part) {
-            _Pragma("omp parallel num_threads(threads)")
-            {
-                int64_t id = omp_get_thread_num(), nt = omp_get_num_threads();
-                double *c = id == 0 ? counts : part + (id - 1) * bins;
-                if (rows >= nt)
-                    hist_rows(x, rows * id / nt, rows * (id + 1) / nt, 0, len, stride, cap, span, mul, bins, c);
-                else /* fewer runs than threads (one long run): split along the runs */
-                    hist_rows(x, 0, rows, len * id / nt, len * (id + 1) / nt, stride, cap, span, mul, bins, c);
-            }
-            for (int64_t t = 0; t < threads - 1; t++)
-                for (int64_t j = 0; j < bins; j++) counts[j] += part[t * bins + j];
-            free(part);
-            return;
+/* hist_rows into HIST_WAYS interleaved uint32 histograms (way = element index mod HIST_WAYS, `bins` apart): a
+   stretch of values in one bin (the zeros after a ReLU) is then HIST_WAYS independent chains of increments
+   instead of one chain of dependent read-modify-writes */
+#define HIST_WAYS 4
+static void hist_rows_ways(const float *x, int64_t r0, int64_t r1, int64_t i0, int64_t i1, int64_t stride,
+                           float cap, float span, float mul, int64_t bins, uint32_t *ways) {
+    for (int64_t r = r0; r < r1; r++) {
+        const float *p = x + r * stride;
+        PREFETCH_RUN(r, r1, p, stride, i1);
+        for (int64_t i = i0; i < i1; i++) {
+            float v = p[i] > cap ? cap : p[i];
+            int64_t j = (int64_t)((v + span) * mul);
+            ways[(i & (HIST_WAYS - 1)) * bins + (j < bins - 1 ? j : bins - 1)] += 1u;
         }
     }
+}
+
+/* Split over threads when the sample is large; each thread counts into its own HIST_WAYS uint32 histograms
+   (below 2^32 values, no count overflows), all added to the double counts at the end (integer-valued, so the
+   sum is exact in any order: the same counts as hist_rows). Large histograms, or no memory for the ways: one
+   chain of double counts. */
+void xnnq_hist_add(const float *x, int64_t rows, int64_t len, int64_t stride, float cap, float span,
+                   float mul, int64_t bins, double *counts, int threads) {
+    int nt = threads > 1 && rows * len >= 16384 ? threads : 1;
+    uint32_t *ways = bins <= 16384 && rows * len < ((int64_t)1 << 32)
+                         ? calloc((size_t)nt * HIST_WAYS * (size_t)bins, sizeof(uint32_t))
+                         : NULL;
+    if (!ways) {
+        hist_rows(x, 0, rows, 0, len, stride, cap, span, mul, bins, counts);
+        return;
+    }
+    _Pragma("omp parallel num_threads(nt) if (nt > 1)")
+    {
+#ifdef _OPENMP
+        int64_t id = omp_get_thread_num(), k = omp_get_num_threads();
+#else
+        int64_t id = 0, k = 1;
 #endif
-    hist_rows(x, 0, rows, 0, len, stride, cap, span, mul, bins, counts);
+        uint32_t *w = ways + id * HIST_WAYS * bins;
+        if (rows >= k)
+            hist_rows_ways(x, rows * id / k, rows * (id + 1) / k, 0, len, stride, cap, span, mul, bins, w);
+        else /* fewer runs than threads (one long run): split along the runs */
+            hist_rows_ways(x, 0, rows, len * id / k, len * (id + 1) / k, stride, cap, span, mul, bins, w);
+    }
+    for (int64_t t = 0; t < (int64_t)nt * HIST_WAYS; t++)
+        for (int64_t j = 0; j < bins; j++) counts[j] += (double)ways[t * bins + j];
+    free(ways);
 }
 
 /* The histogram of a sample in one call: the extremes of its values (ext = [min(lo, cap), min(hi, cap), NaN
@@ -255,8 +277,13 @@ static void cascade_sums(const float *p, int64_t row_stride, int64_t rows, int64
 int xnnq_add_row_sum(const float *restrict x, int64_t rows, int64_t cols, int64_t vec, double *restrict total,
                      int64_t *count, int threads) {
     int64_t vcols = cols - cols % (4 * vec);
-    int64_t tiles = (vcols + ROW_SUM_TILE - 1) / ROW_SUM_TILE;
     int nt = rows * cols > PARALLEL_MIN ? threads : 1;
+    /* tiles of at most ROW_SUM_TILE columns, at least one per thread (in whole cache lines): a column's
+       cascade does not depend on the tile it is in, so the split changes no bit */
+    int64_t tile = ROW_SUM_TILE;
+    if (nt > 1 && vcols < (int64_t)nt * ROW_SUM_TILE) tile = ((vcols + nt - 1) / nt + 15) / 16 * 16;
+    if (tile < 16) tile = 16;
+    int64_t tiles = (vcols + tile - 1) / tile;
     float *work = malloc((size_t)nt * 4 * ROW_SUM_TILE * sizeof(float));
     if (!work) return -1;
     if (count) *count += rows;
@@ -269,7 +296,7 @@ int xnnq_add_row_sum(const float *restrict x, int64_t rows, int64_t cols, int64_
 #endif
         _Pragma("omp for schedule(static)")
         for (int64_t t = 0; t < tiles; t++) {
-            int64_t b = t * ROW_SUM_TILE, m = vcols - b < ROW_SUM_TILE ? vcols - b : ROW_SUM_TILE;
+            int64_t b = t * tile, m = vcols - b < tile ? vcols - b : tile;
             cascade_sums(x + b, cols, rows, m, acc);
             for (int64_t k = 0; k < m; k++) total[b + k] += (double)acc[k];
         }
