@@ -704,6 +704,43 @@ def test_the_c_batch_sum_is_torchs_sum_bit_for_bit():
     assert not cpu_kernels.add_row_sum_applies(torch.randn(5, 7))  # too short for the vector loop
 
 
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512", "DEFAULT"),
+    reason="the C batch sum follows torch's order on x86 only (elsewhere torch's sum is used)",
+)
+def test_the_c_workspaces_are_per_calling_thread():
+    """The batch sum and the histogram keep their workspaces between calls, one per calling thread: two
+    Python threads calling them at once (ctypes releases the GIL) get what each gets alone, bit for bit."""
+    import threading
+
+    from xnnq.calibrate import Histogram
+    from xnnq.layers import cpu_kernels
+    from xnnq.layers.sampling import sample_geometry
+
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(64, 16, 20, 20, generator=g) * (i + 1) for i in range(2)]
+
+    def work(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total = torch.zeros(x.shape[1:], dtype=torch.float64)
+        h = Histogram(bins=8192, sample_size=1 << 14)
+        for _ in range(30):
+            cpu_kernels.add_row_sum(x, total)
+            h(x)
+        return total, h.counts
+
+    alone = [work(x) for x in xs]
+    together: list = [None, None]
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, work(xs[i]))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    rows, length, _, _ = sample_geometry(xs[0].numel(), 1 << 14, 0.0)
+    assert alone[0][1].sum() == 30 * rows * length  # every sampled value counted, every call
+
+
 def test_adds_write_into_their_first_operand_without_autograd_unless_a_hook_could_keep_it(monkeypatch):
     """Calibration and evaluation (no autograd): each residual add of a ResNet-18 writes its sum into the
     quantizer output it alone reads (that quantizer's input is a conv's fresh output, read by nothing else):

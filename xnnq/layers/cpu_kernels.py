@@ -37,6 +37,7 @@ import torch
 SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <math.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -52,6 +53,22 @@ SOURCE = r"""
         __builtin_prefetch((p) + 16 * (stride));           \
         __builtin_prefetch((p) + 16 * (stride) + (end) - 1); \
     }
+
+/* A workspace of at least `bytes` for the calling thread in `slot`, kept between calls (grown, never shrunk,
+   one per calling thread: concurrent calls from two threads do not share it): no allocation, and no fresh
+   pages to fault in, per call. NULL when it cannot be allocated. */
+static void *workspace(int slot, size_t bytes) {
+    static _Thread_local void *ws[2];
+    static _Thread_local size_t have[2];
+    if (have[slot] < bytes) {
+        free(ws[slot]);
+        ws[slot] = malloc(bytes);
+        have[slot] = ws[slot] ? bytes : 0;
+    }
+    return ws[slot];
+}
+#define WS_HIST 0
+#define WS_ROW_SUM 1
 
 /* one element: the code of min(x, cap) (NaN stays NaN), rounded half to even, times the scale (code 0 as
    +0.0); KEEP is the straight-through mask */
@@ -171,7 +188,7 @@ void xnnq_hist_add(const float *x, int64_t rows, int64_t len, int64_t stride, fl
                    float mul, int64_t bins, double *counts, int threads) {
     int nt = threads > 1 && rows * len >= 16384 ? threads : 1;
     uint32_t *ways = bins <= 16384 && rows * len < ((int64_t)1 << 32)
-                         ? calloc((size_t)nt * HIST_WAYS * (size_t)bins, sizeof(uint32_t))
+                         ? workspace(WS_HIST, (size_t)nt * HIST_WAYS * (size_t)bins * sizeof(uint32_t))
                          : NULL;
     if (!ways) {
         hist_rows(x, 0, rows, 0, len, stride, cap, span, mul, bins, counts);
@@ -185,6 +202,7 @@ void xnnq_hist_add(const float *x, int64_t rows, int64_t len, int64_t stride, fl
         int64_t id = 0, k = 1;
 #endif
         uint32_t *w = ways + id * HIST_WAYS * bins;
+        memset(w, 0, HIST_WAYS * (size_t)bins * sizeof(uint32_t));
         if (rows >= k)
             hist_rows_ways(x, rows * id / k, rows * (id + 1) / k, 0, len, stride, cap, span, mul, bins, w);
         else /* fewer runs than threads (one long run): split along the runs */
@@ -192,7 +210,6 @@ void xnnq_hist_add(const float *x, int64_t rows, int64_t len, int64_t stride, fl
     }
     for (int64_t t = 0; t < (int64_t)nt * HIST_WAYS; t++)
         for (int64_t j = 0; j < bins; j++) counts[j] += (double)ways[t * bins + j];
-    free(ways);
 }
 
 /* The histogram of a sample in one call: the extremes of its values (ext = [min(lo, cap), min(hi, cap), NaN
@@ -284,7 +301,7 @@ int xnnq_add_row_sum(const float *restrict x, int64_t rows, int64_t cols, int64_
     if (nt > 1 && vcols < (int64_t)nt * ROW_SUM_TILE) tile = ((vcols + nt - 1) / nt + 15) / 16 * 16;
     if (tile < 16) tile = 16;
     int64_t tiles = (vcols + tile - 1) / tile;
-    float *work = malloc((size_t)nt * 4 * ROW_SUM_TILE * sizeof(float));
+    float *work = workspace(WS_ROW_SUM, (size_t)nt * 4 * ROW_SUM_TILE * sizeof(float));
     if (!work) return -1;
     if (count) *count += rows;
     _Pragma("omp parallel num_threads(nt) if (nt > 1)")
@@ -301,7 +318,6 @@ int xnnq_add_row_sum(const float *restrict x, int64_t rows, int64_t cols, int64_
             for (int64_t k = 0; k < m; k++) total[b + k] += (double)acc[k];
         }
     }
-    free(work);
     for (int64_t c = vcols; c < cols; c++) {
         int64_t quads = rows / 4;
         float part[4], acc[4];
