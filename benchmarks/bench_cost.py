@@ -27,8 +27,8 @@ Per model, in one process:
   detector, 128 at 224×224), interleaved batch by batch, ``--calib-passes`` passes (5); ``calib_over_float``
   is the ratio of the median pass times (wall), ``calib_over_float_cpu`` of process CPU time, and
   ``calib_pass_ratios`` each pass's ratio. Until 2026-12-04 the 224×224 models used 64 images and three
-  passes: EfficientNet-B0's ratio then moved between 0.85 and 1.16 from one run to the next (a large
-  activation is mapped fresh and faulted in at every allocation, see **Allocator**). ``finalize()`` (range choice, bias correction) is timed once, apart.
+  passes: EfficientNet-B0's ratio then moved between 0.85 and 1.16 from one run to the next. ``finalize()``
+  (range choice, bias correction) is timed once, apart.
 
 **Allocator** (``--malloc``): ``default`` leaves glibc as it is: a block over its mmap threshold (at most
 32 MB; a 224×224 activation at batch 16 is 13–80 MB) is mapped fresh for every allocation and returned at

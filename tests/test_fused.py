@@ -16,10 +16,16 @@ import torch
 import torch.nn.functional as F
 
 import xnnq
-from xnnq.layers import fused
+from xnnq.layers import cpu_kernels, fused
 from xnnq.layers.fake_quant import _FakeQuantSTE, quant_bounds
 
 from conftest import saved_bytes
+
+# where the C batch sum follows torch's order (the rule is add_row_sum_applies'; elsewhere torch's sum is used)
+needs_c_batch_sum = pytest.mark.skipif(
+    not cpu_kernels.add_row_sum_applies(torch.zeros(1, 8)),
+    reason="the C batch sum follows torch's order on x86 only (elsewhere torch's sum is used)",
+)
 
 REFERENCE = Path(__file__).parent / "data" / "fake_quant_reference.pt"
 
@@ -425,7 +431,6 @@ def test_the_c_sample_extremes_equal_the_torch_ones(n):
 def test_without_a_c_compiler_the_torch_ops_take_over(fused_mode, monkeypatch):
     """``CC`` naming no compiler: building the C kernels fails, one warning names the fix, and the quantizer
     and the range tracker give the torch path's results."""
-    from xnnq.layers import cpu_kernels
 
     monkeypatch.setattr(cpu_kernels, "_lib", None)
     monkeypatch.setenv("CC", "/nonexistent/xnnq-test-cc")
@@ -536,7 +541,6 @@ def test_the_c_range_tracker_rounds_its_running_range_as_torchs_lerp(fused_mode,
     range: after every batch the C tracker's running range is the torch path's ``lerp_`` bit for bit, in the
     rounding this torch build uses (:func:`~xnnq.layers.cpu_kernels.lerp_fused`; the other rounding differs
     on these batches: checked)."""
-    from xnnq.layers import cpu_kernels
 
     batches = _spread_batches(11)
     fused_mode("0")
@@ -579,7 +583,6 @@ def test_the_c_activation_scale_equals_the_torch_ops():
     """``PACT2.qparams``' scale from one C call equals ``activation_scale`` of the torch ops for ranges on,
     one ulp around and between powers of two, below ``MIN_RANGE``, zero, infinite and NaN; with and without a
     cap; power-of-2 or not; 8 and 16 bits; signed and unsigned."""
-    from xnnq.layers import cpu_kernels
     from xnnq.layers.fake_quant import MIN_RANGE, activation_scale, grid_levels
 
     p2 = torch.tensor([2.0**e for e in range(-30, 20)])
@@ -671,15 +674,11 @@ def test_the_c_histogram_counts_as_the_torch_path(fused_mode, cap, sample_size, 
             assert torch.isfinite(h.counts).all() and h.counts.sum() > 0
 
 
-@pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512", "DEFAULT"),
-    reason="the C batch sum follows torch's order on x86 only (elsewhere torch's sum is used)",
-)
+@needs_c_batch_sum
 def test_the_c_batch_sum_is_torchs_sum_bit_for_bit():
     """Bias correction's running input sum: ``total += x.sum(0)`` in one C pass reproduces torch's float32 sum
     order (a cascade of chunks; another scheme for the last columns) for batch sizes across the cascade's
     levels, row lengths around the vector blocks and the column tiles, and 1-3 threads; the count follows."""
-    from xnnq.layers import cpu_kernels
 
     g = torch.Generator().manual_seed(3)
     before = torch.get_num_threads()
@@ -704,17 +703,13 @@ def test_the_c_batch_sum_is_torchs_sum_bit_for_bit():
     assert not cpu_kernels.add_row_sum_applies(torch.randn(5, 7))  # too short for the vector loop
 
 
-@pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512", "DEFAULT"),
-    reason="the C batch sum follows torch's order on x86 only (elsewhere torch's sum is used)",
-)
+@needs_c_batch_sum
 def test_the_c_workspaces_are_per_calling_thread():
     """The batch sum and the histogram keep their workspaces between calls, one per calling thread: two
     Python threads calling them at once (ctypes releases the GIL) get what each gets alone, bit for bit."""
     import threading
 
     from xnnq.calibrate import Histogram
-    from xnnq.layers import cpu_kernels
     from xnnq.layers.sampling import sample_geometry
 
     g = torch.Generator().manual_seed(5)
@@ -828,7 +823,6 @@ def test_owned_gradients_are_masked_in_place_unless_a_hook_could_keep_them(fused
     """A quantizer whose output only a conv reads masks that conv's input gradient in place (the C backward
     runs in place, training stays bit-identical: the test above); with a forward pre-hook on the conv that
     keeps the gradient of its input (Grad-CAM style), the gradient the hook kept is not touched."""
-    from xnnq.layers import cpu_kernels
 
     fused_mode("cpu")
     torch.manual_seed(0)
