@@ -480,3 +480,44 @@ def test_modules_whose_weights_stay_float_are_named():
         xnnq.QuantTrainModule(
             nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)), x
         )
+
+
+def opaque_projection(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A function torch.fx keeps whole (``torch.fx.wrap`` below): the graph does not see its matmul."""
+    return x @ w.t()
+
+
+torch.fx.wrap("opaque_projection")
+
+
+class WrappedWeights(nn.Module):
+    """Weights given to a ``torch.fx.wrap``-ped function and to ``@``, beside a quantized Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 8)
+        self.proj = nn.Parameter(torch.randn(8, 8))
+        self.mix = nn.Parameter(torch.randn(8, 4))
+
+    def forward(self, x):
+        return opaque_projection(self.head(x), self.proj) @ self.mix
+
+
+def test_weights_given_to_wrapped_functions_and_matmul_are_named():
+    """A parameter given to a function torch.fx does not look into (``torch.fx.wrap``) or to ``x @ w`` runs in
+    float: the warning names the call and the parameter; torchvision's Swin Transformer (its attention is
+    such a function, ``shifted_window_attention``, given the qkv and projection weights) is named too."""
+    with pytest.warns(RuntimeWarning, match="Conv2d, Linear and ConvTranspose2d") as rec:
+        xnnq.QuantTrainModule(WrappedWeights().eval(), torch.randn(2, 8))
+    msg = str(next(w.message for w in rec if "Conv2d, Linear and" in str(w.message)))
+    assert "`opaque_projection` (opaque_projection: proj)" in msg
+    assert "(matmul: mix)" in msg and "`head`" not in msg
+
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    swin = SwinTransformer([4, 4], 8, [2], [2], [4, 4], num_classes=4).eval()
+    with pytest.warns(RuntimeWarning, match="Conv2d, Linear and ConvTranspose2d") as rec:
+        xnnq.QuantTrainModule(swin, torch.randn(1, 3, 32, 32))
+    msg = str(next(w.message for w in rec if "Conv2d, Linear and" in str(w.message)))
+    assert "(shifted_window_attention: features.1.0.attn.qkv.weight, features.1.0.attn.proj.weight" in msg, msg

@@ -106,8 +106,10 @@ def float_weight_modules(gm: fx.GraphModule, plan: Plan, skip: set[str]) -> list
     """``(name, type, parameter names)`` of each module the graph calls whole whose parameters include a matrix
     or a kernel (two or more dimensions) that no weight spot of ``plan`` quantizes: torch modules other than
     Conv2d / ConvTranspose2d / Linear (Conv1d, MultiheadAttention, TransformerEncoderLayer, LSTM, a grouped
-    ConvTranspose2d...), which run in float; and ``(node, function, parameter names)`` of each :data:`FUNCTIONAL_LAYERS` call given such a
-    parameter. ``skip``: module names left out (the user's ``leaf_modules``, chosen knowingly)."""
+    ConvTranspose2d...), which run in float; and ``(node, function, parameter names)`` of each call given such
+    a parameter of a :data:`FUNCTIONAL_LAYERS` function or of a function torch.fx does not look into (one
+    ``torch.fx.wrap`` made a leaf, e.g. torchvision's ``shifted_window_attention``). ``skip``: module names
+    left out (the user's ``leaf_modules``, chosen knowingly)."""
     quantized = {w.name for w in plan.weights}
     out = []
     for node in gm.graph.nodes:
@@ -116,7 +118,9 @@ def float_weight_modules(gm: fx.GraphModule, plan: Plan, skip: set[str]) -> list
             names = [n for n, p in mod.named_parameters() if p.dim() >= 2]
             if names:
                 out.append((node.target, type(mod).__name__, names))
-        elif node.op == "call_function" and node.target in FUNCTIONAL_LAYERS:  # F.conv2d(x, self.weight), ...
+        elif node.op == "call_function" and (
+            node.target in FUNCTIONAL_LAYERS or is_opaque_function(node.target)
+        ):
             names = [
                 a.target
                 for a in node.all_input_nodes
@@ -136,9 +140,21 @@ FUNCTIONAL_LAYERS = (
     torch.nn.functional.conv2d,
     torch.nn.functional.conv_transpose2d,
     torch.matmul,
+    operator.matmul,  # x @ self.weight
     torch.mm,
     torch.bmm,
 )
+
+# packages whose functions in a graph are tensor ops (traced through, or one ONNX op each); a function from
+# elsewhere in a call_function node is a leaf torch.fx.wrap made, whose inside the graph does not show
+TENSOR_OP_PACKAGES = frozenset({"torch", "operator", "_operator", "builtins", "math", "xnnq"})
+
+
+def is_opaque_function(fn: Any) -> bool:
+    """``fn`` (a call_function node's target) is a function the graph calls whole without seeing into it: one
+    that ``torch.fx.wrap`` registered, from a package other than :data:`TENSOR_OP_PACKAGES`."""
+    module = getattr(fn, "__module__", None) or ""
+    return callable(fn) and module.partition(".")[0] not in TENSOR_OP_PACKAGES
 
 
 def relu_cap(m: nn.Module) -> float | None:

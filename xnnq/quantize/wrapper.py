@@ -47,8 +47,8 @@ def _warn_float_weights(gm: fx.GraphModule, plan: Plan, leaf_modules: tuple) -> 
     listed = "; ".join(f"`{n}` ({t}: {', '.join(p[:3])}{', ...' if len(p) > 3 else ''})" for n, t, p in found)
     warnings.warn(
         f"xnnq quantizes the weights of Conv2d, Linear and ConvTranspose2d (groups=1, no output_size=) layers; "
-        f"these run in float (modules the graph calls "
-        f"whole, or functionals given a parameter) and their weights stay float in the export, outside what QAT "
+        f"these run in float (modules the graph calls whole, functionals or torch.fx.wrap-ped functions given a "
+        f"parameter) and their weights stay float in the export, outside what QAT "
         f"or calibration sees: {listed}. To quantize them, write them with nn.Conv2d / nn.Linear / "
         "nn.ConvTranspose2d modules and tensor ops torch.fx traces (e.g. attention as Linear, matmul, softmax).",
         RuntimeWarning,
