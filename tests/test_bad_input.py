@@ -520,4 +520,5 @@ def test_weights_given_to_wrapped_functions_and_matmul_are_named():
     with pytest.warns(RuntimeWarning, match="Conv2d, Linear and ConvTranspose2d") as rec:
         xnnq.QuantTrainModule(swin, torch.randn(1, 3, 32, 32))
     msg = str(next(w.message for w in rec if "Conv2d, Linear and" in str(w.message)))
-    assert "(shifted_window_attention: features.1.0.attn.qkv.weight, features.1.0.attn.proj.weight" in msg, msg
+    qkv_proj = "features.1.0.attn.qkv.weight, features.1.0.attn.proj.weight"
+    assert f"(shifted_window_attention: {qkv_proj}" in msg, msg
