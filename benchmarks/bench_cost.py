@@ -351,7 +351,6 @@ def _measure_apart(name: str, args: argparse.Namespace) -> dict[str, Any]:
         res.update({k: v for k, v in cal.items() if k.startswith(CALIB_KEYS)})
         res["per_process"].update(cal["per_process"])
         res["calib_load"] = [calib_runs[0]["load_before"][0], calib_runs[-1]["load_after"][0]]
-    res["load_before"] = (step_runs or calib_runs)[0]["load_before"]
     res["load_after"] = (calib_runs or step_runs)[-1]["load_after"]
     res["seconds"] = round(sum(r["seconds"] for r in step_runs + calib_runs), 1)
     res["processes"] = args.repeats

@@ -431,7 +431,6 @@ def test_the_c_sample_extremes_equal_the_torch_ones(n):
 def test_without_a_c_compiler_the_torch_ops_take_over(fused_mode, monkeypatch):
     """``CC`` naming no compiler: building the C kernels fails, one warning names the fix, and the quantizer
     and the range tracker give the torch path's results."""
-
     monkeypatch.setattr(cpu_kernels, "_lib", None)
     monkeypatch.setenv("CC", "/nonexistent/xnnq-test-cc")
     fused_mode("cpu")
@@ -541,7 +540,6 @@ def test_the_c_range_tracker_rounds_its_running_range_as_torchs_lerp(fused_mode,
     range: after every batch the C tracker's running range is the torch path's ``lerp_`` bit for bit, in the
     rounding this torch build uses (:func:`~xnnq.layers.cpu_kernels.lerp_fused`; the other rounding differs
     on these batches: checked)."""
-
     batches = _spread_batches(11)
     fused_mode("0")
     ref = _tracker_states(batches, start)
@@ -679,7 +677,6 @@ def test_the_c_batch_sum_is_torchs_sum_bit_for_bit():
     """Bias correction's running input sum: ``total += x.sum(0)`` in one C pass reproduces torch's float32 sum
     order (a cascade of chunks; another scheme for the last columns) for batch sizes across the cascade's
     levels, row lengths around the vector blocks and the column tiles, and 1-3 threads; the count follows."""
-
     g = torch.Generator().manual_seed(3)
     before = torch.get_num_threads()
     try:
@@ -823,7 +820,6 @@ def test_owned_gradients_are_masked_in_place_unless_a_hook_could_keep_them(fused
     """A quantizer whose output only a conv reads masks that conv's input gradient in place (the C backward
     runs in place, training stays bit-identical: the test above); with a forward pre-hook on the conv that
     keeps the gradient of its input (Grad-CAM style), the gradient the hook kept is not touched."""
-
     fused_mode("cpu")
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(4)

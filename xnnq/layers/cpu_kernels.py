@@ -194,6 +194,7 @@ void xnnq_hist_add(const float *x, int64_t rows, int64_t len, int64_t stride, fl
         hist_rows(x, 0, rows, 0, len, stride, cap, span, mul, bins, counts);
         return;
     }
+    int64_t used = 1; /* the team's size: only its threads' counts are zeroed and filled below */
     _Pragma("omp parallel num_threads(nt) if (nt > 1)")
     {
 #ifdef _OPENMP
@@ -201,6 +202,7 @@ void xnnq_hist_add(const float *x, int64_t rows, int64_t len, int64_t stride, fl
 #else
         int64_t id = 0, k = 1;
 #endif
+        if (id == 0) used = k;
         uint32_t *w = ways + id * HIST_WAYS * bins;
         memset(w, 0, HIST_WAYS * (size_t)bins * sizeof(uint32_t));
         if (rows >= k)
@@ -208,7 +210,7 @@ void xnnq_hist_add(const float *x, int64_t rows, int64_t len, int64_t stride, fl
         else /* fewer runs than threads (one long run): split along the runs */
             hist_rows_ways(x, 0, rows, len * id / k, len * (id + 1) / k, stride, cap, span, mul, bins, w);
     }
-    for (int64_t t = 0; t < (int64_t)nt * HIST_WAYS; t++)
+    for (int64_t t = 0; t < used * HIST_WAYS; t++)
         for (int64_t j = 0; j < bins; j++) counts[j] += (double)ways[t * bins + j];
 }
 
