@@ -26,7 +26,8 @@ Per model, in one process:
   ``torch.no_grad``, over the same ``--calib-images`` images (1000 for ResNet-20, 256 for the 128×128
   detector, 128 at 224×224), interleaved batch by batch, ``--calib-passes`` passes (5); ``calib_over_float``
   is the ratio of the median pass times (wall), ``calib_over_float_cpu`` of process CPU time, and
-  ``calib_pass_ratios`` each pass's ratio. Until 2026-12-04 the 224×224 models used 64 images and three
+  ``calib_pass_ratios`` each pass's ratio, ``*_minor_faults`` the median page faults of a pass (first touches
+  of freshly mapped memory: on this machine they set most of the difference between processes). Until 2026-12-04 the 224×224 models used 64 images and three
   passes: EfficientNet-B0's ratio then moved between 0.85 and 1.16 from one run to the next. ``finalize()``
   (range choice, bias correction) is timed once, apart.
 
@@ -65,6 +66,7 @@ import datetime
 import itertools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -171,6 +173,11 @@ def _timed(fn: Callable[[], None]) -> tuple[float, float]:
     return time.perf_counter() - w, time.process_time() - c
 
 
+def _minor_faults() -> int:
+    """The process's minor page faults so far (first touches of freshly mapped memory, mostly)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def peak_step_bytes(v: Variant, x: torch.Tensor, y: torch.Tensor | None) -> int:
     """Peak bytes a train step allocates above its starting level (see the module docstring)."""
     v.opt.zero_grad(set_to_none=True)
@@ -249,20 +256,25 @@ def measure_calibration(spec: dict, images: int, passes: int) -> dict[str, Any]:
     xs = _inputs(spec, max(1, images // b), seed=2)
     float_model = copy.deepcopy(spec["model"]).eval()
     calib = QuantCalibrateModule(spec["model"], xs[0][:1]).train()
-    t_float, t_calib, c_float, c_calib = [], [], [], []
+    t_float, t_calib, c_float, c_calib, f_float, f_calib = [], [], [], [], [], []
     with torch.no_grad():
         float_model(xs[0]), calib(xs[0])  # warm-up (first-batch work: histogram allocation, signedness)
         for _ in range(passes):
             tf = tc = cf = cc = 0.0
+            ff = fc = 0
             for xb in xs:
+                f0 = _minor_faults()
                 w, c = _timed(lambda xb=xb: float_model(xb))
-                tf, cf = tf + w, cf + c
+                f1 = _minor_faults()
+                tf, cf, ff = tf + w, cf + c, ff + f1 - f0
                 w, c = _timed(lambda xb=xb: calib(xb))
-                tc, cc = tc + w, cc + c
+                tc, cc, fc = tc + w, cc + c, fc + _minor_faults() - f1
             t_float.append(tf)
             t_calib.append(tc)
             c_float.append(cf)
             c_calib.append(cc)
+            f_float.append(ff)
+            f_calib.append(fc)
     fin = _timed(calib.eval)[0]
     mf, mc = statistics.median(t_float), statistics.median(t_calib)
     cf, cc = statistics.median(c_float), statistics.median(c_calib)
@@ -275,6 +287,8 @@ def measure_calibration(spec: dict, images: int, passes: int) -> dict[str, Any]:
         "calib_forward_cpu_s": round(cc, 3),
         "calib_over_float_cpu": round(cc / cf, 3),
         "calib_pass_ratios": [round(c / f, 3) for f, c in zip(t_float, t_calib)],
+        "float_forward_minor_faults": int(statistics.median(f_float)),
+        "calib_forward_minor_faults": int(statistics.median(f_calib)),
         "finalize_s": round(fin, 3),
     }
 
@@ -315,6 +329,13 @@ def _goals(res: dict[str, Any]) -> dict[str, bool]:
 
 CALIB_KEYS = ("calib_", "float_forward", "finalize_s")
 RATIO_KEYS = ("xnnq_over_float", "torch_ao_over_float", "xnnq_mem_over_float", "calib_over_float")
+PROCESS_KEYS = (
+    "calib_pass_ratios",
+    "float_forward_s",
+    "calib_forward_s",
+    "float_forward_minor_faults",
+    "calib_forward_minor_faults",
+)
 
 
 def _median_of_processes(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -326,9 +347,7 @@ def _median_of_processes(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "threads":
             each = [r[k] for r in runs]
             res[k] = statistics.median_low(each) if isinstance(v, int) else round(statistics.median(each), 3)
-    res["per_process"] = {
-        k: [r[k] for r in runs] for k in RATIO_KEYS + ("calib_pass_ratios",) if k in runs[0]
-    }
+    res["per_process"] = {k: [r[k] for r in runs] for k in RATIO_KEYS + PROCESS_KEYS if k in runs[0]}
     res.pop("calib_pass_ratios", None)
     return res
 
