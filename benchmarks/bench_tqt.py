@@ -19,6 +19,9 @@ metric:
   hard case for power-of-2 per-tensor scales; lr 1e-3): ``--images`` CIFAR-10 training images (50 000 =
   one epoch) with flip/crop augmentation, batch 128, SGD Nesterov momentum 0.9, weight decay 5e-4,
   cross-entropy; top-1 on the 10k JPEG test set.
+* ``repvgg`` (only when named: ``--models repvgg``): RepVGG's deploy form with its BatchNorms restored and
+  cross-layer equalized (``bench_reparam.restore_and_equalize``), the CIFAR recipe above at lr 1e-4 (the QAT lr
+  of benchmarks/bench_reparam.py): a model whose statistics QAT stays short of FP32.
 * ``mosaic_detector``: the QAT of benchmarks/bench_detection.py (``qat``: SSD multibox loss, AdamW lr 1e-4,
   no weight decay, batch 32, Mosaic-10 train with the detection augmentation); COCO mAP@[.5:.95] and
   mAP@.5 on Mosaic-10 val (``xnnq.tasks.detection.evaluate``).
