@@ -66,6 +66,7 @@ def _loss(out) -> torch.Tensor:
 
 MODELS = {
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(weights=None), 64),
+    "resnet18": (lambda: torchvision.models.resnet18(weights=None), 64),  # max pooling
     "many_ops": (ManyOps, 16),
     "mosaic_detector": (lambda: zoo.get_model("mosaic_detector"), 64),
     "mosaic_segmenter": (lambda: zoo.get_model("mosaic_segmenter"), 64),
