@@ -22,6 +22,10 @@ Per model, in one process:
   optimizer state that persist across steps are not counted. This is exact and independent of the
   process's RSS (which the C allocator does not return promptly). On CUDA ``torch.cuda.max_memory_allocated``
   above the step's starting level is used instead.
+* **Ops off the CPU** (``*_ops_off_cpu``): the ATen ops (views left out) that one forward and backward of
+  each variant dispatches on the ``meta`` device, the path a CUDA step takes (xnnq's C kernels serve CPU
+  tensors only): on a GPU each is about one kernel launch, and a launch costs microseconds of host time
+  whatever the tensor's size. A count, not a time: there is no GPU here.
 * **Calibration**: ``QuantCalibrateModule`` in calibration mode vs the float model in eval mode, both under
   ``torch.no_grad``, over the same ``--calib-images`` images (1000 for ResNet-20, 256 for the 128×128
   detector, 128 at 224×224), interleaved batch by batch, ``--calib-passes`` passes (5); ``calib_over_float``
@@ -79,6 +83,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -247,7 +252,32 @@ def measure_steps(spec: dict, steps: int, skip_ao: bool) -> dict[str, Any]:
         res[f"{v.name}_peak_mb"] = round(peak_step_bytes(v, x, y) / 2**20, 1)
     for v in variants[1:]:
         res[f"{v.name}_mem_over_float"] = round(res[f"{v.name}_peak_mb"] / res["float_peak_mb"], 3)
+    for v in variants:
+        res[f"{v.name}_ops_off_cpu"] = ops_off_cpu(v.model, x, y)
     return res
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched while active, views (no kernel) left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def ops_off_cpu(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> int:
+    """ATen ops (views left out) of one forward and backward of a copy of ``model`` on the ``meta`` device: the
+    path CUDA takes (xnnq's C kernels are for CPU tensors only), where each is about one kernel launch. The
+    model has taken its first steps on the CPU."""
+    m = copy.deepcopy(model).to("meta")
+    xm, ym = x.to("meta"), (None if y is None else y.to("meta"))
+    with _OpCounter() as c:
+        _loss(m(xm), ym).backward()
+    return c.count
 
 
 def measure_calibration(spec: dict, images: int, passes: int) -> dict[str, Any]:
