@@ -253,8 +253,20 @@ def measure_steps(spec: dict, steps: int, skip_ao: bool) -> dict[str, Any]:
     for v in variants[1:]:
         res[f"{v.name}_mem_over_float"] = round(res[f"{v.name}_peak_mb"] / res["float_peak_mb"], 3)
     for v in variants:
-        res[f"{v.name}_ops_off_cpu"] = ops_off_cpu(v.model, x, y)
+        try:
+            res[f"{v.name}_ops_off_cpu"] = ops_off_cpu(v.model, x, y)
+        except (RuntimeError, NotImplementedError) as e:  # a host read (or an op without a meta kernel)
+            res[f"{v.name}_ops_off_cpu_error"] = _where(e)
     return res
+
+
+def _where(e: BaseException) -> str:
+    """The error's message and the innermost frame outside torch and this script that led to it."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/_" not in f.filename]
+    f = frames[-2] if len(frames) > 1 and frames[-1].filename == __file__ else frames[-1]
+    return f"{type(e).__name__}: {str(e)[:120]} (at {Path(f.filename).name}:{f.lineno} `{f.line}`)"
 
 
 class _OpCounter(TorchDispatchMode):
