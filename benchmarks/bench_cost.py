@@ -427,21 +427,30 @@ def _spread(r: dict[str, Any], key: str) -> str:
     return f"{r[key]} ({min(each)}–{max(each)})" if len(each) > 1 else str(r[key])
 
 
+def _ops(r: dict[str, Any]) -> str:
+    """The three variants' ops off the CPU ("host read" where a variant could not run there)."""
+    cells = []
+    for v in ("float", "xnnq", "torch_ao"):
+        n = r.get(f"{v}_ops_off_cpu")
+        cells.append(str(n) if n is not None else "host read" if f"{v}_ops_off_cpu_error" in r else "—")
+    return " / ".join(cells)
+
+
 def _table(rows: list[dict]) -> str:
     head = (
         "| model | threads | malloc | float step ms | xnnq / float | torch.ao / float | peak MB float / xnnq (ratio) "
-        "| calib / float fwd | load (1 min) |"
+        "| calib / float fwd | ops off CPU float / xnnq / torch.ao | load (1 min) |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['model']} | — | — | skipped: {r['skipped']} | | | | | |")
+            lines.append(f"| {r['model']} | — | — | skipped: {r['skipped']} | | | | | | |")
             continue
         lines.append(
             f"| {r['model']} | {r['threads']} | {r['malloc']} | {r.get('float_step_ms', '—')} | "
             f"{_spread(r, 'xnnq_over_float')} | {_spread(r, 'torch_ao_over_float')} | "
             f"{r.get('float_peak_mb', '—')} / {r.get('xnnq_peak_mb', '—')} ({r.get('xnnq_mem_over_float', '—')}) | "
-            f"{_spread(r, 'calib_over_float')} | {r['load_before'][0]}–{r['load_after'][0]} |"
+            f"{_spread(r, 'calib_over_float')} | {_ops(r)} | {r['load_before'][0]}–{r['load_after'][0]} |"
         )
     return "\n".join(lines)
 
