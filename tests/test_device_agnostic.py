@@ -141,3 +141,55 @@ def test_a_host_read_off_the_cpu_is_caught():
     q.to("meta")
     with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
         q(x.to("meta"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, range_learning",
+    [
+        ("mobilenet_v2", "statistics"),
+        ("resnet18", "statistics"),
+        ("mosaic_detector", "tqt"),
+        ("many_ops", "tqt"),
+    ],
+)
+def test_the_qat_model_off_the_cpu_compiles_into_one_graph(name, range_learning):
+    """After ``freeze_bn``, ``torch.compile`` traces the whole QAT step off the CPU (ranges still tracked or
+    thresholds learned) as one graph: no graph break per quantizer, weight path, BatchNorm or residual add,
+    so the compiler can fuse their small ops into a few kernels."""
+    build, size = MODELS[name]
+    x = torch.randn(2, 3, size, size)
+    q = xnnq.QuantTrainModule(build(), x[:1], range_learning=range_learning).train()
+    _loss(q(x)).backward()
+    freeze_bn(q)
+    q.to("meta")
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(q)(x.to("meta"))
+    assert explained.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+@pytest.mark.slow
+def test_torch_compile_of_the_torch_op_path_gives_the_eager_step(fused_mode):
+    """The torch-op path (what runs off the CPU), compiled with inductor on the CPU after ``freeze_bn``: the
+    forward, the range trackers' buffers and the gradients of eager mode."""
+    import copy
+
+    fused_mode("0")
+    x = torch.randn(4, 3, 16, 16)
+    q = xnnq.QuantTrainModule(ManyOps(), x[:1]).train()
+    _loss(q(x)).backward()
+    freeze_bn(q)
+    q.zero_grad(set_to_none=True)
+    qc = copy.deepcopy(q)
+    torch._dynamo.reset()
+    out_e, out_c = q(x), torch.compile(qc)(x)
+    torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
+    state_c = qc.state_dict()
+    for k, a in q.state_dict().items():
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, state_c[k]), k
+    _loss(out_e).backward()
+    _loss(out_c).backward()
+    for (k, a), b in zip(q.named_parameters(), qc.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=k)

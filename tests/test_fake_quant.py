@@ -202,3 +202,16 @@ def test_clip_fake_quantize_equals_clamp_then_fake_quantize(axis):
     assert torch.equal(a.grad, b.grad)
     assert (a.grad == 0).sum() > 2  # the clipped outliers and the saturated codes get no gradient
     assert a.grad[0, 0, 0, 0] == 0 and a.grad[3, 1, 1, 1] == 0
+
+
+def test_mask_bounds_are_float32_nextafter_for_every_bitwidth():
+    """The lower straight-through bound is the float32 just below ``qmin - 0.5`` (computed without tensors,
+    so torch.compile folds it), for the signed and unsigned codes of 8 and 16 bits and every qmin in between."""
+    from xnnq.layers.fake_quant import _mask_bounds, quant_bounds
+
+    qmins = {quant_bounds(bits, signed)[0] for bits in (8, 16) for signed in (True, False)}
+    for qmin in sorted(qmins | set(range(-(2**15), 1, 7))):
+        lo, hi = _mask_bounds(qmin, 127)
+        want = torch.nextafter(torch.tensor(qmin - 0.5), torch.tensor(float("-inf"))).item()
+        assert lo == want and lo < qmin - 0.5, (qmin, lo, want)
+        assert hi == 127.5

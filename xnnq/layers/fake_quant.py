@@ -27,6 +27,7 @@ Kernels (all give the same values, bit for bit; tested):
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
@@ -134,9 +135,11 @@ def weight_scale_from_max(
 def _mask_bounds(qmin: int, qmax: int) -> tuple[float, float]:
     """Open interval of codes ``x / s`` whose rounded code is in ``[qmin, qmax]``, for the even ``qmin`` and
     odd ``qmax`` of every bitwidth: round-half-to-even keeps ``qmin - 0.5`` (-> qmin) and sends ``qmax + 0.5``
-    to ``qmax + 1``, so the lower bound is the float32 just below ``qmin - 0.5``."""
-    lo = torch.nextafter(torch.tensor(qmin - 0.5), torch.tensor(float("-inf"))).item()
-    return lo, qmax + 0.5
+    to ``qmax + 1``, so the lower bound is the float32 just below ``qmin - 0.5``. Plain Python arithmetic (no
+    tensor, no ``.item()``), so ``torch.compile`` folds it to constants instead of breaking the graph."""
+    v = qmin - 0.5  # < 0 and exact in float32; the next float32 away from 0 is one float32 ulp further
+    _, e = math.frexp(v)  # |v| = m·2^e, 0.5 <= m < 1: the float32 ulp of |v| is 2^(e - 24)
+    return v - math.ldexp(1.0, e - 24), qmax + 0.5
 
 
 class _FakeQuantSTE(torch.autograd.Function):

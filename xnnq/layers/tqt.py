@@ -52,19 +52,21 @@ def _levels_log2(bits: int, signed: bool) -> int:
 def effective_log2(log2_t: torch.Tensor, log2_max: torch.Tensor | float | None = None) -> torch.Tensor:
     """``u`` clamped to ``[LOG2_MIN, min(LOG2_MAX, log2_max)]`` (NaN-free for finite or infinite ``u``)."""
     u = log2_t.clamp(LOG2_MIN, LOG2_MAX)
-    if log2_max is not None:
-        u = torch.minimum(u, torch.as_tensor(log2_max, dtype=u.dtype, device=u.device))
-    return u
+    return u if log2_max is None else _at_most(u, log2_max)
+
+
+def _at_most(t: torch.Tensor, bound: torch.Tensor | float) -> torch.Tensor:
+    """``min(t, bound)``; a Python number as a clamp (no tensor made from it: torch.compile traces that
+    without a graph break, also inside an autograd.Function)."""
+    if isinstance(bound, torch.Tensor):
+        return torch.minimum(t, bound.to(dtype=t.dtype, device=t.device))
+    return t.clamp(max=float(bound))
 
 
 def _upper(log2_max: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor:
     """The upper clamp of ``u``: ``min(LOG2_MAX, log2_max)`` as a tensor like ``like``."""
     hi = torch.full_like(like, LOG2_MAX)
-    return (
-        hi
-        if log2_max is None
-        else torch.minimum(hi, torch.as_tensor(log2_max, dtype=like.dtype, device=like.device))
-    )
+    return hi if log2_max is None else _at_most(hi, log2_max)
 
 
 def tqt_scale(
