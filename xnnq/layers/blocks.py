@@ -30,9 +30,8 @@ class AddBlock(nn.Module):
         self._first_input_hooks = quantizer.input_overwrite_hooks()
 
     def _may_accumulate(self, x: torch.Tensor, others: tuple[torch.Tensor, ...]) -> bool:
-        if (
-            torch.compiler.is_compiling()
-        ):  # the compiler plans the memory; autograd's nodes are not visible there
+        # while compiling: the compiler plans the memory, and autograd's nodes are not visible there
+        if torch.compiler.is_compiling():
             return False
         if self._first_hooks is None or not unhooked(
             *self._first_hooks, self._forward_pre_hooks, self._forward_hooks

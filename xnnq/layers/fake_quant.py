@@ -26,7 +26,6 @@ Kernels (all give the same values, bit for bit; tested):
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 
@@ -131,7 +130,6 @@ def weight_scale_from_max(
     return torch.exp2(e if shift is None else e - shift)
 
 
-@functools.cache
 def _mask_bounds(qmin: int, qmax: int) -> tuple[float, float]:
     """Open interval of codes ``x / s`` whose rounded code is in ``[qmin, qmax]``, for the even ``qmin`` and
     odd ``qmax`` of every bitwidth: round-half-to-even keeps ``qmin - 0.5`` (-> qmin) and sends ``qmax + 0.5``
