@@ -73,16 +73,21 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("range_learning", ["statistics", "tqt"])
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_qat_steps_off_the_cpu_make_no_host_read(name, range_learning):
+def _on_meta(name: str, range_learning: str) -> tuple[xnnq.QuantTrainModule, torch.Tensor]:
+    """``name`` wrapped, its first step taken on the CPU (each activation's sign: one host read each), then the
+    wrapper and an input batch moved to ``meta``."""
     build, size = MODELS[name]
     x = torch.randn(2, 3, size, size)
     q = xnnq.QuantTrainModule(build(), x[:1], range_learning=range_learning).train()
-    _loss(q(x)).backward()  # first step on the CPU: each activation's sign (one host read each)
+    _loss(q(x)).backward()
     q.zero_grad(set_to_none=True)
-    q.to("meta")
-    xm = x.to("meta")
+    return q.to("meta"), x.to("meta")
+
+
+@pytest.mark.parametrize("range_learning", ["statistics", "tqt"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_qat_steps_off_the_cpu_make_no_host_read(name, range_learning):
+    q, xm = _on_meta(name, range_learning)
     opts = [torch.optim.SGD(q.non_range_parameters(), lr=0.01, momentum=0.9)]
     if q.range_parameters():
         opts.append(torch.optim.Adam(q.range_parameters(), lr=0.01))
@@ -157,14 +162,10 @@ def test_the_qat_model_off_the_cpu_compiles_into_one_graph(name, range_learning)
     """After ``freeze_bn``, ``torch.compile`` traces the whole QAT step off the CPU (ranges still tracked or
     thresholds learned) as one graph: no graph break per quantizer, weight path, BatchNorm or residual add,
     so the compiler can fuse their small ops into a few kernels."""
-    build, size = MODELS[name]
-    x = torch.randn(2, 3, size, size)
-    q = xnnq.QuantTrainModule(build(), x[:1], range_learning=range_learning).train()
-    _loss(q(x)).backward()
+    q, xm = _on_meta(name, range_learning)
     freeze_bn(q)
-    q.to("meta")
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(q)(x.to("meta"))
+    explained = torch._dynamo.explain(q)(xm)
     assert explained.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
     assert explained.graph_count == 1
 

@@ -17,19 +17,20 @@ def bn_scale(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
             f"{bn}: BatchNorm without running statistics cannot be folded "
             "(construct it with track_running_stats=True)"
         )
-    if bn.training:  # its running statistics change in place during the step
-        inv_std = _inv_std(bn.running_var, bn.eps)
-    else:  # frozen or evaluating: inside torch.compile's graph (no graph break per layer)
-        inv_std = torch.rsqrt(bn.running_var + bn.eps)
+    # a training BatchNorm changes its running statistics in place during the step: the factor is computed
+    # outside torch.compile's graphs then; frozen or evaluating, inside them (no graph break per layer)
+    inv_std = (_inv_std_outside_graph if bn.training else _inv_std)(bn.running_var, bn.eps)
     return bn.weight * inv_std if bn.affine else inv_std
 
 
-@torch.compiler.disable
 def _inv_std(running_var: torch.Tensor, eps: float) -> torch.Tensor:
-    """``1 / sqrt(running_var + eps)``, computed outside torch.compile's graphs: a compiled graph may keep
-    ``running_var`` itself for its backward, and a training BatchNorm updates it in place before the backward
-    runs (autograd's "modified by an inplace operation" error in a compiled QAT step)."""
+    """``1 / sqrt(running_var + eps)``."""
     return torch.rsqrt(running_var + eps)
+
+
+# a compiled graph may keep ``running_var`` itself for its backward, and a training BatchNorm updates it in place
+# before the backward runs (autograd's "modified by an inplace operation" error in a compiled QAT step)
+_inv_std_outside_graph = torch.compiler.disable(_inv_std)
 
 
 def fold_bn(
