@@ -146,12 +146,10 @@ def exponent_changes(q: xnnq.QuantTrainModule) -> dict:
     for p in q.quantizers().values():
         if p.learned_range is None or not p.observed:
             continue
-        lo, hi = p.range_tensors()
-        r = torch.maximum(-lo, hi)
-        if p.cap is not None:
-            r = r.clamp(max=p.cap)
+        r = p.statistics_range()
         e_stat = math.ceil(math.log2(max(float(r), 2.0**-24)))
-        e_learned = round(math.log2(float(p.learned_range.range(p.bits, p.resolved_signed(), p.log2_cap()))))
+        learned = p.learned_range.range(p.bits, p.resolved_signed(), p.log2_cap(), p.statistics_range())
+        e_learned = round(math.log2(float(learned)))
         total += 1
         moved += e_learned != e_stat
         up += e_learned > e_stat
@@ -162,8 +160,10 @@ def exponent_changes(q: xnnq.QuantTrainModule) -> dict:
             continue
         bn = q.module.get_submodule(spot.bn) if spot.bn else None
         with torch.no_grad():
-            log2_rule = layer._rule_range(layer.folded_weight_bias(bn)[0])[2]
-            learned = layer.learned_range.range(layer.weight_bits, True, log2_rule)
+            _, m, log2_rule = layer._rule_range(layer.folded_weight_bias(bn)[0])
+            learned = layer.learned_range.range(
+                layer.weight_bits, True, log2_rule, torch.minimum(m, torch.exp2(log2_rule))
+            )
         w_total += learned.numel()
         w_moved += int((torch.log2(learned) != log2_rule).sum())
     return {
@@ -187,7 +187,12 @@ def task_images(args) -> tuple[int | None, float]:
 
 def qat(name: str, mode: str, args, recipe: dict, ckpt: Path, cifar: Cifar):
     """One QAT run through ``xnnq.recipes.qat_finetune``; returns ``(qmodel, steps, cpu_seconds)``."""
-    range_kw = {"range_learning": mode, "init_batches": args.init_batches, "lr_th": args.lr_th}
+    range_kw = {
+        "range_learning": mode,
+        "init_batches": args.init_batches,
+        "anchor": args.anchor,
+        "lr_th": args.lr_th,
+    }
     ckpt_kw = {"checkpoint": ckpt, "checkpoint_every": args.ckpt_every}
     torch.manual_seed(args.seed)
     if name == "mosaic_detector":
@@ -210,7 +215,10 @@ def qat(name: str, mode: str, args, recipe: dict, ckpt: Path, cifar: Cifar):
         )
         return bench_segmentation.qat(float_model(name), batches, epochs, recipe["lr"], **range_kw, **ckpt_kw)
     q = xnnq.QuantTrainModule(
-        float_model(name), DUMMY, per_channel_q=False, **range_learning_kwargs(mode, args.init_batches)
+        float_model(name),
+        DUMMY,
+        per_channel_q=False,
+        **range_learning_kwargs(mode, args.init_batches, args.anchor),
     )
     lr = recipe["lr"]
 
@@ -254,6 +262,8 @@ def recipe_of(name: str, mode: str, args) -> dict:
         recipe.update(images=args.images, batch_size=128, optimizer="SGD")
     if mode != "statistics":
         recipe.update(lr_th=args.lr_th, init_batches=args.init_batches, init="octave-centre")
+        if args.anchor != "init":  # recipes before range_anchor existed had the "init" behaviour
+            recipe.update(anchor=args.anchor)
     return recipe
 
 
@@ -367,6 +377,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.0, help="weights' lr (0: the model's default)")
     ap.add_argument("--lr-th", type=float, default=1e-2, help="Adam lr of the learned log2 thresholds")
     ap.add_argument("--init-batches", type=int, default=20)
+    ap.add_argument(
+        "--anchor",
+        choices=["statistics", "init"],
+        default="statistics",
+        help="range_anchor of the learned thresholds (init: the paper's, fixed after initialisation)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--seed",

@@ -64,12 +64,14 @@ def emit(name: str, result: dict[str, Any], table_md: str, *, record: bool) -> d
     return result
 
 
-def range_learning_kwargs(range_learning: str, init_batches: int) -> dict[str, Any]:
+def range_learning_kwargs(
+    range_learning: str, init_batches: int, anchor: str = "statistics"
+) -> dict[str, Any]:
     """``QuantTrainModule`` keyword arguments of a range-learning mode: none for ``"statistics"`` (the
-    default), else ``range_learning`` and ``range_init_batches``."""
+    default), else ``range_learning``, ``range_init_batches`` and ``range_anchor``."""
     if range_learning == "statistics":
         return {}
-    return {"range_learning": range_learning, "range_init_batches": init_batches}
+    return {"range_learning": range_learning, "range_init_batches": init_batches, "range_anchor": anchor}
 
 
 def qat_optimizers(

@@ -293,8 +293,9 @@ def test_cuda_matches_cpu():
 
 
 # --------------------------------------------------------------------------------------- LearnedRange
+# (anchor="init": the threshold alone; anchored thresholds move with their owner's statistics, test_tqt_qat.py)
 def test_learned_range_init_then_learn():
-    lr = LearnedRange(init_batches=2)
+    lr = LearnedRange(init_batches=2, anchor="init")
     assert lr.initializing
     lr.init_from(torch.tensor(5.0))  # the centre of 5's octave (4, 8]: the statistics' range 8
     assert lr.log2_t.item() == 2.5 and lr.initializing and lr.range(8, True) == 8.0
@@ -307,7 +308,7 @@ def test_learned_range_init_then_learn():
 
 @pytest.mark.parametrize("r", [3e-4, 0.7, 1.0, 1.0001, 5.0, 6.0, 7.99, 1000.0])
 def test_initial_threshold_gives_the_statistics_power_of_2_with_half_an_octave_either_side(r):
-    lr = LearnedRange()
+    lr = LearnedRange(anchor="init")
     lr.init_from(torch.tensor(r))
     e = math.ceil(math.log2(r))
     assert lr.range(8, False) == 2.0**e  # the scale of the statistics (pow2 ceil of the range)
@@ -315,7 +316,7 @@ def test_initial_threshold_gives_the_statistics_power_of_2_with_half_an_octave_e
 
 
 def test_frozen_threshold_ignores_optimizer_momentum_and_unfreeze_resumes_from_it():
-    lr = LearnedRange()
+    lr = LearnedRange(anchor="init")
     lr.init_from(torch.tensor(5.0))
     opt = torch.optim.Adam(lr.parameters(), lr=0.2)
     x = torch.randn(1000) * 3
@@ -343,7 +344,7 @@ def test_grad_scale_multiplies_the_threshold_gradient_only():
     g = torch.randn(1000)
     grads = []
     for scale in (1.0, 0.25):
-        lr = LearnedRange(grad_scale=scale)
+        lr = LearnedRange(grad_scale=scale, anchor="init")
         lr.init_from(torch.tensor(5.0))
         xs = x.detach().clone().requires_grad_()
         lr.fake_quantize(xs, 8, True).backward(g)
@@ -353,13 +354,25 @@ def test_grad_scale_multiplies_the_threshold_gradient_only():
 
 
 def test_learned_range_state_dict_round_trip():
-    a = LearnedRange((3,), init_batches=4)
+    a = LearnedRange((3,), init_batches=4, anchor="init")
     a.init_from(torch.tensor([1.0, 2.0, 3.0]))
     a.frozen = True
     with torch.no_grad():
         a.log2_t.add_(0.3)  # drifted after freezing
-    b = LearnedRange((3,), init_batches=4)
+    b = LearnedRange((3,), init_batches=4, anchor="init")
     b.load_state_dict(a.state_dict())
     assert b.frozen and b.init_steps == 1
     assert torch.equal(b.log2_t, a.log2_t) and torch.equal(b.frozen_log2_t, a.frozen_log2_t)
     assert torch.equal(b.scale(8, True), a.scale(8, True))
+    c = LearnedRange((3,), init_batches=1)  # anchored: the anchor is state too
+    c.init_from(torch.tensor([1.0, 2.0, 3.0]))
+    d = LearnedRange((3,), init_batches=1)
+    d.load_state_dict(c.state_dict())
+    r = torch.tensor([0.3, 9.0, 3.0])
+    assert torch.equal(d.anchor, c.anchor) and torch.equal(d.scale(8, True, r=r), c.scale(8, True, r=r))
+    old = {k: v for k, v in c.state_dict().items() if k != "anchor"}  # saved before anchors existed
+    with pytest.raises(ValueError, match="range_anchor='init'"):
+        LearnedRange((3,)).load_state_dict(old)
+    e = LearnedRange((3,), anchor="init")
+    e.load_state_dict(old)
+    assert torch.equal(e.log2_t, c.log2_t)

@@ -20,6 +20,7 @@ from xnnq.export.check import OnnxRunner, onnx_check
 from xnnq.export.emulate import requantization_error, tidl_emulation
 from xnnq.layers import freeze_quant_range, unfreeze_quant_range
 from xnnq.layers.fake_quant import weight_scale_from_max
+from xnnq.layers.tqt import LearnedRange
 from xnnq.utils import freeze_bn
 
 DUMMY = torch.randn(1, 3, 16, 16)
@@ -119,6 +120,7 @@ def test_every_quantizer_and_weight_layer_gets_a_learned_range_shaped_by_the_pla
         ({"range_learning": "lsq"}, ValueError, "range_learning must be one of"),
         ({"range_learning": "tqt", "power2_activation_range": False}, ValueError, "power-of-2"),
         ({"range_init_batches": 0}, ValueError, "range_init_batches"),
+        ({"range_learning": "tqt", "range_anchor": "first"}, ValueError, "range_anchor must be one of"),
     ],
 )
 def test_bad_settings(kw, err, msg):
@@ -132,13 +134,16 @@ def test_calibration_refuses_learned_ranges():
 
 
 # ------------------------------------------------------------------------------------ initialisation
-def test_initialised_from_statistics_then_the_same_model_as_statistics():
+@pytest.mark.parametrize("anchor", ["statistics", "init"])
+def test_initialised_from_statistics_then_the_same_model_as_statistics(anchor):
     """After the first range_init_batches training batches (no optimizer) the learned thresholds hold the
     statistics' power of two: the model computes exactly what the statistics model computes; then the
-    observers stop."""
+    observers go on (anchor "statistics") or stop ("init")."""
     data = batches(3)
     stats = xnnq.QuantTrainModule(small_net(), DUMMY).train()
-    learned = xnnq.QuantTrainModule(small_net(), DUMMY, range_learning="tqt", range_init_batches=3).train()
+    learned = xnnq.QuantTrainModule(
+        small_net(), DUMMY, range_learning="tqt", range_init_batches=3, range_anchor=anchor
+    ).train()
     for q in (stats, learned):
         freeze_bn(q)
         with torch.no_grad():
@@ -163,7 +168,79 @@ def test_initialised_from_statistics_then_the_same_model_as_statistics():
     learned.train()
     with torch.no_grad():
         learned(x)
-    assert all(int(p.observer.num_batches) == 3 for p in learned.quantizers().values())  # observers stopped
+    seen = 4 if anchor == "statistics" else 3
+    assert all(int(p.observer.num_batches) == seen for p in learned.quantizers().values())
+    freeze_quant_range(learned)
+    with torch.no_grad():
+        learned(x)
+    assert all(int(p.observer.num_batches) == seen for p in learned.quantizers().values())  # frozen: stopped
+
+
+def _qat(range_learning: str, steps: int, lr_th: float, **kw) -> tuple[xnnq.QuantTrainModule, list[float]]:
+    """A QAT run on small_net whose inputs grow (x·(1 + i)), so the statistics' powers of two move; the
+    ranges freeze after two thirds of the steps, then the weights train on (and their max rule moves)."""
+    torch.manual_seed(0)
+    q = xnnq.QuantTrainModule(small_net(), DUMMY, range_learning=range_learning, range_init_batches=2, **kw)
+    q.train()
+    freeze_bn(q)
+    opt = torch.optim.SGD(q.non_range_parameters(), lr=0.05, momentum=0.9)
+    opts = [opt] + ([torch.optim.Adam(q.range_parameters(), lr=lr_th)] if q.range_parameters() else [])
+    losses = []
+    for i, (x, y) in enumerate(batches(steps, seed=4)):
+        if i == 2 * steps // 3:
+            freeze_quant_range(q)
+        losses.append(train(q, [(x * (1 + i), y)], opts)[0])
+    return q, losses
+
+
+@pytest.mark.parametrize("per_channel_q", [False, "depthwise"])
+def test_anchored_thresholds_that_keep_their_octave_compute_statistics_qat_bit_for_bit(per_channel_q):
+    """range_anchor="statistics": while no learned offset reaches half an octave (here: a zero threshold
+    learning rate) training is statistics QAT bit for bit — losses, weights, every scale in force, the model
+    after the step — although the statistics' powers of two move during it (activations and weights, before
+    and after the ranges freeze). With range_anchor="init" the same run departs from it."""
+    stats, l_stats = _qat("statistics", 9, 0.0, per_channel_q=per_channel_q)
+    learned, l_learned = _qat("tqt", 9, 0.0, per_channel_q=per_channel_q)
+    assert l_learned == l_stats
+    moved = 0
+    for name, p in learned.quantizers().items():
+        s = stats.quantizers()[name]
+        assert torch.equal(p.scale(), s.scale()), name
+        moved += int(
+            p.learned_range is not None and bool((p.learned_range.shift(p.statistics_range()) != 0).any())
+        )
+    assert moved >= 3  # the statistics' powers of two did move: the thresholds followed them
+    for w in learned.plan.weights:
+        a, b = learned.module.get_submodule(w.name), stats.module.get_submodule(w.name)
+        assert torch.equal(a.weight, b.weight), w.name
+    x = torch.randn(4, 3, 16, 16)
+    learned.eval(), stats.eval()
+    assert torch.equal(learned(x), stats(x))  # weights stepped after the last forward: the max rule moved
+    _, l_init = _qat("tqt", 9, 0.0, per_channel_q=per_channel_q, range_anchor="init")
+    assert l_init != l_stats
+
+
+def test_anchored_threshold_keeps_its_learned_offset_when_the_statistics_move():
+    """The threshold in force is the statistics' power of two moved by the learned whole octaves."""
+    lr = LearnedRange(init_batches=1)
+    lr.init_from(torch.tensor(5.0))  # octave (4, 8]: anchor 2.5
+    with torch.no_grad():
+        lr.log2_t.add_(-0.7)  # learned: one octave down (ceil(1.8) = 2)
+    assert lr.range(8, True, r=torch.tensor(5.0)) == 4.0
+    assert lr.range(8, True, r=torch.tensor(20.0)) == 16.0  # statistics 32: one octave below it
+    assert lr.range(8, True, r=torch.tensor(0.3)) == 0.25  # statistics 0.5
+    lr.frozen = True
+    assert lr.range(8, True, r=torch.tensor(20.0)) == 16.0
+    with pytest.raises(ValueError, match="pass their range r"):
+        lr.range(8, True)  # an anchored threshold is nothing without the statistics
+    unanchored = LearnedRange(init_batches=1, anchor="init")
+    unanchored.init_from(torch.tensor(5.0))
+    assert (
+        unanchored.range(8, True, r=torch.tensor(20.0)) == 8.0
+        and unanchored.shift(torch.tensor(20.0)) is None
+    )
+    with pytest.raises(ValueError, match="anchor must be one of"):
+        LearnedRange(anchor="stats")
 
 
 def test_thresholds_receive_gradients_and_learn():
@@ -211,7 +288,8 @@ def test_16_bit_layers_learn_too():
     q.eval()
     s, qmin, qmax = q.quantizers()["relu"].qparams()
     assert (qmin, qmax) == (0, 65535)
-    assert float(s) == float(q.quantizers()["relu"].learned_range.range(16, False)) / 65536
+    relu = q.quantizers()["relu"]
+    assert float(s) == float(relu.learned_range.range(16, False, r=relu.statistics_range())) / 65536
 
 
 # ------------------------------------------------------------------------------------------ freezing
@@ -220,9 +298,11 @@ def test_freeze_keeps_every_scale_while_training_goes_on_and_unfreeze_resumes():
     opts = optimizers(q, lr_th=0.2)
     train(q, batches(3), opts)
     assert freeze_quant_range(q) == len(q.quantizers())
-    scales = {k: (v.in_force().clone()) for k, v in q.learned_ranges().items()}
-    train(q, batches(6, seed=3), opts)  # Adam's momentum still moves log2_t; the thresholds in force do not
-    assert all(torch.equal(v.in_force(), scales[k]) for k, v in q.learned_ranges().items())
+    scales = {k: (v.log2_t.detach().clone()) for k, v in q.learned_ranges().items()}
+    act_scales = {k: p.scale() for k, p in q.quantizers().items()}
+    train(q, batches(6, seed=3), opts)  # Adam's momentum still moves log2_t; the thresholds held do not
+    assert all(torch.equal(v.frozen_log2_t, scales[k]) for k, v in q.learned_ranges().items())
+    assert all(torch.equal(p.scale(), act_scales[k]) for k, p in q.quantizers().items())  # nor activations'
     assert any(not torch.equal(v.log2_t.detach(), scales[k]) for k, v in q.learned_ranges().items())
     assert all(v.log2_t.grad is not None and not v.log2_t.grad.any() for v in q.learned_ranges().values())
     q.train(), q.eval(), q.train()  # modes never unfreeze
@@ -299,7 +379,11 @@ def test_export_reads_the_learned_ranges(trained, tmp_path):
     moved = [
         n
         for n, p in q.quantizers().items()
-        if round(math.log2(float(p.learned_range.range(p.bits, p.resolved_signed(), p.log2_cap()))))
+        if round(
+            math.log2(
+                float(p.learned_range.range(p.bits, p.resolved_signed(), p.log2_cap(), p.statistics_range()))
+            )
+        )
         != math.ceil(math.log2(max(float(torch.maximum(-p.observer.min_val, p.observer.max_val)), 2**-24)))
     ]
     assert moved, "the thresholds should have left the statistics' powers of two in this test"
@@ -307,7 +391,7 @@ def test_export_reads_the_learned_ranges(trained, tmp_path):
     opts = json.loads(res.options_path.read_text())
     for name, p in q.quantizers().items():
         t = opts["quantizers"][name]
-        u = p.learned_range.in_force().item()
+        u = p.learned_range.in_force(p.statistics_range()).item()
         r = 2.0 ** math.ceil(min(u, math.log2(p.cap)) if p.cap else u)
         lo, hi = opts["activation_ranges"][t]
         assert hi == (min(r, p.cap) if p.cap else r), name

@@ -40,7 +40,9 @@ class PACT2(nn.Module):
             ``"resize"`` after a linear resize). Set it on a whole model with :func:`xnnq.layers.set_rounding`.
         learned_range: a :class:`~xnnq.layers.tqt.LearnedRange`: the range is a learned power-of-2
             threshold (TQT), set from the observer's range during its first batches and trained from then on
-            (the observer is called only until then); ``None``: the range is the observer's.
+            (with its ``anchor="statistics"`` the observer keeps running until the range freezes and the
+            threshold moves with its power of two; with ``"init"`` the observer is called only until then);
+            ``None``: the range is the observer's.
         inplace: the float op this module replaced (a ReLU / ReLU6) worked in place: so does
             :meth:`float_forward` (calibration, quantization off), as the float model would, and so does the
             fused fake-quantization on CPU (:func:`~xnnq.layers.fused.fake_quantize_activation`) unless a
@@ -127,13 +129,24 @@ class PACT2(nn.Module):
     @property
     def observing(self) -> bool:
         """True when a forward call feeds the observer: training mode, not frozen, no fixed range (and, with a
-        learned range, only while it is set from statistics)."""
+        learned range, only while it is set from or follows the statistics)."""
         return (
             self.training
             and not self.frozen
             and self.clip_range is None
-            and (self.learned_range is None or self.learned_range.initializing)
+            and (self.learned_range is None or self.learned_range.wants_statistics)
         )
+
+    def statistics_range(self) -> torch.Tensor:
+        """The observer's range ``max(-min, max)`` (under the cap): what a learned threshold starts from and,
+        with ``anchor="statistics"``, moves with."""
+        lo, hi = self.range_tensors()
+        r = torch.maximum(-lo, hi)
+        return r if self.cap is None else r.clamp(max=self.cap)
+
+    def _anchor_range(self) -> torch.Tensor | None:
+        """The statistics' range a learned threshold moves with, or ``None`` when it does not follow them."""
+        return self.statistics_range() if self.learned_range.anchored else None
 
     def log2_cap(self) -> float | None:
         """``log2`` of the cap: the bound of a learned threshold (its power of two stays ``>= cap``'s)."""
@@ -155,7 +168,8 @@ class PACT2(nn.Module):
         if self.learned_range is not None:
             signed = self.resolved_signed()
             qmin, qmax = quant_bounds(self.bits, signed)
-            return self.learned_range.scale(self.bits, signed, self.log2_cap()), qmin, qmax
+            scale = self.learned_range.scale(self.bits, signed, self.log2_cap(), self._anchor_range())
+            return scale, qmin, qmax
         lo, hi = self.range_tensors()
         signed = self.resolved_signed()
         qmin, qmax = quant_bounds(self.bits, signed)
@@ -217,10 +231,8 @@ class PACT2(nn.Module):
                 # decided by the first batch that decides it (a skipped non-finite batch decides nothing)
                 self.data_signed = self.observer.observed_signed()
             self.observed = True
-            if self.learned_range is not None:
-                lo, hi = self.range_tensors()
-                r = torch.maximum(-lo, hi)
-                self.learned_range.init_from(r if self.cap is None else r.clamp(max=self.cap))
+            if self.learned_range is not None and self.learned_range.initializing:
+                self.learned_range.init_from(self.statistics_range())
         if not self.quant_enabled:
             return self.float_forward(x)
         if not self.observed:
@@ -235,7 +247,12 @@ class PACT2(nn.Module):
                     max=self.cap
                 )  # the cap (6 for ReLU6) is on the grid of every power-of-2 range >= it
             return self.learned_range.fake_quantize(
-                x, self.bits, self.resolved_signed(), log2_max=self.log2_cap(), rounding=rounding
+                x,
+                self.bits,
+                self.resolved_signed(),
+                log2_max=self.log2_cap(),
+                rounding=rounding,
+                r=self._anchor_range(),
             )
         scale, qmin, qmax = self.qparams()
         if rounding is Rounding.HALF_EVEN:  # the fused one-pass kernels round half to even

@@ -37,7 +37,8 @@ than the memory saved. On CPU the C weight path (:mod:`xnnq.layers.fused_weight`
 keeps nothing weight-sized in the first place and is not recomputed.
 
 Learned weight ranges (``learned_range``, :mod:`xnnq.layers.tqt`): the threshold is set from the max rule
-during its first training batches and learned from then on; its power of two is capped at the max rule's
+during its first training batches and learned from then on (by default as an offset from the current max
+rule's power of two: :class:`~xnnq.layers.tqt.LearnedRange`); its power of two is capped at the max rule's
 (a larger range only loses resolution, and TIDL's own power-of-2 rule on the exported weights would choose
 the smaller one), so the exported weights re-quantize to themselves.
 """
@@ -226,13 +227,14 @@ class _FoldedWeightMixin:
         """(quantized weight, its scale) from a folded float weight: ``constrain``, then the scale of the
         constrained weights (``max |constrain(w)| = min(t, max |w|)``, no second pass)."""
         if self.learned_range is not None:
-            t, _, log2_rule = self._rule_range(w)
+            t, m, log2_rule = self._rule_range(w)
             if t is not None:
                 w = torch.clamp(w, -t, t)
-            bits, axis = self.weight_bits, self.weight_axis()
+            bits, axis, learned = self.weight_bits, self.weight_axis(), self.learned_range
+            r = torch.minimum(m, torch.exp2(log2_rule)).detach() if learned.anchored else None
             return (
-                self.learned_range.fake_quantize(w, bits, True, axis, log2_max=log2_rule),
-                self.learned_range.scale(bits, True, log2_rule),
+                learned.fake_quantize(w, bits, True, axis, log2_max=log2_rule, r=r),
+                learned.scale(bits, True, log2_rule, r),
             )
         fused = fused_weight.quantize_weight(self, w)
         if fused is not None:

@@ -93,9 +93,12 @@ class _TQTFakeQuant(torch.autograd.Function):
         grad_scale: float,
         log2_max: torch.Tensor | float | None,
         rounding: Rounding,
+        shift: torch.Tensor | None,
     ) -> torch.Tensor:
         qmin, qmax = quant_bounds(bits, signed)
         u = log2_t.detach() if value is None else value.detach()
+        if shift is not None:
+            u = u + shift.detach()
         scale = tqt_scale(u, bits, signed, log2_max).to(x.dtype)
         s = _along(scale, x, axis)
         codes = torch.mul(x, 1.0 / s)
@@ -130,7 +133,8 @@ class _TQTFakeQuant(torch.autograd.Function):
             # outside the clamp only a step back inside passes (descent moves u by -grad)
             outward = ((u > hi_u) & (grad_u < 0)) | ((u < LOG2_MIN) & (grad_u > 0))
             grad_u = torch.where(outward, torch.zeros_like(grad_u), grad_u)
-        return grad_x if ctx.needs_input_grad[0] else None, grad_u, None, None, None, None, None, None, None
+        grad_x = grad_x if ctx.needs_input_grad[0] else None
+        return grad_x, grad_u, None, None, None, None, None, None, None, None
 
 
 def tqt_fake_quantize(
@@ -143,6 +147,7 @@ def tqt_fake_quantize(
     log2_max: torch.Tensor | float | None = None,
     frozen_value: torch.Tensor | None = None,
     rounding: Rounding | str = Rounding.HALF_EVEN,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` with the learned power-of-2 threshold ``2^log2_t`` (TQT gradients to ``log2_t``).
 
@@ -157,6 +162,8 @@ def tqt_fake_quantize(
             gradient (it stays in the graph: DDP expects a gradient for every parameter in every step).
         rounding: a concrete mode of :mod:`xnnq.layers.rounding` (default half to even); the in-range gradient
             uses the same rounding residual.
+        shift: added to ``log2_t`` (or ``frozen_value``) in the forward, not differentiated (``∂u/∂log2_t``
+            stays 1): the octaves the statistics' power of two moved since the threshold was anchored.
     """
     check_bits(bits)
     if axis is None and log2_t.dim() != 0:
@@ -169,7 +176,7 @@ def tqt_fake_quantize(
             f"axis {axis}, got {tuple(log2_t.shape)}"
         )
     return _TQTFakeQuant.apply(
-        x, log2_t, frozen_value, int(bits), bool(signed), axis, grad_scale, log2_max, resolve(rounding)
+        x, log2_t, frozen_value, int(bits), bool(signed), axis, grad_scale, log2_max, resolve(rounding), shift
     )
 
 
@@ -182,16 +189,28 @@ def octave_centre(r: torch.Tensor) -> torch.Tensor:
     return ceil_log2(r.detach().float().clamp(min=MIN_RANGE)).clamp(LOG2_MIN, LOG2_MAX) - 0.5
 
 
+ANCHORS = ("statistics", "init")
+
+
 class LearnedRange(nn.Module):
     """The learned log2 threshold of one quantizer (a tensor's range, or one per channel).
 
-    State: the parameter ``log2_t``; the buffer ``frozen_log2_t`` (the value in force while frozen); extra
-    state ``frozen`` and ``init_steps`` (training forwards that have set the threshold from statistics).
+    State: the parameter ``log2_t``; the buffers ``frozen_log2_t`` (the value in force while frozen) and
+    ``anchor`` (the statistics' octave centre the threshold last moved with); extra state ``frozen`` and
+    ``init_steps`` (training forwards that have set the threshold from statistics).
 
     * Initialisation: for the first ``init_batches`` training forwards the owner passes the range its
       statistics give (:meth:`init_from`) and the threshold is set to the centre of its octave
       (:func:`octave_centre`); from then on it is learned. The
       parameter takes part in every forward (DDP sees it used and all-reduces its gradient).
+    * ``anchor="statistics"`` (default): the owner keeps its statistics running (activations: the observer,
+      until the range freezes; weights: the max rule of the current weight, always) and passes their range
+      ``r`` wherever the threshold is used; the threshold in force is ``log2_t + (octave_centre(r) -
+      anchor)``, ``anchor`` being the centre set at initialisation. So when the statistics' power of two
+      moves by ``k`` octaves the threshold moves by ``k`` with it, and what is learned is an offset from that
+      power of two: while the gradient has not moved ``log2_t`` half an octave from ``anchor`` the quantizer
+      computes exactly what statistics QAT computes (tested). ``anchor="init"``: the statistics set the
+      threshold during initialisation only (the paper's TQT) and are not followed after.
     * Freezing (``frozen = True``, :func:`~xnnq.layers.freeze_quant_range`): the threshold in force is copied
       to ``frozen_log2_t`` and used from then on, whatever the optimizer still does to ``log2_t`` (momentum,
       weight decay); ``log2_t`` gets a zero gradient. Unfreezing copies the frozen value back and learning
@@ -200,14 +219,25 @@ class LearnedRange(nn.Module):
     """
 
     def __init__(
-        self, shape: tuple[int, ...] = (), init_batches: int = 1, grad_scale: float = 1.0, name: str = ""
+        self,
+        shape: tuple[int, ...] = (),
+        init_batches: int = 1,
+        grad_scale: float = 1.0,
+        name: str = "",
+        anchor: str = "statistics",
     ):
         super().__init__()
         if init_batches < 1:
             raise ValueError(f"{name or 'LearnedRange'}: init_batches must be >= 1, got {init_batches}")
+        if anchor not in ANCHORS:
+            raise ValueError(
+                f"{name or 'LearnedRange'}: anchor must be one of {', '.join(map(repr, ANCHORS))}, got {anchor!r}"
+            )
         self.log2_t = nn.Parameter(torch.zeros(shape))
         self.register_buffer("frozen_log2_t", torch.zeros(shape))
+        self.register_buffer("anchor", torch.zeros(shape))
         self.init_batches, self.grad_scale, self.name = int(init_batches), float(grad_scale), name
+        self.anchored = anchor == "statistics"
         self.init_steps = 0
         self._frozen = False
 
@@ -232,6 +262,16 @@ class LearnedRange(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self._frozen = bool(state["frozen"])  # not the setter: both tensors were loaded as saved
         self.init_steps = int(state["init_steps"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "log2_t" in state_dict and prefix + "anchor" not in state_dict:  # saved before anchors
+            if self.anchored and args[1]:
+                raise ValueError(
+                    f"{self.name or 'LearnedRange'}: the state dict was saved by an xnnq whose learned "
+                    "thresholds did not follow the statistics; build the wrapper with range_anchor='init'."
+                )
+            state_dict[prefix + "anchor"] = torch.zeros_like(state_dict[prefix + "log2_t"])  # not read
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def check_state_dict(
@@ -260,26 +300,61 @@ class LearnedRange(nn.Module):
         """True while the threshold is still set from statistics (no host sync: a Python count)."""
         return not self._frozen and self.init_steps < self.init_batches
 
+    @property
+    def wants_statistics(self) -> bool:
+        """True when a training forward should update the owner's statistics and pass them to
+        :meth:`init_from`: while initialising, and with ``anchor="statistics"`` until the range freezes."""
+        return not self._frozen and (self.anchored or self.init_steps < self.init_batches)
+
     @torch.no_grad()
     def init_from(self, r: torch.Tensor) -> None:
         """Set the threshold from the range ``r`` (same shape as ``log2_t``) and count one initialising step:
-        ``log2_t`` becomes the centre of the octave of ``r`` (:func:`octave_centre`), so the scale in force is
-        the power of two the statistics give."""
-        self.log2_t.copy_(octave_centre(r).reshape(self.log2_t.shape))
+        ``log2_t`` (and ``anchor``) become the centre of the octave of ``r`` (:func:`octave_centre`), so the
+        scale in force is the power of two the statistics give."""
+        centre = octave_centre(r).reshape(self.log2_t.shape)
+        self.log2_t.copy_(centre)
+        self.anchor.copy_(centre)
         self.init_steps += 1
 
+    def shift(self, r: torch.Tensor | None) -> torch.Tensor | None:
+        """The octaves the statistics' power of two (of the range ``r``) moved since initialisation (detached),
+        or ``None``: with ``anchor="init"`` or before initialisation. An anchored threshold needs ``r``."""
+        if not self.anchored or self.init_steps == 0:
+            return None
+        if r is None:
+            raise ValueError(
+                f"{self.name or 'LearnedRange'}: this threshold moves with the statistics "
+                "(anchor='statistics'): pass their range r (PACT2.statistics_range(), or the max rule's)"
+            )
+        return octave_centre(r).reshape(self.anchor.shape) - self.anchor
+
     # ------------------------------------------------------------------------------------- numerics
-    def in_force(self) -> torch.Tensor:
-        """The log2 threshold the forward uses (detached): the frozen copy while frozen, else ``log2_t``."""
-        return (self.frozen_log2_t if self._frozen else self.log2_t).detach()
+    def in_force(self, r: torch.Tensor | None = None) -> torch.Tensor:
+        """The log2 threshold the forward uses (detached): the frozen copy while frozen, else ``log2_t``; moved
+        with the statistics' range ``r`` (the owner's, see the class docstring)."""
+        u = (self.frozen_log2_t if self._frozen else self.log2_t).detach()
+        shift = self.shift(r)
+        return u if shift is None else u + shift
 
-    def scale(self, bits: int, signed: bool, log2_max: torch.Tensor | float | None = None) -> torch.Tensor:
+    def scale(
+        self,
+        bits: int,
+        signed: bool,
+        log2_max: torch.Tensor | float | None = None,
+        r: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The power-of-2 scale in force (detached)."""
-        return tqt_scale(self.in_force(), bits, signed, log2_max)
+        return tqt_scale(self.in_force(r), bits, signed, log2_max)
 
-    def range(self, bits: int, signed: bool, log2_max: torch.Tensor | float | None = None) -> torch.Tensor:
+    def range(
+        self,
+        bits: int,
+        signed: bool,
+        log2_max: torch.Tensor | float | None = None,
+        r: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The power-of-2 range ``2^ceil(log2 t)`` in force (detached)."""
-        return self.scale(bits, signed, log2_max) * float(1 << _levels_log2(bits, signed))
+        return self.scale(bits, signed, log2_max, r) * float(1 << _levels_log2(bits, signed))
 
     def fake_quantize(
         self,
@@ -289,12 +364,13 @@ class LearnedRange(nn.Module):
         axis: int | None = None,
         log2_max: torch.Tensor | float | None = None,
         rounding: Rounding | str = Rounding.HALF_EVEN,
+        r: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x`` quantized with the threshold in force; without autograd the faster kernels of
-        :func:`~xnnq.layers.fake_quant.fake_quantize` (the same values, bit for bit)."""
+        """``x`` quantized with the threshold in force (``r``: the owner's statistics' range); without autograd
+        the faster kernels of :func:`~xnnq.layers.fake_quant.fake_quantize` (the same values, bit for bit)."""
         if not torch.is_grad_enabled():
             return fake_quantize(
-                x, self.scale(bits, signed, log2_max), *quant_bounds(bits, signed), axis, rounding=rounding
+                x, self.scale(bits, signed, log2_max, r), *quant_bounds(bits, signed), axis, rounding=rounding
             )
         return tqt_fake_quantize(
             x,
@@ -306,10 +382,12 @@ class LearnedRange(nn.Module):
             log2_max,
             frozen_value=self.frozen_log2_t if self._frozen else None,
             rounding=rounding,
+            shift=self.shift(r),
         )
 
     def extra_repr(self) -> str:
         return (
             f"shape={tuple(self.log2_t.shape)}, init_batches={self.init_batches}, "
-            f"grad_scale={self.grad_scale}" + (", frozen" if self._frozen else "")
+            f"grad_scale={self.grad_scale}, anchor={'statistics' if self.anchored else 'init'}"
+            + (", frozen" if self._frozen else "")
         )

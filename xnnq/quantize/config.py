@@ -9,7 +9,8 @@ reads it (the plan for what a tensor's quantizer is, the build for how its modul
 
 ``range_learning`` (statistics or learned power-of-2 thresholds) is read by the build: with ``"tqt"`` it
 gives each PACT2 and each conv/linear a :class:`~xnnq.layers.tqt.LearnedRange`, initialised from the
-observer's range (activations) or the max rule (weights) over the first ``range_init_batches`` batches.
+observer's range (activations) or the max rule (weights) over the first ``range_init_batches`` batches, and
+moving with their power of two until the ranges freeze (``range_anchor="statistics"``) or not (``"init"``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..layers.observer import RangeObserver
 from ..layers.range_tracker import RangeTracker
 from ..layers.rounding import DEFAULT as DEFAULT_ROUNDING
 from ..layers.rounding import as_rounding
+from ..layers.tqt import ANCHORS
 from ..targets import NUMERIC_KEYS, resolve_numerics
 
 if TYPE_CHECKING:
@@ -82,6 +84,10 @@ class QuantConfig:
             as their own parameter group (see the README).
         range_init_batches: with learned thresholds, the number of first training batches whose statistics
             set them (activations: the observer's running range; weights: the max rule); learned from then on.
+        range_anchor: with learned thresholds, ``"statistics"`` (default): the statistics keep running until
+            the ranges freeze and a threshold moves by whole octaves with their power of two, so what is learned
+            is an offset from it (exactly statistics QAT while no offset reaches half an octave); ``"init"``:
+            the statistics set the thresholds during ``range_init_batches`` only (the paper's TQT).
     """
 
     bitwidth_weights: int = 8
@@ -99,6 +105,7 @@ class QuantConfig:
     rounding: str = DEFAULT_ROUNDING.value
     range_learning: str = "statistics"
     range_init_batches: int = 20
+    range_anchor: str = "statistics"
 
     def __post_init__(self) -> None:
         check_bits(self.bitwidth_weights, "bitwidth_weights")
@@ -120,6 +127,10 @@ class QuantConfig:
             raise ValueError(
                 f"range_learning={self.range_learning!r} learns power-of-2 thresholds; it cannot "
                 "be combined with power2_activation_range=False or power2_weight_range=False"
+            )
+        if self.range_anchor not in ANCHORS:
+            raise ValueError(
+                f"range_anchor must be one of {', '.join(map(repr, ANCHORS))}, got {self.range_anchor!r}"
             )
         if self.range_init_batches < 1:
             raise ValueError(f"range_init_batches must be >= 1, got {self.range_init_batches}")

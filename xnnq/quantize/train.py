@@ -25,6 +25,8 @@ class QuantTrainModule(QuantBaseModule):
     data; ``"tqt"``: learned power-of-2 thresholds for activations and weights, ``"tqt-activations"``: for
     activations only — train ``qmodel.range_parameters()`` with their own optimizer, e.g. Adam lr 1e-2, and
     the rest, ``qmodel.non_range_parameters()``, as usual; see :mod:`xnnq.layers.tqt`),
-    ``range_init_batches`` (batches whose statistics initialise learned thresholds, 20). Also
+    ``range_init_batches`` (batches whose statistics initialise learned thresholds, 20), ``range_anchor``
+    (``"statistics"``, default: learned thresholds move with the statistics' power of two until the ranges
+    freeze, learning an offset from it; ``"init"``: set from them during initialisation only). Also
     ``leaf_modules`` (submodules kept opaque) and ``verbose`` (print the surgery report).
     """
