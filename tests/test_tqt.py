@@ -370,7 +370,8 @@ def test_learned_range_state_dict_round_trip():
     d.load_state_dict(c.state_dict())
     r = torch.tensor([0.3, 9.0, 3.0])
     assert torch.equal(d.anchor, c.anchor) and torch.equal(d.scale(8, True, r=r), c.scale(8, True, r=r))
-    old = {k: v for k, v in c.state_dict().items() if k != "anchor"}  # saved before anchors existed
+    old = {k: v for k, v in c.state_dict().items() if k != "anchor"}  # saved before anchors existed:
+    old["_extra_state"] = {"frozen": False, "init_steps": 1}  # no anchor either
     with pytest.raises(ValueError, match="range_anchor='init'"):
         LearnedRange((3,)).load_state_dict(old)
     e = LearnedRange((3,), anchor="init")

@@ -357,6 +357,10 @@ def test_test_module_evaluates_the_learned_state_and_refuses_a_mismatch():
     assert torch.equal(qt(x), q(x))
     with pytest.raises(ValueError, match=r"conv1: the state dict holds a learned range.*range_learning"):
         xnnq.QuantTestModule(small_net(), DUMMY).load_state_dict(q.state_dict())
+    with pytest.raises(ValueError, match=r"saved with range_anchor='statistics'.*range_anchor='statistics'"):
+        xnnq.QuantTestModule(small_net(), DUMMY, range_learning="tqt", range_anchor="init").load_state_dict(
+            q.state_dict()
+        )
     stats = xnnq.QuantTrainModule(small_net(), DUMMY)
     with pytest.raises(ValueError, match=r"learns its range.*range_learning"):
         xnnq.QuantTestModule(small_net(), DUMMY, range_learning="tqt").load_state_dict(stats.state_dict())

@@ -257,9 +257,16 @@ class LearnedRange(nn.Module):
         self._frozen = value
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"frozen": self._frozen, "init_steps": self.init_steps}
+        anchor = "statistics" if self.anchored else "init"
+        return {"frozen": self._frozen, "init_steps": self.init_steps, "anchor": anchor}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("anchor", "init")  # state saved before anchors: the paper's behaviour
+        if saved != ("statistics" if self.anchored else "init"):
+            raise ValueError(
+                f"{self.name or 'LearnedRange'}: the state dict was saved with range_anchor={saved!r}; build "
+                f"the wrapper with range_anchor={saved!r} (the thresholds mean another thing under the other)."
+            )
         self._frozen = bool(state["frozen"])  # not the setter: both tensors were loaded as saved
         self.init_steps = int(state["init_steps"])
 
