@@ -7,8 +7,10 @@ For each model, two QAT runs that differ only in ``range_learning``:
   max rule; one optimizer over all parameters.
 * ``tqt``: ``QuantTrainModule(model, dummy, range_learning="tqt")`` — the same, plus learned log2 thresholds
   for every activation quantizer and weight tensor (initialised from the statistics of the first
-  ``--init-batches`` batches, at the centre of their octave), trained by their own Adam (``qmodel.range_parameters()``, lr ``--lr-th``, no
-  weight decay, the same cosine schedule) — the optimizer the paper (and its Graffitist recipe) uses.
+  ``--init-batches`` batches, at the centre of their octave; with ``--anchor statistics``, the default, moving
+  with the statistics' power of two after that, ``--anchor init`` not), trained by their own Adam
+  (``qmodel.range_parameters()``, lr ``--lr-th``, no weight decay, the same cosine schedule) — the optimizer
+  the paper (and its Graffitist recipe) uses.
 
 Both runs go through ``xnnq.recipes.qat_finetune`` (BatchNorm frozen from the start, ranges / thresholds
 frozen half-way, cosine to 0, 8-bit power-of-2 per-tensor, ``--seed``, default 0); per model the task's data, loss and
