@@ -195,9 +195,9 @@ ANCHORS = ("statistics", "init")
 class LearnedRange(nn.Module):
     """The learned log2 threshold of one quantizer (a tensor's range, or one per channel).
 
-    State: the parameter ``log2_t``; the buffers ``frozen_log2_t`` (the value in force while frozen) and
-    ``anchor`` (the statistics' octave centre the threshold last moved with); extra state ``frozen`` and
-    ``init_steps`` (training forwards that have set the threshold from statistics).
+    State: the parameter ``log2_t``; the buffers ``frozen_log2_t`` (held while frozen) and ``anchor`` (the
+    statistics' octave centre at initialisation); extra state ``frozen``, ``init_steps`` (training forwards
+    that have set the threshold from statistics) and the anchor mode.
 
     * Initialisation: for the first ``init_batches`` training forwards the owner passes the range its
       statistics give (:meth:`init_from`) and the threshold is set to the centre of its octave
@@ -211,8 +211,8 @@ class LearnedRange(nn.Module):
       power of two: while the gradient has not moved ``log2_t`` half an octave from ``anchor`` the quantizer
       computes exactly what statistics QAT computes (tested). ``anchor="init"``: the statistics set the
       threshold during initialisation only (the paper's TQT) and are not followed after.
-    * Freezing (``frozen = True``, :func:`~xnnq.layers.freeze_quant_range`): the threshold in force is copied
-      to ``frozen_log2_t`` and used from then on, whatever the optimizer still does to ``log2_t`` (momentum,
+    * Freezing (``frozen = True``, :func:`~xnnq.layers.freeze_quant_range`): ``log2_t`` is copied to
+      ``frozen_log2_t`` and used in its place from then on, whatever the optimizer still does to ``log2_t`` (momentum,
       weight decay); ``log2_t`` gets a zero gradient. Unfreezing copies the frozen value back and learning
       resumes from it.
     * ``grad_scale`` multiplies the gradient of ``log2_t`` (1: the paper's gradient, for Adam).
@@ -256,13 +256,17 @@ class LearnedRange(nn.Module):
                 self.log2_t.copy_(self.frozen_log2_t)
         self._frozen = value
 
+    @property
+    def anchor_mode(self) -> str:
+        """``"statistics"`` or ``"init"`` (the constructor's ``anchor``)."""
+        return ANCHORS[0] if self.anchored else ANCHORS[1]
+
     def get_extra_state(self) -> dict[str, Any]:
-        anchor = "statistics" if self.anchored else "init"
-        return {"frozen": self._frozen, "init_steps": self.init_steps, "anchor": anchor}
+        return {"frozen": self._frozen, "init_steps": self.init_steps, "anchor": self.anchor_mode}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         saved = state.get("anchor", "init")  # state saved before anchors: the paper's behaviour
-        if saved != ("statistics" if self.anchored else "init"):
+        if saved != self.anchor_mode:
             raise ValueError(
                 f"{self.name or 'LearnedRange'}: the state dict was saved with range_anchor={saved!r}; build "
                 f"the wrapper with range_anchor={saved!r} (the thresholds mean another thing under the other)."
@@ -395,6 +399,5 @@ class LearnedRange(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"shape={tuple(self.log2_t.shape)}, init_batches={self.init_batches}, "
-            f"grad_scale={self.grad_scale}, anchor={'statistics' if self.anchored else 'init'}"
-            + (", frozen" if self._frozen else "")
+            f"grad_scale={self.grad_scale}, anchor={self.anchor_mode}" + (", frozen" if self._frozen else "")
         )

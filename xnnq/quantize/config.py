@@ -10,7 +10,7 @@ reads it (the plan for what a tensor's quantizer is, the build for how its modul
 ``range_learning`` (statistics or learned power-of-2 thresholds) is read by the build: with ``"tqt"`` it
 gives each PACT2 and each conv/linear a :class:`~xnnq.layers.tqt.LearnedRange`, initialised from the
 observer's range (activations) or the max rule (weights) over the first ``range_init_batches`` batches, and
-moving with their power of two until the ranges freeze (``range_anchor="statistics"``) or not (``"init"``).
+moving with their power of two after that (``range_anchor="statistics"``) or not (``"init"``).
 """
 
 from __future__ import annotations
