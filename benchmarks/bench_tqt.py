@@ -162,10 +162,8 @@ def exponent_changes(q: xnnq.QuantTrainModule) -> dict:
             continue
         bn = q.module.get_submodule(spot.bn) if spot.bn else None
         with torch.no_grad():
-            _, m, log2_rule = layer._rule_range(layer.folded_weight_bias(bn)[0])
-            learned = layer.learned_range.range(
-                layer.weight_bits, True, log2_rule, torch.minimum(m, torch.exp2(log2_rule))
-            )
+            _, r, log2_rule = layer._rule_range(layer.folded_weight_bias(bn)[0])
+            learned = layer.learned_range.range(layer.weight_bits, True, log2_rule, r)
         w_total += learned.numel()
         w_moved += int((torch.log2(learned) != log2_rule).sum())
     return {

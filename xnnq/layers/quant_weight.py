@@ -210,28 +210,29 @@ class _FoldedWeightMixin:
         return self.quantize_weight(w.detach())[1]
 
     def _rule_range(self, w: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """(outlier bound or None, max |constrain(w)|, log2 of the max rule's power-of-2 range) of a folded
+        """(outlier bound or None, the range the max rule gives — ``min(max |constrain(w)|, 2^log2_rule)``, what
+        a learned range starts from and moves with —, log2 of the max rule's power-of-2 range) of a folded
         weight."""
         axis = self.weight_axis()
         t = self.clip_threshold(w) if self.constrain_weights else None
         m = max_abs(w, axis) if t is None else torch.minimum(max_abs(w, axis), t)
         rule = weight_scale_from_max(m, self.weight_bits, self.power2, self.weight_range_shift)
-        return t, m, torch.log2(rule) + (self.weight_bits - 1)
+        log2_rule = torch.log2(rule) + (self.weight_bits - 1)
+        return t, torch.minimum(m, torch.exp2(log2_rule)), log2_rule
 
     def init_learned_range(self, w: torch.Tensor) -> None:
         """One initialising step of the learned range from the folded weight ``w``: the max rule's range."""
-        _, m, log2_rule = self._rule_range(w.detach())
-        self.learned_range.init_from(torch.minimum(m, torch.exp2(log2_rule)))
+        self.learned_range.init_from(self._rule_range(w.detach())[1])
 
     def quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(quantized weight, its scale) from a folded float weight: ``constrain``, then the scale of the
         constrained weights (``max |constrain(w)| = min(t, max |w|)``, no second pass)."""
         if self.learned_range is not None:
-            t, m, log2_rule = self._rule_range(w)
+            t, r, log2_rule = self._rule_range(w)
             if t is not None:
                 w = torch.clamp(w, -t, t)
             bits, axis, learned = self.weight_bits, self.weight_axis(), self.learned_range
-            r = torch.minimum(m, torch.exp2(log2_rule)).detach() if learned.anchored else None
+            r = r if learned.anchored else None
             return (
                 learned.fake_quantize(w, bits, True, axis, log2_max=log2_rule, r=r),
                 learned.scale(bits, True, log2_rule, r),
