@@ -377,3 +377,78 @@ def test_learned_range_state_dict_round_trip():
     e = LearnedRange((3,), anchor="init")
     e.load_state_dict(old)
     assert torch.equal(e.log2_t, c.log2_t)
+
+
+def _bits_of(t: torch.Tensor) -> torch.Tensor:
+    """The float32 bit patterns (so that -0.0 differs from +0.0 and NaN equals NaN)."""
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("bits, signed", [(8, True), (8, False), (16, True)])
+@pytest.mark.parametrize("shift", [None, -1.0])
+def test_c_kernels_give_the_torch_ops_values_and_gradients_bit_for_bit(fused_mode, bits, signed, shift):
+    """On CPU a per-tensor learned threshold runs in two C loops (one pass each way, plus the threshold's dot
+    product): the output (signed zeros included), the input's gradient and the threshold's gradient equal the
+    torch ops' bit for bit, for ties, saturation, NaN, ±Inf and a tensor large enough to be split among threads."""
+    from xnnq.layers import tqt
+    from xnnq.layers.rounding import Rounding
+
+    g = torch.Generator().manual_seed(bits + signed)
+    x = torch.randn(4, 40, 33, 31, generator=g) * 3  # 163 680 elements: above the kernels' parallel threshold
+    flat = x.view(-1)
+    flat[:64] = torch.arange(-32, 32) * 0.0625 + 0.03125  # codes on exact .5 ties at log2 t = 0 (and -1)
+    flat[64:72] = torch.tensor([1e-30, float("inf"), -float("inf"), -0.0, 0.0, -1e-30, 1e30, -1e30])
+    grad_out = torch.randn(x.shape, generator=g)
+    u0 = torch.tensor(0.3)
+    shift_t = None if shift is None else torch.tensor(shift)
+    results = {}
+    for mode in ("cpu", "0"):
+        fused_mode(mode)
+        assert tqt._on_c_kernels(x, None, Rounding.HALF_EVEN) == (mode == "cpu")
+        xi = x.clone().requires_grad_(True)
+        u = u0.clone().requires_grad_(True)
+        out = tqt_fake_quantize(xi, u, bits, signed, shift=shift_t)
+        out.backward(grad_out)
+        results[mode] = (out.detach(), xi.grad, u.grad)
+    (out_c, gx_c, gu_c), (out_t, gx_t, gu_t) = results["cpu"], results["0"]
+    assert torch.equal(_bits_of(out_c), _bits_of(out_t))
+    assert torch.equal(_bits_of(gx_c), _bits_of(gx_t))
+    assert torch.equal(_bits_of(gu_c), _bits_of(gu_t))
+    assert torch.signbit(out_c.view(-1)[67]) and not torch.signbit(
+        out_c.view(-1)[68]
+    )  # -0.0 kept as in torch
+    assert torch.isfinite(gu_c)
+
+
+def test_c_kernels_propagate_nan_and_give_it_no_input_gradient(fused_mode):
+    """A NaN input gives a NaN output and (as torch's vectorized loop) a zero input gradient; the threshold's
+    gradient is NaN, in both paths."""
+    x = torch.randn(2, 16, 64)
+    x.view(-1)[100] = float("nan")
+    results = {}
+    for mode in ("cpu", "0"):
+        fused_mode(mode)
+        xi = x.clone().requires_grad_(True)
+        u = torch.tensor(1.0, requires_grad=True)
+        out = tqt_fake_quantize(xi, u, 8, True)
+        out.backward(torch.ones_like(out))
+        results[mode] = (out.detach(), xi.grad, u.grad)
+    for out, gx, gu in results.values():
+        assert torch.isnan(out.view(-1)[100]) and gx.view(-1)[100] == 0 and torch.isnan(gu)
+        assert torch.isfinite(out.view(-1)[:100]).all()
+    assert torch.equal(results["cpu"][1], results["0"][1])
+
+
+def test_c_kernels_leave_other_cases_to_the_torch_ops(fused_mode):
+    """Per channel, another rounding, a non-contiguous or non-float32 tensor: the torch ops (the same numerics)."""
+    from xnnq.layers import tqt
+    from xnnq.layers.rounding import Rounding
+
+    fused_mode("cpu")
+    x = torch.randn(2, 3, 4, 5)
+    assert tqt._on_c_kernels(x, None, Rounding.HALF_EVEN)
+    assert not tqt._on_c_kernels(x, 1, Rounding.HALF_EVEN)
+    assert not tqt._on_c_kernels(x, None, Rounding.HALF_UP)
+    assert not tqt._on_c_kernels(x.transpose(1, 2), None, Rounding.HALF_EVEN)
+    assert not tqt._on_c_kernels(x.double(), None, Rounding.HALF_EVEN)
+    assert not tqt._on_c_kernels(x[:0], None, Rounding.HALF_EVEN)

@@ -4,7 +4,9 @@ Two loops over a float32 array in memory order (see :mod:`xnnq.layers.fused` for
 
 * ``xnnq_fq_forward``: ``out = round_half_even(clamp(min(x, cap) · inv, qmin, qmax)) · s`` (code 0 as +0.0)
   and, when asked, the 1-byte straight-through mask ``(x < cap) & (lo < codes < hi)``;
-* ``xnnq_fq_backward``: ``mask ? grad : +0.0`` (the mask bytes are 0 or 1).
+* ``xnnq_fq_backward``: ``mask ? grad : +0.0`` (the mask bytes are 0 or 1);
+* ``xnnq_tqt_forward`` / ``xnnq_tqt_backward``: the same for a learned (TQT) threshold, per tensor, with the
+  codes kept for the threshold's gradient (:mod:`xnnq.layers.tqt`);
 
 and the statistics loops of the range tracker and of calibration (each documented at its C function): sampled
 extremes, extremes, histogram counts (of a sample, with its extremes in the same call), batch sums.
@@ -109,6 +111,52 @@ void xnnq_fq_forward_inplace(float *restrict x, uint8_t *restrict mask, int64_t 
         FQ_LOOP({ float xi = x[i]; FQ_ELEMENT(xi, x[i], mask[i]) })
     } else {
         FQ_LOOP({ float xi = x[i]; uint8_t keep; FQ_ELEMENT(xi, x[i], keep) (void)keep; })
+    }
+}
+
+/* TQT, per tensor (xnnq.layers.tqt): codes = x · inv (inv = 1 / s in float32, as torch's 1 / scale),
+   out = round_half_even(clamp(codes, qmin, qmax)) · s. The torch ops this replaces (mul, clamp, round_, mul_)
+   keep the sign of a zero code (-0.0 stays -0.0), and so does this loop. codes may be NULL. */
+void xnnq_tqt_forward(const float *restrict x, float *restrict out, float *restrict codes, int64_t n,
+                      const float *scale_p, float qmin, float qmax, int threads) {
+    const float scale = *scale_p, inv = 1.0f / scale;
+    if (codes) {
+        FQ_LOOP({
+            float c_ = x[i] * inv;
+            codes[i] = c_;
+            float k_ = c_ < qmin ? qmin : c_;
+            out[i] = nearbyintf(k_ > qmax ? qmax : k_) * scale;
+        })
+    } else {
+        FQ_LOOP({
+            float c_ = x[i] * inv;
+            float k_ = c_ < qmin ? qmin : c_;
+            out[i] = nearbyintf(k_ > qmax ? qmax : k_) * scale;
+        })
+    }
+}
+
+/* TQT backward, per tensor, from the saved codes c: keep = lo < c < hi (hardtanh_backward's test; a NaN code's
+   gradient is +0.0, as torch's vectorized loop gives it; its scalar tail passes it); grad_x = keep ? grad : +0.0
+   and, when inner is not NULL,
+   inner = round_half_even(clamp(c, qmin, qmax)) - (keep ? c : +0.0), the factor of the threshold's gradient
+   (q - x/s in range, qmin / qmax where clipped). */
+void xnnq_tqt_backward(const float *restrict grad, const float *restrict codes, float *restrict grad_x,
+                       float *restrict inner, int64_t n, float qmin, float qmax, float lo, float hi,
+                       int threads) {
+    if (inner) {
+        FQ_LOOP({
+            float c_ = codes[i];
+            int keep_ = (c_ > lo) & (c_ < hi);
+            grad_x[i] = keep_ ? grad[i] : 0.0f;
+            float k_ = c_ < qmin ? qmin : c_;
+            inner[i] = nearbyintf(k_ > qmax ? qmax : k_) - (keep_ ? c_ : 0.0f);
+        })
+    } else {
+        FQ_LOOP({
+            float c_ = codes[i];
+            grad_x[i] = (c_ > lo) & (c_ < hi) ? grad[i] : 0.0f;
+        })
     }
 }
 
@@ -610,6 +658,10 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_fq_backward_inplace.argtypes = [p, p, i64, i32]
     handle.xnnq_fq_backward_inplace.restype = None
     handle.xnnq_fq_backward.argtypes = [p, p, p, i64, i32]
+    handle.xnnq_tqt_forward.argtypes = [p, p, p, i64, p, f32, f32, i32]
+    handle.xnnq_tqt_forward.restype = None
+    handle.xnnq_tqt_backward.argtypes = [p, p, p, p, i64, *([f32] * 4), i32]
+    handle.xnnq_tqt_backward.restype = None
     handle.xnnq_fq_backward.restype = None
     handle.xnnq_wq_scale.argtypes = [p, i64, i64, f32, i64, i32, i32, p, p, p, i32]
     handle.xnnq_wq_scale.restype = i32
@@ -674,6 +726,48 @@ def backward_inplace(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         grad.data_ptr(), mask.data_ptr(), grad.numel(), torch.get_num_threads()
     )
     return grad
+
+
+def tqt_forward(
+    flat: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, with_codes: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(out, codes)`` of a per-tensor TQT fake quantization (see the C source) of the contiguous 1-d float32
+    CPU tensor ``flat`` with the 0-d float32 CPU ``scale``; ``codes`` is ``None`` unless ``with_codes``."""
+    out = torch.empty_like(flat)
+    codes = torch.empty_like(flat) if with_codes else None
+    library().xnnq_tqt_forward(
+        flat.data_ptr(),
+        out.data_ptr(),
+        None if codes is None else codes.data_ptr(),
+        flat.numel(),
+        scale.data_ptr(),
+        float(qmin),
+        float(qmax),
+        torch.get_num_threads(),
+    )
+    return out, codes
+
+
+def tqt_backward(
+    grad: torch.Tensor, codes: torch.Tensor, qmin: int, qmax: int, lo: float, hi: float, with_inner: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(grad_x, inner)`` of a per-tensor TQT backward (see the C source) for the contiguous float32 CPU
+    ``grad`` and saved ``codes`` of one shape; ``inner`` (1-d) is ``None`` unless ``with_inner``."""
+    grad_x = torch.empty_like(grad)
+    inner = torch.empty(codes.numel(), dtype=codes.dtype) if with_inner else None
+    library().xnnq_tqt_backward(
+        grad.data_ptr(),
+        codes.data_ptr(),
+        grad_x.data_ptr(),
+        None if inner is None else inner.data_ptr(),
+        grad.numel(),
+        float(qmin),
+        float(qmax),
+        lo,
+        hi,
+        torch.get_num_threads(),
+    )
+    return grad_x, inner
 
 
 def tail_extremes(

@@ -36,7 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import cpu_kernels
 from .fake_quant import MIN_RANGE, _along, _mask_bounds, ceil_log2, check_bits, fake_quantize, quant_bounds
+from .fused import on_c_path
 from .rounding import Rounding, resolve, round_tensor_
 
 LOG2_MIN = math.log2(MIN_RANGE)  # -24: the smallest range xnnq represents (as pow2_ceil)
@@ -100,9 +102,14 @@ class _TQTFakeQuant(torch.autograd.Function):
         if shift is not None:
             u = u + shift.detach()
         scale = tqt_scale(u, bits, signed, log2_max).to(x.dtype)
-        s = _along(scale, x, axis)
-        codes = torch.mul(x, 1.0 / s)
-        out = round_tensor_(torch.clamp(codes, qmin, qmax), rounding).mul_(s)
+        ctx.c_kernels = _on_c_kernels(x, axis, rounding)
+        if ctx.c_kernels:  # one C pass, the same values as the torch ops below
+            out, codes = cpu_kernels.tqt_forward(x.view(-1), scale, qmin, qmax, with_codes=True)
+            out, codes = out.view(x.shape), codes.view(x.shape)
+        else:
+            s = _along(scale, x, axis)
+            codes = torch.mul(x, 1.0 / s)
+            out = round_tensor_(torch.clamp(codes, qmin, qmax), rounding).mul_(s)
         ctx.save_for_backward(codes, scale, u, _upper(log2_max, u))
         ctx.qrange, ctx.axis, ctx.rounding = (qmin, qmax), axis, rounding
         ctx.grad_scale = 0.0 if value is not None else float(grad_scale)
@@ -113,18 +120,25 @@ class _TQTFakeQuant(torch.autograd.Function):
         codes, scale, u, hi_u = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         lo, hi = _mask_bounds(qmin, qmax)
-        grad_x = torch.ops.aten.hardtanh_backward(grad, codes, lo, hi)  # 1 where the code is in range
+        want_u = ctx.needs_input_grad[1] and ctx.grad_scale != 0.0
+        inner = None
+        if ctx.c_kernels and grad.dtype == torch.float32 and grad.is_contiguous():
+            # one C pass for the input's gradient and the threshold's factor; the same values as the torch ops
+            grad_x, inner = cpu_kernels.tqt_backward(grad, codes, qmin, qmax, lo, hi, with_inner=want_u)
+        else:
+            grad_x = torch.ops.aten.hardtanh_backward(grad, codes, lo, hi)  # 1 where the code is in range
         grad_u = None
-        if ctx.needs_input_grad[1] and ctx.grad_scale == 0.0:
+        if ctx.needs_input_grad[1] and not want_u:
             grad_u = torch.zeros_like(u)
-        elif ctx.needs_input_grad[1]:
+        elif want_u:
             g, c = grad, codes
             if g.dtype != torch.float32:  # accumulate half / bfloat16 in float32
                 g, c = g.float(), c.float()
-            # q − x/s in range, qmin / qmax where clipped: round(clamp(c)) minus c where in range
-            inner = round_tensor_(c.clamp(qmin, qmax), ctx.rounding).sub_(
-                torch.ops.aten.hardtanh_backward(c, c, lo, hi)
-            )
+            if inner is None:
+                # q − x/s in range, qmin / qmax where clipped: round(clamp(c)) minus c where in range
+                inner = round_tensor_(c.clamp(qmin, qmax), ctx.rounding).sub_(
+                    torch.ops.aten.hardtanh_backward(c, c, lo, hi)
+                )
             if ctx.axis is None:
                 total = torch.dot(g.reshape(-1), inner.reshape(-1))
             else:
@@ -135,6 +149,19 @@ class _TQTFakeQuant(torch.autograd.Function):
             grad_u = torch.where(outward, torch.zeros_like(grad_u), grad_u)
         grad_x = grad_x if ctx.needs_input_grad[0] else None
         return grad_x, grad_u, None, None, None, None, None, None, None, None
+
+
+def _on_c_kernels(x: torch.Tensor, axis: int | None, rounding: Rounding) -> bool:
+    """Whether the TQT forward and backward of ``x`` run in the C kernels (:mod:`xnnq.layers.cpu_kernels`): per
+    tensor, half-to-even rounding, a contiguous float32 CPU tensor, the kernels switched on and built."""
+    return (
+        axis is None
+        and rounding is Rounding.HALF_EVEN
+        and x.dtype == torch.float32
+        and x.is_contiguous()
+        and x.numel() > 0
+        and on_c_path(x.view(-1))
+    )
 
 
 def tqt_fake_quantize(
