@@ -23,6 +23,10 @@ it, so every scale stays what TIDL accepts:
   in-range ones): the paper therefore trains thresholds with a normalized-gradient optimizer (Adam; the
   authors' Graffitist recipe: lr 1e-2 for thresholds, separate from the weights). ``grad_scale`` multiplies
   the gradient for optimizers that do not normalize (see :class:`LearnedRange`).
+* On CPU a per-tensor threshold with half-to-even rounding on a contiguous float32 tensor runs in one C pass
+  each way (:func:`~xnnq.layers.cpu_kernels.tqt_forward` / :func:`~xnnq.layers.cpu_kernels.tqt_backward`; the
+  threshold's sum stays torch's ``dot``): the values and gradients of the torch ops, bit for bit (tested).
+  Elsewhere (per channel, other roundings, other devices) the torch ops run.
 * Numerically safe: ``u`` is clamped to ``[LOG2_MIN, LOG2_MAX]`` (and to an optional per-quantizer upper
   bound) in the forward; outside the clamp its gradient only passes in the direction back inside, so a
   threshold of 0 (``u = -inf``), a tiny or a huge one never produces NaN or Inf and never gets stuck.
