@@ -116,24 +116,16 @@ void xnnq_fq_forward_inplace(float *restrict x, uint8_t *restrict mask, int64_t 
 
 /* TQT, per tensor (xnnq.layers.tqt): codes = x · inv (inv = 1 / s in float32, as torch's 1 / scale),
    out = round_half_even(clamp(codes, qmin, qmax)) · s. The torch ops this replaces (mul, clamp, round_, mul_)
-   keep the sign of a zero code (-0.0 stays -0.0), and so does this loop. codes may be NULL. */
+   keep the sign of a zero code (-0.0 stays -0.0), and so does this loop. */
 void xnnq_tqt_forward(const float *restrict x, float *restrict out, float *restrict codes, int64_t n,
                       const float *scale_p, float qmin, float qmax, int threads) {
     const float scale = *scale_p, inv = 1.0f / scale;
-    if (codes) {
-        FQ_LOOP({
-            float c_ = x[i] * inv;
-            codes[i] = c_;
-            float k_ = c_ < qmin ? qmin : c_;
-            out[i] = nearbyintf(k_ > qmax ? qmax : k_) * scale;
-        })
-    } else {
-        FQ_LOOP({
-            float c_ = x[i] * inv;
-            float k_ = c_ < qmin ? qmin : c_;
-            out[i] = nearbyintf(k_ > qmax ? qmax : k_) * scale;
-        })
-    }
+    FQ_LOOP({
+        float c_ = x[i] * inv;
+        codes[i] = c_;
+        float k_ = c_ < qmin ? qmin : c_;
+        out[i] = nearbyintf(k_ > qmax ? qmax : k_) * scale;
+    })
 }
 
 /* TQT backward, per tensor, from the saved codes c: keep = lo < c < hi (hardtanh_backward's test; a NaN code's
@@ -658,11 +650,11 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_fq_backward_inplace.argtypes = [p, p, i64, i32]
     handle.xnnq_fq_backward_inplace.restype = None
     handle.xnnq_fq_backward.argtypes = [p, p, p, i64, i32]
+    handle.xnnq_fq_backward.restype = None
     handle.xnnq_tqt_forward.argtypes = [p, p, p, i64, p, f32, f32, i32]
     handle.xnnq_tqt_forward.restype = None
     handle.xnnq_tqt_backward.argtypes = [p, p, p, p, i64, *([f32] * 4), i32]
     handle.xnnq_tqt_backward.restype = None
-    handle.xnnq_fq_backward.restype = None
     handle.xnnq_wq_scale.argtypes = [p, i64, i64, f32, i64, i32, i32, p, p, p, i32]
     handle.xnnq_wq_scale.restype = i32
     handle.xnnq_wq_forward.argtypes = [p, p, p, i64, i64, f32, p, i32, i32, *([f32] * 4), p, i32]
@@ -729,16 +721,16 @@ def backward_inplace(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def tqt_forward(
-    flat: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, with_codes: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    flat: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, codes)`` of a per-tensor TQT fake quantization (see the C source) of the contiguous 1-d float32
-    CPU tensor ``flat`` with the 0-d float32 CPU ``scale``; ``codes`` is ``None`` unless ``with_codes``."""
+    CPU tensor ``flat`` with the 0-d float32 CPU ``scale``."""
     out = torch.empty_like(flat)
-    codes = torch.empty_like(flat) if with_codes else None
+    codes = torch.empty_like(flat)
     library().xnnq_tqt_forward(
         flat.data_ptr(),
         out.data_ptr(),
-        None if codes is None else codes.data_ptr(),
+        codes.data_ptr(),
         flat.numel(),
         scale.data_ptr(),
         float(qmin),

@@ -108,7 +108,7 @@ class _TQTFakeQuant(torch.autograd.Function):
         scale = tqt_scale(u, bits, signed, log2_max).to(x.dtype)
         ctx.c_kernels = _on_c_kernels(x, axis, rounding)
         if ctx.c_kernels:  # one C pass, the same values as the torch ops below
-            out, codes = cpu_kernels.tqt_forward(x.view(-1), scale, qmin, qmax, with_codes=True)
+            out, codes = cpu_kernels.tqt_forward(x.view(-1), scale, qmin, qmax)
             out, codes = out.view(x.shape), codes.view(x.shape)
         else:
             s = _along(scale, x, axis)
