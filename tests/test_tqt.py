@@ -385,11 +385,12 @@ def _bits_of(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits, signed", [(8, True), (8, False), (16, True)])
-@pytest.mark.parametrize("shift", [None, -1.0])
-def test_c_kernels_give_the_torch_ops_values_and_gradients_bit_for_bit(fused_mode, bits, signed, shift):
+@pytest.mark.parametrize("shift, cap", [(None, None), (-1.0, None), (None, 6.0), (2.0, 6.0)])
+def test_c_kernels_give_the_torch_ops_values_and_gradients_bit_for_bit(fused_mode, bits, signed, shift, cap):
     """On CPU a per-tensor learned threshold runs in two C loops (one pass each way, plus the threshold's dot
-    product): the output (signed zeros included), the input's gradient and the threshold's gradient equal the
-    torch ops' bit for bit, for ties, saturation, NaN, ±Inf and a tensor large enough to be split among threads."""
+    product; a ReLU6's cap in the same pass): the output (signed zeros included), the input's gradient and the
+    threshold's gradient equal the torch ops' (``x.clamp(max=cap)`` first) bit for bit, for ties, saturation,
+    ±Inf, values at and above the cap and a tensor large enough to be split among threads."""
     from xnnq.layers import tqt
     from xnnq.layers.rounding import Rounding
 
@@ -398,6 +399,9 @@ def test_c_kernels_give_the_torch_ops_values_and_gradients_bit_for_bit(fused_mod
     flat = x.view(-1)
     flat[:64] = torch.arange(-32, 32) * 0.0625 + 0.03125  # codes on exact .5 ties at log2 t = 0 (and -1)
     flat[64:72] = torch.tensor([1e-30, float("inf"), -float("inf"), -0.0, 0.0, -1e-30, 1e30, -1e30])
+    flat[72:76] = torch.tensor(
+        [6.0, 6.0000005, 5.9999995, 7.0]
+    )  # at, just above, just below and above the cap
     grad_out = torch.randn(x.shape, generator=g)
     u0 = torch.tensor(0.3)
     shift_t = None if shift is None else torch.tensor(shift)
@@ -407,10 +411,12 @@ def test_c_kernels_give_the_torch_ops_values_and_gradients_bit_for_bit(fused_mod
         assert tqt._on_c_kernels(x, None, Rounding.HALF_EVEN) == (mode == "cpu")
         xi = x.clone().requires_grad_(True)
         u = u0.clone().requires_grad_(True)
-        out = tqt_fake_quantize(xi, u, bits, signed, shift=shift_t)
+        out = tqt_fake_quantize(xi, u, bits, signed, shift=shift_t, cap=cap)
         out.backward(grad_out)
         results[mode] = (out.detach(), xi.grad, u.grad)
     (out_c, gx_c, gu_c), (out_t, gx_t, gu_t) = results["cpu"], results["0"]
+    if cap is not None:  # the clamp's gradient: none at the cap and above it
+        assert gx_c.view(-1)[72] == 0 and gx_c.view(-1)[73] == 0 and gx_c.view(-1)[75] == 0
     assert torch.equal(_bits_of(out_c), _bits_of(out_t))
     assert torch.equal(_bits_of(gx_c), _bits_of(gx_t))
     assert torch.equal(_bits_of(gu_c), _bits_of(gu_t))
@@ -452,3 +458,29 @@ def test_c_kernels_leave_other_cases_to_the_torch_ops(fused_mode):
     assert not tqt._on_c_kernels(x.transpose(1, 2), None, Rounding.HALF_EVEN)
     assert not tqt._on_c_kernels(x.double(), None, Rounding.HALF_EVEN)
     assert not tqt._on_c_kernels(x[:0], None, Rounding.HALF_EVEN)
+
+
+def test_c_kernels_output_takes_an_in_place_activation(fused_mode):
+    """The learned quantizer's output is a tensor of its own (not a view made inside the autograd function), so an
+    in-place activation after it (``Hardswish(inplace=True)``, as in MobileNetV3) trains, as on the torch ops."""
+    from torch import nn
+
+    import xnnq
+
+    def step(mode):
+        fused_mode(mode)
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.Hardswish(inplace=True),
+            nn.Conv2d(8, 4, 1),
+            nn.ReLU6(inplace=True),
+        )
+        x = torch.randn(2, 3, 8, 8)
+        q = xnnq.QuantTrainModule(net, x[:1], range_learning="tqt", range_init_batches=1).train()
+        q(x).sum().backward()
+        return q(x * 2).detach(), [p.grad.clone() for p in q.parameters() if p.grad is not None]
+
+    (out_c, grads_c), (out_t, grads_t) = step("cpu"), step("0")
+    assert torch.equal(out_c, out_t)
+    assert len(grads_c) == len(grads_t) and all(torch.equal(a, b) for a, b in zip(grads_c, grads_t))

@@ -114,40 +114,53 @@ void xnnq_fq_forward_inplace(float *restrict x, uint8_t *restrict mask, int64_t 
     }
 }
 
-/* TQT, per tensor (xnnq.layers.tqt): codes = x · inv (inv = 1 / s in float32, as torch's 1 / scale),
-   out = round_half_even(clamp(codes, qmin, qmax)) · s. The torch ops this replaces (mul, clamp, round_, mul_)
-   keep the sign of a zero code (-0.0 stays -0.0), and so does this loop. */
-void xnnq_tqt_forward(const float *restrict x, float *restrict out, float *restrict codes, int64_t n,
-                      const float *scale_p, float qmin, float qmax, int threads) {
+/* TQT, per tensor (xnnq.layers.tqt): codes = min(x, cap) · inv (inv = 1 / s in float32, as torch's 1 / scale;
+   NaN stays NaN), out = round_half_even(clamp(codes, qmin, qmax)) · s. The torch ops this replaces (clamp(max=cap),
+   mul, clamp, round_, mul_) keep the sign of a zero code (-0.0 stays -0.0), and so does this loop. With a cap,
+   capmask = x < cap (the gradient mask of torch's clamp(max=cap): x == cap and NaN get none). */
+void xnnq_tqt_forward(const float *restrict x, float *restrict out, float *restrict codes,
+                      uint8_t *restrict capmask, int64_t n, const float *scale_p, float qmin, float qmax,
+                      float cap, int threads) {
     const float scale = *scale_p, inv = 1.0f / scale;
-    FQ_LOOP({
-        float c_ = x[i] * inv;
-        codes[i] = c_;
-        float k_ = c_ < qmin ? qmin : c_;
-        out[i] = nearbyintf(k_ > qmax ? qmax : k_) * scale;
-    })
+    if (capmask) {
+        FQ_LOOP({
+            float xi = x[i];
+            float c_ = (xi > cap ? cap : xi) * inv;
+            codes[i] = c_;
+            capmask[i] = (uint8_t)(xi < cap);
+            float k_ = c_ < qmin ? qmin : c_;
+            out[i] = nearbyintf(k_ > qmax ? qmax : k_) * scale;
+        })
+    } else {
+        FQ_LOOP({
+            float c_ = x[i] * inv;
+            codes[i] = c_;
+            float k_ = c_ < qmin ? qmin : c_;
+            out[i] = nearbyintf(k_ > qmax ? qmax : k_) * scale;
+        })
+    }
 }
 
 /* TQT backward, per tensor, from the saved codes c: keep = lo < c < hi (hardtanh_backward's test; a NaN code's
    gradient is +0.0, as torch's vectorized loop gives it; its scalar tail passes it); grad_x = keep ? grad : +0.0
    and, when inner is not NULL,
    inner = round_half_even(clamp(c, qmin, qmax)) - (keep ? c : +0.0), the factor of the threshold's gradient
-   (q - x/s in range, qmin / qmax where clipped). */
-void xnnq_tqt_backward(const float *restrict grad, const float *restrict codes, float *restrict grad_x,
-                       float *restrict inner, int64_t n, float qmin, float qmax, float lo, float hi,
-                       int threads) {
+   (q - x/s in range, qmin / qmax where clipped). capmask (or NULL: no cap) zeroes grad_x where it is 0. */
+void xnnq_tqt_backward(const float *restrict grad, const float *restrict codes, const uint8_t *restrict capmask,
+                       float *restrict grad_x, float *restrict inner, int64_t n, float qmin, float qmax,
+                       float lo, float hi, int threads) {
     if (inner) {
         FQ_LOOP({
             float c_ = codes[i];
             int keep_ = (c_ > lo) & (c_ < hi);
-            grad_x[i] = keep_ ? grad[i] : 0.0f;
+            grad_x[i] = keep_ & (capmask ? capmask[i] : 1) ? grad[i] : 0.0f;
             float k_ = c_ < qmin ? qmin : c_;
             inner[i] = nearbyintf(k_ > qmax ? qmax : k_) - (keep_ ? c_ : 0.0f);
         })
     } else {
         FQ_LOOP({
             float c_ = codes[i];
-            grad_x[i] = (c_ > lo) & (c_ < hi) ? grad[i] : 0.0f;
+            grad_x[i] = (c_ > lo) & (c_ < hi) & (capmask ? capmask[i] : 1) ? grad[i] : 0.0f;
         })
     }
 }
@@ -651,9 +664,9 @@ def _build() -> ctypes.CDLL:
     handle.xnnq_fq_backward_inplace.restype = None
     handle.xnnq_fq_backward.argtypes = [p, p, p, i64, i32]
     handle.xnnq_fq_backward.restype = None
-    handle.xnnq_tqt_forward.argtypes = [p, p, p, i64, p, f32, f32, i32]
+    handle.xnnq_tqt_forward.argtypes = [p, p, p, p, i64, p, f32, f32, f32, i32]
     handle.xnnq_tqt_forward.restype = None
-    handle.xnnq_tqt_backward.argtypes = [p, p, p, p, i64, *([f32] * 4), i32]
+    handle.xnnq_tqt_backward.argtypes = [p, p, p, p, p, i64, *([f32] * 4), i32]
     handle.xnnq_tqt_backward.restype = None
     handle.xnnq_wq_scale.argtypes = [p, i64, i64, f32, i64, i32, i32, p, p, p, i32]
     handle.xnnq_wq_scale.restype = i32
@@ -721,35 +734,48 @@ def backward_inplace(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def tqt_forward(
-    flat: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, codes)`` of a per-tensor TQT fake quantization (see the C source) of the contiguous 1-d float32
-    CPU tensor ``flat`` with the 0-d float32 CPU ``scale``."""
-    out = torch.empty_like(flat)
-    codes = torch.empty_like(flat)
+    x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, cap: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(out, codes, capmask)`` of a per-tensor TQT fake quantization of ``min(x, cap)`` (see the C source) for
+    the contiguous float32 CPU tensor ``x`` and the 0-d float32 CPU ``scale``: new contiguous tensors of ``x``'s
+    shape (not views: an in-place op may follow); ``capmask`` (uint8, ``x < cap``) is ``None`` without a cap."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    codes = torch.empty_like(out)
+    capmask = None if cap is None else torch.empty(x.shape, dtype=torch.uint8)
     library().xnnq_tqt_forward(
-        flat.data_ptr(),
+        x.data_ptr(),
         out.data_ptr(),
         codes.data_ptr(),
-        flat.numel(),
+        None if capmask is None else capmask.data_ptr(),
+        x.numel(),
         scale.data_ptr(),
         float(qmin),
         float(qmax),
+        math.inf if cap is None else float(cap),
         torch.get_num_threads(),
     )
-    return out, codes
+    return out, codes, capmask
 
 
 def tqt_backward(
-    grad: torch.Tensor, codes: torch.Tensor, qmin: int, qmax: int, lo: float, hi: float, with_inner: bool
+    grad: torch.Tensor,
+    codes: torch.Tensor,
+    capmask: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    lo: float,
+    hi: float,
+    with_inner: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(grad_x, inner)`` of a per-tensor TQT backward (see the C source) for the contiguous float32 CPU
-    ``grad`` and saved ``codes`` of one shape; ``inner`` (1-d) is ``None`` unless ``with_inner``."""
+    ``grad`` and the saved ``codes`` (and ``capmask``, when there was a cap) of one shape; ``inner`` (1-d) is
+    ``None`` unless ``with_inner``."""
     grad_x = torch.empty_like(grad)
     inner = torch.empty(codes.numel(), dtype=codes.dtype) if with_inner else None
     library().xnnq_tqt_backward(
         grad.data_ptr(),
         codes.data_ptr(),
+        None if capmask is None else capmask.data_ptr(),
         grad_x.data_ptr(),
         None if inner is None else inner.data_ptr(),
         grad.numel(),

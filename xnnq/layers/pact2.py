@@ -242,10 +242,6 @@ class PACT2(nn.Module):
             )
         rounding = resolve(self.rounding, self.site)
         if self.learned_range is not None:
-            if self.cap is not None:
-                x = x.clamp(
-                    max=self.cap
-                )  # the cap (6 for ReLU6) is on the grid of every power-of-2 range >= it
             return self.learned_range.fake_quantize(
                 x,
                 self.bits,
@@ -253,6 +249,7 @@ class PACT2(nn.Module):
                 log2_max=self.log2_cap(),
                 rounding=rounding,
                 r=self._anchor_range(),
+                cap=self.cap,  # the cap (6 for ReLU6) is on the grid of every power-of-2 range >= it
             )
         scale, qmin, qmax = self.qparams()
         if rounding is Rounding.HALF_EVEN:  # the fused one-pass kernels round half to even

@@ -100,6 +100,7 @@ class _TQTFakeQuant(torch.autograd.Function):
         log2_max: torch.Tensor | float | None,
         rounding: Rounding,
         shift: torch.Tensor | None,
+        cap: float | None,
     ) -> torch.Tensor:
         qmin, qmax = quant_bounds(bits, signed)
         u = log2_t.detach() if value is None else value.detach()
@@ -107,30 +108,34 @@ class _TQTFakeQuant(torch.autograd.Function):
             u = u + shift.detach()
         scale = tqt_scale(u, bits, signed, log2_max).to(x.dtype)
         ctx.c_kernels = _on_c_kernels(x, axis, rounding)
-        if ctx.c_kernels:  # one C pass, the same values as the torch ops below
-            out, codes = cpu_kernels.tqt_forward(x.view(-1), scale, qmin, qmax)
-            out, codes = out.view(x.shape), codes.view(x.shape)
-        else:
+        capmask = None
+        if ctx.c_kernels:  # one C pass, the same values as the torch ops below (and the cap's clamp)
+            out, codes, capmask = cpu_kernels.tqt_forward(x, scale, qmin, qmax, cap)
+        else:  # tqt_fake_quantize applied the cap already
             s = _along(scale, x, axis)
             codes = torch.mul(x, 1.0 / s)
             out = round_tensor_(torch.clamp(codes, qmin, qmax), rounding).mul_(s)
-        ctx.save_for_backward(codes, scale, u, _upper(log2_max, u))
+        ctx.save_for_backward(codes, scale, u, _upper(log2_max, u), capmask)
         ctx.qrange, ctx.axis, ctx.rounding = (qmin, qmax), axis, rounding
         ctx.grad_scale = 0.0 if value is not None else float(grad_scale)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        codes, scale, u, hi_u = ctx.saved_tensors
+        codes, scale, u, hi_u, capmask = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         lo, hi = _mask_bounds(qmin, qmax)
         want_u = ctx.needs_input_grad[1] and ctx.grad_scale != 0.0
         inner = None
         if ctx.c_kernels and grad.dtype == torch.float32 and grad.is_contiguous():
             # one C pass for the input's gradient and the threshold's factor; the same values as the torch ops
-            grad_x, inner = cpu_kernels.tqt_backward(grad, codes, qmin, qmax, lo, hi, with_inner=want_u)
+            grad_x, inner = cpu_kernels.tqt_backward(
+                grad, codes, capmask, qmin, qmax, lo, hi, with_inner=want_u
+            )
         else:
             grad_x = torch.ops.aten.hardtanh_backward(grad, codes, lo, hi)  # 1 where the code is in range
+            if capmask is not None:  # the cap's clamp: its gradient passes where x < cap
+                grad_x = torch.where(capmask.view(grad_x.shape).bool(), grad_x, 0.0)
         grad_u = None
         if ctx.needs_input_grad[1] and not want_u:
             grad_u = torch.zeros_like(u)
@@ -152,7 +157,7 @@ class _TQTFakeQuant(torch.autograd.Function):
             outward = ((u > hi_u) & (grad_u < 0)) | ((u < LOG2_MIN) & (grad_u > 0))
             grad_u = torch.where(outward, torch.zeros_like(grad_u), grad_u)
         grad_x = grad_x if ctx.needs_input_grad[0] else None
-        return grad_x, grad_u, None, None, None, None, None, None, None, None
+        return grad_x, grad_u, None, None, None, None, None, None, None, None, None
 
 
 def _on_c_kernels(x: torch.Tensor, axis: int | None, rounding: Rounding) -> bool:
@@ -179,6 +184,7 @@ def tqt_fake_quantize(
     frozen_value: torch.Tensor | None = None,
     rounding: Rounding | str = Rounding.HALF_EVEN,
     shift: torch.Tensor | None = None,
+    cap: float | None = None,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` with the learned power-of-2 threshold ``2^log2_t`` (TQT gradients to ``log2_t``).
 
@@ -195,6 +201,8 @@ def tqt_fake_quantize(
             uses the same rounding residual.
         shift: added to ``log2_t`` (or ``frozen_value``) in the forward, not differentiated (``∂u/∂log2_t``
             stays 1): the octaves the statistics' power of two moved since the threshold was anchored.
+        cap: ``x.clamp(max=cap)`` first (a ReLU6's 6), with that clamp's gradient (passing where ``x < cap``);
+            on the C kernels in the same pass.
     """
     check_bits(bits)
     if axis is None and log2_t.dim() != 0:
@@ -206,8 +214,11 @@ def tqt_fake_quantize(
             f"tqt_fake_quantize: per-channel log2 thresholds need shape ({x.shape[axis]},) along "
             f"axis {axis}, got {tuple(log2_t.shape)}"
         )
+    rounding = resolve(rounding)
+    if cap is not None and not _on_c_kernels(x, axis, rounding):
+        x, cap = x.clamp(max=cap), None  # the cap is on the grid of every power-of-2 range >= it
     return _TQTFakeQuant.apply(
-        x, log2_t, frozen_value, int(bits), bool(signed), axis, grad_scale, log2_max, resolve(rounding), shift
+        x, log2_t, frozen_value, int(bits), bool(signed), axis, grad_scale, log2_max, rounding, shift, cap
     )
 
 
@@ -407,10 +418,14 @@ class LearnedRange(nn.Module):
         log2_max: torch.Tensor | float | None = None,
         rounding: Rounding | str = Rounding.HALF_EVEN,
         r: torch.Tensor | None = None,
+        cap: float | None = None,
     ) -> torch.Tensor:
-        """``x`` quantized with the threshold in force (``r``: the owner's statistics' range); without autograd
-        the faster kernels of :func:`~xnnq.layers.fake_quant.fake_quantize` (the same values, bit for bit)."""
+        """``min(x, cap)`` quantized with the threshold in force (``r``: the owner's statistics' range); without
+        autograd the faster kernels of :func:`~xnnq.layers.fake_quant.fake_quantize` (the same values, bit for
+        bit)."""
         if not torch.is_grad_enabled():
+            if cap is not None:
+                x = x.clamp(max=cap)
             return fake_quantize(
                 x, self.scale(bits, signed, log2_max, r), *quant_bounds(bits, signed), axis, rounding=rounding
             )
@@ -425,6 +440,7 @@ class LearnedRange(nn.Module):
             frozen_value=self.frozen_log2_t if self._frozen else None,
             rounding=rounding,
             shift=self.shift(r),
+            cap=cap,
         )
 
     def extra_repr(self) -> str:
