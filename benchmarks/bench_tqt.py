@@ -42,7 +42,9 @@ ended below the max rule's power of 2 (their upper bound).
 Every finished run (and every FP32 metric) is kept in ``--out`` (JSON) and reused; a run in progress
 checkpoints every ``--ckpt-every`` steps and resumes bit-identically (``qat_finetune(checkpoint=...)``).
 Times are CPU seconds (process time). Prints the JSON and the table; appends them to
-benchmarks/RESULTS.md only with ``--record``.
+benchmarks/RESULTS.md only with ``--record``. ``--seeds N ...`` runs (or reuses) each seed in ``<out>/seed<N>`` and
+prints instead the summary across them: per model, the statistics metric's mean and range, learned − statistics
+per seed, its mean and standard error, and how many seeds are below, equal (within 0.005) and above.
 
     nice -n 10 python benchmarks/bench_tqt.py --threads 1 [--models mosaic_detector] [--record]
 """
@@ -56,6 +58,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -355,6 +358,53 @@ def table(rows: list[dict], notes: list[str], args) -> str:
     return "\n".join(lines)
 
 
+def seeds_summary(per_seed: dict[int, list[dict]], args) -> tuple[dict, str]:
+    """Across seeds, per model: the statistics metric (mean, range) and learned − statistics (per seed, mean,
+    standard error, seeds below / equal / above: a difference under 0.005 counts as equal, as the per-seed
+    tables print it 0.00), on the model's first metric."""
+    seeds = sorted(per_seed)
+    out: dict[str, Any] = {}
+    lines = [
+        f"Seeds {', '.join(map(str, seeds))}, learned − statistics on each model's first metric (anchor "
+        f"`{args.anchor}`, the recipe of the per-seed runs):",
+        "",
+        "| model | metric | FP32 | statistics: mean (min–max) | learned − statistics per seed | mean (standard "
+        "error) | below / equal / above |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in args.models:
+        rows = {s: next((r for r in per_seed[s] if r["model"] == name), None) for s in seeds}
+        rows = {s: r for s, r in rows.items() if r and r.get("statistics") and r.get("tqt")}
+        if not rows:
+            continue
+        metric = metrics_of(name)[0]
+        stat = [r["statistics"][metric] for r in rows.values()]
+        diff = [r["tqt"][metric] - r["statistics"][metric] for r in rows.values()]
+        n = len(diff)
+        mean = sum(diff) / n
+        se = (sum((d - mean) ** 2 for d in diff) / (n - 1)) ** 0.5 / n**0.5 if n > 1 else float("nan")
+        counts = (
+            sum(d < -0.005 for d in diff),
+            sum(abs(d) <= 0.005 for d in diff),
+            sum(d > 0.005 for d in diff),
+        )
+        fp = next(iter(rows.values()))["fp32"][metric]
+        out[name] = {
+            "metric": metric,
+            "seeds": list(rows),
+            "statistics": stat,
+            "learned_minus_statistics": [round(d, 3) for d in diff],
+            "mean": round(mean, 3),
+            "standard_error": round(se, 3),
+            "below_equal_above": counts,
+        }
+        lines.append(
+            f"| {name} | {metric} | {fp:.2f} | {sum(stat) / n:.2f} ({min(stat):.2f}–{max(stat):.2f}) | "
+            f"{' / '.join(f'{d:+.2f}' for d in diff)} | {mean:+.3f} ({se:.3f}) | {' / '.join(map(str, counts))} |"
+        )
+    return out, "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=[*CIFAR_MODELS, *TASK_MODELS])
@@ -390,6 +440,12 @@ def main() -> None:
         default=0,
         help="torch's seed and the CIFAR-10 / segmentation data order (the detector's data order is fixed)",
     )
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run (or reuse) each seed in <out>/seed<N>, then print the summary across seeds (mean, standard error)",
+    )
     ap.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints of a run")
     ap.add_argument("--out", default="runs/bench_tqt")
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
@@ -402,9 +458,28 @@ def main() -> None:
         sys.exit(f"CIFAR-10 not found under {data.data_root()} (set XNNQ_DATA)")
     if set(args.models) & set(TASK_MODELS) and not (mosaic_root() / "val" / "instances.json").is_file():
         sys.exit(f"Mosaic-10 not found under {mosaic_root()} (set XNNQ_DATA)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     cifar = Cifar()
+    if args.seeds:
+        per_seed = {}
+        for seed in args.seeds:
+            args.seed = seed
+            per_seed[seed] = measure(args, Path(args.out) / f"seed{seed}", cifar)[0]
+        summary, md = seeds_summary(per_seed, args)
+        res = {"summary": summary, "args": {k: v for k, v in vars(args).items() if k != "record"}}
+        emit("Learned vs statistics ranges (TQT), across seeds", res, md, record=args.record)
+        print(md)
+        return
+    rows, notes = measure(args, Path(args.out), cifar)
+    res = {"rows": rows, "notes": notes, "args": {k: v for k, v in vars(args).items() if k != "record"}}
+    md = table(rows, notes, args)
+    emit("Learned vs statistics ranges (TQT)", res, md, record=args.record)
+    print(md)
+
+
+def measure(args, out: Path, cifar: Cifar) -> tuple[list[dict], list[str]]:
+    """Every model's FP32 metric and its runs in ``args.modes`` with ``args.seed``, kept in (and reused from)
+    ``out``; returns the rows and notes of :func:`table`."""
+    out.mkdir(parents=True, exist_ok=True)
     rows, notes = [], []
     for name in args.models:
         if name in TASK_MODELS and name not in zoo.MODELS:
@@ -417,10 +492,7 @@ def main() -> None:
             row[mode] = run(name, mode, args, out, cifar)
             print(json.dumps({name: {mode: row[mode]}}), file=sys.stderr, flush=True)
         rows.append(row)
-    res = {"rows": rows, "notes": notes, "args": {k: v for k, v in vars(args).items() if k != "record"}}
-    md = table(rows, notes, args)
-    emit("Learned vs statistics ranges (TQT)", res, md, record=args.record)
-    print(md)
+    return rows, notes
 
 
 if __name__ == "__main__":
