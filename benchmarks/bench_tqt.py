@@ -55,6 +55,7 @@ import argparse
 import hashlib
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -153,7 +154,7 @@ def exponent_changes(q: xnnq.QuantTrainModule) -> dict:
             continue
         r = p.statistics_range()
         e_stat = math.ceil(math.log2(max(float(r), 2.0**-24)))
-        learned = p.learned_range.range(p.bits, p.resolved_signed(), p.log2_cap(), p.statistics_range())
+        learned = p.learned_range.range(p.bits, p.resolved_signed(), p.log2_cap(), r)
         e_learned = round(math.log2(float(learned)))
         total += 1
         moved += e_learned != e_stat
@@ -381,8 +382,8 @@ def seeds_summary(per_seed: dict[int, list[dict]], args) -> tuple[dict, str]:
         stat = [r["statistics"][metric] for r in rows.values()]
         diff = [r["tqt"][metric] - r["statistics"][metric] for r in rows.values()]
         n = len(diff)
-        mean = sum(diff) / n
-        se = (sum((d - mean) ** 2 for d in diff) / (n - 1)) ** 0.5 / n**0.5 if n > 1 else float("nan")
+        mean = statistics.mean(diff)
+        se = statistics.stdev(diff) / n**0.5 if n > 1 else float("nan")
         counts = (
             sum(d < -0.005 for d in diff),
             sum(abs(d) <= 0.005 for d in diff),
@@ -399,7 +400,7 @@ def seeds_summary(per_seed: dict[int, list[dict]], args) -> tuple[dict, str]:
             "below_equal_above": counts,
         }
         lines.append(
-            f"| {name} | {metric} | {fp:.2f} | {sum(stat) / n:.2f} ({min(stat):.2f}–{max(stat):.2f}) | "
+            f"| {name} | {metric} | {fp:.2f} | {statistics.mean(stat):.2f} ({min(stat):.2f}–{max(stat):.2f}) | "
             f"{' / '.join(f'{d:+.2f}' for d in diff)} | {mean:+.3f} ({se:.3f}) | {' / '.join(map(str, counts))} |"
         )
     return out, "\n".join(lines)

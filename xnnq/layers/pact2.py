@@ -249,7 +249,7 @@ class PACT2(nn.Module):
                 log2_max=self.log2_cap(),
                 rounding=rounding,
                 r=self._anchor_range(),
-                cap=self.cap,  # the cap (6 for ReLU6) is on the grid of every power-of-2 range >= it
+                cap=self.cap,
             )
         scale, qmin, qmax = self.qparams()
         if rounding is Rounding.HALF_EVEN:  # the fused one-pass kernels round half to even
