@@ -21,6 +21,7 @@ from torch import nn
 import xnnq
 from xnnq.export import export_onnx, tidl_check
 from xnnq.export.check import onnx_check
+from xnnq.export.onnx_graph import gelu_patterns
 from xnnq.export.quant_params import message_class, read_quant_params, validate_quant_params
 
 SHAPE = (1, 3, 16, 16)
@@ -198,3 +199,99 @@ layers {
     assert validate_quant_params(msg) == [] and msg.layers[0].bias[0].value == [-0.1, 0.2]
     with pytest.raises(text_format.ParseError):
         text_format.Parse(text.replace("outputs", "outpu"), message_class()())
+
+
+class Tokens(nn.Module):
+    """A transformer-style head: linear layers on a 3-d token tensor (exported as Reshape → Gemm → Reshape),
+    LayerNorm and an erf GELU (exported as Div, Erf, Add, Mul, Mul at TIDL's opset)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(8, 16)
+        self.ln = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        t = torch.relu(self.conv(x)).flatten(2).transpose(1, 2)
+        return self.fc2(nn.functional.gelu(self.ln(self.fc1(t)))).mean(1)
+
+
+class Swish(nn.Module):
+    """A SiLU (exported as ``x · Sigmoid(x)``: a Sigmoid output the simulation does not quantize)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.SiLU()
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(self.act(self.conv1(x)))
+
+
+def _mixed_export(tmp_path, net: nn.Module, **kw):
+    torch.manual_seed(0)
+    q = xnnq.QuantTrainModule(net, torch.randn(SHAPE), target="TDA4VM", bitwidth_overrides={"first": 16})
+    q.train()
+    with torch.no_grad():
+        for _ in range(3):
+            q(torch.randn(4, *SHAPE[1:]))
+    q.eval()
+    res = export_onnx(q, torch.randn(SHAPE), tmp_path / "m.onnx", format="qdq", target="TDA4VM", **kw)
+    assert res.flow == "quant_params"
+    msg = read_quant_params(res.quant_params_path)
+    assert validate_quant_params(msg) == []
+    return q, res, onnx.load(str(res.path)), {lm.layer_name: lm for lm in msg.layers}
+
+
+def test_gelu_and_reshaped_gemm_outputs_get_their_quantizers_ranges(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-init Gemm biases exceed 16 bits on TDA4VM (warned)
+        q, res, model, layers = _mixed_export(tmp_path, Tokens())
+    # the erf GELU is one TIDL layer (its Batchnorm layer): every node of it is named with the range of the
+    # quantizer after it, and tidl_check does not flag its Erf as an Erf alone
+    (gelu,) = gelu_patterns(model.graph)
+    assert [n.op_type for n in gelu.nodes] == ["Div", "Erf", "Add", "Mul", "Mul"]
+    (clip,) = [n for n in model.graph.node if gelu.output in n.input]
+    assert clip.op_type == "Clip"
+    expected = (layers[clip.output[0]].outputs[0].min, layers[clip.output[0]].outputs[0].max)
+    for n in gelu.nodes:
+        lm = layers[n.output[0]]
+        assert lm.layer_type == "TIDL_BatchNormLayer" and (lm.outputs[0].min, lm.outputs[0].max) == expected
+    assert not [
+        v for v in tidl_check(res.path, "TDA4VM") if v.rule in ("graph.fused_only", "graph.unsupported_op")
+    ]
+    # each Gemm on the tokens is read by its quantizer through a Reshape: the Gemm's output has its range
+    for g in (n for n in model.graph.node if n.op_type == "Gemm"):
+        (reshape,) = [n for n in model.graph.node if g.output[0] in n.input]
+        (clip,) = [n for n in model.graph.node if reshape.output[0] in n.input]
+        assert reshape.op_type == "Reshape" and clip.op_type == "Clip"
+        assert layers[g.output[0]].outputs[0].max == layers[clip.output[0]].outputs[0].max > 0
+
+
+def test_an_erf_alone_is_still_flagged(tmp_path):
+    class ErfAlone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return torch.erf(self.conv(x))
+
+    path = tmp_path / "erf.onnx"
+    torch.onnx.export(ErfAlone().eval(), torch.randn(SHAPE), path, opset_version=17, dynamo=False)
+    assert [v.rule for v in tidl_check(path, "TDA4VM") if v.node.startswith("/Erf")] == ["graph.fused_only"]
+
+
+def test_a_sigmoid_left_in_float_gets_its_natural_range_with_a_warning(tmp_path):
+    with pytest.warns(UserWarning, match=r"Sigmoid_output_0 \(1 tensor\(s\)\): the simulation leaves"):
+        q, res, model, layers = _mixed_export(tmp_path, Swish())
+    (sig,) = [n for n in model.graph.node if n.op_type == "Sigmoid"]
+    lm = layers[sig.output[0]]
+    # the input of the SiLU is the 16-bit first conv's output: the Sigmoid takes its bitwidth, unsigned
+    assert lm.bit_depth == 16 and lm.outputs[0].min == 0.0 and lm.outputs[0].max == (2**16 - 1) / 2**16
+    with pytest.raises(ValueError, match=r"Sigmoid_output_0 \(Sigmoid\).*'unquantized': 'natural'"):
+        _mixed_export(tmp_path, Swish(), quant_params={"unquantized": "error"})
+    with pytest.raises(ValueError, match="'unquantized' must be one of"):
+        _mixed_export(tmp_path, Swish(), quant_params={"unquantized": "zero"})

@@ -28,6 +28,8 @@ SOURCES: dict[str, str] = {
     "tidl-quant-proto": "TexasInstruments/edgeai-tidl-tools docs/tidl_quantParams.md @95ba2c7 and "
     "docs/quantization_proto.md @b3a7c2c, 'Quantization Proto Specification', 'Known Limitations'",
     "tidl-io": "TexasInstruments/edgeai-tidl-tools docs/io_tensors.md @19e8987, 'eTIDL_ElementType'",
+    "tidl-vtfr": "TexasInstruments/edgeai-tidl-tools docs/tidl_fsg_vtfr.md @95ba2c7, 'TIDL Layer Mapping of "
+    "Transformer Operators' / 'GELU' (and its figure docs/images/transformer/GELU.png)",
     "modelopt-quant": "TexasInstruments/edgeai-modeloptimization torchmodelopt/edgeai_torchmodelopt/xmodelopt/"
     "quantization/README.md @6f4732f, 'Quantization methods supported'",
     "modelopt-v1-qat": "TexasInstruments/edgeai-modeloptimization .../xmodelopt/quantization/v1/docs/qat.md @6f4732f, "

@@ -172,8 +172,8 @@ def export_onnx(
             (TDA4VM-like options, only the unsupported-op warning).
         strict: raise :class:`~xnnq.export.tidl_check.TIDLImportError` on importer-rule errors (default: warn).
         tidl_options: further compile options for the JSON (names from ``xnnq.targets.KNOWN_OPTIONS``).
-        quant_params: ``{"bit_depth": "bits"|"bytes", "layer_names": "output"|"node"}`` for the
-            quantization-parameters file (see :mod:`xnnq.export.quant_params`).
+        quant_params: ``{"bit_depth": "bits"|"bytes", "layer_names": "output"|"node", "unquantized":
+            "natural"|"error"}`` for the quantization-parameters file (see :mod:`xnnq.export.quant_params`).
         opset: ONNX opset (default 18; QDQ with 16-bit tensors is raised to 21).
         simplify: run onnxsim (constant folding, no shape arithmetic left).
         check: ``onnx.checker`` (full) on the result.
@@ -414,12 +414,24 @@ def _quant_params_layers(
 ):
     """The quantization-parameters layers of the float ``model``: the simulation's ranges and weights
     (``fix_clips`` / ``fix_weights``: those of the Convs ``tidl_fix`` added)."""
-    unknown = set(opts) - {"bit_depth", "layer_names"}
+    unknown = set(opts) - {"bit_depth", "layer_names", "unquantized"}
     if unknown:
-        raise ValueError(f"quant_params: unknown keys {sorted(unknown)}; use 'bit_depth' and 'layer_names'")
+        raise ValueError(
+            f"quant_params: unknown keys {sorted(unknown)}; use 'bit_depth', 'layer_names' and 'unquantized'"
+        )
     clip_ranges = {tensors[c.name]: ActRange(c.bits, c.signed, c.scale) for c in clips}
     clip_ranges.update({t: ActRange(c.bits, c.signed, c.scale) for t, c in (fix_clips or {}).items()})
-    ranges = tensor_ranges(model, clip_ranges)
+    assumed: list[str] = []
+    ranges = tensor_ranges(model, clip_ranges, opts.get("unquantized", "natural"), assumed)
+    if assumed:
+        warnings.warn(
+            f"quant_params: {', '.join(assumed[:8])}{' ...' if len(assumed) > 8 else ''} "
+            f"({len(assumed)} tensor(s)): the simulation leaves these Sigmoid/Tanh outputs in float (e.g. "
+            "inside a SiLU, exported as x·Sigmoid(x)), while TIDL runs each as a layer with a quantized output; "
+            "the file gives them their function's range (quant_params={'unquantized': 'natural'}), so TIDL's "
+            "results can differ from the simulation's by about one step there. 'error' refuses instead.",
+            stacklevel=3,
+        )
     scales = {w: layer.scale.numpy() for w, layer in weights.items() if layer.scale is not None}
     bits = {w: layer.bits for w, layer in weights.items()}
     for w, q in (fix_weights or {}).items():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -100,3 +102,54 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+
+
+@dataclass(frozen=True)
+class GeluPattern:
+    """One erf GELU as torch exports it: ``Mul(Mul(x, Add(Erf(Div(x, √2)), 1)), 0.5)``."""
+
+    input: str
+    nodes: tuple[onnx.NodeProto, ...]  # Div, Erf, Add, Mul, Mul
+    output: str
+
+
+def gelu_patterns(graph: onnx.GraphProto) -> list[GeluPattern]:
+    """Every erf GELU subgraph of ``graph``: the sequence TIDL maps, as a whole, to one layer (its
+    Batchnorm layer with a GELU activation; Erf and that Div are not supported alone) [tidl-vtfr]. The
+    constants must be √2, 1 and 0.5 (either operand order), and each inner tensor must have one reader."""
+    prod, users = producers(graph), consumers(graph)
+
+    def const_operand(n: onnx.NodeProto, value: float) -> str | None:
+        """The other input of the two-input ``n`` when one input is the scalar constant ``value``."""
+        if len(n.input) != 2:
+            return None
+        for i in (0, 1):
+            v = const_value(graph, n.input[i])
+            if v is not None and v.size == 1 and abs(float(v.reshape(())) - value) <= 1e-5 * max(1.0, value):
+                return n.input[1 - i]
+        return None
+
+    def only_user(t: str, op: str) -> onnx.NodeProto | None:
+        u = users.get(t, [])
+        return u[0] if len(u) == 1 and u[0].op_type == op else None
+
+    found = []
+    for erf in graph.node:
+        if erf.op_type != "Erf":
+            continue
+        div = prod.get(erf.input[0])
+        if div is None or div.op_type != "Div" or len(users.get(div.output[0], [])) != 1:
+            continue
+        x = div.input[0]
+        v = const_value(graph, div.input[1])
+        if v is None or v.size != 1 or abs(float(v.reshape(())) - math.sqrt(2.0)) > 1e-4:
+            continue
+        add = only_user(erf.output[0], "Add")
+        mul = only_user(add.output[0], "Mul") if add is not None and const_operand(add, 1.0) else None
+        if mul is None or sorted(mul.input) != sorted([x, add.output[0]]):
+            continue
+        half = only_user(mul.output[0], "Mul")
+        if half is None or const_operand(half, 0.5) != mul.output[0]:
+            continue
+        found.append(GeluPattern(x, (div, erf, add, mul, half), half.output[0]))
+    return found

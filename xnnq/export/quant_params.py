@@ -40,12 +40,24 @@ import onnx
 from onnx import numpy_helper
 
 from ..quantize.preserving import PRESERVING_ONNX_OPS
-from .onnx_graph import consumers, initializers, producers
+from .onnx_graph import consumers, gelu_patterns, initializers, producers
 from .tidl_ops import DATA_LAYER, TIDL_LAYERS
 
 FLT_MAX = float(np.finfo(np.float32).max)
+# ops whose output holds every input value (reshaped, reordered, or with zeros added): a tensor read only
+# through them by a quantizer has that quantizer's range (a Gemm whose 3-d output is reshaped back)
+_ALL_VALUES_OPS = frozenset(
+    {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Pad"}
+)
 _ELEMENT_TYPE = {(8, False): 0, (8, True): 1, (16, False): 2, (16, True): 3, (32, True): 5}
 BIT_DEPTH_STYLES = ("bits", "bytes")
+UNQUANTIZED_MODES = ("natural", "error")
+NATURAL_SIGNED = {
+    "Sigmoid": False,
+    "HardSigmoid": False,
+    "Tanh": True,
+}  # bounded functions: sign of the range
+GELU_LAYER = "TIDL_BatchNormLayer"  # TIDL maps an erf GELU to its Batchnorm layer [tidl-vtfr]
 
 
 @functools.lru_cache(maxsize=1)
@@ -151,29 +163,66 @@ class LayerParams:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def tensor_ranges(model: onnx.ModelProto, clip_ranges: Mapping[str, ActRange]) -> dict[str, ActRange]:
+def tensor_ranges(
+    model: onnx.ModelProto,
+    clip_ranges: Mapping[str, ActRange],
+    unquantized: str = "natural",
+    assumed: list[str] | None = None,
+) -> dict[str, ActRange]:
     """The simulation's range of every tensor a node of ``model`` produces (and of the graph inputs).
 
     ``clip_ranges``: {quantizer Clip output tensor: its quantizer}. A tensor whose only consumer is a
-    quantizer Clip takes that quantizer (TIDL fuses the Clip into the layer); a range-preserving op
-    (Reshape, Pad, MaxPool, ...) passes its input's range on. Raises naming any tensor left without one.
+    quantizer Clip (directly or through ops that keep every value, such as the Reshape after a Gemm) takes
+    that quantizer (TIDL fuses the Clip into the layer); a range-preserving op (Reshape, Pad, MaxPool, ...)
+    passes its input's range on; the inner tensors of an erf GELU (one TIDL layer) take its output's range.
+    A Sigmoid / HardSigmoid / Tanh output the simulation leaves in float (the Sigmoid inside an exported
+    SiLU, ``x · σ(x)``) is a layer of its own in TIDL: with ``unquantized="natural"`` it gets its function's
+    range at its input's bitwidth (``[0, 1 - 2^-b]`` unsigned, ``±(1 - 2^-(b-1))`` signed; its name is
+    appended to ``assumed``), with ``"error"`` it is an error. Raises naming any tensor left without one.
     """
+    if unquantized not in UNQUANTIZED_MODES:
+        raise ValueError(
+            f"quant_params: 'unquantized' must be one of {UNQUANTIZED_MODES}, got {unquantized!r}"
+        )
     graph = model.graph
     prod, users = producers(graph), consumers(graph)
     inits = set(initializers(graph))
     out: dict[str, ActRange] = dict(clip_ranges)
+    # an erf GELU is one TIDL layer [tidl-vtfr]: its inner tensors are named with the layer's output range
+    gelu_output = {n.output[0]: p.output for p in gelu_patterns(graph) for n in p.nodes[:-1]}
+
+    def quantizer_after(t: str) -> ActRange | None:
+        """The range of the quantizer Clip that reads ``t``, alone or through ops that keep every value."""
+        for _ in range(64):
+            nxt = users.get(t, [])
+            if len(nxt) != 1:
+                return None
+            if nxt[0].op_type == "Clip" and nxt[0].output[0] in clip_ranges:
+                return clip_ranges[nxt[0].output[0]]
+            if nxt[0].op_type not in _ALL_VALUES_OPS:
+                return None
+            t = nxt[0].output[0]
+        return None
 
     def find(t: str, depth: int = 0) -> ActRange | None:
         if t in out:
             return out[t]
-        nxt = users.get(t, [])
-        if len(nxt) == 1 and nxt[0].op_type == "Clip" and nxt[0].output[0] in clip_ranges:
-            return clip_ranges[nxt[0].output[0]]
+        if t in gelu_output and depth < 64:
+            return find(gelu_output[t], depth + 1)
+        after = quantizer_after(t)
+        if after is not None:
+            return after
         n = prod.get(t)
         # MaxPool returns input values: without a quantizer of its own (a strided Slice that tidl_fix made a
         # 1x1 MaxPool) it carries its input's range
         if n is not None and (n.op_type in PRESERVING_ONNX_OPS or n.op_type == "MaxPool") and depth < 64:
             return find(n.input[0], depth + 1)
+        if n is not None and n.op_type in NATURAL_SIGNED and unquantized == "natural" and depth < 64:
+            src = find(n.input[0], depth + 1)
+            bits, signed = (src.bits if src is not None else 8), NATURAL_SIGNED[n.op_type]
+            if assumed is not None:
+                assumed.append(t)
+            return ActRange(bits, signed, 2.0 ** -(bits - 1 if signed else bits))
         return None
 
     tensors = [i.name for i in graph.input if i.name not in inits] + [
@@ -191,7 +240,8 @@ def tensor_ranges(model: onnx.ModelProto, clip_ranges: Mapping[str, ActRange]) -
         raise ValueError(
             f"quant_params: no simulation range for {len(missing)} tensor(s): {', '.join(missing[:8])}. "
             "Every tensor TIDL computes needs a quantizer (or must follow one through a "
-            "range-preserving op)."
+            "range-preserving op). A Sigmoid/Tanh output left in float takes its function's range with "
+            "quant_params={'unquantized': 'natural'}; otherwise export this model with format='tidl'."
         )
     return out
 
@@ -218,12 +268,13 @@ def model_layers(
         for i in graph.input
         if i.name not in inits
     ]
+    in_gelu = {id(n) for p in gelu_patterns(graph) for n in p.nodes}
     for n in graph.node:
         out = n.output[0]
         r = ranges[out]
         lp = LayerParams(
             out if layer_names == "output" else (n.name or out),
-            TIDL_LAYERS.get(n.op_type, n.op_type),
+            GELU_LAYER if id(n) in in_gelu else TIDL_LAYERS.get(n.op_type, n.op_type),
             r.bits,
             r,
         )

@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 
 from ..quantize.preserving import PRESERVING_ONNX_OPS
 from ..targets import SOURCES, Target, get_target
-from .onnx_graph import consumers, drop_unused_initializers, producers
+from .onnx_graph import consumers, drop_unused_initializers, gelu_patterns, producers
 from .tidl_ops import FUSED_ONLY_OPS, TIDL_ONNX_OPS, unsupported_nodes
 
 OPS = SOURCES["tidl-ops"]
@@ -786,7 +786,10 @@ def graph_rule(fn):
 
 @graph_rule
 def _unsupported(c: _Ctx):
+    in_gelu = {id(n) for p in gelu_patterns(c.graph) for n in p.nodes}  # TIDL's one GELU layer [tidl-vtfr]
     for n in c.graph.node:
+        if id(n) in in_gelu:
+            continue
         if n.op_type in FUSED_ONLY_OPS:
             yield c.v(
                 n,
