@@ -295,3 +295,17 @@ def test_a_sigmoid_left_in_float_gets_its_natural_range_with_a_warning(tmp_path)
         _mixed_export(tmp_path, Swish(), quant_params={"unquantized": "error"})
     with pytest.raises(ValueError, match="'unquantized' must be one of"):
         _mixed_export(tmp_path, Swish(), quant_params={"unquantized": "zero"})
+
+
+def test_a_float_output_in_the_8bit_qdq_flow_is_warned_by_name(tmp_path):
+    torch.manual_seed(0)
+    q = xnnq.QuantTrainModule(Swish(), torch.randn(SHAPE), target="TDA4VM").train()
+    with torch.no_grad():
+        q(torch.randn(4, *SHAPE[1:]))
+    q.eval()
+    with pytest.warns(UserWarning, match="QDQ.float_output"):
+        res = export_onnx(q, torch.randn(SHAPE), tmp_path / "m.onnx", format="qdq", target="TDA4VM")
+    assert res.flow == "qdq"
+    found = [(v.op, v.rule, v.severity) for v in res.violations]
+    assert found == [("Sigmoid", "QDQ.float_output", "warning")]
+    assert [v.rule for v in tidl_check(res.path, "TDA4VM")] == ["QDQ.float_output"]

@@ -808,6 +808,53 @@ def _unsupported(c: _Ctx):
 
 
 @graph_rule
+def _qdq_float_outputs(c: _Ctx):
+    """In a pre-quantized (QDQ) graph, a layer whose output no QuantizeLinear reads (directly or through
+    value-keeping ops) has no scale, and TIDL's calibration is bypassed for such models [tidl-fsg-quant A.2]."""
+    if not c.qdq:
+        return
+    outputs = {o.name for o in c.graph.output}
+    in_gelu = {id(n) for p in gelu_patterns(c.graph) for n in p.nodes[:-1]}  # inside TIDL's one GELU layer
+
+    def quantized(t: str, depth: int = 0) -> bool:
+        """Read only by QuantizeLinear, through ops that keep values or a Relu / Clip (fused into the layer)."""
+        users = c.users.get(t, [])
+        return bool(users) and all(
+            u.op_type == "QuantizeLinear"
+            or (
+                (u.op_type in PRESERVING_ONNX_OPS or u.op_type in ("Relu", "Clip"))
+                and depth < 64
+                and quantized(u.output[0], depth + 1)
+            )
+            for u in users
+        )
+
+    for n in c.graph.node:
+        if (
+            n.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant", "Shape", "Relu", "Clip")
+            or n.op_type in PRESERVING_ONNX_OPS
+            or id(n) in in_gelu
+            or not n.output
+            or n.output[0] in outputs
+            or quantized(n.output[0])
+        ):
+            continue
+        yield c.v(
+            n,
+            "QDQ.float_output",
+            f"its output reaches {sorted({u.op_type for u in c.users.get(n.output[0], [])})} without a "
+            "QuantizeLinear: the simulation leaves it in float (e.g. the Sigmoid inside a SiLU, exported as "
+            "x·Sigmoid(x)), while TIDL computes every layer in fixed point and, for a pre-quantized model, skips "
+            "the calibration that would give it a scale; TI does not document the scale it then uses",
+            "replace the function by one xnnq quantizes whole (SiLU -> ReLU/Hardswish, as TI's 'lite' models "
+            "do), or give TIDL the ranges in the quantization-parameters file (16-bit layers; "
+            "quant_params={'unquantized': 'natural'}), or export format='tidl' on TDA4VM",
+            source=SOURCES["tidl-fsg-quant"],
+            severity="warning",
+        )
+
+
+@graph_rule
 def _static_shapes(c: _Ctx):
     for v in (*c.original.graph.input, *c.original.graph.output):
         if v.name in c.inits:
