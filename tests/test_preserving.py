@@ -120,3 +120,37 @@ def test_bias_behind_expand_or_tile_is_quantized_in_qdq(tmp_path, tile):
     assert bias is not None and bias.op_type == "DequantizeLinear", "the bias was left in float"
     codes = next(t for t in res.model.graph.initializer if t.name == bias.input[0])
     assert codes.data_type == onnx.TensorProto.INT32
+
+
+class TupleOps(nn.Module):
+    """Tensors taken out of tuples that non-preserving ops return (the values of ``max(dim)`` and ``topk``),
+    as model outputs and as the input of a layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.head = nn.Conv2d(1, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        best = y.max(dim=1, keepdim=True)[0]
+        top2 = torch.topk(y, 2, dim=1).values
+        return self.head(best), top2.sum(1, keepdim=True), y.min(1, keepdim=True).values
+
+
+def test_a_tensor_taken_out_of_a_tuple_gets_its_own_quantizer(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    q = xnnq.QuantTrainModule(TupleOps(), x).train()
+    sum(
+        o.pow(2).mean() for o in q(torch.randn(4, 3, 8, 8))
+    ).backward()  # used to fail: a quantizer on the tuple
+    spots = {a.node: a for a in q.plan.acts}
+    taken = [
+        n for n in spots if n.startswith(("getitem", "getattr"))
+    ]  # max(dim)[0], topk .values, min .values
+    assert len(taken) == 3 and {spots[n].how for n in taken} == {"after"}, sorted(spots)
+    q.eval()
+    res = export_onnx(q, x, tmp_path / "m.onnx", format="qdq")
+    r = xnnq.utils.onnx_check(res.path, lambda b: q(b)[0], [torch.randn(2, 3, 8, 8)])
+    assert r.max_abs_diff == 0.0

@@ -261,18 +261,18 @@ def make_plan(gm: fx.GraphModule, values: dict[fx.Node, Any], config: QuantConfi
                     add_after(out, type(m).__name__ + ("+BN" if bn is not None else ""), n.target)
             elif isinstance(m, BATCHNORMS) and n in conv_of_bn:
                 continue
-            elif is_preserving(gm, n):
+            elif is_preserving(gm, n, values):
                 continue
             elif is_tensor(n) and relu_user(n) is None:
                 add_after(n, type(m).__name__, n.target)
         elif n.op in ("call_function", "call_method"):
-            if is_tensor(n) and not is_preserving(gm, n) and relu_user(n) is None:
+            if is_tensor(n) and not is_preserving(gm, n, values) and relu_user(n) is None:
                 add_after(n, str(n.target.__name__ if callable(n.target) else n.target), n.name)
         elif n.op == "output":
             outs = n.args[0] if isinstance(n.args[0], (tuple, list)) else (n.args[0],)
             for o in outs:
-                if isinstance(o, fx.Node) and is_tensor(o) and value_source(gm, o) not in quant_of:
-                    src = value_source(gm, o)
+                if isinstance(o, fx.Node) and is_tensor(o) and value_source(gm, o, values) not in quant_of:
+                    src = value_source(gm, o, values)
                     add(
                         src,
                         ActSpot(
@@ -291,7 +291,7 @@ def make_plan(gm: fx.GraphModule, values: dict[fx.Node, Any], config: QuantConfi
     # every weight layer's input must be a quantized tensor; its quantizer and the one after it are recorded
     for w in plan.weights:
         node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == w.name)
-        src = value_source(gm, node.args[0])
+        src = value_source(gm, node.args[0], values)
         if src in quant_of:
             w.input_quant = quant_of[src]
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import operator
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -84,20 +85,30 @@ def stochastic_depth_modules() -> tuple[type[nn.Module], ...]:
     return (cls,) if isinstance(cls, type) else ()
 
 
-def is_preserving(gm: fx.GraphModule, n: fx.Node) -> bool:
-    """Whether graph node ``n`` is a range-preserving op (see the module docstring)."""
+def is_preserving(gm: fx.GraphModule, n: fx.Node, values: dict[fx.Node, Any] | None = None) -> bool:
+    """Whether graph node ``n`` is a range-preserving op (see the module docstring).
+
+    With the nodes' example ``values``: an element of a tuple that a non-preserving op returned (the values
+    of ``torch.max(x, dim)``, ``topk``, a leaf module's outputs) is where that tensor first appears, so
+    taking it (``[0]``, ``.values``) is not range-preserving; an element of ``split`` / ``chunk`` is.
+    """
     if n.op == "call_module":
         m = gm.get_submodule(n.target)
         return isinstance(m, PRESERVING_MODULES) or isinstance(m, stochastic_depth_modules())
     if n.op == "call_method":
         return n.target in PRESERVING_METHODS
     if n.op == "call_function":
+        if n.target in (operator.getitem, getattr) and values is not None and isinstance(n.args[0], fx.Node):
+            src = n.args[0]
+            if not isinstance(values.get(src), torch.Tensor) and not is_preserving(gm, src, values):
+                return False
         return n.target in PRESERVING_FUNCTIONS
     return False
 
 
-def value_source(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
-    """Walk up range-preserving nodes to the node that produced the values of ``n``."""
-    while is_preserving(gm, n) and n.args and isinstance(n.args[0], fx.Node):
+def value_source(gm: fx.GraphModule, n: fx.Node, values: dict[fx.Node, Any] | None = None) -> fx.Node:
+    """Walk up range-preserving nodes to the node that produced the values of ``n`` (``values``: as in
+    :func:`is_preserving`)."""
+    while is_preserving(gm, n, values) and n.args and isinstance(n.args[0], fx.Node):
         n = n.args[0]
     return n
