@@ -221,6 +221,33 @@ def test_bad_arguments(tiny_data, tmp_path, capsys):
     assert "quant_config.json" in capsys.readouterr().err
     assert main(["eval", "--model", "xnnq.nope:x", "--data", str(tiny_data)]) == 2
     assert "cannot import module 'xnnq.nope'" in capsys.readouterr().err
+    bad_target = ["quantize", "--model", "xnnq.demo:tiny_cnn", "--data", str(tiny_data), "--mode", "ptq"]
+    assert main([*bad_target, "--target", "TDA5", "--out", str(tmp_path / "t")]) == 2
+    assert "--target: unknown TIDL target 'TDA5'; known targets: TDA4VM" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quantize_for_a_chip(tiny_data, tmp_path):
+    """``--target``: the chip's numerics and formats (AM69A: QDQ only; a 16-bit layer goes through TIDL's
+    quantization-parameters file), kept in the saved config, so ``eval --quant-dir`` rebuilds the same model."""
+    model = ["--model", "xnnq.demo:tiny_cnn", "--data", str(tiny_data), "--batch-size", "16"]
+    out = tmp_path / "am69a"
+    args = ["--no-progress", "quantize", *model, "--target", "am69a", "--mode", "ptq", "--calib-images", "32"]
+    assert main([*args, "--sixteen-bit", "first", "--analysis-images", "0", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("model_*")) == [
+        "model_qdq.onnx",
+        "model_qdq.quant_params.prototxt",
+        "model_qdq.tidl.json",
+    ]
+    cfg = json.loads((out / "quant_config.json").read_text())
+    assert cfg["kwargs"]["target"] == "AM69A" and "per_channel_q" not in cfg["kwargs"]  # the chip's numerics
+    opts = json.loads((out / "model_qdq.tidl.json").read_text())
+    assert opts["target"] == "AM69A" and opts["flow"] == "quant_params"
+    s = json.loads((out / "summary.json").read_text())
+    assert s["target"] == "AM69A" and set(s["onnx"]) == {"qdq"}
+    e_json = tmp_path / "eval.json"
+    assert main(["--no-progress", "eval", *model, "--quant-dir", str(out), "--json", str(e_json)]) == 0
+    assert json.loads(e_json.read_text())["quant_accuracy"] == pytest.approx(s["quant_accuracy"])
 
 
 def test_help_is_complete(capsys):

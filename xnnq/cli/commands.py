@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .. import data
+from ..targets import target_names
 from .errors import CliError
 from .loading import default_input_size, default_weights, load_model, load_split, split_dirs
 
@@ -71,10 +72,16 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--bits", type=int, choices=(8, 16), default=8, help="weights and activations (default 8)")
     g.add_argument(
+        "--target",
+        metavar="CHIP",
+        help=f"the TIDL chip the model is for: {target_names()}; numerics, export formats and compile "
+        "options follow it (default: none, TDA4VM-like numerics, both formats)",
+    )
+    g.add_argument(
         "--per-channel",
         choices=("none", "depthwise", "all"),
-        default="none",
-        help="per-channel weight scales (default none: per tensor, TIDL's default)",
+        default=None,
+        help="per-channel weight scales (default: the target's, else none: per tensor)",
     )
     g.add_argument(
         "--sixteen-bit",
@@ -305,11 +312,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.mode == "qat" and args.epochs <= 0:
         raise CliError(f"--epochs must be > 0 for --mode qat, got {args.epochs}")
     t0 = time.perf_counter()
+    kw = wrapper_kwargs(
+        args.bits, args.per_channel, args.sixteen_bit, not args.no_constrain_weights, args.target
+    )
     st = _Setup(args, need_train=True, train_limit=args.calib_images if args.mode == "ptq" else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
-    kw = wrapper_kwargs(args.bits, args.per_channel, args.sixteen_bit, not args.no_constrain_weights)
     if (
         st.weights is None
     ):  # random init: keep it, so that eval/analyze --quant-dir rebuild the same float model
@@ -350,6 +359,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     onnx = check_onnx(paths, q, st.x_te, st.y_te, batch_size=args.batch_size, progress=progress)
     summary: dict[str, Any] = {
         "model": args.model,
+        "target": kw.get("target"),
         "mode": args.mode,
         "float_accuracy": float_acc,
         "quant_accuracy": quant_acc,
@@ -369,8 +379,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    for_chip = f" for {kw['target']}" if "target" in kw else ""
     print(
-        f"{args.model} {args.mode.upper()}: float {float_acc:.2f} % -> quantized {quant_acc:.2f} % "
+        f"{args.model} {args.mode.upper()}{for_chip}: float {float_acc:.2f} % -> quantized {quant_acc:.2f} % "
         f"on {len(st.y_te)} test images"
     )
     for r in onnx.values():
@@ -450,7 +461,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             method=args.method,
             progress=progress,
             kwargs=wrapper_kwargs(
-                args.bits, args.per_channel, args.sixteen_bit, not args.no_constrain_weights
+                args.bits, args.per_channel, args.sixteen_bit, not args.no_constrain_weights, args.target
             ),
         )
     n = min(args.analysis_images, len(st.y_te))

@@ -16,21 +16,33 @@ from tqdm import tqdm
 
 from .. import data
 from ..quantize import QuantTestModule
+from ..targets import TargetError, get_target
 from .errors import CliError
 
 STATE_FILE, CONFIG_FILE = "quant_state.pt", "quant_config.json"
 
 
 def wrapper_kwargs(
-    bits: int, per_channel: str, sixteen_bit: list[str] | None, constrain_weights: bool = True
+    bits: int,
+    per_channel: str | None,
+    sixteen_bit: list[str] | None,
+    constrain_weights: bool = True,
+    target: str | None = None,
 ) -> dict[str, Any]:
-    """QuantBaseModule keyword arguments from the command-line options."""
+    """QuantBaseModule keyword arguments from the command-line options (``per_channel`` ``None``: the
+    target's numerics, else per tensor)."""
     kw: dict[str, Any] = {
         "bitwidth_weights": bits,
         "bitwidth_activations": bits,
-        "per_channel_q": False if per_channel == "none" else per_channel,
         "constrain_weights": constrain_weights,
     }
+    if target is not None:
+        try:
+            kw["target"] = get_target(target).name
+        except TargetError as e:
+            raise CliError(f"--target: {e}") from e
+    if per_channel is not None or target is None:
+        kw["per_channel_q"] = False if per_channel in (None, "none") else per_channel
     if sixteen_bit:
         kw["bitwidth_overrides"] = {name: 16 for name in sixteen_bit}
     return kw
@@ -96,11 +108,14 @@ def load_quant(model: nn.Module, dummy: torch.Tensor, quant_dir: str | Path) -> 
 def export_both(
     q: nn.Module, dummy: torch.Tensor, out: Path, stem: str = "model", progress: bool = True
 ) -> dict[str, Path]:
-    """``<stem>_tidl.onnx`` and ``<stem>_qdq.onnx`` (each with its ``.tidl.json`` options) in ``out``."""
+    """``<stem>_tidl.onnx`` and ``<stem>_qdq.onnx`` (each with its ``.tidl.json`` options) in ``out``; with
+    the wrapper's target, the formats that chip takes (AM6x: ``qdq`` only)."""
     from ..export import export_onnx
 
+    target = getattr(q, "target", None)
+    formats = get_target(target).formats if target is not None else ("tidl", "qdq")
     paths = {}
-    for fmt in tqdm(("tidl", "qdq"), desc="export", leave=False, disable=not progress):
+    for fmt in tqdm(formats, desc="export", leave=False, disable=not progress):
         paths[fmt] = export_onnx(q, dummy, out / f"{stem}_{fmt}.onnx", format=fmt).path
     return paths
 
