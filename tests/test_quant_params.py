@@ -309,3 +309,15 @@ def test_a_float_output_in_the_8bit_qdq_flow_is_warned_by_name(tmp_path):
     found = [(v.op, v.rule, v.severity) for v in res.violations]
     assert found == [("Sigmoid", "QDQ.float_output", "warning")]
     assert [v.rule for v in tidl_check(res.path, "TDA4VM")] == ["QDQ.float_output"]
+
+
+def test_an_argmax_output_is_written_as_class_indices(tmp_path):
+    """A segmentation export that ends in ArgMax, with a 16-bit layer: the ArgMax output (class indices, not
+    quantized by the simulation) is in the file as unsigned integers, step 1."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q, res, model, layers = _mixed_export(tmp_path, Swish(), argmax=True)
+    (am,) = [n for n in model.graph.node if n.op_type == "ArgMax"]
+    lm = layers[am.output[0]]
+    assert lm.layer_type == "TIDL_ArgOpLayer" and lm.bit_depth == 8
+    assert (lm.outputs[0].min, lm.outputs[0].max) == (0.0, 255.0) and list(lm.outputs[0].scale) == [1.0]

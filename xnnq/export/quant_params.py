@@ -178,7 +178,8 @@ def tensor_ranges(
     A Sigmoid / HardSigmoid / Tanh output the simulation leaves in float (the Sigmoid inside an exported
     SiLU, ``x · σ(x)``) is a layer of its own in TIDL: with ``unquantized="natural"`` it gets its function's
     range at its input's bitwidth (``[0, 1 - 2^-b]`` unsigned, ``±(1 - 2^-(b-1))`` signed; its name is
-    appended to ``assumed``), with ``"error"`` it is an error. Raises naming any tensor left without one.
+    appended to ``assumed``), with ``"error"`` it is an error. An ArgMax / ArgMin output holds class
+    indices: unsigned, step 1, 8 bits (16 beyond 256 classes). Raises naming any tensor left without one.
     """
     if unquantized not in UNQUANTIZED_MODES:
         raise ValueError(
@@ -204,6 +205,18 @@ def tensor_ranges(
             t = nxt[0].output[0]
         return None
 
+    shapes = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in (*graph.input, *graph.value_info, *graph.output)
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")
+    }
+
+    def channels(t: str, node: onnx.NodeProto) -> int:
+        """The size of the axis an ArgMax reduces (0 when the shape is not recorded)."""
+        shape = shapes.get(t) or []
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        return shape[axis] if shape and -len(shape) <= axis < len(shape) else 0
+
     def find(t: str, depth: int = 0) -> ActRange | None:
         if t in out:
             return out[t]
@@ -217,6 +230,8 @@ def tensor_ranges(
         # 1x1 MaxPool) it carries its input's range
         if n is not None and (n.op_type in PRESERVING_ONNX_OPS or n.op_type == "MaxPool") and depth < 64:
             return find(n.input[0], depth + 1)
+        if n is not None and n.op_type in ("ArgMax", "ArgMin"):  # class indices: integers, step 1
+            return ActRange(8 if channels(n.input[0], n) <= 256 else 16, False, 1.0)
         if n is not None and n.op_type in NATURAL_SIGNED and unquantized == "natural" and depth < 64:
             src = find(n.input[0], depth + 1)
             bits, signed = (src.bits if src is not None else 8), NATURAL_SIGNED[n.op_type]
