@@ -24,7 +24,7 @@ from .options import tidl_runtime_options, untargeted_scale_type, write_options
 from .qdq import ActQuant, WeightQuant, to_qdq
 from .quant_params import ActRange, model_layers, tensor_ranges, write_quant_params
 from .quant_params import build_message as quant_params_message
-from .tidl import DEFAULT_OPSET, clip_order, name_clips, tidy_and_check, torch_to_onnx
+from .tidl import DEFAULT_OPSET, clip_order, fuse_mish, name_clips, tidy_and_check, torch_to_onnx
 from .tidl import simplify as onnxsim_simplify
 from .tidl_check import (
     CHANNEL_PAD_GUARD,
@@ -208,6 +208,7 @@ def export_onnx(
     tensors = name_clips(model, clip_order(gm), clips)
     if simplify:
         model = onnxsim_simplify(model)
+    fuse_mish(model)
     model = tidy_and_check(model, check)
     fixes: list[str] = []
     # the Clips and weights tidl_fix adds (a channel Pad as an identity 1x1 Conv): {tensor: ClipInfo it copies}

@@ -18,7 +18,14 @@ import onnx
 import torch
 
 from .graph import Clip, ClipInfo
-from .onnx_graph import clip_bounds, constants_to_initializers, drop_unused_initializers, rename_tensor
+from .onnx_graph import (
+    clip_bounds,
+    constants_to_initializers,
+    consumers,
+    drop_unused_initializers,
+    producers,
+    rename_tensor,
+)
 
 DEFAULT_OPSET = 18
 EXPORTERS = ("torchscript", "dynamo")
@@ -144,6 +151,44 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     if not ok:
         raise RuntimeError("onnxsim could not validate the simplified model against the original")
     return out
+
+
+def fuse_mish(model: onnx.ModelProto) -> int:
+    """Turn ``Mul(x, Tanh(Softplus(x)))`` (how torch exports ``nn.Mish`` / ``F.mish``) into the ``Mish`` op of
+    opset 18, which TIDL runs as its Mish layer (Softplus is not a TIDL op) [tidl-ops]; in place, when the
+    model's opset is at least 18. Returns the number of Mish nodes made."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 18:
+        return 0
+    graph = model.graph
+    prod, users = producers(graph), consumers(graph)
+    drop, made = set(), 0
+    for mul in list(graph.node):
+        if mul.op_type != "Mul" or len(mul.input) != 2:
+            continue
+        for i in (0, 1):
+            tanh = prod.get(mul.input[i])
+            soft = prod.get(tanh.input[0]) if tanh is not None and tanh.op_type == "Tanh" else None
+            x = mul.input[1 - i]
+            if (
+                soft is None
+                or soft.op_type != "Softplus"
+                or soft.input[0] != x
+                or len(users.get(tanh.output[0], [])) != 1
+                or len(users.get(soft.output[0], [])) != 1
+            ):
+                continue
+            mish = onnx.helper.make_node(
+                "Mish", [x], [mul.output[0]], name=(mul.name or mul.output[0]) + "_mish"
+            )
+            graph.node.insert(list(graph.node).index(mul), mish)
+            drop.update((id(mul), id(tanh), id(soft)))
+            made += 1
+            break
+    keep = [n for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return made
 
 
 def tidy_and_check(model: onnx.ModelProto, check: bool = True) -> onnx.ModelProto:
