@@ -79,6 +79,15 @@ def tiny_convnet(num_classes: int = 4, dropout: float = 0.0) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def conv_act_conv(*acts: nn.Module, width: int = 8, out: int = 4) -> nn.Sequential:
+    """3x3 conv, then each activation in ``acts`` followed by a 1x1 conv (the last one to ``out`` channels):
+    a small net for one activation's export."""
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1)]
+    for i, act in enumerate(acts):
+        layers += [act, nn.Conv2d(width, out if i == len(acts) - 1 else width, 1)]
+    return nn.Sequential(*layers)
+
+
 def randomize_bn(model: nn.Module, seed: int = 0, gamma: tuple[float, float] = (-1.5, 1.5)) -> nn.Module:
     """Non-trivial BN statistics and affine parameters (so that folding errors show), the BN weight uniform
     in ``gamma``; eval mode."""

@@ -25,7 +25,7 @@ from xnnq.export.check import OnnxRunner, onnx_check
 from xnnq.export.emulate import requantization_error, tidl_emulation
 from xnnq.models.cifar_resnet import resnet20
 
-from conftest import is_pow2, observe
+from conftest import conv_act_conv, is_pow2, observe
 
 SHAPE_OPS = {
     "Shape",
@@ -482,16 +482,9 @@ def test_export_leaves_the_model_unchanged(r20, tmp_path):
     r20.eval()
 
 
-class MishNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.act = nn.Mish()
-        self.conv2 = nn.Conv2d(8, 8, 1)
-        self.conv3 = nn.Conv2d(8, 4, 1)
-
+class MishFn(nn.Module):
     def forward(self, x):
-        return self.conv3(nn.functional.mish(self.conv2(self.act(self.conv1(x)))))
+        return nn.functional.mish(x)
 
 
 @pytest.mark.parametrize("fmt", ["tidl", "qdq"])
@@ -499,7 +492,9 @@ def test_mish_exports_as_the_mish_op_tidl_runs(fmt, tmp_path):
     """torch exports Mish as x·Tanh(Softplus(x)), and Softplus is not a TIDL op: the export writes ONNX's
     Mish (opset 18, TIDL's Mish layer) instead, computing the same (onnxruntime vs the simulation)."""
     torch.manual_seed(0)
-    q = observed(xnnq.QuantTrainModule(MishNet(), torch.randn(1, 3, 8, 8)), (1, 3, 8, 8)).eval()
+    q = observed(
+        xnnq.QuantTrainModule(conv_act_conv(nn.Mish(), MishFn()), torch.randn(1, 3, 8, 8)), (1, 3, 8, 8)
+    ).eval()
     res = export_onnx(q, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx", format=fmt, target="TDA4VM")
     c = counts(onnx.load(str(res.path)))
     assert c.get("Mish") == 2 and not {"Softplus", "Tanh"} & set(c), c

@@ -24,6 +24,8 @@ from xnnq.export.check import onnx_check
 from xnnq.export.onnx_graph import gelu_patterns
 from xnnq.export.quant_params import message_class, read_quant_params, validate_quant_params
 
+from conftest import conv_act_conv
+
 SHAPE = (1, 3, 16, 16)
 
 
@@ -217,19 +219,6 @@ class Tokens(nn.Module):
         return self.fc2(nn.functional.gelu(self.ln(self.fc1(t)))).mean(1)
 
 
-class Swish(nn.Module):
-    """A SiLU (exported as ``x · Sigmoid(x)``: a Sigmoid output the simulation does not quantize)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.act = nn.SiLU()
-        self.conv2 = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        return self.conv2(self.act(self.conv1(x)))
-
-
 def _mixed_export(tmp_path, net: nn.Module, **kw):
     torch.manual_seed(0)
     q = xnnq.QuantTrainModule(net, torch.randn(SHAPE), target="TDA4VM", bitwidth_overrides={"first": 16})
@@ -286,20 +275,20 @@ def test_an_erf_alone_is_still_flagged(tmp_path):
 
 def test_a_sigmoid_left_in_float_gets_its_natural_range_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"Sigmoid_output_0 \(1 tensor\(s\)\): the simulation leaves"):
-        q, res, model, layers = _mixed_export(tmp_path, Swish())
+        q, res, model, layers = _mixed_export(tmp_path, conv_act_conv(nn.SiLU()))
     (sig,) = [n for n in model.graph.node if n.op_type == "Sigmoid"]
     lm = layers[sig.output[0]]
     # the input of the SiLU is the 16-bit first conv's output: the Sigmoid takes its bitwidth, unsigned
     assert lm.bit_depth == 16 and lm.outputs[0].min == 0.0 and lm.outputs[0].max == (2**16 - 1) / 2**16
     with pytest.raises(ValueError, match=r"Sigmoid_output_0 \(Sigmoid\).*'unquantized': 'natural'"):
-        _mixed_export(tmp_path, Swish(), quant_params={"unquantized": "error"})
+        _mixed_export(tmp_path, conv_act_conv(nn.SiLU()), quant_params={"unquantized": "error"})
     with pytest.raises(ValueError, match="'unquantized' must be one of"):
-        _mixed_export(tmp_path, Swish(), quant_params={"unquantized": "zero"})
+        _mixed_export(tmp_path, conv_act_conv(nn.SiLU()), quant_params={"unquantized": "zero"})
 
 
 def test_a_float_output_in_the_8bit_qdq_flow_is_warned_by_name(tmp_path):
     torch.manual_seed(0)
-    q = xnnq.QuantTrainModule(Swish(), torch.randn(SHAPE), target="TDA4VM").train()
+    q = xnnq.QuantTrainModule(conv_act_conv(nn.SiLU()), torch.randn(SHAPE), target="TDA4VM").train()
     with torch.no_grad():
         q(torch.randn(4, *SHAPE[1:]))
     q.eval()
@@ -316,7 +305,7 @@ def test_an_argmax_output_is_written_as_class_indices(tmp_path):
     quantized by the simulation) is in the file as unsigned integers, step 1."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q, res, model, layers = _mixed_export(tmp_path, Swish(), argmax=True)
+        q, res, model, layers = _mixed_export(tmp_path, conv_act_conv(nn.SiLU()), argmax=True)
     (am,) = [n for n in model.graph.node if n.op_type == "ArgMax"]
     lm = layers[am.output[0]]
     assert lm.layer_type == "TIDL_ArgOpLayer" and lm.bit_depth == 8
