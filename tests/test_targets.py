@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from torch import nn
 import xnnq
 from xnnq.export import export_onnx
 from xnnq.export.check import onnx_check
-from xnnq.export.tidl_check import TIDLImportError
+from xnnq.export.tidl_check import TIDLImportError, tidl_check
 from xnnq.layers.quant_weight import QuantConv2d
 from xnnq.targets import SOURCES, TARGETS, TargetError, get_target, resolve_numerics, wrapper_settings
 
@@ -354,3 +355,55 @@ def test_export_checks_and_fixes_importer_rules(tmp_path):
         export_onnx(q, torch.randn(SHAPE), tmp_path / "strict.onnx", target="TDA4VM", strict=True)
     assert not (tmp_path / "strict.onnx").exists()
     assert xnnq.utils.tidl_check(res.path, "TDA4VM")[0].rule == "Pad.axes"  # reads the JSON beside the file
+
+
+# ------------------------------------------------------------------------------------------ SiLU
+def _silu_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.SiLU(),
+        nn.Conv2d(8, 8, 1),
+        nn.SiLU(inplace=True),
+        nn.Conv2d(8, 4, 1),
+    )
+
+
+@pytest.mark.parametrize(
+    "target, silu, split",
+    [
+        (None, None, False),
+        ("TDA4VM", None, True),
+        ("AM69A", None, True),
+        ("TDA4VM", "fused", False),
+        (None, "sigmoid_mul", True),
+    ],
+)
+def test_a_silu_is_quantized_as_tidl_runs_it_for_a_target(tmp_path, target, silu, split):
+    """ONNX has no SiLU: TIDL runs x·σ(x) as a Sigmoid layer and a Mul layer. With a target (or
+    silu="sigmoid_mul") σ(x) gets a quantizer of its own, so the QDQ file gives TIDL a scale for every
+    layer; fused (no target, or silu="fused") the Sigmoid output reaches the Mul in float (warned)."""
+    torch.manual_seed(0)
+    q = xnnq.QuantTrainModule(_silu_net(), torch.randn(SHAPE), target=target, silu=silu).train()
+    opt = torch.optim.SGD(q.parameters(), lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        q(torch.randn(4, *SHAPE[1:])).pow(2).mean().backward()
+        opt.step()
+    q.eval()
+    sig_quantized = [a for a in q.plan.acts if a.reason == "Sigmoid"]
+    assert len(sig_quantized) == (2 if split else 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = export_onnx(q, torch.randn(SHAPE), tmp_path / "m.onnx", format="qdq", target=target)
+    model = onnx.load(str(res.path))
+    assert sum(n.op_type == "Sigmoid" for n in model.graph.node) == 2
+    floats = [v for v in tidl_check(res.path, target or "TDA4VM") if v.rule == "QDQ.float_output"]
+    assert len(floats) == (0 if split else 2)
+    lsb = onnx_check(res.path, q, [torch.randn(4, *SHAPE[1:])]).max_lsb_diff
+    # power-of-2 scales: bit-exact in onnxruntime; AM69A's free scales: its float requantization, 1 step at most
+    assert lsb == 0.0 if q.config.power2_activation_range else lsb <= 1.0 + 1e-4
+
+
+def test_silu_setting_is_checked():
+    with pytest.raises(ValueError, match="silu must be one of None, 'fused', 'sigmoid_mul'"):
+        xnnq.QuantTrainModule(_silu_net(), torch.randn(SHAPE), silu="split")

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 PER_CHANNEL_Q = (False, "depthwise", "all", True)  # True is accepted as "all"
 RANGE_LEARNING = ("statistics", "tqt", "tqt-activations")
+SILU_MODES = (None, "fused", "sigmoid_mul")
 
 
 class ObserverFactory(Protocol):
@@ -84,6 +85,10 @@ class QuantConfig:
             as their own parameter group (see the README).
         range_init_batches: with learned thresholds, the number of first training batches whose statistics
             set them (activations: the observer's running range; weights: the max rule); learned from then on.
+        silu: how a SiLU (``x · σ(x)``) is quantized: ``"fused"`` (one quantizer on its output), ``"sigmoid_mul"``
+            (a quantizer on ``σ(x)`` too, as TIDL computes it: ONNX has no SiLU op, so TIDL runs a Sigmoid layer
+            and a Mul layer, each with a fixed-point output [tidl-ops]); ``None`` (default): ``"sigmoid_mul"``
+            with a ``target``, else ``"fused"``.
         range_anchor: with learned thresholds, ``"statistics"`` (default): the statistics keep running until
             the ranges freeze and a threshold moves by whole octaves with their power of two, so what is learned
             is an offset from it (exactly statistics QAT while no offset reaches half an octave); ``"init"``:
@@ -106,6 +111,7 @@ class QuantConfig:
     range_learning: str = "statistics"
     range_init_batches: int = 20
     range_anchor: str = "statistics"
+    silu: str | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bitwidth_weights, "bitwidth_weights")
@@ -132,11 +138,18 @@ class QuantConfig:
             raise ValueError(
                 f"range_anchor must be one of {', '.join(map(repr, ANCHORS))}, got {self.range_anchor!r}"
             )
+        if self.silu not in SILU_MODES:
+            raise ValueError(f"silu must be one of {', '.join(map(repr, SILU_MODES))}, got {self.silu!r}")
         if self.range_init_batches < 1:
             raise ValueError(f"range_init_batches must be >= 1, got {self.range_init_batches}")
         # None (the wrappers' old default) means "none"; copies, so the caller's dicts can change freely
         object.__setattr__(self, "bitwidth_overrides", dict(self.bitwidth_overrides or {}))
         object.__setattr__(self, "clip_ranges", dict(self.clip_ranges or {}))
+
+    @property
+    def split_silu(self) -> bool:
+        """Whether a SiLU is quantized as TIDL computes it, ``σ(x)`` quantized before the product."""
+        return self.silu == "sigmoid_mul" or (self.silu is None and self.target is not None)
 
     @property
     def per_channel_all(self) -> bool:

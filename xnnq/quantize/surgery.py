@@ -321,8 +321,32 @@ def split_reused_modules(gm: fx.GraphModule, report: list[Change]) -> None:
         node.target = name
 
 
-def run(gm: fx.GraphModule, values: dict, report: list[Change]) -> None:
+def split_silus(gm: fx.GraphModule, values: dict, report: list[Change]) -> None:
+    """Write each SiLU as ``x · σ(x)`` with modules of its own (a ``Sigmoid`` and a ``MultBlock``), so the plan
+    quantizes ``σ(x)`` as TIDL does (its Sigmoid and Mul layers, see ``QuantConfig.silu``)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(gm.get_submodule(node.target)) is not nn.SiLU:
+            continue
+        x = node.args[0] if node.args else node.kwargs["input"]
+        owner = _owner(node)
+        sig_name = _add_module(gm, owner, "sigmoid", nn.Sigmoid())
+        mul_name = _add_module(gm, owner, "mul", MultBlock())
+        with gm.graph.inserting_before(node):
+            sig = gm.graph.call_module(sig_name, (x,))
+            mul = gm.graph.call_module(mul_name, (x, sig))
+        sig.meta, mul.meta = dict(node.meta), dict(node.meta)
+        xv = values.get(x)
+        values[sig] = torch.sigmoid(xv) if isinstance(xv, torch.Tensor) else None
+        values[mul] = values.get(node)
+        node.replace_all_uses_with(mul)
+        gm.graph.erase_node(node)
+        report.append(Change("module", mul_name, f"SiLU `{node.target}` as x * {sig_name}(x) (σ quantized)"))
+
+
+def run(gm: fx.GraphModule, values: dict, report: list[Change], split_silu: bool = False) -> None:
     functionals_to_modules(gm, values, report)
+    if split_silu:
+        split_silus(gm, values, report)
     split_reused_modules(gm, report)
     gm.graph.lint()
     gm.recompile()

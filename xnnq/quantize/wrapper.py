@@ -27,12 +27,13 @@ def convert(
     args: tuple[torch.Tensor, ...],
     leaf_modules: Iterable[str | type],
     report: list[surgery.Change],
+    config: QuantConfig | None = None,
 ) -> tuple[fx.GraphModule, dict[fx.Node, Any]]:
     """Capture and surgery: ``model`` (changed: pass a copy) traced, run on ``args`` (every node's value
-    kept) and converted; the graph the plan is made on."""
+    kept) and converted as ``config`` asks; the graph the plan is made on."""
     gm = trace(model, leaf_modules)
     values = record_values(gm, args)
-    surgery.run(gm, values, report)
+    surgery.run(gm, values, report, split_silu=config is not None and config.split_silu)
     return gm, values
 
 
@@ -108,7 +109,7 @@ class QuantBaseModule(nn.Module):
             args = tuple(a.to(param.device) for a in args)
         self.leaf_modules = tuple(leaf_modules)
         self.report: list[surgery.Change] = []
-        gm, values = convert(float_model, args, self.leaf_modules, self.report)
+        gm, values = convert(float_model, args, self.leaf_modules, self.report, self.config)
         self.plan: Plan = make_plan(gm, values, self.config)
         _warn_float_weights(gm, self.plan, self.leaf_modules)
         build(gm, self.plan, self.report, self.config)
@@ -152,7 +153,7 @@ class QuantBaseModule(nn.Module):
         device = next(self.parameters()).device
         model = copy.deepcopy(float_model).to(device).eval()
         dummy = tuple(torch.randn(s, device=device) for s in self.dummy_shapes)
-        gm, _ = convert(model, dummy, self.leaf_modules, [])
+        gm, _ = convert(model, dummy, self.leaf_modules, [], self.config)
         return gm.eval()
 
     def quantizers(self) -> dict[str, PACT2]:
