@@ -379,9 +379,10 @@ def _silu_net() -> nn.Module:
     ],
 )
 def test_a_silu_is_quantized_as_tidl_runs_it_for_a_target(tmp_path, target, silu, split):
-    """ONNX has no SiLU: TIDL runs x·σ(x) as a Sigmoid layer and a Mul layer. With a target (or
-    silu="sigmoid_mul") σ(x) gets a quantizer of its own, so the QDQ file gives TIDL a scale for every
-    layer; fused (no target, or silu="fused") the Sigmoid output reaches the Mul in float (warned)."""
+    """ONNX has no SiLU op up to opset 19 (TIDL's): TIDL runs x·σ(x) as a Sigmoid layer and a Mul layer.
+    With a target (or silu="sigmoid_mul") σ(x) gets a quantizer of its own, so the QDQ file gives TIDL a
+    scale for every layer; fused (no target, or silu="fused") the Sigmoid output reaches the Mul in float
+    (warned)."""
     torch.manual_seed(0)
     q = xnnq.QuantTrainModule(_silu_net(), torch.randn(SHAPE), target=target, silu=silu).train()
     opt = torch.optim.SGD(q.parameters(), lr=1e-3)

@@ -86,9 +86,9 @@ class QuantConfig:
         range_init_batches: with learned thresholds, the number of first training batches whose statistics
             set them (activations: the observer's running range; weights: the max rule); learned from then on.
         silu: how a SiLU (``x · σ(x)``) is quantized: ``"fused"`` (one quantizer on its output), ``"sigmoid_mul"``
-            (a quantizer on ``σ(x)`` too, as TIDL computes it: ONNX has no SiLU op, so TIDL runs a Sigmoid layer
-            and a Mul layer, each with a fixed-point output [tidl-ops]); ``None`` (default): ``"sigmoid_mul"``
-            with a ``target``, else ``"fused"``.
+            (a quantizer on ``σ(x)`` too, as TIDL computes it: ONNX up to opset 19, TIDL's, has no SiLU op, so
+            TIDL runs a Sigmoid layer and a Mul layer, each with a fixed-point output [tidl-ops]); ``None``
+            (default): ``"sigmoid_mul"`` with a ``target``, else ``"fused"``.
         range_anchor: with learned thresholds, ``"statistics"`` (default): the statistics keep running until
             the ranges freeze and a threshold moves by whole octaves with their power of two, so what is learned
             is an offset from it (exactly statistics QAT while no offset reaches half an octave); ``"init"``:
