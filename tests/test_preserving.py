@@ -12,7 +12,7 @@ import xnnq
 from xnnq.export import export_onnx
 from xnnq.export.onnx_graph import producers
 from xnnq.export.tidl import simplify, torch_to_onnx
-from xnnq.layers import ChannelShuffle, Pad, Reshape, Slice
+from xnnq.layers import ChannelShuffle, Pad, Reshape, Slice, set_quant_enabled
 from xnnq.quantize.preserving import PRESERVING_OPS
 from xnnq.quantize.wrapper import convert
 
@@ -154,3 +154,42 @@ def test_a_tensor_taken_out_of_a_tuple_gets_its_own_quantizer(tmp_path):
     res = export_onnx(q, x, tmp_path / "m.onnx", format="qdq")
     r = xnnq.utils.onnx_check(res.path, lambda b: q(b)[0], [torch.randn(2, 3, 8, 8)])
     assert r.max_abs_diff == 0.0
+
+
+class IteratedSplits(nn.Module):
+    """Iterates chunk / split results as YOLOv8's C2f block does (``list(...)``, a loop, ``extend``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cv1 = nn.Conv2d(3, 8, 1)
+        self.m = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(2))
+        self.cv2 = nn.Conv2d(20, 4, 1)
+
+    def forward(self, x):
+        y = list(torch.relu(self.cv1(x)).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        parts = [p * 2 for p in y[0].split([1, 3], 1)]
+        return self.cv2(torch.cat([*y, *parts], 1)[:, :20])
+
+
+def test_iterated_chunks_and_splits_trace(tmp_path):
+    torch.manual_seed(0)
+    model = IteratedSplits().eval()
+    x = torch.randn(2, 3, 8, 8)
+    q = xnnq.QuantTrainModule(model, x[:1]).eval()
+    set_quant_enabled(q, False)  # quantization off: the traced graph computes the float model
+    torch.testing.assert_close(q(x), model(x), rtol=1e-5, atol=1e-6)
+    assert sum(n.target == "chunk" for n in q.module.graph.nodes) == 1
+
+
+def test_a_chunk_shorter_than_its_count_is_named_with_the_fix():
+    class Few(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 1, 1)
+
+        def forward(self, x):
+            return torch.cat(list(self.c(x).chunk(2, 1)), 1)
+
+    with pytest.raises(xnnq.CaptureError, match=r"`chunk` returned fewer tensors than its arguments say"):
+        xnnq.QuantTrainModule(Few(), torch.randn(1, 3, 8, 8))

@@ -42,6 +42,43 @@ class _Tracer(fx.Tracer):
         self.path.pop()
         return out
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+    def iter(self, obj: fx.Proxy):
+        """Iterating a ``chunk`` / ``split`` result whose length the call says (``list(x.chunk(2, 1))``, as in
+        YOLOv8's C2f block) yields its items; anything else is fx's error."""
+        n = _known_length(obj.node)
+        if n is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(n)])
+
+
+class _Proxy(fx.Proxy):
+    """A proxy whose ``len()`` is known for ``chunk`` / ``split`` results (``list()`` asks for it first)."""
+
+    def __len__(self) -> int:
+        n = _known_length(self.node)
+        return n if n is not None else super().__len__()
+
+
+def _known_length(node: fx.Node) -> int | None:
+    """The number of tensors a ``chunk(n)`` or ``split([sizes])`` node returns, from its arguments (a chunk
+    of a dimension shorter than ``n`` returns fewer: then running the graph on the dummy input fails)."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_method", "call_function") or name not in ("chunk", "split"):
+        return None
+    arg = (
+        node.args[1]
+        if len(node.args) > 1
+        else node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections"))
+    )
+    if name == "chunk" and isinstance(arg, int):
+        return arg
+    if name == "split" and isinstance(arg, (list, tuple)) and all(isinstance(a, int) for a in arg):
+        return len(arg)
+    return None
+
 
 def _user_frame(exc: BaseException) -> str:
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_SKIP_FRAMES)]
@@ -153,10 +190,17 @@ class _Recorder(fx.Interpreter):
         except Exception as e:
             src = n.meta.get("nn_module_stack", {})
             owner = list(src.keys())[-1] if src else ""
+            fix = "dummy_input must have the shape and dtype of one real input batch (e.g. torch.randn(1, 3, H, W))."
+            parent = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+            if isinstance(e, IndexError) and parent is not None and _known_length(parent) is not None:
+                fix = (
+                    f"`{parent.target}` returned fewer tensors than its arguments say (torch.chunk does when the "
+                    "dimension is shorter than the number of chunks), and the model iterates it: chunk a longer "
+                    "dimension, or unpack exactly (`a, b = ...`)."
+                )
             raise CaptureError(
                 f"running the model on dummy_input failed at graph node `{n.name}` ({n.op} {n.target}"
-                f"{', in module ' + repr(owner) if owner else ''}): {type(e).__name__}: {e}\n"
-                f"Fix: dummy_input must have the shape and dtype of one real input batch (e.g. torch.randn(1, 3, H, W))."
+                f"{', in module ' + repr(owner) if owner else ''}): {type(e).__name__}: {e}\nFix: {fix}"
             ) from e
         self.values[n] = out
         return out
