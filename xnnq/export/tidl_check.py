@@ -831,7 +831,9 @@ def _qdq_float_outputs(c: _Ctx):
 
     for n in c.graph.node:
         if (
-            n.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant", "Shape", "Relu", "Clip")
+            # a MaxPool returns input values (a strided Slice that tidl_fix made a 1x1 MaxPool): on their grid
+            n.op_type
+            in ("QuantizeLinear", "DequantizeLinear", "Constant", "Shape", "Relu", "Clip", "MaxPool")
             or n.op_type in PRESERVING_ONNX_OPS
             or id(n) in in_gelu
             or not n.output
