@@ -408,3 +408,18 @@ def test_a_silu_is_quantized_as_tidl_runs_it_for_a_target(tmp_path, target, silu
 def test_silu_setting_is_checked():
     with pytest.raises(ValueError, match="silu must be one of None, 'fused', 'sigmoid_mul'"):
         xnnq.QuantTrainModule(_silu_net(), torch.randn(SHAPE), silu="split")
+
+
+def test_a_silu_state_dict_loads_only_into_a_wrapper_that_quantizes_silus_the_same_way():
+    torch.manual_seed(0)
+    q = xnnq.QuantTrainModule(_silu_net(), torch.randn(SHAPE), target="TDA4VM").train()
+    q(torch.randn(4, *SHAPE[1:]))
+    t = xnnq.QuantTestModule(_silu_net(), torch.randn(SHAPE), silu="sigmoid_mul")
+    t.load_state_dict(q.state_dict())  # the same quantizers without the target: loads
+    with pytest.raises(
+        ValueError, match=r"saved with its SiLUs quantized as x \* sigmoid\(x\).*silu='sigmoid_mul'"
+    ):
+        xnnq.QuantTestModule(_silu_net(), torch.randn(SHAPE)).load_state_dict(q.state_dict())
+    # a model without SiLUs loads either way
+    relu = xnnq.QuantTrainModule(Small(), torch.randn(SHAPE), target="TDA4VM")
+    xnnq.QuantTestModule(Small(), torch.randn(SHAPE)).load_state_dict(relu.state_dict())

@@ -130,11 +130,25 @@ class QuantBaseModule(nn.Module):
         return "\n".join(str(c) for c in self.report)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"bn_frozen": self.bn_frozen}
+        return {"bn_frozen": self.bn_frozen, "split_silu": self.config.split_silu}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.bn_frozen = bool(state["bn_frozen"])
         self.train(self.training)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        saved = state_dict.get(prefix + "_extra_state")
+        split = saved.get("split_silu") if isinstance(saved, dict) else None
+        if strict and split is not None and split != self.config.split_silu:
+            own = {prefix + k for k in self.state_dict()}
+            if own != set(state_dict):  # the model has SiLUs, quantized one way there and the other here
+                how = "x * sigmoid(x) with sigma(x) quantized" if split else "one quantizer per SiLU"
+                raise ValueError(
+                    f"{type(self).__name__}: the state dict was saved with its SiLUs quantized as {how}; build "
+                    f"this wrapper with the same target= (or silu={'sigmoid_mul' if split else 'fused'!r}) as "
+                    "the one that saved it."
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     def train(self, mode: bool = True):
         """Set train/eval mode. Never changes frozen ranges; BatchNorm stays frozen after ``freeze_bn``."""
