@@ -219,7 +219,7 @@ class Tokens(nn.Module):
         return self.fc2(nn.functional.gelu(self.ln(self.fc1(t)))).mean(1)
 
 
-def _mixed_export(tmp_path, net: nn.Module, silu: str | None = None, **kw):
+def _mixed_export(tmp_path, net: nn.Module, silu: str = "fused", **kw):
     torch.manual_seed(0)
     q = xnnq.QuantTrainModule(
         net, torch.randn(SHAPE), target="TDA4VM", bitwidth_overrides={"first": 16}, silu=silu
@@ -277,21 +277,20 @@ def test_an_erf_alone_is_still_flagged(tmp_path):
 
 def test_a_sigmoid_left_in_float_gets_its_natural_range_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"Sigmoid_output_0 \(1 tensor\(s\)\): the simulation leaves"):
-        q, res, model, layers = _mixed_export(tmp_path, conv_act_conv(nn.SiLU()), silu="fused")
+        q, res, model, layers = _mixed_export(tmp_path, conv_act_conv(nn.SiLU()))
     (sig,) = [n for n in model.graph.node if n.op_type == "Sigmoid"]
     lm = layers[sig.output[0]]
     # the input of the SiLU is the 16-bit first conv's output: the Sigmoid takes its bitwidth, unsigned
     assert lm.bit_depth == 16 and lm.outputs[0].min == 0.0 and lm.outputs[0].max == (2**16 - 1) / 2**16
     with pytest.raises(ValueError, match=r"Sigmoid_output_0 \(Sigmoid\).*'unquantized': 'natural'"):
-        _mixed_export(tmp_path, conv_act_conv(nn.SiLU()), "fused", quant_params={"unquantized": "error"})
+        _mixed_export(tmp_path, conv_act_conv(nn.SiLU()), quant_params={"unquantized": "error"})
     with pytest.raises(ValueError, match="'unquantized' must be one of"):
-        _mixed_export(tmp_path, conv_act_conv(nn.SiLU()), "fused", quant_params={"unquantized": "zero"})
+        _mixed_export(tmp_path, conv_act_conv(nn.SiLU()), quant_params={"unquantized": "zero"})
 
 
 def test_a_float_output_in_the_8bit_qdq_flow_is_warned_by_name(tmp_path):
     torch.manual_seed(0)
-    q = xnnq.QuantTrainModule(conv_act_conv(nn.SiLU()), torch.randn(SHAPE), target="TDA4VM", silu="fused")
-    q.train()
+    q = xnnq.QuantTrainModule(conv_act_conv(nn.SiLU()), torch.randn(SHAPE), target="TDA4VM").train()
     with torch.no_grad():
         q(torch.randn(4, *SHAPE[1:]))
     q.eval()

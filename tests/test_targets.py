@@ -371,18 +371,16 @@ def _silu_net() -> nn.Module:
 @pytest.mark.parametrize(
     "target, silu, split",
     [
-        (None, None, False),
-        ("TDA4VM", None, True),
-        ("AM69A", None, True),
         ("TDA4VM", "fused", False),
+        ("TDA4VM", "sigmoid_mul", True),
+        ("AM69A", "sigmoid_mul", True),
         (None, "sigmoid_mul", True),
     ],
 )
-def test_a_silu_is_quantized_as_tidl_runs_it_for_a_target(tmp_path, target, silu, split):
+def test_a_silu_can_be_quantized_as_tidl_runs_it(tmp_path, target, silu, split):
     """ONNX has no SiLU op up to opset 19 (TIDL's): TIDL runs x·σ(x) as a Sigmoid layer and a Mul layer.
-    With a target (or silu="sigmoid_mul") σ(x) gets a quantizer of its own, so the QDQ file gives TIDL a
-    scale for every layer; fused (no target, or silu="fused") the Sigmoid output reaches the Mul in float
-    (warned)."""
+    With silu="sigmoid_mul" σ(x) gets a quantizer of its own, so the QDQ file gives TIDL a scale for every
+    layer; fused (the default) the Sigmoid output reaches the Mul in float (warned)."""
     torch.manual_seed(0)
     q = xnnq.QuantTrainModule(_silu_net(), torch.randn(SHAPE), target=target, silu=silu).train()
     opt = torch.optim.SGD(q.parameters(), lr=1e-3)
@@ -406,13 +404,13 @@ def test_a_silu_is_quantized_as_tidl_runs_it_for_a_target(tmp_path, target, silu
 
 
 def test_silu_setting_is_checked():
-    with pytest.raises(ValueError, match="silu must be one of None, 'fused', 'sigmoid_mul'"):
+    with pytest.raises(ValueError, match="silu must be one of 'fused', 'sigmoid_mul'"):
         xnnq.QuantTrainModule(_silu_net(), torch.randn(SHAPE), silu="split")
 
 
 def test_a_silu_state_dict_loads_only_into_a_wrapper_that_quantizes_silus_the_same_way():
     torch.manual_seed(0)
-    q = xnnq.QuantTrainModule(_silu_net(), torch.randn(SHAPE), target="TDA4VM").train()
+    q = xnnq.QuantTrainModule(_silu_net(), torch.randn(SHAPE), target="TDA4VM", silu="sigmoid_mul").train()
     q(torch.randn(4, *SHAPE[1:]))
     t = xnnq.QuantTestModule(_silu_net(), torch.randn(SHAPE), silu="sigmoid_mul")
     t.load_state_dict(q.state_dict())  # the same quantizers without the target: loads
@@ -421,5 +419,5 @@ def test_a_silu_state_dict_loads_only_into_a_wrapper_that_quantizes_silus_the_sa
     ):
         xnnq.QuantTestModule(_silu_net(), torch.randn(SHAPE)).load_state_dict(q.state_dict())
     # a model without SiLUs loads either way
-    relu = xnnq.QuantTrainModule(Small(), torch.randn(SHAPE), target="TDA4VM")
+    relu = xnnq.QuantTrainModule(Small(), torch.randn(SHAPE), silu="sigmoid_mul")
     xnnq.QuantTestModule(Small(), torch.randn(SHAPE)).load_state_dict(relu.state_dict())

@@ -89,7 +89,7 @@ def test_a_yolov8_shaped_detector_for_tda4vm(tmp_path, sppf_kernel):
     torch.manual_seed(0)
     model = TinyYolo(sppf_kernel=sppf_kernel).eval()
     x = torch.randn(1, 3, 64, 64)
-    q = xnnq.QuantTrainModule(model, x, target="TDA4VM").train()
+    q = xnnq.QuantTrainModule(model, x, target="TDA4VM", silu="sigmoid_mul").train()
     # every SiLU as TIDL runs it (sigma(x) quantized), every C2f chunk traced
     silus = sum(isinstance(m, nn.SiLU) for m in model.modules())
     assert sum(a.reason == "Sigmoid" for a in q.plan.acts) == silus > 0

@@ -91,6 +91,12 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         help="layers (names or globs, or first/last) in 16 bits, e.g. --sixteen-bit first last",
     )
     g.add_argument(
+        "--silu",
+        choices=("fused", "sigmoid_mul"),
+        default=None,
+        help="sigmoid_mul: quantize a SiLU's sigmoid too, as TIDL runs it (slower QAT; default fused)",
+    )
+    g.add_argument(
         "--no-constrain-weights",
         action="store_true",
         help="do not clip weight outliers at ±15σ (try it when the analysis shows W clip %% > 0)",
@@ -313,7 +319,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise CliError(f"--epochs must be > 0 for --mode qat, got {args.epochs}")
     t0 = time.perf_counter()
     kw = wrapper_kwargs(
-        args.bits, args.per_channel, args.sixteen_bit, not args.no_constrain_weights, args.target
+        args.bits, args.per_channel, args.sixteen_bit, not args.no_constrain_weights, args.target, args.silu
     )
     st = _Setup(args, need_train=True, train_limit=args.calib_images if args.mode == "ptq" else None)
     out = Path(args.out)
@@ -461,7 +467,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             method=args.method,
             progress=progress,
             kwargs=wrapper_kwargs(
-                args.bits, args.per_channel, args.sixteen_bit, not args.no_constrain_weights, args.target
+                args.bits,
+                args.per_channel,
+                args.sixteen_bit,
+                not args.no_constrain_weights,
+                args.target,
+                args.silu,
             ),
         )
     n = min(args.analysis_images, len(st.y_te))

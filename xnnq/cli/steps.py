@@ -28,6 +28,7 @@ def wrapper_kwargs(
     sixteen_bit: list[str] | None,
     constrain_weights: bool = True,
     target: str | None = None,
+    silu: str | None = None,
 ) -> dict[str, Any]:
     """QuantBaseModule keyword arguments from the command-line options (``per_channel`` ``None``: the
     target's numerics, else per tensor)."""
@@ -43,6 +44,8 @@ def wrapper_kwargs(
             raise CliError(f"--target: {e}") from e
     if per_channel is not None or target is None:
         kw["per_channel_q"] = False if per_channel in (None, "none") else per_channel
+    if silu is not None:
+        kw["silu"] = silu
     if sixteen_bit:
         kw["bitwidth_overrides"] = {name: 16 for name in sixteen_bit}
     return kw

@@ -431,7 +431,7 @@ def _quant_params_layers(
             "inside a SiLU, exported as x·Sigmoid(x)), while TIDL runs each as a layer with a quantized output; "
             "the file gives them their function's range (quant_params={'unquantized': 'natural'}), so TIDL's "
             "results can differ from the simulation's by about one step there. 'error' refuses instead; "
-            "silu='sigmoid_mul' (the default with a target) quantizes a SiLU's σ(x) in the simulation.",
+            "silu='sigmoid_mul' quantizes a SiLU's σ(x) in the simulation.",
             stacklevel=3,
         )
     scales = {w: layer.scale.numpy() for w, layer in weights.items() if layer.scale is not None}

@@ -848,8 +848,8 @@ def _qdq_float_outputs(c: _Ctx):
             "QuantizeLinear: the simulation leaves it in float (e.g. the Sigmoid inside a SiLU, exported as "
             "x·Sigmoid(x)), while TIDL computes every layer in fixed point and, for a pre-quantized model, skips "
             "the calibration that would give it a scale; TI does not document the scale it then uses",
-            "for a SiLU, wrap with target= or silu='sigmoid_mul' (σ(x) then gets a quantizer, as TIDL's "
-            "Sigmoid layer needs); otherwise replace the function by one xnnq quantizes whole (ReLU, Hardswish, "
+            "for a SiLU, wrap with silu='sigmoid_mul' (σ(x) then gets a quantizer, as TIDL's Sigmoid layer "
+            "needs); otherwise replace the function by one xnnq quantizes whole (ReLU, Hardswish, "
             "as TI's 'lite' models do), or export format='tidl' on TDA4VM",
             source=SOURCES["tidl-fsg-quant"],
             severity="warning",

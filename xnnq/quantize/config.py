@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 PER_CHANNEL_Q = (False, "depthwise", "all", True)  # True is accepted as "all"
 RANGE_LEARNING = ("statistics", "tqt", "tqt-activations")
-SILU_MODES = (None, "fused", "sigmoid_mul")
+SILU_MODES = ("fused", "sigmoid_mul")
 
 
 class ObserverFactory(Protocol):
@@ -85,10 +85,10 @@ class QuantConfig:
             as their own parameter group (see the README).
         range_init_batches: with learned thresholds, the number of first training batches whose statistics
             set them (activations: the observer's running range; weights: the max rule); learned from then on.
-        silu: how a SiLU (``x · σ(x)``) is quantized: ``"fused"`` (one quantizer on its output), ``"sigmoid_mul"``
-            (a quantizer on ``σ(x)`` too, as TIDL computes it: ONNX up to opset 19, TIDL's, has no SiLU op, so
-            TIDL runs a Sigmoid layer and a Mul layer, each with a fixed-point output [tidl-ops]); ``None``
-            (default): ``"sigmoid_mul"`` with a ``target``, else ``"fused"``.
+        silu: how a SiLU (``x · σ(x)``) is quantized: ``"fused"`` (default: one quantizer on its output) or
+            ``"sigmoid_mul"`` (a quantizer on ``σ(x)`` too, as TIDL computes it: ONNX up to opset 19, TIDL's, has
+            no SiLU op, so TIDL runs a Sigmoid layer and a Mul layer, each with a fixed-point output
+            [tidl-ops]; the QDQ file then scales every layer, at the cost of two more passes per SiLU in QAT).
         range_anchor: with learned thresholds, ``"statistics"`` (default): the statistics keep running until
             the ranges freeze and a threshold moves by whole octaves with their power of two, so what is learned
             is an offset from it (exactly statistics QAT while no offset reaches half an octave); ``"init"``:
@@ -111,7 +111,7 @@ class QuantConfig:
     range_learning: str = "statistics"
     range_init_batches: int = 20
     range_anchor: str = "statistics"
-    silu: str | None = None
+    silu: str = "fused"
 
     def __post_init__(self) -> None:
         check_bits(self.bitwidth_weights, "bitwidth_weights")
@@ -149,7 +149,7 @@ class QuantConfig:
     @property
     def split_silu(self) -> bool:
         """Whether a SiLU is quantized as TIDL computes it, ``σ(x)`` quantized before the product."""
-        return self.silu == "sigmoid_mul" or (self.silu is None and self.target is not None)
+        return self.silu == "sigmoid_mul"
 
     @property
     def per_channel_all(self) -> bool:

@@ -145,8 +145,7 @@ class QuantBaseModule(nn.Module):
                 how = "x * sigmoid(x) with sigma(x) quantized" if split else "one quantizer per SiLU"
                 raise ValueError(
                     f"{type(self).__name__}: the state dict was saved with its SiLUs quantized as {how}; build "
-                    f"this wrapper with the same target= (or silu={'sigmoid_mul' if split else 'fused'!r}) as "
-                    "the one that saved it."
+                    f"this wrapper with silu={'sigmoid_mul' if split else 'fused'!r}, as the one that saved it."
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
