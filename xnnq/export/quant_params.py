@@ -52,11 +52,8 @@ _ALL_VALUES_OPS = frozenset(
 _ELEMENT_TYPE = {(8, False): 0, (8, True): 1, (16, False): 2, (16, True): 3, (32, True): 5}
 BIT_DEPTH_STYLES = ("bits", "bytes")
 UNQUANTIZED_MODES = ("natural", "error")
-NATURAL_SIGNED = {
-    "Sigmoid": False,
-    "HardSigmoid": False,
-    "Tanh": True,
-}  # bounded functions: sign of the range
+# bounded functions whose output the simulation may leave in float: whether their range is signed
+NATURAL_SIGNED = {"Sigmoid": False, "HardSigmoid": False, "Tanh": True}
 GELU_LAYER = "TIDL_BatchNormLayer"  # TIDL maps an erf GELU to its Batchnorm layer [tidl-vtfr]
 
 
@@ -235,7 +232,7 @@ def tensor_ranges(
         if n is not None and n.op_type in NATURAL_SIGNED and unquantized == "natural" and depth < 64:
             src = find(n.input[0], depth + 1)
             bits, signed = (src.bits if src is not None else 8), NATURAL_SIGNED[n.op_type]
-            if assumed is not None:
+            if assumed is not None and t not in assumed:
                 assumed.append(t)
             return ActRange(bits, signed, 2.0 ** -(bits - 1 if signed else bits))
         return None

@@ -162,8 +162,9 @@ def fuse_mish(model: onnx.ModelProto) -> int:
         return 0
     graph = model.graph
     prod, users = producers(graph), consumers(graph)
-    drop, made = set(), 0
-    for mul in list(graph.node):
+    mish_at: dict[int, onnx.NodeProto] = {}  # id of the Mul -> the Mish that replaces it
+    drop: set[int] = set()  # its Tanh and Softplus
+    for mul in graph.node:
         if mul.op_type != "Mul" or len(mul.input) != 2:
             continue
         for i in (0, 1):
@@ -171,24 +172,21 @@ def fuse_mish(model: onnx.ModelProto) -> int:
             soft = prod.get(tanh.input[0]) if tanh is not None and tanh.op_type == "Tanh" else None
             x = mul.input[1 - i]
             if (
-                soft is None
-                or soft.op_type != "Softplus"
-                or soft.input[0] != x
-                or len(users.get(tanh.output[0], [])) != 1
-                or len(users.get(soft.output[0], [])) != 1
+                soft is not None
+                and soft.op_type == "Softplus"
+                and soft.input[0] == x
+                and len(users.get(tanh.output[0], [])) == 1
+                and len(users.get(soft.output[0], [])) == 1
             ):
-                continue
-            mish = onnx.helper.make_node(
-                "Mish", [x], [mul.output[0]], name=(mul.name or mul.output[0]) + "_mish"
-            )
-            graph.node.insert(list(graph.node).index(mul), mish)
-            drop.update((id(mul), id(tanh), id(soft)))
-            made += 1
-            break
-    keep = [n for n in graph.node if id(n) not in drop]
-    del graph.node[:]
-    graph.node.extend(keep)
-    return made
+                name = (mul.name or mul.output[0]) + "_mish"
+                mish_at[id(mul)] = onnx.helper.make_node("Mish", [x], [mul.output[0]], name=name)
+                drop.update((id(tanh), id(soft)))
+                break
+    if mish_at:  # the Mish where its Mul was: after x, before every reader of the product
+        nodes = [mish_at.get(id(n), n) for n in graph.node if id(n) not in drop]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return len(mish_at)
 
 
 def tidy_and_check(model: onnx.ModelProto, check: bool = True) -> onnx.ModelProto:

@@ -193,8 +193,9 @@ class _Recorder(fx.Interpreter):
             fix = "dummy_input must have the shape and dtype of one real input batch (e.g. torch.randn(1, 3, H, W))."
             parent = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
             if isinstance(e, IndexError) and parent is not None and _known_length(parent) is not None:
+                what = parent.target if isinstance(parent.target, str) else parent.target.__name__
                 fix = (
-                    f"`{parent.target}` returned fewer tensors than its arguments say (torch.chunk does when the "
+                    f"`{what}` returned fewer tensors than its arguments say (torch.chunk does when the "
                     "dimension is shorter than the number of chunks), and the model iterates it: chunk a longer "
                     "dimension, or unpack exactly (`a, b = ...`)."
                 )
