@@ -628,6 +628,26 @@ def run(model, x):
             "Slice.stride",
             (1, 8, 7, 9),
         ),
+        *[
+            (
+                f"strided slice from {st} to {en} -> slice + maxpool",
+                lambda st=st, en=en: one(
+                    "Slice",
+                    ["st", "en", "ax", "sp"],
+                    {},
+                    [
+                        const("st", st, np.int64),
+                        const("en", en, np.int64),
+                        const("ax", [2, 3], np.int64),
+                        const("sp", [2, 2], np.int64),
+                    ],
+                    x=(1, 8, 7, 9),
+                ),
+                "Slice.stride",
+                (1, 8, 7, 9),
+            )
+            for st, en in (([1, 0], [2**62, 2**62]), ([0, 1], [2**62, 2**62]), ([1, 2], [6, -1]))
+        ],
         (
             "whole-plane avgpool -> global",
             lambda: one("AveragePool", [], {"kernel_shape": [8, 8]}),
@@ -644,6 +664,7 @@ def test_fixes_are_exact_and_clear_the_violation(name, factory, rule_id, shape):
     fixed, fixes = tidl_fix(model)
     assert len([f for f in fixes if not f.startswith("shape inference")]) == 1
     onnx.checker.check_model(fixed, full_check=True)
+    assert not tidl_check(fixed)  # no rule broken by what the fix wrote either
     assert not [v for v in tidl_check(fixed) if v.rule == rule_id]
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     np.testing.assert_array_equal(run(fixed, x), run(model, x))
@@ -655,12 +676,12 @@ def test_fix_leaves_what_it_cannot_fix():
         ["st", "en", "ax", "sp"],
         {},
         [
-            const("st", [1, 0], np.int64),
+            const("st", [0, 0], np.int64),
             const("en", [8, 8], np.int64),
             const("ax", [2, 3], np.int64),
-            const("sp", [2, 2], np.int64),
+            const("sp", [3, 3], np.int64),
         ],
-    )  # starts at row 1: not a pool
+    )  # every third row and column: no pool of a validated stride
     assert not next(v for v in tidl_check(model) if v.rule == "Slice.stride").fixable
     fixed, fixes = tidl_fix(model)
     assert not [f for f in fixes if not f.startswith("shape inference")]

@@ -5,7 +5,8 @@ TI source), what was found and the fix — and an empty list when the file is cl
 documented per-operator constraints ([tidl-ops]: edgeai-tidl-tools docs/operators.md), the chip-specific
 ones read from the target table (:mod:`xnnq.targets`), the pre-quantized (QDQ) rules, and the
 consistency of the model with its compile options. ``tidl_fix`` applies the fixes that change nothing in
-what the graph computes (Resize sizes → scales, a strided Slice → a 1x1 MaxPool, a whole-plane
+what the graph computes (Resize sizes → scales, a strided Slice → a 1x1 MaxPool (after a step-1 Slice
+when it does not start at row and column 0), a whole-plane
 AveragePool → GlobalAveragePool, zero channels padded on a quantized unsigned tensor → an identity
 1x1 Conv + the input's range Clip, the IR version stamp, shape inference). Severity ``"error"``: TIDL
 rejects the node or does not offload it; ``"warning"``: outside what TI documents as validated.
@@ -1170,8 +1171,10 @@ def _sizes_to_scales(c: _Ctx, n: onnx.NodeProto) -> np.ndarray | None:
     return scales
 
 
-def _slice_as_pool(c: _Ctx, n: onnx.NodeProto) -> int | None:
-    """The stride k when the Slice takes every k-th row and column of a 4-D tensor from 0 (k = 2), else None."""
+def _slice_as_pool(c: _Ctx, n: onnx.NodeProto) -> tuple[int, list[int], list[int]] | None:
+    """``(k, [start_h, start_w], [end_h, end_w])`` (ends clamped to the size) when the Slice takes every k-th
+    row and column (k = 2) of a 4-D tensor, else None. From row and column 0 to the end it is a 1x1 MaxPool of
+    stride k; otherwise (``x[..., 1::2, ::2]``, a YOLOv5 Focus slice) a step-1 Slice then that pool."""
     x = c.shape(n.input[0])
     if x is None or len(x) != 4 or None in x or len(n.input) < 5:
         return None
@@ -1179,9 +1182,18 @@ def _slice_as_pool(c: _Ctx, n: onnx.NodeProto) -> int | None:
     if any(v is None for v in (starts, ends, axes, steps)):
         return None
     spec = {int(a) % 4: (int(s), int(e), int(k)) for a, s, e, k in zip(axes, starts, ends, steps)}
-    if set(spec) != {2, 3} or any(s != 0 or e < x[a] or k != 2 for a, (s, e, k) in spec.items()):
+    if set(spec) != {2, 3} or any(k != 2 for _, _, k in spec.values()):
         return None
-    return 2
+    lo, hi = [], []
+    for a in (2, 3):
+        s, e, _ = spec[a]
+        s, e = (s + x[a] if s < 0 else s), (e + x[a] if e < 0 else e)  # ONNX: negative counts from the end
+        s, e = min(max(s, 0), x[a]), min(max(e, 0), x[a])
+        if s >= e:
+            return None
+        lo.append(s)
+        hi.append(e)
+    return 2, lo, hi
 
 
 CHANNEL_PAD_MARK = "xnnq.tidl_fix: channel Pad as an identity 1x1 Conv"
@@ -1239,6 +1251,15 @@ def _range_source(c: _Ctx, tensor: str) -> onnx.NodeProto | None:
     return None
 
 
+def _fresh(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``... the first name not in ``taken`` (then taken)."""
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
 def _channel_pad_fix(c: _Ctx, n: onnx.NodeProto, taken: set[str]):
     """The nodes and initializers replacing a channel Pad of a float graph whose input is a quantized unsigned
     tensor (identity 1x1 Conv with zero rows for the padded channels but the guard weight, a Clip with the
@@ -1258,41 +1279,36 @@ def _channel_pad_fix(c: _Ctx, n: onnx.NodeProto, taken: set[str]):
     if bounds is None or bounds[0] != 0.0 or not bounds[1] > 0.0:
         return None  # an unsigned quantized input only: see CHANNEL_PAD_GUARD
 
-    def unique(base: str) -> str:
-        name, i = base, 1
-        while name in taken:
-            name, i = f"{base}_{i}", i + 1
-        taken.add(name)
-        return name
-
     cin = int(c.shape(n.input[0])[1])
     cout = before + cin + after
     w = np.zeros((cout, cin, 1, 1), dtype=np.float32)
     w[before + np.arange(cin), np.arange(cin), 0, 0] = 1.0
     w[0 if before else cout - 1, 0, 0, 0] = CHANNEL_PAD_GUARD
     base = f"{_name(n)}_as_conv"
-    wname, bname = unique(f"{base}.weight"), unique(f"{base}.bias")
+    wname, bname = _fresh(f"{base}.weight", taken), _fresh(f"{base}.bias", taken)
     inits = [numpy_helper.from_array(w, wname), numpy_helper.from_array(np.zeros(cout, np.float32), bname)]
     out = n.output[0]
-    conv_out = unique(f"{out}_conv") if bounds is not None or any(hw) else out
+    conv_out = _fresh(f"{out}_conv", taken) if bounds is not None or any(hw) else out
     conv = helper.make_node(
-        "Conv", [n.input[0], wname, bname], [conv_out], name=unique(base), kernel_shape=[1, 1]
+        "Conv", [n.input[0], wname, bname], [conv_out], name=_fresh(base, taken), kernel_shape=[1, 1]
     )
     conv.doc_string = CHANNEL_PAD_MARK
     nodes = [conv]
     if bounds is not None:
-        clip_out = unique(f"{out}_clip") if any(hw) else out
-        lo_name, hi_name = unique(f"{base}_clip_min"), unique(f"{base}_clip_max")
+        clip_out = _fresh(f"{out}_clip", taken) if any(hw) else out
+        lo_name, hi_name = _fresh(f"{base}_clip_min", taken), _fresh(f"{base}_clip_max", taken)
         inits += [
             numpy_helper.from_array(np.array(bounds[0], np.float32), lo_name),
             numpy_helper.from_array(np.array(bounds[1], np.float32), hi_name),
         ]
-        clip = helper.make_node("Clip", [conv_out, lo_name, hi_name], [clip_out], name=unique(f"{base}_clip"))
+        clip = helper.make_node(
+            "Clip", [conv_out, lo_name, hi_name], [clip_out], name=_fresh(f"{base}_clip", taken)
+        )
         clip.doc_string = CHANNEL_PAD_MARK
         nodes.append(clip)
         conv_out = clip_out
     if any(hw):
-        pname = unique(f"{base}_hw_pads")
+        pname = _fresh(f"{base}_hw_pads", taken)
         inits.append(
             numpy_helper.from_array(np.array([0, 0, hw[0], hw[1], 0, 0, hw[2], hw[3]], np.int64), pname)
         )
@@ -1351,12 +1367,24 @@ def tidl_fix(model: onnx.ModelProto, target: str | Target | None = None) -> tupl
             del n.input[:]
             n.input.extend(ins)
             fixes.append(f"{_name(n)}: Resize sizes -> constant scales {sc.tolist()}")
-        elif n.op_type == "Slice" and (k := _slice_as_pool(c, n)) is not None:
-            pool = helper.make_node(
-                "MaxPool", [n.input[0]], [n.output[0]], name=_name(n), kernel_shape=[1, 1], strides=[k, k]
+        elif n.op_type == "Slice" and (sp := _slice_as_pool(c, n)) is not None:
+            k, lo, hi = sp
+            x = c.shape(n.input[0])
+            src, nodes, part = n.input[0], [], ""
+            if lo != [0, 0] or hi != x[2:]:  # the rows and columns first (step 1), then every k-th
+                src = _fresh(f"{_name(n)}_part", taken)
+                names = [_fresh(f"{src}_{what}", taken) for what in ("starts", "ends", "axes", "steps")]
+                for name, v in zip(names, (lo, hi, [2, 3], [1, 1])):
+                    new_inits.append(numpy_helper.from_array(np.asarray(v, dtype=np.int64), name))
+                nodes.append(helper.make_node("Slice", [n.input[0], *names], [src], name=src))
+                part = f" after a step-1 Slice of rows {lo[0]}:{hi[0]}, columns {lo[1]}:{hi[1]}"
+            nodes.append(
+                helper.make_node(
+                    "MaxPool", [src], [n.output[0]], name=_name(n), kernel_shape=[1, 1], strides=[k, k]
+                )
             )
-            new_nodes.append((n, pool))
-            fixes.append(f"{_name(n)}: Slice with step {k} on H and W -> MaxPool kernel 1x1 stride {k}")
+            new_nodes.append((n, nodes))
+            fixes.append(f"{_name(n)}: Slice with step {k} on H and W -> MaxPool kernel 1x1 stride {k}{part}")
         elif n.op_type == "AveragePool":
             x = c.shape(n.input[0])
             k = list(_attr(n, "kernel_shape") or [])
