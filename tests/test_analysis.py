@@ -167,6 +167,32 @@ def test_analyze_rejects_bad_input():
         suggest_16bit(AnalysisResult([], {}), count=1, target_drop=1.0)
 
 
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(2, 3)
+
+    def forward(self, x, d):
+        return self.a(x) + self.b(d)
+
+
+def test_a_two_input_model_gets_its_batches_as_input_tuples():
+    model = TwoInputs().eval()
+    q = xnnq.QuantCalibrateModule(model, (torch.randn(1, 4), torch.randn(1, 2))).train()
+    with torch.no_grad():
+        q(torch.randn(8, 4), torch.randn(8, 2))
+    q.eval()
+    # (x, d) reads as (inputs, labels): named, with the form to use
+    with pytest.raises(
+        ValueError, match=r"takes 2 input\(s\), a batch gives 1.*\(\(input_1, \.\.\., input_n\), labels\)"
+    ):
+        analyze(q, model, [(torch.randn(8, 4), torch.randn(8, 2))], progress=False)
+    res = analyze(
+        q, model, [((torch.randn(8, 4), torch.randn(8, 2)), None)], sensitivity_batches=1, progress=False
+    )
+    assert {r.name for r in res.layers} >= {"a", "b"}
+
+
 def test_weight_clip_pct_names_the_outlier_clipping():
     model = SmallCNN().eval()
     with torch.no_grad():

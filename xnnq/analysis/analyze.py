@@ -88,6 +88,12 @@ def analyze(
         )
     device = next(iter(qmodel.parameters())).device
     pairs = _as_pairs(batches, device)
+    n_inputs = len(qmodel.dummy_shapes)
+    if any(len(x) != n_inputs for x, _ in pairs):
+        raise ValueError(
+            f"analyze: the model takes {n_inputs} input(s), a batch gives {len(pairs[0][0])}; give each batch "
+            "as a tensor, an (input, labels) pair, or ((input_1, ..., input_n), labels) for several inputs"
+        )
     was_training = qmodel.training
     qmodel.eval()
     try:
