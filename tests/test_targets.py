@@ -421,3 +421,19 @@ def test_a_silu_state_dict_loads_only_into_a_wrapper_that_quantizes_silus_the_sa
     # a model without SiLUs loads either way
     relu = xnnq.QuantTrainModule(Small(), torch.randn(SHAPE), silu="sigmoid_mul")
     xnnq.QuantTestModule(Small(), torch.randn(SHAPE)).load_state_dict(relu.state_dict())
+
+
+def test_learned_ranges_for_a_free_scale_chip_name_the_settings_to_pass():
+    with pytest.raises(
+        ValueError, match="AM69A's default numerics use free scales: pass power2_activation_range"
+    ):
+        xnnq.QuantTrainModule(Small(), torch.randn(SHAPE), target="AM69A", range_learning="tqt")
+    q = xnnq.QuantTrainModule(
+        Small(),
+        torch.randn(SHAPE),
+        target="AM69A",
+        range_learning="tqt",
+        power2_activation_range=True,
+        power2_weight_range=True,
+    )
+    assert q.range_parameters()

@@ -130,9 +130,15 @@ class QuantConfig:
             )
         power2 = self.power2_activation_range and self.power2_weight_range
         if self.range_learning != "statistics" and not power2:
+            chip = (
+                f" ({self.target}'s default numerics use free scales: pass power2_activation_range=True and "
+                "power2_weight_range=True, which it also runs)"
+                if self.target is not None
+                else ""
+            )
             raise ValueError(
                 f"range_learning={self.range_learning!r} learns power-of-2 thresholds; it cannot "
-                "be combined with power2_activation_range=False or power2_weight_range=False"
+                f"be combined with power2_activation_range=False or power2_weight_range=False{chip}"
             )
         if self.range_anchor not in ANCHORS:
             raise ValueError(
