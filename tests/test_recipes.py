@@ -106,6 +106,17 @@ def test_freezing_happens_at_the_given_step(bn_at, range_at, steps):
         assert ranges_frozen == range_expected, i
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_run_too_short_for_its_freeze_fraction_still_observes_the_ranges(steps):
+    """int(0.5 * 1) = 0 would freeze the ranges before any batch: they freeze after the first one instead,
+    and the wrapper evaluates (it used to fail: no range observed)."""
+    x, y = images(32)
+    q = qat_finetune(wrapper(), Batches(x, y, 16), steps=steps, freeze_range_at=0.3, progress=False)
+    assert all(a.observed for a in q.modules() if isinstance(a, PACT2))
+    assert torch.isfinite(q(x[:4])).all()
+    assert all(a.frozen for a in q.modules() if isinstance(a, PACT2)) == (steps == 2)
+
+
 def test_cosine_and_constant_schedules_and_a_given_optimizer():
     x, y = images(64)
     lrs: list[float] = []

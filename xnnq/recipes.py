@@ -84,8 +84,8 @@ def qat_finetune(
     Nesterov, ``lr`` default 1e-4, ``weight_decay`` default 5e-4) unless ``optimizer`` is given;
     ``lr_schedule`` "cosine" (``CosineAnnealingLR`` to 0 over the steps) or "constant"; BatchNorm frozen
     (running statistics, :func:`xnnq.utils.freeze_bn`) from step ``freeze_bn_at * steps`` and activation
-    ranges frozen (:func:`xnnq.layers.freeze_quant_range`) from step ``freeze_range_at * steps``
-    (fractions; ``None`` never freezes). ``device`` moves the model there first; batches follow the model.
+    ranges frozen (:func:`xnnq.layers.freeze_quant_range`) from step ``freeze_range_at * steps``, at least 1
+    when the fraction is not 0, so the ranges see a batch (fractions; ``None`` never freezes). ``device`` moves the model there first; batches follow the model.
     Nothing is ever un-frozen. Seed the global RNG and your batches' generator for a reproducible run.
 
     ``optimizer`` may be a sequence of optimizers over disjoint parameters, stepped together, each on the
@@ -157,6 +157,8 @@ def qat_finetune(
     )
     bn_step = None if freeze_bn_at is None else int(freeze_bn_at * steps)
     range_step = None if freeze_range_at is None else int(freeze_range_at * steps)
+    if range_step == 0 and freeze_range_at > 0:  # a short run: the ranges see one batch before they freeze
+        range_step = 1
 
     start, seconds, cpu_seconds, rng = 0, 0.0, 0.0, None
     ckpt = None if checkpoint is None else Path(checkpoint)
