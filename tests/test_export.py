@@ -501,3 +501,32 @@ def test_mish_exports_as_the_mish_op_tidl_runs(fmt, tmp_path):
     assert res.violations == []
     r = onnx_check(res.path, q, [torch.randn(4, 3, 8, 8)])
     assert r.max_lsb_diff == 0.0 if fmt == "qdq" else r.max_lsb_diff <= 3.0
+
+
+def test_a_saturated_int32_bias_is_warned_by_layer(tmp_path):
+    """A channel with near-zero folded weights and a real bias (a BatchNorm gamma near 0): per channel at 16
+    bits its weight scale makes the bias step input scale x weight scale too small for int32; the export
+    names the layer (the simulation clips the bias the same way)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)
+    )
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([1.0, 1e-9, 1.0, 1.0]))
+        model[1].bias.copy_(torch.tensor([0.1, 1.5, 0.1, 0.1]))
+    model.eval()
+    x = torch.randn(1, 3, 8, 8)
+    for per_channel, warned in (("all", True), (False, False)):
+        q = xnnq.QuantCalibrateModule(
+            model, x, bitwidth_weights=16, bitwidth_activations=16, per_channel_q=per_channel
+        )
+        with torch.no_grad():
+            q.train()(torch.randn(8, 3, 8, 8))
+        q.eval()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            export_onnx(q, x, tmp_path / f"m_{per_channel}.onnx", format="qdq")
+        msgs = [str(m.message) for m in w if "int32 bias saturates" in str(m.message)]
+        assert bool(msgs) == warned, msgs
+        if warned:
+            assert "0 (1 of 4 channels)" in msgs[0] and "per_channel_q=False" in msgs[0]

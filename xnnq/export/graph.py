@@ -19,6 +19,7 @@ The result is a ``GraphModule`` in eval mode with no parameters that require gra
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,7 @@ def build_export_graph(
     layers: list[LayerInfo] = []
     weight_spots = {w.name: w for w in plan.weights}
     act_spots = {a.name: a for a in plan.acts}
+    saturated: list[str] = []  # layers whose int32 bias codes saturate
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
@@ -104,11 +106,13 @@ def build_export_graph(
                     f"{node.target}: its BatchNorm is in training mode; call qmodel.eval() before export."
                 )
             w, b = layer.quantized_weight_bias(bn, in_q)
-            scale = (
-                layer.quantize_weight(layer.folded_weight_bias(bn)[0])[1].detach().cpu()
-                if layer.quant_enabled
-                else None
-            )
+            w_float, b_float = layer.folded_weight_bias(bn)
+            scale = layer.quantize_weight(w_float)[1].detach().cpu() if layer.quant_enabled else None
+            if b is not None and scale is not None and in_q is not None and in_q.quant_enabled:
+                step = in_q.qparams()[0].detach().cpu() * scale  # the bias's int32 step, per output channel
+                off = ((b_float.detach().cpu() - b.detach().cpu()).abs() > step).sum()
+                if off:
+                    saturated.append(f"{node.target} ({int(off)} of {b.numel()} channels)")
             mods[node.target] = _plain_layer(layer, w, b)
             node.args = node.args[:1]  # (x, bn, input_quant) -> (x,)
             layers.append(
@@ -156,6 +160,16 @@ def build_export_graph(
     gm.eval()
     for p in gm.parameters():
         p.requires_grad_(False)
+    if saturated:
+        warnings.warn(
+            f"export: the int32 bias saturates in {', '.join(saturated[:6])}{' ...' if len(saturated) > 6 else ''}: "
+            "its step, input scale x weight scale, is too small for the bias (per-channel weight scales of "
+            "channels with near-zero weights, made finer still by 16-bit activations). The simulation and the "
+            "export clip it alike, so the accuracy lost is already in the simulation. Quantize these layers' "
+            "weights per tensor (per_channel_q=False) or their input in 8 bits.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return gm, clips, layers
 
 
