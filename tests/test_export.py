@@ -503,30 +503,67 @@ def test_mish_exports_as_the_mish_op_tidl_runs(fmt, tmp_path):
     assert r.max_lsb_diff == 0.0 if fmt == "qdq" else r.max_lsb_diff <= 3.0
 
 
-def test_a_saturated_int32_bias_is_warned_by_layer(tmp_path):
-    """A channel with near-zero folded weights and a real bias (a BatchNorm gamma near 0): per channel at 16
-    bits its weight scale makes the bias step input scale x weight scale too small for int32; the export
-    names the layer (the simulation clips the bias the same way)."""
-    torch.manual_seed(0)
+def _dead_channel_net() -> nn.Sequential:
+    """A conv whose second channel has near-zero folded weights (BatchNorm gamma 1e-9) and a bias of 1.5."""
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)
     )
     with torch.no_grad():
         model[1].weight.copy_(torch.tensor([1.0, 1e-9, 1.0, 1.0]))
         model[1].bias.copy_(torch.tensor([0.1, 1.5, 0.1, 0.1]))
-    model.eval()
-    x = torch.randn(1, 3, 8, 8)
-    for per_channel, warned in (("all", True), (False, False)):
-        q = xnnq.QuantCalibrateModule(
-            model, x, bitwidth_weights=16, bitwidth_activations=16, per_channel_q=per_channel
-        )
-        with torch.no_grad():
-            q.train()(torch.randn(8, 3, 8, 8))
-        q.eval()
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            export_onnx(q, x, tmp_path / f"m_{per_channel}.onnx", format="qdq")
-        msgs = [str(m.message) for m in w if "int32 bias saturates" in str(m.message)]
-        assert bool(msgs) == warned, msgs
-        if warned:
-            assert "0 (1 of 4 channels)" in msgs[0] and "per_channel_q=False" in msgs[0]
+    return model.eval()
+
+
+def _calibrated16(model: nn.Module, x: torch.Tensor, **kw) -> nn.Module:
+    q = xnnq.QuantCalibrateModule(
+        model, x, bitwidth_weights=16, bitwidth_activations=16, per_channel_q="all", **kw
+    )
+    with torch.no_grad():
+        q.train()(torch.randn(8, *x.shape[1:]))
+    return q.eval()
+
+
+def test_a_weight_scale_is_raised_until_its_bias_fits_int32(tmp_path):
+    """Per channel at 16 bits the dead channel's own weight scale (from its ~1e-9 weights) would make the bias
+    step input scale x weight scale too small for its bias in int32: the scale is raised to the smallest power
+    of 2 that holds it (onnxruntime's quantizer does the same), so the bias survives; the other channels keep
+    the scales their weights give, and onnxruntime computes the simulation bit for bit."""
+    torch.manual_seed(0)
+    model, x = _dead_channel_net(), torch.randn(1, 3, 8, 8)
+    q = _calibrated16(model, x)
+    spot = next(w for w in q.plan.weights if w.name == "0")
+    layer, bn, in_q = (q.module.get_submodule(n) for n in (spot.name, spot.bn, spot.input_quant))
+    with torch.no_grad():
+        w, b = layer.folded_weight_bias(bn)
+        own = layer.quantize_weight(w)[1]  # the scales of the weights alone
+        wq, bq, ws = layer.quantized_weight_bias_scale(bn, in_q)
+    s_in, limit = in_q.qparams()[0], 2**31 - 1
+    assert float(b[1] / (s_in * own[1])) > limit  # would saturate
+    # raised to the smallest power of 2 that holds the bias: half of it would not
+    assert ws[1] > own[1] and float(b[1] / (s_in * ws[1])) <= limit < float(b[1] / (s_in * ws[1] / 2))
+    assert torch.equal(ws[[0, 2, 3]], own[[0, 2, 3]])  # the others unchanged
+    assert float((bq[1] - b[1]).abs()) <= float(s_in * ws[1])  # the bias kept
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = export_onnx(q, x, tmp_path / "m.onnx", format="qdq")
+    assert not [r for r in rec if "int32 bias saturates" in str(r.message)]
+    assert onnx_check(res.path, q, [torch.randn(2, 3, 8, 8)]).max_lsb_diff == 0.0
+
+
+def test_a_saturated_int32_bias_is_warned_by_layer(tmp_path):
+    """Learned weight thresholds (TQT) keep their scale: there the dead channel's bias saturates, and the export
+    names the layer (the simulation clips the bias the same way)."""
+    torch.manual_seed(0)
+    model, x = _dead_channel_net(), torch.randn(1, 3, 8, 8)
+    q = xnnq.QuantTrainModule(
+        model, x, bitwidth_weights=16, bitwidth_activations=16, per_channel_q="all", range_learning="tqt"
+    ).train()
+    with torch.no_grad():
+        q(torch.randn(8, 3, 8, 8))
+    xnnq.utils.freeze_bn(q)
+    q.eval()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        export_onnx(q, x, tmp_path / "m.onnx", format="qdq")
+    msgs = [str(r.message) for r in rec if "int32 bias saturates" in str(r.message)]
+    assert msgs and "0 (1 of 4 channels)" in msgs[0] and "per_channel_q=False" in msgs[0], msgs

@@ -105,9 +105,9 @@ def build_export_graph(
                 raise RuntimeError(
                     f"{node.target}: its BatchNorm is in training mode; call qmodel.eval() before export."
                 )
-            w, b = layer.quantized_weight_bias(bn, in_q)
-            w_float, b_float = layer.folded_weight_bias(bn)
-            scale = layer.quantize_weight(w_float)[1].detach().cpu() if layer.quant_enabled else None
+            w, b, scale = layer.quantized_weight_bias_scale(bn, in_q)
+            scale = None if scale is None else scale.detach().cpu()
+            b_float = layer.folded_weight_bias(bn)[1]
             if b is not None and scale is not None and in_q is not None and in_q.quant_enabled:
                 step = in_q.qparams()[0].detach().cpu() * scale  # the bias's int32 step, per output channel
                 off = ((b_float.detach().cpu() - b.detach().cpu()).abs() > step).sum()
@@ -163,10 +163,11 @@ def build_export_graph(
     if saturated:
         warnings.warn(
             f"export: the int32 bias saturates in {', '.join(saturated[:6])}{' ...' if len(saturated) > 6 else ''}: "
-            "its step, input scale x weight scale, is too small for the bias (per-channel weight scales of "
-            "channels with near-zero weights, made finer still by 16-bit activations). The simulation and the "
-            "export clip it alike, so the accuracy lost is already in the simulation. Quantize these layers' "
-            "weights per tensor (per_channel_q=False) or their input in 8 bits.",
+            "its step, input scale x weight scale, is too small for the bias (a learned weight threshold, "
+            "which keeps its scale, on a channel with near-zero weights; or the accumulator headroom of 8-bit "
+            "operands). The simulation and the export clip it alike, so the accuracy lost is already in the "
+            "simulation. Quantize these layers' weights per tensor (per_channel_q=False) or with the max rule "
+            "(range_learning='tqt-activations').",
             RuntimeWarning,
             stacklevel=3,
         )

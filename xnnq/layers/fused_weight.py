@@ -152,9 +152,11 @@ class _WeightQuant(torch.autograd.Function):
         return gw, grad_c, None, None, None, None, None, None
 
 
-def quantize_weight(layer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``layer.quantize_weight(w)`` (quantized weight, scale) in the C passes, or ``None`` where they do not
-    apply (the caller then runs the torch ops)."""
+def quantize_weight(
+    layer, w: torch.Tensor, scale_floor: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``layer.quantize_weight(w, scale_floor)`` (quantized weight, scale) in the C passes, or ``None`` where
+    they do not apply (the caller then runs the torch ops)."""
     if not applies(layer, w):
         return None
     w = w.contiguous()
@@ -163,6 +165,8 @@ def quantize_weight(layer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if found is None:
         return None
     bound, scale = found
+    if scale_floor is not None:
+        scale = torch.maximum(scale, scale_floor.to(scale.dtype)).contiguous()
     return _WeightQuant.apply(None, None, w, bound, scale, *_args(layer)), scale
 
 

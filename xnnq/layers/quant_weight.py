@@ -55,6 +55,7 @@ from torch.utils.checkpoint import checkpoint
 from . import fused_weight
 from .bn_fold import bn_scale, fold_bn
 from .fake_quant import (
+    INT32_MAX,
     accumulator_headroom,
     check_bits,
     clip_fake_quantize,
@@ -224,9 +225,12 @@ class _FoldedWeightMixin:
         """One initialising step of the learned range from the folded weight ``w``: the max rule's range."""
         self.learned_range.init_from(self._rule_range(w.detach())[1])
 
-    def quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_weight(
+        self, w: torch.Tensor, scale_floor: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(quantized weight, its scale) from a folded float weight: ``constrain``, then the scale of the
-        constrained weights (``max |constrain(w)| = min(t, max |w|)``, no second pass)."""
+        constrained weights (``max |constrain(w)| = min(t, max |w|)``, no second pass), at least
+        ``scale_floor`` (:meth:`bias_scale_floor`; not applied to learned thresholds)."""
         if self.learned_range is not None:
             t, r, log2_rule = self._rule_range(w)
             if t is not None:
@@ -237,7 +241,7 @@ class _FoldedWeightMixin:
                 learned.fake_quantize(w, bits, True, axis, log2_max=log2_rule, r=r),
                 learned.scale(bits, True, log2_rule, r),
             )
-        fused = fused_weight.quantize_weight(self, w)
+        fused = fused_weight.quantize_weight(self, w, scale_floor)
         if fused is not None:
             return fused
         axis, (qmin, qmax) = self.weight_axis(), quant_bounds(self.weight_bits, True)
@@ -246,6 +250,8 @@ class _FoldedWeightMixin:
         scale = weight_scale_from_max(
             m, self.weight_bits, self.power2, self.weight_range_shift
         )  # = grid_scale(w)
+        if scale_floor is not None:
+            scale = torch.maximum(scale, scale_floor)
         if t is None:
             return fake_quantize(w, scale, qmin, qmax, axis), scale
         return clip_fake_quantize(w, t, scale, qmin, qmax, axis), scale
@@ -254,18 +260,41 @@ class _FoldedWeightMixin:
         """The folded, quantized (weight, bias) used in inference and written by the export."""
         if not self.quant_enabled and not torch.is_grad_enabled():  # calibration's forward
             return self.float_weight_bias(bn)
+        return self.quantized_weight_bias_scale(bn, input_quant)[:2]
+
+    def quantized_weight_bias_scale(
+        self, bn=None, input_quant=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`quantized_weight_bias` and the weight scale it used (``None`` when quantization is off)."""
         w, b = self.folded_weight_bias(bn)
         if not self.quant_enabled:
-            return w, b
-        wq, ws = self.quantize_weight(w)
-        if b is not None and input_quant is not None and input_quant.quant_enabled:
-            s_in, qmin, qmax = input_quant.qparams()
+            return w, b, None
+        bias_quant = b is not None and input_quant is not None and input_quant.quant_enabled
+        s_in = input_quant.qparams()[0] if bias_quant else None
+        floor = self.bias_scale_floor(b, s_in) if bias_quant and self.learned_range is None else None
+        wq, ws = self.quantize_weight(w, floor)
+        if bias_quant:
+            _, qmin, qmax = input_quant.qparams()
             codes = torch.round(wq.detach() / (self._channel_view(ws) if ws.dim() else ws))
             room = accumulator_headroom(
                 codes, self.weight_bits, input_quant.bits, max(-qmin, qmax), self.out_axis
             )
             b = quantize_bias(b, s_in * ws, room)
-        return wq, b
+        return wq, b, ws
+
+    @torch.no_grad()
+    def bias_scale_floor(self, b: torch.Tensor, s_in: torch.Tensor) -> torch.Tensor:
+        """The smallest weight scale whose bias step ``s_in · s_w`` holds the bias ``b`` in int32 (per output
+        channel, or the largest for a per-tensor scale; a power of 2 when the scales are). A channel with
+        near-zero weights (a BatchNorm gamma near 0) gets a per-channel scale too fine for its bias
+        otherwise, above all with 16-bit activations; onnxruntime's quantizer raises it the same way
+        (``_adjust_weight_scale_for_int32_bias``). Where the weights set a coarser scale it changes nothing."""
+        f = b.detach().abs().float() / (s_in.float() * INT32_MAX)
+        if not self.per_channel:
+            f = f.max()
+        if self.power2:
+            f = torch.exp2(torch.ceil(torch.log2(f)))  # 0 stays 0
+        return f
 
     def float_weight_bias(self, bn=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`folded_weight_bias` without gradients, folded again only when a tensor it reads has changed
