@@ -5,6 +5,7 @@
     → detection.export(format="tidl" | "qdq") → evaluate the ONNX files (onnxruntime / TIDL emulation)
 
     python examples/detection_qat.py --train-images 1024 --eval-images 200 --out out/detector
+    python examples/detection_qat.py --target AM69A   # that chip's numerics; it takes the QDQ format only
 
 Any COCO-format set works (``--data`` with ``train/`` and ``val/``, each ``images/`` + ``instances.json``);
 the default is Mosaic-10 under ``$XNNQ_DATA``. A different number of classes needs a detector trained for it
@@ -21,6 +22,7 @@ import torch
 import xnnq
 from xnnq.data import data_root
 from xnnq.models.zoo import load_pretrained
+from xnnq.targets import get_target
 from xnnq.tasks import detection
 from xnnq.tasks.ssd import multibox_loss
 
@@ -33,6 +35,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", default="out/detector")
+    ap.add_argument(
+        "--target", default=None, help="TIDL chip (TDA4VM, AM68A, AM69A, AM62A, AM67A); default none"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     root = Path(args.data) if args.data else data_root() / "mosaic10"
@@ -42,7 +47,9 @@ def main() -> None:
     meta = model.meta_arch
     print("float   ", detection.evaluate(model, val, limit=args.eval_images))
 
-    qmodel = xnnq.QuantTrainModule(model, torch.zeros(1, 3, meta.in_height, meta.in_width))
+    qmodel = xnnq.QuantTrainModule(
+        model, torch.zeros(1, 3, meta.in_height, meta.in_width), target=args.target
+    )
     train_batches = detection.batches(train, batch_size=args.batch_size, train=True, limit=args.train_images)
     qmodel = xnnq.recipes.qat_finetune(  # BN frozen, ranges frozen at half, cosine; returns eval mode
         qmodel,
@@ -54,7 +61,8 @@ def main() -> None:
     print("QAT     ", detection.evaluate(qmodel, val, limit=args.eval_images, meta_arch=meta))
 
     out = Path(args.out)
-    for fmt in ("tidl", "qdq"):
+    formats = get_target(args.target).formats if args.target else ("tidl", "qdq")  # the chip's formats
+    for fmt in formats:
         path = detection.export(qmodel, out / f"mosaic_detector_{fmt}.onnx", format=fmt, meta_arch=meta)
         print(
             f"{fmt:8s}",

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import xnnq
 from xnnq.data import data_root
 from xnnq.models.zoo import load_pretrained
+from xnnq.targets import get_target
 from xnnq.tasks import segmentation as seg
 
 
@@ -54,6 +55,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--crop", type=int, default=64)
     ap.add_argument("--out", default="out/segmenter")
+    ap.add_argument(
+        "--target", default=None, help="TIDL chip (TDA4VM, AM68A, AM69A, AM62A, AM67A); default none"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     root = Path(args.data) if args.data else data_root() / "mosaic10"
@@ -63,7 +67,7 @@ def main() -> None:
     dummy = torch.zeros(1, 3, 128, 128)
     print("float   ", seg.evaluate(model, root, "val", limit=args.eval_images, progress=True))
 
-    qmodel = xnnq.QuantTrainModule(model, dummy)
+    qmodel = xnnq.QuantTrainModule(model, dummy, target=args.target)
     opt = torch.optim.AdamW(qmodel.parameters(), lr=args.lr, weight_decay=1e-4)
     xnnq.recipes.qat_finetune(
         qmodel,
@@ -74,7 +78,7 @@ def main() -> None:
     )
     print("QAT     ", seg.evaluate(qmodel, root, "val", limit=args.eval_images, progress=True))
 
-    for fmt in ("tidl", "qdq"):
+    for fmt in get_target(args.target).formats if args.target else ("tidl", "qdq"):  # the chip's formats
         path = seg.export(qmodel, out / f"mosaic_segmenter_{fmt}.onnx", format=fmt)  # + .tidl.json beside it
         how = "TIDL emulation" if fmt == "tidl" else "onnxruntime"
         print(

@@ -62,6 +62,19 @@ def test_detection_example(tmp_path):
         assert (tmp_path / "det" / f"mosaic_detector_{fmt}.prototxt").is_file()
 
 
+def test_detection_example_for_a_chip(tmp_path):
+    """``--target AM69A``: the chip's numerics, and only the format it takes (QDQ) with its meta-arch file."""
+    out = _run(tmp_path, "detection_qat.py", "--train-images", "64", "--eval-images", "50", "--out", "det",
+               "--target", "AM69A", needs="mosaic10/val/instances.json")  # fmt: skip
+    qat = _metrics(out, "QAT")
+    assert _metrics(out, "qdq")["mAP"] == pytest.approx(qat["mAP"], abs=0.5), (
+        out
+    )  # free scales: not bit-exact
+    assert not re.search(r"^tidl ", out, re.MULTILINE), out
+    assert (tmp_path / "det" / "mosaic_detector_qdq.prototxt").is_file()
+    assert not (tmp_path / "det" / "mosaic_detector_tidl.onnx").exists()
+
+
 def test_segmentation_example(tmp_path):
     out = _run(tmp_path, "segmentation_qat.py", "--train-images", "64", "--eval-images", "50", "--out", "seg",
                needs="mosaic10/val/masks")  # fmt: skip
