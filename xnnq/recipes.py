@@ -85,7 +85,8 @@ def qat_finetune(
     ``lr_schedule`` "cosine" (``CosineAnnealingLR`` to 0 over the steps) or "constant"; BatchNorm frozen
     (running statistics, :func:`xnnq.utils.freeze_bn`) from step ``freeze_bn_at * steps`` and activation
     ranges frozen (:func:`xnnq.layers.freeze_quant_range`) from step ``freeze_range_at * steps``, at least 1
-    when the fraction is not 0, so the ranges see a batch (fractions; ``None`` never freezes). ``device`` moves the model there first; batches follow the model.
+    when the fraction is not 0, so the ranges see a batch (fractions; ``None`` never freezes). ``device``
+    moves the model there first; batches follow the model.
     Nothing is ever un-frozen. Seed the global RNG and your batches' generator for a reproducible run.
 
     ``optimizer`` may be a sequence of optimizers over disjoint parameters, stepped together, each on the

@@ -111,6 +111,7 @@ class _Ctx:
         for t in self.graph.initializer:
             self.shapes[t.name] = list(t.dims)
         self.qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in self.graph.node)
+        self.gelus = gelu_patterns(self.graph)  # each TIDL's one GELU layer [tidl-vtfr]
         self.sixteen = self._sixteen_bit()
 
     def const(self, name: str) -> np.ndarray | None:
@@ -787,7 +788,7 @@ def graph_rule(fn):
 
 @graph_rule
 def _unsupported(c: _Ctx):
-    in_gelu = {id(n) for p in gelu_patterns(c.graph) for n in p.nodes}  # TIDL's one GELU layer [tidl-vtfr]
+    in_gelu = {id(n) for p in c.gelus for n in p.nodes}
     for n in c.graph.node:
         if id(n) in in_gelu:
             continue
@@ -815,7 +816,7 @@ def _qdq_float_outputs(c: _Ctx):
     if not c.qdq:
         return
     outputs = {o.name for o in c.graph.output}
-    in_gelu = {id(n) for p in gelu_patterns(c.graph) for n in p.nodes[:-1]}  # inside TIDL's one GELU layer
+    in_gelu = {id(n) for p in c.gelus for n in p.nodes[:-1]}  # inside the GELU layer
 
     def quantized(t: str, depth: int = 0) -> bool:
         """Read only by QuantizeLinear, through ops that keep values or a Relu / Clip (fused into the layer)."""

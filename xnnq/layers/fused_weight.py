@@ -166,7 +166,7 @@ def quantize_weight(
         return None
     bound, scale = found
     if scale_floor is not None:
-        scale = torch.maximum(scale, scale_floor.to(scale.dtype)).contiguous()
+        scale = torch.maximum(scale, scale_floor.to(scale.dtype))
     return _WeightQuant.apply(None, None, w, bound, scale, *_args(layer)), scale
 
 

@@ -270,11 +270,10 @@ class _FoldedWeightMixin:
         if not self.quant_enabled:
             return w, b, None
         bias_quant = b is not None and input_quant is not None and input_quant.quant_enabled
-        s_in = input_quant.qparams()[0] if bias_quant else None
+        s_in, qmin, qmax = input_quant.qparams() if bias_quant else (None, 0, 0)
         floor = self.bias_scale_floor(b, s_in) if bias_quant and self.learned_range is None else None
         wq, ws = self.quantize_weight(w, floor)
         if bias_quant:
-            _, qmin, qmax = input_quant.qparams()
             codes = torch.round(wq.detach() / (self._channel_view(ws) if ws.dim() else ws))
             room = accumulator_headroom(
                 codes, self.weight_bits, input_quant.bits, max(-qmin, qmax), self.out_axis
