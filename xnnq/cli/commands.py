@@ -17,9 +17,11 @@ from .. import data
 from ..targets import target_names
 from .errors import CliError
 from .loading import default_input_size, default_weights, load_model, load_split, split_dirs
+from .tasks import TASKS
 
 MODEL_HELP = (
-    "resnet20 (CIFAR-10 ResNet-20), a torchvision.models name (e.g. resnet18, mobilenet_v2; random "
+    "resnet20 (CIFAR-10 ResNet-20), one of xnnq's networks with its checkpoint (mosaic_detector, mosaic_segmenter, "
+    "mobilenetv1, repvgg, qarepvgg, mobileone), a torchvision.models name (e.g. resnet18, mobilenet_v2; random "
     "init unless --weights), or package.module:attr (a model, a class or a factory; e.g. xnnq.demo:tiny_cnn)"
 )
 
@@ -150,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(p)
     _add_quant_args(p)
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        default="classification",
+        help="classification (default; ImageFolder data, top-1, the analysis); detection (an SSD-style core "
+        "with model.meta_arch, e.g. --model mosaic_detector; --data with train/ and val/ holding COCO "
+        "instances.json; mAP; the ONNX files with their meta-architecture prototxt); segmentation (logits "
+        "out, e.g. --model mosaic_segmenter; --data with train/ and val/ holding images/ and masks/; "
+        "mIoU; the ONNX files end in ArgMax). For detection and segmentation --data defaults to "
+        "$XNNQ_DATA/mosaic10, QAT uses AdamW at --lr, and no analysis is written",
+    )
     p.add_argument(
         "--mode",
         choices=("qat", "ptq"),
@@ -313,7 +326,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..quantize import QuantTrainModule
     from ..recipes import qat_finetune
-    from .steps import calibrate_ptq, check_onnx, export_both, save_quant, wrapper_kwargs, write_analysis
+    from .steps import (
+        calibrate_ptq,
+        check_onnx,
+        export_both,
+        for_chip,
+        save_quant,
+        wrapper_kwargs,
+        write_analysis,
+        write_summary,
+    )
 
     if args.mode == "qat" and args.epochs <= 0:
         raise CliError(f"--epochs must be > 0 for --mode qat, got {args.epochs}")
@@ -321,6 +343,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     kw = wrapper_kwargs(
         args.bits, args.per_channel, args.sixteen_bit, not args.no_constrain_weights, args.target, args.silu
     )
+    if args.task != "classification":
+        from .tasks import quantize_task
+
+        if args.batch_size <= 0 or args.calib_images <= 0:
+            raise CliError("--batch-size and --calib-images must be positive")
+        weights = args.weights or default_weights(args.model)
+        return quantize_task(args, kw, load_model(args.model, weights, args.num_classes), weights)
     st = _Setup(args, need_train=True, train_limit=args.calib_images if args.mode == "ptq" else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -383,11 +412,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress=progress,
         )
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    for_chip = f" for {kw['target']}" if "target" in kw else ""
+    path = write_summary(out, summary, t0)
     print(
-        f"{args.model} {args.mode.upper()}{for_chip}: float {float_acc:.2f} % -> quantized {quant_acc:.2f} % "
+        f"{args.model} {args.mode.upper()}{for_chip(kw)}: float {float_acc:.2f} % -> quantized {quant_acc:.2f} % "
         f"on {len(st.y_te)} test images"
     )
     for r in onnx.values():
@@ -397,7 +424,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     if "analysis" in summary:
         print(f"  analysis: {summary['analysis']['report']}")
-    print(f"  summary: {out / 'summary.json'}")
+    print(f"  summary: {path}")
     return 0
 
 

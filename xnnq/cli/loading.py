@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import data
+from ..models import zoo
 from ..models.cifar_resnet import resnet20
 from ..utils.io import load_state_dict_file
 from .errors import CliError
@@ -34,6 +35,12 @@ def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
     (a module instance, a class or a function returning one; ``num_classes`` is passed if it takes it)."""
     if spec == "resnet20":
         return resnet20(num_classes or 10)
+    if spec in zoo.MODELS:
+        if num_classes is not None:
+            raise CliError(
+                f"--model {spec}: xnnq's {spec} has a fixed number of classes; leave out --num-classes"
+            )
+        return zoo.get_model(spec)
     if ":" in spec:
         mod_name, _, attr = spec.partition(":")
         try:
@@ -56,6 +63,8 @@ def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
             + (f"; did you mean one of {close}?" if close else "; see torchvision.models.list_models()")
         )
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(spec)).parameters:
+        kwargs["weights_backbone"] = None  # random init throughout: nothing is downloaded
     return torchvision.models.get_model(spec, weights=None, **kwargs)
 
 
@@ -84,16 +93,21 @@ def load_model(spec: str, weights: str | None, num_classes: int | None) -> nn.Mo
 
 
 def default_weights(spec: str) -> str | None:
-    """The shared CIFAR-10 ResNet-20 checkpoint for ``resnet20`` when it is present, else None."""
+    """The shared CIFAR-10 ResNet-20 checkpoint for ``resnet20`` when it is present, the committed checkpoint of
+    one of xnnq's own networks (:mod:`xnnq.models.zoo`), else None."""
+    if spec in zoo.MODELS:
+        path = zoo.checkpoint_path(spec)
+        return str(path) if path.is_file() else None
     path = data.data_root() / "weights" / "resnet20_cifar10jpg.pt"
     return str(path) if spec == "resnet20" and path.is_file() else None
 
 
 def default_input_size(spec: str, folder: Path) -> int:
-    """32 for resnet20, 224 for torchvision models, else the size of the first image in ``folder``."""
+    """32 for resnet20, 224 for torchvision models, else (xnnq's own networks, ``module:attr``) the size of the
+    first image in ``folder``."""
     if spec == "resnet20":
         return 32
-    if ":" not in spec:
+    if ":" not in spec and spec not in zoo.MODELS:
         return 224
     from PIL import Image
 

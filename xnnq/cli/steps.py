@@ -86,7 +86,15 @@ def read_config(quant_dir: str | Path) -> dict[str, Any]:
     path = Path(quant_dir) / CONFIG_FILE
     if not path.is_file():
         raise CliError(f"--quant-dir {quant_dir}: no {CONFIG_FILE}; give the --out folder of `xnnq quantize`")
-    return json.loads(path.read_text())
+    cfg = json.loads(path.read_text())
+    task = cfg.get("task", "classification")
+    if task != "classification":
+        raise CliError(
+            f"--quant-dir {quant_dir} holds a {task} model: `xnnq eval` and `xnnq analyze` take classifiers. "
+            f"Its float, quantized and ONNX metrics are in {Path(quant_dir) / 'summary.json'}; in Python, "
+            f"xnnq.QuantTestModule(model, dummy, **kwargs) loads its {STATE_FILE} (kwargs in {CONFIG_FILE})"
+        )
+    return cfg
 
 
 def load_quant(model: nn.Module, dummy: torch.Tensor, quant_dir: str | Path) -> nn.Module:
@@ -209,3 +217,18 @@ def write_analysis(
         "output_sqnr": res.summary.get("output_sqnr"),
         "most_sensitive": [r.name for r in res.ranked()[:5]],
     }
+
+
+def write_summary(out: Path, summary: dict[str, Any], t0: float) -> Path:
+    """``summary`` with the run's ``seconds`` (since ``t0``, a ``time.perf_counter()``) as ``out/summary.json``."""
+    import time
+
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    path = out / "summary.json"
+    path.write_text(json.dumps(summary, indent=1))
+    return path
+
+
+def for_chip(kw: dict[str, Any]) -> str:
+    """`` for <chip>`` when the wrapper options name a target, else empty (for the summary line)."""
+    return f" for {kw['target']}" if "target" in kw else ""
