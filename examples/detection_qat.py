@@ -22,7 +22,7 @@ import torch
 import xnnq
 from xnnq.data import data_root
 from xnnq.models.zoo import load_pretrained
-from xnnq.targets import get_target
+from xnnq.targets import export_formats
 from xnnq.tasks import detection
 from xnnq.tasks.ssd import multibox_loss
 
@@ -61,8 +61,7 @@ def main() -> None:
     print("QAT     ", detection.evaluate(qmodel, val, limit=args.eval_images, meta_arch=meta))
 
     out = Path(args.out)
-    formats = get_target(args.target).formats if args.target else ("tidl", "qdq")  # the chip's formats
-    for fmt in formats:
+    for fmt in export_formats(args.target):  # the chip's formats (both without a target)
         path = detection.export(qmodel, out / f"mosaic_detector_{fmt}.onnx", format=fmt, meta_arch=meta)
         print(
             f"{fmt:8s}",

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import xnnq
 from xnnq.data import data_root
 from xnnq.models.zoo import load_pretrained
-from xnnq.targets import get_target
+from xnnq.targets import export_formats
 from xnnq.tasks import segmentation as seg
 
 
@@ -78,7 +78,7 @@ def main() -> None:
     )
     print("QAT     ", seg.evaluate(qmodel, root, "val", limit=args.eval_images, progress=True))
 
-    for fmt in get_target(args.target).formats if args.target else ("tidl", "qdq"):  # the chip's formats
+    for fmt in export_formats(args.target):  # the chip's formats (both without a target)
         path = seg.export(qmodel, out / f"mosaic_segmenter_{fmt}.onnx", format=fmt)  # + .tidl.json beside it
         how = "TIDL emulation" if fmt == "tidl" else "onnxruntime"
         print(

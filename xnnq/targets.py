@@ -180,6 +180,11 @@ def get_target(target: str | Target) -> Target:
     raise TargetError(f"unknown TIDL target {target!r}; known targets: {target_names()}")
 
 
+def export_formats(target: str | Target | None) -> tuple[str, ...]:
+    """The export formats to write for ``target``: the chip's documented ones, or both without a target."""
+    return get_target(target).formats if target is not None else FORMATS
+
+
 def wrapper_settings(target: str | Target) -> dict[str, Any]:
     """The wrapper keyword settings that train and calibrate with the chip's recommended numerics."""
     return dict(get_target(target).numerics)

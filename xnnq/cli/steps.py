@@ -7,6 +7,8 @@ QAT is :func:`xnnq.recipes.qat_finetune`.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from tqdm import tqdm
 
 from .. import data
 from ..quantize import QuantTestModule
-from ..targets import TargetError, get_target
+from ..targets import TargetError, export_formats, get_target
 from .errors import CliError
 
 STATE_FILE, CONFIG_FILE = "quant_state.pt", "quant_config.json"
@@ -63,15 +65,28 @@ def calibrate_ptq(
     progress: bool = True,
 ) -> nn.Module:
     """Post-training calibration (:class:`xnnq.calibrate.QuantCalibrateModule`) on ``images``; eval mode."""
+    n = (len(labels) + batch_size - 1) // batch_size
+    inputs = (x for x, _ in data.batches(images, labels, batch_size))
+    return calibrate_on(model, dummy, inputs, n, method=method, kwargs=kwargs, progress=progress)
+
+
+def calibrate_on(
+    model: nn.Module,
+    dummy: torch.Tensor,
+    inputs: Iterable[torch.Tensor],
+    batches: int,
+    *,
+    method: str,
+    kwargs: dict[str, Any],
+    progress: bool = True,
+) -> nn.Module:
+    """Post-training calibration on the input batches ``inputs`` (``batches`` of them, for the progress bar);
+    eval mode."""
     from ..calibrate import QuantCalibrateModule
 
-    q = QuantCalibrateModule(model.eval(), dummy, method=method, **kwargs)
-    q.train()
-    n = (len(labels) + batch_size - 1) // batch_size
+    q = QuantCalibrateModule(model.eval(), dummy, method=method, **kwargs).train()
     with torch.no_grad():
-        for x, _ in tqdm(
-            data.batches(images, labels, batch_size), total=n, desc="calibrate", disable=not progress
-        ):
+        for x in tqdm(inputs, total=batches, desc="calibrate", disable=not progress):
             q(x)
     return q.eval()
 
@@ -123,10 +138,10 @@ def export_both(
     the wrapper's target, the formats that chip takes (AM6x: ``qdq`` only)."""
     from ..export import export_onnx
 
-    target = getattr(q, "target", None)
-    formats = get_target(target).formats if target is not None else ("tidl", "qdq")
     paths = {}
-    for fmt in tqdm(formats, desc="export", leave=False, disable=not progress):
+    for fmt in tqdm(
+        export_formats(getattr(q, "target", None)), desc="export", leave=False, disable=not progress
+    ):
         paths[fmt] = export_onnx(q, dummy, out / f"{stem}_{fmt}.onnx", format=fmt).path
     return paths
 
@@ -221,8 +236,6 @@ def write_analysis(
 
 def write_summary(out: Path, summary: dict[str, Any], t0: float) -> Path:
     """``summary`` with the run's ``seconds`` (since ``t0``, a ``time.perf_counter()``) as ``out/summary.json``."""
-    import time
-
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     path = out / "summary.json"
     path.write_text(json.dumps(summary, indent=1))

@@ -20,10 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .. import data
-from ..targets import get_target
+from ..targets import export_formats
 from .errors import CliError
 
 TASKS = ("classification", "detection", "segmentation")
@@ -33,10 +32,9 @@ class _Task:
     """One task's data, loss, metric and export, as the quantize command uses them."""
 
     name: str
-    metric: str  # the headline number of the summary line
 
     def __init__(self, root: Path, model: nn.Module, args: argparse.Namespace):
-        self.root, self.model, self.args = root, model, args
+        self.root, self.args = root, args
 
     def dummy(self) -> torch.Tensor:
         raise NotImplementedError
@@ -58,7 +56,7 @@ class _Task:
 
 
 class _Detection(_Task):
-    name, metric = "detection", "mAP"
+    name = "detection"
 
     def __init__(self, root: Path, model: nn.Module, args: argparse.Namespace):
         from ..tasks import detection
@@ -146,7 +144,7 @@ class _SegmentationBatches:
 
 
 class _Segmentation(_Task):
-    name, metric = "segmentation", "mIoU"
+    name = "segmentation"
 
     def __init__(self, root: Path, model: nn.Module, args: argparse.Namespace):
         from ..tasks import segmentation as seg
@@ -208,10 +206,9 @@ def _headline(metrics: dict[str, Any]) -> str:
 
 def quantize_task(args: argparse.Namespace, kw: dict[str, Any], model: nn.Module, weights: str | None) -> int:
     """The quantize command for ``--task detection | segmentation`` (``kw``: the wrapper's options)."""
-    from ..calibrate import QuantCalibrateModule
     from ..quantize import QuantTrainModule
     from ..recipes import qat_finetune
-    from .steps import for_chip, save_quant, write_summary
+    from .steps import calibrate_on, for_chip, save_quant, write_summary
 
     t0 = time.perf_counter()
     root = Path(args.data) if args.data else data.data_root() / "mosaic10"
@@ -227,17 +224,9 @@ def quantize_task(args: argparse.Namespace, kw: dict[str, Any], model: nn.Module
     dummy = task.dummy()
     float_metrics = task.evaluate(model)
     if args.mode == "ptq":
-        q = QuantCalibrateModule(model, dummy, method=args.method, **kw).train()
         batches = math.ceil(args.calib_images / args.batch_size)
-        with torch.no_grad():
-            for images in tqdm(
-                task.calibration_images(args.calib_images),
-                total=batches,
-                desc="calibrate",
-                disable=not progress,
-            ):
-                q(images)
-        q.eval()
+        inputs = task.calibration_images(args.calib_images)
+        q = calibrate_on(model, dummy, inputs, batches, method=args.method, kwargs=kw, progress=progress)
     else:
         qmodel = QuantTrainModule(model, dummy, **kw)
         q = qat_finetune(
@@ -259,9 +248,8 @@ def quantize_task(args: argparse.Namespace, kw: dict[str, Any], model: nn.Module
         "kwargs": kw,
     }
     save_quant(q, out, config)
-    formats = get_target(kw["target"]).formats if "target" in kw else ("tidl", "qdq")
     onnx = {}
-    for fmt in formats:
+    for fmt in export_formats(kw.get("target")):
         path = task.export(q, out / f"model_{fmt}.onnx", fmt)
         onnx[fmt] = {
             "path": str(path),
