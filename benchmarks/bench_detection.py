@@ -77,6 +77,7 @@ def qat(
     range_learning: str = "statistics",
     init_batches: int = 20,
     anchor: str = "statistics",
+    hysteresis: float | None = None,
     lr_th: float = 1e-2,
     checkpoint: Path | None = None,
     checkpoint_every: int = 50,
@@ -85,7 +86,9 @@ def qat(
     (``range_learning="tqt"``, benchmarks/bench_tqt.py) get their own Adam at ``lr_th``. Resumable from
     ``checkpoint``; ``cpu_s`` counts the sessions before a resume too."""
     q = xnnq.QuantTrainModule(
-        model, torch.zeros(1, 3, 128, 128), **range_learning_kwargs(range_learning, init_batches, anchor)
+        model,
+        torch.zeros(1, 3, 128, 128),
+        **range_learning_kwargs(range_learning, init_batches, anchor, hysteresis),
     )
     train = detection.batches(train_json, batch_size=batch_size, train=True, limit=limit, seed=1)
     opts = qat_optimizers(q, lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0), lr_th)

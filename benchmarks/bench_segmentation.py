@@ -103,6 +103,7 @@ def qat(
     range_learning: str = "statistics",
     init_batches: int = 20,
     anchor: str = "statistics",
+    hysteresis: float | None = None,
     lr_th: float = 1e-2,
     checkpoint: Path | None = None,
     checkpoint_every: int = 50,
@@ -110,7 +111,9 @@ def qat(
     """The library recipe with AdamW and cross-entropy (``ignore_index``); learned thresholds
     (``range_learning="tqt"``, benchmarks/bench_tqt.py) get their own Adam at ``lr_th``. Resumable from
     ``checkpoint``. Returns the model, the steps and the CPU seconds (the sessions before a resume too)."""
-    q = xnnq.QuantTrainModule(model, DUMMY, **range_learning_kwargs(range_learning, init_batches, anchor))
+    q = xnnq.QuantTrainModule(
+        model, DUMMY, **range_learning_kwargs(range_learning, init_batches, anchor, hysteresis)
+    )
     opts = qat_optimizers(q, lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=1e-4), lr_th)
     steps = max(1, round(epochs * len(batches)))
     q, cpu_s = qat_finetune_timed(

@@ -195,6 +195,7 @@ def qat(name: str, mode: str, args, recipe: dict, ckpt: Path, cifar: Cifar):
         "range_learning": mode,
         "init_batches": args.init_batches,
         "anchor": args.anchor,
+        "hysteresis": args.hysteresis,
         "lr_th": args.lr_th,
     }
     ckpt_kw = {"checkpoint": ckpt, "checkpoint_every": args.ckpt_every}
@@ -222,7 +223,7 @@ def qat(name: str, mode: str, args, recipe: dict, ckpt: Path, cifar: Cifar):
         float_model(name),
         DUMMY,
         per_channel_q=False,
-        **range_learning_kwargs(mode, args.init_batches, args.anchor),
+        **range_learning_kwargs(mode, args.init_batches, args.anchor, args.hysteresis),
     )
     lr = recipe["lr"]
 
@@ -268,6 +269,8 @@ def recipe_of(name: str, mode: str, args) -> dict:
         recipe.update(lr_th=args.lr_th, init_batches=args.init_batches, init="octave-centre")
         if args.anchor != "init":  # recipes before range_anchor existed had the "init" behaviour
             recipe.update(anchor=args.anchor)
+        if args.hysteresis is not None:  # recipes before range_hysteresis existed: the paper's ceil (0)
+            recipe.update(hysteresis=args.hysteresis)
     return recipe
 
 
@@ -433,6 +436,12 @@ def main() -> None:
         choices=["statistics", "init"],
         default="statistics",
         help="range_anchor of the learned thresholds (init: the paper's, fixed after initialisation)",
+    )
+    ap.add_argument(
+        "--hysteresis",
+        type=float,
+        default=None,
+        help="range_hysteresis of the learned thresholds, octaves (default: the library's)",
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(

@@ -65,13 +65,15 @@ def emit(name: str, result: dict[str, Any], table_md: str, *, record: bool) -> d
 
 
 def range_learning_kwargs(
-    range_learning: str, init_batches: int, anchor: str = "statistics"
+    range_learning: str, init_batches: int, anchor: str = "statistics", hysteresis: float | None = None
 ) -> dict[str, Any]:
     """``QuantTrainModule`` keyword arguments of a range-learning mode: none for ``"statistics"`` (the
-    default), else ``range_learning``, ``range_init_batches`` and ``range_anchor``."""
+    default), else ``range_learning``, ``range_init_batches``, ``range_anchor`` and (unless ``None``: the
+    library's default) ``range_hysteresis``."""
     if range_learning == "statistics":
         return {}
-    return {"range_learning": range_learning, "range_init_batches": init_batches, "range_anchor": anchor}
+    kw = {"range_learning": range_learning, "range_init_batches": init_batches, "range_anchor": anchor}
+    return kw if hysteresis is None else {**kw, "range_hysteresis": hysteresis}
 
 
 def qat_optimizers(

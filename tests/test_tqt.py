@@ -189,6 +189,32 @@ def test_learning_reaches_the_mse_optimal_power_of_2_from_anywhere(start):
     assert bins[-200:].count(best) > 150
 
 
+def test_hysteresis_stops_the_flips_of_a_threshold_at_its_best_power_of_2():
+    """The toy problem above through LearnedRange at the documented learning rate (Adam 1e-2): with the paper's
+    ceil the threshold reaches the best power of two and then keeps stepping across the edge to the next one
+    (the gradient at each points to the other); a margin of a quarter octave reaches it too and stays."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(20000), torch.randn(20) * 8])
+    best = mse_best_exponent(x, 8, True)
+    flips, last = {}, {}
+    for h in (0.0, 0.25):
+        lr = LearnedRange(anchor="init", hysteresis=h)
+        lr.init_from(x.abs().max())  # the max rule's octave, above the best one
+        lr.train()
+        opt = torch.optim.Adam(lr.parameters(), lr=1e-2)
+        bins = []
+        for _ in range(1000):
+            opt.zero_grad()
+            ((lr.fake_quantize(x, 8, True) - x) ** 2).mean().backward()
+            opt.step()
+            bins.append(round(math.log2(lr.range(8, True).item())))
+        assert bins[0] > best and best in bins
+        flips[h] = sum(a != b for a, b in zip(bins, bins[1:]))
+        last[h] = bins[-300:]
+    assert flips[0.0] >= 10 and last[0.0].count(best) < 300
+    assert flips[0.25] <= 2 and last[0.25].count(best) == 300
+
+
 def test_no_nan_for_zero_tiny_huge_and_infinite_thresholds():
     x = torch.cat([torch.randn(1000) * 3, torch.zeros(10), torch.tensor([1e30, -1e30])])
     for u0 in (float("-inf"), -1e6, LOG2_MIN, -30.0, 0.0, LOG2_MAX, 1e6, float("inf")):
@@ -377,6 +403,105 @@ def test_learned_range_state_dict_round_trip():
     e = LearnedRange((3,), anchor="init")
     e.load_state_dict(old)
     assert torch.equal(e.log2_t, c.log2_t)
+
+
+def _train_forward(lr: LearnedRange, x: torch.Tensor) -> torch.Tensor:
+    """One training forward (the one that may move the octave held in force)."""
+    lr.train()
+    with torch.enable_grad():
+        return lr.fake_quantize(x, 8, True)
+
+
+def test_hysteresis_holds_the_octave_until_the_threshold_is_past_the_margin():
+    """Octave k spans offsets (k - 1/2, k + 1/2] from the initial centre; with hysteresis h the held octave moves
+    only when log2 t leaves (k - 1/2 - h, k + 1/2 + h], and then to the octave log2 t is in."""
+    lr = LearnedRange(anchor="init", hysteresis=0.25)
+    paper = LearnedRange(anchor="init")
+    for m in (lr, paper):
+        m.init_from(torch.tensor(5.0))  # centre 2.5: range 8
+    x = torch.randn(1000) * 4
+    # (log2 t, range in force with hysteresis 0.25) — the paper's ceil is 2^ceil(log2 t)
+    walk = [
+        (2.9, 8.0), (3.3, 16.0), (2.9, 16.0), (2.7, 8.0), (1.9, 8.0), (1.76, 8.0), (1.74, 4.0), (2.2, 4.0),
+        (2.3, 8.0), (0.6, 2.0), (1.24, 2.0), (1.26, 4.0), (4.0, 16.0),
+    ]  # fmt: skip
+    for u, expected in walk:
+        for m in (lr, paper):
+            with torch.no_grad():
+                m.log2_t.fill_(u)
+            y = _train_forward(m, x)
+            assert torch.equal(y, fake_quantize(x, m.scale(8, True), *quant_bounds(8, True)))
+        assert lr.range(8, True) == expected, u
+        assert paper.range(8, True) == 2.0 ** math.ceil(u), u
+    lr.eval()
+    with torch.no_grad():
+        lr.log2_t.fill_(0.0)
+        lr.fake_quantize(x, 8, True)  # neither evaluation nor a forward without grad moves the octave held
+    with torch.enable_grad():
+        lr.fake_quantize(x, 8, True)
+    assert lr.range(8, True) == 16.0
+    _train_forward(lr, x)
+    assert lr.range(8, True) == 1.0  # log2 t = 0: offset -2.5, octave -3
+    with pytest.raises(ValueError, match=r"hysteresis must be in \[0, 0.5\]"):
+        LearnedRange(hysteresis=0.6)
+
+
+@pytest.mark.parametrize("bits,signed", CASES)
+def test_hysteresis_gives_the_paper_gradient_of_the_octave_held(bits, signed):
+    """The threshold's gradient (and the input's) is the paper's at the octave in force, wherever log2 t is
+    inside the margin; it reaches log2_t."""
+    x, g = data(bits, signed), torch.randn(20009)
+    lr = LearnedRange(anchor="init", hysteresis=0.5)
+    lr.init_from(torch.tensor(5.0))  # octave (4, 8]
+    lr.train()
+    with torch.no_grad():
+        lr.log2_t.fill_(1.8)  # the paper's ceil would be 2 (range 4); held: 3 (range 8)
+    xs = x.clone().requires_grad_()
+    lr.fake_quantize(xs, bits, signed).backward(g)
+    gx, gu = paper_grads(x, 2.5, g, bits, signed)
+    assert torch.equal(xs.grad, gx.float())
+    torch.testing.assert_close(lr.log2_t.grad.double(), gu, rtol=1e-5, atol=1e-6)
+
+
+def test_hysteresis_freezes_the_octave_held_and_the_state_round_trips():
+    a = LearnedRange((3,), anchor="init", hysteresis=0.25)
+    a.init_from(torch.tensor([1.0, 5.0, 100.0]))  # centres -0.5, 2.5, 6.5
+    with torch.no_grad():
+        a.log2_t.add_(torch.tensor([-0.6, -0.8, 0.9]))  # inside the margin, past it, past it
+    a.train()
+    with torch.enable_grad():
+        a.fake_quantize(torch.randn(10, 3), 8, True, axis=1)
+    assert torch.equal(a.held, torch.tensor([0.0, -1.0, 1.0]))
+    assert torch.equal(a.range(8, True), torch.tensor([1.0, 4.0, 256.0]))
+    a.frozen = True
+    assert torch.equal(a.frozen_log2_t, torch.tensor([-0.5, 1.5, 7.5]))  # the centre of the octave held
+    assert torch.equal(a.range(8, True), torch.tensor([1.0, 4.0, 256.0]))
+    b = LearnedRange((3,), anchor="init", hysteresis=0.25)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b.held, a.held) and torch.equal(b.range(8, True), a.range(8, True))
+    a.frozen = False  # learning resumes from the octave held
+    assert torch.equal(a.log2_t.detach(), a.frozen_log2_t) and torch.equal(a.range(8, True), b.range(8, True))
+    # a state dict saved before hysteresis existed: the octave its ceil had in force is the one held
+    c = LearnedRange((3,))
+    c.init_from(torch.tensor([1.0, 5.0, 100.0]))
+    with torch.no_grad():
+        c.log2_t.add_(torch.tensor([-0.6, 0.2, 0.7]))
+    old = {k: v for k, v in c.state_dict().items() if k != "held"}
+    d = LearnedRange((3,), hysteresis=0.25)
+    d.load_state_dict(old)
+    r = torch.tensor([1.0, 5.0, 100.0])
+    assert torch.equal(d.held, torch.tensor([-1.0, 0.0, 1.0]))
+    assert torch.equal(d.range(8, True, r=r), c.range(8, True, r=r))
+    e = LearnedRange((3,), hysteresis=0.5)  # saved with the paper's ceil by this version: the same
+    e.load_state_dict(c.state_dict())
+    assert torch.equal(e.range(8, True, r=r), c.range(8, True, r=r))
+    # a state that holds its octave apart from log2 t cannot be read by the paper's ceil unless frozen
+    with pytest.raises(ValueError, match="saved with range_hysteresis=0.25"):
+        LearnedRange((3,), anchor="init").load_state_dict(a.state_dict())  # a: unfrozen again
+    f = LearnedRange((3,), anchor="init")
+    a.frozen = True
+    f.load_state_dict(a.state_dict())
+    assert torch.equal(f.range(8, True), a.range(8, True))
 
 
 def _bits_of(t: torch.Tensor) -> torch.Tensor:

@@ -121,6 +121,11 @@ def test_every_quantizer_and_weight_layer_gets_a_learned_range_shaped_by_the_pla
         ({"range_learning": "tqt", "power2_activation_range": False}, ValueError, "power-of-2"),
         ({"range_init_batches": 0}, ValueError, "range_init_batches"),
         ({"range_learning": "tqt", "range_anchor": "first"}, ValueError, "range_anchor must be one of"),
+        (
+            {"range_learning": "tqt", "range_hysteresis": 0.7},
+            ValueError,
+            r"range_hysteresis must be in \[0, 0.5\]",
+        ),
     ],
 )
 def test_bad_settings(kw, err, msg):
@@ -297,8 +302,10 @@ def test_freeze_keeps_every_scale_while_training_goes_on_and_unfreeze_resumes():
     q = tqt(range_init_batches=1)
     opts = optimizers(q, lr_th=0.2)
     train(q, batches(3), opts)
+    held = {k: v.anchor + v.held for k, v in q.learned_ranges().items()}  # the octaves in force (hysteresis)
     assert freeze_quant_range(q) == len(q.quantizers())
-    scales = {k: (v.log2_t.detach().clone()) for k, v in q.learned_ranges().items()}
+    scales = {k: v.frozen_log2_t.clone() for k, v in q.learned_ranges().items()}
+    assert all(torch.equal(scales[k], held[k]) for k in held)  # frozen: the centre of the octave in force
     act_scales = {k: p.scale() for k, p in q.quantizers().items()}
     train(q, batches(6, seed=3), opts)  # Adam's momentum still moves log2_t; the thresholds held do not
     assert all(torch.equal(v.frozen_log2_t, scales[k]) for k, v in q.learned_ranges().items())

@@ -257,6 +257,14 @@ class LearnedRange(nn.Module):
       ``frozen_log2_t`` and used in its place from then on, whatever the optimizer still does to ``log2_t`` (momentum,
       weight decay); ``log2_t`` gets a zero gradient. Unfreezing copies the frozen value back and learning
       resumes from it.
+    * ``hysteresis`` (octaves, default 0: the paper's ``ceil``): the octave in force changes only when
+      ``log2_t`` has gone that far past the boundary of the octave in force. ``held`` (a buffer: octaves from
+      ``anchor``) is the octave in force; the forward uses its centre, ``anchor + held`` (plus the statistics'
+      shift), and the gradient still reaches ``log2_t``. Under ``ceil`` a threshold whose best range lies
+      between two powers of two sits on their boundary and crosses it back and forth (the gradient at each
+      power points to the other), so the scale flips and the octave it is frozen in is the side it happened
+      to be on; the margin damps those flips (the oscillations of Nagel et al., "Overcoming Oscillations in
+      Quantization-Aware Training", ICML 2022, at the level of a scale).
     * ``grad_scale`` multiplies the gradient of ``log2_t`` (1: the paper's gradient, for Adam).
     """
 
@@ -267,8 +275,13 @@ class LearnedRange(nn.Module):
         grad_scale: float = 1.0,
         name: str = "",
         anchor: str = "statistics",
+        hysteresis: float = 0.0,
     ):
         super().__init__()
+        if not 0.0 <= hysteresis <= 0.5:
+            raise ValueError(
+                f"{name or 'LearnedRange'}: hysteresis must be in [0, 0.5] octaves, got {hysteresis}"
+            )
         if init_batches < 1:
             raise ValueError(f"{name or 'LearnedRange'}: init_batches must be >= 1, got {init_batches}")
         if anchor not in ANCHORS:
@@ -278,6 +291,8 @@ class LearnedRange(nn.Module):
         self.log2_t = nn.Parameter(torch.zeros(shape))
         self.register_buffer("frozen_log2_t", torch.zeros(shape))
         self.register_buffer("anchor", torch.zeros(shape))
+        self.register_buffer("held", torch.zeros(shape))  # octaves from ``anchor`` in force (hysteresis)
+        self.hysteresis = float(hysteresis)
         self.init_batches, self.grad_scale, self.name = int(init_batches), float(grad_scale), name
         self.anchored = anchor == "statistics"
         self.init_steps = 0
@@ -293,7 +308,7 @@ class LearnedRange(nn.Module):
         value = bool(value)
         with torch.no_grad():
             if value and not self._frozen:
-                self.frozen_log2_t.copy_(self.log2_t)
+                self.frozen_log2_t.copy_(self._learned_in_force())
             elif not value and self._frozen:
                 self.log2_t.copy_(self.frozen_log2_t)
         self._frozen = value
@@ -304,7 +319,12 @@ class LearnedRange(nn.Module):
         return ANCHORS[0] if self.anchored else ANCHORS[1]
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"frozen": self._frozen, "init_steps": self.init_steps, "anchor": self.anchor_mode}
+        return {
+            "frozen": self._frozen,
+            "init_steps": self.init_steps,
+            "anchor": self.anchor_mode,
+            "hysteresis": self.hysteresis,
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         saved = state.get("anchor", "init")  # state saved before anchors: the paper's behaviour
@@ -312,6 +332,13 @@ class LearnedRange(nn.Module):
             raise ValueError(
                 f"{self.name or 'LearnedRange'}: the state dict was saved with range_anchor={saved!r}; build "
                 f"the wrapper with range_anchor={saved!r} (the thresholds mean another thing under the other)."
+            )
+        saved_h = float(state.get("hysteresis", 0.0))
+        if saved_h > 0.0 and self.hysteresis == 0.0 and not state["frozen"]:
+            raise ValueError(
+                f"{self.name or 'LearnedRange'}: the state dict was saved with range_hysteresis={saved_h}, whose "
+                "octave in force is held apart from the threshold; build the wrapper with range_hysteresis > 0 "
+                "(or load a state saved after freeze_quant_range)."
             )
         self._frozen = bool(state["frozen"])  # not the setter: both tensors were loaded as saved
         self.init_steps = int(state["init_steps"])
@@ -323,7 +350,13 @@ class LearnedRange(nn.Module):
                     f"{self.name or 'LearnedRange'}: the state dict was saved by an xnnq whose learned "
                     "thresholds did not follow the statistics; build the wrapper with range_anchor='init'."
                 )
-            state_dict[prefix + "anchor"] = torch.zeros_like(state_dict[prefix + "log2_t"])  # not read
+            # the centre of the threshold's octave: the value in force with a hysteresis, as it was without
+            state_dict[prefix + "anchor"] = torch.ceil(state_dict[prefix + "log2_t"]) - 0.5
+        extra = state_dict.get(prefix + "_extra_state")
+        saved_h = extra.get("hysteresis", 0.0) if isinstance(extra, dict) else 0.0
+        if prefix + "log2_t" in state_dict and saved_h == 0.0:  # saved with the paper's ceil (or before held)
+            offset = state_dict[prefix + "log2_t"] - state_dict[prefix + "anchor"]
+            state_dict[prefix + "held"] = torch.ceil(offset - 0.5)  # the octave its ceil had in force
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
@@ -367,7 +400,26 @@ class LearnedRange(nn.Module):
         centre = octave_centre(r).reshape(self.log2_t.shape)
         self.log2_t.copy_(centre)
         self.anchor.copy_(centre)
+        self.held.zero_()
         self.init_steps += 1
+
+    @property
+    def holds(self) -> bool:
+        """True when the octave in force is ``held`` (a hysteresis, after initialisation), not ``ceil(log2_t)``."""
+        return self.hysteresis > 0.0 and self.init_steps > 0
+
+    @torch.no_grad()
+    def update_held(self) -> None:
+        """Move ``held`` to the octave of ``log2_t`` where ``log2_t`` has left the held octave by more than
+        ``hysteresis`` (octave ``k`` spans offsets ``(k - 1/2, k + 1/2]`` from ``anchor``); no host sync."""
+        offset = self.log2_t - self.anchor
+        margin = 0.5 + self.hysteresis
+        leave = (offset <= self.held - margin) | (offset > self.held + margin)
+        self.held.copy_(torch.where(leave, torch.ceil(offset - 0.5), self.held))
+
+    def _learned_in_force(self) -> torch.Tensor:
+        """The learned log2 threshold in force before the statistics' shift (detached, not frozen)."""
+        return (self.anchor + self.held) if self.holds else self.log2_t.detach()
 
     def shift(self, r: torch.Tensor | None) -> torch.Tensor | None:
         """The octaves the statistics' power of two (of the range ``r``) moved since initialisation (detached),
@@ -385,7 +437,7 @@ class LearnedRange(nn.Module):
     def in_force(self, r: torch.Tensor | None = None) -> torch.Tensor:
         """The log2 threshold the forward uses (detached): the frozen copy while frozen, else ``log2_t``; moved
         with the statistics' range ``r`` (the owner's, see the class docstring)."""
-        u = (self.frozen_log2_t if self._frozen else self.log2_t).detach()
+        u = self.frozen_log2_t if self._frozen else self._learned_in_force()
         shift = self.shift(r)
         return u if shift is None else u + shift
 
@@ -429,6 +481,14 @@ class LearnedRange(nn.Module):
             return fake_quantize(
                 x, self.scale(bits, signed, log2_max, r), *quant_bounds(bits, signed), axis, rounding=rounding
             )
+        shift = self.shift(r)
+        if self.holds and not self._frozen:
+            if self.training:
+                self.update_held()
+            held = (
+                self.anchor + self.held - self.log2_t
+            ).detach()  # log2_t + this = the held octave's centre
+            shift = held if shift is None else shift + held
         return tqt_fake_quantize(
             x,
             self.log2_t,
@@ -439,12 +499,13 @@ class LearnedRange(nn.Module):
             log2_max,
             frozen_value=self.frozen_log2_t if self._frozen else None,
             rounding=rounding,
-            shift=self.shift(r),
+            shift=shift,
             cap=cap,
         )
 
     def extra_repr(self) -> str:
         return (
             f"shape={tuple(self.log2_t.shape)}, init_batches={self.init_batches}, "
-            f"grad_scale={self.grad_scale}, anchor={self.anchor_mode}" + (", frozen" if self._frozen else "")
+            f"grad_scale={self.grad_scale}, anchor={self.anchor_mode}, hysteresis={self.hysteresis}"
+            + (", frozen" if self._frozen else "")
         )

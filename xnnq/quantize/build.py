@@ -29,7 +29,12 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
     def make(spot: ActSpot, inplace: bool = False) -> PACT2:
         clip_range = config.clip_ranges.get(spot.name)
         learned = (
-            LearnedRange(init_batches=config.range_init_batches, name=spot.name, anchor=config.range_anchor)
+            LearnedRange(
+                init_batches=config.range_init_batches,
+                name=spot.name,
+                anchor=config.range_anchor,
+                hysteresis=config.range_hysteresis,
+            )
             if config.learn_activation_ranges and clip_range is None
             else None
         )
@@ -92,6 +97,7 @@ def build(gm: fx.GraphModule, plan: Plan, report: list[Change], config: QuantCon
                 init_batches=config.range_init_batches,
                 name=w.name,
                 anchor=config.range_anchor,
+                hysteresis=config.range_hysteresis,
             )
             if config.learn_weight_ranges
             else None

@@ -93,6 +93,9 @@ class QuantConfig:
             the ranges freeze and a threshold moves by whole octaves with their power of two, so what is learned
             is an offset from it (exactly statistics QAT while no offset reaches half an octave); ``"init"``:
             the statistics set the thresholds during ``range_init_batches`` only (the paper's TQT).
+        range_hysteresis: with learned thresholds, how far (octaves, ``[0, 0.5]``) a threshold must go past the
+            boundary of its power of two before the next one is in force (:class:`~xnnq.layers.tqt.LearnedRange`);
+            0 is the paper's ``ceil``.
     """
 
     bitwidth_weights: int = 8
@@ -111,6 +114,7 @@ class QuantConfig:
     range_learning: str = "statistics"
     range_init_batches: int = 20
     range_anchor: str = "statistics"
+    range_hysteresis: float = 0.25
     silu: str = "fused"
 
     def __post_init__(self) -> None:
@@ -144,6 +148,8 @@ class QuantConfig:
             raise ValueError(
                 f"range_anchor must be one of {', '.join(map(repr, ANCHORS))}, got {self.range_anchor!r}"
             )
+        if not 0.0 <= self.range_hysteresis <= 0.5:
+            raise ValueError(f"range_hysteresis must be in [0, 0.5] octaves, got {self.range_hysteresis}")
         if self.silu not in SILU_MODES:
             raise ValueError(f"silu must be one of {', '.join(map(repr, SILU_MODES))}, got {self.silu!r}")
         if self.range_init_batches < 1:

@@ -27,6 +27,8 @@ class QuantTrainModule(QuantBaseModule):
     the rest, ``qmodel.non_range_parameters()``, as usual; see :mod:`xnnq.layers.tqt`),
     ``range_init_batches`` (batches whose statistics initialise learned thresholds, 20), ``range_anchor``
     (``"statistics"``, default: learned thresholds move with the statistics' power of two until the ranges
-    freeze, learning an offset from it; ``"init"``: set from them during initialisation only). Also
+    freeze, learning an offset from it; ``"init"``: set from them during initialisation only),
+    ``range_hysteresis`` (octaves a learned threshold must go past the edge of its power of two before the
+    next one is in force, 0.25; 0: the paper's ``ceil``). Also
     ``leaf_modules`` (submodules kept opaque) and ``verbose`` (print the surgery report).
     """
