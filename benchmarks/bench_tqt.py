@@ -8,7 +8,8 @@ For each model, two QAT runs that differ only in ``range_learning``:
 * ``tqt``: ``QuantTrainModule(model, dummy, range_learning="tqt")`` — the same, plus learned log2 thresholds
   for every activation quantizer and weight tensor (initialised from the statistics of the first
   ``--init-batches`` batches, at the centre of their octave; with ``--anchor statistics``, the default, moving
-  with the statistics' power of two after that, ``--anchor init`` not), trained by their own Adam
+  with the statistics' power of two after that, ``--anchor init`` not; taking another power of two once
+  ``--hysteresis`` octaves past the edge, default the library's 0.25), trained by their own Adam
   (``qmodel.range_parameters()``, lr ``--lr-th``, no weight decay, the same cosine schedule) — the optimizer
   the paper (and its Graffitist recipe) uses.
 
@@ -354,12 +355,18 @@ def table(rows: list[dict], notes: list[str], args) -> str:
         "",
         f"Same recipe and seed ({args.seed}) for both modes (the script's docstring): {', '.join(sizes)}; metric on "
         f"{args.eval_images or 'all'} val / test images. Learned thresholds: Adam lr {args.lr_th}, "
-        f"initialised over {args.init_batches} batch(es). {args.threads} thread(s); QAT + eval of these runs "
+        f"initialised over {args.init_batches} batch(es), anchor `{args.anchor}`, hysteresis {_hysteresis(args)}. "
+        f"{args.threads} thread(s); QAT + eval of these runs "
         f"{cpu / 60:.1f} CPU-min.",
     ]
     if notes:
         lines += ["", "; ".join(notes)]
     return "\n".join(lines)
+
+
+def _hysteresis(args) -> str:
+    """The learned thresholds' margin as the tables print it."""
+    return "the library's default" if args.hysteresis is None else f"{args.hysteresis:g} octave"
 
 
 def seeds_summary(per_seed: dict[int, list[dict]], args) -> tuple[dict, str]:
@@ -370,7 +377,7 @@ def seeds_summary(per_seed: dict[int, list[dict]], args) -> tuple[dict, str]:
     out: dict[str, Any] = {}
     lines = [
         f"Seeds {', '.join(map(str, seeds))}, learned − statistics on each model's first metric (anchor "
-        f"`{args.anchor}`, the recipe of the per-seed runs):",
+        f"`{args.anchor}`, hysteresis {_hysteresis(args)}, the recipe of the per-seed runs):",
         "",
         "| model | metric | FP32 | statistics: mean (min–max) | learned − statistics per seed | mean (standard "
         "error) | below / equal / above |",
