@@ -250,6 +250,29 @@ def test_quantize_for_a_chip(tiny_data, tmp_path):
     assert json.loads(e_json.read_text())["quant_accuracy"] == pytest.approx(s["quant_accuracy"])
 
 
+@pytest.mark.slow
+def test_qat_with_learned_ranges(tiny_data, tmp_path, capsys):
+    """``--range-learning tqt``: the wrapper learns its thresholds (kept in the saved config and state), ``eval
+    --quant-dir`` rebuilds the same model, and PTQ refuses the option, naming --mode qat."""
+    model = ["--model", "xnnq.demo:tiny_cnn", "--data", str(tiny_data), "--batch-size", "16"]
+    out = tmp_path / "tqt"
+    args = ["--no-progress", "quantize", *model, "--mode", "qat", "--range-learning", "tqt"]
+    assert main([*args, "--analysis-images", "0", "--out", str(out)]) == 0
+    cfg = json.loads((out / "quant_config.json").read_text())
+    assert cfg["kwargs"]["range_learning"] == "tqt"
+    import torch
+
+    state = torch.load(out / "quant_state.pt", weights_only=True)
+    assert sum(k.endswith("learned_range.log2_t") for k in state) >= 4
+    s = json.loads((out / "summary.json").read_text())
+    e_json = tmp_path / "eval.json"
+    assert main(["--no-progress", "eval", *model, "--quant-dir", str(out), "--json", str(e_json)]) == 0
+    assert json.loads(e_json.read_text())["quant_accuracy"] == pytest.approx(s["quant_accuracy"])
+    ptq = ["--no-progress", "quantize", *model, "--mode", "ptq", "--range-learning", "tqt"]
+    assert main([*ptq, "--out", str(tmp_path / "ptq")]) == 2
+    assert "use it with --mode qat" in capsys.readouterr().err
+
+
 def test_help_is_complete(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from xnnq.cli import main
 from xnnq.cli.loading import build_model
@@ -44,6 +45,23 @@ def test_detection_ptq_from_the_command_line(tmp_path, capsys):
     # the classification-only commands refuse the folder, pointing at the summary
     assert main([*FAST, "eval", "--model", "mosaic_detector", "--quant-dir", str(out)]) == 2
     assert "summary.json" in capsys.readouterr().err
+
+
+@needs_mosaic
+def test_detection_qat_with_learned_ranges_from_the_command_line(tmp_path):
+    """``--range-learning tqt`` on a detector: the thresholds are in the saved state and config, the task's QAT
+    trains them (AdamW for the weights, Adam for the thresholds) and both exports score what the wrapper does."""
+    out = tmp_path / "det"
+    args = ["quantize", "--task", "detection", "--model", "mosaic_detector", "--mode", "qat"]
+    limits = ["--limit-train", "64", "--batch-size", "16", "--limit-test", "50", "--range-learning", "tqt"]
+    assert main([*FAST, *args, *limits, "--out", str(out)]) == 0
+    s = _summary(out)
+    assert json.loads((out / "quant_config.json").read_text())["kwargs"]["range_learning"] == "tqt"
+    state = torch.load(out / "quant_state.pt", weights_only=True)
+    assert sum(k.endswith("learned_range.log2_t") for k in state) >= 50
+    assert s["quantized"]["mAP"] >= s["float"]["mAP"] - 2.0
+    for fmt, r in s["onnx"].items():
+        assert abs(r["mAP"] - s["quantized"]["mAP"]) <= 0.3, fmt
 
 
 @needs_mosaic

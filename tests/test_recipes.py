@@ -311,3 +311,33 @@ def test_bad_input_is_named():
         qat_finetune(q, Batches(x, y, 16), lr_schedule="step")
     with pytest.raises(ValueError, match="epochs must be > 0"):
         qat_finetune(q, Batches(x, y, 16), epochs=0)
+
+
+def test_default_optimizers_give_learned_thresholds_their_own_adam():
+    """With range_learning="tqt" the default recipe trains the log2 thresholds with Adam at range_lr (its first
+    step moves each threshold by range_lr, whatever its gradient's size) and no weight decay, and the weights
+    with the SGD alone, as the recipe written out by hand does."""
+    x, y = images(32)
+    torch.manual_seed(0)
+    q = xnnq.QuantTrainModule(tiny_convnet(num_classes=4), DUMMY, range_learning="tqt", range_init_batches=1)
+    qat_finetune(q, Batches(x, y, 32), steps=1, range_lr=0.03, freeze_range_at=None, progress=False)
+    moved = [(m.log2_t - m.anchor).abs() for m in q.learned_ranges().values()]
+    assert len(moved) >= 4
+    for d in moved:
+        torch.testing.assert_close(d, torch.full_like(d, 0.03), rtol=0.05, atol=0.0)  # Adam: eps aside
+    torch.manual_seed(0)
+    ref = xnnq.QuantTrainModule(
+        tiny_convnet(num_classes=4), DUMMY, range_learning="tqt", range_init_batches=1
+    )
+    opts = [
+        torch.optim.SGD(ref.non_range_parameters(), lr=1e-4, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        torch.optim.Adam(ref.range_parameters(), lr=0.03),
+    ]
+    qat_finetune(ref, Batches(x, y, 32), steps=1, optimizer=opts, freeze_range_at=None, progress=False)
+    for (k, a), b in zip(q.state_dict().items(), ref.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="range_lr= trains learned thresholds"):
+        qat_finetune(wrapper(), Batches(x, y, 32), steps=1, range_lr=0.01, progress=False)
+    with pytest.raises(ValueError, match="either optimizer= or lr=/weight_decay=/range_lr="):
+        qat_finetune(ref, Batches(x, y, 32), steps=1, optimizer=opts, range_lr=0.01, progress=False)

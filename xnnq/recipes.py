@@ -72,6 +72,7 @@ def qat_finetune(
     desc: str = "QAT",
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 50,
+    range_lr: float | None = None,
 ) -> nn.Module:
     """Fine-tune a QAT wrapper (``xnnq.QuantTrainModule``) and return it in eval mode (what TIDL computes).
 
@@ -81,7 +82,9 @@ def qat_finetune(
     targets may be tensors or nested lists/dicts of tensors (detection), moved to the model's device.
 
     Recipe: ``steps`` optimizer steps (default ``round(epochs * len(train_batches))``); SGD (momentum 0.9,
-    Nesterov, ``lr`` default 1e-4, ``weight_decay`` default 5e-4) unless ``optimizer`` is given;
+    Nesterov, ``lr`` default 1e-4, ``weight_decay`` default 5e-4) unless ``optimizer`` is given, and with
+    learned thresholds (``range_learning="tqt"``) an Adam over ``qmodel.range_parameters()`` beside it
+    (``range_lr``, default 1e-2, no weight decay: the TQT paper's; the SGD gets the other parameters);
     ``lr_schedule`` "cosine" (``CosineAnnealingLR`` to 0 over the steps) or "constant"; BatchNorm frozen
     (running statistics, :func:`xnnq.utils.freeze_bn`) from step ``freeze_bn_at * steps`` and activation
     ranges frozen (:func:`xnnq.layers.freeze_quant_range`) from step ``freeze_range_at * steps``, at least 1
@@ -113,9 +116,10 @@ def qat_finetune(
             f"qat_finetune: {type(inner).__name__} holds no activation quantizer; wrap the float model "
             "first: qmodel = xnnq.QuantTrainModule(model, dummy_input)"
         )
-    if optimizer is not None and (lr is not None or weight_decay is not None):
+    if optimizer is not None and (lr is not None or weight_decay is not None or range_lr is not None):
         raise ValueError(
-            "qat_finetune: give either optimizer= or lr=/weight_decay= (they configure the default SGD)"
+            "qat_finetune: give either optimizer= or lr=/weight_decay=/range_lr= (they configure the default "
+            "optimizers)"
         )
     if lr_schedule not in ("cosine", "constant"):
         raise ValueError(f"qat_finetune: lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
@@ -141,13 +145,24 @@ def qat_finetune(
     target = _model_device(qmodel)
     qmodel.train()
     if optimizer is None:
-        optimizer = torch.optim.SGD(
-            qmodel.parameters(),
-            lr=1e-4 if lr is None else lr,
-            momentum=0.9,
-            nesterov=True,
-            weight_decay=5e-4 if weight_decay is None else weight_decay,
-        )
+        thresholds = list(inner.range_parameters()) if hasattr(inner, "range_parameters") else []
+        learned = {id(t) for t in thresholds}
+        optimizer = [
+            torch.optim.SGD(
+                [p for p in qmodel.parameters() if id(p) not in learned],
+                lr=1e-4 if lr is None else lr,
+                momentum=0.9,
+                nesterov=True,
+                weight_decay=5e-4 if weight_decay is None else weight_decay,
+            )
+        ]
+        if thresholds:
+            optimizer.append(torch.optim.Adam(thresholds, lr=1e-2 if range_lr is None else range_lr))
+        elif range_lr is not None:
+            raise ValueError(
+                "qat_finetune: range_lr= trains learned thresholds, and this model has none; build it with "
+                "QuantTrainModule(..., range_learning='tqt') or drop range_lr="
+            )
     optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
     if not optimizers:
         raise ValueError("qat_finetune: optimizer= is an empty sequence")

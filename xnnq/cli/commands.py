@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .. import data
-from ..targets import target_names
+from ..targets import get_target, target_names
 from .errors import CliError
 from .loading import default_input_size, default_weights, load_model, load_split, split_dirs
 from .tasks import TASKS
@@ -174,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--lr", type=float, default=1e-4, help="QAT learning rate, SGD Nesterov + cosine (default 1e-4)"
+    )
+    p.add_argument(
+        "--range-learning",
+        choices=("statistics", "tqt", "tqt-activations"),
+        default="statistics",
+        help="QAT ranges: statistics (default: they follow the data), tqt (learned power-of-2 thresholds for "
+        "activations and weights, trained by their own Adam at lr 1e-2; on a chip with free scales the "
+        "ranges become powers of 2), tqt-activations (activations only)",
     )
     p.add_argument(
         "--method",
@@ -339,10 +347,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     if args.mode == "qat" and args.epochs <= 0:
         raise CliError(f"--epochs must be > 0 for --mode qat, got {args.epochs}")
+    if args.mode == "ptq" and args.range_learning != "statistics":
+        raise CliError(
+            f"--range-learning {args.range_learning} learns ranges in training: use it with --mode qat"
+        )
     t0 = time.perf_counter()
     kw = wrapper_kwargs(
         args.bits, args.per_channel, args.sixteen_bit, not args.no_constrain_weights, args.target, args.silu
     )
+    if args.range_learning != "statistics":
+        kw["range_learning"] = args.range_learning
+        if "target" in kw and not get_target(kw["target"]).power2_only:
+            kw.update(
+                power2_weight_range=True, power2_activation_range=True
+            )  # learned ranges are powers of 2
+            print(
+                f"xnnq quantize: --range-learning {args.range_learning} learns power-of-2 ranges: {kw['target']}'s "
+                "free scales are replaced by powers of 2 (the chip runs those too)",
+                file=sys.stderr,
+            )
     if args.task != "classification":
         from .tasks import quantize_task
 

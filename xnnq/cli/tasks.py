@@ -233,7 +233,14 @@ def quantize_task(args: argparse.Namespace, kw: dict[str, Any], model: nn.Module
             qmodel,
             task.train_batches(),
             epochs=args.epochs,
-            optimizer=torch.optim.AdamW(qmodel.parameters(), lr=args.lr, weight_decay=0.0),
+            optimizer=[
+                torch.optim.AdamW(qmodel.non_range_parameters(), lr=args.lr, weight_decay=0.0),
+                *(
+                    [torch.optim.Adam(qmodel.range_parameters(), lr=1e-2)]
+                    if qmodel.range_parameters()
+                    else []
+                ),
+            ],
             loss_fn=task.loss(),
             progress=progress,
         )
