@@ -79,11 +79,13 @@ def qat(
     anchor: str = "statistics",
     hysteresis: float | None = None,
     lr_th: float = 1e-2,
+    trace: list | None = None,
     checkpoint: Path | None = None,
     checkpoint_every: int = 50,
 ):
     """The generic recipe (``xnnq.recipes.qat_finetune``) with the SSD loss and AdamW; learned thresholds
-    (``range_learning="tqt"``, benchmarks/bench_tqt.py) get their own Adam at ``lr_th``. Resumable from
+    (``range_learning="tqt"``, benchmarks/bench_tqt.py) get their own Adam at ``lr_th`` (traced into ``trace``
+    when given: ``common.TracedAdam``). Resumable from
     ``checkpoint``; ``cpu_s`` counts the sessions before a resume too."""
     q = xnnq.QuantTrainModule(
         model,
@@ -91,7 +93,7 @@ def qat(
         **range_learning_kwargs(range_learning, init_batches, anchor, hysteresis),
     )
     train = detection.batches(train_json, batch_size=batch_size, train=True, limit=limit, seed=1)
-    opts = qat_optimizers(q, lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0), lr_th)
+    opts = qat_optimizers(q, lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0), lr_th, trace)
     q, cpu_s = qat_finetune_timed(
         q,
         train,

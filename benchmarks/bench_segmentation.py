@@ -105,16 +105,18 @@ def qat(
     anchor: str = "statistics",
     hysteresis: float | None = None,
     lr_th: float = 1e-2,
+    trace: list | None = None,
     checkpoint: Path | None = None,
     checkpoint_every: int = 50,
 ):
     """The library recipe with AdamW and cross-entropy (``ignore_index``); learned thresholds
-    (``range_learning="tqt"``, benchmarks/bench_tqt.py) get their own Adam at ``lr_th``. Resumable from
+    (``range_learning="tqt"``, benchmarks/bench_tqt.py) get their own Adam at ``lr_th`` (traced into ``trace``
+    when given: ``common.TracedAdam``). Resumable from
     ``checkpoint``. Returns the model, the steps and the CPU seconds (the sessions before a resume too)."""
     q = xnnq.QuantTrainModule(
         model, DUMMY, **range_learning_kwargs(range_learning, init_batches, anchor, hysteresis)
     )
-    opts = qat_optimizers(q, lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=1e-4), lr_th)
+    opts = qat_optimizers(q, lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=1e-4), lr_th, trace)
     steps = max(1, round(epochs * len(batches)))
     q, cpu_s = qat_finetune_timed(
         q,

@@ -190,14 +190,16 @@ def task_images(args) -> tuple[int | None, float]:
     return (args.task_images, 1.0) if args.task_images <= n else (None, args.task_images / n)
 
 
-def qat(name: str, mode: str, args, recipe: dict, ckpt: Path, cifar: Cifar):
-    """One QAT run through ``xnnq.recipes.qat_finetune``; returns ``(qmodel, steps, cpu_seconds)``."""
+def qat(name: str, mode: str, args, recipe: dict, ckpt: Path | None, cifar: Cifar, trace: list | None = None):
+    """One QAT run through ``xnnq.recipes.qat_finetune``; returns ``(qmodel, steps, cpu_seconds)``; ``trace``
+    (a list) gets the thresholds' per-step octaves and offsets (``common.TracedAdam``)."""
     range_kw = {
         "range_learning": mode,
         "init_batches": args.init_batches,
         "anchor": args.anchor,
         "hysteresis": args.hysteresis,
         "lr_th": args.lr_th,
+        "trace": trace,
     }
     ckpt_kw = {"checkpoint": ckpt, "checkpoint_every": args.ckpt_every}
     torch.manual_seed(args.seed)
@@ -240,7 +242,12 @@ def qat(name: str, mode: str, args, recipe: dict, ckpt: Path, cifar: Cifar):
     )
     steps = math.ceil(args.images / 128)
     q, cpu_s = qat_finetune_timed(
-        q, train, steps=steps, optimizer=qat_optimizers(q, sgd, args.lr_th), desc=f"{name}/{mode}", **ckpt_kw
+        q,
+        train,
+        steps=steps,
+        optimizer=qat_optimizers(q, sgd, args.lr_th, trace),
+        desc=f"{name}/{mode}",
+        **ckpt_kw,
     )
     return q, steps, cpu_s
 
@@ -291,15 +298,48 @@ def fp32(name: str, args, out: Path, cifar: Cifar) -> dict:
     return res
 
 
+def trace_summary(trace: list[dict], near: float = 0.1) -> dict[str, dict]:
+    """Per threshold that left its initial octave or came within ``near`` of an edge (offset ±1/2) during a traced
+    run: its extreme offsets, the steps whose forward used another octave, the step it first did, the octave
+    and offset it ended with (per-channel thresholds: over their channels)."""
+    out = {}
+    for name in trace[0] if trace else []:
+        us = [v for t in trace for v in _flat(t[name]["u"])]
+        off = [i for i, t in enumerate(trace) if any(k != 0 for k in _flat(t[name]["k"]))]
+        closest = min(abs(abs(u) - 0.5) for u in us)
+        if off or closest < near:
+            last = trace[-1][name]
+            out[name] = {
+                "max_offset": round(max(us), 3),
+                "min_offset": round(min(us), 3),
+                "steps_off_initial_octave": len(off),
+                "first_step_off": off[0] if off else None,
+                "final_octave": max(_flat(last["k"]), key=abs),
+                "final_offset": round(max(_flat(last["u"]), key=abs), 3),
+            }
+    return out
+
+
+def _flat(v) -> list[float]:
+    return v if isinstance(v, list) else [v]
+
+
 def run(name: str, mode: str, args, out: Path, cifar: Cifar) -> dict:
     recipe = recipe_of(name, mode, args)
     stem = f"{name}_{mode}_{key_of(recipe)}"
     done, ckpt = out / f"{stem}.json", out / f"{stem}.ckpt.pt"
-    if done.is_file():
+    trace = [] if args.trace and mode != "statistics" else None
+    if done.is_file() and trace is None:
         return json.loads(done.read_text())
-    if ckpt.is_file():
+    if trace is not None:  # a traced run starts afresh (the steps before a resume would be missing)
+        ckpt = None
+    elif ckpt.is_file():
         print(f"{name}/{mode}: resuming from {ckpt}", file=sys.stderr)
-    q, steps, cpu_s = qat(name, mode, args, recipe, ckpt, cifar)
+    q, steps, cpu_s = qat(name, mode, args, recipe, ckpt, cifar, trace)
+    if trace is not None:
+        summary = trace_summary(trace)
+        (out / f"{stem}.trace.json").write_text(json.dumps({"summary": summary, "steps": trace}))
+        print(json.dumps({name: {"trace": summary}}, indent=1), file=sys.stderr, flush=True)
     t0 = time.process_time()
     res = {
         "recipe": recipe,
@@ -310,6 +350,14 @@ def run(name: str, mode: str, args, out: Path, cifar: Cifar) -> dict:
     }
     if mode != "statistics":
         res.update(exponent_changes(q))
+    if done.is_file():  # a traced re-run: the run on record stays; say whether the metrics came out the same
+        kept = json.loads(done.read_text())
+        same = all(kept.get(m) == res.get(m) for m in metrics_of(name))
+        print(
+            f"{name}/{mode}: traced re-run {'equals' if same else 'DIFFERS FROM'} the run on record",
+            file=sys.stderr,
+        )
+        return kept
     done.write_text(json.dumps(res, indent=1))
     return res
 
@@ -464,6 +512,12 @@ def main() -> None:
         help="run (or reuse) each seed in <out>/seed<N>, then print the summary across seeds (mean, standard error)",
     )
     ap.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints of a run")
+    ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="re-run the learned runs (not reused, no checkpoints) recording every threshold's octave and offset "
+        "per step in <out>/<run>.trace.json; prints the thresholds that left their octave or neared an edge",
+    )
     ap.add_argument("--out", default="runs/bench_tqt")
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args()

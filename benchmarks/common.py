@@ -76,15 +76,52 @@ def range_learning_kwargs(
     return kw if hysteresis is None else {**kw, "range_hysteresis": hysteresis}
 
 
+class TracedAdam(torch.optim.Adam):
+    """Adam over a wrapper's learned thresholds that appends to ``trace``, at each step, every threshold's
+    octave in force during the step's forward (``"k"``, octaves from its initial one: the frozen one, the octave
+    held, or under the paper's ceil the octave of ``log2 t``) and its offset ``log2 t − anchor`` after the step
+    (``"u"``);
+    per-channel thresholds give lists. What ``bench_tqt.py --trace`` writes."""
+
+    def __init__(self, qmodel, lr: float, trace: list):
+        self.ranges, self.trace = dict(qmodel.learned_ranges()), trace
+        super().__init__(qmodel.range_parameters(), lr=lr)
+
+    def step(self, closure=None):
+        with torch.no_grad():  # the learned log2 threshold the forward used: frozen, held or log2 t itself
+            used = {
+                n: torch.ceil(
+                    (m.frozen_log2_t if m.frozen else m.anchor + m.held if m.holds else m.log2_t)
+                    - m.anchor
+                    - 0.5
+                ).tolist()
+                for n, m in self.ranges.items()
+            }
+        loss = super().step(closure)
+        with torch.no_grad():
+            self.trace.append(
+                {n: {"k": used[n], "u": (m.log2_t - m.anchor).tolist()} for n, m in self.ranges.items()}
+            )
+        return loss
+
+
 def qat_optimizers(
-    qmodel, weights: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], lr_th: float
+    qmodel,
+    weights: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+    lr_th: float,
+    trace: list | None = None,
 ) -> list[torch.optim.Optimizer]:
     """``weights(qmodel.non_range_parameters())`` (every parameter with statistics ranges), and with learned
     thresholds an Adam over ``qmodel.range_parameters()`` at ``lr_th`` without weight decay (the TQT
-    paper's optimizer); both follow the recipe's schedule in :func:`xnnq.recipes.qat_finetune`."""
+    paper's optimizer; a :class:`TracedAdam` filling ``trace`` when given); both follow the recipe's schedule
+    in :func:`xnnq.recipes.qat_finetune`."""
     opts = [weights(qmodel.non_range_parameters())]
     if qmodel.range_parameters():
-        opts.append(torch.optim.Adam(qmodel.range_parameters(), lr=lr_th))
+        opts.append(
+            torch.optim.Adam(qmodel.range_parameters(), lr=lr_th)
+            if trace is None
+            else TracedAdam(qmodel, lr_th, trace)
+        )
     return opts
 
 
