@@ -24,7 +24,7 @@ from .utils.bn import freeze_bn
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
-__all__ = ["qat_finetune", "to_device"]
+__all__ = ["RANGE_LR", "qat_finetune", "threshold_optimizers", "to_device"]
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -52,6 +52,16 @@ def _check_fraction(name: str, value: float | None) -> None:
         raise ValueError(
             f"{name} is a fraction of the training steps in [0, 1] (or None: never), got {value}"
         )
+
+
+RANGE_LR = 1e-2  # Adam's learning rate for learned log2 thresholds (the TQT paper's; docs/README_tqt.md)
+
+
+def threshold_optimizers(qmodel: nn.Module, lr: float = RANGE_LR) -> list[torch.optim.Optimizer]:
+    """``[Adam(qmodel.range_parameters(), lr)]`` (no weight decay) when the wrapper learns thresholds, else
+    ``[]``: the optimizer to step beside the weights' one (``optimizer=[opt_w, *threshold_optimizers(q)]``)."""
+    thresholds = list(qmodel.range_parameters()) if hasattr(qmodel, "range_parameters") else []
+    return [torch.optim.Adam(thresholds, lr=lr)] if thresholds else []
 
 
 def qat_finetune(
@@ -157,7 +167,7 @@ def qat_finetune(
             )
         ]
         if thresholds:
-            optimizer.append(torch.optim.Adam(thresholds, lr=1e-2 if range_lr is None else range_lr))
+            optimizer += threshold_optimizers(inner, RANGE_LR if range_lr is None else range_lr)
         elif range_lr is not None:
             raise ValueError(
                 "qat_finetune: range_lr= trains learned thresholds, and this model has none; build it with "

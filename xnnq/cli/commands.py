@@ -358,9 +358,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.range_learning != "statistics":
         kw["range_learning"] = args.range_learning
         if "target" in kw and not get_target(kw["target"]).power2_only:
-            kw.update(
-                power2_weight_range=True, power2_activation_range=True
-            )  # learned ranges are powers of 2
+            # learned ranges are powers of 2
+            kw.update(power2_weight_range=True, power2_activation_range=True)
             print(
                 f"xnnq quantize: --range-learning {args.range_learning} learns power-of-2 ranges: {kw['target']}'s "
                 "free scales are replaced by powers of 2 (the chip runs those too)",

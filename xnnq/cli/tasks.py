@@ -207,7 +207,7 @@ def _headline(metrics: dict[str, Any]) -> str:
 def quantize_task(args: argparse.Namespace, kw: dict[str, Any], model: nn.Module, weights: str | None) -> int:
     """The quantize command for ``--task detection | segmentation`` (``kw``: the wrapper's options)."""
     from ..quantize import QuantTrainModule
-    from ..recipes import qat_finetune
+    from ..recipes import qat_finetune, threshold_optimizers
     from .steps import calibrate_on, for_chip, save_quant, write_summary
 
     t0 = time.perf_counter()
@@ -235,11 +235,7 @@ def quantize_task(args: argparse.Namespace, kw: dict[str, Any], model: nn.Module
             epochs=args.epochs,
             optimizer=[
                 torch.optim.AdamW(qmodel.non_range_parameters(), lr=args.lr, weight_decay=0.0),
-                *(
-                    [torch.optim.Adam(qmodel.range_parameters(), lr=1e-2)]
-                    if qmodel.range_parameters()
-                    else []
-                ),
+                *threshold_optimizers(qmodel),
             ],
             loss_fn=task.loss(),
             progress=progress,

@@ -237,9 +237,10 @@ ANCHORS = ("statistics", "init")
 class LearnedRange(nn.Module):
     """The learned log2 threshold of one quantizer (a tensor's range, or one per channel).
 
-    State: the parameter ``log2_t``; the buffers ``frozen_log2_t`` (held while frozen) and ``anchor`` (the
-    statistics' octave centre at initialisation); extra state ``frozen``, ``init_steps`` (training forwards
-    that have set the threshold from statistics) and the anchor mode.
+    State: the parameter ``log2_t``; the buffers ``frozen_log2_t`` (held while frozen), ``anchor`` (the
+    statistics' octave centre at initialisation) and ``held`` (the octave in force, with a hysteresis); extra
+    state ``frozen``, ``init_steps`` (training forwards that have set the threshold from statistics), the
+    anchor mode and the hysteresis.
 
     * Initialisation: for the first ``init_batches`` training forwards the owner passes the range its
       statistics give (:meth:`init_from`) and the threshold is set to the centre of its octave
@@ -435,8 +436,9 @@ class LearnedRange(nn.Module):
 
     # ------------------------------------------------------------------------------------- numerics
     def in_force(self, r: torch.Tensor | None = None) -> torch.Tensor:
-        """The log2 threshold the forward uses (detached): the frozen copy while frozen, else ``log2_t``; moved
-        with the statistics' range ``r`` (the owner's, see the class docstring)."""
+        """The log2 threshold the forward uses (detached): the frozen copy while frozen, else the centre of the
+        octave held (with a hysteresis) or ``log2_t``; moved with the statistics' range ``r`` (the owner's, see
+        the class docstring)."""
         u = self.frozen_log2_t if self._frozen else self._learned_in_force()
         shift = self.shift(r)
         return u if shift is None else u + shift
@@ -485,9 +487,8 @@ class LearnedRange(nn.Module):
         if self.holds and not self._frozen:
             if self.training:
                 self.update_held()
-            held = (
-                self.anchor + self.held - self.log2_t
-            ).detach()  # log2_t + this = the held octave's centre
+            # log2_t + this = the held octave's centre
+            held = (self.anchor + self.held - self.log2_t).detach()
             shift = held if shift is None else shift + held
         return tqt_fake_quantize(
             x,
