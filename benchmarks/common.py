@@ -89,14 +89,7 @@ class TracedAdam(torch.optim.Adam):
 
     def step(self, closure=None):
         with torch.no_grad():  # the learned log2 threshold the forward used: frozen, held or log2 t itself
-            used = {
-                n: torch.ceil(
-                    (m.frozen_log2_t if m.frozen else m.anchor + m.held if m.holds else m.log2_t)
-                    - m.anchor
-                    - 0.5
-                ).tolist()
-                for n, m in self.ranges.items()
-            }
+            used = {n: torch.ceil(m.learned_log2 - m.anchor - 0.5).tolist() for n, m in self.ranges.items()}
         loss = super().step(closure)
         with torch.no_grad():
             self.trace.append(

@@ -155,20 +155,23 @@ def qat_finetune(
     target = _model_device(qmodel)
     qmodel.train()
     if optimizer is None:
-        thresholds = list(inner.range_parameters()) if hasattr(inner, "range_parameters") else []
-        learned = {id(t) for t in thresholds}
+        weights = (
+            inner.non_range_parameters()
+            if hasattr(inner, "non_range_parameters")
+            else list(qmodel.parameters())
+        )
+        thresholds = threshold_optimizers(inner, RANGE_LR if range_lr is None else range_lr)
         optimizer = [
             torch.optim.SGD(
-                [p for p in qmodel.parameters() if id(p) not in learned],
+                weights,
                 lr=1e-4 if lr is None else lr,
                 momentum=0.9,
                 nesterov=True,
                 weight_decay=5e-4 if weight_decay is None else weight_decay,
-            )
+            ),
+            *thresholds,
         ]
-        if thresholds:
-            optimizer += threshold_optimizers(inner, RANGE_LR if range_lr is None else range_lr)
-        elif range_lr is not None:
+        if range_lr is not None and not thresholds:
             raise ValueError(
                 "qat_finetune: range_lr= trains learned thresholds, and this model has none; build it with "
                 "QuantTrainModule(..., range_learning='tqt') or drop range_lr="

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .. import data
-from ..targets import get_target, target_names
+from ..targets import target_names
 from .errors import CliError
 from .loading import default_input_size, default_weights, load_model, load_split, split_dirs
 from .tasks import TASKS
@@ -352,19 +352,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"--range-learning {args.range_learning} learns ranges in training: use it with --mode qat"
         )
     t0 = time.perf_counter()
-    kw = wrapper_kwargs(
-        args.bits, args.per_channel, args.sixteen_bit, not args.no_constrain_weights, args.target, args.silu
-    )
-    if args.range_learning != "statistics":
-        kw["range_learning"] = args.range_learning
-        if "target" in kw and not get_target(kw["target"]).power2_only:
-            # learned ranges are powers of 2
-            kw.update(power2_weight_range=True, power2_activation_range=True)
-            print(
-                f"xnnq quantize: --range-learning {args.range_learning} learns power-of-2 ranges: {kw['target']}'s "
-                "free scales are replaced by powers of 2 (the chip runs those too)",
-                file=sys.stderr,
-            )
+    kw = wrapper_kwargs(args)
+    if "range_learning" in kw and "power2_activation_range" in kw:
+        print(
+            f"xnnq quantize: --range-learning {args.range_learning} learns power-of-2 ranges: {kw['target']}'s "
+            "free scales are replaced by powers of 2 (the chip runs those too)",
+            file=sys.stderr,
+        )
     if args.task != "classification":
         from .tasks import quantize_task
 
@@ -515,14 +509,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             method=args.method,
             progress=progress,
-            kwargs=wrapper_kwargs(
-                args.bits,
-                args.per_channel,
-                args.sixteen_bit,
-                not args.no_constrain_weights,
-                args.target,
-                args.silu,
-            ),
+            kwargs=wrapper_kwargs(args),
         )
     n = min(args.analysis_images, len(st.y_te))
     res = write_analysis(

@@ -6,6 +6,7 @@ QAT is :func:`xnnq.recipes.qat_finetune`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Iterable
@@ -24,16 +25,15 @@ from .errors import CliError
 STATE_FILE, CONFIG_FILE = "quant_state.pt", "quant_config.json"
 
 
-def wrapper_kwargs(
-    bits: int,
-    per_channel: str | None,
-    sixteen_bit: list[str] | None,
-    constrain_weights: bool = True,
-    target: str | None = None,
-    silu: str | None = None,
-) -> dict[str, Any]:
-    """QuantBaseModule keyword arguments from the command-line options (``per_channel`` ``None``: the
-    target's numerics, else per tensor)."""
+def wrapper_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """QuantBaseModule keyword arguments from the parsed quantization options (``--bits``, ``--per-channel``:
+    ``None`` is the target's numerics, else per tensor; ``--sixteen-bit``, ``--no-constrain-weights``,
+    ``--target``, ``--silu``, and ``--range-learning`` where the command has it: learned ranges on a chip with
+    free scales get power-of-2 ranges, which every chip runs)."""
+    bits, per_channel, sixteen_bit = args.bits, args.per_channel, args.sixteen_bit
+    target, silu = args.target, args.silu
+    constrain_weights = not args.no_constrain_weights
+    range_learning = getattr(args, "range_learning", "statistics")
     kw: dict[str, Any] = {
         "bitwidth_weights": bits,
         "bitwidth_activations": bits,
@@ -50,6 +50,10 @@ def wrapper_kwargs(
         kw["silu"] = silu
     if sixteen_bit:
         kw["bitwidth_overrides"] = {name: 16 for name in sixteen_bit}
+    if range_learning != "statistics":
+        kw["range_learning"] = range_learning
+        if target is not None and not get_target(kw["target"]).power2_only:
+            kw.update(power2_weight_range=True, power2_activation_range=True)
     return kw
 
 

@@ -422,6 +422,12 @@ class LearnedRange(nn.Module):
         """The learned log2 threshold in force before the statistics' shift (detached, not frozen)."""
         return (self.anchor + self.held) if self.holds else self.log2_t.detach()
 
+    @property
+    def learned_log2(self) -> torch.Tensor:
+        """The log2 threshold in force before the statistics' shift (detached): the frozen copy while frozen,
+        else the centre of the octave held (with a hysteresis) or ``log2_t``."""
+        return self.frozen_log2_t if self._frozen else self._learned_in_force()
+
     def shift(self, r: torch.Tensor | None) -> torch.Tensor | None:
         """The octaves the statistics' power of two (of the range ``r``) moved since initialisation (detached),
         or ``None``: with ``anchor="init"`` or before initialisation. An anchored threshold needs ``r``."""
@@ -439,7 +445,7 @@ class LearnedRange(nn.Module):
         """The log2 threshold the forward uses (detached): the frozen copy while frozen, else the centre of the
         octave held (with a hysteresis) or ``log2_t``; moved with the statistics' range ``r`` (the owner's, see
         the class docstring)."""
-        u = self.frozen_log2_t if self._frozen else self._learned_in_force()
+        u = self.learned_log2
         shift = self.shift(r)
         return u if shift is None else u + shift
 
